@@ -1,0 +1,93 @@
+"""Backend dispatch for the three attention steps a Kascade layer takes.
+
+    dense(q, k, v)                        layer 0, short sequences, the `dense` strategy
+    anchor(q, k, v, ...) -> (out, sel)    top-k selection, then sparse (default) or dense output
+    reuse(q, k, v, sel, head_map) -> out  attention over the mapped anchor head's keys
+
+backend: "reference" (pure PyTorch, any device), "triton" (kernels in kascade.kernels; CUDA, or the
+CPU under TRITON_INTERPRET=1), or "auto" (triton on CUDA tensors when the kernel for the step is
+available, the reference otherwise). Shapes are those of kascade.reference.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+from kascade import reference
+from kascade.checks import check_attention_inputs
+
+BACKENDS = ("auto", "reference", "triton")
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+
+
+def _kernel_module(mode: str):
+    """kascade.kernels.decode / .prefill, or None when not importable (no Triton, or not built yet)."""
+    try:
+        return importlib.import_module(f"kascade.kernels.{mode}")
+    except ImportError:
+        return None
+
+
+def _use_triton(q: torch.Tensor, backend: str, mode: str):
+    check_backend(backend)
+    if backend == "reference":
+        return None
+    mod = _kernel_module(mode)
+    on_triton_device = q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    if backend == "triton":
+        if mod is None:
+            raise ValueError(f"backend: 'triton' was asked for but kascade.kernels.{mode} cannot be imported "
+                             "(is Triton installed?); use backend='reference'")
+        if not on_triton_device:
+            raise ValueError("backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); "
+                             f"got tensors on {q.device}; use backend='reference'")
+        return mod
+    return mod if (mod is not None and q.is_cuda) else None
+
+
+def _mode(q: torch.Tensor) -> str:
+    return "decode" if q.shape[2] == 1 else "prefill"
+
+
+def dense(q, k, v, kv_start=None, scale=None, backend: str = "auto"):
+    """Causal dense attention [B, Hq, Q, Dv]. On CUDA without padding, torch SDPA (flash/cuDNN)."""
+    check_backend(backend)
+    if backend != "reference" and q.is_cuda and kv_start is None:
+        check_attention_inputs(q, k, v)
+        n, qlen = k.shape[2], q.shape[2]
+        if qlen == n or qlen == 1:
+            return torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, is_causal=qlen > 1, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+            )
+    return reference.dense_attention(q, k, v, kv_start=kv_start, scale=scale)
+
+
+def select(q, k, rho, k_min, tile, kv_start=None, scale=None, backend: str = "auto") -> reference.Selection:
+    """Top-k selection of an anchor layer (see kascade.reference.select)."""
+    mod = _use_triton(q, backend, _mode(q))
+    if mod is not None:
+        return mod.select(q, k, rho=rho, k_min=k_min, tile=tile, kv_start=kv_start, scale=scale)
+    return reference.select(q, k, rho=rho, k_min=k_min, tile=tile, kv_start=kv_start, scale=scale)
+
+
+def reuse(q, k, v, selection, head_map=None, kv_start=None, scale=None, backend: str = "auto"):
+    """Sparse attention over selected keys (see kascade.reference.sparse_attention)."""
+    mod = _use_triton(q, backend, _mode(q))
+    if mod is not None:
+        return mod.sparse_attention(q, k, v, selection, head_map=head_map, kv_start=kv_start, scale=scale)
+    return reference.sparse_attention(q, k, v, selection, head_map=head_map, kv_start=kv_start, scale=scale)
+
+
+def anchor(q, k, v, rho, k_min, tile, kv_start=None, scale=None, dense_output=False, backend: str = "auto"):
+    """Select the top-k keys, then attend to them (or densely). Returns (out, selection)."""
+    sel = select(q, k, rho, k_min, tile, kv_start=kv_start, scale=scale, backend=backend)
+    if dense_output:
+        return dense(q, k, v, kv_start=kv_start, scale=scale, backend=backend), sel
+    return reuse(q, k, v, sel, None, kv_start=kv_start, scale=scale, backend=backend), sel
