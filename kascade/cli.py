@@ -1,0 +1,153 @@
+"""Command line: kascade calibrate | generate | eval | demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _add_runtime(p):
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
+
+
+def _read_prompts(path: Path, tokenizer, length: int, num_prompts: int):
+    """Calibration prompts: a .txt file cut into consecutive chunks of `length` tokens, or a .jsonl
+    file with one prompt per line in a "text", "context" or "input" field (truncated to `length`)."""
+    if not path.is_file():
+        raise ValueError(f"--data: no file at {path}")
+    if path.suffix == ".jsonl":
+        texts = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            text = next((rec[k] for k in ("text", "context", "input") if isinstance(rec.get(k), str)), None)
+            if text is None:
+                raise ValueError(f"--data: line {n} of {path} has no 'text', 'context' or 'input' string field")
+            texts.append(text)
+        return texts[:num_prompts]
+    import torch
+
+    ids = tokenizer(path.read_text(), add_special_tokens=False).input_ids
+    chunks = [torch.tensor(ids[i : i + length]) for i in range(0, len(ids) - length + 1, length)][:num_prompts]
+    if not chunks:
+        raise ValueError(f"--data: {path} has {len(ids)} tokens, fewer than one prompt of --length {length}")
+    return chunks
+
+
+def cmd_calibrate(args) -> int:
+    from kascade.calibrate import calibrate_report, save_plots
+    from kascade.models import load_model
+
+    model, tok = load_model(args.model_dir, args.device, args.dtype)
+    prompts = _read_prompts(Path(args.data), tok, args.length, args.num_prompts)
+    plan, report = calibrate_report(model, prompts, args.anchors, tokenizer=tok, max_length=args.length,
+                                    rho=args.rho, k_min=args.k_min, tile=args.tile, topk=args.topk,
+                                    data_name=str(args.data))
+    plan.save(args.output)
+    plots = save_plots(report, args.plots or Path(args.output).with_suffix(""))
+    print(f"anchors {plan.anchors}; plan written to {args.output}; plots: {', '.join(plots)}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    import kascade
+    from kascade.models import load_model
+    from kascade.plan import Plan
+
+    path = Path(args.prompt_file)
+    if not path.is_file():
+        raise ValueError(f"--prompt-file: no file at {path}")
+    model, tok = load_model(args.model_dir, args.device, args.dtype)
+    plan = None if args.dense else Plan.load(args.plan)
+    ids = tok(path.read_text(), return_tensors="pt").input_ids.to(next(model.parameters()).device)
+    gen = dict(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        if plan is None:
+            out = model.generate(ids, **gen)
+        else:
+            with kascade.enable(model, plan, backend=args.backend):
+                out = model.generate(ids, **gen)
+    dt = time.perf_counter() - t0
+    print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    print(f"[{'dense' if plan is None else 'kascade'}: {ids.shape[1]} prompt tokens, "
+          f"{out.shape[1] - ids.shape[1]} new tokens, {dt:.2f} s]", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from kascade.demo import run_demo
+
+    run_demo(args.model, args.plan, length=args.length, new_tokens=args.new_tokens, device=args.device)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kascade", description="Kascade sparse attention for long-context LLMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("calibrate", help="choose anchors and head map for a model; writes a plan JSON and plots")
+    p.add_argument("model_dir", help="local HF model directory")
+    p.add_argument("--data", required=True, help=".txt (cut into prompts) or .jsonl (text/context field per line)")
+    p.add_argument("--anchors", type=int, required=True, help="number of anchor layers, layer 0 included")
+    p.add_argument("-o", "--output", required=True, help="plan JSON to write")
+    p.add_argument("--length", type=int, default=4096, help="tokens per calibration prompt (default 4096)")
+    p.add_argument("--num-prompts", type=int, default=8, help="at most this many prompts (default 8)")
+    p.add_argument("--rho", type=float, default=0.1)
+    p.add_argument("--k-min", type=int, default=128)
+    p.add_argument("--tile", type=int, default=32)
+    p.add_argument("--topk", type=int, default=64, help="top-k size of the calibration statistics (default 64)")
+    p.add_argument("--plots", help="folder for the PNG plots (default: next to the plan)")
+    _add_runtime(p)
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("generate", help="greedy generation with Kascade attention")
+    p.add_argument("model_dir")
+    p.add_argument("--plan", help="plan JSON (from kascade calibrate)")
+    p.add_argument("--prompt-file", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--dense", action="store_true", help="dense attention instead (for comparison)")
+    p.add_argument("--backend", default="auto", choices=["auto", "reference", "triton"])
+    _add_runtime(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="dense vs Kascade on the embedded default model: agreement and time")
+    p.add_argument("--model", help="model directory (default: models/kascade-tiny, else a random tiny Llama)")
+    p.add_argument("--plan", help="plan JSON (default: plans/kascade-tiny.json)")
+    p.add_argument("--length", type=int, default=4096, help="prompt tokens (default 4096)")
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_demo)
+
+    try:
+        from kascade.eval import command as eval_command
+    except ImportError:
+        eval_command = None
+    if eval_command is not None and hasattr(eval_command, "add_arguments"):
+        p = sub.add_parser("eval", help="accuracy of strategies on generated long-context tasks")
+        eval_command.add_arguments(p)
+        p.set_defaults(func=eval_command.run)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "command", None) == "generate" and not args.dense and not args.plan:
+        print("kascade generate: error: --plan is required (or --dense)", file=sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as e:
+        print(f"kascade {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

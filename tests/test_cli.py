@@ -1,0 +1,122 @@
+"""The CLI on a saved tiny random model: calibrate, then generate; demo; errors."""
+
+import json
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from kascade.cli import main
+from kascade.plan import Plan
+from models import tiny_model
+
+TEXT = "The quick brown fox jumps over the lazy dog. " * 40 + "Pack my box with five dozen liquor jugs. " * 40
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(path)
+    model = tiny_model("llama", vocab_size=len(fast), bos_token_id=0, eos_token_id=1)
+    model.save_pretrained(path)
+    (path / "data.txt").write_text(TEXT * 4)
+    return path
+
+
+def test_calibrate_then_generate(model_dir, tmp_path, capsys):
+    plan_path = tmp_path / "plan.json"
+    rc = main(["calibrate", str(model_dir), "--data", str(model_dir / "data.txt"), "--anchors", "3",
+               "-o", str(plan_path), "--length", "256", "--num-prompts", "2", "--topk", "16", "--k-min", "16",
+               "--device", "cpu"])
+    assert rc == 0
+    plan = Plan.load(plan_path)
+    assert len(plan.anchors) == 3 and plan.model["num_layers"] == 6
+    assert json.loads(plan_path.read_text())["provenance"]["num_prompts"] == 2
+    assert (tmp_path / "plan" / "anchor_score_vs_k.png").is_file()
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text(TEXT[:1500])
+    rc = main(["generate", str(model_dir), "--plan", str(plan_path), "--prompt-file", str(prompt),
+               "--max-new-tokens", "5", "--device", "cpu"])
+    assert rc == 0
+    assert "kascade:" in capsys.readouterr().err
+
+
+def test_generate_with_full_budget_equals_dense(model_dir, tmp_path, capsys):
+    from transformers import AutoConfig
+
+    plan_path = tmp_path / "full.json"
+    Plan.for_model(AutoConfig.from_pretrained(model_dir), [0, 3], rho=1.0, k_min=1).save(plan_path)
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text(TEXT[:1200])
+    outs = []
+    for extra in (["--plan", str(plan_path)], ["--dense"]):
+        assert main(["generate", str(model_dir), "--prompt-file", str(prompt), "--max-new-tokens", "6",
+                     "--device", "cpu", *extra]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1]
+
+
+def test_unknown_model_name_is_an_error_not_a_download(tmp_path, capsys):
+    rc = main(["generate", "meta-llama/Llama-3.1-8B", "--plan", str(tmp_path / "p.json"),
+               "--prompt-file", str(tmp_path / "x.txt")])
+    assert rc == 2
+    rc = main(["calibrate", "meta-llama/Llama-3.1-8B", "--data", "x.txt", "--anchors", "2", "-o", "p.json"])
+    assert rc == 2
+    assert "downloads nothing" in capsys.readouterr().err
+
+
+def test_missing_plan_and_data_errors(model_dir, tmp_path, capsys):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("hello")
+    assert main(["generate", str(model_dir), "--prompt-file", str(prompt), "--device", "cpu"]) == 2
+    assert main(["generate", str(model_dir), "--plan", str(tmp_path / "none.json"), "--prompt-file", str(prompt),
+                 "--device", "cpu"]) == 2
+    assert main(["calibrate", str(model_dir), "--data", str(tmp_path / "none.txt"), "--anchors", "2",
+                 "-o", str(tmp_path / "p.json"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--plan is required" in err and "no file at" in err and "--data: no file" in err
+
+
+def test_demo_runs(capsys):
+    rc = main(["demo", "--length", "512", "--new-tokens", "4", "--device", "cpu"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "agreement" in out and "kascade" in out
+
+
+def test_plan_round_trip_and_validation(tmp_path):
+    model = tiny_model("llama")
+    plan = Plan.for_model(model.config, [0, 2, 4], head_map=[[0, 1], [1, 1], [0, 1], [1, 0], [0, 1], [0, 0]],
+                          rho=0.05, k_min=32, tile=16, provenance={"data": "x"})
+    plan.save(tmp_path / "p.json")
+    again = Plan.load(tmp_path / "p.json")
+    assert again == plan
+    assert [p.name for p in tmp_path.iterdir()] == ["p.json"]  # no temporary left behind
+    with pytest.raises(ValueError, match="unsorted|strictly increasing"):
+        Plan(anchors=[0, 3, 2])
+    with pytest.raises(ValueError, match="starting with layer 0"):
+        Plan(anchors=[1, 3])
+    with pytest.raises(ValueError, match="anchor layer 0 must map"):
+        Plan(anchors=[0], head_map=[[1, 0], [0, 1]])
+    with pytest.raises(ValueError, match="head_map: layer 1 has values"):
+        Plan(anchors=[0], head_map=[[0, 1], [0, 2]])
+    with pytest.raises(ValueError, match="expected 6 rows"):
+        Plan(anchors=[0], head_map=[[0, 1]] * 5).validate(model.config)
+    with pytest.raises(ValueError, match="rho"):
+        Plan(anchors=[0], rho=0)
+    with pytest.raises(ValueError, match="k_min"):
+        Plan(anchors=[0], k_min=0)
+    with pytest.raises(ValueError, match="tile"):
+        Plan(anchors=[0], tile=0)
+    with pytest.raises(ValueError, match="unknown fields"):
+        Plan.from_dict({"anchors": [0], "colour": "red"})
+    with pytest.raises(ValueError, match="not valid JSON"):
+        (tmp_path / "bad.json").write_text("{")
+        Plan.load(tmp_path / "bad.json")
