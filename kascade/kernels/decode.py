@@ -1,0 +1,466 @@
+"""Triton kernels for Kascade decode (one new query per sequence, Q == 1).
+
+Same signatures and results as kascade.reference (select, sparse_attention), plus `anchor`, which
+selects and attends in one pass over K. Layout: q [B, Hq, 1, D], k/v [B, Hkv, N, D] with any
+strides but a contiguous last dim (transformers' cache), kv_start [B] left padding.
+
+Anchor layer (select; anchor):
+    1. _decode_logits_kernel    grid (B * Hkv, S1)     split-K over the valid keys of each KV head.
+                                The G query heads of the group are the rows of one tl.dot tile
+                                (padded to 16); writes the log2-scaled logits [B * Hq, N] fp32 and
+                                each split's running max / sum (and, for a dense output, the
+                                flash-decoding partial output). Also writes k(n_b) and zeroes the
+                                radix histograms, so nothing is computed on the host.
+    2. _decode_pool_kernel      grid (B * Hkv, C)      s_h[n] = sum_g exp2(logit_g[n] - lse_g), the
+                                pooled post-softmax scores, plus the level-1 radix histogram.
+    3. topk_select levels 2-4 and compaction (kascade.kernels.topk_select): exact top-k(n_b).
+    4. _decode_sparse_kernel    grid (B * Hkv, S2)     sparse output from the stored logits: only the
+                                selected V rows are read. Then _decode_combine_kernel.
+Reuse layer (sparse_attention): _decode_sparse_kernel gathers the K and V rows of the mapped
+anchor head's indices, split over S2 programs per (sequence, KV head), then the combine.
+
+Splits are sized from shapes only (number of SMs, N, Kmax): no recompilation per sequence length
+(lengths, budgets and counts are runtime values) and no host synchronisation in the hot path, so
+a decode step can be captured in a CUDA graph. Under capture the data-dependent argument checks
+(kv_start and head_map ranges) are skipped; pass kv_start / head_map as device tensors there.
+
+References: flash-decoding (split-K over the cache, log-sum-exp combine), Tri Dao et al. 2023;
+the Triton fused-attention tutorial (online softmax in base 2).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+from kascade.budget import _GUARD, budget, check_budget
+from kascade.checks import check_attention_inputs, check_head_map, resolve_kv_start
+from kascade.kernels import topk_select as ts
+from kascade.reference import Selection
+
+LOG2E = 1.4426950408889634
+
+# Launch settings; benchmarks/decode.py may override them for a sweep.
+CONFIG = {
+    "logits": dict(BLOCK_N=64, num_warps=4, num_stages=3),
+    "pool": dict(BLOCK=512, num_warps=8),
+    "sparse": dict(BLOCK_K=64, num_warps=4, num_stages=2),
+    "combine": dict(num_warps=4),
+    "programs_per_sm": 4,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# hardware / shape helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _splits(rows: int, units: int, device) -> int:
+    """Splits per row so that rows * splits is about programs_per_sm programs per SM (a power of 2)."""
+    want = _pow2(triton.cdiv(CONFIG["programs_per_sm"] * ts.num_sms(device), max(1, rows)))
+    return max(1, min(want, 256, _pow2(max(1, units))))
+
+
+def _f32_parts(x: float):
+    """Three float32 values whose float64 sum is exactly x (kernels get Python floats as float32)."""
+    f32 = lambda y: struct.unpack("f", struct.pack("f", y))[0]  # noqa: E731
+    a = f32(x)
+    b = f32(x - a)
+    c = f32(x - a - b)
+    if a + b + c != x:
+        raise ValueError(f"rho: {x!r} cannot be passed exactly to the kernels")
+    return a, b, c
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _budget(n, RHO_A, RHO_B, RHO_C, GUARD_A, GUARD_B, GUARD_C, K_MIN):
+    """k(n) = min(n, max(k_min, floor(rho * n + guard))) in float64, bit for bit kascade.budget."""
+    rho = tl.cast(RHO_A, tl.float64) + tl.cast(RHO_B, tl.float64) + tl.cast(RHO_C, tl.float64)
+    guard = tl.cast(GUARD_A, tl.float64) + tl.cast(GUARD_B, tl.float64) + tl.cast(GUARD_C, tl.float64)
+    frac = (n.to(tl.float64) * rho + guard).to(tl.int64)
+    return tl.minimum(n.to(tl.int64), tl.maximum(frac, K_MIN)).to(tl.int32)
+
+
+@triton.jit
+def _dot(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """tl.dot; UPCAST (CPU interpreter with bf16, whose bf16 dot is wrong) multiplies in float32."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=DOT_PREC)
+
+
+@triton.jit(do_not_specialize=["N", "K_MIN"])
+def _decode_logits_kernel(Q, K, V, LG, MP, LP, OP, KV_START, START32, KB, FT, HIST,
+                          N, stride_lg, sqb, sqh, skb, skh, skn, svb, svh, svn,
+                          scale_log2, HKV, RHO_A, RHO_B, RHO_C, GUARD_A, GUARD_B, GUARD_C, K_MIN,
+                          G: tl.constexpr, GPAD: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                          DV: tl.constexpr, DVP: tl.constexpr, NSPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
+                          HAS_START: tl.constexpr, DENSE_OUT: tl.constexpr, DOT_PREC: tl.constexpr,
+                          UPCAST: tl.constexpr):
+    tl.static_assert(GPAD >= 16 and GPAD >= G)
+    row = tl.program_id(0)  # b * HKV + h
+    sp = tl.program_id(1)
+    b = row // HKV
+    h = row % HKV
+    if HAS_START:
+        start = tl.load(KV_START + b).to(tl.int32)
+    else:
+        start = 0
+    if sp == 0:
+        z = tl.arange(0, 1024)
+        tl.store(HIST + row * 768 + z, tl.zeros([1024], tl.int32), mask=z < 768)
+        if h == 0:
+            tl.store(START32 + b, start)
+            tl.store(KB + b, _budget(N - start, RHO_A, RHO_B, RHO_C, GUARD_A, GUARD_B, GUARD_C, K_MIN))
+            tl.store(FT + b, b.to(tl.int64) * 0)
+    per = tl.cdiv(tl.cdiv(N - start, NSPLIT), BLOCK_N) * BLOCK_N
+    lo = start + sp * per
+    hi = tl.minimum(lo + per, N)
+
+    g = tl.arange(0, GPAD)
+    gm = g < G
+    hq = h * G + g
+    d = tl.arange(0, DP)
+    dv = tl.arange(0, DVP)
+    b64 = b.to(tl.int64)
+    q = tl.load(Q + b64 * sqb + hq[:, None] * sqh + d[None, :], mask=gm[:, None] & (d[None, :] < D), other=0.0)
+    k_base = K + b64 * skb + h.to(tl.int64) * skh
+    v_base = V + b64 * svb + h.to(tl.int64) * svh
+    lg_rows = LG + (b * HKV * G + hq).to(tl.int64) * stride_lg  # [GPAD]
+
+    m_i = tl.full([GPAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GPAD], tl.float32)
+    acc = tl.zeros([GPAD, DVP], tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs = n0 + tl.arange(0, BLOCK_N)
+        nm = offs < hi
+        kt = tl.load(k_base + offs[:, None].to(tl.int64) * skn + d[None, :],
+                     mask=nm[:, None] & (d[None, :] < D), other=0.0)
+        s = _dot(q, tl.trans(kt), DOT_PREC, UPCAST) * scale_log2  # [GPAD, BLOCK_N]
+        s = tl.where(nm[None, :], s, float("-inf"))
+        tl.store(lg_rows[:, None] + offs[None, :], s, mask=gm[:, None] & nm[None, :])
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DENSE_OUT:
+            vt = tl.load(v_base + offs[:, None].to(tl.int64) * svn + dv[None, :],
+                         mask=nm[:, None] & (dv[None, :] < DV), other=0.0)
+            acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, DOT_PREC, UPCAST)
+        m_i = m_new
+    prow = (b * HKV * G + hq) * NSPLIT + sp  # [GPAD]
+    tl.store(MP + prow, m_i, mask=gm)
+    tl.store(LP + prow, l_i, mask=gm)
+    if DENSE_OUT:
+        tl.store(OP + prow[:, None] * DVP + dv[None, :], acc, mask=gm[:, None])
+
+
+@triton.jit(do_not_specialize=["N", "CHUNK"])
+def _decode_pool_kernel(LG, MP, LP, S, HIST, START32, N, stride_lg, stride_s, CHUNK, HKV,
+                        G: tl.constexpr, GP: tl.constexpr, NSPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    """s[row, n] = sum_g exp2(logit_g[n] - lse_g) over the G heads of the row's KV group; level-1 histogram."""
+    row = tl.program_id(0)
+    c = tl.program_id(1)
+    b = row // HKV
+    h = row % HKV
+    g = tl.arange(0, GP)
+    gm = g < G
+    hq_row = b * HKV * G + h * G + g  # [GP]
+    sp = tl.arange(0, NSPLIT)
+    mp = tl.load(MP + hq_row[:, None] * NSPLIT + sp[None, :], mask=gm[:, None], other=float("-inf"))
+    lp = tl.load(LP + hq_row[:, None] * NSPLIT + sp[None, :], mask=gm[:, None], other=0.0)
+    mx = tl.where(gm, tl.max(mp, 1), 0.0)
+    lse = mx + tl.log2(tl.sum(lp * tl.exp2(mp - mx[:, None]), 1))
+    lse = tl.where(gm, lse, 0.0)
+    start = tl.load(START32 + b)
+    lo = tl.maximum(c * CHUNK, start)
+    hi = tl.minimum(c * CHUNK + CHUNK, N)
+    lg_rows = LG + hq_row.to(tl.int64) * stride_lg
+    s_row = S + row.to(tl.int64) * stride_s
+    acc = tl.zeros([256], tl.int32)
+    for n0 in range(lo, hi, BLOCK):
+        offs = n0 + tl.arange(0, BLOCK)
+        nm = offs < hi
+        x = tl.load(lg_rows[:, None] + offs[None, :], mask=gm[:, None] & nm[None, :], other=float("-inf"))
+        s = tl.sum(tl.exp2(x - lse[:, None]), 0)
+        tl.store(s_row + offs, s, mask=nm)
+        key = s.to(tl.int32, bitcast=True)
+        acc += tl.histogram((key >> 23) & 255, 256, mask=nm)
+    tl.atomic_add(HIST + row * 768 + tl.arange(0, 256), acc, mask=acc > 0, sem="relaxed")
+
+
+@triton.jit
+def _decode_sparse_kernel(Q, K, V, LG, IDX, CNT, HMAP, OP, MP, LP,
+                          stride_lg, sqb, sqh, skb, skh, skn, svb, svh, svn, sib, sih, sik, scb,
+                          scale_log2, HKV,
+                          G: tl.constexpr, GPAD: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                          DV: tl.constexpr, DVP: tl.constexpr, NSPLIT: tl.constexpr, BLOCK_K: tl.constexpr,
+                          FROM_LOGITS: tl.constexpr, HAS_MAP: tl.constexpr, DOT_PREC: tl.constexpr,
+                          UPCAST: tl.constexpr):
+    """Attention of the G heads of KV head h over the selected keys of anchor head head_map[h].
+
+    Split s of S2 takes a contiguous range of the count[b] valid slots. FROM_LOGITS: the scores are
+    read from the anchor's stored logits instead of being recomputed from K.
+    """
+    tl.static_assert(GPAD >= 16 and GPAD >= G)
+    row = tl.program_id(0)
+    sp = tl.program_id(1)
+    b = row // HKV
+    h = row % HKV
+    if HAS_MAP:
+        src = tl.load(HMAP + h)
+    else:
+        src = h
+    cnt = tl.load(CNT + b * scb)
+    per = tl.cdiv(tl.cdiv(cnt, BLOCK_K), NSPLIT) * BLOCK_K
+    lo = sp * per
+    hi = tl.minimum(lo + per, cnt)
+
+    g = tl.arange(0, GPAD)
+    gm = g < G
+    hq = h * G + g
+    d = tl.arange(0, DP)
+    dv = tl.arange(0, DVP)
+    b64 = b.to(tl.int64)
+    if not FROM_LOGITS:
+        q = tl.load(Q + b64 * sqb + hq[:, None] * sqh + d[None, :], mask=gm[:, None] & (d[None, :] < D), other=0.0)
+    k_base = K + b64 * skb + h.to(tl.int64) * skh
+    v_base = V + b64 * svb + h.to(tl.int64) * svh
+    i_base = IDX + b64 * sib + src.to(tl.int64) * sih
+    lg_rows = LG + (b * HKV * G + hq).to(tl.int64) * stride_lg
+
+    m_i = tl.full([GPAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GPAD], tl.float32)
+    acc = tl.zeros([GPAD, DVP], tl.float32)
+    for j0 in range(lo, hi, BLOCK_K):
+        offs = j0 + tl.arange(0, BLOCK_K)
+        km = offs < hi
+        idx = tl.load(i_base + offs * sik, mask=km, other=0).to(tl.int64)
+        if FROM_LOGITS:
+            s = tl.load(lg_rows[:, None] + idx[None, :], mask=gm[:, None] & km[None, :], other=0.0)
+        else:
+            kt = tl.load(k_base + idx[:, None] * skn + d[None, :], mask=km[:, None] & (d[None, :] < D), other=0.0)
+            s = _dot(q, tl.trans(kt), DOT_PREC, UPCAST) * scale_log2
+        s = tl.where(km[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vt = tl.load(v_base + idx[:, None] * svn + dv[None, :], mask=km[:, None] & (dv[None, :] < DV), other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, DOT_PREC, UPCAST)
+        m_i = m_new
+    prow = (b * HKV * G + hq) * NSPLIT + sp
+    tl.store(MP + prow, m_i, mask=gm)
+    tl.store(LP + prow, l_i, mask=gm)
+    tl.store(OP + prow[:, None] * DVP + dv[None, :], acc, mask=gm[:, None])
+
+
+@triton.jit
+def _decode_combine_kernel(OP, MP, LP, OUT, sob, soh, HQ,
+                           DV: tl.constexpr, DVP: tl.constexpr, NSPLIT: tl.constexpr):
+    """out[b, hq] = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s (empty splits have m_s = -inf)."""
+    i = tl.program_id(0)
+    b = i // HQ
+    hq = i % HQ
+    sp = tl.arange(0, NSPLIT)
+    dv = tl.arange(0, DVP)
+    m = tl.load(MP + i * NSPLIT + sp)
+    l = tl.load(LP + i * NSPLIT + sp)
+    w = tl.exp2(m - tl.max(m, 0))
+    o = tl.load(OP + (i * NSPLIT + sp)[:, None] * DVP + dv[None, :])
+    res = tl.sum(o * w[:, None], 0) / tl.sum(l * w, 0)
+    tl.store(OUT + b.to(tl.int64) * sob + hq * soh + dv, res.to(OUT.dtype.element_ty), mask=dv < DV)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _capturing(x: torch.Tensor) -> bool:
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _last_dim_contiguous(*ts_):
+    return [t if t.stride(-1) == 1 else t.contiguous() for t in ts_]
+
+
+def _scale_log2(q, scale):
+    return (q.shape[-1] ** -0.5 if scale is None else float(scale)) * LOG2E
+
+
+def _dims(q, k, v):
+    b, hq, _, d = q.shape
+    hkv, n = k.shape[1], k.shape[2]
+    dv = v.shape[-1] if v is not None else d
+    g = hq // hkv
+    return dict(B=b, HQ=hq, HKV=hkv, N=n, D=d, DV=dv, G=g, GPAD=max(16, _pow2(g)), DP=max(16, _pow2(d)),
+                DVP=max(16, _pow2(dv)))
+
+
+def _dot_prec(q):
+    return "ieee" if q.dtype == torch.float32 else None
+
+
+def _upcast(q):
+    return q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _kv_start(kv_start, q, k):
+    """kv_start as a device integer tensor [B] (checked unless capturing), or None for no padding."""
+    if kv_start is None:
+        return None
+    if _capturing(q):
+        return torch.as_tensor(kv_start, device=q.device)
+    return resolve_kv_start(kv_start, q, k)
+
+
+def _combine(op, mp, lp, out, dims, nsplit):
+    _decode_combine_kernel[(dims["B"] * dims["HQ"],)](
+        op, mp, lp, out, out.stride(0), out.stride(1), dims["HQ"],
+        DV=dims["DV"], DVP=dims["DVP"], NSPLIT=nsplit, **CONFIG["combine"])
+    return out
+
+
+def _anchor_pass(q, k, v, rho, k_min, tile, kv_start, scale, output):
+    """Shared body of select / anchor. output: None, "sparse" or "dense"."""
+    check_attention_inputs(q, k, v)
+    check_budget(rho, k_min)
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
+        raise ValueError(f"tile: expected an integer >= 1, got {tile!r}")
+    if q.shape[2] != 1:
+        raise ValueError(f"q: decode kernels take one query per sequence, got {tuple(q.shape)}; "
+                         "use kascade.kernels.prefill for Q > 1")
+    q, k = _last_dim_contiguous(q, k)
+    if v is not None:
+        (v,) = _last_dim_contiguous(v)
+    start = _kv_start(kv_start, q, k)
+    dm = _dims(q, k, v)
+    B, HQ, HKV, N = dm["B"], dm["HQ"], dm["HKV"], dm["N"]
+    R = B * HKV
+    dev = q.device
+    kmax = max(1, budget(N, rho, k_min))
+    ln = triton.cdiv(N, 16) * 16
+    cl = CONFIG["logits"]
+    s1 = _splits(R, triton.cdiv(N, cl["BLOCK_N"]), dev)
+    nchunk, chunk = ts.plan_chunks(R, N, dev, CONFIG["programs_per_sm"])
+    lg = torch.empty(B * HQ, ln, dtype=torch.float32, device=dev)
+    mp = torch.empty(B * HQ, s1, dtype=torch.float32, device=dev)
+    lp = torch.empty_like(mp)
+    dense = output == "dense"
+    op = torch.empty(B * HQ, s1, dm["DVP"], dtype=torch.float32, device=dev) if dense else mp
+    start32 = torch.empty(B, dtype=torch.int32, device=dev)
+    counts = torch.empty(B, 1, dtype=torch.int32, device=dev)
+    first_tile = torch.empty(B, dtype=torch.int64, device=dev)
+    ws = ts.RadixWorkspace(R, nchunk, dev)
+    ra, rb, rc = _f32_parts(float(rho))
+    ga, gb, gc = _f32_parts(_GUARD)
+    vv = v if v is not None else k
+    _decode_logits_kernel[(R, s1)](
+        q, k, vv, lg, mp, lp, op, start if start is not None else start32, start32, counts, first_tile, ws.hist,
+        N, ln, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), vv.stride(0), vv.stride(1),
+        vv.stride(2), _scale_log2(q, scale), HKV, ra, rb, rc, ga, gb, gc, k_min,
+        G=dm["G"], GPAD=dm["GPAD"], D=dm["D"], DP=dm["DP"], DV=dm["DV"], DVP=dm["DVP"], NSPLIT=s1,
+        BLOCK_N=cl["BLOCK_N"], HAS_START=start is not None, DENSE_OUT=dense, DOT_PREC=_dot_prec(q), UPCAST=_upcast(q),
+        num_warps=cl["num_warps"], num_stages=cl["num_stages"])
+    scores = torch.empty(R, ln, dtype=torch.float32, device=dev)
+    cp = CONFIG["pool"]
+    _decode_pool_kernel[(R, nchunk)](
+        lg, mp, lp, scores, ws.hist, start32, N, ln, ln, chunk, HKV,
+        G=dm["G"], GP=_pow2(dm["G"]), NSPLIT=s1, BLOCK=cp["BLOCK"], num_warps=cp["num_warps"])
+    idx = torch.empty(R, kmax, dtype=torch.int32, device=dev)
+    ts.radix_levels(scores, N, ws, counts, start32, HKV, nchunk, chunk, idx, first_level=2)
+    sel = Selection(idx.view(B, HKV, 1, kmax), counts, first_tile, tile, True)
+    if output is None:
+        return None, sel
+    out = torch.empty(B, HQ, 1, dm["DV"], dtype=q.dtype, device=dev)
+    if dense:
+        return _combine(op, mp, lp, out, dm, s1), sel
+    return _sparse(q, k, v, idx, (kmax * HKV, kmax, 1), counts, None, scale, out, dm, kmax, logits=(lg, ln)), sel
+
+
+def _sparse(q, k, v, idx, idx_strides, counts, head_map, scale, out, dm, kmax, logits=None):
+    B, HQ, HKV = dm["B"], dm["HQ"], dm["HKV"]
+    R = B * HKV
+    dev = q.device
+    cs = CONFIG["sparse"]
+    s2 = _splits(R, triton.cdiv(kmax, cs["BLOCK_K"]), dev)
+    op = torch.empty(B * HQ, s2, dm["DVP"], dtype=torch.float32, device=dev)
+    mp = torch.empty(B * HQ, s2, dtype=torch.float32, device=dev)
+    lp = torch.empty_like(mp)
+    lg, ln = logits if logits is not None else (mp, 0)
+    _decode_sparse_kernel[(R, s2)](
+        q, k, v, lg, idx, counts, head_map if head_map is not None else counts, op, mp, lp,
+        ln, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        idx_strides[0], idx_strides[1], idx_strides[2], counts.stride(0), _scale_log2(q, scale), HKV,
+        G=dm["G"], GPAD=dm["GPAD"], D=dm["D"], DP=dm["DP"], DV=dm["DV"], DVP=dm["DVP"], NSPLIT=s2,
+        BLOCK_K=cs["BLOCK_K"], FROM_LOGITS=logits is not None, HAS_MAP=head_map is not None,
+        DOT_PREC=_dot_prec(q), UPCAST=_upcast(q), num_warps=cs["num_warps"], num_stages=cs["num_stages"])
+    return _combine(op, mp, lp, out, dm, s2)
+
+
+# ----------------------------------------------------------------------------------------------
+# public API (signatures of kascade.reference)
+# ----------------------------------------------------------------------------------------------
+
+
+def select(q, k, rho: float = 0.1, k_min: int = 128, tile: int = 32, kv_start=None, scale=None) -> Selection:
+    """Decode top-k selection, as kascade.reference.select for Q == 1.
+
+    Returns a Selection with indices [B, Hkv, 1, Kmax] int32 where Kmax = k(N) (the budget of the
+    longest possible sequence, so the shape depends on N only); counts [B, 1] = k(n_b). Valid slots
+    hold the positions above the k-th pooled score in ascending order, then the ties at it in
+    ascending order; slots from counts on hold -1.
+    """
+    return _anchor_pass(q, k, None, rho, k_min, tile, kv_start, scale, None)[1]
+
+
+def anchor(q, k, v, rho: float = 0.1, k_min: int = 128, tile: int = 32, kv_start=None, scale=None,
+           dense_output: bool = False):
+    """Anchor layer in one pass over K: (out [B, Hq, 1, Dv], Selection).
+
+    dense_output=False: attention over the selected keys, from the stored logits (V is read at the
+    selected rows only). dense_output=True: dense attention, computed in the same pass over K and V.
+    """
+    return _anchor_pass(q, k, v, rho, k_min, tile, kv_start, scale, "dense" if dense_output else "sparse")
+
+
+def sparse_attention(q, k, v, selection: Selection, head_map=None, kv_start=None, scale=None):
+    """Decode attention over an anchor's selected keys, as kascade.reference.sparse_attention for Q == 1.
+
+    Accepts the Selection of the reference or of `select` (absolute positions, counts[b, 0] valid
+    slots). kv_start is accepted for symmetry: absolute positions already skip the padding.
+    head_map [Hkv]: device tensor when capturing a CUDA graph.
+    """
+    check_attention_inputs(q, k, v)
+    if q.shape[2] != 1 or not selection.decode or selection.indices.shape[0] != q.shape[0]:
+        raise ValueError(
+            f"selection: made for batch {selection.indices.shape[0]} with decode={selection.decode}, "
+            f"got q of shape {tuple(q.shape)}; select again for this step"
+        )
+    q, k, v = _last_dim_contiguous(q, k, v)
+    dm = _dims(q, k, v)
+    if _capturing(q):
+        if selection.num_kv_heads != dm["HKV"]:
+            raise ValueError(f"selection: expected {dm['HKV']} KV heads like k, got {selection.num_kv_heads}")
+        hm = None if head_map is None else torch.as_tensor(head_map, device=q.device)
+    else:
+        _kv_start(kv_start, q, k)
+        hm = None if head_map is None else check_head_map(head_map, dm["HKV"], selection.num_kv_heads, q.device)
+    idx = selection.indices
+    out = torch.empty(dm["B"], dm["HQ"], 1, dm["DV"], dtype=q.dtype, device=q.device)
+    return _sparse(q, k, v, idx, (idx.stride(0), idx.stride(1), idx.stride(3)), selection.counts, hm, scale, out, dm,
+                   idx.shape[-1])

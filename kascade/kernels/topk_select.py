@@ -1,0 +1,261 @@
+"""Exact top-k of long rows of non-negative float32 scores by radix select on the float bits.
+
+For x >= 0 the int32 bit pattern of a float32 orders like the value, so the k-th largest score is
+found digit by digit, most significant first, from histograms of the bits instead of a sort:
+
+    level 1: bits 30..23 (the exponent), 256 bins, over the whole row
+    level 2: bits 22..15, 256 bins, over the keys whose bits 30..23 equal the chosen bin
+    level 3: bits 14..7,  256 bins, likewise
+    level 4: bits 6..0,   128 bins, kept per chunk of the row
+    compact: the keys above the threshold T, then the ties at T in ascending position, until k
+
+Each level walks its histogram from the top: the chosen bin is the highest one whose suffix
+count reaches the number of keys still wanted. Every program recomputes that walk from the
+small histograms of the levels before it, so no kernel waits on another inside a launch and no
+value goes back to the host (the whole select can be captured in a CUDA graph).
+
+Rows are processed by (row, chunk) programs: levels 1-3 add their chunk histogram into one
+row histogram with atomics (counts, so the order of the additions does not matter); level 4
+stores its histogram per chunk, and the compaction turns those into per-chunk write offsets,
+so the result is deterministic: slots [0, k - r) hold the keys above T in ascending position,
+slots [k - r, k) the r ties at T with the smallest positions.
+
+Row r belongs to batch entry r // rows_per_batch; its valid keys are [start[b], N) and it keeps
+k[b] of them (k[b] <= N - start[b]). Positions are written as absolute column numbers, int32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Levels 1-3 of the per-row histogram live in one [R, 3, 256] int32 buffer.
+HIST_BINS = 256
+LAST_BINS = 128
+BLOCK_SEL = 1024  # keys per step of the select kernels; chunks are multiples of it
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _descend(h, want, NB: tl.constexpr):
+    """Highest bin d of histogram h [NB] with sum(h[d:]) >= want; returns (d, want - sum(h[d+1:]))."""
+    bins = tl.arange(0, NB)
+    suffix = tl.sum(h, 0) - tl.cumsum(h, 0) + h
+    d = tl.max(tl.where(suffix >= want, bins, 0), 0)
+    above = tl.sum(tl.where(bins > d, h, 0), 0)
+    return d, want - above
+
+
+@triton.jit
+def _prefix(H_row, want, LEVELS: tl.constexpr):
+    """Walk the first LEVELS row histograms: (prefix of the k-th key, keys still wanted inside it).
+
+    The prefix has 8 * LEVELS bits: bits 30..(31 - 8 * LEVELS) of the threshold key.
+    """
+    bins = tl.arange(0, 256)
+    d, want = _descend(tl.load(H_row + bins), want, 256)
+    prefix = d
+    if LEVELS >= 2:
+        d, want = _descend(tl.load(H_row + 256 + bins), want, 256)
+        prefix = prefix * 256 + d
+    if LEVELS >= 3:
+        d, want = _descend(tl.load(H_row + 512 + bins), want, 256)
+        prefix = prefix * 256 + d
+    return prefix, want
+
+
+@triton.jit
+def _chunk_bounds(c, CHUNK, start, N):
+    lo = tl.maximum(c * CHUNK, start)
+    hi = tl.minimum(c * CHUNK + CHUNK, N)
+    return lo, hi
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["N", "CHUNK"])
+def _radix_hist_kernel(S, H, KB, START, N, stride_s, CHUNK, ROWS_PER_B,
+                       LEVEL: tl.constexpr, BLOCK: tl.constexpr):
+    """Levels 1-3: add this chunk's histogram of the level's digit into H[row, LEVEL - 1]."""
+    row = tl.program_id(0)
+    c = tl.program_id(1)
+    b = row // ROWS_PER_B
+    want = tl.load(KB + b)
+    start = tl.load(START + b)
+    H_row = H + row * 768
+    prefix = 0
+    if LEVEL >= 2:
+        prefix, want = _prefix(H_row, want, LEVEL - 1)
+    lo, hi = _chunk_bounds(c, CHUNK, start, N)
+    s_row = S + row.to(tl.int64) * stride_s
+    acc = tl.zeros([256], dtype=tl.int32)
+    for n0 in range(lo, hi, BLOCK):
+        offs = n0 + tl.arange(0, BLOCK)
+        valid = offs < hi
+        key = tl.load(s_row + offs, mask=valid, other=0.0).to(tl.int32, bitcast=True)
+        if LEVEL == 1:
+            acc += tl.histogram((key >> 23) & 255, 256, mask=valid)
+        elif LEVEL == 2:
+            acc += tl.histogram((key >> 15) & 255, 256, mask=valid & ((key >> 23) == prefix))
+        else:
+            acc += tl.histogram((key >> 7) & 255, 256, mask=valid & ((key >> 15) == prefix))
+    bins = tl.arange(0, 256)
+    tl.atomic_add(H_row + (LEVEL - 1) * 256 + bins, acc, mask=acc > 0, sem="relaxed")
+
+
+@triton.jit(do_not_specialize=["N", "CHUNK"])
+def _radix_last_kernel(S, H, H4, GT, KB, START, N, stride_s, CHUNK, ROWS_PER_B,
+                       NCHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """Level 4, per chunk: H4[row, c] = histogram of bits 6..0 of the keys with the level-3 prefix,
+    GT[row, c] = number of keys of the chunk above that prefix."""
+    row = tl.program_id(0)
+    c = tl.program_id(1)
+    b = row // ROWS_PER_B
+    want = tl.load(KB + b)
+    start = tl.load(START + b)
+    prefix, want = _prefix(H + row * 768, want, 3)
+    lo, hi = _chunk_bounds(c, CHUNK, start, N)
+    s_row = S + row.to(tl.int64) * stride_s
+    acc = tl.zeros([128], dtype=tl.int32)
+    gt = tl.zeros([BLOCK], dtype=tl.int32)
+    for n0 in range(lo, hi, BLOCK):
+        offs = n0 + tl.arange(0, BLOCK)
+        valid = offs < hi
+        key = tl.load(s_row + offs, mask=valid, other=0.0).to(tl.int32, bitcast=True)
+        acc += tl.histogram(key & 127, 128, mask=valid & ((key >> 7) == prefix))
+        gt += (valid & ((key >> 7) > prefix)).to(tl.int32)
+    tl.store(H4 + (row * NCHUNK + c) * 128 + tl.arange(0, 128), acc)
+    tl.store(GT + row * NCHUNK + c, tl.sum(gt, 0))
+
+
+@triton.jit(do_not_specialize=["N", "CHUNK", "KMAX"])
+def _radix_compact_kernel(S, H, H4, GT, KB, START, IDX, N, stride_s, stride_i, CHUNK, ROWS_PER_B, KMAX,
+                          NCHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """Write the positions of the k largest keys of the row (see the module docstring for the order)."""
+    row = tl.program_id(0)
+    c = tl.program_id(1)
+    b = row // ROWS_PER_B
+    kk = tl.load(KB + b)
+    start = tl.load(START + b)
+    prefix, want = _prefix(H + row * 768, kk, 3)
+    # level 4 from the per-chunk histograms: threshold key T and ties wanted r
+    cidx = tl.arange(0, NCHUNK)
+    bins = tl.arange(0, 128)
+    h4c = tl.load(H4 + (row * NCHUNK + cidx[:, None]) * 128 + bins[None, :])  # [NCHUNK, 128]
+    d4, r = _descend(tl.sum(h4c, 0), want, 128)
+    thr = prefix * 128 + d4
+    gt_c = tl.load(GT + row * NCHUNK + cidx) + tl.sum(tl.where(bins[None, :] > d4, h4c, 0), 1)
+    eq_c = tl.sum(tl.where(bins[None, :] == d4, h4c, 0), 1)
+    gt_base = tl.sum(tl.where(cidx < c, gt_c, 0), 0)
+    eq_base = tl.sum(tl.where(cidx < c, eq_c, 0), 0)
+    gt_total = tl.sum(gt_c, 0)  # == kk - r
+    lo, hi = _chunk_bounds(c, CHUNK, start, N)
+    s_row = S + row.to(tl.int64) * stride_s
+    i_row = IDX + row.to(tl.int64) * stride_i
+    for n0 in range(lo, hi, BLOCK):
+        offs = n0 + tl.arange(0, BLOCK)
+        valid = offs < hi
+        key = tl.load(s_row + offs, mask=valid, other=0.0).to(tl.int32, bitcast=True)
+        gt = (valid & (key > thr)).to(tl.int32)
+        eq = (valid & (key == thr)).to(tl.int32)
+        gt_rank = gt_base + tl.cumsum(gt, 0) - gt
+        eq_rank = eq_base + tl.cumsum(eq, 0) - eq
+        take_eq = (eq != 0) & (eq_rank < r)
+        slot = tl.where(gt != 0, gt_rank, gt_total + eq_rank)
+        tl.store(i_row + slot, offs, mask=(gt != 0) | take_eq)
+        gt_base += tl.sum(gt, 0)
+        eq_base += tl.sum(eq, 0)
+    if c == NCHUNK - 1:  # padding slots [k, KMAX) get -1
+        for j0 in range(kk, KMAX, BLOCK):
+            offs = j0 + tl.arange(0, BLOCK)
+            tl.store(i_row + offs, tl.full([BLOCK], -1, tl.int32), mask=offs < KMAX)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def num_sms(device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _pow2_at_least(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def plan_chunks(rows: int, n: int, device, per_sm: int = 4, block: int = BLOCK_SEL):
+    """(number of chunks per row, chunk length): about per_sm programs per SM, chunks of whole blocks."""
+    want = _pow2_at_least(triton.cdiv(per_sm * num_sms(device), max(1, rows)))
+    nchunk = max(1, min(want, 64, _pow2_at_least(triton.cdiv(n, block))))
+    chunk = triton.cdiv(triton.cdiv(n, nchunk), block) * block
+    return nchunk, chunk
+
+
+class RadixWorkspace:
+    """Scratch of one radix select over R rows: level 1-3 histograms, level-4 per-chunk counts."""
+
+    def __init__(self, rows: int, nchunk: int, device):
+        self.hist = torch.empty(rows, 3, HIST_BINS, dtype=torch.int32, device=device)
+        self.h4 = torch.empty(rows, nchunk, LAST_BINS, dtype=torch.int32, device=device)
+        self.gt = torch.empty(rows, nchunk, dtype=torch.int32, device=device)
+
+
+def radix_levels(scores, n_keys, ws, k_b, start_b, rows_per_b, nchunk, chunk, out, first_level=1):
+    """Levels first_level..4 and the compaction over scores [R, >= n_keys] (row stride scores.stride(0)).
+
+    ws.hist must hold zeros for the levels >= first_level (a fused kernel may have filled level 1);
+    out [R, KMAX] int32 receives the positions.
+    """
+    rows = scores.shape[0]
+    grid = (rows, nchunk)
+    for level in range(first_level, 4):
+        _radix_hist_kernel[grid](scores, ws.hist, k_b, start_b, n_keys, scores.stride(0), chunk, rows_per_b,
+                                 LEVEL=level, BLOCK=BLOCK_SEL, num_warps=4)
+    _radix_last_kernel[grid](scores, ws.hist, ws.h4, ws.gt, k_b, start_b, n_keys, scores.stride(0), chunk,
+                             rows_per_b, NCHUNK=nchunk, BLOCK=BLOCK_SEL, num_warps=4)
+    _radix_compact_kernel[grid](scores, ws.hist, ws.h4, ws.gt, k_b, start_b, out, n_keys, scores.stride(0),
+                                out.stride(0), chunk, rows_per_b, out.shape[1], NCHUNK=nchunk, BLOCK=BLOCK_SEL,
+                                num_warps=4)
+    return out
+
+
+
+def topk_select(scores: torch.Tensor, k: torch.Tensor, start: torch.Tensor | None = None,
+                rows_per_batch: int = 1, kmax: int | None = None) -> torch.Tensor:
+    """Positions of the k[b] largest of scores[r, start[b]:] for every row r (b = r // rows_per_batch).
+
+    scores [R, N] float32, all >= 0 (e.g. probabilities); last dim contiguous.
+    k, start [R // rows_per_batch] integer tensors on the scores' device, 1 <= k[b] <= N - start[b].
+    kmax: width of the result (default N); must be >= every k[b].
+    Returns [R, kmax] int32: per row the k[b] positions (absolute columns) of the largest scores,
+    those strictly above the k-th value first in ascending position, then ties at the k-th value
+    in ascending position; slots from k[b] on hold -1. No host synchronisation.
+    """
+    if scores.dim() != 2 or scores.dtype != torch.float32 or scores.stride(1) != 1:
+        raise ValueError(f"scores: expected a float32 [rows, N] tensor with a contiguous last dim, got "
+                         f"shape {tuple(scores.shape)} dtype {scores.dtype} strides {scores.stride()}")
+    rows, n = scores.shape
+    if rows % rows_per_batch:
+        raise ValueError(f"rows_per_batch: expected a divisor of the {rows} rows, got {rows_per_batch}")
+    nb = rows // rows_per_batch
+    dev = scores.device
+    k_b = torch.as_tensor(k, device=dev).to(torch.int32).reshape(nb)
+    start_b = (torch.zeros(nb, dtype=torch.int32, device=dev) if start is None
+               else torch.as_tensor(start, device=dev).to(torch.int32).reshape(nb))
+    kmax = n if kmax is None else int(kmax)
+    nchunk, chunk = plan_chunks(rows, n, dev)
+    ws = RadixWorkspace(rows, nchunk, dev)
+    ws.hist.zero_()
+    out = torch.empty(rows, kmax, dtype=torch.int32, device=dev)
+    return radix_levels(scores, n, ws, k_b, start_b, rows_per_batch, nchunk, chunk, out, 1)
