@@ -1,0 +1,285 @@
+"""kascade.kernels.decode against kascade.reference (and float64 attention) for one query per sequence.
+
+CPU: the Triton interpreter at small shapes (G in {1, 2, 4, 8}, D in {16, 64, 128}, bf16/fp16/fp32,
+left padding, k = n, k_min > n, transformers-like strides). GPU (-m gpu): Llama-3.1-8B shapes at
+128K, varlen batches, no recompilation across lengths, CUDA-graph capture.
+
+Selections are compared as sets with the reference's; a key may differ only where its float64
+pooled score ties the k-th largest within 1e-5 (relative): float32 scores of different summation
+order can swap such near-ties. Outputs are checked against float64 attention over the same keys:
+the kernel's error must stay within 2x the reference's own error in the input dtype plus 2 u max|v|
+(u the dtype's unit roundoff): the kernel rounds the probabilities to the input dtype before the P.V
+product, as flash attention does, the reference rounds only its output. Every buffer the kernels allocate is poisoned first
+(NaN / -7), so unwritten outputs fail.
+"""
+
+import contextlib
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+from kascade import reference as R  # noqa: E402
+from kascade.budget import budget  # noqa: E402
+from kascade.kernels import decode as K  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@contextlib.contextmanager
+def poisoned():
+    """torch.empty / empty_like return NaN (floats) or -7 (ints) while the kernels run."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        return t.fill_(float("nan") if t.dtype.is_floating_point else -7)
+
+    torch.empty = lambda *a, **kw: fill(empty(*a, **kw))
+    torch.empty_like = lambda *a, **kw: fill(empty_like(*a, **kw))
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like = empty, empty_like
+
+
+def make(B, Hkv, G, N, D, dtype, seed=0, layout="bhnd"):
+    """Random q/k/v on DEV. layout 'bnhd' stores k/v as [B, N, Hkv, D] (and q as [B, 1, Hq, D]) and
+    returns [B, H, N, D] views, so the kernels see non-contiguous strides."""
+    g = torch.Generator().manual_seed(seed)
+    Hq = Hkv * G
+    if layout == "bnhd":
+        q = torch.randn(B, 1, Hq, D, generator=g).to(dtype).to(DEV).transpose(1, 2)
+        k = torch.randn(B, N, Hkv, D, generator=g).to(dtype).to(DEV).transpose(1, 2)
+        v = torch.randn(B, N, Hkv, D, generator=g).to(dtype).to(DEV).transpose(1, 2)
+    else:
+        q = torch.randn(B, Hq, 1, D, generator=g).to(dtype).to(DEV)
+        k = torch.randn(B, Hkv, N, D, generator=g).to(dtype).to(DEV)
+        v = torch.randn(B, Hkv, N, D, generator=g).to(dtype).to(DEV)
+    return q, k, v
+
+
+def starts(kv_start, B):
+    return torch.zeros(B, dtype=torch.int64) if kv_start is None else torch.as_tensor(kv_start)
+
+
+def pooled64(q, k, kv_start):
+    """Pooled post-softmax scores [B, Hkv, N] in float64 (padding keys: -inf)."""
+    B, Hq, _, D = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    s = torch.einsum("bhgd,bhnd->bhgn", q.double().reshape(B, Hkv, Hq // Hkv, D), k.double()) * D**-0.5
+    pad = torch.arange(N, device=q.device)[None, :] < starts(kv_start, B).to(q.device)[:, None]
+    s = s.masked_fill(pad[:, None, None, :], float("-inf"))
+    p = torch.softmax(s, -1).sum(2)
+    return p.masked_fill(pad[:, None, :], float("-inf"))
+
+
+def check_selection(sel, q, k, rho, k_min, kv_start, kernel_made=True):
+    B, Hkv, N = k.shape[0], k.shape[1], k.shape[2]
+    ref = R.select(q, k, rho, k_min, 32, kv_start=kv_start)
+    p64 = pooled64(q, k, kv_start).cpu()
+    st = starts(kv_start, B)
+    assert sel.decode and sel.indices.shape[:3] == (B, Hkv, 1) and sel.indices.dtype == torch.int32
+    assert torch.equal(sel.counts.cpu(), ref.counts.cpu())
+    assert torch.equal(sel.first_tile.cpu(), torch.zeros(B, dtype=torch.int64))
+    idx = sel.indices.cpu()
+    for b in range(B):
+        kk = budget(N - int(st[b]), rho, k_min)
+        assert int(sel.counts[b, 0]) == kk
+        if kernel_made:
+            assert (idx[b, :, 0, kk:] == -1).all()
+        for h in range(Hkv):
+            got = idx[b, h, 0, :kk].long()
+            assert got.unique().numel() == kk and got.min() >= int(st[b]) and got.max() < N
+            want = ref.sets(b, h).cpu()
+            diff = torch.tensor(sorted(set(got.tolist()) ^ set(want.tolist())), dtype=torch.long)
+            if diff.numel():
+                thr = torch.sort(p64[b, h], descending=True).values[kk - 1]
+                assert ((p64[b, h, diff] - thr).abs() <= 1e-5 * thr).all(), (b, h, diff.tolist())
+
+
+def sparse64(q, k, v, sel, head_map=None):
+    """float64 attention over the selected keys (head-mapped): [B, Hq, 1, Dv]."""
+    B, Hq, _, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    hm = list(range(Hkv)) if head_map is None else [int(x) for x in head_map]
+    out = torch.empty(B, Hq, 1, v.shape[-1], dtype=torch.float64, device=q.device)
+    for b in range(B):
+        for h in range(Hkv):
+            idx = sel.sets(b, hm[h]).to(q.device)
+            s = q[b, h * G:(h + 1) * G, 0].double() @ k[b, h, idx].double().T * D**-0.5
+            out[b, h * G:(h + 1) * G, 0] = torch.softmax(s, -1) @ v[b, h, idx].double()
+    return out
+
+
+def dense64(q, k, v, kv_start):
+    """float64 dense attention over the valid keys [kv_start[b], N): [B, Hq, 1, Dv]."""
+    B, Hkv, N = k.shape[0], k.shape[1], k.shape[2]
+    st = starts(kv_start, B)
+    idx = torch.full((B, Hkv, 1, N), -1, dtype=torch.int32)
+    for b in range(B):
+        idx[b, :, 0, : N - int(st[b])] = torch.arange(int(st[b]), N, dtype=torch.int32)
+    sel = R.Selection(idx.to(q.device), (N - st).to(torch.int32).view(B, 1), torch.zeros(B, dtype=torch.int64), 32, True)
+    return sparse64(q, k, v, sel)
+
+
+UNIT_ROUNDOFF = {BF16: 2.0**-8, FP16: 2.0**-11, FP32: 2.0**-24}
+
+
+def assert_close_to64(out, ref, exact64, v):
+    """Kernel error <= 2x the reference's own error + 2 u max|v| (u: unit roundoff of the input dtype).
+
+    The kernel rounds the probabilities to the input dtype before the P.V product (relative error
+    <= u each, weighing rows of V: <= u max|v| on the output) and rounds the output like the reference.
+    """
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    assert torch.isfinite(out.float()).all()
+    err = (out.double() - exact64).abs().max().item()
+    err_ref = (ref.double() - exact64).abs().max().item()
+    bound = 2 * err_ref + 2 * UNIT_ROUNDOFF[out.dtype] * v.abs().max().item() + 1e-6
+    assert err <= bound, (err, err_ref, bound)
+
+
+CPU_CASES = [  # B, Hkv, G, N, D, dtype, kv_start, layout
+    (2, 2, 1, 300, 64, BF16, [0, 41], "bhnd"),
+    (2, 2, 2, 257, 128, FP16, [5, 0], "bnhd"),
+    (1, 2, 4, 400, 16, FP32, None, "bhnd"),
+    (2, 1, 8, 333, 64, BF16, [0, 200], "bnhd"),
+    (1, 2, 4, 520, 128, BF16, [17], "bhnd"),
+]
+
+
+@pytest.mark.parametrize("B,Hkv,G,N,D,dtype,kv_start,layout", CPU_CASES)
+def test_select_sparse_anchor(B, Hkv, G, N, D, dtype, kv_start, layout):
+    q, k, v = make(B, Hkv, G, N, D, dtype, seed=N + G, layout=layout)
+    rho, k_min = 0.1, 16
+    with poisoned():
+        sel = K.select(q, k, rho, k_min, 32, kv_start=kv_start)
+    check_selection(sel, q, k, rho, k_min, kv_start)
+
+    # reuse over a reference Selection with a non-identity head map
+    ref_sel = R.select(q, k, rho, k_min, 32, kv_start=kv_start)
+    head_map = torch.tensor([(h + 1) % Hkv for h in range(Hkv)])
+    with poisoned():
+        out = K.sparse_attention(q, k, v, ref_sel, head_map=head_map, kv_start=kv_start)
+    ref = R.sparse_attention(q, k, v, ref_sel, head_map=head_map, kv_start=kv_start)
+    assert_close_to64(out, ref, sparse64(q, k, v, ref_sel, head_map), v)
+
+    # anchor: sparse output from the stored logits, and dense output
+    with poisoned():
+        out_s, sel_s = K.anchor(q, k, v, rho, k_min, 32, kv_start=kv_start)
+        out_d, _ = K.anchor(q, k, v, rho, k_min, 32, kv_start=kv_start, dense_output=True)
+    assert torch.equal(sel_s.indices, sel.indices)
+    ref_s = R.sparse_attention(q, k, v, sel_s, kv_start=kv_start)
+    assert_close_to64(out_s, ref_s, sparse64(q, k, v, sel_s), v)
+    ref_d = R.dense_attention(q, k, v, kv_start=kv_start)
+    assert_close_to64(out_d, ref_d, dense64(q, k, v, kv_start), v)
+
+
+@pytest.mark.parametrize("N,k_min,rho,kv_start", [(50, 128, 0.1, [0, 45]), (40, 1, 1.0, [3, 0]), (1, 4, 0.5, None),
+                                                  (200, 19, 0.1, [181, 0])])
+def test_budget_edges(N, k_min, rho, kv_start):
+    """k_min > n (every key), rho = 1, a single key, k = n for a short padded row."""
+    B = 1 if kv_start is None else len(kv_start)
+    q, k, v = make(B, 2, 4, N, 64, BF16, seed=N)
+    with poisoned():
+        out, sel = K.anchor(q, k, v, rho, k_min, 32, kv_start=kv_start)
+    check_selection(sel, q, k, rho, k_min, kv_start)
+    ref = R.sparse_attention(q, k, v, sel, kv_start=kv_start)
+    assert_close_to64(out, ref, sparse64(q, k, v, sel), v)
+    if k_min >= N or rho == 1.0:  # every key selected: sparse == dense
+        assert_close_to64(out, R.dense_attention(q, k, v, kv_start=kv_start), dense64(q, k, v, kv_start), v)
+
+
+def test_errors():
+    q, k, v = make(1, 2, 2, 64, 16, FP32)
+    sel = R.select(q, k, 0.1, 4, 32)
+    with pytest.raises(ValueError, match="head_map"):
+        K.sparse_attention(q, k, v, sel, head_map=[0, 2])
+    with pytest.raises(ValueError, match="rho"):
+        K.select(q, k, 0.0, 4)
+    with pytest.raises(ValueError, match="q:"):
+        K.select(torch.cat([q, q], 2), k, 0.1, 4)
+    with pytest.raises(ValueError, match="kv_start"):
+        K.select(q, k, 0.1, 4, kv_start=[64])
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("B,Hkv,G,N,D,dtype,kv_start", [
+    (1, 8, 4, 131072, 128, BF16, None),
+    (3, 8, 8, 32768, 64, FP16, [0, 1000, 20001]),
+    (2, 4, 1, 20000, 128, BF16, [7, 0]),
+    (2, 2, 2, 9000, 128, FP32, [0, 3]),
+])
+def test_gpu_full_size(B, Hkv, G, N, D, dtype, kv_start):
+    q, k, v = make(B, Hkv, G, N, D, dtype, seed=1, layout="bnhd" if B == 2 else "bhnd")
+    rho, k_min = 0.1, 128
+    with poisoned():
+        out, sel = K.anchor(q, k, v, rho, k_min, 32, kv_start=kv_start)
+        out_d, sel_d = K.anchor(q, k, v, rho, k_min, 32, kv_start=kv_start, dense_output=True)
+    check_selection(sel, q, k, rho, k_min, kv_start)
+    assert torch.equal(sel.indices, sel_d.indices)  # deterministic
+    assert_close_to64(out, R.sparse_attention(q, k, v, sel, kv_start=kv_start), sparse64(q, k, v, sel), v)
+    assert_close_to64(out_d, R.dense_attention(q, k, v, kv_start=kv_start), dense64(q, k, v, kv_start), v)
+    head_map = torch.randint(0, Hkv, (Hkv,), device=DEV)
+    ref_sel = R.select(q, k, rho, k_min, 32, kv_start=kv_start)
+    with poisoned():
+        out_r = K.sparse_attention(q, k, v, ref_sel, head_map=head_map, kv_start=kv_start)
+    assert_close_to64(out_r, R.sparse_attention(q, k, v, ref_sel, head_map=head_map, kv_start=kv_start),
+                      sparse64(q, k, v, ref_sel, head_map.tolist()), v)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_no_recompilation_across_lengths():
+    kernels = [K._decode_logits_kernel, K._decode_pool_kernel, K._decode_sparse_kernel, K._decode_combine_kernel]
+    from kascade.kernels import topk_select as ts
+    kernels += [ts._radix_hist_kernel, ts._radix_last_kernel, ts._radix_compact_kernel]
+
+    def variants():
+        return sum(len(c) for kern in kernels for c in kern.device_caches[0][0].values()) if hasattr(
+            kernels[0], "device_caches") else None
+
+    seen = None
+    for n in (40000, 40007, 52001, 65536):
+        q, k, v = make(1, 8, 4, n, 128, BF16, seed=n)
+        out, sel = K.anchor(q, k, v, 0.1, 128, 32)
+        K.sparse_attention(q, k, v, sel, head_map=torch.arange(8, device=DEV).flip(0))
+        torch.cuda.synchronize()
+        now = variants()
+        if seen is not None and now is not None:
+            assert now == seen, "a new length compiled new kernel variants"
+        seen = now
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_cuda_graph_capture():
+    B, Hkv, G, N, D = 2, 8, 4, 50000, 128
+    q, k, v = make(B, Hkv, G, N, D, BF16, seed=3)
+    kv_start = torch.tensor([0, 4000], device=DEV)
+    hm = torch.randint(0, Hkv, (Hkv,), device=DEV)
+    K.anchor(q, k, v, 0.1, 128, 32, kv_start=kv_start)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_a, sel = K.anchor(q, k, v, 0.1, 128, 32, kv_start=kv_start)
+        out_r = K.sparse_attention(q, k, v, sel, head_map=hm, kv_start=kv_start)
+    for seed in (5, 6):
+        q.copy_(torch.randn(q.shape, generator=torch.Generator().manual_seed(seed)).to(q.dtype))
+        graph.replay()
+        want_a, want_sel = K.anchor(q, k, v, 0.1, 128, 32, kv_start=kv_start)
+        assert torch.equal(sel.indices, want_sel.indices)
+        assert torch.equal(out_a, want_a)
+        assert torch.equal(out_r, K.sparse_attention(q, k, v, want_sel, head_map=hm, kv_start=kv_start))

@@ -1,0 +1,79 @@
+"""kascade.kernels.topk_select (radix select on float bits) against a sort-based rule.
+
+The kernel's order is fully specified (keys above the k-th value in ascending position, then ties
+at the k-th value in ascending position, then -1), so the result is compared element for element.
+CPU: Triton interpreter at small sizes; GPU (-m gpu): decode-sized rows.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+from kascade.kernels.topk_select import topk_select  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def expected(scores, k, start, rows_per_batch, kmax):
+    out = torch.full((scores.shape[0], kmax), -1, dtype=torch.int32)
+    s = scores.cpu()
+    for r in range(s.shape[0]):
+        b = r // rows_per_batch
+        kk, st = int(k[b]), int(start[b])
+        row = s[r, st:]
+        thr = torch.sort(row, descending=True).values[kk - 1]
+        gt = torch.nonzero(row > thr).flatten() + st
+        eq = torch.nonzero(row == thr).flatten()[: kk - gt.numel()] + st
+        out[r, :kk] = torch.cat([gt, eq]).to(torch.int32)
+    return out
+
+
+def run(scores, k, start, rows_per_batch, kmax):
+    k = torch.tensor(k, device=scores.device)
+    start = torch.tensor(start, device=scores.device)
+    got = topk_select(scores, k, start, rows_per_batch=rows_per_batch, kmax=kmax)
+    want = expected(scores, k, start, rows_per_batch, kmax)
+    assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("n,k,start", [(3000, [300, 1], [0, 2999]), (777, [777, 5], [0, 100]), (64, [10, 64], [3, 0])])
+def test_random_rows(n, k, start):
+    g = torch.Generator().manual_seed(n)
+    scores = (torch.rand(4, n, generator=g) ** 3).to(DEV)  # many exponents, distinct values
+    run(scores, k, start, rows_per_batch=2, kmax=max(k) + 3)
+
+
+def test_ties_take_smallest_positions():
+    n = 2500
+    scores = torch.full((4, n), 0.25)
+    scores[1, ::7] = 0.5  # 358 keys above, k inside them
+    scores[2, ::7] = 0.5  # k reaches into the ties
+    scores[3] = torch.rand(n) * 1e-3
+    scores[3, 100:2000] = 1e-38  # denormal-free tiny ties
+    run(scores.to(DEV), [100, 100, 1000, 2450], [0, 11, 0, 30], rows_per_batch=1, kmax=2450)
+
+
+def test_zeros_and_exact_bins():
+    """Scores that share 24 high bits and differ in the last 7 (the per-chunk level) and exact zeros."""
+    n = 1500
+    base = torch.tensor(0.123456789).view(torch.int32) & ~127
+    bits = base + torch.randint(0, 128, (2, n), generator=torch.Generator().manual_seed(1), dtype=torch.int32)
+    scores = bits.view(torch.float32).clone()
+    scores[1, 500:] = 0.0
+    run(scores.to(DEV), [700, 1200], [0, 0], rows_per_batch=1, kmax=1200)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_decode_sized_rows():
+    torch.manual_seed(0)
+    n = 131072
+    scores = torch.softmax(torch.randn(16, n, device="cuda") * 3, -1)
+    run(scores, [13107, 1, 131072 - 5, 999], [0, 5, 5, 70000], rows_per_batch=4, kmax=131072)
