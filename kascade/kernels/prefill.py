@@ -1,0 +1,332 @@
+"""Triton kernels for Kascade prefill (Q > 1 queries): anchor selection and sparse attention.
+
+    select(q, k, rho, k_min, tile, kv_start=None, scale=None) -> PrefillSelection (a Selection)
+    sparse_attention(q, k, v, selection, head_map=None, kv_start=None, scale=None) -> [B, Hq, Q, Dv]
+
+Same signatures and semantics as `kascade.reference.select` / `sparse_attention` (see that module for
+the layout: q [B, Hq, Q, D], k/v [B, Hkv, N, D], kv_start [B] left padding; tiles of T positions
+counted from each sequence's start, so a chunk on top of a cache tiles like the whole prompt).
+
+Sparse attention (reuse layers, and the anchor's own output): one program per (local tile, group of
+query heads, KV head, sequence) stacks the BLOCK_G x T query rows that share the KV head into one
+matrix operand (4 x 32 = 128 rows for Llama-3.1-8B), gathers the mapped anchor head's selected K/V
+rows by int32 position, BLOCK_K at a time, then the tile's own keys causally, with an online
+softmax. Programs are ordered tile-fastest (longest tiles first) so the tiles of one head run
+together and share the K/V rows of their overlapping selections in L2.
+
+Selection: kascade.kernels.prefill_pool (pooled post-softmax scores of every tile, two flash-style
+passes) then kascade.kernels.prefill_topk (exact top-k of each pooled row by a sampled threshold
+bracket and a radix select), chunk by chunk over the tiles so the pooled scores never exceed
+`chunk_bytes` (default 1 GiB): extra memory is O(chunk x N), not O(N^2 / T).
+
+Memory of the returned selection: indices [B, Hkv, U, Kmax] int32 with U = ceil(Q / T) (+1 for a
+partial first tile) and Kmax = k(T * (U - 1)) ~ rho * N, i.e. about 4 * Hkv * rho * N^2 / T bytes
+per sequence: 1.7 GB at 128K and 27.5 GB at 512K (Llama-3.1-8B shapes, rho = 0.1), which fits one
+80 GB GPU next to q, k, v and the output.
+
+Falls back to the reference for float32 inputs, tiles above 128 and head dims above 256.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kascade import reference
+from kascade.budget import budget_tensor, check_budget
+from kascade.checks import check_attention_inputs, check_head_map, resolve_kv_start
+from kascade.kernels.prefill_pool import LOG2E, UPCAST_DOT, lse_scratch, mma, pooled_scores_chunk, row_layout
+from kascade.kernels.prefill_topk import topk_rows_chunk, topk_rows_scratch
+
+DEFAULT_POOL_BYTES = 2**30
+MAX_TILE = 128
+MAX_HEAD_DIM = 256
+# Tests set this to fill the selection and the pooled scores with garbage before the kernels run.
+POISON_BUFFERS = False
+
+
+@dataclass
+class PrefillSelection(reference.Selection):
+    """A Selection that also remembers, on the host, the kv_start it was made for (saves a sync)."""
+
+    host_starts: tuple = ()
+
+
+# ----------------------------------------------------------------------------------------------
+# kernel
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _online_update(q, kb, vb, valid, m, l, acc, qk_scale, UPCAST: tl.constexpr):
+    """One block of the online softmax: scores q kb^T (invalid entries -inf), acc += p vb."""
+    sc = mma(q, tl.trans(kb), None, UPCAST) * qk_scale
+    sc = tl.where(valid, sc, float("-inf"))
+    m_new = tl.maximum(m, tl.max(sc, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m - m_safe)
+    p = tl.exp2(sc - m_safe[:, None])
+    l = l * alpha + tl.sum(p, 1)
+    acc = mma(p.to(vb.dtype), vb, acc * alpha[:, None], UPCAST)
+    return m_new, l, acc
+
+
+@triton.jit
+def _sparse_prefill_kernel(
+    Q, K, V, O, IDX, COUNTS, KV_START, HEAD_MAP,
+    sqb, sqh, sqm,
+    skb, skh, skn,
+    svb, svh, svn,
+    sob, soh, som,
+    sib, sih, siu,
+    scb,
+    qk_scale, U_RUN, Q_LEN, N_CACHE,
+    G: tl.constexpr, TILE: tl.constexpr, T_PAD: tl.constexpr, BLOCK_G: tl.constexpr, NUM_HG: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """O rows of local tile u, heads h*G + hg*BLOCG_G + [0, BLOCK_G): selected keys, then the diagonal tile."""
+    tl.static_assert(T_PAD >= TILE)
+    ROWS: tl.constexpr = BLOCK_G * T_PAD
+    pid = tl.program_id(0)
+    u = U_RUN - 1 - pid // NUM_HG
+    hg = pid % NUM_HG
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    s = tl.load(KV_START + b).to(tl.int32)
+    n = N_CACHE - s
+    p0 = n - tl.minimum(Q_LEN, n)
+    t = p0 // TILE + u
+    if t * TILE < n:
+        r = tl.arange(0, ROWS)
+        g = hg * BLOCK_G + r // T_PAD
+        i = r % T_PAD
+        pos = t * TILE + i
+        row_ok = (i < TILE) & (g < G) & (pos >= p0) & (pos < n)
+        qrow = (pos + (Q_LEN - n)).to(tl.int64)
+        hq = (h * G + g).to(tl.int64)
+        d = tl.arange(0, BLOCK_D)
+        dv = tl.arange(0, BLOCK_DV)
+        dmask = d[None, :] < HEAD_DIM
+        dvmask = dv[None, :] < HEAD_DIM_V
+        q = tl.load(Q + b.to(tl.int64) * sqb + hq[:, None] * sqh + qrow[:, None] * sqm + d[None, :],
+                    mask=row_ok[:, None] & dmask, other=0.0)
+        K_b = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
+        V_b = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
+        hm = tl.load(HEAD_MAP + h)
+        I_row = IDX + b.to(tl.int64) * sib + hm.to(tl.int64) * sih + u.to(tl.int64) * siu
+        cnt = tl.load(COUNTS + b * scb + u)
+        m = tl.full([ROWS], float("-inf"), tl.float32)
+        l = tl.zeros([ROWS], tl.float32)
+        acc = tl.zeros([ROWS, BLOCK_DV], tl.float32)
+        # selected keys (absolute cache positions)
+        for j0 in range(0, cnt, BLOCK_K):
+            jj = j0 + tl.arange(0, BLOCK_K)
+            jm = jj < cnt
+            kidx = tl.load(I_row + jj, mask=jm, other=0).to(tl.int64)
+            kb = tl.load(K_b + kidx[:, None] * skn + d[None, :], mask=jm[:, None] & dmask, other=0.0)
+            vb = tl.load(V_b + kidx[:, None] * svn + dv[None, :], mask=jm[:, None] & dvmask, other=0.0)
+            m, l, acc = _online_update(q, kb, vb, jm[None, :], m, l, acc, qk_scale, UPCAST)
+        # the diagonal tile, causally
+        kpos = t * TILE + tl.arange(0, T_PAD)
+        kok = (tl.arange(0, T_PAD) < TILE) & (kpos < n)
+        kabs = (s + kpos).to(tl.int64)
+        kb = tl.load(K_b + kabs[:, None] * skn + d[None, :], mask=kok[:, None] & dmask, other=0.0)
+        vb = tl.load(V_b + kabs[:, None] * svn + dv[None, :], mask=kok[:, None] & dvmask, other=0.0)
+        causal = kok[None, :] & (kpos[None, :] <= pos[:, None])
+        m, l, acc = _online_update(q, kb, vb, causal, m, l, acc, qk_scale, UPCAST)
+        out = acc / l[:, None]
+        tl.store(O + b.to(tl.int64) * sob + hq[:, None] * soh + qrow[:, None] * som + dv[None, :],
+                 out.to(O.dtype.element_ty), mask=row_ok[:, None] & dvmask)
+
+
+# ----------------------------------------------------------------------------------------------
+# host side
+# ----------------------------------------------------------------------------------------------
+
+
+def _supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, tile: int) -> bool:
+    import os
+
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return False
+    dv = v.shape[-1] if v is not None else q.shape[-1]
+    return tile <= MAX_TILE and q.shape[-1] <= MAX_HEAD_DIM and dv <= MAX_HEAD_DIM
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _host_meta(q, k, kv_start, tile: int):
+    """Per sequence (host ints): kv_start s, first tile, number of local tiles."""
+    bsz, qlen, n_cache = q.shape[0], q.shape[2], k.shape[2]
+    starts = (0,) * bsz if kv_start is None else tuple(int(x) for x in kv_start.tolist())
+    first, ntiles = [], []
+    for s in starts:
+        n = n_cache - s
+        qv = min(qlen, n)
+        p0 = n - qv
+        first.append(p0 // tile)
+        ntiles.append((p0 + qv - 1) // tile - p0 // tile + 1)
+    return starts, tuple(first), tuple(ntiles)
+
+
+def _tile_counts(first, ntiles, tile: int, rho: float, k_min: int) -> torch.Tensor:
+    """counts [B, U] int32 (host): k(tT) of every local tile, 0 past a sequence's last tile."""
+    u_max = max(ntiles)
+    u = torch.arange(u_max)
+    ft = torch.tensor(first)[:, None]
+    counts = budget_tensor((ft + u) * tile, rho, k_min)
+    return torch.where(u[None, :] < torch.tensor(ntiles)[:, None], counts, 0).to(torch.int32)
+
+
+def select(q, k, rho: float = 0.1, k_min: int = 128, tile: int = 32, kv_start=None, scale=None, *,
+           chunk_bytes: int = DEFAULT_POOL_BYTES, method: str = "threshold",
+           pool_cfg: dict | None = None) -> reference.Selection:
+    """Anchor-layer prefill top-k (see kascade.reference.select).
+
+    chunk_bytes bounds the pooled-score buffer [B, Hkv, C, N] float32 (C tiles at a time).
+    method: "threshold" (the kernel of kascade.kernels.prefill_topk) or "torch" (torch.topk on the
+    pooled rows; for comparison). pool_cfg overrides the pooled-score kernel's launch parameters.
+    """
+    check_attention_inputs(q, k, None)
+    check_budget(rho, k_min)
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
+        raise ValueError(f"tile: expected an integer >= 1, got {tile!r}")
+    if method not in ("threshold", "torch"):
+        raise ValueError(f"method: expected 'threshold' or 'torch', got {method!r}")
+    if q.shape[2] == 1 or not _supported(q, k, None, tile):
+        return reference.select(q, k, rho=rho, k_min=k_min, tile=tile, kv_start=kv_start, scale=scale)
+    kv_t = resolve_kv_start(kv_start, q, k)
+    q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
+    bsz, hq, qlen, d = q.shape
+    hkv, n_cache = k.shape[1], k.shape[2]
+    sc = d ** -0.5 if scale is None else float(scale)
+    starts, first, ntiles = _host_meta(q, k, None if kv_start is None else kv_t, tile)
+    counts_h = _tile_counts(first, ntiles, tile, rho, k_min)
+    u_max = counts_h.shape[1]
+    k_max = max(1, int(counts_h.max()))
+    dev = q.device
+    counts = counts_h.to(dev)
+    kv_i32 = kv_t.to(torch.int32)
+    indices = torch.empty(bsz, hkv, u_max, k_max, dtype=torch.int32, device=dev)
+    if POISON_BUFFERS:
+        indices.fill_(-7)
+    # the longest row any tile pools: keys before the last tile
+    row_len = max(ft + nt - 1 for ft, nt in zip(first, ntiles)) * tile
+    row_stride = max(32, triton.cdiv(row_len, 32) * 32)
+    chunk = max(1, min(u_max, chunk_bytes // (bsz * hkv * row_stride * 4)))
+    pooled = torch.empty(bsz, hkv, chunk, row_stride, dtype=torch.float32, device=dev)
+    if POISON_BUFFERS:
+        pooled.fill_(float("nan"))
+    lse_buf = lse_scratch(bsz, hkv, chunk, hq // hkv, tile, d, dev)
+    scratch = topk_rows_scratch(bsz, hkv, chunk, dev) if method == "threshold" else None
+    for u0 in range(0, u_max, chunk):
+        c = min(chunk, u_max - u0)
+        pooled_scores_chunk(q, k, kv_i32, counts, pooled, lse_buf, u0, c, tile, sc, pool_cfg)
+        n_max = max(min(ft + u0 + c - 1, ft + nt - 1) for ft, nt in zip(first, ntiles)) * tile
+        if method == "threshold":
+            topk_rows_chunk(pooled, indices, counts, kv_i32, scratch, u0, c, tile, qlen, n_cache, n_max)
+        else:
+            _torch_topk_chunk(pooled, indices, counts_h, starts, first, u0, c, tile, n_max)
+    return PrefillSelection(indices, counts, torch.tensor(first, dtype=torch.int64, device=dev), tile, False,
+                            host_starts=starts)
+
+
+def _torch_topk_chunk(pooled, indices, counts_h, starts, first, u0, c, tile, n_max):
+    """torch.topk on the pooled rows of local tiles u0 .. u0 + c - 1 (the stock-PyTorch selection)."""
+    dev = pooled.device
+    kc = int(counts_h[:, u0:u0 + c].max())
+    if kc == 0 or n_max == 0:
+        return
+    ft = torch.tensor(first, device=dev)[:, None]
+    n_bu = (ft + u0 + torch.arange(c, device=dev)[None, :]) * tile  # [B, c] keys before each tile
+    k_bu = counts_h[:, u0:u0 + c].to(dev)
+    pos = torch.arange(n_max, device=dev)
+    vals = pooled[:, :, :c, :n_max]
+    inside = pos < n_bu[:, None, :, None]
+    take_all = (k_bu >= n_bu)[:, None, :, None]
+    vals = torch.where(inside, torch.where(take_all, 1.0, vals), -1.0)
+    top = torch.topk(vals, min(kc, n_max), dim=-1, sorted=True).indices
+    s = torch.tensor(starts, device=dev)[:, None, None, None]
+    indices[:, :, u0:u0 + c, : top.shape[-1]] = (top + s).to(torch.int32)
+
+
+def sparse_config(rows: int) -> dict:
+    """Launch parameters of _sparse_prefill_kernel (checked for registers and shared memory on sm_90)."""
+    if rows >= 128:
+        return dict(BLOCK_K=64, num_warps=8, num_stages=3)
+    if rows >= 64:
+        return dict(BLOCK_K=64, num_warps=4, num_stages=3)
+    return dict(BLOCK_K=32, num_warps=4, num_stages=3)
+
+
+def sparse_attention(q, k, v, selection: reference.Selection, head_map=None, kv_start=None, scale=None,
+                     *, out: torch.Tensor | None = None, config: dict | None = None):
+    """Attention over an anchor's selected keys plus the causal diagonal tile (see kascade.reference).
+
+    Accepts any valid Selection (the reference's too). Returns [B, Hq, Q, Dv] in q's dtype.
+    out: optional [B, Hq, Q, Dv] buffer (q's dtype, last dim contiguous) to write into.
+    config overrides sparse_config (BLOCK_K, num_warps, num_stages).
+    """
+    check_attention_inputs(q, k, v)
+    if selection.decode or q.shape[2] == 1 or not _supported(q, k, v, selection.tile):
+        return reference.sparse_attention(q, k, v, selection, head_map=head_map, kv_start=kv_start, scale=scale)
+    kv_t = resolve_kv_start(kv_start, q, k)
+    hkv = k.shape[1]
+    hm = check_head_map(head_map, hkv, selection.num_kv_heads, q.device).to(torch.int32)
+    if selection.indices.shape[0] != q.shape[0]:
+        raise ValueError(
+            f"selection: made for batch {selection.indices.shape[0]} with decode={selection.decode}, "
+            f"got q of shape {tuple(q.shape)}; select again for this step"
+        )
+    tile = selection.tile
+    starts, first, ntiles = _host_meta(q, k, None if kv_start is None else kv_t, tile)
+    mine = isinstance(selection, PrefillSelection) and selection.host_starts == starts
+    if not mine and tuple(int(x) for x in selection.first_tile.tolist()) != first:
+        raise ValueError("selection: tiles do not match this step's query positions; select again")
+    u_run = max(ntiles)
+    if selection.indices.shape[2] < u_run or selection.counts.shape[1] < u_run:
+        raise ValueError(f"selection: expected at least {u_run} tiles, got {selection.indices.shape[2]}; "
+                         "select again for this step")
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    bsz, hq, qlen, d = q.shape
+    dv = v.shape[-1]
+    g = hq // hkv
+    t_pad, block_g, num_hg = row_layout(g, tile, max(d, dv))
+    rows = block_g * t_pad
+    sc = d ** -0.5 if scale is None else float(scale)
+    idx = selection.indices if selection.indices.stride(-1) == 1 else selection.indices.contiguous()
+    counts = selection.counts.to(torch.int32)
+    if out is None:
+        out = torch.empty(bsz, hq, qlen, dv, dtype=q.dtype, device=q.device)
+    elif out.shape != (bsz, hq, qlen, dv) or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out: expected a [{bsz}, {hq}, {qlen}, {dv}] {q.dtype} tensor with a contiguous last dim, "
+                         f"got {tuple(out.shape)} {out.dtype} strides {out.stride()}")
+    for b, s in enumerate(starts):  # padding query rows are zeros
+        pad = qlen - min(qlen, k.shape[2] - s)
+        if pad > 0:
+            out[b, :, :pad].zero_()
+    cfg = dict(sparse_config(rows), **(config or {}))
+    grid = (u_run * num_hg, hkv, bsz)
+    _sparse_prefill_kernel[grid](
+        q, k, v, out, idx, counts, kv_t.to(torch.int32), hm,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        idx.stride(0), idx.stride(1), idx.stride(2),
+        counts.stride(0),
+        sc * LOG2E, u_run, qlen, k.shape[2],
+        G=g, TILE=tile, T_PAD=t_pad, BLOCK_G=block_g, NUM_HG=num_hg,
+        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
+        HEAD_DIM_V=dv, BLOCK_DV=max(16, triton.next_power_of_2(dv)),
+        UPCAST=UPCAST_DOT, **cfg,
+    )
+    return out

@@ -1,0 +1,244 @@
+"""Pooled post-softmax scores of prefill query tiles (the first half of anchor-layer prefill selection).
+
+For sequence b, KV head h and query tile t (queries at sequence positions [tT, (t+1)T)), the pooled
+score of key j < tT is
+
+    pooled[j] = sum over the G query heads g of group h and the tile's rows r present in q of
+                exp(q_{g,r} . k_j * scale - lse_{g,r}),    lse_{g,r} = log sum_{j' <= pos(r)} exp(q . k_j' * scale)
+
+i.e. each row is normalised by its own causal log-sum-exp over every key it sees (the diagonal
+block included), exactly as `kascade.reference.pooled_tile_scores`. One program handles one
+(tile, KV head, sequence) and stacks the G x T query rows into one matrix operand:
+
+    loop 1 (rows x keys, keys 0 .. end of the tile): running max and sum -> lse of every row
+    loop 2 (keys x rows, keys 0 .. tT):              exp2(s - lse) summed over the rows -> pooled
+
+Loop 2 puts the keys on the MMA's M side so that the sum over the G x T rows is a row reduction
+(inside a thread and a quad of lanes), not a reduction across warps. When G x T exceeds the rows
+one MMA tile holds (ROWS <= 128), the heads are processed in NUM_HG groups: the log-sum-exps go
+through a small scratch buffer and loop 2 adds the groups' sums.
+
+Tiles whose budget k(tT) covers all tT keys are skipped (they select every key). Memory: the
+pooled scores of a chunk of C local tiles, [B, Hkv, C, N] float32; the caller bounds C.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+# Triton's CPU interpreter multiplies bfloat16 matrices wrongly (it reads their raw bits), so under
+# TRITON_INTERPRET=1 the kernels upcast matrix operands to float32 first (exact for bf16/fp16 values).
+UPCAST_DOT = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ----------------------------------------------------------------------------------------------
+# inner pieces
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def mma(a, b, acc, UPCAST: tl.constexpr):
+    """tl.dot(a, b, acc), through float32 operands when UPCAST (the CPU interpreter)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _tile_geometry(KV_START, b, u, Q_LEN, N_CACHE, TILE: tl.constexpr):
+    """(cache offset s, sequence length n, first present position p0, absolute tile number t)."""
+    s = tl.load(KV_START + b).to(tl.int32)
+    n = N_CACHE - s
+    qv = tl.minimum(Q_LEN, n)
+    p0 = n - qv
+    t = p0 // TILE + u
+    return s, n, p0, t
+
+
+@triton.jit
+def _load_q_rows(Q, b, h, hg, t, n, p0, Q_LEN, sqb, sqh, sqm,
+                 G: tl.constexpr, TILE: tl.constexpr, T_PAD: tl.constexpr, BLOCK_G: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Stacked query rows [BLOCK_G * T_PAD, BLOCK_D] of head group hg (row r: head r // T_PAD, position r % T_PAD)
+    and their validity / positions."""
+    ROWS: tl.constexpr = BLOCK_G * T_PAD
+    r = tl.arange(0, ROWS)
+    g = hg * BLOCK_G + r // T_PAD
+    i = r % T_PAD
+    pos = t * TILE + i
+    ok = (i < TILE) & (g < G) & (pos >= p0) & (pos < n)
+    qrow = pos + (Q_LEN - n)
+    d = tl.arange(0, BLOCK_D)
+    off = (b.to(tl.int64) * sqb + (h * G + g).to(tl.int64) * sqh + qrow.to(tl.int64) * sqm)
+    q = tl.load(Q + off[:, None] + d[None, :], mask=ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+    return q, ok, pos
+
+
+@triton.jit
+def _row_lse(q, K_row0, skn, ok, pos, n_before, kend, qk_scale,
+             ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+             UPCAST: tl.constexpr):
+    """log2-sum-exp2 of every stacked row over its causal keys [0, pos]; +inf for rows not present."""
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    l = tl.zeros([ROWS], tl.float32)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d[None, :] < HEAD_DIM
+    n_full = (n_before // BLOCK_N) * BLOCK_N
+    # keys every row sees: no mask
+    for start in range(0, n_full, BLOCK_N):
+        kn = start + tl.arange(0, BLOCK_N)
+        kb = tl.load(K_row0 + kn.to(tl.int64)[:, None] * skn + d[None, :], mask=dmask, other=0.0)
+        sc = mma(q, tl.trans(kb), None, UPCAST) * qk_scale
+        m_new = tl.maximum(m, tl.max(sc, 1))
+        l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(sc - m_new[:, None]), 1)
+        m = m_new
+    # the last partial block before the tile and the diagonal block: causal mask
+    for start in range(n_full, kend, BLOCK_N):
+        kn = start + tl.arange(0, BLOCK_N)
+        kb = tl.load(K_row0 + kn.to(tl.int64)[:, None] * skn + d[None, :],
+                     mask=(kn[:, None] < kend) & dmask, other=0.0)
+        sc = mma(q, tl.trans(kb), None, UPCAST) * qk_scale
+        sc = tl.where((kn[None, :] <= pos[:, None]) & (kn[None, :] < kend), sc, float("-inf"))
+        m_new = tl.maximum(m, tl.max(sc, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(sc - m_safe[:, None]), 1)
+        m = m_new
+    lse = m + tl.log2(l)
+    return tl.where(ok, lse, float("inf"))
+
+
+# ----------------------------------------------------------------------------------------------
+# kernel
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _pool_kernel(
+    Q, K, KV_START, COUNTS, POOLED, LSE_BUF,
+    sqb, sqh, sqm,
+    skb, skh, skn,
+    spb, sph, spu,
+    slb, slh, slu,
+    scb,
+    qk_scale, u0, Q_LEN, N_CACHE,
+    G: tl.constexpr, TILE: tl.constexpr, T_PAD: tl.constexpr, BLOCK_G: tl.constexpr, NUM_HG: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """POOLED[b, h, uu, j] for j < tT of local tile u = u0 + uu (see the module docstring)."""
+    tl.static_assert(BLOCK_G * T_PAD <= 256)
+    tl.static_assert(T_PAD >= TILE)
+    ROWS: tl.constexpr = BLOCK_G * T_PAD
+    # the longest tiles of the chunk first; neighbouring programs share the KV head
+    uu = tl.num_programs(0) - 1 - tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    u = u0 + uu
+    s, n, p0, t = _tile_geometry(KV_START, b, u, Q_LEN, N_CACHE, TILE)
+    n_before = t * TILE
+    kk = tl.load(COUNTS + b * scb + u)
+    if (n_before < n) & (kk < n_before):
+        kend = tl.minimum(n_before + TILE, n)
+        K_row0 = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh + s.to(tl.int64) * skn
+        P_row = POOLED + b.to(tl.int64) * spb + h.to(tl.int64) * sph + uu.to(tl.int64) * spu
+        d = tl.arange(0, BLOCK_D)
+        dmask = d[None, :] < HEAD_DIM
+        if NUM_HG == 1:
+            q, ok, pos = _load_q_rows(Q, b, h, 0, t, n, p0, Q_LEN, sqb, sqh, sqm,
+                                      G, TILE, T_PAD, BLOCK_G, HEAD_DIM, BLOCK_D)
+            lse = _row_lse(q, K_row0, skn, ok, pos, n_before, kend, qk_scale, ROWS, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
+            for start in range(0, n_before, BLOCK_N):
+                kn = start + tl.arange(0, BLOCK_N)
+                kmask = kn < n_before
+                kb = tl.load(K_row0 + kn.to(tl.int64)[:, None] * skn + d[None, :],
+                             mask=kmask[:, None] & dmask, other=0.0)
+                st = mma(kb, tl.trans(q), None, UPCAST) * qk_scale  # [BLOCK_N keys, ROWS]
+                p = tl.exp2(st - lse[None, :])
+                tl.store(P_row + kn, tl.sum(p, 1), mask=kmask)
+        else:
+            L_row = LSE_BUF + b.to(tl.int64) * slb + h.to(tl.int64) * slh + uu.to(tl.int64) * slu
+            r = tl.arange(0, ROWS)
+            for hg in range(NUM_HG):
+                q, ok, pos = _load_q_rows(Q, b, h, hg, t, n, p0, Q_LEN, sqb, sqh, sqm,
+                                          G, TILE, T_PAD, BLOCK_G, HEAD_DIM, BLOCK_D)
+                lse = _row_lse(q, K_row0, skn, ok, pos, n_before, kend, qk_scale, ROWS, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
+                tl.store(L_row + hg * ROWS + r, lse)
+            tl.debug_barrier()
+            for start in range(0, n_before, BLOCK_N):
+                kn = start + tl.arange(0, BLOCK_N)
+                kmask = kn < n_before
+                kb = tl.load(K_row0 + kn.to(tl.int64)[:, None] * skn + d[None, :],
+                             mask=kmask[:, None] & dmask, other=0.0)
+                acc = tl.zeros([BLOCK_N], tl.float32)
+                for hg2 in tl.static_range(NUM_HG):
+                    qg, _ok, _pos = _load_q_rows(Q, b, h, hg2, t, n, p0, Q_LEN, sqb, sqh, sqm,
+                                                 G, TILE, T_PAD, BLOCK_G, HEAD_DIM, BLOCK_D)
+                    lse_g = tl.load(L_row + hg2 * ROWS + r)
+                    st = mma(kb, tl.trans(qg), None, UPCAST) * qk_scale
+                    acc += tl.sum(tl.exp2(st - lse_g[None, :]), 1)
+                tl.store(P_row + kn, acc, mask=kmask)
+
+
+# ----------------------------------------------------------------------------------------------
+# launcher
+# ----------------------------------------------------------------------------------------------
+
+
+def row_layout(g: int, tile: int, head_dim: int = 128):
+    """(T_PAD, BLOCK_G, NUM_HG): tile rows padded to a power of two >= 16, BLOCK_G heads (a power of two
+    not above G) stacked per matrix tile of at most 128 rows (64 for head dims above 128)."""
+    max_rows = 128 if head_dim <= 128 else 64
+    t_pad = max(16, triton.next_power_of_2(tile))
+    block_g = 1
+    while block_g * 2 <= g and block_g * 2 * t_pad <= max_rows:
+        block_g *= 2
+    return t_pad, block_g, triton.cdiv(g, block_g)
+
+
+def pool_config(g: int, tile: int, head_dim: int) -> dict:
+    """Launch parameters of _pool_kernel (checked for registers and shared memory on sm_90)."""
+    t_pad, block_g, num_hg = row_layout(g, tile, head_dim)
+    rows = block_g * t_pad
+    if num_hg > 1 or head_dim > 128:
+        return dict(BLOCK_N=64, num_warps=8 if rows >= 128 else 4, num_stages=2)
+    return dict(BLOCK_N=128 if rows >= 64 else 64, num_warps=8 if rows >= 128 else 4, num_stages=3)
+
+
+def pooled_scores_chunk(q, k, kv_start_i32, counts, pooled, lse_buf, u0: int, n_tiles: int, tile: int,
+                        scale: float, config: dict | None = None):
+    """Fill pooled[:, :, :n_tiles, :tT] for local tiles u0 .. u0 + n_tiles - 1 of every sequence.
+
+    q [B, Hq, Q, D], k [B, Hkv, N, D] (last dim contiguous), kv_start_i32 [B] int32, counts [B, U] int32
+    (the budget of each local tile), pooled [B, Hkv, C >= n_tiles, >= N] float32,
+    lse_buf [B, Hkv, C, NUM_HG * ROWS] float32 (only used when the heads do not fit one matrix tile).
+    config overrides pool_config (BLOCK_N, num_warps, num_stages).
+    """
+    bsz, hq, qlen, d = q.shape
+    hkv, n_cache = k.shape[1], k.shape[2]
+    g = hq // hkv
+    t_pad, block_g, num_hg = row_layout(g, tile, d)
+    cfg = dict(pool_config(g, tile, d), **(config or {}))
+    grid = (n_tiles, hkv, bsz)
+    _pool_kernel[grid](
+        q, k, kv_start_i32, counts, pooled, lse_buf,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        pooled.stride(0), pooled.stride(1), pooled.stride(2),
+        lse_buf.stride(0), lse_buf.stride(1), lse_buf.stride(2),
+        counts.stride(0),
+        float(scale) * LOG2E, u0, qlen, n_cache,
+        G=g, TILE=tile, T_PAD=t_pad, BLOCK_G=block_g, NUM_HG=num_hg,
+        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), UPCAST=UPCAST_DOT, **cfg,
+    )
+
+
+def lse_scratch(bsz: int, hkv: int, chunk: int, g: int, tile: int, head_dim: int, device) -> torch.Tensor:
+    """Scratch of the row log-sum-exps when the heads take several matrix tiles: [B, Hkv, C, NUM_HG * ROWS]."""
+    t_pad, block_g, num_hg = row_layout(g, tile, head_dim)
+    width = block_g * t_pad * num_hg if num_hg > 1 else 1
+    return torch.empty(bsz, hkv, chunk, width, dtype=torch.float32, device=device)
