@@ -116,12 +116,12 @@ SMALL = [  # (Hq, Hkv, D, dtype)
     (8, 2, 64, torch.bfloat16),  # G = 4
     (8, 1, 16, torch.float16),  # G = 8: 256 stacked rows, two head groups
 ]
-FULL = [
-    (32, 8, 128, torch.bfloat16),
-    (32, 8, 128, torch.float16),
-    (32, 32, 128, torch.bfloat16),
-    (16, 8, 64, torch.bfloat16),
-    (64, 8, 64, torch.bfloat16),
+FULL = [  # (Hq, Hkv, D, dtype, N); N > 4096 + 32 sends the last tiles through the sampled-threshold path
+    (32, 8, 128, torch.bfloat16, 8192),
+    (32, 8, 128, torch.float16, 6000),
+    (32, 32, 128, torch.bfloat16, 4500),
+    (16, 8, 64, torch.bfloat16, 6000),
+    (64, 8, 64, torch.bfloat16, 6000),
 ]
 
 
@@ -245,11 +245,10 @@ def test_topk_rows_bracket_fallback_and_ties(levels):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("Hq,Hkv,D,dtype", FULL)
-def test_select_and_sparse_full(Hq, Hkv, D, dtype):
-    # N = 8192: the last tiles pool 8160 keys, more than the select's CAP of 4096 (threshold path)
+@pytest.mark.parametrize("Hq,Hkv,D,dtype,N", FULL)
+def test_select_and_sparse_full(Hq, Hkv, D, dtype, N):
     head_map = torch.randperm(Hkv, generator=torch.Generator().manual_seed(1)).tolist()
-    _select_and_attend(Hq, Hkv, D, dtype, B=1, Q=8192, N=8192, rho=0.1, k_min=128, tile=32, head_map=head_map)
+    _select_and_attend(Hq, Hkv, D, dtype, B=1, Q=N, N=N, rho=0.1, k_min=128, tile=32, head_map=head_map)
 
 
 @gpu
