@@ -45,12 +45,13 @@ from kascade.reference import Selection
 LOG2E = 1.4426950408889634
 
 # Launch settings; benchmarks/decode.py may override them for a sweep.
+# per_sm: programs per SM that the split count aims at (splits are powers of two).
 CONFIG = {
-    "logits": dict(BLOCK_N=64, num_warps=4, num_stages=3),
+    "logits": dict(BLOCK_N=64, num_warps=4, num_stages=3, per_sm=4),
+    "select": dict(per_sm=4),  # pool + radix kernels: chunks per row
     "pool": dict(BLOCK=512, num_warps=8),
-    "sparse": dict(BLOCK_K=64, num_warps=4, num_stages=2),
+    "sparse": dict(BLOCK_K=64, num_warps=4, num_stages=2, per_sm=4),
     "combine": dict(num_warps=4),
-    "programs_per_sm": 4,
 }
 
 
@@ -63,10 +64,13 @@ def _pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
-def _splits(rows: int, units: int, device) -> int:
-    """Splits per row so that rows * splits is about programs_per_sm programs per SM (a power of 2)."""
-    want = _pow2(triton.cdiv(CONFIG["programs_per_sm"] * ts.num_sms(device), max(1, rows)))
-    return max(1, min(want, 256, _pow2(max(1, units))))
+def _splits(rows: int, device, per_sm: int) -> int:
+    """Splits per row so that rows * splits is about per_sm programs per SM (a power of 2).
+
+    Independent of the sequence length, so a new length compiles nothing; splits (and chunks)
+    beyond a short sequence's work are empty programs that return at once.
+    """
+    return max(1, min(256, _pow2(triton.cdiv(per_sm * ts.num_sms(device), max(1, rows)))))
 
 
 def _f32_parts(x: float):
@@ -98,8 +102,10 @@ def _budget(n, RHO_A, RHO_B, RHO_C, GUARD_A, GUARD_B, GUARD_C, K_MIN):
 def _dot(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     """tl.dot; UPCAST (CPU interpreter with bf16, whose bf16 dot is wrong) multiplies in float32."""
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=DOT_PREC)
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        r = tl.dot(a, b, input_precision=DOT_PREC)
+    return r
 
 
 @triton.jit(do_not_specialize=["N", "K_MIN"])
@@ -270,18 +276,22 @@ def _decode_sparse_kernel(Q, K, V, LG, IDX, CNT, HMAP, OP, MP, LP,
 
 @triton.jit
 def _decode_combine_kernel(OP, MP, LP, OUT, sob, soh, HQ,
-                           DV: tl.constexpr, DVP: tl.constexpr, NSPLIT: tl.constexpr):
+                           DV: tl.constexpr, DVP: tl.constexpr, NSPLIT: tl.constexpr, SBLOCK: tl.constexpr):
     """out[b, hq] = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s (empty splits have m_s = -inf)."""
     i = tl.program_id(0)
     b = i // HQ
     hq = i % HQ
-    sp = tl.arange(0, NSPLIT)
     dv = tl.arange(0, DVP)
-    m = tl.load(MP + i * NSPLIT + sp)
-    l = tl.load(LP + i * NSPLIT + sp)
-    w = tl.exp2(m - tl.max(m, 0))
-    o = tl.load(OP + (i * NSPLIT + sp)[:, None] * DVP + dv[None, :])
-    res = tl.sum(o * w[:, None], 0) / tl.sum(l * w, 0)
+    mx = tl.max(tl.load(MP + i * NSPLIT + tl.arange(0, NSPLIT)), 0)
+    num = tl.zeros([DVP], tl.float32)
+    den = tl.zeros([SBLOCK], tl.float32)
+    for s0 in range(0, NSPLIT, SBLOCK):
+        sp = s0 + tl.arange(0, SBLOCK)
+        w = tl.exp2(tl.load(MP + i * NSPLIT + sp) - mx)
+        den += tl.load(LP + i * NSPLIT + sp) * w
+        o = tl.load(OP + (i * NSPLIT + sp)[:, None] * DVP + dv[None, :])
+        num += tl.sum(o * w[:, None], 0)
+    res = num / tl.sum(den, 0)
     tl.store(OUT + b.to(tl.int64) * sob + hq * soh + dv, res.to(OUT.dtype.element_ty), mask=dv < DV)
 
 
@@ -331,7 +341,7 @@ def _kv_start(kv_start, q, k):
 def _combine(op, mp, lp, out, dims, nsplit):
     _decode_combine_kernel[(dims["B"] * dims["HQ"],)](
         op, mp, lp, out, out.stride(0), out.stride(1), dims["HQ"],
-        DV=dims["DV"], DVP=dims["DVP"], NSPLIT=nsplit, **CONFIG["combine"])
+        DV=dims["DV"], DVP=dims["DVP"], NSPLIT=nsplit, SBLOCK=min(nsplit, 32), **CONFIG["combine"])
     return out
 
 
@@ -352,11 +362,11 @@ def _anchor_pass(q, k, v, rho, k_min, tile, kv_start, scale, output):
     B, HQ, HKV, N = dm["B"], dm["HQ"], dm["HKV"], dm["N"]
     R = B * HKV
     dev = q.device
-    kmax = max(1, budget(N, rho, k_min))
+    kmax = triton.cdiv(max(1, budget(N, rho, k_min)), 16) * 16  # padded: strides keep their alignment class
     ln = triton.cdiv(N, 16) * 16
     cl = CONFIG["logits"]
-    s1 = _splits(R, triton.cdiv(N, cl["BLOCK_N"]), dev)
-    nchunk, chunk = ts.plan_chunks(R, N, dev, CONFIG["programs_per_sm"])
+    s1 = _splits(R, dev, cl["per_sm"])
+    nchunk, chunk = ts.plan_chunks(R, N, dev, CONFIG["select"]["per_sm"])
     lg = torch.empty(B * HQ, ln, dtype=torch.float32, device=dev)
     mp = torch.empty(B * HQ, s1, dtype=torch.float32, device=dev)
     lp = torch.empty_like(mp)
@@ -369,13 +379,16 @@ def _anchor_pass(q, k, v, rho, k_min, tile, kv_start, scale, output):
     ra, rb, rc = _f32_parts(float(rho))
     ga, gb, gc = _f32_parts(_GUARD)
     vv = v if v is not None else k
+    stages = cl["num_stages"]
+    per_stage = cl["BLOCK_N"] * (dm["DP"] + (dm["DVP"] if dense else 0)) * q.element_size()
+    stages = max(1, min(stages, (160 * 1024) // per_stage))  # K (and V) tiles in shared memory
     _decode_logits_kernel[(R, s1)](
         q, k, vv, lg, mp, lp, op, start if start is not None else start32, start32, counts, first_tile, ws.hist,
         N, ln, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), vv.stride(0), vv.stride(1),
         vv.stride(2), _scale_log2(q, scale), HKV, ra, rb, rc, ga, gb, gc, k_min,
         G=dm["G"], GPAD=dm["GPAD"], D=dm["D"], DP=dm["DP"], DV=dm["DV"], DVP=dm["DVP"], NSPLIT=s1,
         BLOCK_N=cl["BLOCK_N"], HAS_START=start is not None, DENSE_OUT=dense, DOT_PREC=_dot_prec(q), UPCAST=_upcast(q),
-        num_warps=cl["num_warps"], num_stages=cl["num_stages"])
+        num_warps=cl["num_warps"], num_stages=stages)
     scores = torch.empty(R, ln, dtype=torch.float32, device=dev)
     cp = CONFIG["pool"]
     _decode_pool_kernel[(R, nchunk)](
@@ -397,7 +410,7 @@ def _sparse(q, k, v, idx, idx_strides, counts, head_map, scale, out, dm, kmax, l
     R = B * HKV
     dev = q.device
     cs = CONFIG["sparse"]
-    s2 = _splits(R, triton.cdiv(kmax, cs["BLOCK_K"]), dev)
+    s2 = _splits(R, dev, cs["per_sm"])
     op = torch.empty(B * HQ, s2, dm["DVP"], dtype=torch.float32, device=dev)
     mp = torch.empty(B * HQ, s2, dtype=torch.float32, device=dev)
     lp = torch.empty_like(mp)
@@ -408,7 +421,8 @@ def _sparse(q, k, v, idx, idx_strides, counts, head_map, scale, out, dm, kmax, l
         idx_strides[0], idx_strides[1], idx_strides[2], counts.stride(0), _scale_log2(q, scale), HKV,
         G=dm["G"], GPAD=dm["GPAD"], D=dm["D"], DP=dm["DP"], DV=dm["DV"], DVP=dm["DVP"], NSPLIT=s2,
         BLOCK_K=cs["BLOCK_K"], FROM_LOGITS=logits is not None, HAS_MAP=head_map is not None,
-        DOT_PREC=_dot_prec(q), UPCAST=_upcast(q), num_warps=cs["num_warps"], num_stages=cs["num_stages"])
+        DOT_PREC=_dot_prec(q), UPCAST=_upcast(q), num_warps=cs["num_warps"],
+        num_stages=cs["num_stages"])
     return _combine(op, mp, lp, out, dm, s2)
 
 
@@ -421,7 +435,8 @@ def select(q, k, rho: float = 0.1, k_min: int = 128, tile: int = 32, kv_start=No
     """Decode top-k selection, as kascade.reference.select for Q == 1.
 
     Returns a Selection with indices [B, Hkv, 1, Kmax] int32 where Kmax = k(N) (the budget of the
-    longest possible sequence, so the shape depends on N only); counts [B, 1] = k(n_b). Valid slots
+    longest possible sequence) rounded up to a multiple of 16, so the shape depends on N only;
+    counts [B, 1] = k(n_b). Valid slots
     hold the positions above the k-th pooled score in ascending order, then the ties at it in
     ascending order; slots from counts on hold -1.
     """

@@ -195,9 +195,12 @@ def _pow2_at_least(x: int) -> int:
 
 
 def plan_chunks(rows: int, n: int, device, per_sm: int = 4, block: int = BLOCK_SEL):
-    """(number of chunks per row, chunk length): about per_sm programs per SM, chunks of whole blocks."""
-    want = _pow2_at_least(triton.cdiv(per_sm * num_sms(device), max(1, rows)))
-    nchunk = max(1, min(want, 64, _pow2_at_least(triton.cdiv(n, block))))
+    """(number of chunks per row, chunk length): about per_sm programs per SM, chunks of whole blocks.
+
+    The number of chunks depends on the rows only (it is a compile-time constant of the kernels);
+    chunks past a short row are empty programs.
+    """
+    nchunk = max(1, min(64, _pow2_at_least(triton.cdiv(per_sm * num_sms(device), max(1, rows)))))
     chunk = triton.cdiv(triton.cdiv(n, nchunk), block) * block
     return nchunk, chunk
 
