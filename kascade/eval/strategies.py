@@ -1,0 +1,238 @@
+"""The strategies the accuracy harness compares, all at the same budget (rho, k_min), selectable by name.
+
+    strategy = make_strategy("quest", plan, model.config, rho=0.1, k_min=128)
+    with kascade.enable(model, strategy=strategy):
+        ...
+
+Every sparse strategy attends through `kascade.ops` (the reference, or the GPU kernels when the tensors
+are on CUDA), to sets of keys held in `kascade.reference.Selection` objects; none has attention code
+of its own. Budget, for every strategy and both phases, as in Kascade (SPEC.md):
+
+- decode: a query that sees n keys attends to k(n) = min(n, max(k_min, floor(rho n))) keys;
+- prefill: queries are cut into tiles of T = plan.tile (32) positions; tile t attends to k(tT) keys
+  chosen among the keys before the tile, plus its own diagonal block, causally;
+- layer 0 is dense for every strategy (Kascade's rule; Quest and OmniKV also keep their first layers
+  dense), and sequences of at most k_min keys are dense (the budget is then every key anyway).
+
+Strategies (`STRATEGIES`):
+
+    dense             full attention everywhere (the reference score)
+    oracle            every layer is an anchor: its own pooled top-k per KV head (upper bound of
+                      head-aware top-k selection)
+    kascade           the calibrated plan: anchors select per KV head, the other layers reuse the
+                      selection of their anchor through the plan's head map
+    kascade-agnostic  the plan's anchors, but one set per tile shared by all KV heads: post-softmax
+                      probabilities summed over ALL query heads, the set broadcast to every KV head
+    kascade-no-remap  the plan with the identity head map
+    uniform           as many anchors as the plan, evenly spaced (plan.uniform_anchors), identity map
+    streamingllm      the first 4 keys (attention sinks) and the most recent ones, k(n) in all
+    quest             pages of 16 keys; per query, pages are ranked by the upper bound of q.k from the
+                      per-page, per-dimension key min/max; at KV-head granularity the bounds are turned
+                      into softmax weights over pages and summed over the group's query heads (and the
+                      tile's queries); best pages are taken until k(n) keys; each layer selects for itself
+    omnikv            filter layers (the plan's anchors) attend densely and choose one token set for all
+                      heads (per query head the post-softmax probabilities, summed over the tile's
+                      queries; then the maximum over heads); the layers up to the next filter layer
+                      reuse it. As in OmniKV, the filter layers themselves are dense.
+
+Each strategy records which keys each layer attended in the current forward: `attended(layer)` gives
+(Selection, head_map) or None for a dense layer; `kascade.eval.coverage` reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from kascade import ops
+from kascade.budget import check_budget
+from kascade.eval import selectors
+from kascade.plan import Plan, model_fingerprint, uniform_anchors
+from kascade.strategy import KascadeStrategy, Strategy
+
+STRATEGIES = ("dense", "oracle", "kascade", "kascade-agnostic", "kascade-no-remap", "uniform", "streamingllm",
+              "quest", "omnikv")
+NEEDS_PLAN = ("kascade", "kascade-agnostic", "kascade-no-remap", "uniform", "omnikv")
+SINKS = 4
+QUEST_PAGE = 16
+_USED = "attended"
+
+
+class _Recording:
+    """Mixin: `attended(layer)` after the layer ran in this forward."""
+
+    def attended(self, layer: int):
+        return self.state.get((_USED, layer))
+
+    def _record(self, layer: int, used) -> None:
+        self.state[(_USED, layer)] = used
+
+
+class DenseStrategy(_Recording, Strategy):
+    name = "dense"
+
+    def attend(self, layer, q, k, v, kv_start, scale):
+        self._record(layer, None)
+        return super().attend(layer, q, k, v, kv_start, scale)
+
+
+class PlanStrategy(_Recording, KascadeStrategy):
+    """Kascade with a given plan (kascade, kascade-no-remap, uniform, oracle)."""
+
+    def __init__(self, name: str, plan: Plan, backend: str = "auto"):
+        super().__init__(plan, backend=backend)
+        self.name = name
+
+    def attend(self, layer, q, k, v, kv_start, scale):
+        out = super().attend(layer, q, k, v, kv_start, scale)
+        p = self.plan
+        if layer == 0 or k.shape[2] <= p.k_min:
+            self._record(layer, None)
+        else:
+            self._record(layer, (self.state[p.anchor_of(layer)], p.kv_head_map(layer, k.shape[1])))
+        return out
+
+
+class _SparseStrategy(_Recording, Strategy):
+    """Common parts of the baselines below: budget, tile, and the dense cases."""
+
+    def __init__(self, name: str, rho: float, k_min: int, tile: int, num_layers: int | None, backend: str):
+        super().__init__(backend)
+        check_budget(rho, k_min)
+        self.name, self.rho, self.k_min, self.tile, self.num_layers = name, rho, k_min, tile, num_layers
+
+    def validate(self, model_config) -> None:
+        n = model_fingerprint(model_config)["num_layers"]
+        if self.num_layers is not None and self.num_layers != n:
+            raise ValueError(f"strategy {self.name}: made for {self.num_layers} layers, the model has {n}; "
+                             "build it with this model's config")
+
+    def _dense(self, layer, q, k, v, kv_start, scale):
+        self._record(layer, None)
+        return ops.dense(q, k, v, kv_start=kv_start, scale=scale, backend=self.backend)
+
+    def _reuse(self, layer, q, k, v, sel, head_map, kv_start, scale):
+        self._record(layer, (sel, head_map))
+        return ops.reuse(q, k, v, sel, head_map, kv_start=kv_start, scale=scale, backend=self.backend)
+
+
+class SharedSetStrategy(_SparseStrategy):
+    """Anchors choose one key set per tile for all KV heads; the layers after an anchor reuse it.
+
+    pool="sum" with sparse anchors is the head-agnostic Kascade ablation; pool="max" with dense
+    anchors is OmniKV (see the module docstring)."""
+
+    def __init__(self, name, anchors, rho, k_min, tile, pool="sum", dense_anchor_output=False, num_layers=None,
+                 backend="auto"):
+        super().__init__(name, rho, k_min, tile, num_layers, backend)
+        self.anchors, self.pool, self.dense_anchor_output = sorted(anchors), pool, dense_anchor_output
+        if not self.anchors or self.anchors[0] != 0:
+            raise ValueError(f"anchors: expected a list starting with layer 0, got {anchors}")
+
+    def attend(self, layer, q, k, v, kv_start, scale):
+        if k.shape[2] <= self.k_min:
+            return self._dense(layer, q, k, v, kv_start, scale)
+        if layer in self.anchors:
+            needed = layer != 0 or len(self.anchors) == 1 or self.anchors[1] > 1
+            if needed:
+                self.state[layer] = selectors.pooled_selection(q, k, self.rho, self.k_min, self.tile, kv_start=kv_start,
+                                                               scale=scale, pool=self.pool)
+            if layer == 0 or self.dense_anchor_output:
+                return self._dense(layer, q, k, v, kv_start, scale)
+            return self._reuse(layer, q, k, v, self.state[layer], None, kv_start, scale)
+        anchor = max(a for a in self.anchors if a < layer)
+        if anchor not in self.state:
+            raise RuntimeError(f"layer {layer} reuses filter layer {anchor}, which did not run in this forward")
+        return self._reuse(layer, q, k, v, self.state[anchor], None, kv_start, scale)
+
+
+class StreamingStrategy(_SparseStrategy):
+    """StreamingLLM: `sinks` first keys and a recent window, k(n) keys in all, in every layer but 0."""
+
+    def __init__(self, rho, k_min, tile, sinks=SINKS, num_layers=None, backend="auto"):
+        super().__init__("streamingllm", rho, k_min, tile, num_layers, backend)
+        self.sinks = sinks
+
+    def attend(self, layer, q, k, v, kv_start, scale):
+        if layer == 0 or k.shape[2] <= self.k_min:
+            return self._dense(layer, q, k, v, kv_start, scale)
+        if "window" not in self.state:  # the same for every layer of this forward
+            self.state["window"] = selectors.window_selection(q, k, self.rho, self.k_min, self.tile,
+                                                              kv_start=kv_start, sinks=self.sinks)
+        return self._reuse(layer, q, k, v, self.state["window"], None, kv_start, scale)
+
+
+class QuestStrategy(_SparseStrategy):
+    """Quest page selection in every layer but 0 (see the module docstring)."""
+
+    def __init__(self, rho, k_min, tile, page=QUEST_PAGE, num_layers=None, backend="auto"):
+        super().__init__("quest", rho, k_min, tile, num_layers, backend)
+        self.page = page
+
+    def attend(self, layer, q, k, v, kv_start, scale):
+        if layer == 0 or k.shape[2] <= self.k_min:
+            return self._dense(layer, q, k, v, kv_start, scale)
+        sel = selectors.page_selection(q, k, self.rho, self.k_min, self.tile, kv_start=kv_start, scale=scale,
+                                       page=self.page)
+        return self._reuse(layer, q, k, v, sel, None, kv_start, scale)
+
+
+def canonical_strategy(name: str) -> str:
+    if name not in STRATEGIES:
+        raise ValueError(f"strategy: unknown strategy {name!r}; expected one of {', '.join(STRATEGIES)}")
+    return name
+
+
+def make_strategy(name: str, plan: Plan | None, model_config, rho: float, k_min: int, backend: str = "auto",
+                  tile: int | None = None) -> Strategy:
+    """The strategy `name` at budget (rho, k_min) for the model of `model_config`.
+
+    plan: the calibrated plan (needed by kascade, kascade-agnostic, kascade-no-remap, uniform, omnikv);
+    its rho and k_min are replaced by the arguments. tile: the prefill tile (default: the plan's, else 32).
+    """
+    canonical_strategy(name)
+    ops.check_backend(backend)
+    if name in NEEDS_PLAN and plan is None:
+        raise ValueError(f"plan: strategy {name!r} needs a calibrated plan (--plan plan.json, from `kascade calibrate`)")
+    if plan is not None:
+        plan.validate(model_config)
+    tile = tile if tile is not None else (plan.tile if plan is not None else 32)
+    num_layers = model_fingerprint(model_config)["num_layers"]
+    if name == "dense":
+        return DenseStrategy(backend)
+    check_budget(rho, k_min)
+    if name == "oracle":
+        return PlanStrategy(name, Plan.for_model(model_config, range(num_layers), rho=rho, k_min=k_min, tile=tile),
+                            backend)
+    if name == "streamingllm":
+        return StreamingStrategy(rho, k_min, tile, num_layers=num_layers, backend=backend)
+    if name == "quest":
+        return QuestStrategy(rho, k_min, tile, num_layers=num_layers, backend=backend)
+    budgeted = dataclasses.replace(plan, rho=rho, k_min=k_min, tile=tile)
+    if name == "kascade":
+        return PlanStrategy(name, budgeted, backend)
+    if name == "kascade-no-remap":
+        return PlanStrategy(name, dataclasses.replace(budgeted, head_map=None), backend)
+    if name == "uniform":
+        anchors = uniform_anchors(num_layers, len(plan.anchors))
+        return PlanStrategy(name, dataclasses.replace(budgeted, anchors=anchors, head_map=None), backend)
+    if name == "kascade-agnostic":
+        return SharedSetStrategy(name, plan.anchors, rho, k_min, tile, pool="sum", num_layers=num_layers,
+                                 backend=backend)
+    return SharedSetStrategy(name, plan.anchors, rho, k_min, tile, pool="max", dense_anchor_output=True,
+                             num_layers=num_layers, backend=backend)
+
+
+def attended(strategy: Strategy, layer: int):
+    """(Selection, head_map) that `layer` attended in the strategy's current forward, or None (dense)."""
+    if isinstance(strategy, _Recording):
+        return strategy.attended(layer)
+    raise ValueError(f"strategy: {type(strategy).__name__} does not record its selections; use make_strategy")
+
+
+def head_map_tensor(head_map, num_kv_heads: int, device) -> torch.Tensor:
+    """head_map (list, tensor or None = identity) as an int64 tensor [Hkv]."""
+    if head_map is None:
+        return torch.arange(num_kv_heads, device=device)
+    return torch.as_tensor(head_map, device=device, dtype=torch.int64)
