@@ -1,0 +1,334 @@
+"""`kascade eval`: accuracy of attention strategies on generated long-context tasks, dense beside each.
+
+    kascade eval models/kascade-tiny --plan plans/kascade-tiny.json --tasks niah_single,vt,kv,copy \\
+        --lengths 2048,4096 --budgets 0.05,0.1,0.2 --strategies kascade,oracle,quest --samples 10 --out results/
+
+For every task, length and sample (seeds 0..samples-1, the evaluation range), the prompt is generated
+at exactly that many tokens with the model's tokenizer; each strategy at each budget (and dense, once)
+continues it greedily, and the continuation is scored (`kascade.eval.tasks.score`). Writes, in --out:
+
+    results.jsonl          one line per (task, length, budget, strategy, sample), appended as each finishes
+    run.json               what the results depend on (model, plan, k_min, max new tokens, data)
+    summary.md / .json     mean score (%) per strategy x (task, length), one table per budget, dense first
+    accuracy_vs_budget.png mean score against budget, per strategy (dense as a line)
+    coverage.png / .json   attention-mass coverage per layer of each strategy on the first prompt
+
+A rerun with the same --out skips the keys already in results.jsonl (resume after an interruption, or
+add samples, tasks, lengths, budgets or strategies); a different model, plan or setting is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+DEFAULT_TASKS = "niah_single,niah_multikey,vt,kv,copy"
+DEFAULT_BUDGETS = "0.05,0.1,0.2"
+DEFAULT_MAX_NEW = 128
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `kascade eval` (see the module docstring)."""
+    from kascade.eval.strategies import STRATEGIES
+    from kascade.eval.tasks import TASKS
+
+    parser.add_argument("model_dir", help="local HF model directory (config, weights, tokenizer)")
+    parser.add_argument("--plan", help="plan JSON from `kascade calibrate` (needed by kascade, kascade-agnostic, "
+                        "kascade-no-remap, uniform, omnikv)")
+    parser.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma-separated, from: {', '.join(TASKS)} "
+                        f"(default {DEFAULT_TASKS})")
+    parser.add_argument("--lengths", default="4096", help="prompt lengths in tokens, comma-separated (default 4096)")
+    parser.add_argument("--budgets", default=DEFAULT_BUDGETS, help=f"top-k fractions rho (default {DEFAULT_BUDGETS})")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES),
+                        help="comma-separated, from: " + ", ".join(STRATEGIES) + " (default all; dense always runs)")
+    parser.add_argument("--samples", type=int, default=10, help="samples per task and length (default 10)")
+    parser.add_argument("--out", required=True, help="output folder (results.jsonl, summary.md, plots)")
+    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW,
+                        help=f"tokens generated for copy/sequence, and the cap of every task (default {DEFAULT_MAX_NEW})")
+    parser.add_argument("--k-min", type=int, default=None, help="minimum keys per query (default: the plan's, else 128)")
+    parser.add_argument("--haystack", default="filler", choices=["filler", "essay"],
+                        help="haystack of the needle and variable-tracking tasks (default filler)")
+    parser.add_argument("--data", default=None, help="long text for essay haystacks and copy passages "
+                        "(default data/heldout.txt of the repository)")
+    parser.add_argument("--backend", default="auto", choices=["auto", "reference", "triton"])
+    parser.add_argument("--no-coverage", action="store_true", help="skip the attention-mass coverage plot")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads of torch (default: torch's choice)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
+
+
+# ----------------------------------------------------------------------------------------------
+# arguments
+# ----------------------------------------------------------------------------------------------
+
+
+def _split(text: str, what: str) -> list[str]:
+    items = [x.strip() for x in str(text).split(",") if x.strip()]
+    if not items:
+        raise ValueError(f"--{what}: expected a comma-separated list, got {text!r}")
+    return list(dict.fromkeys(items))
+
+
+def _ints(text, what):
+    try:
+        vals = [int(x) for x in _split(text, what)]
+    except ValueError:
+        raise ValueError(f"--{what}: expected comma-separated integers, got {text!r}") from None
+    if any(v < 1 for v in vals):
+        raise ValueError(f"--{what}: expected positive integers, got {text!r}")
+    return vals
+
+
+def _budgets(text):
+    try:
+        vals = [float(x) for x in _split(text, "budgets")]
+    except ValueError:
+        raise ValueError(f"--budgets: expected comma-separated fractions like 0.05,0.1, got {text!r}") from None
+    bad = [v for v in vals if not 0.0 < v <= 1.0]
+    if bad:
+        raise ValueError(f"--budgets: expected fractions in (0, 1], got {bad}")
+    return vals
+
+
+def _default_data() -> Path:
+    return Path(__file__).resolve().parents[2] / "data" / "heldout.txt"
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+class _Setup:
+    """Everything checked before the model is loaded."""
+
+    def __init__(self, args):
+        from kascade.eval.strategies import NEEDS_PLAN, canonical_strategy
+        from kascade.eval.tasks import canonical_task
+        from kascade.models import check_model_dir
+        from kascade.plan import Plan
+
+        self.tasks = [canonical_task(t) for t in _split(args.tasks, "tasks")]
+        self.strategies = ["dense"] + [s for s in (canonical_strategy(x) for x in _split(args.strategies, "strategies"))
+                                       if s != "dense"]
+        self.lengths = _ints(args.lengths, "lengths")
+        self.budgets = _budgets(args.budgets)
+        if isinstance(args.samples, bool) or not isinstance(args.samples, int) or not 1 <= args.samples <= 1_000_000:
+            raise ValueError(f"--samples: expected 1..1000000 (evaluation seeds are 0..samples-1), got {args.samples!r}")
+        if args.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens: expected >= 1, got {args.max_new_tokens}")
+        self.model_dir = check_model_dir(args.model_dir)
+        self.plan, self.plan_path = None, None
+        if args.plan:
+            self.plan_path = Path(args.plan)
+            self.plan = Plan.load(self.plan_path)
+        need = [s for s in self.strategies if s in NEEDS_PLAN]
+        if need and self.plan is None:
+            raise ValueError(f"--plan: strategies {need} need a calibrated plan; pass --plan plan.json (from "
+                             "`kascade calibrate`) or leave them out of --strategies")
+        self.k_min = args.k_min if args.k_min is not None else (self.plan.k_min if self.plan else 128)
+        if self.k_min < 1:
+            raise ValueError(f"--k-min: expected >= 1, got {self.k_min}")
+        self.text, self.data_path = None, None
+        if "copy" in self.tasks or args.haystack == "essay":
+            self.data_path = Path(args.data) if args.data else _default_data()
+            if not self.data_path.is_file():
+                raise ValueError(f"--data: no file at {self.data_path}; copy and essay haystacks need a long text "
+                                 "file (pass --data FILE)")
+            self.text = self.data_path.read_text(encoding="utf-8", errors="replace")
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(self.model_dir, local_files_only=True)
+        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        max_pos = getattr(cfg, "max_position_embeddings", None)
+        if max_pos is not None:
+            too_long = [n for n in self.lengths if n + args.max_new_tokens > max_pos]
+            if too_long:
+                raise ValueError(f"--lengths: {too_long} plus --max-new-tokens {args.max_new_tokens} exceed the model's "
+                                 f"max_position_embeddings {max_pos}; use lengths <= {max_pos - args.max_new_tokens}")
+        self.out = Path(args.out)
+        self.identity = {
+            "model_dir": str(self.model_dir.resolve()),
+            "model_config": _sha(self.model_dir / "config.json"),
+            "plan": _sha(self.plan_path) if self.plan_path else None,
+            "k_min": self.k_min, "max_new_tokens": args.max_new_tokens, "haystack": args.haystack,
+            "data": _sha(self.data_path) if self.data_path else None,
+            "device": args.device, "dtype": args.dtype, "backend": args.backend,
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# results file
+# ----------------------------------------------------------------------------------------------
+
+
+def _key(row) -> tuple:
+    return (row["task"], int(row["length"]), row["budget"], row["strategy"], int(row["sample"]))
+
+
+def read_results(path: Path) -> list[dict]:
+    """Rows of results.jsonl; a torn last line (interrupted write) is dropped from the file."""
+    if not path.is_file():
+        return []
+    rows, good = [], 0
+    with path.open("rb") as f:
+        data = f.read()
+    lines = data.split(b"\n")
+    for i, line in enumerate(lines):
+        if not line.strip():
+            good += len(line) + 1
+            continue
+        try:
+            rows.append(json.loads(line))
+            good += len(line) + 1
+        except json.JSONDecodeError:
+            if i >= len(lines) - 2:  # only the last line can be torn
+                with path.open("r+b") as f:
+                    f.truncate(min(good, len(data)))
+                break
+            raise ValueError(f"{path}: line {i + 1} is not valid JSON; fix or remove it") from None
+    return rows
+
+
+def _append(path: Path, row: dict) -> None:
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _check_identity(out: Path, identity: dict) -> None:
+    path = out / "run.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = {k: (old.get(k), v) for k, v in identity.items() if old.get(k) != v}
+        if diff:
+            detail = "; ".join(f"{k}: {a!r} before, {b!r} now" for k, (a, b) in diff.items())
+            raise ValueError(f"--out: {out} holds results of another setting ({detail}); use a new --out folder")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(identity, indent=1) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# run
+# ----------------------------------------------------------------------------------------------
+
+
+def _jobs(setup: _Setup, samples: int) -> list[tuple]:
+    jobs = []
+    for task in setup.tasks:
+        for length in setup.lengths:
+            for i in range(samples):
+                for strategy in setup.strategies:
+                    for budget in ([None] if strategy == "dense" else setup.budgets):
+                        jobs.append((task, length, budget, strategy, i))
+    return jobs
+
+
+def _run_one(model, tok, sample, ids, strategy, args):
+    import torch
+
+    import kascade
+    from kascade.eval import tasks as TK
+    from kascade.eval.generation import greedy
+
+    n_new = TK.max_new_tokens(sample, tok, args.max_new_tokens)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        if strategy is None:
+            out = greedy(model, ids, n_new, [tok.eos_token_id])
+        else:
+            with kascade.enable(model, strategy=strategy):
+                out = greedy(model, ids, n_new, [tok.eos_token_id])
+    seconds = time.perf_counter() - t0
+    text = tok.decode(out, skip_special_tokens=True)
+    sc = TK.score(sample, text, generated_ids=out, tokenizer=tok, n_expected=n_new)
+    return sc, text, len(out), seconds
+
+
+def run(args) -> int:
+    """Run the evaluation described by `args` (from `add_arguments`); returns 0."""
+    import torch
+    from tqdm import tqdm
+
+    from kascade.eval import tasks as TK
+    from kascade.eval.strategies import make_strategy
+    from kascade.models import load_model
+
+    setup = _Setup(args)
+    _check_identity(setup.out, setup.identity)
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    results_path = setup.out / "results.jsonl"
+    done = {_key(r) for r in read_results(results_path)}
+    jobs = _jobs(setup, args.samples)
+    todo = [j for j in jobs if j not in done]
+
+    model = tok = None
+    samples: dict = {}
+
+    def sample_of(task, length, i):
+        if (task, length, i) not in samples:
+            samples.clear()  # one prompt at a time: they can be long
+            samples[task, length, i] = TK.make_task(task, length, tok, i, haystack=args.haystack, text=setup.text)
+        return samples[task, length, i]
+
+    if todo or not (setup.out / "coverage.json").is_file():
+        model, tok = load_model(setup.model_dir, args.device, args.dtype)
+        for task in setup.tasks:  # fail early on a length a task cannot reach
+            for length in setup.lengths:
+                sample_of(task, length, 0)
+    device = next(model.parameters()).device if model is not None else None
+    bar = tqdm(total=len(todo), desc="kascade eval", unit="run", dynamic_ncols=True, disable=not todo)
+    for task, length, budget, strategy_name, i in todo:
+        sample = sample_of(task, length, i)
+        ids = torch.tensor([tok(sample.prompt).input_ids], device=device)
+        strategy = None if strategy_name == "dense" else make_strategy(
+            strategy_name, setup.plan, model.config, budget, setup.k_min, backend=args.backend)
+        bar.set_postfix_str(f"{task}@{length} {strategy_name} {budget if budget is not None else ''} #{i}")
+        sc, text, n_out, seconds = _run_one(model, tok, sample, ids, strategy, args)
+        _append(results_path, {
+            "task": task, "length": length, "budget": budget, "strategy": strategy_name, "sample": i, "seed": i,
+            "score": sc, "prediction": text[:400], "target": sample.target[:400], "new_tokens": n_out,
+            "seconds": round(seconds, 3)})
+        bar.update(1)
+    bar.close()
+
+    rows = [r for r in read_results(results_path) if _key(r) in set(jobs)]
+    from kascade.eval import report
+
+    summary = report.summarise(rows, setup.tasks, setup.lengths, setup.budgets, setup.strategies)
+    summary["setting"] = setup.identity
+    (setup.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (setup.out / "summary.md").write_text(report.markdown(summary))
+    report.plot_accuracy(summary, setup.out / "accuracy_vs_budget.png")
+    if not args.no_coverage and not (setup.out / "coverage.json").is_file():
+        _coverage(setup, model, tok, sample_of, args)
+    print(f"kascade eval: {len(todo)} new runs, {len(rows)} in the grid; summary in {setup.out / 'summary.md'}")
+    return 0
+
+
+def _coverage(setup, model, tok, sample_of, args) -> None:
+    """Coverage of every strategy on the first prompt, at the budget closest to 0.1."""
+    import torch
+
+    from kascade.eval import coverage
+    from kascade.eval.strategies import make_strategy
+
+    budget = min(setup.budgets, key=lambda b: abs(b - 0.1))
+    sample = sample_of(setup.tasks[0], min(setup.lengths), 0)
+    ids = torch.tensor([tok(sample.prompt).input_ids])
+    names = [s for s in setup.strategies if s != "dense"]
+    strategies = {s: make_strategy(s, setup.plan, model.config, budget, setup.k_min, backend=args.backend)
+                  for s in names}
+    tile = setup.plan.tile if setup.plan is not None else 32
+    res = coverage.measure(model, ids, strategies, tile=tile, decode_steps=min(16, ids.shape[1] - 1))
+    title = f"coverage, {sample.task} @ {ids.shape[1]} tokens, rho={budget}"
+    coverage.plot(res, setup.out / "coverage.png", title=title)
+    payload = {"task": sample.task, "length": int(ids.shape[1]), "budget": budget, "k_min": setup.k_min,
+               **{mode: {n: a.tolist() for n, a in r.items()} for mode, r in res.items()}}
+    (setup.out / "coverage.json").write_text(json.dumps(payload) + "\n")

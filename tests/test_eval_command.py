@@ -1,0 +1,156 @@
+"""`kascade eval`: a whole run on a tiny model, resume without repeated work, outputs, clear errors."""
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from fixtures import evaltools as E
+from kascade.cli import main as cli_main
+from kascade.eval import command
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    model_dir = E.save_model_dir(root / "model", layers=3, max_positions=1024)
+    model = E.tiny_llama(len(E.tokenizer()), layers=3, max_positions=1024)
+    plan = E.plan_for(model, anchors=(0, 2), k_min=16)
+    plan.save(root / "plan.json")
+    return root, model_dir, root / "plan.json"
+
+
+def _args(files, out, **kw):
+    root, model_dir, plan = files
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    argv = [str(model_dir), "--plan", str(plan), "--out", str(out), "--tasks", "niah_single,copy", "--lengths", "256",
+            "--budgets", "0.1,0.3", "--strategies", "kascade,streamingllm", "--samples", "1", "--max-new-tokens", "6",
+            "--data", str(E.ESSAY), "--no-coverage"]
+    for k, v in kw.items():
+        flag = "--" + k.replace("_", "-")
+        if flag in argv:
+            argv[argv.index(flag) + 1] = str(v)
+        elif v is True:
+            argv.append(flag)
+        else:
+            argv += [flag, str(v)]
+    return parser.parse_args(argv)
+
+
+def _count_runs(monkeypatch):
+    calls = []
+    real = command._run_one
+
+    def counting(model, tok, sample, ids, strategy, args):
+        calls.append((sample.task, sample.seed, None if strategy is None else strategy.name))
+        return real(model, tok, sample, ids, strategy, args)
+
+    monkeypatch.setattr(command, "_run_one", counting)
+    return calls
+
+
+def _keys(out):
+    return [command._key(r) for r in command.read_results(out / "results.jsonl")]
+
+
+def test_run_resume_and_outputs(files, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    calls = _count_runs(monkeypatch)
+    assert command.run(_args(files, out)) == 0
+    per_sample = 2 * (1 + 2 * 2)  # 2 tasks x (dense once + 2 strategies x 2 budgets)
+    assert len(calls) == per_sample and len(_keys(out)) == per_sample
+    # more samples: only the new sample runs
+    calls.clear()
+    assert command.run(_args(files, out, samples=2)) == 0
+    assert len(calls) == per_sample and {seed for _, seed, _ in calls} == {1}
+    keys = _keys(out)
+    assert len(keys) == len(set(keys)) == 2 * per_sample
+    # nothing left to do
+    calls.clear()
+    assert command.run(_args(files, out, samples=2)) == 0
+    assert calls == []
+    rows = command.read_results(out / "results.jsonl")
+    assert all(0.0 <= r["score"] <= 1.0 for r in rows)
+    assert {r["budget"] for r in rows if r["strategy"] == "dense"} == {None}
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["budgets"]) == {"0.1", "0.3"}
+    assert list(summary["budgets"]["0.1"]) == ["dense", "kascade", "streamingllm"]
+    assert summary["counts"]["0.3"]["kascade"]["copy@256"] == 2
+    md = (out / "summary.md").read_text()
+    assert "## rho = 0.1" in md and "| dense |" in md and "niah_single 256" in md and "avg - dense" in md
+    assert (out / "accuracy_vs_budget.png").stat().st_size > 1000
+    assert json.loads((out / "run.json").read_text())["k_min"] == 16
+
+
+def test_interrupted_run_resumes(files, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    assert command.run(_args(files, out, tasks="niah_single", strategies="quest", budgets="0.2")) == 0
+    path = out / "results.jsonl"
+    rows = path.read_text().splitlines()
+    assert len(rows) == 2
+    # an interruption: the last result was being written
+    path.write_text(rows[0] + "\n" + rows[1][: len(rows[1]) // 2])
+    calls = _count_runs(monkeypatch)
+    assert command.run(_args(files, out, tasks="niah_single", strategies="quest", budgets="0.2")) == 0
+    assert len(calls) == 1
+    keys = _keys(out)
+    assert len(keys) == len(set(keys)) == 2
+
+
+def test_coverage_outputs(files, tmp_path):
+    out = tmp_path / "out"
+    args = _args(files, out, tasks="kv", strategies="oracle,kascade,omnikv", budgets="0.1", samples=1)
+    args.no_coverage = False
+    assert command.run(args) == 0
+    cov = json.loads((out / "coverage.json").read_text())
+    assert set(cov["prefill"]) == {"oracle", "kascade", "omnikv"} and len(cov["prefill"]["kascade"]) == 3
+    assert cov["budget"] == 0.1 and (out / "coverage.png").stat().st_size > 1000
+
+
+def test_other_setting_refused(files, tmp_path):
+    out = tmp_path / "out"
+    assert command.run(_args(files, out, tasks="niah_single", strategies="quest", budgets="0.2")) == 0
+    with pytest.raises(ValueError, match="another setting.*k_min"):
+        command.run(_args(files, out, tasks="niah_single", strategies="quest", budgets="0.2", k_min=32))
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"tasks": "niah_single,needle"}, "unknown task 'needle'.*niah_single.*sequence"),
+    ({"strategies": "kascade,h2o"}, "unknown strategy 'h2o'.*oracle.*omnikv"),
+    ({"lengths": "256,1020"}, "max_position_embeddings 1024.*<= 1018"),
+    ({"lengths": "4k"}, "integers"),
+    ({"budgets": "0.1,1.5"}, "fractions in"),
+    ({"plan": "/nonexistent/plan.json"}, "no file at /nonexistent/plan.json"),
+    ({"data": "/nonexistent/text.txt"}, "--data: no file"),
+    ({"samples": 0}, "--samples"),
+])
+def test_errors(files, tmp_path, change, match):
+    with pytest.raises(ValueError, match=match):
+        command.run(_args(files, tmp_path / "out", **change))
+
+
+def test_missing_model_and_plan(files, tmp_path):
+    args = _args(files, tmp_path / "out")
+    args.model_dir = str(tmp_path / "no-model")
+    with pytest.raises(ValueError, match="not a local directory"):
+        command.run(args)
+    args = _args(files, tmp_path / "out")
+    args.plan = None
+    with pytest.raises(ValueError, match="need a calibrated plan"):
+        command.run(args)
+
+
+def test_through_the_cli(files, tmp_path, capsys):
+    root, model_dir, plan = files
+    rc = cli_main(["eval", str(model_dir), "--plan", str(plan), "--tasks", "vt,bogus", "--out", str(tmp_path)])
+    assert rc == 2 and "unknown task 'bogus'" in capsys.readouterr().err
