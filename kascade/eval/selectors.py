@@ -73,9 +73,17 @@ def _build(q, k, kv_start, rho, k_min, tile, decode_scores, prefill_scores) -> S
             sets = [_topk_sorted(sc, budget(sc.shape[-1], rho, k_min))]
         elif qb.shape[1]:
             for ta, sc in prefill_scores(qb, kb, p0):
-                for u in range(sc.shape[1]):
-                    n_before = (ta + u) * tile
-                    sets.append(_topk_sorted(sc[:, u, :n_before], budget(n_before, rho, k_min)))
+                # one top-k per chunk of tiles at the largest budget; the best k_t of a sorted top-k are
+                # the top k_t, so each tile keeps a prefix of its row
+                n_before = [(ta + u) * tile for u in range(sc.shape[1])]
+                ks = [budget(n, rho, k_min) for n in n_before]
+                keys = torch.arange(sc.shape[-1], device=sc.device)
+                masked = sc.masked_fill(keys[None, None, :] >= torch.tensor(n_before, device=sc.device)[None, :, None],
+                                        float("-inf"))
+                top = torch.topk(masked, max(ks), dim=-1, sorted=True).indices if max(ks) else None
+                for u, kk in enumerate(ks):
+                    sets.append(top[:, u, :kk].sort(dim=-1).values if kk else sc.new_zeros(sc.shape[0], 0,
+                                                                                         dtype=torch.int64))
         per_seq.append([t + s for t in sets])
         first_tiles.append(0 if decode else p0 // tile)
     return _pack(per_seq, first_tiles, q, k.shape[1], tile, decode)
