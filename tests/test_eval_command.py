@@ -117,6 +117,20 @@ def test_coverage_outputs(files, tmp_path):
     assert cov["budget"] == 0.1 and (out / "coverage.png").stat().st_size > 1000
 
 
+def test_longbench_file(files, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    args = _args(files, out, strategies="kascade", budgets="0.2", samples=3)
+    args.tasks, args.longbench = None, [str(E.FIXTURES / "longbench_sample.jsonl")]
+    calls = _count_runs(monkeypatch)
+    assert command.run(args) == 0
+    assert {t for t, _, _ in calls} == {"longbench/longbench_sample"} and len(calls) == 3 * 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["tasks"] == ["longbench/longbench_sample"]
+    # a synthetic task can join the same folder
+    args = _args(files, out, strategies="kascade", budgets="0.2", samples=1, tasks="kv")
+    assert command.run(args) == 0
+
+
 def test_other_setting_refused(files, tmp_path):
     out = tmp_path / "out"
     assert command.run(_args(files, out, tasks="niah_single", strategies="quest", budgets="0.2")) == 0

@@ -9,6 +9,10 @@ continues it greedily, and the continuation is scored (`kascade.eval.tasks.score
 
     results.jsonl          one line per (task, length, budget, strategy, sample), appended as each finishes
     run.json               what the results depend on (model, plan, k_min, max new tokens, data)
+
+--longbench FILE adds a LongBench-format JSONL file as a task ("longbench/<file name>"): its first
+--samples examples, each prompt cut to at most every --lengths tokens, scored by LongBench's metric
+of the example's dataset, with LongBench's generation lengths (capped by --max-new-tokens).
     summary.md / .json     mean score (%) per strategy x (task, length), one table per budget, dense first
     accuracy_vs_budget.png mean score against budget, per strategy (dense as a line)
     coverage.png / .json   attention-mass coverage per layer of each strategy on the first prompt
@@ -39,8 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", help="local HF model directory (config, weights, tokenizer)")
     parser.add_argument("--plan", help="plan JSON from `kascade calibrate` (needed by kascade, kascade-agnostic, "
                         "kascade-no-remap, uniform, omnikv)")
-    parser.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma-separated, from: {', '.join(TASKS)} "
-                        f"(default {DEFAULT_TASKS})")
+    parser.add_argument("--tasks", default=None, help=f"comma-separated, from: {', '.join(TASKS)} "
+                        f"(default {DEFAULT_TASKS}; none when --longbench is given)")
+    parser.add_argument("--longbench", action="append", default=None, metavar="FILE",
+                        help="a LongBench-format JSONL file (repeatable): its first --samples examples, each prompt "
+                        "cut to at most every --lengths tokens (the middle of long contexts goes), LongBench's metric")
     parser.add_argument("--lengths", default="4096", help="prompt lengths in tokens, comma-separated (default 4096)")
     parser.add_argument("--budgets", default=DEFAULT_BUDGETS, help=f"top-k fractions rho (default {DEFAULT_BUDGETS})")
     parser.add_argument("--strategies", default=",".join(STRATEGIES),
@@ -111,7 +118,15 @@ class _Setup:
         from kascade.models import check_model_dir
         from kascade.plan import Plan
 
-        self.tasks = [canonical_task(t) for t in _split(args.tasks, "tasks")]
+        from kascade.eval import longbench as LB
+
+        self.longbench: dict = {}
+        for path in getattr(args, "longbench", None) or []:
+            examples = LB.load_jsonl(path)
+            self.longbench[f"longbench/{Path(path).stem}"] = (Path(path), examples)
+        tasks = args.tasks if args.tasks is not None else ("" if self.longbench else DEFAULT_TASKS)
+        self.tasks = [canonical_task(t) for t in _split(tasks, "tasks")] if tasks else []
+        self.tasks += list(self.longbench)
         self.strategies = ["dense"] + [s for s in (canonical_strategy(x) for x in _split(args.strategies, "strategies"))
                                        if s != "dense"]
         self.lengths = _ints(args.lengths, "lengths")
@@ -156,6 +171,7 @@ class _Setup:
             "plan": _sha(self.plan_path) if self.plan_path else None,
             "k_min": self.k_min, "max_new_tokens": args.max_new_tokens, "haystack": args.haystack,
             "data": _sha(self.data_path) if self.data_path else None,
+            **{t: _sha(p) for t, (p, _) in self.longbench.items()},
             "device": args.device, "dtype": args.dtype, "backend": args.backend,
         }
 
@@ -201,16 +217,17 @@ def _append(path: Path, row: dict) -> None:
 
 
 def _check_identity(out: Path, identity: dict) -> None:
+    """Refuse an --out folder made with another setting; LongBench files may be added later."""
     path = out / "run.json"
-    if path.is_file():
-        old = json.loads(path.read_text())
-        diff = {k: (old.get(k), v) for k, v in identity.items() if old.get(k) != v}
-        if diff:
-            detail = "; ".join(f"{k}: {a!r} before, {b!r} now" for k, (a, b) in diff.items())
-            raise ValueError(f"--out: {out} holds results of another setting ({detail}); use a new --out folder")
-    else:
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    diff = {k: (old.get(k), v) for k, v in identity.items()
+            if old and (k in old or not k.startswith("longbench/")) and old.get(k) != v}
+    if diff:
+        detail = "; ".join(f"{k}: {a!r} before, {b!r} now" for k, (a, b) in diff.items())
+        raise ValueError(f"--out: {out} holds results of another setting ({detail}); use a new --out folder")
+    if not old or any(k not in old for k in identity):
         out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(identity, indent=1) + "\n")
+        path.write_text(json.dumps({**old, **identity}, indent=1) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,8 +238,9 @@ def _check_identity(out: Path, identity: dict) -> None:
 def _jobs(setup: _Setup, samples: int) -> list[tuple]:
     jobs = []
     for task in setup.tasks:
+        n = min(samples, len(setup.longbench[task][1])) if task in setup.longbench else samples
         for length in setup.lengths:
-            for i in range(samples):
+            for i in range(n):
                 for strategy in setup.strategies:
                     for budget in ([None] if strategy == "dense" else setup.budgets):
                         jobs.append((task, length, budget, strategy, i))
@@ -236,7 +254,10 @@ def _run_one(model, tok, sample, ids, strategy, args):
     from kascade.eval import tasks as TK
     from kascade.eval.generation import greedy
 
-    n_new = TK.max_new_tokens(sample, tok, args.max_new_tokens)
+    from kascade.eval import longbench as LB
+
+    lb = isinstance(sample, LB.LongBenchSample)
+    n_new = sample.max_new_tokens(args.max_new_tokens) if lb else TK.max_new_tokens(sample, tok, args.max_new_tokens)
     t0 = time.perf_counter()
     with torch.no_grad():
         if strategy is None:
@@ -246,7 +267,10 @@ def _run_one(model, tok, sample, ids, strategy, args):
                 out = greedy(model, ids, n_new, [tok.eos_token_id])
     seconds = time.perf_counter() - t0
     text = tok.decode(out, skip_special_tokens=True)
-    sc = TK.score(sample, text, generated_ids=out, tokenizer=tok, n_expected=n_new)
+    if lb:
+        sc = LB.score(sample.example, text)
+    else:
+        sc = TK.score(sample, text, generated_ids=out, tokenizer=tok, n_expected=n_new)
     return sc, text, len(out), seconds
 
 
@@ -255,6 +279,7 @@ def run(args) -> int:
     import torch
     from tqdm import tqdm
 
+    from kascade.eval import longbench as LB
     from kascade.eval import tasks as TK
     from kascade.eval.strategies import make_strategy
     from kascade.models import load_model
@@ -274,7 +299,10 @@ def run(args) -> int:
     def sample_of(task, length, i):
         if (task, length, i) not in samples:
             samples.clear()  # one prompt at a time: they can be long
-            samples[task, length, i] = TK.make_task(task, length, tok, i, haystack=args.haystack, text=setup.text)
+            if task in setup.longbench:
+                samples[task, length, i] = LB.make_sample(setup.longbench[task][1][i], tok, length, task, i)
+            else:
+                samples[task, length, i] = TK.make_task(task, length, tok, i, haystack=args.haystack, text=setup.text)
         return samples[task, length, i]
 
     if todo or not (setup.out / "coverage.json").is_file():

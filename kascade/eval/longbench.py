@@ -147,6 +147,29 @@ def build_prompt(example: LongBenchExample, tokenizer=None, max_tokens: int | No
         room -= max(1, n - max_tokens)  # re-tokenising the decoded halves may merge differently
 
 
+@dataclass
+class LongBenchSample:
+    """A LongBench example as a prompt of at most `length` tokens (what `kascade eval` runs)."""
+
+    task: str
+    seed: int
+    length: int
+    prompt: str
+    target: str
+    answers: list[str]
+    example: LongBenchExample
+    decode_heavy: bool = False
+
+    def max_new_tokens(self, cap: int) -> int:
+        return min(cap, MAX_NEW_TOKENS.get(self.example.base_dataset, 64))
+
+
+def make_sample(example: LongBenchExample, tokenizer, max_tokens: int, task: str, index: int) -> LongBenchSample:
+    prompt = build_prompt(example, tokenizer, max_tokens)
+    return LongBenchSample(task, index, max_tokens, prompt, example.answers[0] if example.answers else "",
+                           list(example.answers), example)
+
+
 def score(example: LongBenchExample, prediction: str) -> float:
     """LongBench score of one prediction in [0, 1]: the best over the reference answers."""
     if example.base_dataset in FIRST_LINE_ONLY:
