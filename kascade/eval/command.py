@@ -251,10 +251,9 @@ def _run_one(model, tok, sample, ids, strategy, args):
     import torch
 
     import kascade
+    from kascade.eval import longbench as LB
     from kascade.eval import tasks as TK
     from kascade.eval.generation import greedy
-
-    from kascade.eval import longbench as LB
 
     lb = isinstance(sample, LB.LongBenchSample)
     n_new = sample.max_new_tokens(args.max_new_tokens) if lb else TK.max_new_tokens(sample, tok, args.max_new_tokens)
@@ -326,15 +325,16 @@ def run(args) -> int:
         bar.update(1)
     bar.close()
 
-    rows = [r for r in read_results(results_path) if _key(r) in set(jobs)]
     from kascade.eval import report
 
+    grid = set(jobs)
+    rows = [r for r in read_results(results_path) if _key(r) in grid]
     summary = report.summarise(rows, setup.tasks, setup.lengths, setup.budgets, setup.strategies)
     summary["setting"] = setup.identity
     (setup.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (setup.out / "summary.md").write_text(report.markdown(summary))
     report.plot_accuracy(summary, setup.out / "accuracy_vs_budget.png")
-    if not args.no_coverage and not (setup.out / "coverage.json").is_file():
+    if not getattr(args, "no_coverage", False) and not (setup.out / "coverage.json").is_file():
         _coverage(setup, model, tok, sample_of, args)
     print(f"kascade eval: {len(todo)} new runs, {len(rows)} in the grid; summary in {setup.out / 'summary.md'}")
     return 0
