@@ -122,7 +122,9 @@ def flex_provider(q, k, v):
 
 
 def sweep(K, B, N, log_rows):
-    """Pick launch settings by graph-replay time at (B, N): sparse by reuse, logits by select, select chunks."""
+    """Pick launch settings by graph-replay time at (B, N): the reuse kernel by the reuse layer, the chunks
+    and the fused compaction by the anchor layer, the dense-output K pass by the dense-output anchor.
+    (The K pass of select was swept in the first run: BLOCK_N 128, 4 warps, 3 stages, within 3%.)"""
     q, k, v = (torch.randn(B, HQ, 1, D, device="cuda", dtype=DT), torch.randn(B, HKV, N, D, device="cuda", dtype=DT),
                torch.randn(B, HKV, N, D, device="cuda", dtype=DT))
     sel = K.select(q, k, RHO, K_MIN, 32)
@@ -148,16 +150,14 @@ def sweep(K, B, N, log_rows):
         return best
 
     sp = [dict(BLOCK_K=bk, num_warps=w, num_stages=st, per_sm=ps)
-          for bk, w, st, ps in [(32, 4, 2, 4), (64, 4, 2, 4), (64, 4, 3, 4), (64, 4, 2, 8), (128, 8, 2, 4),
-                                (32, 4, 2, 8)]]
+          for bk, w, st, ps in [(32, 4, 2, 4), (32, 4, 3, 4), (32, 4, 2, 2), (64, 4, 3, 2), (64, 4, 2, 4)]]
     pick("sparse", sp, lambda: K.sparse_attention(q, k, v, sel, head_map=hm))
-    lg = [dict(BLOCK_N=bn, num_warps=w, num_stages=st, per_sm=ps)
-          for bn, w, st, ps in [(64, 4, 3, 4), (64, 4, 4, 4), (128, 4, 3, 4), (128, 8, 3, 4), (64, 4, 3, 2),
-                                (128, 4, 3, 2)]]
-    pick("logits", lg, lambda: K.select(q, k, RHO, K_MIN, 32))
-    pick("select", [dict(per_sm=ps) for ps in (2, 4, 8)], lambda: K.select(q, k, RHO, K_MIN, 32))
-    pick("pool", [dict(BLOCK=bl, num_warps=w) for bl, w in [(512, 8), (1024, 8)]],
-         lambda: K.select(q, k, RHO, K_MIN, 32))
+    pick("select", [dict(per_sm=ps) for ps in (4, 8)], lambda: K.anchor(q, k, v, RHO, K_MIN, 32))
+    at = [dict(BLOCK=bl, num_warps=w, num_stages=st) for bl, w, st in [(64, 4, 2), (64, 4, 3), (32, 4, 3), (128, 4, 2)]]
+    pick("attend", at, lambda: K.anchor(q, k, v, RHO, K_MIN, 32))
+    ld = [dict(BLOCK_N=bn, num_warps=w, num_stages=st, per_sm=4) for bn, w, st in [(64, 4, 3), (64, 4, 4), (128, 4, 2),
+                                                                                   (64, 8, 4)]]
+    pick("logits_dense", ld, lambda: K.anchor(q, k, v, RHO, K_MIN, 32, dense_output=True))
     del q, k, v, sel
 
 
@@ -255,6 +255,7 @@ def per_layer(K, B, N, fa3, flex_ok):
     if N == 131072:
         res["profile_anchor_sparse"] = kernel_profile(lambda: K.anchor(q, k, v, RHO, K_MIN, 32))
         res["profile_reuse"] = kernel_profile(lambda: K.sparse_attention(q, k, v, sel, head_map=hm))
+        res["profile_anchor_dense"] = kernel_profile(lambda: K.anchor(q, k, v, RHO, K_MIN, 32, dense_output=True))
         log("  profile anchor:", res["profile_anchor_sparse"])
         log("  profile reuse:", res["profile_reuse"])
     del q, k, v, q_fa, k_fa, v_fa

@@ -47,11 +47,13 @@ LOG2E = 1.4426950408889634
 # Launch settings; benchmarks/decode.py may override them for a sweep.
 # per_sm: programs per SM that the split count aims at (splits are powers of two).
 CONFIG = {
-    "logits": dict(BLOCK_N=64, num_warps=4, num_stages=3, per_sm=4),
-    "select": dict(per_sm=4),  # pool + radix kernels: chunks per row
+    "logits": dict(BLOCK_N=128, num_warps=4, num_stages=3, per_sm=4),  # select / sparse-output anchor
+    "logits_dense": dict(BLOCK_N=64, num_warps=4, num_stages=3, per_sm=4),  # anchor with dense output
+    "select": dict(per_sm=8),  # pool + radix kernels: chunks per row
     "pool": dict(BLOCK=512, num_warps=8),
-    "sparse": dict(BLOCK_K=64, num_warps=4, num_stages=2, per_sm=4),
-    "combine": dict(num_warps=4),
+    "sparse": dict(BLOCK_K=32, num_warps=4, num_stages=2, per_sm=4),
+    "attend": dict(BLOCK=64, num_warps=4, num_stages=2),  # compaction + sparse output of the anchor
+    "combine": dict(DBLK=32, num_warps=4),
 }
 
 
@@ -127,7 +129,7 @@ def _decode_logits_kernel(Q, K, V, LG, MP, LP, OP, KV_START, START32, KB, FT, HI
         start = 0
     if sp == 0:
         z = tl.arange(0, 1024)
-        tl.store(HIST + row * 768 + z, tl.zeros([1024], tl.int32), mask=z < 768)
+        tl.store(HIST + row * 1024 + z, tl.zeros([1024], tl.int32))
         if h == 0:
             tl.store(START32 + b, start)
             tl.store(KB + b, _budget(N - start, RHO_A, RHO_B, RHO_C, GUARD_A, GUARD_B, GUARD_C, K_MIN))
@@ -145,7 +147,7 @@ def _decode_logits_kernel(Q, K, V, LG, MP, LP, OP, KV_START, START32, KB, FT, HI
     q = tl.load(Q + b64 * sqb + hq[:, None] * sqh + d[None, :], mask=gm[:, None] & (d[None, :] < D), other=0.0)
     k_base = K + b64 * skb + h.to(tl.int64) * skh
     v_base = V + b64 * svb + h.to(tl.int64) * svh
-    lg_rows = LG + (b * HKV * G + hq).to(tl.int64) * stride_lg  # [GPAD]
+    lg_row = LG + row.to(tl.int64) * stride_lg  # logits [N, G] of this KV head
 
     m_i = tl.full([GPAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GPAD], tl.float32)
@@ -157,7 +159,7 @@ def _decode_logits_kernel(Q, K, V, LG, MP, LP, OP, KV_START, START32, KB, FT, HI
                      mask=nm[:, None] & (d[None, :] < D), other=0.0)
         s = _dot(q, tl.trans(kt), DOT_PREC, UPCAST) * scale_log2  # [GPAD, BLOCK_N]
         s = tl.where(nm[None, :], s, float("-inf"))
-        tl.store(lg_rows[:, None] + offs[None, :], s, mask=gm[:, None] & nm[None, :])
+        tl.store(lg_row + offs[None, :] * G + g[:, None], s, mask=gm[:, None] & nm[None, :])
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -194,18 +196,18 @@ def _decode_pool_kernel(LG, MP, LP, S, HIST, START32, N, stride_lg, stride_s, CH
     start = tl.load(START32 + b)
     lo = tl.maximum(c * CHUNK, start)
     hi = tl.minimum(c * CHUNK + CHUNK, N)
-    lg_rows = LG + hq_row.to(tl.int64) * stride_lg
+    lg_row = LG + row.to(tl.int64) * stride_lg
     s_row = S + row.to(tl.int64) * stride_s
     acc = tl.zeros([256], tl.int32)
     for n0 in range(lo, hi, BLOCK):
         offs = n0 + tl.arange(0, BLOCK)
         nm = offs < hi
-        x = tl.load(lg_rows[:, None] + offs[None, :], mask=gm[:, None] & nm[None, :], other=float("-inf"))
-        s = tl.sum(tl.exp2(x - lse[:, None]), 0)
+        x = tl.load(lg_row + offs[:, None] * G + g[None, :], mask=nm[:, None] & gm[None, :], other=float("-inf"))
+        s = tl.sum(tl.exp2(x - lse[None, :]), 1)
         tl.store(s_row + offs, s, mask=nm)
         key = s.to(tl.int32, bitcast=True)
         acc += tl.histogram((key >> 23) & 255, 256, mask=nm)
-    tl.atomic_add(HIST + row * 768 + tl.arange(0, 256), acc, mask=acc > 0, sem="relaxed")
+    tl.atomic_add(HIST + row * 1024 + tl.arange(0, 256), acc, mask=acc > 0, sem="relaxed")
 
 
 @triton.jit
@@ -246,7 +248,7 @@ def _decode_sparse_kernel(Q, K, V, LG, IDX, CNT, HMAP, OP, MP, LP,
     k_base = K + b64 * skb + h.to(tl.int64) * skh
     v_base = V + b64 * svb + h.to(tl.int64) * svh
     i_base = IDX + b64 * sib + src.to(tl.int64) * sih
-    lg_rows = LG + (b * HKV * G + hq).to(tl.int64) * stride_lg
+    lg_row = LG + row.to(tl.int64) * stride_lg
 
     m_i = tl.full([GPAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GPAD], tl.float32)
@@ -256,7 +258,7 @@ def _decode_sparse_kernel(Q, K, V, LG, IDX, CNT, HMAP, OP, MP, LP,
         km = offs < hi
         idx = tl.load(i_base + offs * sik, mask=km, other=0).to(tl.int64)
         if FROM_LOGITS:
-            s = tl.load(lg_rows[:, None] + idx[None, :], mask=gm[:, None] & km[None, :], other=0.0)
+            s = tl.load(lg_row + idx[None, :] * G + g[:, None], mask=gm[:, None] & km[None, :], other=0.0)
         else:
             kt = tl.load(k_base + idx[:, None] * skn + d[None, :], mask=km[:, None] & (d[None, :] < D), other=0.0)
             s = _dot(q, tl.trans(kt), DOT_PREC, UPCAST) * scale_log2
@@ -274,24 +276,85 @@ def _decode_sparse_kernel(Q, K, V, LG, IDX, CNT, HMAP, OP, MP, LP,
     tl.store(OP + prow[:, None] * DVP + dv[None, :], acc, mask=gm[:, None])
 
 
+@triton.jit(do_not_specialize=["N", "CHUNK", "KMAX"])
+def _decode_compact_attend_kernel(S, H, H4S, GT, KB, START32, IDX, LG, V, OP, MP, LP,
+                                  N, stride_s, stride_i, CHUNK, KMAX, stride_lg, svb, svh, svn, HKV,
+                                  G: tl.constexpr, GPAD: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
+                                  NCHUNK: tl.constexpr, BLOCK: tl.constexpr, DOT_PREC: tl.constexpr,
+                                  UPCAST: tl.constexpr):
+    """Radix compaction of one chunk fused with the anchor's sparse output over the chunk's selected keys.
+
+    The scores come from the stored logits, so V is the only cache tensor read, and only at the
+    selected rows (masked loads). Writes the chunk's flash-decoding partials; NCHUNK splits.
+    """
+    tl.static_assert(GPAD >= 16 and GPAD >= G)
+    row = tl.program_id(0)
+    c = tl.program_id(1)
+    b = row // HKV
+    h = row % HKV
+    kk = tl.load(KB + b)
+    start = tl.load(START32 + b)
+    thr, r, gt_base, eq_base, gt_total = ts._compact_setup(H + row * 1024, H4S + row * NCHUNK * 128,
+                                                           GT + row * NCHUNK, c, kk, NCHUNK)
+    lo = tl.maximum(c * CHUNK, start)
+    hi = tl.minimum(c * CHUNK + CHUNK, N)
+    s_row = S + row.to(tl.int64) * stride_s
+    i_row = IDX + row.to(tl.int64) * stride_i
+    lg_row = LG + row.to(tl.int64) * stride_lg
+    v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
+    g = tl.arange(0, GPAD)
+    gm = g < G
+    dv = tl.arange(0, DVP)
+    m_i = tl.full([GPAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GPAD], tl.float32)
+    acc = tl.zeros([GPAD, DVP], tl.float32)
+    for n0 in range(lo, hi, BLOCK):
+        offs = n0 + tl.arange(0, BLOCK)
+        valid = offs < hi
+        key = tl.load(s_row + offs, mask=valid, other=0.0).to(tl.int32, bitcast=True)
+        take, slot, n_gt, n_eq = ts._compact_block(key, offs, valid, thr, r, gt_base, eq_base, gt_total)
+        tl.store(i_row + slot, offs, mask=take)
+        gt_base += n_gt
+        eq_base += n_eq
+        x = tl.load(lg_row + offs[None, :] * G + g[:, None], mask=gm[:, None] & take[None, :], other=float("-inf"))
+        x = tl.where(gm[:, None], x, 0.0)  # padding rows stay finite
+        m_new = tl.maximum(m_i, tl.max(x, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key selected yet
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(x - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vt = tl.load(v_base + offs[:, None].to(tl.int64) * svn + dv[None, :],
+                     mask=take[:, None] & (dv[None, :] < DV), other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, DOT_PREC, UPCAST)
+        m_i = m_new
+    prow = (row * G + g) * NCHUNK + c
+    tl.store(MP + prow, m_i, mask=gm)
+    tl.store(LP + prow, l_i, mask=gm)
+    tl.store(OP + prow[:, None] * DVP + dv[None, :], acc, mask=gm[:, None])
+    if c == NCHUNK - 1:  # padding slots [k, KMAX) get -1
+        for j0 in range(kk, KMAX, BLOCK):
+            offs = j0 + tl.arange(0, BLOCK)
+            tl.store(i_row + offs, tl.full([BLOCK], -1, tl.int32), mask=offs < KMAX)
+
+
 @triton.jit
 def _decode_combine_kernel(OP, MP, LP, OUT, sob, soh, HQ,
-                           DV: tl.constexpr, DVP: tl.constexpr, NSPLIT: tl.constexpr, SBLOCK: tl.constexpr):
-    """out[b, hq] = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s (empty splits have m_s = -inf)."""
+                           DV: tl.constexpr, DVP: tl.constexpr, NSPLIT: tl.constexpr, DBLK: tl.constexpr):
+    """out[b, hq, d-block] = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s (empty splits: m_s = -inf).
+
+    One program per (query head, block of DBLK output columns), so the partials of a step are read
+    by many SMs at once.
+    """
     i = tl.program_id(0)
     b = i // HQ
     hq = i % HQ
-    dv = tl.arange(0, DVP)
-    mx = tl.max(tl.load(MP + i * NSPLIT + tl.arange(0, NSPLIT)), 0)
-    num = tl.zeros([DVP], tl.float32)
-    den = tl.zeros([SBLOCK], tl.float32)
-    for s0 in range(0, NSPLIT, SBLOCK):
-        sp = s0 + tl.arange(0, SBLOCK)
-        w = tl.exp2(tl.load(MP + i * NSPLIT + sp) - mx)
-        den += tl.load(LP + i * NSPLIT + sp) * w
-        o = tl.load(OP + (i * NSPLIT + sp)[:, None] * DVP + dv[None, :])
-        num += tl.sum(o * w[:, None], 0)
-    res = num / tl.sum(den, 0)
+    sp = tl.arange(0, NSPLIT)
+    dv = tl.program_id(1) * DBLK + tl.arange(0, DBLK)
+    m = tl.load(MP + i * NSPLIT + sp)
+    w = tl.exp2(m - tl.max(m, 0))
+    den = tl.sum(tl.load(LP + i * NSPLIT + sp) * w, 0)
+    o = tl.load(OP + (i * NSPLIT + sp)[:, None] * DVP + dv[None, :])
+    res = tl.sum(o * w[:, None], 0) / den
     tl.store(OUT + b.to(tl.int64) * sob + hq * soh + dv, res.to(OUT.dtype.element_ty), mask=dv < DV)
 
 
@@ -339,9 +402,10 @@ def _kv_start(kv_start, q, k):
 
 
 def _combine(op, mp, lp, out, dims, nsplit):
-    _decode_combine_kernel[(dims["B"] * dims["HQ"],)](
+    dblk = min(dims["DVP"], CONFIG["combine"]["DBLK"])
+    _decode_combine_kernel[(dims["B"] * dims["HQ"], dims["DVP"] // dblk)](
         op, mp, lp, out, out.stride(0), out.stride(1), dims["HQ"],
-        DV=dims["DV"], DVP=dims["DVP"], NSPLIT=nsplit, SBLOCK=min(nsplit, 32), **CONFIG["combine"])
+        DV=dims["DV"], DVP=dims["DVP"], NSPLIT=nsplit, DBLK=dblk, num_warps=CONFIG["combine"]["num_warps"])
     return out
 
 
@@ -364,13 +428,13 @@ def _anchor_pass(q, k, v, rho, k_min, tile, kv_start, scale, output):
     dev = q.device
     kmax = triton.cdiv(max(1, budget(N, rho, k_min)), 16) * 16  # padded: strides keep their alignment class
     ln = triton.cdiv(N, 16) * 16
-    cl = CONFIG["logits"]
+    dense = output == "dense"
+    cl = CONFIG["logits_dense" if dense else "logits"]
     s1 = _splits(R, dev, cl["per_sm"])
     nchunk, chunk = ts.plan_chunks(R, N, dev, CONFIG["select"]["per_sm"])
-    lg = torch.empty(B * HQ, ln, dtype=torch.float32, device=dev)
+    lg = torch.empty(R, ln, dm["G"], dtype=torch.float32, device=dev)  # logits, G contiguous per key
     mp = torch.empty(B * HQ, s1, dtype=torch.float32, device=dev)
     lp = torch.empty_like(mp)
-    dense = output == "dense"
     op = torch.empty(B * HQ, s1, dm["DVP"], dtype=torch.float32, device=dev) if dense else mp
     start32 = torch.empty(B, dtype=torch.int32, device=dev)
     counts = torch.empty(B, 1, dtype=torch.int32, device=dev)
@@ -384,7 +448,7 @@ def _anchor_pass(q, k, v, rho, k_min, tile, kv_start, scale, output):
     stages = max(1, min(stages, (160 * 1024) // per_stage))  # K (and V) tiles in shared memory
     _decode_logits_kernel[(R, s1)](
         q, k, vv, lg, mp, lp, op, start if start is not None else start32, start32, counts, first_tile, ws.hist,
-        N, ln, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), vv.stride(0), vv.stride(1),
+        N, lg.stride(0), q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), vv.stride(0), vv.stride(1),
         vv.stride(2), _scale_log2(q, scale), HKV, ra, rb, rc, ga, gb, gc, k_min,
         G=dm["G"], GPAD=dm["GPAD"], D=dm["D"], DP=dm["DP"], DV=dm["DV"], DVP=dm["DVP"], NSPLIT=s1,
         BLOCK_N=cl["BLOCK_N"], HAS_START=start is not None, DENSE_OUT=dense, DOT_PREC=_dot_prec(q), UPCAST=_upcast(q),
@@ -392,17 +456,29 @@ def _anchor_pass(q, k, v, rho, k_min, tile, kv_start, scale, output):
     scores = torch.empty(R, ln, dtype=torch.float32, device=dev)
     cp = CONFIG["pool"]
     _decode_pool_kernel[(R, nchunk)](
-        lg, mp, lp, scores, ws.hist, start32, N, ln, ln, chunk, HKV,
+        lg, mp, lp, scores, ws.hist, start32, N, lg.stride(0), ln, chunk, HKV,
         G=dm["G"], GP=_pow2(dm["G"]), NSPLIT=s1, BLOCK=cp["BLOCK"], num_warps=cp["num_warps"])
     idx = torch.empty(R, kmax, dtype=torch.int32, device=dev)
-    ts.radix_levels(scores, N, ws, counts, start32, HKV, nchunk, chunk, idx, first_level=2)
     sel = Selection(idx.view(B, HKV, 1, kmax), counts, first_tile, tile, True)
-    if output is None:
-        return None, sel
-    out = torch.empty(B, HQ, 1, dm["DV"], dtype=q.dtype, device=dev)
-    if dense:
+    if output != "sparse":
+        ts.radix_levels(scores, N, ws, counts, start32, HKV, nchunk, chunk, idx, first_level=2)
+        if output is None:
+            return None, sel
+        out = torch.empty(B, HQ, 1, dm["DV"], dtype=q.dtype, device=dev)
         return _combine(op, mp, lp, out, dm, s1), sel
-    return _sparse(q, k, v, idx, (kmax * HKV, kmax, 1), counts, None, scale, out, dm, kmax, logits=(lg, ln)), sel
+    # sparse output: the compaction attends to the keys it selects
+    ts.radix_levels(scores, N, ws, counts, start32, HKV, nchunk, chunk, None, first_level=2)
+    op2 = torch.empty(B * HQ, nchunk, dm["DVP"], dtype=torch.float32, device=dev)
+    mp2 = torch.empty(B * HQ, nchunk, dtype=torch.float32, device=dev)
+    lp2 = torch.empty_like(mp2)
+    ca = CONFIG["attend"]
+    _decode_compact_attend_kernel[(R, nchunk)](
+        scores, ws.hist, ws.h4, ws.gt, counts, start32, idx, lg, v, op2, mp2, lp2,
+        N, ln, kmax, chunk, kmax, lg.stride(0), v.stride(0), v.stride(1), v.stride(2), HKV,
+        G=dm["G"], GPAD=dm["GPAD"], DV=dm["DV"], DVP=dm["DVP"], NCHUNK=nchunk, BLOCK=ca["BLOCK"],
+        DOT_PREC=_dot_prec(q), UPCAST=_upcast(q), num_warps=ca["num_warps"], num_stages=ca["num_stages"])
+    out = torch.empty(B, HQ, 1, dm["DV"], dtype=q.dtype, device=dev)
+    return _combine(op2, mp2, lp2, out, dm, nchunk), sel
 
 
 def _sparse(q, k, v, idx, idx_strides, counts, head_map, scale, out, dm, kmax, logits=None):
@@ -414,10 +490,10 @@ def _sparse(q, k, v, idx, idx_strides, counts, head_map, scale, out, dm, kmax, l
     op = torch.empty(B * HQ, s2, dm["DVP"], dtype=torch.float32, device=dev)
     mp = torch.empty(B * HQ, s2, dtype=torch.float32, device=dev)
     lp = torch.empty_like(mp)
-    lg, ln = logits if logits is not None else (mp, 0)
+    lg, stride_lg = (logits, logits.stride(0)) if logits is not None else (mp, 0)
     _decode_sparse_kernel[(R, s2)](
         q, k, v, lg, idx, counts, head_map if head_map is not None else counts, op, mp, lp,
-        ln, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        stride_lg, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         idx_strides[0], idx_strides[1], idx_strides[2], counts.stride(0), _scale_log2(q, scale), HKV,
         G=dm["G"], GPAD=dm["GPAD"], D=dm["D"], DP=dm["DP"], DV=dm["DV"], DVP=dm["DVP"], NSPLIT=s2,
         BLOCK_K=cs["BLOCK_K"], FROM_LOGITS=logits is not None, HAS_MAP=head_map is not None,

@@ -6,7 +6,7 @@ found digit by digit, most significant first, from histograms of the bits instea
     level 1: bits 30..23 (the exponent), 256 bins, over the whole row
     level 2: bits 22..15, 256 bins, over the keys whose bits 30..23 equal the chosen bin
     level 3: bits 14..7,  256 bins, likewise
-    level 4: bits 6..0,   128 bins, kept per chunk of the row
+    level 4: bits 6..0,   128 bins, also kept per chunk of the row (as suffix sums)
     compact: the keys above the threshold T, then the ties at T in ascending position, until k
 
 Each level walks its histogram from the top: the chosen bin is the highest one whose suffix
@@ -14,9 +14,10 @@ count reaches the number of keys still wanted. Every program recomputes that wal
 small histograms of the levels before it, so no kernel waits on another inside a launch and no
 value goes back to the host (the whole select can be captured in a CUDA graph).
 
-Rows are processed by (row, chunk) programs: levels 1-3 add their chunk histogram into one
-row histogram with atomics (counts, so the order of the additions does not matter); level 4
-stores its histogram per chunk, and the compaction turns those into per-chunk write offsets,
+Rows are processed by (row, chunk) programs: every level adds its chunk histogram into one row
+histogram with atomics (counts, so the order of the additions does not matter); level 4 also
+stores per chunk the suffix sums of its histogram, from which the compaction reads two columns
+to get each chunk's write offsets,
 so the result is deterministic: slots [0, k - r) hold the keys above T in ascending position,
 slots [k - r, k) the r ties at T with the smallest positions.
 
@@ -30,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-# Levels 1-3 of the per-row histogram live in one [R, 3, 256] int32 buffer.
+# The per-row histograms of levels 1-4 live in one [R, 4, 256] int32 buffer (level 4 uses 128 bins).
 HIST_BINS = 256
 LAST_BINS = 128
 BLOCK_SEL = 1024  # keys per step of the select kernels; chunks are multiples of it
@@ -90,7 +91,7 @@ def _radix_hist_kernel(S, H, KB, START, N, stride_s, CHUNK, ROWS_PER_B,
     b = row // ROWS_PER_B
     want = tl.load(KB + b)
     start = tl.load(START + b)
-    H_row = H + row * 768
+    H_row = H + row * 1024
     prefix = 0
     if LEVEL >= 2:
         prefix, want = _prefix(H_row, want, LEVEL - 1)
@@ -112,16 +113,18 @@ def _radix_hist_kernel(S, H, KB, START, N, stride_s, CHUNK, ROWS_PER_B,
 
 
 @triton.jit(do_not_specialize=["N", "CHUNK"])
-def _radix_last_kernel(S, H, H4, GT, KB, START, N, stride_s, CHUNK, ROWS_PER_B,
+def _radix_last_kernel(S, H, H4S, GT, KB, START, N, stride_s, CHUNK, ROWS_PER_B,
                        NCHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    """Level 4, per chunk: H4[row, c] = histogram of bits 6..0 of the keys with the level-3 prefix,
-    GT[row, c] = number of keys of the chunk above that prefix."""
+    """Level 4: histogram of bits 6..0 of the keys with the level-3 prefix, added into H[row, 3, :128];
+    per chunk its suffix sums H4S[row, c, d] = count of digits >= d, and GT[row, c] = keys of the
+    chunk above the prefix."""
     row = tl.program_id(0)
     c = tl.program_id(1)
     b = row // ROWS_PER_B
     want = tl.load(KB + b)
     start = tl.load(START + b)
-    prefix, want = _prefix(H + row * 768, want, 3)
+    H_row = H + row * 1024
+    prefix, want = _prefix(H_row, want, 3)
     lo, hi = _chunk_bounds(c, CHUNK, start, N)
     s_row = S + row.to(tl.int64) * stride_s
     acc = tl.zeros([128], dtype=tl.int32)
@@ -132,12 +135,45 @@ def _radix_last_kernel(S, H, H4, GT, KB, START, N, stride_s, CHUNK, ROWS_PER_B,
         key = tl.load(s_row + offs, mask=valid, other=0.0).to(tl.int32, bitcast=True)
         acc += tl.histogram(key & 127, 128, mask=valid & ((key >> 7) == prefix))
         gt += (valid & ((key >> 7) > prefix)).to(tl.int32)
-    tl.store(H4 + (row * NCHUNK + c) * 128 + tl.arange(0, 128), acc)
+    bins = tl.arange(0, 128)
+    tl.atomic_add(H_row + 768 + bins, acc, mask=acc > 0, sem="relaxed")
+    tl.store(H4S + (row * NCHUNK + c) * 128 + bins, tl.sum(acc, 0) - tl.cumsum(acc, 0) + acc)
     tl.store(GT + row * NCHUNK + c, tl.sum(gt, 0))
 
 
+@triton.jit
+def _compact_setup(H_row, H4S_row, GT_row, c, kk, NCHUNK: tl.constexpr):
+    """Threshold key T, ties wanted r, and this chunk's first slots for keys above T and ties at T.
+
+    Returns (thr, r, gt_base, eq_base, gt_total); gt_total == k - r keys lie above T.
+    """
+    prefix, want = _prefix(H_row, kk, 3)
+    d4, r = _descend(tl.load(H_row + 768 + tl.arange(0, 128)), want, 128)
+    thr = prefix * 128 + d4
+    cidx = tl.arange(0, NCHUNK)
+    at = tl.load(H4S_row + cidx * 128 + d4)  # keys of each chunk with digit >= d4
+    above = tl.load(H4S_row + cidx * 128 + tl.minimum(d4 + 1, 127))  # digit > d4 (none when d4 = 127)
+    above = tl.where(d4 < 127, above, 0)
+    gt_c = tl.load(GT_row + cidx) + above
+    eq_c = at - above
+    gt_base = tl.sum(tl.where(cidx < c, gt_c, 0), 0)
+    eq_base = tl.sum(tl.where(cidx < c, eq_c, 0), 0)
+    return thr, r, gt_base, eq_base, tl.sum(gt_c, 0)
+
+
+@triton.jit
+def _compact_block(key, offs, valid, thr, r, gt_base, eq_base, gt_total):
+    """Slots of one block of keys: (selected mask, slot, keys above T in it, ties in it)."""
+    gt = (valid & (key > thr)).to(tl.int32)
+    eq = (valid & (key == thr)).to(tl.int32)
+    eq_rank = eq_base + tl.cumsum(eq, 0) - eq
+    take = (gt != 0) | ((eq != 0) & (eq_rank < r))
+    slot = tl.where(gt != 0, gt_base + tl.cumsum(gt, 0) - gt, gt_total + eq_rank)
+    return take, slot, tl.sum(gt, 0), tl.sum(eq, 0)
+
+
 @triton.jit(do_not_specialize=["N", "CHUNK", "KMAX"])
-def _radix_compact_kernel(S, H, H4, GT, KB, START, IDX, N, stride_s, stride_i, CHUNK, ROWS_PER_B, KMAX,
+def _radix_compact_kernel(S, H, H4S, GT, KB, START, IDX, N, stride_s, stride_i, CHUNK, ROWS_PER_B, KMAX,
                           NCHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """Write the positions of the k largest keys of the row (see the module docstring for the order)."""
     row = tl.program_id(0)
@@ -145,18 +181,8 @@ def _radix_compact_kernel(S, H, H4, GT, KB, START, IDX, N, stride_s, stride_i, C
     b = row // ROWS_PER_B
     kk = tl.load(KB + b)
     start = tl.load(START + b)
-    prefix, want = _prefix(H + row * 768, kk, 3)
-    # level 4 from the per-chunk histograms: threshold key T and ties wanted r
-    cidx = tl.arange(0, NCHUNK)
-    bins = tl.arange(0, 128)
-    h4c = tl.load(H4 + (row * NCHUNK + cidx[:, None]) * 128 + bins[None, :])  # [NCHUNK, 128]
-    d4, r = _descend(tl.sum(h4c, 0), want, 128)
-    thr = prefix * 128 + d4
-    gt_c = tl.load(GT + row * NCHUNK + cidx) + tl.sum(tl.where(bins[None, :] > d4, h4c, 0), 1)
-    eq_c = tl.sum(tl.where(bins[None, :] == d4, h4c, 0), 1)
-    gt_base = tl.sum(tl.where(cidx < c, gt_c, 0), 0)
-    eq_base = tl.sum(tl.where(cidx < c, eq_c, 0), 0)
-    gt_total = tl.sum(gt_c, 0)  # == kk - r
+    thr, r, gt_base, eq_base, gt_total = _compact_setup(H + row * 1024, H4S + row * NCHUNK * 128, GT + row * NCHUNK,
+                                                        c, kk, NCHUNK)
     lo, hi = _chunk_bounds(c, CHUNK, start, N)
     s_row = S + row.to(tl.int64) * stride_s
     i_row = IDX + row.to(tl.int64) * stride_i
@@ -164,15 +190,10 @@ def _radix_compact_kernel(S, H, H4, GT, KB, START, IDX, N, stride_s, stride_i, C
         offs = n0 + tl.arange(0, BLOCK)
         valid = offs < hi
         key = tl.load(s_row + offs, mask=valid, other=0.0).to(tl.int32, bitcast=True)
-        gt = (valid & (key > thr)).to(tl.int32)
-        eq = (valid & (key == thr)).to(tl.int32)
-        gt_rank = gt_base + tl.cumsum(gt, 0) - gt
-        eq_rank = eq_base + tl.cumsum(eq, 0) - eq
-        take_eq = (eq != 0) & (eq_rank < r)
-        slot = tl.where(gt != 0, gt_rank, gt_total + eq_rank)
-        tl.store(i_row + slot, offs, mask=(gt != 0) | take_eq)
-        gt_base += tl.sum(gt, 0)
-        eq_base += tl.sum(eq, 0)
+        take, slot, n_gt, n_eq = _compact_block(key, offs, valid, thr, r, gt_base, eq_base, gt_total)
+        tl.store(i_row + slot, offs, mask=take)
+        gt_base += n_gt
+        eq_base += n_eq
     if c == NCHUNK - 1:  # padding slots [k, KMAX) get -1
         for j0 in range(kk, KMAX, BLOCK):
             offs = j0 + tl.arange(0, BLOCK)
@@ -206,19 +227,19 @@ def plan_chunks(rows: int, n: int, device, per_sm: int = 4, block: int = BLOCK_S
 
 
 class RadixWorkspace:
-    """Scratch of one radix select over R rows: level 1-3 histograms, level-4 per-chunk counts."""
+    """Scratch of one radix select over R rows: level 1-4 row histograms, level-4 per-chunk counts."""
 
     def __init__(self, rows: int, nchunk: int, device):
-        self.hist = torch.empty(rows, 3, HIST_BINS, dtype=torch.int32, device=device)
-        self.h4 = torch.empty(rows, nchunk, LAST_BINS, dtype=torch.int32, device=device)
+        self.hist = torch.empty(rows, 4, HIST_BINS, dtype=torch.int32, device=device)  # level 4: first 128
+        self.h4 = torch.empty(rows, nchunk, LAST_BINS, dtype=torch.int32, device=device)  # suffix sums
         self.gt = torch.empty(rows, nchunk, dtype=torch.int32, device=device)
 
 
-def radix_levels(scores, n_keys, ws, k_b, start_b, rows_per_b, nchunk, chunk, out, first_level=1):
-    """Levels first_level..4 and the compaction over scores [R, >= n_keys] (row stride scores.stride(0)).
+def radix_levels(scores, n_keys, ws, k_b, start_b, rows_per_b, nchunk, chunk, out=None, first_level=1):
+    """Levels first_level..4 and (if out is given) the compaction over scores [R, >= n_keys].
 
-    ws.hist must hold zeros for the levels >= first_level (a fused kernel may have filled level 1);
-    out [R, KMAX] int32 receives the positions.
+    ws.hist must hold zeros (a fused kernel may have filled level 1); out [R, KMAX] int32 receives
+    the positions. Without out, a fused kernel of the caller compacts (see _compact_setup/_block).
     """
     rows = scores.shape[0]
     grid = (rows, nchunk)
@@ -227,11 +248,12 @@ def radix_levels(scores, n_keys, ws, k_b, start_b, rows_per_b, nchunk, chunk, ou
                                  LEVEL=level, BLOCK=BLOCK_SEL, num_warps=4)
     _radix_last_kernel[grid](scores, ws.hist, ws.h4, ws.gt, k_b, start_b, n_keys, scores.stride(0), chunk,
                              rows_per_b, NCHUNK=nchunk, BLOCK=BLOCK_SEL, num_warps=4)
+    if out is None:
+        return None
     _radix_compact_kernel[grid](scores, ws.hist, ws.h4, ws.gt, k_b, start_b, out, n_keys, scores.stride(0),
                                 out.stride(0), chunk, rows_per_b, out.shape[1], NCHUNK=nchunk, BLOCK=BLOCK_SEL,
                                 num_warps=4)
     return out
-
 
 
 def topk_select(scores: torch.Tensor, k: torch.Tensor, start: torch.Tensor | None = None,
