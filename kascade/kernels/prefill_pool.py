@@ -206,7 +206,9 @@ def pool_config(g: int, tile: int, head_dim: int) -> dict:
     rows = block_g * t_pad
     if num_hg > 1 or head_dim > 128:
         return dict(BLOCK_N=64, num_warps=8 if rows >= 128 else 4, num_stages=2)
-    return dict(BLOCK_N=128 if rows >= 64 else 64, num_warps=8 if rows >= 128 else 4, num_stages=3)
+    if rows >= 128:  # two programs per SM (127 registers, 97 KB shared): 20% faster than 3 stages at 32K
+        return dict(BLOCK_N=128, num_warps=8, num_stages=2)
+    return dict(BLOCK_N=128 if rows >= 64 else 64, num_warps=4, num_stages=3)
 
 
 def pooled_scores_chunk(q, k, kv_start_i32, counts, pooled, lse_buf, u0: int, n_tiles: int, tile: int,

@@ -197,7 +197,7 @@ def topk_rows_scratch(bsz: int, hkv: int, chunk: int, device, cap: int = CAP) ->
 
 def topk_rows_chunk(pooled, indices, counts, kv_start_i32, scratch, u0: int, n_tiles: int, tile: int,
                     q_len: int, n_cache: int, n_max: int, *, cap: int = CAP, sample: int | None = None,
-                    nt: int = NT, block: int = 1024, num_warps: int = 8):
+                    nt: int = NT, block: int = 1024, block_c: int = 512, num_warps: int = 8):
     """indices[:, :, u0:u0+n_tiles, :k] from pooled[:, :, :n_tiles] (float32, read as int32 bits).
 
     pooled [B, Hkv, C, >= n_max] float32 >= 0, indices [B, Hkv, U, Kmax] int32, counts [B, U] int32,
@@ -217,6 +217,6 @@ def topk_rows_chunk(pooled, indices, counts, kv_start_i32, scratch, u0: int, n_t
         counts.stride(0),
         scratch.stride(0), scratch.stride(1), scratch.stride(2),
         u0, q_len, n_cache,
-        TILE=tile, CAP=cap, SAMPLE=sample, NT=nt, BLOCK=block, BLOCK_C=min(block, 512),
+        TILE=tile, CAP=cap, SAMPLE=sample, NT=nt, BLOCK=block, BLOCK_C=min(block, block_c),
         num_warps=num_warps,
     )
