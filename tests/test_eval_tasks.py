@@ -29,7 +29,7 @@ def test_exact_length_and_facts_in_place(task, length, seed):
     s = TK.make_task(task, length, tok, seed, haystack=haystack, text=TEXT)
     assert len(tok(s.prompt).input_ids) == length
     assert s.task == task and s.length == length and s.seed == seed
-    assert not s.prompt.endswith(" ")
+    assert s.prompt == s.prompt.rstrip()  # no trailing white space: the boundary tokenises as in training
     CHECKS[task](s)
 
 
@@ -102,8 +102,9 @@ def _check_fwe(s):
 
 def _check_copy(s):
     (a, b), = s.spans
-    assert s.prompt[a:b] == s.target and s.prompt.endswith(T.COPY_INSTRUCTION)
-    assert s.target in TEXT + "\n" + TEXT or len(s.target) > len(TEXT)
+    passage = s.prompt[a:b]
+    assert s.prompt.endswith(T.COPY_INSTRUCTION.rstrip()) and s.target == "\n\n" + passage
+    assert passage in TEXT + "\n" + TEXT or len(passage) > len(TEXT)
 
 
 def _check_sequence(s):
@@ -150,6 +151,8 @@ def test_decode_task_scored_per_token():
     exp = TK.expected_ids(s, tok, 20)
     assert len(exp) == 20
     assert tok.decode(exp) == s.target[: len(tok.decode(exp))]
+    full = tok(s.prompt + s.target).input_ids  # the continuation as the whole document tokenises
+    assert full[: len(tok(s.prompt).input_ids) + 20][-20:] == exp
     assert TK.score(s, "", generated_ids=exp, tokenizer=tok) == 1.0
     wrong = list(exp)
     wrong[3] = (wrong[3] + 1) % len(tok)

@@ -333,11 +333,17 @@ def fwe_shape(rng, length):
 
 
 def copy_shape(rng, source: Essay):
+    # The prompt stops at the instruction's last word: its trailing blank line starts the target, so the
+    # tokens at the boundary are those of the whole document (a prompt ending in "\n\n" would get one
+    # merged newline token that the model never saw before a passage).
+    instruction = T.COPY_INSTRUCTION.rstrip()
+    gap = T.COPY_INSTRUCTION[len(instruction):]
+
     def build(size, fine):
         passage = source.text(size, fine)
-        prompt = T.COPY_PREFIX + passage + T.COPY_INSTRUCTION
+        prompt = T.COPY_PREFIX + passage + instruction
         a = len(T.COPY_PREFIX)
-        return Draft(prompt, passage, [], [(a, a + len(passage))], {"passage_chars": size, "phase": fine})
+        return Draft(prompt, gap + passage, [], [(a, a + len(passage))], {"passage_chars": size, "phase": fine})
 
     return Shape(build, size_min=16, fine_max=8, fine_grows=False, chars_per_step=1.0)
 

@@ -65,6 +65,7 @@ class TaskSample:
 
     prompt    the model input (ends without a trailing space); len(tokenizer(prompt).input_ids) == length
     target    the expected continuation: the answer (" 4721093") or the passage / sequence to produce
+              (prompts end without white space: a trailing blank line, as copy's, starts the target)
     answers   reference strings for string matching (retrieval tasks); empty for decode tasks
     spans     character spans in `prompt` of the facts the answer depends on (needles, assignments, the
               queried pair, the passage)
