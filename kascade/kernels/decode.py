@@ -7,19 +7,21 @@ strides but a contiguous last dim (transformers' cache), kv_start [B] left paddi
 Anchor layer (select; anchor):
     1. _decode_logits_kernel    grid (B * Hkv, S1)     split-K over the valid keys of each KV head.
                                 The G query heads of the group are the rows of one tl.dot tile
-                                (padded to 16); writes the log2-scaled logits [B * Hq, N] fp32 and
+                                (padded to 16); writes the log2-scaled logits [B * Hkv, N, G] fp32 and
                                 each split's running max / sum (and, for a dense output, the
                                 flash-decoding partial output). Also writes k(n_b) and zeroes the
                                 radix histograms, so nothing is computed on the host.
     2. _decode_pool_kernel      grid (B * Hkv, C)      s_h[n] = sum_g exp2(logit_g[n] - lse_g), the
                                 pooled post-softmax scores, plus the level-1 radix histogram.
     3. topk_select levels 2-4 and compaction (kascade.kernels.topk_select): exact top-k(n_b).
-    4. _decode_sparse_kernel    grid (B * Hkv, S2)     sparse output from the stored logits: only the
-                                selected V rows are read. Then _decode_combine_kernel.
+    4. _decode_sparse_kernel    grid (B * Hkv, S2)     sparse output from the stored logits (the G
+                                logits of a key are 16 contiguous bytes): only the selected V rows
+                                are read. Then _decode_combine_kernel, one program per (query head,
+                                32 output columns).
 Reuse layer (sparse_attention): _decode_sparse_kernel gathers the K and V rows of the mapped
 anchor head's indices, split over S2 programs per (sequence, KV head), then the combine.
 
-Splits are sized from shapes only (number of SMs, N, Kmax): no recompilation per sequence length
+Splits are sized from the number of SMs and the batch only: no recompilation per sequence length
 (lengths, budgets and counts are runtime values) and no host synchronisation in the hot path, so
 a decode step can be captured in a CUDA graph. Under capture the data-dependent argument checks
 (kv_start and head_map ranges) are skipped; pass kv_start / head_map as device tensors there.
@@ -48,11 +50,10 @@ LOG2E = 1.4426950408889634
 # per_sm: programs per SM that the split count aims at (splits are powers of two).
 CONFIG = {
     "logits": dict(BLOCK_N=128, num_warps=4, num_stages=3, per_sm=4),  # select / sparse-output anchor
-    "logits_dense": dict(BLOCK_N=64, num_warps=4, num_stages=3, per_sm=4),  # anchor with dense output
+    "logits_dense": dict(BLOCK_N=128, num_warps=4, num_stages=2, per_sm=4),  # anchor with dense output
     "select": dict(per_sm=8),  # pool + radix kernels: chunks per row
     "pool": dict(BLOCK=512, num_warps=8),
     "sparse": dict(BLOCK_K=32, num_warps=4, num_stages=2, per_sm=4),
-    "attend": dict(BLOCK=64, num_warps=4, num_stages=2),  # compaction + sparse output of the anchor
     "combine": dict(DBLK=32, num_warps=4),
 }
 
@@ -276,67 +277,6 @@ def _decode_sparse_kernel(Q, K, V, LG, IDX, CNT, HMAP, OP, MP, LP,
     tl.store(OP + prow[:, None] * DVP + dv[None, :], acc, mask=gm[:, None])
 
 
-@triton.jit(do_not_specialize=["N", "CHUNK", "KMAX"])
-def _decode_compact_attend_kernel(S, H, H4S, GT, KB, START32, IDX, LG, V, OP, MP, LP,
-                                  N, stride_s, stride_i, CHUNK, KMAX, stride_lg, svb, svh, svn, HKV,
-                                  G: tl.constexpr, GPAD: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
-                                  NCHUNK: tl.constexpr, BLOCK: tl.constexpr, DOT_PREC: tl.constexpr,
-                                  UPCAST: tl.constexpr):
-    """Radix compaction of one chunk fused with the anchor's sparse output over the chunk's selected keys.
-
-    The scores come from the stored logits, so V is the only cache tensor read, and only at the
-    selected rows (masked loads). Writes the chunk's flash-decoding partials; NCHUNK splits.
-    """
-    tl.static_assert(GPAD >= 16 and GPAD >= G)
-    row = tl.program_id(0)
-    c = tl.program_id(1)
-    b = row // HKV
-    h = row % HKV
-    kk = tl.load(KB + b)
-    start = tl.load(START32 + b)
-    thr, r, gt_base, eq_base, gt_total = ts._compact_setup(H + row * 1024, H4S + row * NCHUNK * 128,
-                                                           GT + row * NCHUNK, c, kk, NCHUNK)
-    lo = tl.maximum(c * CHUNK, start)
-    hi = tl.minimum(c * CHUNK + CHUNK, N)
-    s_row = S + row.to(tl.int64) * stride_s
-    i_row = IDX + row.to(tl.int64) * stride_i
-    lg_row = LG + row.to(tl.int64) * stride_lg
-    v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
-    g = tl.arange(0, GPAD)
-    gm = g < G
-    dv = tl.arange(0, DVP)
-    m_i = tl.full([GPAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([GPAD], tl.float32)
-    acc = tl.zeros([GPAD, DVP], tl.float32)
-    for n0 in range(lo, hi, BLOCK):
-        offs = n0 + tl.arange(0, BLOCK)
-        valid = offs < hi
-        key = tl.load(s_row + offs, mask=valid, other=0.0).to(tl.int32, bitcast=True)
-        take, slot, n_gt, n_eq = ts._compact_block(key, offs, valid, thr, r, gt_base, eq_base, gt_total)
-        tl.store(i_row + slot, offs, mask=take)
-        gt_base += n_gt
-        eq_base += n_eq
-        x = tl.load(lg_row + offs[None, :] * G + g[:, None], mask=gm[:, None] & take[None, :], other=float("-inf"))
-        x = tl.where(gm[:, None], x, 0.0)  # padding rows stay finite
-        m_new = tl.maximum(m_i, tl.max(x, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key selected yet
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(x - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        vt = tl.load(v_base + offs[:, None].to(tl.int64) * svn + dv[None, :],
-                     mask=take[:, None] & (dv[None, :] < DV), other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, DOT_PREC, UPCAST)
-        m_i = m_new
-    prow = (row * G + g) * NCHUNK + c
-    tl.store(MP + prow, m_i, mask=gm)
-    tl.store(LP + prow, l_i, mask=gm)
-    tl.store(OP + prow[:, None] * DVP + dv[None, :], acc, mask=gm[:, None])
-    if c == NCHUNK - 1:  # padding slots [k, KMAX) get -1
-        for j0 in range(kk, KMAX, BLOCK):
-            offs = j0 + tl.arange(0, BLOCK)
-            tl.store(i_row + offs, tl.full([BLOCK], -1, tl.int32), mask=offs < KMAX)
-
-
 @triton.jit
 def _decode_combine_kernel(OP, MP, LP, OUT, sob, soh, HQ,
                            DV: tl.constexpr, DVP: tl.constexpr, NSPLIT: tl.constexpr, DBLK: tl.constexpr):
@@ -459,26 +399,14 @@ def _anchor_pass(q, k, v, rho, k_min, tile, kv_start, scale, output):
         lg, mp, lp, scores, ws.hist, start32, N, lg.stride(0), ln, chunk, HKV,
         G=dm["G"], GP=_pow2(dm["G"]), NSPLIT=s1, BLOCK=cp["BLOCK"], num_warps=cp["num_warps"])
     idx = torch.empty(R, kmax, dtype=torch.int32, device=dev)
+    ts.radix_levels(scores, N, ws, counts, start32, HKV, nchunk, chunk, idx, first_level=2)
     sel = Selection(idx.view(B, HKV, 1, kmax), counts, first_tile, tile, True)
-    if output != "sparse":
-        ts.radix_levels(scores, N, ws, counts, start32, HKV, nchunk, chunk, idx, first_level=2)
-        if output is None:
-            return None, sel
-        out = torch.empty(B, HQ, 1, dm["DV"], dtype=q.dtype, device=dev)
-        return _combine(op, mp, lp, out, dm, s1), sel
-    # sparse output: the compaction attends to the keys it selects
-    ts.radix_levels(scores, N, ws, counts, start32, HKV, nchunk, chunk, None, first_level=2)
-    op2 = torch.empty(B * HQ, nchunk, dm["DVP"], dtype=torch.float32, device=dev)
-    mp2 = torch.empty(B * HQ, nchunk, dtype=torch.float32, device=dev)
-    lp2 = torch.empty_like(mp2)
-    ca = CONFIG["attend"]
-    _decode_compact_attend_kernel[(R, nchunk)](
-        scores, ws.hist, ws.h4, ws.gt, counts, start32, idx, lg, v, op2, mp2, lp2,
-        N, ln, kmax, chunk, kmax, lg.stride(0), v.stride(0), v.stride(1), v.stride(2), HKV,
-        G=dm["G"], GPAD=dm["GPAD"], DV=dm["DV"], DVP=dm["DVP"], NCHUNK=nchunk, BLOCK=ca["BLOCK"],
-        DOT_PREC=_dot_prec(q), UPCAST=_upcast(q), num_warps=ca["num_warps"], num_stages=ca["num_stages"])
+    if output is None:
+        return None, sel
     out = torch.empty(B, HQ, 1, dm["DV"], dtype=q.dtype, device=dev)
-    return _combine(op2, mp2, lp2, out, dm, nchunk), sel
+    if dense:
+        return _combine(op, mp, lp, out, dm, s1), sel
+    return _sparse(q, k, v, idx, (kmax * HKV, kmax, 1), counts, None, scale, out, dm, kmax, logits=lg), sel
 
 
 def _sparse(q, k, v, idx, idx_strides, counts, head_map, scale, out, dm, kmax, logits=None):

@@ -235,11 +235,11 @@ class RadixWorkspace:
         self.gt = torch.empty(rows, nchunk, dtype=torch.int32, device=device)
 
 
-def radix_levels(scores, n_keys, ws, k_b, start_b, rows_per_b, nchunk, chunk, out=None, first_level=1):
-    """Levels first_level..4 and (if out is given) the compaction over scores [R, >= n_keys].
+def radix_levels(scores, n_keys, ws, k_b, start_b, rows_per_b, nchunk, chunk, out, first_level=1):
+    """Levels first_level..4 and the compaction over scores [R, >= n_keys] (row stride scores.stride(0)).
 
     ws.hist must hold zeros (a fused kernel may have filled level 1); out [R, KMAX] int32 receives
-    the positions. Without out, a fused kernel of the caller compacts (see _compact_setup/_block).
+    the positions.
     """
     rows = scores.shape[0]
     grid = (rows, nchunk)
@@ -248,8 +248,6 @@ def radix_levels(scores, n_keys, ws, k_b, start_b, rows_per_b, nchunk, chunk, ou
                                  LEVEL=level, BLOCK=BLOCK_SEL, num_warps=4)
     _radix_last_kernel[grid](scores, ws.hist, ws.h4, ws.gt, k_b, start_b, n_keys, scores.stride(0), chunk,
                              rows_per_b, NCHUNK=nchunk, BLOCK=BLOCK_SEL, num_warps=4)
-    if out is None:
-        return None
     _radix_compact_kernel[grid](scores, ws.hist, ws.h4, ws.gt, k_b, start_b, out, n_keys, scores.stride(0),
                                 out.stride(0), chunk, rows_per_b, out.shape[1], NCHUNK=nchunk, BLOCK=BLOCK_SEL,
                                 num_warps=4)
