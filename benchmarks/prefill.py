@@ -21,9 +21,7 @@ for short calls). TFLOP/s: dense 4 * Hq * D * N(N+1)/2; sparse counts the attend
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import math
 import os
 import platform
 import statistics
