@@ -86,7 +86,14 @@ def reuse(q, k, v, selection, head_map=None, kv_start=None, scale=None, backend:
 
 
 def anchor(q, k, v, rho, k_min, tile, kv_start=None, scale=None, dense_output=False, backend: str = "auto"):
-    """Select the top-k keys, then attend to them (or densely). Returns (out, selection)."""
+    """Select the top-k keys, then attend to them (or densely). Returns (out, selection).
+
+    A kernel module with its own fused `anchor` (one pass over K for logits, selection and output) is
+    used as such."""
+    mod = _use_triton(q, backend, _mode(q))
+    if mod is not None and hasattr(mod, "anchor"):
+        return mod.anchor(q, k, v, rho=rho, k_min=k_min, tile=tile, kv_start=kv_start, scale=scale,
+                          dense_output=dense_output)
     sel = select(q, k, rho, k_min, tile, kv_start=kv_start, scale=scale, backend=backend)
     if dense_output:
         return dense(q, k, v, kv_start=kv_start, scale=scale, backend=backend), sel
