@@ -25,10 +25,10 @@ def _timed(fn):
 
 def _needle_prompt(tokenizer, length: int, seed: int):
     """(input_ids [1, n], expected answer) from the evaluation templates, if they are available."""
-    from kascade.eval import tasks
+    from kascade.eval.tasks import make_task
 
-    sample = tasks.generate("niah_single", tokenizer, length, seed=seed)
-    return torch.tensor([sample.input_ids]), sample.answers
+    sample = make_task("niah_single", length, tokenizer, seed=seed)
+    return tokenizer(sample.prompt, return_tensors="pt").input_ids, sample.answers
 
 
 def run_demo(model_dir=None, plan_path=None, length: int = 4096, new_tokens: int = 16, seed: int = 7,
@@ -40,10 +40,7 @@ def run_demo(model_dir=None, plan_path=None, length: int = 4096, new_tokens: int
         model, tok = load_model(model_dir, device=device)
         plan = Plan.load(plan_path or TINY_PLAN)
         label = f"{model_dir} (trained weights)"
-        try:
-            ids, answers = _needle_prompt(tok, length, seed)
-        except (ImportError, AttributeError):
-            ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(seed))
+        ids, answers = _needle_prompt(tok, length, seed)
     else:
         model, tok = random_model(), None
         L = model.config.num_hidden_layers
@@ -78,11 +75,12 @@ def run_demo(model_dir=None, plan_path=None, length: int = 4096, new_tokens: int
         dense_text = tok.decode(dense_out, skip_special_tokens=True)
         kas_text = tok.decode(kas_out, skip_special_tokens=True)
         result.update(dense_text=dense_text, kascade_text=kas_text)
-        printer(f"dense answer:   {dense_text!r}")
-        printer(f"kascade answer: {kas_text!r}")
         if answers:
-            printer(f"expected:       {answers!r}")
-            result["expected"] = answers
+            ok = {name: all(a in text for a in answers) for name, text in (("dense", dense_text), ("kascade", kas_text))}
+            result.update(expected=answers, dense_correct=ok["dense"], kascade_correct=ok["kascade"])
+            printer(f"expected:       {' / '.join(answers)}")
+        printer(f"dense answer:   {dense_text!r}" + (f"  ({'correct' if ok['dense'] else 'wrong'})" if answers else ""))
+        printer(f"kascade answer: {kas_text!r}" + (f"  ({'correct' if ok['kascade'] else 'wrong'})" if answers else ""))
     if dev.type == "cpu":
         printer("(CPU runs the pure-PyTorch reference: it shows agreement, not the GPU kernels' speed)")
     return result

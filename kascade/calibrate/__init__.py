@@ -129,7 +129,8 @@ def save_plots(report: dict, out_dir) -> list[str]:
     fig.savefig(p1, dpi=120)
     plt.close(fig)
     sim = report["similarity"]
-    mm = np.triu(sim.max(axis=2).mean(axis=2))
+    mm = sim.max(axis=2).mean(axis=2)
+    mm = np.ma.masked_where(np.tril(np.ones_like(mm, dtype=bool), -1), mm)  # only a <= b is defined
     fig, ax = plt.subplots(figsize=(5, 4.2))
     im = ax.imshow(mm, vmin=0, vmax=1, cmap="viridis")
     ax.set(xlabel="layer b (reusing)", ylabel="layer a (anchor)",
