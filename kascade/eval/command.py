@@ -236,11 +236,13 @@ def _check_identity(out: Path, identity: dict) -> None:
 
 
 def _jobs(setup: _Setup, samples: int) -> list[tuple]:
+    """(task, length, budget, strategy, sample), sample-major: a run cut short still fills every cell."""
     jobs = []
-    for task in setup.tasks:
-        n = min(samples, len(setup.longbench[task][1])) if task in setup.longbench else samples
-        for length in setup.lengths:
-            for i in range(n):
+    for i in range(samples):
+        for task in setup.tasks:
+            if task in setup.longbench and i >= len(setup.longbench[task][1]):
+                continue
+            for length in setup.lengths:
                 for strategy in setup.strategies:
                     for budget in ([None] if strategy == "dense" else setup.budgets):
                         jobs.append((task, length, budget, strategy, i))
