@@ -79,6 +79,9 @@ def test_run_resume_and_outputs(files, tmp_path, monkeypatch):
     calls.clear()
     assert command.run(_args(files, out, samples=2)) == 0
     assert calls == []
+    # a report of more samples than were run: nothing runs, cells say how many they hold
+    assert command.run(_args(files, out, samples=5, report_only=True)) == 0
+    assert calls == [] and "(2 samples per cell)" in (out / "summary.md").read_text()
     rows = command.read_results(out / "results.jsonl")
     assert all(0.0 <= r["score"] <= 1.0 for r in rows)
     assert {r["budget"] for r in rows if r["strategy"] == "dense"} == {None}

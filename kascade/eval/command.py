@@ -19,6 +19,8 @@ of the example's dataset, with LongBench's generation lengths (capped by --max-n
 
 A rerun with the same --out skips the keys already in results.jsonl (resume after an interruption, or
 add samples, tasks, lengths, budgets or strategies); a different model, plan or setting is refused.
+Jobs run sample by sample, so a run cut short still fills every cell; --report-only rewrites the
+summary and plots from what is there (cells then say how many samples they hold).
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="auto", choices=["auto", "reference", "triton"])
     parser.add_argument("--no-coverage", action="store_true", help="skip the attention-mass coverage plot")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads of torch (default: torch's choice)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: write the summary and plots of the results already in --out")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
 
@@ -292,7 +296,7 @@ def run(args) -> int:
     results_path = setup.out / "results.jsonl"
     done = {_key(r) for r in read_results(results_path)}
     jobs = _jobs(setup, args.samples)
-    todo = [j for j in jobs if j not in done]
+    todo = [] if getattr(args, "report_only", False) else [j for j in jobs if j not in done]
 
     model = tok = None
     samples: dict = {}
@@ -306,7 +310,8 @@ def run(args) -> int:
                 samples[task, length, i] = TK.make_task(task, length, tok, i, haystack=args.haystack, text=setup.text)
         return samples[task, length, i]
 
-    if todo or not (setup.out / "coverage.json").is_file():
+    want_coverage = not getattr(args, "no_coverage", False) and not (setup.out / "coverage.json").is_file()
+    if todo or want_coverage:
         model, tok = load_model(setup.model_dir, args.device, args.dtype)
         for task in setup.tasks:  # fail early on a length a task cannot reach
             for length in setup.lengths:
@@ -336,7 +341,7 @@ def run(args) -> int:
     (setup.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (setup.out / "summary.md").write_text(report.markdown(summary))
     report.plot_accuracy(summary, setup.out / "accuracy_vs_budget.png")
-    if not getattr(args, "no_coverage", False) and not (setup.out / "coverage.json").is_file():
+    if want_coverage:
         _coverage(setup, model, tok, sample_of, args)
     print(f"kascade eval: {len(todo)} new runs, {len(rows)} in the grid; summary in {setup.out / 'summary.md'}")
     return 0
