@@ -8,10 +8,16 @@ a human-readable JSON file:
      "anchors": [0, 2, 8, 13, 14],
      "head_map": [[0, 1, ...], ...],        # one list of KV-head indices per layer; null = identity
      "rho": 0.1, "k_min": 128, "tile": 32,
+     "tp_degree": 1,                        # the map stays inside shards of this many ranks (optional)
      "provenance": {"data": ..., "num_prompts": ..., "prompt_tokens": ..., "date": ..., "kascade_version": ...}}
 
 Layer l (not an anchor) reuses the anchor a(l) = max{a in anchors: a < l}; its KV head h attends to
 the keys the anchor selected for KV head head_map[l][h]. Anchors' own rows of head_map are identity.
+
+Tensor parallelism: with TP ranks, rank r holds the contiguous block of KV heads
+[r * Hkv/TP, (r+1) * Hkv/TP). A plan calibrated with `tp_degree` maps every head inside its own block,
+so each rank runs Kascade on its heads alone. A map that stays inside blocks of TP also does inside
+blocks of any divisor of TP; `validate(config, tp_degree=...)` checks the map itself.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ class Plan:
     tile: int = 32
     model: dict | None = None
     provenance: dict = field(default_factory=dict)
+    tp_degree: int = 1
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self):
@@ -73,11 +80,27 @@ class Plan:
     def is_anchor(self, layer: int) -> bool:
         return layer in self.anchors
 
-    def kv_head_map(self, layer: int, num_kv_heads: int) -> list[int]:
-        """KV-head map of `layer` (identity when the plan has none)."""
+    def kv_head_map(self, layer: int, num_kv_heads: int, tp_rank: int | None = None) -> list[int]:
+        """KV-head map of `layer` (identity when the plan has none).
+
+        `num_kv_heads` below the plan's count means the caller holds one tensor-parallel shard of
+        Hkv / num_kv_heads ranks: the map is then the rank's rows, re-based to its local heads. The
+        rank is `tp_rank`, or when None the torch.distributed rank modulo the TP degree (TP innermost
+        in the process layout, as in transformers' device mesh)."""
         if self.head_map is None or self.is_anchor(layer):
             return list(range(num_kv_heads))
-        return self.head_map[layer]
+        hkv = len(self.head_map[layer])
+        if num_kv_heads == hkv:
+            return self.head_map[layer]
+        if num_kv_heads < 1 or hkv % num_kv_heads:
+            raise ValueError(f"num_kv_heads: expected the plan's {hkv} KV heads or a shard of them (a divisor), "
+                             f"got {num_kv_heads}")
+        tp = hkv // num_kv_heads
+        if tp_rank is None:
+            from kascade.distributed import default_tp_rank
+
+            tp_rank = default_tp_rank(tp)
+        return local_head_map(self.head_map[layer], tp, tp_rank, layer=layer)
 
     # -- checks --------------------------------------------------------------------------------
     def check(self) -> None:
@@ -88,6 +111,8 @@ class Plan:
         check_budget(self.rho, self.k_min)
         if isinstance(self.tile, bool) or not isinstance(self.tile, int) or self.tile < 1:
             raise ValueError(f"tile: expected an integer >= 1, got {self.tile!r}")
+        if isinstance(self.tp_degree, bool) or not isinstance(self.tp_degree, int) or self.tp_degree < 1:
+            raise ValueError(f"tp_degree: expected an integer >= 1, got {self.tp_degree!r}")
         if not self.anchors or self.anchors[0] != 0:
             raise ValueError(f"anchors: expected a list starting with layer 0 (always dense and an anchor), "
                              f"got {self.anchors}")
@@ -110,9 +135,13 @@ class Plan:
                     raise ValueError(f"head_map: layer {layer} has values outside [0, {hkv}): {row}")
                 if layer in self.anchors and row != list(range(hkv)):
                     raise ValueError(f"head_map: anchor layer {layer} must map heads to themselves, got {row}")
+            check_tp_degree(self.head_map, self.tp_degree, what="tp_degree")
+        elif self.model is not None:
+            check_tp_degree(None, self.tp_degree, num_kv_heads=self.model["num_kv_heads"], what="tp_degree")
 
-    def validate(self, model_config) -> None:
-        """Raise ValueError unless this plan fits the model of `model_config`."""
+    def validate(self, model_config, tp_degree: int | None = None) -> None:
+        """Raise ValueError unless this plan fits the model of `model_config`, run on `tp_degree`
+        tensor-parallel ranks when given (KV heads divisible by it, head map inside its shards)."""
         fp = model_fingerprint(model_config)
         if self.model is not None:
             diff = {k: (self.model.get(k), fp[k]) for k in ("num_layers", "num_q_heads", "num_kv_heads", "head_dim")
@@ -127,6 +156,8 @@ class Plan:
             if len(self.head_map) != fp["num_layers"] or len(self.head_map[0]) != fp["num_kv_heads"]:
                 raise ValueError(f"head_map: expected {fp['num_layers']} rows of {fp['num_kv_heads']} KV heads, "
                                  f"got {len(self.head_map)} rows of {len(self.head_map[0])}")
+        if tp_degree is not None:
+            check_tp_degree(self.head_map, tp_degree, num_kv_heads=fp["num_kv_heads"])
 
     # -- construction and files ----------------------------------------------------------------
     @classmethod
@@ -141,7 +172,7 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict) -> Plan:
-        known = {"anchors", "head_map", "rho", "k_min", "tile", "model", "provenance", "schema_version"}
+        known = {"anchors", "head_map", "rho", "k_min", "tile", "model", "provenance", "tp_degree", "schema_version"}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"plan: unknown fields {sorted(unknown)}; expected only {sorted(known)}")
@@ -173,6 +204,57 @@ class Plan:
         except json.JSONDecodeError as e:
             raise ValueError(f"plan: {path} is not valid JSON ({e})") from e
         return cls.from_dict(d)
+
+
+def shard_of(head: int, num_kv_heads: int, tp_degree: int) -> int:
+    """The rank holding KV head `head` when `num_kv_heads` are split in contiguous blocks over `tp_degree`."""
+    return head // (num_kv_heads // tp_degree)
+
+
+def crossing_heads(head_map, tp_degree: int) -> list[tuple[int, int, int]]:
+    """(layer, head, mapped head) for every entry of `head_map` that leaves its head's shard."""
+    if head_map is None:
+        return []
+    hkv = len(head_map[0])
+    return [(layer, h, m) for layer, row in enumerate(head_map) for h, m in enumerate(row)
+            if shard_of(h, hkv, tp_degree) != shard_of(m, hkv, tp_degree)]
+
+
+def check_tp_degree(head_map, tp_degree, num_kv_heads: int | None = None, what: str = "tp_degree") -> None:
+    """ValueError unless `tp_degree` divides the KV heads and `head_map` stays inside its shards."""
+    if isinstance(tp_degree, bool) or not isinstance(tp_degree, int) or tp_degree < 1:
+        raise ValueError(f"{what}: expected an integer >= 1, got {tp_degree!r}")
+    hkv = len(head_map[0]) if head_map else num_kv_heads
+    if hkv is None:
+        return
+    if hkv % tp_degree:
+        raise ValueError(f"{what}: the model's {hkv} KV heads do not split over {tp_degree} tensor-parallel ranks; "
+                         f"use a TP degree dividing {hkv}")
+    bad = crossing_heads(head_map, tp_degree)
+    if bad:
+        layer, h, m = bad[0]
+        size = hkv // tp_degree
+        raise ValueError(f"head_map: crosses tensor-parallel shards at TP degree {tp_degree} ({len(bad)} entries; "
+                         f"first: layer {layer} KV head {h} on rank {h // size} reuses head {m} on rank {m // size}); "
+                         f"re-calibrate with `kascade calibrate --tp-degree {tp_degree}` (or a multiple of it)")
+
+
+def local_head_map(row: list[int], tp_degree: int, rank: int, layer: int | None = None) -> list[int]:
+    """Rank `rank`'s slice of one head-map row (of layer `layer`), re-based to its local KV heads
+    0 .. Hkv/TP - 1. ValueError if a head of the slice maps outside the rank's shard."""
+    hkv = len(row)
+    check_tp_degree(None, tp_degree, num_kv_heads=hkv)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < tp_degree:
+        raise ValueError(f"tp_rank: expected an integer in [0, {tp_degree}), got {rank!r}")
+    size = hkv // tp_degree
+    lo = rank * size
+    local = [m - lo for m in row[lo : lo + size]]
+    if any(not 0 <= m < size for m in local):
+        where = "" if layer is None else f" of layer {layer}"
+        raise ValueError(f"head_map: the row{where} {row} crosses tensor-parallel shards at TP degree {tp_degree} "
+                         f"(rank {rank} holds KV heads [{lo}, {lo + size})); re-calibrate with "
+                         f"`kascade calibrate --tp-degree {tp_degree}`")
+    return local
 
 
 def uniform_anchors(num_layers: int, num_anchors: int) -> list[int]:
