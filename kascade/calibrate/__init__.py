@@ -4,6 +4,11 @@
     plan.save("plan.json"); save_plots(report, "plots/")
 
 `calibrate(...)` returns the plan alone.
+
+Tensor parallelism (`tp_degree=TP`): KV heads are split over TP ranks in contiguous blocks of
+Hkv/TP, and each head may only borrow the indices of an anchor head of its own block (so no rank
+needs another rank's selection; see kascade.distributed). The layer scores, hence the anchors, use
+the same constrained best head; `report["tp"]` gives what the constraint costs.
 """
 
 from __future__ import annotations
@@ -19,24 +24,63 @@ from kascade.calibrate.dp import best_anchors, values_by_count
 from kascade.plan import Plan, model_fingerprint
 
 
-def layer_scores(sim: np.ndarray, importance: np.ndarray) -> np.ndarray:
-    """S[a, b] = w_b * mean over hb of max over ha of sim[a, b, ha, hb], for a <= b (0 below)."""
+def _check_tp_degree(tp_degree, num_kv_heads: int) -> None:
+    if isinstance(tp_degree, bool) or not isinstance(tp_degree, int) or tp_degree < 1 or num_kv_heads % tp_degree:
+        raise ValueError(f"tp_degree: expected an integer >= 1 dividing the model's {num_kv_heads} KV heads, "
+                         f"got {tp_degree!r}")
+
+
+def shard_masked(sim: np.ndarray, tp_degree: int = 1) -> np.ndarray:
+    """sim [L, L, H, H] with sim[a, b, ha, hb] = -inf where ha and hb sit on different TP ranks."""
+    H = sim.shape[2]
+    _check_tp_degree(tp_degree, H)
+    if tp_degree == 1:
+        return sim
+    shard = np.arange(H) // (H // tp_degree)
+    return np.where(shard[:, None] == shard[None, :], sim, -np.inf)
+
+
+def layer_scores(sim: np.ndarray, importance: np.ndarray, tp_degree: int = 1) -> np.ndarray:
+    """S[a, b] = w_b * mean over hb of max over ha of sim[a, b, ha, hb], for a <= b (0 below).
+    With tp_degree > 1 the max runs over the ha of hb's shard only."""
     L = sim.shape[0]
-    best = sim.max(axis=2).mean(axis=2)  # [L, L]
+    best = shard_masked(sim, tp_degree).max(axis=2).mean(axis=2)  # [L, L]
     return np.triu(best * importance[None, :]) if L else best
 
 
-def head_map_for(sim: np.ndarray, anchors: list[int]) -> list[list[int]]:
-    """m_b(hb) = argmax over ha of sim[a(b), b, ha, hb]; identity for anchors."""
+def head_map_for(sim: np.ndarray, anchors: list[int], tp_degree: int = 1) -> list[list[int]]:
+    """m_b(hb) = argmax over ha of sim[a(b), b, ha, hb]; identity for anchors. With tp_degree > 1
+    the argmax runs over hb's shard: the contiguous block of H / tp_degree heads holding hb."""
     L, H = sim.shape[0], sim.shape[2]
+    masked = shard_masked(sim, tp_degree)
     rows = []
     for b in range(L):
         if b in anchors:
             rows.append(list(range(H)))
         else:
             a = max(x for x in anchors if x < b)
-            rows.append([int(x) for x in sim[a, b].argmax(axis=0)])
+            rows.append([int(x) for x in masked[a, b].argmax(axis=0)])
     return rows
+
+
+def map_coverage(sim: np.ndarray, anchors: list[int], head_map: list[list[int]]) -> float:
+    """Mean over reuse layers b and heads hb of sim[a(b), b, m_b(hb), hb] (1.0 with no reuse layer)."""
+    vals = [sim[max(x for x in anchors if x < b), b, m, hb]
+            for b, row in enumerate(head_map) if b not in anchors for hb, m in enumerate(row)]
+    return float(np.mean(vals)) if vals else 1.0
+
+
+def tp_loss(sim: np.ndarray, importance: np.ndarray, num_anchors: int, tp_degree: int) -> dict:
+    """What restricting the head map to TP shards costs: the anchor objective and the mean coverage
+    of the chosen head (over reuse layers and heads), each with and without the restriction."""
+    anchors, value = best_anchors(layer_scores(sim, importance, tp_degree), num_anchors)
+    anchors1, value1 = best_anchors(layer_scores(sim, importance), num_anchors)
+    cov = map_coverage(sim, anchors, head_map_for(sim, anchors, tp_degree))
+    cov_free = map_coverage(sim, anchors, head_map_for(sim, anchors))  # same anchors, free map
+    return {"tp_degree": tp_degree, "anchors": anchors, "anchors_unconstrained": anchors1,
+            "objective": value, "objective_unconstrained": value1,
+            "objective_loss": 1.0 - value / value1 if value1 > 0 else 0.0,
+            "coverage": cov, "coverage_unconstrained": cov_free, "coverage_loss": cov_free - cov}
 
 
 def _decoder_layers(model):
@@ -59,12 +103,16 @@ def _tokenize(texts, tokenizer, max_length):
 
 def calibrate_report(model, texts, num_anchors: int, tokenizer=None, max_length: int | None = None,
                      rho: float = 0.1, k_min: int = 128, tile: int = 32, topk: int = 64, data_name: str = "",
-                     backend: str = "auto", progress: bool = True) -> tuple[Plan, dict]:
-    """Run the dense model on `texts`, collect statistics, choose anchors (exact DP) and head map."""
+                     backend: str = "auto", progress: bool = True, tp_degree: int = 1) -> tuple[Plan, dict]:
+    """Run the dense model on `texts`, collect statistics, choose anchors (exact DP) and head map.
+
+    `tp_degree`: keep the head map inside the shards of that many tensor-parallel ranks (see the
+    module docstring); `report["tp"]` then holds the loss against an unconstrained map."""
     import kascade
 
     cfg = model_fingerprint(model.config)
     L, H = cfg["num_layers"], cfg["num_kv_heads"]
+    _check_tp_degree(tp_degree, H)
     if isinstance(num_anchors, bool) or not isinstance(num_anchors, int) or not 1 <= num_anchors <= L:
         raise ValueError(f"num_anchors: expected an integer in 1..{L} (the model's layers), got {num_anchors!r}")
     prompts = _tokenize(texts, tokenizer, max_length)
@@ -86,18 +134,21 @@ def calibrate_report(model, texts, num_anchors: int, tokenizer=None, max_length:
         bar.close()
     sim = strategy.similarity()
     importance = hooks.importance()
-    score = layer_scores(sim, importance)
+    score = layer_scores(sim, importance, tp_degree)
     anchors, value = best_anchors(score, num_anchors)
-    plan = Plan(
-        anchors=anchors, head_map=head_map_for(sim, anchors), rho=rho, k_min=k_min, tile=tile, model=cfg,
-        provenance={
-            "data": data_name, "num_prompts": len(prompts), "prompt_tokens": [len(p) for p in prompts],
-            "calibration_topk": topk, "date": _dt.date.today().isoformat(), "kascade_version": kascade.__version__,
-            "objective": value,
-        },
-    )
+    provenance = {
+        "data": data_name, "num_prompts": len(prompts), "prompt_tokens": [len(p) for p in prompts],
+        "calibration_topk": topk, "date": _dt.date.today().isoformat(), "kascade_version": kascade.__version__,
+        "objective": value,
+    }
+    loss = tp_loss(sim, importance, num_anchors, tp_degree)
+    if tp_degree > 1:
+        provenance.update(objective_unconstrained=loss["objective_unconstrained"], coverage=loss["coverage"],
+                          coverage_unconstrained=loss["coverage_unconstrained"])
+    plan = Plan(anchors=anchors, head_map=head_map_for(sim, anchors, tp_degree), rho=rho, k_min=k_min, tile=tile,
+                model=cfg, provenance=provenance, tp_degree=tp_degree)
     report = {"similarity": sim, "importance": importance, "score": score,
-              "values_by_count": values_by_count(score), "anchors": anchors}
+              "values_by_count": values_by_count(score), "anchors": anchors, "tp": loss}
     return plan, report
 
 
