@@ -47,10 +47,15 @@ def cmd_calibrate(args) -> int:
     prompts = _read_prompts(Path(args.data), tok, args.length, args.num_prompts)
     plan, report = calibrate_report(model, prompts, args.anchors, tokenizer=tok, max_length=args.length,
                                     rho=args.rho, k_min=args.k_min, tile=args.tile, topk=args.topk,
-                                    data_name=str(args.data))
+                                    data_name=str(args.data), tp_degree=args.tp_degree)
     plan.save(args.output)
     plots = save_plots(report, args.plots or Path(args.output).with_suffix(""))
     print(f"anchors {plan.anchors}; plan written to {args.output}; plots: {', '.join(plots)}")
+    if args.tp_degree > 1:
+        tp = report["tp"]
+        print(f"tp_degree {args.tp_degree}: head map kept inside shards; objective {tp['objective']:.4f} vs "
+              f"{tp['objective_unconstrained']:.4f} unconstrained ({100 * tp['objective_loss']:.2f}% lost), mean "
+              f"coverage {tp['coverage']:.4f} vs {tp['coverage_unconstrained']:.4f}")
     return 0
 
 
@@ -105,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile", type=int, default=32)
     p.add_argument("--topk", type=int, default=64, help="top-k size of the calibration statistics (default 64)")
     p.add_argument("--plots", help="folder for the PNG plots (default: next to the plan)")
+    p.add_argument("--tp-degree", type=int, default=1,
+                   help="tensor-parallel ranks the plan must run on: the head map stays inside each rank's "
+                        "KV heads (default 1)")
     _add_runtime(p)
     p.set_defaults(func=cmd_calibrate)
 
