@@ -13,6 +13,7 @@ Steps (each a module with a command-line entry):
 * :mod:`kascade.tiny.synthetic` - seeded generators of retrieval documents.
 * :mod:`kascade.tiny.train` - train the model (GPU).
 * :mod:`kascade.tiny.evaluate` - perplexity and retrieval accuracy.
+* :mod:`kascade.tiny.report` - results files and model card.
 """
 
 from pathlib import Path

@@ -19,7 +19,7 @@ fast tokenizer with bos/eos.
 Command line::
 
     python -m kascade.tiny.tokenizer train [--out .data/tokenizer]
-    python -m kascade.tiny.tokenizer pretokenize [--max-tokens N]
+    python -m kascade.tiny.tokenizer pretokenize [--max-tokens N] [--carry .data/carry]
 """
 
 from __future__ import annotations
@@ -175,6 +175,18 @@ def pretokenize(tok_dir: Path, data_dir: Path = DATA_DIR, max_tokens: int | None
     return stats
 
 
+def write_carry(dest: Path, tok_dir: Path, data_dir: Path = DATA_DIR, name: str = "train_tokens.npy") -> None:
+    """Bundle what training needs: the xz-compressed token array and the tokenizer."""
+    import lzma
+    import shutil
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    with open(Path(data_dir) / name, "rb") as f, lzma.open(dest / (name + ".xz"), "wb", preset=6) as g:
+        shutil.copyfileobj(f, g, 1 << 24)
+    shutil.copytree(tok_dir, dest / "tokenizer", dirs_exist_ok=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="kascade-tiny tokenizer")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -188,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--tokenizer", type=Path, default=DATA_DIR / "tokenizer")
     b.add_argument("--data-dir", type=Path, default=DATA_DIR)
     b.add_argument("--max-tokens", type=int, default=None)
+    b.add_argument("--carry", type=Path, default=None,
+                   help="also write DIR/train_tokens.npy.xz and DIR/tokenizer/ (what training reads)")
     args = ap.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     if args.cmd == "train":
@@ -197,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"vocab": len(fast), "heldout_chars_per_token": len(held) / n}))
     else:
         print(json.dumps(pretokenize(args.tokenizer, args.data_dir, args.max_tokens)))
+        if args.carry is not None:
+            write_carry(args.carry, args.tokenizer, args.data_dir)
     return 0
 
 

@@ -16,10 +16,12 @@ Optimisation: AdamW (betas 0.9/0.95, weight decay 0.1 on matrices), linear
 warmup then cosine decay to 10% driven by the wall-clock budget
 (``--minutes``), bf16 autocast, SDPA attention, gradient clipping at 1.
 
-At the end: single-needle retrieval accuracy at 4K and 8K and variable
-tracking at 8K on evaluation seeds, then ``save_pretrained`` in bf16 with
-15 MB shards plus the tokenizer. The loss is logged every ``--log-every``
-steps to ``loss.jsonl`` in the output folder.
+At the end: ``save_pretrained`` in bf16 with 15 MB shards plus the
+tokenizer (``DIR/model``), then a quick check of single-needle retrieval at
+4K and 8K and variable tracking at 8K on evaluation seeds, recorded with the
+run's statistics in ``DIR/train_info.json``. The loss is logged every
+``--log-every`` steps to ``DIR/loss.jsonl``. ``--init`` continues from a
+saved model (a second stage with its own schedule and data mixture).
 
 Command line::
 
@@ -248,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-samples", type=int, default=40)
     ap.add_argument("--eval-seconds", type=float, default=60.0)
     ap.add_argument("--pack", action="store_true",
-                    help="also write the weights as <=15 MB shards and the small files as one "
-                         "tar.gz directly in --out (few files to transfer)")
+                    help="write the <=15 MB weight shards and one tar.gz of the other model "
+                         "files directly in --out instead of --out/model (few files to move)")
     args = ap.parse_args(argv)
     T.check_seed(args.seed, "train")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
