@@ -7,7 +7,8 @@ its rank, so anchor selection (per KV head) is local. Reuse moves index sets bet
 through the head map; a plan calibrated with `tp_degree` (`kascade calibrate --tp-degree TP`) maps
 every head inside its own block, so reuse is local too and no rank ever needs another's indices.
 
-    # each rank, after from_pretrained(dir, tp_plan="auto") under torch.distributed
+    # each rank (torchrun), after model = AutoModelForCausalLM.from_pretrained(dir, tp_plan="auto")
+    import kascade.distributed
     plan = Plan.load("plan-tp2.json")
     with kascade.distributed.enable(model, plan):     # detects TP degree and rank from the model
         out = model.generate(ids, max_new_tokens=32)
@@ -20,7 +21,8 @@ Why a constrained map and not an exchange of indices: an all-gather of every anc
 would sit on the critical path of every anchor layer (decode step latency is dominated by small
 collectives), hold all ranks' index sets on each rank, and tie the reuse layers to a collective.
 Restricting the argmax to the shard costs accuracy only where the best anchor head lives on
-another rank; calibration reports that loss (`report["tp"]`), small on the models measured.
+another rank; calibration reports that loss (`report["tp"]`). On kascade-tiny (4 KV heads) TP=2 loses
+0.5% of the anchor objective and 0.019 of mean best-head coverage; TP=4 (no remap left) 1.3% / 0.051.
 """
 
 from __future__ import annotations
