@@ -156,8 +156,8 @@ def _tp_worker(rank, model_dir, port, out_dir):
             res["generate"] = model.generate(ids, max_new_tokens=4, do_sample=False)
         with kascade.distributed.enable(model, plan):  # layout read from the model's device mesh
             res["kascade_mesh"] = model(ids).logits
-        crossing = Plan.from_dict({**plan.to_dict(), "tp_degree": 1, "head_map": [[2, 3, 0, 1] if r != list(range(4)) else r
-                                                                  for r in plan.head_map]})
+        rows = [r if r == list(range(4)) else [2, 3, 0, 1] for r in plan.head_map]
+        crossing = Plan.from_dict({**plan.to_dict(), "tp_degree": 1, "head_map": rows})
         try:
             kascade.distributed.enable(model, crossing)
             res["crossing_error"] = None
