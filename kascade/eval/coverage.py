@@ -8,8 +8,8 @@ pooled over the G query heads of the group, that falls on the keys the strategy 
     decode step:     mass on the selected keys / total mass
 
 summed over the queries of the text (every query weighs the same). A dense layer covers 1. Because the
-oracle takes each tile's exact top-k of this pooled mass, its coverage bounds every other strategy's at
-the same budget, layer by layer.
+oracle takes each tile's exact top-k of this pooled mass, its coverage bounds that of every strategy
+that attends sparsely in the layer at the same budget.
 
     from kascade.eval.coverage import measure, plot
     res = measure(model, ids, {"kascade": make_strategy("kascade", plan, cfg, 0.1, 128), ...}, decode_steps=16)
