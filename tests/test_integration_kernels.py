@@ -38,7 +38,7 @@ def test_kernels_and_reference_agree_through_a_whole_model():
             with kascade.enable(model, plan, backend=backend):
                 logits[backend] = model(ids, attention_mask=mask).logits[:, -120:]  # real rows of both
                 cache = copy.deepcopy(prefill.past_key_values)  # the same cache for both decode steps
-                decode[backend] = model(nxt, attention_mask=dmask, past_key_values=cache).logits
+                decode[backend] = model(nxt, attention_mask=dmask, cache=cache).logits
     # bf16 activations: kernels and reference round differently; measured 0.7% (prefill) and 0.5% (one
     # layer's decode). A wrong selection or mask gives tens of percent.
     assert _rel(logits["reference"], logits["triton"]) < 2e-2
