@@ -58,7 +58,7 @@ def _pooled_reference(q, k, kv_start, tile, scale):
     """{(b, t): [Hkv, tT] float32} reference pooled scores of every tile present in q."""
     kv = R.resolve_kv_start(kv_start, q, k)
     out = {}
-    for b, s, p0, i0 in R._sequences(q, k, kv):
+    for b, s, *_, p0, i0 in R._sequences(q, k, kv):
         for ta, pooled in R.pooled_tile_scores(q[b, :, i0:], k[b, :, s:], p0, tile, scale):
             for u in range(pooled.shape[1]):
                 out[(b, ta + u)] = pooled[:, u, : (ta + u) * tile]

@@ -2,6 +2,8 @@
 
     select(q, k, rho, k_min, tile, kv_start=None, scale=None) -> PrefillSelection (a Selection)
     sparse_attention(q, k, v, selection, head_map=None, kv_start=None, scale=None) -> [B, Hq, Q, Dv]
+    select_paged(q, cache, ...), sparse_attention_paged(q, cache, selection, ...): the same over a
+    paged cache (kascade.kernels.paging.PagedKV: pages resolved inside the kernels)
 
 Same signatures and semantics as `kascade.reference.select` / `sparse_attention` (see that module for
 the layout: q [B, Hq, Q, D], k/v [B, Hkv, N, D], kv_start [B] left padding; tiles of T positions
@@ -39,6 +41,7 @@ from kascade import reference
 from kascade.budget import budget_tensor, check_budget
 from kascade.checks import check_attention_inputs, check_head_map, resolve_kv_start
 from kascade.kernels.prefill_pool import LOG2E, UPCAST_DOT, lse_scratch, mma, pooled_scores_chunk, row_layout
+from kascade.kernels.paging import KVRows, PagedKV, contiguous_rows, row_offsets, seq_span
 from kascade.kernels.prefill_topk import topk_rows_chunk, topk_rows_scratch
 
 DEFAULT_POOL_BYTES = 2**30
@@ -50,9 +53,9 @@ POISON_BUFFERS = False
 
 @dataclass
 class PrefillSelection(reference.Selection):
-    """A Selection that also remembers, on the host, the kv_start it was made for (saves a sync)."""
+    """A Selection that also remembers, on the host, the (starts, lengths) it was made for (saves a sync)."""
 
-    host_starts: tuple = ()
+    host_spans: tuple = ()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,9 +79,9 @@ def _online_update(q, kb, vb, valid, m, l, acc, qk_scale, UPCAST: tl.constexpr):
 
 @triton.jit
 def _sparse_prefill_kernel(
-    Q, K, V, O, IDX, COUNTS, KV_START, HEAD_MAP,
+    Q, K, V, O, IDX, COUNTS, KV_START, KV_END, HEAD_MAP,
     sqb, sqh, sqm,
-    skb, skh, skn,
+    skb, skh, skn, BT, s_bt, PAGE,
     svb, svh, svn,
     sob, soh, som,
     sib, sih, siu,
@@ -86,7 +89,7 @@ def _sparse_prefill_kernel(
     qk_scale, U_RUN, Q_LEN, N_CACHE,
     G: tl.constexpr, TILE: tl.constexpr, T_PAD: tl.constexpr, BLOCK_G: tl.constexpr, NUM_HG: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PAGED: tl.constexpr, HAS_END: tl.constexpr,
 ):
     """O rows of local tile u, heads h*G + hg*BLOCG_G + [0, BLOCK_G): selected keys, then the diagonal tile."""
     tl.static_assert(T_PAD >= TILE)
@@ -96,8 +99,7 @@ def _sparse_prefill_kernel(
     hg = pid % NUM_HG
     h = tl.program_id(1)
     b = tl.program_id(2)
-    s = tl.load(KV_START + b).to(tl.int32)
-    n = N_CACHE - s
+    s, n = seq_span(b, KV_START, KV_END, N_CACHE, HAS_END)
     p0 = n - tl.minimum(Q_LEN, n)
     t = p0 // TILE + u
     if t * TILE < n:
@@ -114,8 +116,6 @@ def _sparse_prefill_kernel(
         dvmask = dv[None, :] < HEAD_DIM_V
         q = tl.load(Q + b.to(tl.int64) * sqb + hq[:, None] * sqh + qrow[:, None] * sqm + d[None, :],
                     mask=row_ok[:, None] & dmask, other=0.0)
-        K_b = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
-        V_b = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
         hm = tl.load(HEAD_MAP + h)
         I_row = IDX + b.to(tl.int64) * sib + hm.to(tl.int64) * sih + u.to(tl.int64) * siu
         cnt = tl.load(COUNTS + b * scb + u)
@@ -126,16 +126,19 @@ def _sparse_prefill_kernel(
         for j0 in range(0, cnt, BLOCK_K):
             jj = j0 + tl.arange(0, BLOCK_K)
             jm = jj < cnt
-            kidx = tl.load(I_row + jj, mask=jm, other=0).to(tl.int64)
-            kb = tl.load(K_b + kidx[:, None] * skn + d[None, :], mask=jm[:, None] & dmask, other=0.0)
-            vb = tl.load(V_b + kidx[:, None] * svn + dv[None, :], mask=jm[:, None] & dvmask, other=0.0)
+            kidx = tl.load(I_row + jj, mask=jm, other=0)
+            koff = row_offsets(b, h, kidx, jm, skb, skh, skn, BT, s_bt, PAGE, PAGED)
+            voff = row_offsets(b, h, kidx, jm, svb, svh, svn, BT, s_bt, PAGE, PAGED)
+            kb = tl.load(K + koff[:, None] + d[None, :], mask=jm[:, None] & dmask, other=0.0)
+            vb = tl.load(V + voff[:, None] + dv[None, :], mask=jm[:, None] & dvmask, other=0.0)
             m, l, acc = _online_update(q, kb, vb, jm[None, :], m, l, acc, qk_scale, UPCAST)
         # the diagonal tile, causally
         kpos = t * TILE + tl.arange(0, T_PAD)
         kok = (tl.arange(0, T_PAD) < TILE) & (kpos < n)
-        kabs = (s + kpos).to(tl.int64)
-        kb = tl.load(K_b + kabs[:, None] * skn + d[None, :], mask=kok[:, None] & dmask, other=0.0)
-        vb = tl.load(V_b + kabs[:, None] * svn + dv[None, :], mask=kok[:, None] & dvmask, other=0.0)
+        koff = row_offsets(b, h, s + kpos, kok, skb, skh, skn, BT, s_bt, PAGE, PAGED)
+        voff = row_offsets(b, h, s + kpos, kok, svb, svh, svn, BT, s_bt, PAGE, PAGED)
+        kb = tl.load(K + koff[:, None] + d[None, :], mask=kok[:, None] & dmask, other=0.0)
+        vb = tl.load(V + voff[:, None] + dv[None, :], mask=kok[:, None] & dvmask, other=0.0)
         causal = kok[None, :] & (kpos[None, :] <= pos[:, None])
         m, l, acc = _online_update(q, kb, vb, causal, m, l, acc, qk_scale, UPCAST)
         out = acc / l[:, None]
@@ -163,18 +166,33 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _host_meta(q, k, kv_start, tile: int):
-    """Per sequence (host ints): kv_start s, first tile, number of local tiles."""
-    bsz, qlen, n_cache = q.shape[0], q.shape[2], k.shape[2]
-    starts = (0,) * bsz if kv_start is None else tuple(int(x) for x in kv_start.tolist())
+def _host_meta(qlen: int, starts: tuple, lengths: tuple, tile: int):
+    """Per sequence (host ints): first tile and number of local tiles of the queries."""
     first, ntiles = [], []
-    for s in starts:
-        n = n_cache - s
+    for s, n in zip(starts, lengths):
         qv = min(qlen, n)
         p0 = n - qv
         first.append(p0 // tile)
         ntiles.append((p0 + qv - 1) // tile - p0 // tile + 1)
-    return starts, tuple(first), tuple(ntiles)
+    return tuple(first), tuple(ntiles)
+
+
+def _contiguous_spans(q, k, kv_start, kv_len):
+    """(kv_start [B] int32 and kv_end [B] int32 or None on device, host starts, host lengths)."""
+    kv_t = resolve_kv_start(kv_start, q, k)
+    bsz, n_cache = q.shape[0], k.shape[2]
+    starts = (0,) * bsz if kv_start is None else tuple(int(x) for x in kv_t.tolist())
+    if kv_len is None:
+        return kv_t.to(torch.int32), None, starts, tuple(n_cache - s for s in starts)
+    end = torch.as_tensor(kv_len, device=q.device)
+    if end.shape != (bsz,) or end.dtype.is_floating_point:
+        raise ValueError(f"kv_len: expected an integer tensor of shape ({bsz},), got {tuple(end.shape)} {end.dtype}")
+    ends = tuple(int(x) for x in end.tolist())
+    for b, (s, e) in enumerate(zip(starts, ends)):
+        if not s < e <= n_cache:
+            raise ValueError(f"kv_len: expected kv_start[b] < kv_len[b] <= {n_cache} (the cache length), "
+                             f"got kv_len {e} and kv_start {s} for sequence {b}")
+    return kv_t.to(torch.int32), end.to(torch.int32), starts, tuple(e - s for s, e in zip(starts, ends))
 
 
 def _tile_counts(first, ntiles, tile: int, rho: float, k_min: int) -> torch.Tensor:
@@ -186,35 +204,85 @@ def _tile_counts(first, ntiles, tile: int, rho: float, k_min: int) -> torch.Tens
     return torch.where(u[None, :] < torch.tensor(ntiles)[:, None], counts, 0).to(torch.int32)
 
 
+def _check_select_args(rho, k_min, tile, method):
+    check_budget(rho, k_min)
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
+        raise ValueError(f"tile: expected an integer >= 1, got {tile!r}")
+    if method not in ("threshold", "torch"):
+        raise ValueError(f"method: expected 'threshold' or 'torch', got {method!r}")
+
+
 def select(q, k, rho: float = 0.1, k_min: int = 128, tile: int = 32, kv_start=None, scale=None, *,
-           chunk_bytes: int = DEFAULT_POOL_BYTES, method: str = "threshold",
+           kv_len=None, chunk_bytes: int = DEFAULT_POOL_BYTES, method: str = "threshold",
            pool_cfg: dict | None = None) -> reference.Selection:
     """Anchor-layer prefill top-k (see kascade.reference.select).
 
     chunk_bytes bounds the pooled-score buffer [B, Hkv, C, N] float32 (C tiles at a time).
     method: "threshold" (the kernel of kascade.kernels.prefill_topk) or "torch" (torch.topk on the
     pooled rows; for comparison). pool_cfg overrides the pooled-score kernel's launch parameters.
+    kv_len [B] (a preallocated cache): keys at positions >= kv_len[b] are not written yet.
     """
     check_attention_inputs(q, k, None)
-    check_budget(rho, k_min)
-    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
-        raise ValueError(f"tile: expected an integer >= 1, got {tile!r}")
-    if method not in ("threshold", "torch"):
-        raise ValueError(f"method: expected 'threshold' or 'torch', got {method!r}")
+    _check_select_args(rho, k_min, tile, method)
     if q.shape[2] == 1 or not _supported(q, k, None, tile):
-        return reference.select(q, k, rho=rho, k_min=k_min, tile=tile, kv_start=kv_start, scale=scale)
-    kv_t = resolve_kv_start(kv_start, q, k)
-    q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
+        extra = {} if kv_len is None else {"kv_len": kv_len}
+        return reference.select(q, k, rho=rho, k_min=k_min, tile=tile, kv_start=kv_start, scale=scale, **extra)
+    kv_i32, kv_end, starts, lengths = _contiguous_spans(q, k, kv_start, kv_len)
+    return _select(_last_dim_contiguous(q), contiguous_rows(k), kv_i32, kv_end, starts, lengths,
+                   rho, k_min, tile, scale, chunk_bytes, method, pool_cfg)
+
+
+def select_paged(q, cache: PagedKV, rho: float = 0.1, k_min: int = 128, tile: int = 32, scale=None, *,
+                 chunk_bytes: int = DEFAULT_POOL_BYTES, method: str = "threshold",
+                 pool_cfg: dict | None = None) -> reference.Selection:
+    """`select` over a paged cache (kascade.kernels.paging.PagedKV).
+
+    q [B, Hq, Q, D]: the queries of sequence b are its last min(Q, seq_lens[b]) positions, in the last
+    rows of q (earlier rows are ignored). Selected positions count from 0 in every sequence.
+    """
+    _check_paged_q(q, cache)
+    _check_select_args(rho, k_min, tile, method)
+    if q.shape[2] == 1 or not _supported(q, cache.key_cache, None, tile):
+        raise ValueError(f"q: select_paged needs a float16/bfloat16 prefill (Q > 1) on a Triton device with "
+                         f"tile <= {MAX_TILE} and head dim <= {MAX_HEAD_DIM}, got {tuple(q.shape)} {q.dtype} "
+                         f"on {q.device}, tile {tile}")
+    lengths = cache.host_lengths()
+    zeros = torch.zeros(q.shape[0], dtype=torch.int32, device=q.device)
+    return _select(_last_dim_contiguous(q), cache.rows("key"), zeros, cache.seq_lens.to(torch.int32),
+                   (0,) * q.shape[0], lengths, rho, k_min, tile, scale, chunk_bytes, method, pool_cfg)
+
+
+def _check_paged_q(q, cache: PagedKV):
+    if not isinstance(q, torch.Tensor) or q.dim() != 4 or q.dtype != cache.key_cache.dtype:
+        raise ValueError(f"q: expected a [batch, heads, queries, head_dim] tensor of the cache's dtype "
+                         f"{cache.key_cache.dtype}, got {_desc(q)}")
+    if q.device != cache.key_cache.device:
+        raise ValueError(f"q: expected the cache's device {cache.key_cache.device}, got {q.device}")
+    if q.shape[0] != cache.block_table.shape[0]:
+        raise ValueError(f"q: expected batch {cache.block_table.shape[0]} like block_table, got {_desc(q)}")
+    hkv = cache.num_kv_heads
+    if q.shape[1] % hkv or q.shape[3] != cache.key_cache.shape[3]:
+        raise ValueError(f"q: expected a multiple of the cache's {hkv} KV heads and head dim "
+                         f"{cache.key_cache.shape[3]}, got {_desc(q)}")
+
+
+def _desc(t) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _select(q, krows: KVRows, kv_i32, kv_end_i32, starts, lengths, rho, k_min, tile, scale, chunk_bytes,
+            method, pool_cfg):
+    """Selection of every local tile; krows addresses the key cache (contiguous or paged)."""
     bsz, hq, qlen, d = q.shape
-    hkv, n_cache = k.shape[1], k.shape[2]
+    hkv = krows.tensor.shape[1] if not krows.paged else krows.tensor.shape[2]
+    n_cache = krows.tensor.shape[2] if not krows.paged else 0
     sc = d ** -0.5 if scale is None else float(scale)
-    starts, first, ntiles = _host_meta(q, k, None if kv_start is None else kv_t, tile)
+    first, ntiles = _host_meta(qlen, starts, lengths, tile)
     counts_h = _tile_counts(first, ntiles, tile, rho, k_min)
     u_max = counts_h.shape[1]
     k_max = max(1, int(counts_h.max()))
     dev = q.device
     counts = counts_h.to(dev)
-    kv_i32 = kv_t.to(torch.int32)
     indices = torch.empty(bsz, hkv, u_max, k_max, dtype=torch.int32, device=dev)
     if POISON_BUFFERS:
         indices.fill_(-7)
@@ -229,14 +297,16 @@ def select(q, k, rho: float = 0.1, k_min: int = 128, tile: int = 32, kv_start=No
     scratch = topk_rows_scratch(bsz, hkv, chunk, dev) if method == "threshold" else None
     for u0 in range(0, u_max, chunk):
         c = min(chunk, u_max - u0)
-        pooled_scores_chunk(q, k, kv_i32, counts, pooled, lse_buf, u0, c, tile, sc, pool_cfg)
+        pooled_scores_chunk(q, krows, kv_i32, counts, pooled, lse_buf, u0, c, tile, sc, pool_cfg,
+                            kv_end_i32=kv_end_i32)
         n_max = max(min(ft + u0 + c - 1, ft + nt - 1) for ft, nt in zip(first, ntiles)) * tile
         if method == "threshold":
-            topk_rows_chunk(pooled, indices, counts, kv_i32, scratch, u0, c, tile, qlen, n_cache, n_max)
+            topk_rows_chunk(pooled, indices, counts, kv_i32, scratch, u0, c, tile, qlen, n_cache, n_max,
+                            kv_end_i32=kv_end_i32)
         else:
             _torch_topk_chunk(pooled, indices, counts_h, starts, first, u0, c, tile, n_max)
     return PrefillSelection(indices, counts, torch.tensor(first, dtype=torch.int64, device=dev), tile, False,
-                            host_starts=starts)
+                            host_spans=(starts, lengths))
 
 
 def _torch_topk_chunk(pooled, indices, counts_h, starts, first, u0, c, tile, n_max):
@@ -268,18 +338,42 @@ def sparse_config(rows: int) -> dict:
 
 
 def sparse_attention(q, k, v, selection: reference.Selection, head_map=None, kv_start=None, scale=None,
-                     *, out: torch.Tensor | None = None, config: dict | None = None):
+                     *, kv_len=None, out: torch.Tensor | None = None, config: dict | None = None):
     """Attention over an anchor's selected keys plus the causal diagonal tile (see kascade.reference).
 
     Accepts any valid Selection (the reference's too). Returns [B, Hq, Q, Dv] in q's dtype.
     out: optional [B, Hq, Q, Dv] buffer (q's dtype, last dim contiguous) to write into.
-    config overrides sparse_config (BLOCK_K, num_warps, num_stages).
+    config overrides sparse_config (BLOCK_K, num_warps, num_stages). kv_len as in `select`.
     """
     check_attention_inputs(q, k, v)
     if selection.decode or q.shape[2] == 1 or not _supported(q, k, v, selection.tile):
-        return reference.sparse_attention(q, k, v, selection, head_map=head_map, kv_start=kv_start, scale=scale)
-    kv_t = resolve_kv_start(kv_start, q, k)
-    hkv = k.shape[1]
+        extra = {} if kv_len is None else {"kv_len": kv_len}
+        return reference.sparse_attention(q, k, v, selection, head_map=head_map, kv_start=kv_start, scale=scale,
+                                          **extra)
+    kv_i32, kv_end, starts, lengths = _contiguous_spans(q, k, kv_start, kv_len)
+    return _sparse(_last_dim_contiguous(q), contiguous_rows(k), contiguous_rows(v), kv_i32, kv_end,
+                   starts, lengths, selection, head_map, scale, out, config)
+
+
+def sparse_attention_paged(q, cache: PagedKV, selection: reference.Selection, head_map=None, scale=None, *,
+                           out: torch.Tensor | None = None, config: dict | None = None):
+    """`sparse_attention` over a paged cache (kascade.kernels.paging.PagedKV; see select_paged)."""
+    _check_paged_q(q, cache)
+    if cache.value_cache is None:
+        raise ValueError("cache: sparse_attention_paged needs value_cache, got None")
+    if selection.decode or q.shape[2] == 1 or not _supported(q, cache.key_cache, cache.value_cache, selection.tile):
+        raise ValueError(f"q: sparse_attention_paged needs a float16/bfloat16 prefill selection (Q > 1) on a "
+                         f"Triton device, got q {_desc(q)}, decode={selection.decode}")
+    lengths = cache.host_lengths()
+    zeros = torch.zeros(q.shape[0], dtype=torch.int32, device=q.device)
+    return _sparse(_last_dim_contiguous(q), cache.rows("key"), cache.rows("value"), zeros,
+                   cache.seq_lens.to(torch.int32), (0,) * q.shape[0], lengths, selection, head_map, scale, out, config)
+
+
+def _sparse(q, krows: KVRows, vrows: KVRows, kv_i32, kv_end_i32, starts, lengths, selection, head_map, scale,
+            out, config):
+    hkv = krows.tensor.shape[2] if krows.paged else krows.tensor.shape[1]
+    n_cache = 0 if krows.paged else krows.tensor.shape[2]
     hm = check_head_map(head_map, hkv, selection.num_kv_heads, q.device).to(torch.int32)
     if selection.indices.shape[0] != q.shape[0]:
         raise ValueError(
@@ -287,17 +381,16 @@ def sparse_attention(q, k, v, selection: reference.Selection, head_map=None, kv_
             f"got q of shape {tuple(q.shape)}; select again for this step"
         )
     tile = selection.tile
-    starts, first, ntiles = _host_meta(q, k, None if kv_start is None else kv_t, tile)
-    mine = isinstance(selection, PrefillSelection) and selection.host_starts == starts
+    bsz, hq, qlen, d = q.shape
+    first, ntiles = _host_meta(qlen, starts, lengths, tile)
+    mine = isinstance(selection, PrefillSelection) and selection.host_spans == (starts, lengths)
     if not mine and tuple(int(x) for x in selection.first_tile.tolist()) != first:
         raise ValueError("selection: tiles do not match this step's query positions; select again")
     u_run = max(ntiles)
     if selection.indices.shape[2] < u_run or selection.counts.shape[1] < u_run:
         raise ValueError(f"selection: expected at least {u_run} tiles, got {selection.indices.shape[2]}; "
                          "select again for this step")
-    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
-    bsz, hq, qlen, d = q.shape
-    dv = v.shape[-1]
+    dv = vrows.tensor.shape[-1]
     g = hq // hkv
     t_pad, block_g, num_hg = row_layout(g, tile, max(d, dv))
     rows = block_g * t_pad
@@ -309,24 +402,25 @@ def sparse_attention(q, k, v, selection: reference.Selection, head_map=None, kv_
     elif out.shape != (bsz, hq, qlen, dv) or out.dtype != q.dtype or out.stride(-1) != 1:
         raise ValueError(f"out: expected a [{bsz}, {hq}, {qlen}, {dv}] {q.dtype} tensor with a contiguous last dim, "
                          f"got {tuple(out.shape)} {out.dtype} strides {out.stride()}")
-    for b, s in enumerate(starts):  # padding query rows are zeros
-        pad = qlen - min(qlen, k.shape[2] - s)
+    for b, n in enumerate(lengths):  # padding query rows are zeros
+        pad = qlen - min(qlen, n)
         if pad > 0:
             out[b, :, :pad].zero_()
     cfg = dict(sparse_config(rows), **(config or {}))
     grid = (u_run * num_hg, hkv, bsz)
     _sparse_prefill_kernel[grid](
-        q, k, v, out, idx, counts, kv_t.to(torch.int32), hm,
+        q, krows.tensor, vrows.tensor, out, idx, counts, kv_i32,
+        kv_i32 if kv_end_i32 is None else kv_end_i32, hm,
         q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
+        *krows.args(kv_i32)[1:],
+        vrows.s_seq, vrows.s_head, vrows.s_tok,
         out.stride(0), out.stride(1), out.stride(2),
         idx.stride(0), idx.stride(1), idx.stride(2),
         counts.stride(0),
-        sc * LOG2E, u_run, qlen, k.shape[2],
+        sc * LOG2E, u_run, qlen, n_cache,
         G=g, TILE=tile, T_PAD=t_pad, BLOCK_G=block_g, NUM_HG=num_hg,
         HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
         HEAD_DIM_V=dv, BLOCK_DV=max(16, triton.next_power_of_2(dv)),
-        UPCAST=UPCAST_DOT, **cfg,
+        UPCAST=UPCAST_DOT, PAGED=krows.paged, HAS_END=kv_end_i32 is not None, **cfg,
     )
     return out

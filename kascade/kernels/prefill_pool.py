@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kascade.kernels.paging import KVRows, contiguous_rows, row_offsets, seq_span
+
 LOG2E = 1.4426950408889634
 # Triton's CPU interpreter multiplies bfloat16 matrices wrongly (it reads their raw bits), so under
 # TRITON_INTERPRET=1 the kernels upcast matrix operands to float32 first (exact for bf16/fp16 values).
@@ -51,10 +53,9 @@ def mma(a, b, acc, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _tile_geometry(KV_START, b, u, Q_LEN, N_CACHE, TILE: tl.constexpr):
+def _tile_geometry(KV_START, KV_END, b, u, Q_LEN, N_CACHE, TILE: tl.constexpr, HAS_END: tl.constexpr):
     """(cache offset s, sequence length n, first present position p0, absolute tile number t)."""
-    s = tl.load(KV_START + b).to(tl.int32)
-    n = N_CACHE - s
+    s, n = seq_span(b, KV_START, KV_END, N_CACHE, HAS_END)
     qv = tl.minimum(Q_LEN, n)
     p0 = n - qv
     t = p0 // TILE + u
@@ -81,9 +82,9 @@ def _load_q_rows(Q, b, h, hg, t, n, p0, Q_LEN, sqb, sqh, sqm,
 
 
 @triton.jit
-def _row_lse(q, K_row0, skn, ok, pos, n_before, kend, qk_scale,
+def _row_lse(q, K, b, h, s, skb, skh, skn, BT, s_bt, PAGE, ok, pos, n_before, kend, qk_scale,
              ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-             UPCAST: tl.constexpr):
+             UPCAST: tl.constexpr, PAGED: tl.constexpr):
     """log2-sum-exp2 of every stacked row over its causal keys [0, pos]; +inf for rows not present."""
     m = tl.full([ROWS], float("-inf"), tl.float32)
     l = tl.zeros([ROWS], tl.float32)
@@ -93,7 +94,8 @@ def _row_lse(q, K_row0, skn, ok, pos, n_before, kend, qk_scale,
     # keys every row sees: no mask
     for start in range(0, n_full, BLOCK_N):
         kn = start + tl.arange(0, BLOCK_N)
-        kb = tl.load(K_row0 + kn.to(tl.int64)[:, None] * skn + d[None, :], mask=dmask, other=0.0)
+        koff = row_offsets(b, h, s + kn, kn < kend, skb, skh, skn, BT, s_bt, PAGE, PAGED)
+        kb = tl.load(K + koff[:, None] + d[None, :], mask=dmask, other=0.0)
         sc = mma(q, tl.trans(kb), None, UPCAST) * qk_scale
         m_new = tl.maximum(m, tl.max(sc, 1))
         l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(sc - m_new[:, None]), 1)
@@ -101,8 +103,8 @@ def _row_lse(q, K_row0, skn, ok, pos, n_before, kend, qk_scale,
     # the last partial block before the tile and the diagonal block: causal mask
     for start in range(n_full, kend, BLOCK_N):
         kn = start + tl.arange(0, BLOCK_N)
-        kb = tl.load(K_row0 + kn.to(tl.int64)[:, None] * skn + d[None, :],
-                     mask=(kn[:, None] < kend) & dmask, other=0.0)
+        koff = row_offsets(b, h, s + kn, kn < kend, skb, skh, skn, BT, s_bt, PAGE, PAGED)
+        kb = tl.load(K + koff[:, None] + d[None, :], mask=(kn[:, None] < kend) & dmask, other=0.0)
         sc = mma(q, tl.trans(kb), None, UPCAST) * qk_scale
         sc = tl.where((kn[None, :] <= pos[:, None]) & (kn[None, :] < kend), sc, float("-inf"))
         m_new = tl.maximum(m, tl.max(sc, 1))
@@ -120,15 +122,16 @@ def _row_lse(q, K_row0, skn, ok, pos, n_before, kend, qk_scale,
 
 @triton.jit
 def _pool_kernel(
-    Q, K, KV_START, COUNTS, POOLED, LSE_BUF,
+    Q, K, KV_START, KV_END, COUNTS, POOLED, LSE_BUF,
     sqb, sqh, sqm,
-    skb, skh, skn,
+    skb, skh, skn, BT, s_bt, PAGE,
     spb, sph, spu,
     slb, slh, slu,
     scb,
     qk_scale, u0, Q_LEN, N_CACHE,
     G: tl.constexpr, TILE: tl.constexpr, T_PAD: tl.constexpr, BLOCK_G: tl.constexpr, NUM_HG: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+    PAGED: tl.constexpr, HAS_END: tl.constexpr,
 ):
     """POOLED[b, h, uu, j] for j < tT of local tile u = u0 + uu (see the module docstring)."""
     tl.static_assert(BLOCK_G * T_PAD <= 256)
@@ -139,24 +142,24 @@ def _pool_kernel(
     h = tl.program_id(1)
     b = tl.program_id(2)
     u = u0 + uu
-    s, n, p0, t = _tile_geometry(KV_START, b, u, Q_LEN, N_CACHE, TILE)
+    s, n, p0, t = _tile_geometry(KV_START, KV_END, b, u, Q_LEN, N_CACHE, TILE, HAS_END)
     n_before = t * TILE
     kk = tl.load(COUNTS + b * scb + u)
     if (n_before < n) & (kk < n_before):
         kend = tl.minimum(n_before + TILE, n)
-        K_row0 = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh + s.to(tl.int64) * skn
         P_row = POOLED + b.to(tl.int64) * spb + h.to(tl.int64) * sph + uu.to(tl.int64) * spu
         d = tl.arange(0, BLOCK_D)
         dmask = d[None, :] < HEAD_DIM
         if NUM_HG == 1:
             q, ok, pos = _load_q_rows(Q, b, h, 0, t, n, p0, Q_LEN, sqb, sqh, sqm,
                                       G, TILE, T_PAD, BLOCK_G, HEAD_DIM, BLOCK_D)
-            lse = _row_lse(q, K_row0, skn, ok, pos, n_before, kend, qk_scale, ROWS, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
+            lse = _row_lse(q, K, b, h, s, skb, skh, skn, BT, s_bt, PAGE, ok, pos, n_before, kend, qk_scale,
+                           ROWS, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST, PAGED)
             for start in range(0, n_before, BLOCK_N):
                 kn = start + tl.arange(0, BLOCK_N)
                 kmask = kn < n_before
-                kb = tl.load(K_row0 + kn.to(tl.int64)[:, None] * skn + d[None, :],
-                             mask=kmask[:, None] & dmask, other=0.0)
+                koff = row_offsets(b, h, s + kn, kmask, skb, skh, skn, BT, s_bt, PAGE, PAGED)
+                kb = tl.load(K + koff[:, None] + d[None, :], mask=kmask[:, None] & dmask, other=0.0)
                 st = mma(kb, tl.trans(q), None, UPCAST) * qk_scale  # [BLOCK_N keys, ROWS]
                 p = tl.exp2(st - lse[None, :])
                 tl.store(P_row + kn, tl.sum(p, 1), mask=kmask)
@@ -166,14 +169,15 @@ def _pool_kernel(
             for hg in range(NUM_HG):
                 q, ok, pos = _load_q_rows(Q, b, h, hg, t, n, p0, Q_LEN, sqb, sqh, sqm,
                                           G, TILE, T_PAD, BLOCK_G, HEAD_DIM, BLOCK_D)
-                lse = _row_lse(q, K_row0, skn, ok, pos, n_before, kend, qk_scale, ROWS, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST)
+                lse = _row_lse(q, K, b, h, s, skb, skh, skn, BT, s_bt, PAGE, ok, pos, n_before, kend, qk_scale,
+                               ROWS, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST, PAGED)
                 tl.store(L_row + hg * ROWS + r, lse)
             tl.debug_barrier()
             for start in range(0, n_before, BLOCK_N):
                 kn = start + tl.arange(0, BLOCK_N)
                 kmask = kn < n_before
-                kb = tl.load(K_row0 + kn.to(tl.int64)[:, None] * skn + d[None, :],
-                             mask=kmask[:, None] & dmask, other=0.0)
+                koff = row_offsets(b, h, s + kn, kmask, skb, skh, skn, BT, s_bt, PAGE, PAGED)
+                kb = tl.load(K + koff[:, None] + d[None, :], mask=kmask[:, None] & dmask, other=0.0)
                 acc = tl.zeros([BLOCK_N], tl.float32)
                 for hg2 in tl.static_range(NUM_HG):
                     qg, _ok, _pos = _load_q_rows(Q, b, h, hg2, t, n, p0, Q_LEN, sqb, sqh, sqm,
@@ -212,30 +216,34 @@ def pool_config(g: int, tile: int, head_dim: int) -> dict:
 
 
 def pooled_scores_chunk(q, k, kv_start_i32, counts, pooled, lse_buf, u0: int, n_tiles: int, tile: int,
-                        scale: float, config: dict | None = None):
+                        scale: float, config: dict | None = None, *, kv_end_i32=None):
     """Fill pooled[:, :, :n_tiles, :tT] for local tiles u0 .. u0 + n_tiles - 1 of every sequence.
 
-    q [B, Hq, Q, D], k [B, Hkv, N, D] (last dim contiguous), kv_start_i32 [B] int32, counts [B, U] int32
-    (the budget of each local tile), pooled [B, Hkv, C >= n_tiles, >= N] float32,
-    lse_buf [B, Hkv, C, NUM_HG * ROWS] float32 (only used when the heads do not fit one matrix tile).
-    config overrides pool_config (BLOCK_N, num_warps, num_stages).
+    q [B, Hq, Q, D]; k: the key cache, a [B, Hkv, N, D] tensor or KVRows (kascade.kernels.paging);
+    kv_start_i32 [B] int32 and kv_end_i32 [B] int32 or None: each sequence's keys [start, end)
+    (end N when None; a paged cache passes start 0 and end seq_lens), counts [B, U] int32 (the budget of each local tile), pooled [B, Hkv, C >= n_tiles, >= N]
+    float32, lse_buf [B, Hkv, C, NUM_HG * ROWS] float32 (only used when the heads do not fit one
+    matrix tile). config overrides pool_config (BLOCK_N, num_warps, num_stages).
     """
+    rows = k if isinstance(k, KVRows) else contiguous_rows(k)
     bsz, hq, qlen, d = q.shape
-    hkv, n_cache = k.shape[1], k.shape[2]
+    hkv = pooled.shape[1]
+    n_cache = 0 if rows.paged else rows.tensor.shape[2]
     g = hq // hkv
     t_pad, block_g, num_hg = row_layout(g, tile, d)
     cfg = dict(pool_config(g, tile, d), **(config or {}))
     grid = (n_tiles, hkv, bsz)
     _pool_kernel[grid](
-        q, k, kv_start_i32, counts, pooled, lse_buf,
+        q, rows.tensor, kv_start_i32, kv_start_i32 if kv_end_i32 is None else kv_end_i32, counts, pooled, lse_buf,
         q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
+        *rows.args(kv_start_i32)[1:],
         pooled.stride(0), pooled.stride(1), pooled.stride(2),
         lse_buf.stride(0), lse_buf.stride(1), lse_buf.stride(2),
         counts.stride(0),
         float(scale) * LOG2E, u0, qlen, n_cache,
         G=g, TILE=tile, T_PAD=t_pad, BLOCK_G=block_g, NUM_HG=num_hg,
-        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), UPCAST=UPCAST_DOT, **cfg,
+        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), UPCAST=UPCAST_DOT, PAGED=rows.paged,
+        HAS_END=kv_end_i32 is not None, **cfg,
     )
 
 

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kascade.kernels.paging import seq_span
+
 
 # ----------------------------------------------------------------------------------------------
 # inner pieces
@@ -94,14 +96,14 @@ def _pick(vec, j, at, default):
 
 @triton.jit
 def _topk_rows_kernel(
-    POOLED, INDICES, COUNTS, KV_START, SCRATCH,
+    POOLED, INDICES, COUNTS, KV_START, KV_END, SCRATCH,
     spb, sph, spu,
     sib, sih, siu,
     scb,
     ssb, ssh, ssu,
     u0, Q_LEN, N_CACHE,
     TILE: tl.constexpr, CAP: tl.constexpr, SAMPLE: tl.constexpr, NT: tl.constexpr,
-    BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, HAS_END: tl.constexpr,
 ):
     """INDICES[b, h, u, :counts[b, u]] = top positions of POOLED[b, h, u - u0, :tT] (absolute, + kv_start[b])."""
     tl.static_assert(SAMPLE <= CAP)
@@ -109,8 +111,7 @@ def _topk_rows_kernel(
     h = tl.program_id(1)
     b = tl.program_id(2)
     u = u0 + uu
-    s = tl.load(KV_START + b).to(tl.int32)
-    n_seq = N_CACHE - s
+    s, n_seq = seq_span(b, KV_START, KV_END, N_CACHE, HAS_END)
     p0 = n_seq - tl.minimum(Q_LEN, n_seq)
     t = p0 // TILE + u
     n = t * TILE
@@ -197,11 +198,12 @@ def topk_rows_scratch(bsz: int, hkv: int, chunk: int, device, cap: int = CAP) ->
 
 def topk_rows_chunk(pooled, indices, counts, kv_start_i32, scratch, u0: int, n_tiles: int, tile: int,
                     q_len: int, n_cache: int, n_max: int, *, cap: int = CAP, sample: int | None = None,
-                    nt: int = NT, block: int = 1024, block_c: int = 512, num_warps: int = 8):
+                    nt: int = NT, block: int = 1024, block_c: int = 512, num_warps: int = 8, kv_end_i32=None):
     """indices[:, :, u0:u0+n_tiles, :k] from pooled[:, :, :n_tiles] (float32, read as int32 bits).
 
     pooled [B, Hkv, C, >= n_max] float32 >= 0, indices [B, Hkv, U, Kmax] int32, counts [B, U] int32,
     kv_start_i32 [B], scratch from topk_rows_scratch(cap=cap). n_cache: the cache length N;
+    kv_end_i32 [B] or None: each sequence's end of keys (N when None; a paged cache's seq_lens);
     n_max: the longest row of the chunk (sizes the threshold sample unless sample is given).
     """
     bsz, hkv = pooled.shape[0], pooled.shape[1]
@@ -211,12 +213,12 @@ def topk_rows_chunk(pooled, indices, counts, kv_start_i32, scratch, u0: int, n_t
         raise ValueError(f"scratch: expected a last dim >= {2 * cap}, got {tuple(scratch.shape)}")
     grid = (n_tiles, hkv, bsz)
     _topk_rows_kernel[grid](
-        bits, indices, counts, kv_start_i32, scratch,
+        bits, indices, counts, kv_start_i32, kv_start_i32 if kv_end_i32 is None else kv_end_i32, scratch,
         bits.stride(0), bits.stride(1), bits.stride(2),
         indices.stride(0), indices.stride(1), indices.stride(2),
         counts.stride(0),
         scratch.stride(0), scratch.stride(1), scratch.stride(2),
         u0, q_len, n_cache,
         TILE=tile, CAP=cap, SAMPLE=sample, NT=nt, BLOCK=block, BLOCK_C=min(block, block_c),
-        num_warps=num_warps,
+        HAS_END=kv_end_i32 is not None, num_warps=num_warps,
     )

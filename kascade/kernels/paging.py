@@ -1,0 +1,168 @@
+"""Where a kernel finds KV-cache rows: a contiguous cache or a paged one (vLLM-style).
+
+Contiguous (transformers' cache): k [B, Hkv, N, D] with any strides; sequence b holds keys
+kv_start[b] .. N-1 (left padding before), row (b, h, pos) at b * s_seq + h * s_head + pos * s_tok.
+
+Paged: key_cache [num_pages, page_size, Hkv, D] (any strides, so [num_pages, Hkv, page_size, D]
+views work too), block_table [B, max_pages] int32 mapping page j of sequence b to a page of the
+cache, seq_lens [B] keys per sequence. Positions start at 0 in every sequence (no padding); row
+(b, h, pos) lives at block_table[b, pos // page_size] * s_page + (pos % page_size) * s_tok + h * s_head.
+
+Kernels take both through the same arguments (the base pointer, s_seq / s_head / s_tok, BT, s_bt,
+PAGE and the PAGED flag) and call `row_offsets`; `seq_span` gives each sequence's key range from
+kv_start and an optional end (seq_lens of a paged cache, kv_len of a preallocated one). The
+contiguous build is unchanged (PAGED and HAS_END are compile-time constants).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def seq_span(b, KV_START, KV_END, N_CACHE, HAS_END: tl.constexpr):
+    """(s, n): first cache position and number of keys of sequence b.
+
+    Keys [KV_START[b], KV_END[b]) when HAS_END (a paged cache: start 0, end seq_lens[b]; a static
+    cache: end kv_len[b]), else [KV_START[b], N_CACHE).
+    """
+    s = tl.load(KV_START + b).to(tl.int32)
+    if HAS_END:
+        n = tl.load(KV_END + b).to(tl.int32) - s
+    else:
+        n = N_CACHE - s
+    return s, n
+
+
+@triton.jit
+def row_offsets(b, h, pos, mask, s_seq, s_head, s_tok, BT, s_bt, PAGE, PAGED: tl.constexpr):
+    """int64 element offsets of the rows at cache positions `pos` (any shape) of sequence b, KV head h.
+
+    Paged: masked-off positions read page 0 (their loads must be masked as well).
+    """
+    if PAGED:
+        page = tl.load(BT + b.to(tl.int64) * s_bt + pos // PAGE, mask=mask, other=0).to(tl.int64)
+        return page * s_seq + h.to(tl.int64) * s_head + (pos % PAGE).to(tl.int64) * s_tok
+    else:
+        return b.to(tl.int64) * s_seq + h.to(tl.int64) * s_head + pos.to(tl.int64) * s_tok
+
+
+@dataclass(frozen=True)
+class KVRows:
+    """Host-side description of one cache tensor for the kernels (see the module docstring)."""
+
+    tensor: torch.Tensor
+    s_seq: int
+    s_head: int
+    s_tok: int
+    block_table: torch.Tensor | None = None
+    page: int = 1
+
+    @property
+    def paged(self) -> bool:
+        return self.block_table is not None
+
+    def args(self, dummy: torch.Tensor):
+        """(pointer, s_seq, s_head, s_tok, BT, s_bt, PAGE) in kernel argument order."""
+        bt = self.block_table if self.paged else dummy
+        return (self.tensor, self.s_seq, self.s_head, self.s_tok, bt, bt.stride(0) if self.paged else 0, self.page)
+
+
+def contiguous_rows(x: torch.Tensor) -> KVRows:
+    """KVRows of a [B, Hkv, N, D] cache tensor (last dim made contiguous if it is not)."""
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    return KVRows(x, x.stride(0), x.stride(1), x.stride(2))
+
+
+@dataclass(frozen=True)
+class PagedKV:
+    """One layer's paged KV cache and the batch's view of it.
+
+    key_cache / value_cache [num_pages, page_size, Hkv, D] (value head dim may differ), any strides
+    with a contiguous last dim; block_table [B, max_pages] int32; seq_lens [B] int (>= 1 each,
+    at most max_pages * page_size).
+    """
+
+    key_cache: torch.Tensor
+    value_cache: torch.Tensor | None
+    block_table: torch.Tensor
+    seq_lens: torch.Tensor
+
+    def __post_init__(self):
+        kc, bt, sl = self.key_cache, self.block_table, self.seq_lens
+        if not isinstance(kc, torch.Tensor) or kc.dim() != 4:
+            raise ValueError(f"key_cache: expected [num_pages, page_size, Hkv, D], got {_desc(kc)}")
+        if self.value_cache is not None:
+            vc = self.value_cache
+            if not isinstance(vc, torch.Tensor) or vc.dim() != 4 or vc.shape[:3] != kc.shape[:3]:
+                raise ValueError(f"value_cache: expected [num_pages, page_size, Hkv, Dv] with the first three dims "
+                                 f"of key_cache {tuple(kc.shape[:3])}, got {_desc(vc)}")
+            if vc.dtype != kc.dtype or vc.device != kc.device:
+                raise ValueError(f"value_cache: expected {kc.dtype} on {kc.device} like key_cache, got {_desc(vc)}")
+        for name, t in (("key_cache", kc), ("value_cache", self.value_cache)):
+            if t is not None and t.stride(-1) != 1:
+                raise ValueError(f"{name}: expected a contiguous last dim, got strides {t.stride()}")
+        if not isinstance(bt, torch.Tensor) or bt.dim() != 2 or bt.dtype != torch.int32:
+            raise ValueError(f"block_table: expected an int32 tensor [batch, max_pages], got {_desc(bt)}")
+        if not isinstance(sl, torch.Tensor) or sl.shape != (bt.shape[0],) or sl.dtype.is_floating_point:
+            raise ValueError(f"seq_lens: expected an integer tensor of shape ({bt.shape[0]},), got {_desc(sl)}")
+        if bt.device != kc.device or sl.device != kc.device:
+            raise ValueError(f"block_table, seq_lens: expected the device of key_cache ({kc.device}), "
+                             f"got {bt.device} and {sl.device}")
+
+    @property
+    def page_size(self) -> int:
+        return self.key_cache.shape[1]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.key_cache.shape[2]
+
+    def host_lengths(self) -> tuple:
+        """seq_lens as host ints, checked against the block table (one device-to-host copy)."""
+        lens = tuple(int(x) for x in self.seq_lens.tolist())
+        cap = self.block_table.shape[1] * self.page_size
+        for b, n in enumerate(lens):
+            if not 1 <= n <= cap:
+                raise ValueError(f"seq_lens: expected values in [1, {cap}] (max_pages x page_size), "
+                                 f"got {n} for sequence {b}")
+        return lens
+
+    def rows(self, which: str = "key") -> KVRows:
+        t = self.key_cache if which == "key" else self.value_cache
+        return KVRows(t, t.stride(0), t.stride(2), t.stride(1), self.block_table, self.page_size)
+
+
+def _desc(t) -> str:
+    if not isinstance(t, torch.Tensor):
+        return type(t).__name__
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def gather_contiguous(cache: PagedKV, lengths=None):
+    """The paged cache as left-padded contiguous tensors (for checks and the reference path).
+
+    Returns k, v [B, Hkv, N, D] with N = max length, and kv_start [B] int64 (N - length).
+    """
+    lengths = cache.host_lengths() if lengths is None else tuple(lengths)
+    n_max = max(lengths)
+    outs = []
+    for t in (cache.key_cache, cache.value_cache):
+        if t is None:
+            outs.append(None)
+            continue
+        bsz, hkv, d = len(lengths), t.shape[2], t.shape[3]
+        dense = torch.zeros(bsz, hkv, n_max, d, dtype=t.dtype, device=t.device)
+        for b, n in enumerate(lengths):
+            pos = torch.arange(n, device=t.device)
+            pages = cache.block_table[b].long()[pos // cache.page_size]
+            dense[b, :, n_max - n:] = t[pages, pos % cache.page_size].transpose(0, 1)
+        outs.append(dense)
+    kv_start = torch.tensor([n_max - n for n in lengths], dtype=torch.int64, device=cache.key_cache.device)
+    return outs[0], outs[1], kv_start
+
+

@@ -1,0 +1,138 @@
+"""Paged-KV variants of the kernels (kascade.kernels.paging) against the contiguous reference.
+
+A left-padded contiguous batch is scattered into a page pool in a random page order (pages of
+other sequences and unused pages interleaved); the paged kernels must select the same keys (as
+sets, with the tolerance of test_kernels_prefill) and attend to the same values. Selected
+positions of a paged cache count from 0 in each sequence; those of the left-padded reference from
+kv_start[b]. Also: a preallocated cache whose tail is unwritten (kv_len), and bad paged inputs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from kascade import reference as R  # noqa: E402
+from kascade.kernels import prefill as P  # noqa: E402
+from kascade.kernels.paging import PagedKV, gather_contiguous  # noqa: E402
+from test_kernels_prefill import DEV, _inputs, check_output, check_selection, gpu, needs_cuda  # noqa: E402
+
+
+def to_paged(k, v, kv_start, page_size, head_major=False, seed=0):
+    """Scatter a left-padded [B, Hkv, N, D] batch into a shuffled page pool -> PagedKV."""
+    bsz, hkv, n_cache, d = k.shape
+    lengths = [n_cache - int(s) for s in kv_start]
+    pages_of = [-(-n // page_size) for n in lengths]
+    n_pages = sum(pages_of) + 3  # a few pages nobody owns
+    order = torch.randperm(n_pages, generator=torch.Generator().manual_seed(seed))
+    shape = (n_pages, hkv, page_size, d) if head_major else (n_pages, page_size, hkv, d)
+    kc = torch.randn(shape, dtype=k.dtype, device=k.device)  # unused slots hold garbage, not zeros
+    vc = torch.randn(shape[:-1] + (v.shape[-1],), dtype=v.dtype, device=v.device)
+    if head_major:  # the kernels read [num_pages, page_size, Hkv, D] through strides
+        kc, vc = kc.transpose(1, 2), vc.transpose(1, 2)
+    bt = torch.full((bsz, max(pages_of) + 2), -1, dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(lengths):
+        s = n_cache - n
+        for j in range(pages_of[b]):
+            page = int(order[used])
+            used += 1
+            bt[b, j] = page
+            lo, hi = j * page_size, min(n, (j + 1) * page_size)
+            kc[page, : hi - lo] = k[b, :, s + lo : s + hi].transpose(0, 1)
+            vc[page, : hi - lo] = v[b, :, s + lo : s + hi].transpose(0, 1)
+    lens = torch.tensor(lengths, dtype=torch.int32, device=k.device)
+    return PagedKV(kc, vc, bt.to(k.device), lens)
+
+
+def shifted(sel, kv_start):
+    """The selection with positions moved from per-sequence (paged) to left-padded cache positions."""
+    idx = sel.indices.clone()
+    for b, s in enumerate(kv_start):
+        idx[b] += int(s)
+    return R.Selection(idx, sel.counts, sel.first_tile, sel.tile, sel.decode)
+
+
+def _check_prefill_paged(Hq, Hkv, D, dtype, B, Q, N, kv_start, page_size, rho, k_min, head_major=False, seed=0):
+    q, k, v = _inputs(B, Hq, Hkv, Q, N, D, dtype, seed)
+    ks = torch.tensor(kv_start, device=DEV)
+    cache = to_paged(k, v, kv_start, page_size, head_major, seed)
+    k2, v2, ks2 = gather_contiguous(cache)
+    assert torch.equal(ks2.cpu(), ks.cpu()) and torch.equal(k2, torch.where(_valid(ks, N), k, 0))
+    sel = P.select_paged(q, cache, rho=rho, k_min=k_min, tile=32)
+    ref = R.select(q, k, rho=rho, k_min=k_min, tile=32, kv_start=ks)
+    check_selection(shifted(sel, kv_start), ref, q, k, ks)
+    head_map = torch.arange(Hkv, device=DEV).flip(0)
+    out = P.sparse_attention_paged(q, cache, sel, head_map=head_map)
+    check_output(out, q, k, v, shifted(sel, kv_start), head_map, ks)
+    want = P.sparse_attention(q, k, v, shifted(sel, kv_start), head_map=head_map, kv_start=ks)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)  # same kernel, same order: bit-identical
+
+
+def _valid(ks, n):
+    return (torch.arange(n, device=ks.device)[None, :] >= ks[:, None])[:, None, :, None]
+
+
+@pytest.mark.parametrize("Hq,Hkv,D,dtype,page_size,head_major", [
+    (8, 2, 64, torch.bfloat16, 16, False),  # G = 4
+    (4, 2, 32, torch.float16, 7, True),  # G = 2, a page size that is no power of two, head-major pages
+    (2, 2, 64, torch.bfloat16, 64, False),  # G = 1
+])
+def test_prefill_paged_small(Hq, Hkv, D, dtype, page_size, head_major):
+    # chunked prefill on top of a cache, sequences of different lengths
+    _check_prefill_paged(Hq, Hkv, D, dtype, B=2, Q=70, N=170, kv_start=[37, 0], page_size=page_size,
+                         rho=0.25, k_min=5, head_major=head_major)
+
+
+def test_prefill_kv_len_small():
+    # a preallocated cache: keys at positions >= kv_len[b] are garbage and must not be seen
+    q, k, v = _inputs(2, 8, 2, 40, 160, 32, torch.bfloat16, seed=4)
+    ks, kl = [10, 0], [150, 120]
+    sel = P.select(q, k, rho=0.25, k_min=5, tile=32, kv_start=torch.tensor(ks, device=DEV),
+                   kv_len=torch.tensor(kl, device=DEV))
+    out = P.sparse_attention(q, k, v, sel, kv_start=torch.tensor(ks, device=DEV), kv_len=torch.tensor(kl, device=DEV))
+    for b in range(2):  # each sequence alone, cut at its end
+        e = kl[b]
+        qb, kb, vb = q[b:b + 1], k[b:b + 1, :, :e], v[b:b + 1, :, :e]
+        ksb = torch.tensor([ks[b]], device=DEV)
+        ref = R.select(qb, kb, rho=0.25, k_min=5, tile=32, kv_start=ksb)
+        mine = R.Selection(sel.indices[b:b + 1], sel.counts[b:b + 1], sel.first_tile[b:b + 1], 32, False)
+        check_selection(mine, ref, qb, kb, ksb)
+        check_output(out[b:b + 1], qb, kb, vb, mine, None, ksb)
+
+
+def test_paged_bad_inputs():
+    q, k, v = _inputs(1, 4, 2, 40, 40, 32, torch.bfloat16)
+    cache = to_paged(k, v, [0], 16)
+    with pytest.raises(ValueError, match="block_table"):
+        PagedKV(cache.key_cache, cache.value_cache, cache.block_table.long(), cache.seq_lens)
+    with pytest.raises(ValueError, match="seq_lens"):
+        PagedKV(cache.key_cache, cache.value_cache, cache.block_table, cache.seq_lens[:0])
+    with pytest.raises(ValueError, match="value_cache"):
+        PagedKV(cache.key_cache, cache.value_cache[:, :, :1], cache.block_table, cache.seq_lens)
+    too_long = PagedKV(cache.key_cache, cache.value_cache, cache.block_table, cache.seq_lens + 1000)
+    with pytest.raises(ValueError, match="seq_lens: expected values in"):
+        P.select_paged(q, too_long)
+    with pytest.raises(ValueError, match="q: expected batch"):
+        P.select_paged(q.expand(2, -1, -1, -1), cache)
+    with pytest.raises(ValueError, match="kv_len"):
+        P.select(q, k, kv_len=torch.tensor([41], device=DEV))
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("Hq,Hkv,D,dtype,page_size", [
+    (32, 8, 128, torch.bfloat16, 16),
+    (32, 8, 128, torch.float16, 256),
+    (16, 8, 64, torch.bfloat16, 32),
+])
+def test_prefill_paged_full(Hq, Hkv, D, dtype, page_size):
+    _check_prefill_paged(Hq, Hkv, D, dtype, B=3, Q=3000, N=5000, kv_start=[0, 1111, 4000], page_size=page_size,
+                         rho=0.1, k_min=128)
