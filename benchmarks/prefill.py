@@ -21,6 +21,7 @@ for short calls). TFLOP/s: dense 4 * Hq * D * N(N+1)/2; sparse counts the attend
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -158,11 +159,13 @@ def flex_fns(n, q, k, v, sparse_density):
     part_num = torch.ones(1, HQ, nb, dtype=torch.int32, device="cuda")
     part_idx = torch.zeros(1, HQ, nb, nb, dtype=torch.int32, device="cuda")
     part_idx[..., 0] = i.to(torch.int32)
-    sparse_mask = BlockMask.from_kv_blocks(part_num, part_idx, full_num, full_idx, BLOCK_SIZE=128, mask_mod=causal)
+    # forward only: no transposed (query-block) index, which at 128K took more memory than the GPU has
+    sparse_mask = BlockMask.from_kv_blocks(part_num, part_idx, full_num, full_idx, BLOCK_SIZE=128, mask_mod=causal,
+                                           compute_q_blocks=False)
     # dense causal: every earlier block full, the diagonal block partial (no N x N mask is built)
     dense_full_idx = torch.arange(nb, device="cuda", dtype=torch.int32).expand(1, 1, nb, nb).contiguous()
     dense_mask = BlockMask.from_kv_blocks(part_num[:, :1], part_idx[:, :1], i.to(torch.int32)[None, None].contiguous(),
-                                          dense_full_idx, BLOCK_SIZE=128, mask_mod=causal)
+                                          dense_full_idx, BLOCK_SIZE=128, mask_mod=causal, compute_q_blocks=False)
     blocks = (full_num.double().sum() * 128 * 128 + nb * HQ * 128 * 129 / 2).item()
     flex_density = blocks / (HQ * n * (n + 1) / 2)
 
@@ -406,10 +409,10 @@ def whole_model(r):
 
 def write_report(results, out_dir, meta):
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "prefill_h100.json"), "w") as f:
+    with open(os.path.join(out_dir, f"prefill_{meta['tag']}.json"), "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1)
     lines = [
-        "# Prefill attention, one layer (H100, bf16, 32 q / 8 KV heads, D 128, B 1, rho 0.1, k_min 128, T 32)",
+        f"# Prefill attention, one layer ({meta['device']}, bf16, 32 q / 8 KV heads, D 128, B 1, rho 0.1, k_min 128, T 32)",
         "",
         f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}. "
         "Median ms (p20-p80); ratio = time / FA3 time in the same run.",
@@ -453,7 +456,7 @@ def write_report(results, out_dir, meta):
         if "select_peak_extra_bytes" in r:
             lines.append(f"| {r['N'] // 1024}K | {r['select_result_bytes'] / 2**30:.2f} | "
                          f"{r['select_peak_extra_bytes'] / 2**30:.2f} |")
-    with open(os.path.join(out_dir, "prefill_h100.md"), "w") as f:
+    with open(os.path.join(out_dir, f"prefill_{meta['tag']}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -476,10 +479,10 @@ def write_report(results, out_dir, meta):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context length N")
         ax.set_ylabel("speedup over FA3 (x)")
-        ax.set_title("Kascade prefill attention, H100 bf16")
+        ax.set_title(f"Kascade prefill attention, {meta['device']} bf16")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "prefill_h100.png"), dpi=120)
+        fig.savefig(os.path.join(out_dir, f"prefill_{meta['tag']}.png"), dpi=120)
     except Exception as e:  # noqa: BLE001
         print("plot failed:", repr(e))
 
@@ -491,10 +494,12 @@ def main():
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--no-flex-dense-above", type=int, default=32768)
+    ap.add_argument("--tag", default=None, help="result file suffix (default: the GPU's short name, e.g. h200)")
     args = ap.parse_args()
+    args.tag = args.tag or torch.cuda.get_device_name().split()[-1].lower()
     fa3 = load_fa3()
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "date": "2026-11-27", "python": platform.python_version(), "shapes": dict(Hq=HQ, Hkv=HKV, D=D, B=1),
+            "date": datetime.date.today().isoformat(), "tag": args.tag, "python": platform.python_version(), "shapes": dict(Hq=HQ, Hkv=HKV, D=D, B=1),
             "rho": RHO, "k_min": K_MIN, "tile": TILE, "anchors": ANCHORS, "layers": LAYERS}
     if args.sweep:
         print("launch-parameter sweep at N = 32768", flush=True)
@@ -513,7 +518,7 @@ def main():
         results.append(r)
         write_report(results, args.out, meta)
     print()
-    print(open(os.path.join(args.out, "prefill_h100.md")).read())
+    print(open(os.path.join(args.out, f"prefill_{args.tag}.md")).read())
 
 
 if __name__ == "__main__":
