@@ -275,8 +275,11 @@ class PagedKascadeStrategy:
         self.state.clear()
 
     def attend(self, layer: int, q, key_cache, value_cache, block_table, seq_lens, query_start_loc,
-               scale=None) -> torch.Tensor:
-        """out [T, Hq, Dv] for the batch's tokens q [T, Hq, D] (layout of the module docstring)."""
+               scale=None, tp_rank: int | None = None) -> torch.Tensor:
+        """out [T, Hq, Dv] for the batch's tokens q [T, Hq, D] (layout of the module docstring).
+
+        With tensor parallelism the caches hold this rank's KV heads only; `tp_rank` picks the rank's
+        rows of the head map (see Plan.kv_head_map)."""
         p = self.plan
         if layer == 0:
             self.begin_forward()
@@ -305,7 +308,7 @@ class PagedKascadeStrategy:
             if anchor not in self.state or self.state[anchor][0] != long_reqs:
                 raise RuntimeError(f"layer {layer} reuses anchor {anchor}, which did not run on this batch in this "
                                    "forward; layers must run in order starting at layer 0")
-            head_map = torch.tensor(p.kv_head_map(layer, key_cache.shape[2]), device=q.device)
+            head_map = torch.tensor(p.kv_head_map(layer, key_cache.shape[2], tp_rank=tp_rank), device=q.device)
             out[rows] = paged_reuse(sq, key_cache, value_cache, sbt, slens, sqsl, self.state[anchor][1],
                                     head_map=head_map, scale=scale)
         return out

@@ -1,0 +1,237 @@
+"""Kascade attention in vLLM (CPU platform): a plugin that swaps in an attention backend running a plan.
+
+Install `kascade[vllm]`; vLLM loads the plugin through the `vllm.general_plugins` entry point
+(`register` below) in every process it starts. With a plan configured, every decoder attention
+layer runs Kascade over vLLM's paged KV cache; without one the backend is vLLM's own CPU attention,
+unchanged. The plan is given by either
+
+    vllm serve MODEL_DIR --additional-config '{"kascade_plan": "plan.json"}'
+    KASCADE_PLAN=plan.json vllm serve MODEL_DIR
+
+(`additional_config` wins over the environment; `"kascade_dense_anchor_output": true` makes anchor
+layers other than 0 attend densely, as `kascade.enable(..., dense_anchor_output=True)` does.)
+
+How a forward step runs. vLLM writes the step's new keys and values into the paged cache, then calls
+each attention layer in order with the batch's tokens flattened (prefill chunks and decode steps of
+requests of any lengths) and the per-request query_start_loc / seq_lens / block_table. This backend
+gathers the pages the batch reads into a compact cache in the layout of kascade.paged (vLLM's CPU
+kernels keep blocks in an ISA-specific order, which is found once by writing probe values through
+vLLM's own cache-writing op), then runs kascade.paged.PagedKascadeStrategy: layer 0 clears the
+per-step state, is dense and selects; anchors select per KV head over each request's pages; reuse
+layers attend to their anchor's selection through the plan's head map; requests with no more than
+k_min keys are dense. Selections live only within one step (keyed by the step's requests), so
+requests joining and leaving between steps cannot see each other's indices. A request with one new
+token is a decode step; one with more is prefill, tiled from its first token whatever chunk it is
+in, so chunked prefill selects what a whole-prompt prefill would.
+
+Supported: decoder-only models with full attention (Llama, Qwen2/3, Mistral without a window),
+float32/bfloat16/float16 KV caches, tensor parallelism with a plan whose head map stays inside
+shards (`kascade calibrate --tp-degree`). Refused with an error: sliding windows, ALiBi, logit
+soft-capping, attention sinks, fp8 KV caches, encoder and cross attention.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import torch
+
+from kascade.paged import PagedKascadeStrategy
+from kascade.plan import Plan
+
+PLAN_ENV = "KASCADE_PLAN"
+PLAN_KEY = "kascade_plan"
+DENSE_ANCHOR_KEY = "kascade_dense_anchor_output"
+BACKEND_PATH = "kascade.integrations.vllm.KascadeCPUBackend"
+
+
+def register() -> None:
+    """vllm.general_plugins entry point: make vLLM's CPU attention backend the Kascade one.
+
+    On other platforms nothing is registered (the GPU backends are not wrapped yet)."""
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    if not current_platform.is_cpu():
+        return
+    register_backend(AttentionBackendEnum.CPU_ATTN, BACKEND_PATH)
+
+
+def plan_options(vllm_config) -> tuple[str | None, bool]:
+    """(plan path or None, dense_anchor_output) from additional_config, else the KASCADE_PLAN variable."""
+    extra = getattr(vllm_config, "additional_config", None) or {}
+    if not isinstance(extra, dict):
+        extra = dict(extra)
+    path = extra.get(PLAN_KEY) or os.environ.get(PLAN_ENV) or None
+    dense_anchor = extra.get(DENSE_ANCHOR_KEY, False)
+    if not isinstance(dense_anchor, bool):
+        raise ValueError(f"additional_config[{DENSE_ANCHOR_KEY!r}]: expected true or false, got {dense_anchor!r}")
+    return path, dense_anchor
+
+
+_STRATEGIES: dict = {}
+
+
+def shared_strategy(path: str, dense_anchor_output: bool, model_config, tp_degree: int) -> PagedKascadeStrategy:
+    """One strategy per (plan file, option) in a process, shared by every layer so that anchors hand their
+    selections to the reuse layers of the same step. The plan is checked against the model once."""
+    key = (os.path.abspath(path), dense_anchor_output)
+    if key not in _STRATEGIES:
+        if not os.path.isfile(path):
+            raise ValueError(f"{PLAN_KEY}: expected the path of a plan file (kascade calibrate -o plan.json), "
+                             f"got {path!r}, which is not a file")
+        plan = Plan.load(path)
+        plan.validate(model_config, tp_degree=tp_degree)
+        _STRATEGIES[key] = PagedKascadeStrategy(plan, dense_anchor_output=dense_anchor_output)
+    return _STRATEGIES[key]
+
+
+# ----------------------------------------------------------------------------------------------
+# reading vLLM's CPU cache blocks
+# ----------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=None)
+def block_order(isa: str, dtype: torch.dtype, block_size: int, head_size: int) -> tuple:
+    """Where vLLM's CPU cache-writing op puts (token, dim) inside one (block, KV head) slab.
+
+    Returns (key_perm, value_perm): int64 tensors of block_size * head_size entries, entry t * D + d
+    being the slab offset of token t, dim d; None where the slab is plain row-major. Found by writing
+    small integers (exact in every float dtype) through `cpu_attn_reshape_and_cache`; a layout that is
+    not a permutation of the slab raises ValueError."""
+    from vllm import _custom_ops as vops
+
+    t = torch.arange(block_size)[:, None].expand(block_size, head_size)
+    d = torch.arange(head_size)[None, :].expand(block_size, head_size)
+    digits = [t % 16, t // 16 % 16, t // 256, d % 16, d // 16 % 16, d // 256]
+    seen = []
+    for val in digits:
+        kv = torch.zeros(1, 1, block_size, 2 * head_size, dtype=dtype)
+        kc, vc = kv.view(1, 1, 2 * block_size, head_size).chunk(2, dim=2)
+        src = val[:, None, :].to(dtype)  # [tokens, 1 head, D]
+        vops.cpu_attn_reshape_and_cache(src, src.clone(), kc, vc, torch.arange(block_size), isa,
+                                        k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+        seen.append(kv.view(2, block_size * head_size).long())  # row 0: key slab, row 1: value slab
+    perms = []
+    for which in (0, 1):
+        tok = seen[0][which] + 16 * seen[1][which] + 256 * seen[2][which]
+        dim = seen[3][which] + 16 * seen[4][which] + 256 * seen[5][which]
+        flat = tok * head_size + dim  # the (token, dim) found at each slab offset
+        if not torch.equal(torch.sort(flat).values, torch.arange(block_size * head_size)):
+            raise ValueError(f"KV cache: vLLM's CPU layout for isa={isa!r}, dtype={dtype}, block_size={block_size}, "
+                             f"head_size={head_size} is not a permutation of each block; kascade cannot read it")
+        perm = torch.empty_like(flat)
+        perm[flat] = torch.arange(flat.numel())
+        perms.append(None if torch.equal(perm, torch.arange(flat.numel())) else perm)
+    return tuple(perms)
+
+
+def compact_cache(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, isa: str):
+    """The pages a batch reads, in kascade.paged's layout.
+
+    kv_cache [num_blocks, Hkv, block_size, 2 * D] (vLLM CPU). Returns key_cache, value_cache
+    [P, block_size, Hkv, D] holding each request's pages one after another, and the block table [R, max_pages]
+    of those compact pages."""
+    nb, hkv, bs, two_d = kv_cache.shape
+    d = two_d // 2
+    kc, vc = kv_cache.view(nb, hkv, 2 * bs, d).chunk(2, dim=2)  # [nb, Hkv, bs, D] each, slabs as stored
+    lens = [int(x) for x in seq_lens.tolist()]
+    pages_per = [-(-n // bs) for n in lens]
+    cols = max(pages_per + [1])
+    pages = torch.cat([block_table[r, :p].long() for r, p in enumerate(pages_per)] + [torch.zeros(0, dtype=torch.long)])
+    offsets = torch.tensor([0] + pages_per[:-1], dtype=torch.long).cumsum(0) if lens else torch.zeros(0, dtype=torch.long)
+    table = (offsets[:, None] + torch.arange(cols)[None, :]).to(torch.int32)
+    key_perm, value_perm = block_order(isa, kv_cache.dtype, bs, d)
+    out = []
+    for cache, perm in ((kc, key_perm), (vc, value_perm)):
+        slabs = cache[pages].reshape(len(pages), hkv, bs * d)
+        if perm is not None:
+            slabs = slabs[:, :, perm]
+        out.append(slabs.view(len(pages), hkv, bs, d).transpose(1, 2))
+    return out[0], out[1], table
+
+
+# ----------------------------------------------------------------------------------------------
+# the backend
+# ----------------------------------------------------------------------------------------------
+
+
+def _backend_classes():
+    from vllm.config import get_current_vllm_config
+    from vllm.distributed import get_tensor_model_parallel_rank
+    from vllm.logger import init_logger
+    from vllm.model_executor.models.utils import extract_layer_index
+    from vllm.v1.attention.backend import AttentionType
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
+
+    logger = init_logger(__name__)
+
+    class KascadeCPUImpl(CPUAttentionBackendImpl):
+        """vLLM's CPU attention, with the attention itself replaced by Kascade when a plan is configured."""
+
+        def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
+                     logits_soft_cap=None, attn_type=AttentionType.DECODER, kv_sharing_target_layer_name=None,
+                     sinks=None, **kwargs):
+            super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
+                             logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks, **kwargs)
+            cfg = get_current_vllm_config()
+            path, dense_anchor = plan_options(cfg)
+            self.kascade = None
+            self.layer_index = None
+            if path is None:
+                return
+            refused = {
+                "sliding_window": sliding_window,
+                "alibi_slopes": alibi_slopes,
+                "logits_soft_cap": logits_soft_cap or None,
+                "sinks": sinks,
+                "kv_cache_dtype": kv_cache_dtype if self.is_fp8_kv_cache else None,
+                "attn_type": None if attn_type == AttentionType.DECODER else attn_type,
+            }
+            for name, value in refused.items():
+                if value is not None:
+                    raise ValueError(f"{name}: kascade's vLLM backend supports decoder self-attention over a full "
+                                     f"float KV cache without {name}, got {value!r}; serve this model without "
+                                     f"{PLAN_KEY} / {PLAN_ENV}")
+            tp = cfg.parallel_config.tensor_parallel_size
+            self.tp_rank = get_tensor_model_parallel_rank() if tp > 1 else 0
+            self.kascade = shared_strategy(path, dense_anchor, cfg.model_config.hf_config, tp)
+            logger.info("kascade: Kascade attention with plan %s (anchors %s, rho %s)", path,
+                        self.kascade.plan.anchors, self.kascade.plan.rho)
+
+        def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
+                    output_block_scale=None):
+            if self.kascade is None or attn_metadata is None:
+                return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                                       output_block_scale)
+            if output_scale is not None or output_block_scale is not None:
+                raise ValueError("output_scale: kascade's vLLM backend does not fuse output quantization")
+            if self.layer_index is None:
+                self.layer_index = extract_layer_index(layer.layer_name)
+            n_tok = attn_metadata.num_actual_tokens
+            r = attn_metadata.seq_lens.shape[0]
+            key_cache, value_cache, table = compact_cache(kv_cache, attn_metadata.block_table[:r],
+                                                          attn_metadata.seq_lens, layer.isa)
+            out = self.kascade.attend(self.layer_index, query[:n_tok], key_cache, value_cache, table,
+                                      attn_metadata.seq_lens, attn_metadata.query_start_loc[: r + 1], scale=self.scale,
+                                      tp_rank=self.tp_rank)
+            output[:n_tok].copy_(out.reshape(output[:n_tok].shape))
+            return output
+
+    class KascadeCPUBackend(CPUAttentionBackend):
+        """vLLM's CPU backend (metadata, cache layout and cache writing) with KascadeCPUImpl."""
+
+        @staticmethod
+        def get_impl_cls():
+            return KascadeCPUImpl
+
+    return KascadeCPUImpl, KascadeCPUBackend
+
+
+def __getattr__(name):  # the backend classes need vllm, which is imported only when vLLM asks for them
+    if name in ("KascadeCPUImpl", "KascadeCPUBackend"):
+        impl, backend = _backend_classes()
+        globals().update(KascadeCPUImpl=impl, KascadeCPUBackend=backend)
+        return globals()[name]
+    raise AttributeError(name)

@@ -1,0 +1,150 @@
+"""vLLM with the Kascade backend (kascade.integrations.vllm), end to end on the CPU build of vLLM.
+
+vLLM runs in a child process (`python tests/test_vllm.py SPEC OUT`, in-process engine) so that its
+process-wide set-up (torch.distributed, thread binding, registered backends) stays out of the test
+process. The child generates greedily with the shipped model `models/kascade-tiny` (12 layers, 8 query /
+4 KV heads, head dim 64) and writes the tokens; the tests compare them.
+
+Every engine is set up to exercise the scheduler: prompts of 60 to 1,000 tokens with different numbers
+of new tokens, at most 3 requests running at once (requests join and leave between steps), and at most
+256 tokens per step (prompts over 256 tokens are prefilled in chunks, next to other requests' decode
+steps). k_min is 128, so every prompt but the first runs Kascade.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL_DIR = ROOT / "models" / "kascade-tiny"
+PLAN = ROOT / "plans" / "kascade-tiny.json"
+PROMPT_LENGTHS = [60, 300, 700, 1000, 450]
+NEW_TOKENS = [12, 16, 12, 8, 14]
+ENGINE = dict(dtype="float32", enforce_eager=True, kv_cache_memory_bytes=256 * 2**20, max_model_len=2048,
+              max_num_batched_tokens=256, max_num_seqs=3, seed=0)
+
+needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                reason="vllm is not installed (pip install -e '.[vllm]', then uninstall the torchvision, "
+                                       "torchaudio and torchcodec it pulls; scripts/setup.sh does both)")
+pytestmark = [needs_vllm, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+
+
+def prompts() -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(MODEL_DIR, local_files_only=True)
+    ids = tok((ROOT / "tests" / "fixtures" / "essay.txt").read_text())["input_ids"]
+    assert len(ids) >= max(PROMPT_LENGTHS)
+    return [ids[i * 7 : i * 7 + n] for i, n in enumerate(PROMPT_LENGTHS)]
+
+
+# ----------------------------------------------------------------------------------------------
+# the child process
+# ----------------------------------------------------------------------------------------------
+
+
+def _child(spec_path: str, out_path: str) -> None:
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    import gc
+
+    from vllm import LLM, SamplingParams
+
+    spec = json.loads(Path(spec_path).read_text())
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in NEW_TOKENS]
+    reqs = [{"prompt_token_ids": p} for p in spec["prompts"]]
+    result = {}
+    for name, extra in spec["runs"].items():
+        try:
+            llm = LLM(str(MODEL_DIR), additional_config=extra, **ENGINE)
+        except Exception as e:  # noqa: BLE001 - the error message is what a test checks
+            result[name] = {"error": f"{type(e).__name__}: {e}"}
+            continue
+        outs = llm.generate(reqs, params, use_tqdm=False)
+        result[name] = {"batch": [list(o.outputs[0].token_ids) for o in outs]}
+        if spec["singles"].get(name):
+            result[name]["singles"] = [list(llm.generate([r], [sp], use_tqdm=False)[0].outputs[0].token_ids)
+                                       for r, sp in zip(reqs, params)]
+        del llm
+        gc.collect()
+    Path(out_path).write_text(json.dumps(result))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from kascade.plan import Plan
+
+    tmp = tmp_path_factory.mktemp("vllm")
+    plan = Plan.load(PLAN)
+    plan.rho = 1.0
+    plan.save(tmp / "full.json")
+    wrong = Plan.load(PLAN)
+    wrong.model = {**wrong.model, "num_kv_heads": 8}
+    wrong.head_map = None
+    wrong.save(tmp / "wrong.json")
+    spec = {
+        "prompts": prompts(),
+        "runs": {
+            "dense": {},
+            "full_budget": {"kascade_plan": str(tmp / "full.json")},
+            "kascade": {"kascade_plan": str(PLAN)},
+            "wrong_plan": {"kascade_plan": str(tmp / "wrong.json")},
+        },
+        "singles": {"kascade": True},
+    }
+    (tmp / "spec.json").write_text(json.dumps(spec))
+    env = {k: v for k, v in os.environ.items() if k not in ("KASCADE_PLAN", "TRITON_INTERPRET")}
+    proc = subprocess.run([sys.executable, __file__, str(tmp / "spec.json"), str(tmp / "out.json")], env=env,
+                          capture_output=True, text=True, timeout=1200)
+    if proc.returncode != 0:
+        pytest.fail(f"the vLLM child process failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
+    return json.loads((tmp / "out.json").read_text())
+
+
+def test_full_budget_gives_the_dense_tokens(runs):
+    """rho = 1 selects every key: Kascade over vLLM's pages must give vLLM's own dense greedy tokens."""
+    assert runs["full_budget"]["batch"] == runs["dense"]["batch"]
+
+
+def test_plan_gives_the_transformers_integration_tokens(runs):
+    """The shipped plan (rho = 0.1) in vLLM, with chunked prefill and batching, gives the tokens of
+    kascade.enable on the transformers model prefilling each whole prompt alone."""
+    import kascade
+    from kascade.models import load_model
+
+    model, _ = load_model(MODEL_DIR, device="cpu", dtype="float32")
+    plan = kascade.Plan.load(PLAN)
+    want = []
+    with kascade.enable(model, plan, backend="reference"), torch.no_grad():
+        for ids, m in zip(prompts(), NEW_TOKENS):
+            out = model(input_ids=torch.tensor([ids]), use_cache=True)
+            toks = [int(out.logits[0, -1].argmax())]
+            while len(toks) < m:
+                out = model(input_ids=torch.tensor([[toks[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+                toks.append(int(out.logits[0, -1].argmax()))
+            want.append(toks)
+    assert runs["kascade"]["batch"] == want
+    # not vacuous: at this budget Kascade changes some tokens of the dense model
+    assert runs["kascade"]["batch"] != runs["dense"]["batch"]
+
+
+def test_batch_of_different_lengths_equals_one_by_one(runs):
+    """Requests batched (joining and leaving, prefill chunks beside decode steps) get the tokens each gets alone."""
+    assert runs["kascade"]["batch"] == runs["kascade"]["singles"]
+    assert [len(t) for t in runs["kascade"]["batch"]] == NEW_TOKENS
+
+
+def test_plan_for_another_model_is_refused(runs):
+    err = runs["wrong_plan"].get("error", "")
+    assert "plan: made for another model" in err and "num_kv_heads: plan 8, model 4" in err, err
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1], sys.argv[2])
