@@ -61,6 +61,28 @@ def resolve_kv_start(kv_start, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor
     return kv_start.to(torch.int64)
 
 
+def resolve_kv_len(kv_len, q: torch.Tensor, k: torch.Tensor, kv_start=None) -> torch.Tensor | None:
+    """kv_len [B] int (valid keys per sequence: positions >= kv_len[b] are unwritten) on q's device, or None.
+
+    The queries of sequence b sit at positions kv_len[b] - Q .. kv_len[b] - 1. None means every
+    sequence fills the whole cache (kv_len = N). Checked here (host sync): Q <= kv_len[b] <= N and
+    kv_start[b] < kv_len[b].
+    """
+    if kv_len is None:
+        return None
+    b, qlen, n = q.shape[0], q.shape[2], k.shape[2]
+    kv_len = torch.as_tensor(kv_len, device=q.device)
+    if kv_len.shape != (b,) or kv_len.dtype.is_floating_point:
+        raise ValueError(f"kv_len: expected an integer tensor of shape ({b},), got {tuple(kv_len.shape)} {kv_len.dtype}")
+    if b and (int(kv_len.min()) < qlen or int(kv_len.max()) > n):
+        raise ValueError(f"kv_len: expected values in [{qlen}, {n}] (the queries are the newest written keys, "
+                         f"the cache holds {n}), got {kv_len.tolist()}")
+    if b and kv_start is not None and bool((torch.as_tensor(kv_start, device=q.device) >= kv_len).any()):
+        raise ValueError(f"kv_len: expected every kv_len[b] > kv_start[b] (at least one real key), got kv_len "
+                         f"{kv_len.tolist()} and kv_start {torch.as_tensor(kv_start).tolist()}")
+    return kv_len.to(torch.int64)
+
+
 def check_head_map(head_map, hkv: int, anchor_hkv: int, device) -> torch.Tensor:
     """head_map [Hkv] of values in [0, anchor_hkv); None is the identity. Returns int64 on device."""
     if anchor_hkv != hkv:

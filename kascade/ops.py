@@ -6,7 +6,8 @@
 
 backend: "reference" (pure PyTorch, any device), "triton" (kernels in kascade.kernels; CUDA, or the
 CPU under TRITON_INTERPRET=1), or "auto" (triton on CUDA tensors when the kernel for the step is
-available, the reference otherwise). Shapes are those of kascade.reference.
+available, the reference otherwise). Shapes are those of kascade.reference; every step takes
+kv_start [B] (left padding) and kv_len [B] (valid keys of a preallocated cache), None by default.
 """
 
 from __future__ import annotations
@@ -56,36 +57,50 @@ def _mode(q: torch.Tensor) -> str:
     return "decode" if q.shape[2] == 1 else "prefill"
 
 
-def dense(q, k, v, kv_start=None, scale=None, backend: str = "auto"):
-    """Causal dense attention [B, Hq, Q, Dv]. On CUDA without padding, torch SDPA (flash/cuDNN)."""
+def dense(q, k, v, kv_start=None, scale=None, backend: str = "auto", kv_len=None):
+    """Causal dense attention [B, Hq, Q, Dv]. On CUDA without padding, torch SDPA (flash/cuDNN); a decode
+    step with padding (on CUDA) or a preallocated cache takes the decode kernel (no mask, no host sync)."""
     check_backend(backend)
-    if backend != "reference" and q.is_cuda and kv_start is None:
+    if q.shape[2] == 1 and (kv_len is not None or (kv_start is not None and q.is_cuda)):
+        mod = _use_triton(q, backend, "decode")
+        if mod is not None:
+            return mod.dense_attention(q, k, v, kv_start=kv_start, scale=scale, kv_len=kv_len)
+    if backend != "reference" and q.is_cuda and kv_start is None and kv_len is None:
         check_attention_inputs(q, k, v)
         n, qlen = k.shape[2], q.shape[2]
         if qlen == n or qlen == 1:
             return torch.nn.functional.scaled_dot_product_attention(
                 q, k, v, is_causal=qlen > 1, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
             )
-    return reference.dense_attention(q, k, v, kv_start=kv_start, scale=scale)
+    return reference.dense_attention(q, k, v, kv_start=kv_start, scale=scale, kv_len=kv_len)
 
 
-def select(q, k, rho, k_min, tile, kv_start=None, scale=None, backend: str = "auto") -> reference.Selection:
+def _len_kw(kv_len):
+    """kv_len as a keyword only when given (prefill kernels take none: callers slice the cache)."""
+    return {} if kv_len is None else {"kv_len": kv_len}
+
+
+def select(q, k, rho, k_min, tile, kv_start=None, scale=None, backend: str = "auto",
+           kv_len=None) -> reference.Selection:
     """Top-k selection of an anchor layer (see kascade.reference.select)."""
     mod = _use_triton(q, backend, _mode(q))
     if mod is not None:
-        return mod.select(q, k, rho=rho, k_min=k_min, tile=tile, kv_start=kv_start, scale=scale)
-    return reference.select(q, k, rho=rho, k_min=k_min, tile=tile, kv_start=kv_start, scale=scale)
+        return mod.select(q, k, rho=rho, k_min=k_min, tile=tile, kv_start=kv_start, scale=scale, **_len_kw(kv_len))
+    return reference.select(q, k, rho=rho, k_min=k_min, tile=tile, kv_start=kv_start, scale=scale, kv_len=kv_len)
 
 
-def reuse(q, k, v, selection, head_map=None, kv_start=None, scale=None, backend: str = "auto"):
+def reuse(q, k, v, selection, head_map=None, kv_start=None, scale=None, backend: str = "auto", kv_len=None):
     """Sparse attention over selected keys (see kascade.reference.sparse_attention)."""
     mod = _use_triton(q, backend, _mode(q))
     if mod is not None:
-        return mod.sparse_attention(q, k, v, selection, head_map=head_map, kv_start=kv_start, scale=scale)
-    return reference.sparse_attention(q, k, v, selection, head_map=head_map, kv_start=kv_start, scale=scale)
+        return mod.sparse_attention(q, k, v, selection, head_map=head_map, kv_start=kv_start, scale=scale,
+                                    **_len_kw(kv_len))
+    return reference.sparse_attention(q, k, v, selection, head_map=head_map, kv_start=kv_start, scale=scale,
+                                      kv_len=kv_len)
 
 
-def anchor(q, k, v, rho, k_min, tile, kv_start=None, scale=None, dense_output=False, backend: str = "auto"):
+def anchor(q, k, v, rho, k_min, tile, kv_start=None, scale=None, dense_output=False, backend: str = "auto",
+           kv_len=None):
     """Select the top-k keys, then attend to them (or densely). Returns (out, selection).
 
     A kernel module with its own fused `anchor` (one pass over K for logits, selection and output) is
@@ -93,8 +108,8 @@ def anchor(q, k, v, rho, k_min, tile, kv_start=None, scale=None, dense_output=Fa
     mod = _use_triton(q, backend, _mode(q))
     if mod is not None and hasattr(mod, "anchor"):
         return mod.anchor(q, k, v, rho=rho, k_min=k_min, tile=tile, kv_start=kv_start, scale=scale,
-                          dense_output=dense_output)
-    sel = select(q, k, rho, k_min, tile, kv_start=kv_start, scale=scale, backend=backend)
+                          dense_output=dense_output, **_len_kw(kv_len))
+    sel = select(q, k, rho, k_min, tile, kv_start=kv_start, scale=scale, backend=backend, kv_len=kv_len)
     if dense_output:
-        return dense(q, k, v, kv_start=kv_start, scale=scale, backend=backend), sel
-    return reuse(q, k, v, sel, None, kv_start=kv_start, scale=scale, backend=backend), sel
+        return dense(q, k, v, kv_start=kv_start, scale=scale, backend=backend, kv_len=kv_len), sel
+    return reuse(q, k, v, sel, None, kv_start=kv_start, scale=scale, backend=backend, kv_len=kv_len), sel

@@ -4,9 +4,11 @@ Layout (the one of transformers' KV cache):
     q     [B, Hq, Q, D]   the Q newest positions of each sequence
     k, v  [B, Hkv, N, D]  the whole cache, the Q new keys last
     kv_start [B]          left padding: keys < kv_start[b] are padding (None: no padding)
+    kv_len [B]            valid keys of a preallocated (static) cache: keys >= kv_len[b] are not
+                          written yet (None: the whole cache, kv_len[b] = N)
 
-Query i of sequence b sits at cache position N - Q + i; inside its sequence its position is
-p = N - Q + i - kv_start[b] and it sees the keys of relative positions 0..p. Queries with p < 0
+Query i of sequence b sits at cache position E - Q + i with E = kv_len[b] (N by default); inside its
+sequence its position is p = E - Q + i - kv_start[b] and it sees the keys of relative positions 0..p. Queries with p < 0
 are padding; their output rows are zeros. G = Hq / Hkv query heads share one KV head.
 
 Decode (Q == 1): the query's KV group pools its post-softmax probabilities over all n keys and
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from kascade.budget import budget, check_budget
-from kascade.checks import check_attention_inputs, check_head_map, resolve_kv_start
+from kascade.checks import check_attention_inputs, check_head_map, resolve_kv_len, resolve_kv_start
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 
@@ -212,46 +214,51 @@ def _sparse_prefill_seq(q, k, v, tiles_idx, p0, tile, scale, max_bytes):
 # ----------------------------------------------------------------------------------------------
 
 
-def _sequences(q, k, kv_start):
-    """Yield (b, s, p0, i0) per sequence: key start, first valid query's position, first valid query row."""
+def _sequences(q, k, kv_start, kv_len=None):
+    """Yield (b, s, e, p0, i0) per sequence: valid keys [s, e), first valid query's position, first valid query row."""
     qlen, n_cache = q.shape[2], k.shape[2]
     for b in range(q.shape[0]):
         s = int(kv_start[b])
-        n = n_cache - s
+        e = n_cache if kv_len is None else int(kv_len[b])
+        n = e - s
         qv = min(qlen, n)
-        yield b, s, n - qv, qlen - qv
+        yield b, s, e, n - qv, qlen - qv
 
 
 def _scale(q, scale):
     return q.shape[-1] ** -0.5 if scale is None else float(scale)
 
 
-def dense_attention(q, k, v, kv_start=None, scale=None, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+def dense_attention(q, k, v, kv_start=None, scale=None, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES, kv_len=None):
     """Causal softmax attention over every valid key. Returns [B, Hq, Q, Dv] in q's dtype."""
     check_attention_inputs(q, k, v)
     kv_start = resolve_kv_start(kv_start, q, k)
+    kv_len = resolve_kv_len(kv_len, q, k, kv_start)
     sc = _scale(q, scale)
     out = torch.zeros(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
-    for b, s, p0, i0 in _sequences(q, k, kv_start):
+    for b, s, e, p0, i0 in _sequences(q, k, kv_start, kv_len):
         if i0 < q.shape[2]:
-            out[b, :, i0:] = _dense_seq(q[b, :, i0:], k[b, :, s:], v[b, :, s:], p0, sc, max_chunk_bytes).to(q.dtype)
+            out[b, :, i0:] = _dense_seq(q[b, :, i0:], k[b, :, s:e], v[b, :, s:e], p0, sc, max_chunk_bytes).to(q.dtype)
     return out
 
 
 def select(q, k, rho: float = 0.1, k_min: int = 128, tile: int = 32, kv_start=None, scale=None,
-           max_chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Selection:
-    """Anchor-layer top-k: decode selection when Q == 1, per-tile prefill selection otherwise."""
+           max_chunk_bytes: int = DEFAULT_CHUNK_BYTES, kv_len=None) -> Selection:
+    """Anchor-layer top-k: decode selection when Q == 1, per-tile prefill selection otherwise.
+
+    The budget of a decode query is k(n) with n = kv_len[b] - kv_start[b] its valid keys."""
     check_attention_inputs(q, k, None)
     check_budget(rho, k_min)
     if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
         raise ValueError(f"tile: expected an integer >= 1, got {tile!r}")
     kv_start = resolve_kv_start(kv_start, q, k)
+    kv_len = resolve_kv_len(kv_len, q, k, kv_start)
     sc = _scale(q, scale)
     decode = q.shape[2] == 1
     hkv = k.shape[1]
     per_seq, first_tiles = [], []
-    for b, s, p0, i0 in _sequences(q, k, kv_start):
-        qb, kb = q[b, :, i0:], k[b, :, s:]
+    for b, s, e, p0, i0 in _sequences(q, k, kv_start, kv_len):
+        qb, kb = q[b, :, i0:], k[b, :, s:e]
         if qb.shape[1] == 0:
             per_seq.append([])
         elif decode:
@@ -273,7 +280,7 @@ def select(q, k, rho: float = 0.1, k_min: int = 128, tile: int = 32, kv_start=No
 
 
 def sparse_attention(q, k, v, selection: Selection, head_map=None, kv_start=None, scale=None,
-                     max_chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+                     max_chunk_bytes: int = DEFAULT_CHUNK_BYTES, kv_len=None):
     """Attention over an anchor's selected keys (plus the causal diagonal tile in prefill).
 
     head_map [Hkv] (int): KV head h of this layer uses the anchor's set of KV head head_map[h];
@@ -282,6 +289,7 @@ def sparse_attention(q, k, v, selection: Selection, head_map=None, kv_start=None
     """
     check_attention_inputs(q, k, v)
     kv_start = resolve_kv_start(kv_start, q, k)
+    kv_len = resolve_kv_len(kv_len, q, k, kv_start)
     hkv = k.shape[1]
     hm = check_head_map(head_map, hkv, selection.num_kv_heads, q.device)
     if selection.decode != (q.shape[2] == 1) or selection.indices.shape[0] != q.shape[0]:
@@ -291,8 +299,8 @@ def sparse_attention(q, k, v, selection: Selection, head_map=None, kv_start=None
         )
     sc = _scale(q, scale)
     out = torch.zeros(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
-    for b, s, p0, i0 in _sequences(q, k, kv_start):
-        qb, kb, vb = q[b, :, i0:], k[b, :, s:], v[b, :, s:]
+    for b, s, e, p0, i0 in _sequences(q, k, kv_start, kv_len):
+        qb, kb, vb = q[b, :, i0:], k[b, :, s:e], v[b, :, s:e]
         if qb.shape[1] == 0:
             continue
         if selection.decode:

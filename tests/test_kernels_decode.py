@@ -212,6 +212,59 @@ def test_errors():
         K.select(q, k, 0.1, 4, kv_start=[64])
 
 
+KV_LEN_CASES = [  # B, Hkv, G, N, D, dtype, kv_start, kv_len: a preallocated cache, the tail unwritten
+    (2, 2, 4, 400, 64, BF16, [0, 30], [400, 171]),
+    (2, 1, 8, 300, 128, FP16, None, [129, 250]),
+    (1, 2, 2, 520, 16, FP32, [5], [40]),  # k_min > n: every key
+]
+
+
+def _part(sel, b):
+    return R.Selection(sel.indices[b:b + 1], sel.counts[b:b + 1], sel.first_tile[b:b + 1], sel.tile, sel.decode)
+
+
+@pytest.mark.parametrize("B,Hkv,G,N,D,dtype,kv_start,kv_len", KV_LEN_CASES)
+def test_kv_len_static_cache(B, Hkv, G, N, D, dtype, kv_start, kv_len):
+    """kv_len: each sequence equals its written keys alone (selection, budgets, sparse, dense); the
+    unwritten tail holds NaN and is never read."""
+    q, k, v = make(B, Hkv, G, N, D, dtype, seed=N + B)
+    rho, k_min = 0.1, 64
+    for b, e in enumerate(kv_len):
+        k[b, :, e:] = float("nan")
+        v[b, :, e:] = float("nan")
+    ks = None if kv_start is None else torch.tensor(kv_start, device=DEV)
+    kl = torch.tensor(kv_len, device=DEV)
+    with poisoned():
+        out_s, sel = K.anchor(q, k, v, rho, k_min, 32, kv_start=ks, kv_len=kl)
+        out_d, sel_d = K.anchor(q, k, v, rho, k_min, 32, kv_start=ks, kv_len=kl, dense_output=True)
+        dense = K.dense_attention(q, k, v, kv_start=ks, kv_len=kl)
+        head_map = torch.tensor([(h + 1) % Hkv for h in range(Hkv)], device=DEV)
+        out_r = K.sparse_attention(q, k, v, sel, head_map=head_map, kv_start=ks, kv_len=kl)
+    assert torch.equal(sel.indices, sel_d.indices)
+    ref = R.select(q, k, rho, k_min, 32, kv_start=ks, kv_len=kl)
+    assert torch.equal(sel.counts.cpu(), ref.counts.cpu())
+    for b, e in enumerate(kv_len):
+        st = None if kv_start is None else [kv_start[b]]
+        qb, kb, vb = q[b:b + 1], k[b:b + 1, :, :e], v[b:b + 1, :, :e]
+        assert int(sel.counts[b, 0]) == budget(e - (0 if st is None else st[0]), rho, k_min)
+        check_selection(_part(sel, b), qb, kb, rho, k_min, st)
+        sb = _part(sel, b)
+        assert_close_to64(out_s[b:b + 1], R.sparse_attention(qb, kb, vb, sb, kv_start=st), sparse64(qb, kb, vb, sb), vb)
+        assert_close_to64(out_r[b:b + 1], R.sparse_attention(qb, kb, vb, sb, head_map=head_map, kv_start=st),
+                          sparse64(qb, kb, vb, sb, head_map.tolist()), vb)
+        want_d = R.dense_attention(qb, kb, vb, kv_start=st)
+        assert_close_to64(out_d[b:b + 1], want_d, dense64(qb, kb, vb, st), vb)
+        assert_close_to64(dense[b:b + 1], want_d, dense64(qb, kb, vb, st), vb)
+
+
+def test_kv_len_errors():
+    q, k, v = make(2, 2, 2, 64, 16, FP32)
+    with pytest.raises(ValueError, match="kv_len"):
+        K.select(q, k, 0.1, 4, kv_len=torch.tensor([65, 64]))
+    with pytest.raises(ValueError, match="kv_len"):
+        K.dense_attention(q, k, v, kv_start=torch.tensor([0, 10]), kv_len=torch.tensor([64, 10]))
+
+
 # ---------------------------------------------------------------------------------------------- GPU
 
 
@@ -245,6 +298,7 @@ def test_gpu_full_size(B, Hkv, G, N, D, dtype, kv_start):
 @gpu
 def test_gpu_no_recompilation_across_lengths():
     kernels = [K._decode_logits_kernel, K._decode_pool_kernel, K._decode_sparse_kernel, K._decode_combine_kernel]
+    # (kv_len is a runtime tensor too: tests/test_graph.py replays one graph over growing lengths)
     from kascade.kernels import topk_select as ts
     kernels += [ts._radix_hist_kernel, ts._radix_last_kernel, ts._radix_compact_kernel]
 

@@ -193,3 +193,43 @@ def test_memory_bound_has_no_quadratic_temporaries():
     assert Hq * rows * N * 4 <= budget_bytes < Hq * N * N * 4
     sel = R.select(q, k, rho=0.1, k_min=8, tile=32, max_chunk_bytes=budget_bytes)
     assert sel.indices.shape[2] == math.ceil(N / 32)
+
+
+@pytest.mark.parametrize("Q", [1, 5])
+def test_kv_len_equals_cutting_the_unwritten_tail(Q):
+    """kv_len [B] on a preallocated cache gives what each sequence's written keys give alone; the tail
+    (NaN here, as never-written memory could hold) is never read."""
+    q, k, v = _inputs(7, 2, 4, 2, Q, 60, 8)
+    lens, starts = [45, 60], [3, 0]
+    kt = k.clone()
+    vt = v.clone()
+    kt[0, :, 45:] = float("nan")
+    vt[0, :, 45:] = float("nan")
+    kl, ks = torch.tensor(lens), torch.tensor(starts)
+    for rho in (0.2, 1.0):
+        sel = R.select(q, kt, rho=rho, k_min=2, tile=8, kv_start=ks, kv_len=kl)
+        out = R.sparse_attention(q, kt, vt, sel, kv_start=ks, kv_len=kl)
+        dense = R.dense_attention(q, kt, vt, kv_start=ks, kv_len=kl)
+        for b in range(2):
+            e, s = lens[b], torch.tensor([starts[b]])
+            qb, kb, vb = q[b:b + 1], k[b:b + 1, :, :e], v[b:b + 1, :, :e]
+            sel_b = R.select(qb, kb, rho=rho, k_min=2, tile=8, kv_start=s)
+            assert torch.equal(sel.counts[b:b + 1, : sel_b.counts.shape[1]], sel_b.counts)
+            for h in range(2):
+                for u in range(sel_b.counts.shape[1]):
+                    assert torch.equal(sel.sets(b, h, u), sel_b.sets(0, h, u))
+            torch.testing.assert_close(out[b:b + 1], R.sparse_attention(qb, kb, vb, sel_b, kv_start=s))
+            torch.testing.assert_close(dense[b:b + 1], R.dense_attention(qb, kb, vb, kv_start=s))
+        assert torch.isfinite(out).all() and torch.isfinite(dense).all()
+
+
+def test_bad_kv_len_raises():
+    q, k, v = _inputs(8, 2, 4, 2, 3, 20, 8)
+    with pytest.raises(ValueError, match="kv_len"):
+        R.dense_attention(q, k, v, kv_len=torch.tensor([2, 20]))  # fewer keys than queries
+    with pytest.raises(ValueError, match="kv_len"):
+        R.dense_attention(q, k, v, kv_len=torch.tensor([21, 20]))  # beyond the cache
+    with pytest.raises(ValueError, match="kv_len"):
+        R.select(q, k, kv_start=torch.tensor([10, 0]), kv_len=torch.tensor([10, 20]))  # no real key
+    with pytest.raises(ValueError, match="kv_len"):
+        R.select(q, k, kv_len=torch.tensor([10.0, 20.0]))

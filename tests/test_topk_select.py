@@ -77,3 +77,16 @@ def test_gpu_decode_sized_rows():
     n = 131072
     scores = torch.softmax(torch.randn(16, n, device="cuda") * 3, -1)
     run(scores, [13107, 1, 131072 - 5, 999], [0, 5, 5, 70000], rows_per_batch=4, kmax=131072)
+
+
+def test_per_entry_end():
+    """end[b] bounds each entry's keys (a preallocated cache); keys at or after it are never taken."""
+    g = torch.Generator().manual_seed(9)
+    scores = (torch.rand(4, 2500, generator=g) ** 3).to(DEV)
+    scores[0:2, 1500:] = 10.0  # larger than every valid score: must not be selected
+    k, start, end = [200, 7], [0, 1000], [1500, 2500]
+    got = topk_select(scores, torch.tensor(k, device=DEV), torch.tensor(start, device=DEV), rows_per_batch=2,
+                      kmax=210, end=torch.tensor(end, device=DEV))
+    cut = scores.clone()
+    cut[0:2, 1500:] = -1.0  # below every valid score: the sort-based rule never reaches them
+    assert torch.equal(got.cpu(), expected(cut, k, start, 2, 210))

@@ -2,7 +2,8 @@
 
 Same signatures and results as kascade.reference (select, sparse_attention), plus `anchor`, which
 selects and attends in one pass over K. Layout: q [B, Hq, 1, D], k/v [B, Hkv, N, D] with any
-strides but a contiguous last dim (transformers' cache), kv_start [B] left padding.
+strides but a contiguous last dim (transformers' cache), kv_start [B] left padding, kv_len [B] valid
+keys of a preallocated (static) cache (keys >= kv_len[b] are unwritten; budgets are k(kv_len - kv_start)).
 
 Anchor layer (select; anchor):
     1. _decode_logits_kernel    grid (B * Hkv, S1)     split-K over the valid keys of each KV head.
@@ -20,11 +21,13 @@ Anchor layer (select; anchor):
                                 32 output columns).
 Reuse layer (sparse_attention): _decode_sparse_kernel gathers the K and V rows of the mapped
 anchor head's indices, split over S2 programs per (sequence, KV head), then the combine.
+Dense layer (dense_attention): step 1 with the flash-decoding output only (no logits kept), then the
+combine: dense decode over [kv_start, kv_len) that needs no mask tensor and captures in a graph.
 
 Splits are sized from the number of SMs and the batch only: no recompilation per sequence length
 (lengths, budgets and counts are runtime values) and no host synchronisation in the hot path, so
 a decode step can be captured in a CUDA graph. Under capture the data-dependent argument checks
-(kv_start and head_map ranges) are skipped; pass kv_start / head_map as device tensors there.
+(kv_start, kv_len and head_map ranges) are skipped; pass them as device tensors there.
 
 References: flash-decoding (split-K over the cache, log-sum-exp combine), Tri Dao et al. 2023;
 the Triton fused-attention tutorial (online softmax in base 2).
@@ -40,7 +43,7 @@ import triton
 import triton.language as tl
 
 from kascade.budget import _GUARD, budget, check_budget
-from kascade.checks import check_attention_inputs, check_head_map, resolve_kv_start
+from kascade.checks import check_attention_inputs, check_head_map, resolve_kv_len, resolve_kv_start
 from kascade.kernels import topk_select as ts
 from kascade.reference import Selection
 
@@ -112,13 +115,13 @@ def _dot(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["N", "K_MIN"])
-def _decode_logits_kernel(Q, K, V, LG, MP, LP, OP, KV_START, START32, KB, FT, HIST,
+def _decode_logits_kernel(Q, K, V, LG, MP, LP, OP, KV_START, KV_LEN, START32, END32, KB, FT, HIST,
                           N, stride_lg, sqb, sqh, skb, skh, skn, svb, svh, svn,
                           scale_log2, HKV, RHO_A, RHO_B, RHO_C, GUARD_A, GUARD_B, GUARD_C, K_MIN,
                           G: tl.constexpr, GPAD: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                           DV: tl.constexpr, DVP: tl.constexpr, NSPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
-                          HAS_START: tl.constexpr, DENSE_OUT: tl.constexpr, DOT_PREC: tl.constexpr,
-                          UPCAST: tl.constexpr):
+                          HAS_START: tl.constexpr, HAS_LEN: tl.constexpr, DENSE_OUT: tl.constexpr,
+                          SELECT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     tl.static_assert(GPAD >= 16 and GPAD >= G)
     row = tl.program_id(0)  # b * HKV + h
     sp = tl.program_id(1)
@@ -128,16 +131,22 @@ def _decode_logits_kernel(Q, K, V, LG, MP, LP, OP, KV_START, START32, KB, FT, HI
         start = tl.load(KV_START + b).to(tl.int32)
     else:
         start = 0
-    if sp == 0:
-        z = tl.arange(0, 1024)
-        tl.store(HIST + row * 1024 + z, tl.zeros([1024], tl.int32))
-        if h == 0:
-            tl.store(START32 + b, start)
-            tl.store(KB + b, _budget(N - start, RHO_A, RHO_B, RHO_C, GUARD_A, GUARD_B, GUARD_C, K_MIN))
-            tl.store(FT + b, b.to(tl.int64) * 0)
-    per = tl.cdiv(tl.cdiv(N - start, NSPLIT), BLOCK_N) * BLOCK_N
+    if HAS_LEN:
+        end = tl.load(KV_LEN + b).to(tl.int32)
+    else:
+        end = N
+    if SELECT:
+        if sp == 0:
+            z = tl.arange(0, 1024)
+            tl.store(HIST + row * 1024 + z, tl.zeros([1024], tl.int32))
+            if h == 0:
+                tl.store(START32 + b, start)
+                tl.store(END32 + b, end)
+                tl.store(KB + b, _budget(end - start, RHO_A, RHO_B, RHO_C, GUARD_A, GUARD_B, GUARD_C, K_MIN))
+                tl.store(FT + b, b.to(tl.int64) * 0)
+    per = tl.cdiv(tl.cdiv(end - start, NSPLIT), BLOCK_N) * BLOCK_N
     lo = start + sp * per
-    hi = tl.minimum(lo + per, N)
+    hi = tl.minimum(lo + per, end)
 
     g = tl.arange(0, GPAD)
     gm = g < G
@@ -160,7 +169,8 @@ def _decode_logits_kernel(Q, K, V, LG, MP, LP, OP, KV_START, START32, KB, FT, HI
                      mask=nm[:, None] & (d[None, :] < D), other=0.0)
         s = _dot(q, tl.trans(kt), DOT_PREC, UPCAST) * scale_log2  # [GPAD, BLOCK_N]
         s = tl.where(nm[None, :], s, float("-inf"))
-        tl.store(lg_row + offs[None, :] * G + g[:, None], s, mask=gm[:, None] & nm[None, :])
+        if SELECT:
+            tl.store(lg_row + offs[None, :] * G + g[:, None], s, mask=gm[:, None] & nm[None, :])
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -178,7 +188,7 @@ def _decode_logits_kernel(Q, K, V, LG, MP, LP, OP, KV_START, START32, KB, FT, HI
 
 
 @triton.jit(do_not_specialize=["N", "CHUNK"])
-def _decode_pool_kernel(LG, MP, LP, S, HIST, START32, N, stride_lg, stride_s, CHUNK, HKV,
+def _decode_pool_kernel(LG, MP, LP, S, HIST, START32, END32, N, stride_lg, stride_s, CHUNK, HKV,
                         G: tl.constexpr, GP: tl.constexpr, NSPLIT: tl.constexpr, BLOCK: tl.constexpr):
     """s[row, n] = sum_g exp2(logit_g[n] - lse_g) over the G heads of the row's KV group; level-1 histogram."""
     row = tl.program_id(0)
@@ -195,8 +205,9 @@ def _decode_pool_kernel(LG, MP, LP, S, HIST, START32, N, stride_lg, stride_s, CH
     lse = mx + tl.log2(tl.sum(lp * tl.exp2(mp - mx[:, None]), 1))
     lse = tl.where(gm, lse, 0.0)
     start = tl.load(START32 + b)
+    end = tl.load(END32 + b)
     lo = tl.maximum(c * CHUNK, start)
-    hi = tl.minimum(c * CHUNK + CHUNK, N)
+    hi = tl.minimum(c * CHUNK + CHUNK, end)
     lg_row = LG + row.to(tl.int64) * stride_lg
     s_row = S + row.to(tl.int64) * stride_s
     acc = tl.zeros([256], tl.int32)
@@ -341,6 +352,15 @@ def _kv_start(kv_start, q, k):
     return resolve_kv_start(kv_start, q, k)
 
 
+def _kv_len(kv_len, q, k, kv_start):
+    """kv_len as a device integer tensor [B] (checked unless capturing), or None (the whole cache)."""
+    if kv_len is None:
+        return None
+    if _capturing(q):
+        return torch.as_tensor(kv_len, device=q.device)
+    return resolve_kv_len(kv_len, q, k, kv_start)
+
+
 def _combine(op, mp, lp, out, dims, nsplit):
     dblk = min(dims["DVP"], CONFIG["combine"]["DBLK"])
     _decode_combine_kernel[(dims["B"] * dims["HQ"], dims["DVP"] // dblk)](
@@ -349,7 +369,7 @@ def _combine(op, mp, lp, out, dims, nsplit):
     return out
 
 
-def _anchor_pass(q, k, v, rho, k_min, tile, kv_start, scale, output):
+def _anchor_pass(q, k, v, rho, k_min, tile, kv_start, scale, output, kv_len=None):
     """Shared body of select / anchor. output: None, "sparse" or "dense"."""
     check_attention_inputs(q, k, v)
     check_budget(rho, k_min)
@@ -362,6 +382,7 @@ def _anchor_pass(q, k, v, rho, k_min, tile, kv_start, scale, output):
     if v is not None:
         (v,) = _last_dim_contiguous(v)
     start = _kv_start(kv_start, q, k)
+    end = _kv_len(kv_len, q, k, start)
     dm = _dims(q, k, v)
     B, HQ, HKV, N = dm["B"], dm["HQ"], dm["HKV"], dm["N"]
     R = B * HKV
@@ -377,6 +398,7 @@ def _anchor_pass(q, k, v, rho, k_min, tile, kv_start, scale, output):
     lp = torch.empty_like(mp)
     op = torch.empty(B * HQ, s1, dm["DVP"], dtype=torch.float32, device=dev) if dense else mp
     start32 = torch.empty(B, dtype=torch.int32, device=dev)
+    end32 = torch.empty(B, dtype=torch.int32, device=dev)
     counts = torch.empty(B, 1, dtype=torch.int32, device=dev)
     first_tile = torch.empty(B, dtype=torch.int64, device=dev)
     ws = ts.RadixWorkspace(R, nchunk, dev)
@@ -387,19 +409,19 @@ def _anchor_pass(q, k, v, rho, k_min, tile, kv_start, scale, output):
     per_stage = cl["BLOCK_N"] * (dm["DP"] + (dm["DVP"] if dense else 0)) * q.element_size()
     stages = max(1, min(stages, (160 * 1024) // per_stage))  # K (and V) tiles in shared memory
     _decode_logits_kernel[(R, s1)](
-        q, k, vv, lg, mp, lp, op, start if start is not None else start32, start32, counts, first_tile, ws.hist,
-        N, lg.stride(0), q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), vv.stride(0), vv.stride(1),
+        q, k, vv, lg, mp, lp, op, start if start is not None else start32, end if end is not None else end32,
+        start32, end32, counts, first_tile, ws.hist, N, lg.stride(0), q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), vv.stride(0), vv.stride(1),
         vv.stride(2), _scale_log2(q, scale), HKV, ra, rb, rc, ga, gb, gc, k_min,
         G=dm["G"], GPAD=dm["GPAD"], D=dm["D"], DP=dm["DP"], DV=dm["DV"], DVP=dm["DVP"], NSPLIT=s1,
-        BLOCK_N=cl["BLOCK_N"], HAS_START=start is not None, DENSE_OUT=dense, DOT_PREC=_dot_prec(q), UPCAST=_upcast(q),
-        num_warps=cl["num_warps"], num_stages=stages)
+        BLOCK_N=cl["BLOCK_N"], HAS_START=start is not None, HAS_LEN=end is not None, DENSE_OUT=dense, SELECT=True,
+        DOT_PREC=_dot_prec(q), UPCAST=_upcast(q), num_warps=cl["num_warps"], num_stages=stages)
     scores = torch.empty(R, ln, dtype=torch.float32, device=dev)
     cp = CONFIG["pool"]
     _decode_pool_kernel[(R, nchunk)](
-        lg, mp, lp, scores, ws.hist, start32, N, lg.stride(0), ln, chunk, HKV,
+        lg, mp, lp, scores, ws.hist, start32, end32, N, lg.stride(0), ln, chunk, HKV,
         G=dm["G"], GP=_pow2(dm["G"]), NSPLIT=s1, BLOCK=cp["BLOCK"], num_warps=cp["num_warps"])
     idx = torch.empty(R, kmax, dtype=torch.int32, device=dev)
-    ts.radix_levels(scores, N, ws, counts, start32, HKV, nchunk, chunk, idx, first_level=2)
+    ts.radix_levels(scores, N, ws, counts, start32, HKV, nchunk, chunk, idx, first_level=2, end_b=end32)
     sel = Selection(idx.view(B, HKV, 1, kmax), counts, first_tile, tile, True)
     if output is None:
         return None, sel
@@ -435,33 +457,68 @@ def _sparse(q, k, v, idx, idx_strides, counts, head_map, scale, out, dm, kmax, l
 # ----------------------------------------------------------------------------------------------
 
 
-def select(q, k, rho: float = 0.1, k_min: int = 128, tile: int = 32, kv_start=None, scale=None) -> Selection:
+def select(q, k, rho: float = 0.1, k_min: int = 128, tile: int = 32, kv_start=None, scale=None,
+           kv_len=None) -> Selection:
     """Decode top-k selection, as kascade.reference.select for Q == 1.
 
     Returns a Selection with indices [B, Hkv, 1, Kmax] int32 where Kmax = k(N) (the budget of the
     longest possible sequence) rounded up to a multiple of 16, so the shape depends on N only;
-    counts [B, 1] = k(n_b). Valid slots
+    counts [B, 1] = k(n_b), n_b = kv_len[b] - kv_start[b] (kv_len default N). Valid slots
     hold the positions above the k-th pooled score in ascending order, then the ties at it in
     ascending order; slots from counts on hold -1.
     """
-    return _anchor_pass(q, k, None, rho, k_min, tile, kv_start, scale, None)[1]
+    return _anchor_pass(q, k, None, rho, k_min, tile, kv_start, scale, None, kv_len)[1]
 
 
 def anchor(q, k, v, rho: float = 0.1, k_min: int = 128, tile: int = 32, kv_start=None, scale=None,
-           dense_output: bool = False):
+           dense_output: bool = False, kv_len=None):
     """Anchor layer in one pass over K: (out [B, Hq, 1, Dv], Selection).
 
     dense_output=False: attention over the selected keys, from the stored logits (V is read at the
     selected rows only). dense_output=True: dense attention, computed in the same pass over K and V.
     """
-    return _anchor_pass(q, k, v, rho, k_min, tile, kv_start, scale, "dense" if dense_output else "sparse")
+    return _anchor_pass(q, k, v, rho, k_min, tile, kv_start, scale, "dense" if dense_output else "sparse", kv_len)
 
 
-def sparse_attention(q, k, v, selection: Selection, head_map=None, kv_start=None, scale=None):
+def dense_attention(q, k, v, kv_start=None, scale=None, kv_len=None):
+    """Dense decode attention over the valid keys [kv_start[b], kv_len[b]): [B, Hq, 1, Dv].
+
+    One split-K pass (flash-decoding) and the combine; no mask tensor, no host synchronisation.
+    """
+    check_attention_inputs(q, k, v)
+    if q.shape[2] != 1:
+        raise ValueError(f"q: decode kernels take one query per sequence, got {tuple(q.shape)}")
+    q, k, v = _last_dim_contiguous(q, k, v)
+    start = _kv_start(kv_start, q, k)
+    end = _kv_len(kv_len, q, k, start)
+    dm = _dims(q, k, v)
+    B, HQ, HKV, N = dm["B"], dm["HQ"], dm["HKV"], dm["N"]
+    R, dev = B * HKV, q.device
+    cl = CONFIG["logits_dense"]
+    s1 = _splits(R, dev, cl["per_sm"])
+    mp = torch.empty(B * HQ, s1, dtype=torch.float32, device=dev)
+    lp = torch.empty_like(mp)
+    op = torch.empty(B * HQ, s1, dm["DVP"], dtype=torch.float32, device=dev)
+    i32 = torch.empty(B, dtype=torch.int32, device=dev)  # unused pointers (SELECT=False)
+    per_stage = cl["BLOCK_N"] * (dm["DP"] + dm["DVP"]) * q.element_size()
+    stages = max(1, min(cl["num_stages"], (160 * 1024) // per_stage))
+    _decode_logits_kernel[(R, s1)](
+        q, k, v, mp, mp, lp, op, start if start is not None else i32, end if end is not None else i32,
+        i32, i32, i32, i32, i32, N, 0, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
+        v.stride(1), v.stride(2), _scale_log2(q, scale), HKV, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0,
+        G=dm["G"], GPAD=dm["GPAD"], D=dm["D"], DP=dm["DP"], DV=dm["DV"], DVP=dm["DVP"], NSPLIT=s1,
+        BLOCK_N=cl["BLOCK_N"], HAS_START=start is not None, HAS_LEN=end is not None, DENSE_OUT=True, SELECT=False,
+        DOT_PREC=_dot_prec(q), UPCAST=_upcast(q), num_warps=cl["num_warps"], num_stages=stages)
+    out = torch.empty(B, HQ, 1, dm["DV"], dtype=q.dtype, device=dev)
+    return _combine(op, mp, lp, out, dm, s1)
+
+
+def sparse_attention(q, k, v, selection: Selection, head_map=None, kv_start=None, scale=None, kv_len=None):
     """Decode attention over an anchor's selected keys, as kascade.reference.sparse_attention for Q == 1.
 
     Accepts the Selection of the reference or of `select` (absolute positions, counts[b, 0] valid
-    slots). kv_start is accepted for symmetry: absolute positions already skip the padding.
+    slots). kv_start and kv_len are accepted for symmetry: absolute positions already skip the padding
+    and the unwritten tail.
     head_map [Hkv]: device tensor when capturing a CUDA graph.
     """
     check_attention_inputs(q, k, v)
@@ -477,7 +534,7 @@ def sparse_attention(q, k, v, selection: Selection, head_map=None, kv_start=None
             raise ValueError(f"selection: expected {dm['HKV']} KV heads like k, got {selection.num_kv_heads}")
         hm = None if head_map is None else torch.as_tensor(head_map, device=q.device)
     else:
-        _kv_start(kv_start, q, k)
+        _kv_len(kv_len, q, k, _kv_start(kv_start, q, k))
         hm = None if head_map is None else check_head_map(head_map, dm["HKV"], selection.num_kv_heads, q.device)
     idx = selection.indices
     out = torch.empty(dm["B"], dm["HQ"], 1, dm["DV"], dtype=q.dtype, device=q.device)

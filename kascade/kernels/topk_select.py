@@ -21,8 +21,9 @@ to get each chunk's write offsets,
 so the result is deterministic: slots [0, k - r) hold the keys above T in ascending position,
 slots [k - r, k) the r ties at T with the smallest positions.
 
-Row r belongs to batch entry r // rows_per_batch; its valid keys are [start[b], N) and it keeps
-k[b] of them (k[b] <= N - start[b]). Positions are written as absolute column numbers, int32.
+Row r belongs to batch entry r // rows_per_batch; its valid keys are [start[b], end[b]) (end[b] = N
+unless a per-entry end is given: a preallocated cache) and it keeps k[b] of them
+(k[b] <= end[b] - start[b]). Positions are written as absolute column numbers, int32.
 """
 
 from __future__ import annotations
@@ -71,9 +72,14 @@ def _prefix(H_row, want, LEVELS: tl.constexpr):
 
 
 @triton.jit
-def _chunk_bounds(c, CHUNK, start, N):
+def _chunk_bounds(c, CHUNK, start, N, END, b, HAS_END: tl.constexpr):
+    """Keys [lo, hi) of chunk c: inside [start, end) with end = END[b] (HAS_END) or N."""
+    if HAS_END:
+        end = tl.load(END + b)
+    else:
+        end = N
     lo = tl.maximum(c * CHUNK, start)
-    hi = tl.minimum(c * CHUNK + CHUNK, N)
+    hi = tl.minimum(c * CHUNK + CHUNK, end)
     return lo, hi
 
 
@@ -83,8 +89,8 @@ def _chunk_bounds(c, CHUNK, start, N):
 
 
 @triton.jit(do_not_specialize=["N", "CHUNK"])
-def _radix_hist_kernel(S, H, KB, START, N, stride_s, CHUNK, ROWS_PER_B,
-                       LEVEL: tl.constexpr, BLOCK: tl.constexpr):
+def _radix_hist_kernel(S, H, KB, START, END, N, stride_s, CHUNK, ROWS_PER_B,
+                       LEVEL: tl.constexpr, BLOCK: tl.constexpr, HAS_END: tl.constexpr):
     """Levels 1-3: add this chunk's histogram of the level's digit into H[row, LEVEL - 1]."""
     row = tl.program_id(0)
     c = tl.program_id(1)
@@ -95,7 +101,7 @@ def _radix_hist_kernel(S, H, KB, START, N, stride_s, CHUNK, ROWS_PER_B,
     prefix = 0
     if LEVEL >= 2:
         prefix, want = _prefix(H_row, want, LEVEL - 1)
-    lo, hi = _chunk_bounds(c, CHUNK, start, N)
+    lo, hi = _chunk_bounds(c, CHUNK, start, N, END, b, HAS_END)
     s_row = S + row.to(tl.int64) * stride_s
     acc = tl.zeros([256], dtype=tl.int32)
     for n0 in range(lo, hi, BLOCK):
@@ -113,8 +119,8 @@ def _radix_hist_kernel(S, H, KB, START, N, stride_s, CHUNK, ROWS_PER_B,
 
 
 @triton.jit(do_not_specialize=["N", "CHUNK"])
-def _radix_last_kernel(S, H, H4S, GT, KB, START, N, stride_s, CHUNK, ROWS_PER_B,
-                       NCHUNK: tl.constexpr, BLOCK: tl.constexpr):
+def _radix_last_kernel(S, H, H4S, GT, KB, START, END, N, stride_s, CHUNK, ROWS_PER_B,
+                       NCHUNK: tl.constexpr, BLOCK: tl.constexpr, HAS_END: tl.constexpr):
     """Level 4: histogram of bits 6..0 of the keys with the level-3 prefix, added into H[row, 3, :128];
     per chunk its suffix sums H4S[row, c, d] = count of digits >= d, and GT[row, c] = keys of the
     chunk above the prefix."""
@@ -125,7 +131,7 @@ def _radix_last_kernel(S, H, H4S, GT, KB, START, N, stride_s, CHUNK, ROWS_PER_B,
     start = tl.load(START + b)
     H_row = H + row * 1024
     prefix, want = _prefix(H_row, want, 3)
-    lo, hi = _chunk_bounds(c, CHUNK, start, N)
+    lo, hi = _chunk_bounds(c, CHUNK, start, N, END, b, HAS_END)
     s_row = S + row.to(tl.int64) * stride_s
     acc = tl.zeros([128], dtype=tl.int32)
     gt = tl.zeros([BLOCK], dtype=tl.int32)
@@ -173,8 +179,8 @@ def _compact_block(key, offs, valid, thr, r, gt_base, eq_base, gt_total):
 
 
 @triton.jit(do_not_specialize=["N", "CHUNK", "KMAX"])
-def _radix_compact_kernel(S, H, H4S, GT, KB, START, IDX, N, stride_s, stride_i, CHUNK, ROWS_PER_B, KMAX,
-                          NCHUNK: tl.constexpr, BLOCK: tl.constexpr):
+def _radix_compact_kernel(S, H, H4S, GT, KB, START, END, IDX, N, stride_s, stride_i, CHUNK, ROWS_PER_B, KMAX,
+                          NCHUNK: tl.constexpr, BLOCK: tl.constexpr, HAS_END: tl.constexpr):
     """Write the positions of the k largest keys of the row (see the module docstring for the order)."""
     row = tl.program_id(0)
     c = tl.program_id(1)
@@ -183,7 +189,7 @@ def _radix_compact_kernel(S, H, H4S, GT, KB, START, IDX, N, stride_s, stride_i, 
     start = tl.load(START + b)
     thr, r, gt_base, eq_base, gt_total = _compact_setup(H + row * 1024, H4S + row * NCHUNK * 128, GT + row * NCHUNK,
                                                         c, kk, NCHUNK)
-    lo, hi = _chunk_bounds(c, CHUNK, start, N)
+    lo, hi = _chunk_bounds(c, CHUNK, start, N, END, b, HAS_END)
     s_row = S + row.to(tl.int64) * stride_s
     i_row = IDX + row.to(tl.int64) * stride_i
     for n0 in range(lo, hi, BLOCK):
@@ -235,31 +241,35 @@ class RadixWorkspace:
         self.gt = torch.empty(rows, nchunk, dtype=torch.int32, device=device)
 
 
-def radix_levels(scores, n_keys, ws, k_b, start_b, rows_per_b, nchunk, chunk, out, first_level=1):
+def radix_levels(scores, n_keys, ws, k_b, start_b, rows_per_b, nchunk, chunk, out, first_level=1, end_b=None):
     """Levels first_level..4 and the compaction over scores [R, >= n_keys] (row stride scores.stride(0)).
 
     ws.hist must hold zeros (a fused kernel may have filled level 1); out [R, KMAX] int32 receives
-    the positions.
+    the positions. end_b [R // rows_per_b] int32 (optional): per-entry end of the valid keys
+    (default n_keys for every row).
     """
     rows = scores.shape[0]
     grid = (rows, nchunk)
+    has_end = end_b is not None
+    end = end_b if has_end else start_b
     for level in range(first_level, 4):
-        _radix_hist_kernel[grid](scores, ws.hist, k_b, start_b, n_keys, scores.stride(0), chunk, rows_per_b,
-                                 LEVEL=level, BLOCK=BLOCK_SEL, num_warps=4)
-    _radix_last_kernel[grid](scores, ws.hist, ws.h4, ws.gt, k_b, start_b, n_keys, scores.stride(0), chunk,
-                             rows_per_b, NCHUNK=nchunk, BLOCK=BLOCK_SEL, num_warps=4)
-    _radix_compact_kernel[grid](scores, ws.hist, ws.h4, ws.gt, k_b, start_b, out, n_keys, scores.stride(0),
+        _radix_hist_kernel[grid](scores, ws.hist, k_b, start_b, end, n_keys, scores.stride(0), chunk, rows_per_b,
+                                 LEVEL=level, BLOCK=BLOCK_SEL, HAS_END=has_end, num_warps=4)
+    _radix_last_kernel[grid](scores, ws.hist, ws.h4, ws.gt, k_b, start_b, end, n_keys, scores.stride(0), chunk,
+                             rows_per_b, NCHUNK=nchunk, BLOCK=BLOCK_SEL, HAS_END=has_end, num_warps=4)
+    _radix_compact_kernel[grid](scores, ws.hist, ws.h4, ws.gt, k_b, start_b, end, out, n_keys, scores.stride(0),
                                 out.stride(0), chunk, rows_per_b, out.shape[1], NCHUNK=nchunk, BLOCK=BLOCK_SEL,
-                                num_warps=4)
+                                HAS_END=has_end, num_warps=4)
     return out
 
 
 def topk_select(scores: torch.Tensor, k: torch.Tensor, start: torch.Tensor | None = None,
-                rows_per_batch: int = 1, kmax: int | None = None) -> torch.Tensor:
-    """Positions of the k[b] largest of scores[r, start[b]:] for every row r (b = r // rows_per_batch).
+                rows_per_batch: int = 1, kmax: int | None = None, end: torch.Tensor | None = None) -> torch.Tensor:
+    """Positions of the k[b] largest of scores[r, start[b]:end[b]] for every row r (b = r // rows_per_batch).
 
     scores [R, N] float32, all >= 0 (e.g. probabilities); last dim contiguous.
-    k, start [R // rows_per_batch] integer tensors on the scores' device, 1 <= k[b] <= N - start[b].
+    k, start, end [R // rows_per_batch] integer tensors on the scores' device (start default 0, end
+    default N), 1 <= k[b] <= end[b] - start[b].
     kmax: width of the result (default N); must be >= every k[b].
     Returns [R, kmax] int32: per row the k[b] positions (absolute columns) of the largest scores,
     those strictly above the k-th value first in ascending position, then ties at the k-th value
@@ -276,9 +286,10 @@ def topk_select(scores: torch.Tensor, k: torch.Tensor, start: torch.Tensor | Non
     k_b = torch.as_tensor(k, device=dev).to(torch.int32).reshape(nb)
     start_b = (torch.zeros(nb, dtype=torch.int32, device=dev) if start is None
                else torch.as_tensor(start, device=dev).to(torch.int32).reshape(nb))
+    end_b = None if end is None else torch.as_tensor(end, device=dev).to(torch.int32).reshape(nb)
     kmax = n if kmax is None else int(kmax)
     nchunk, chunk = plan_chunks(rows, n, dev)
     ws = RadixWorkspace(rows, nchunk, dev)
     ws.hist.zero_()
     out = torch.empty(rows, kmax, dtype=torch.int32, device=dev)
-    return radix_levels(scores, n, ws, k_b, start_b, rows_per_batch, nchunk, chunk, out, 1)
+    return radix_levels(scores, n, ws, k_b, start_b, rows_per_batch, nchunk, chunk, out, 1, end_b=end_b)
