@@ -1,11 +1,13 @@
 """Strategies: how each layer of one forward pass attends.
 
 An integration calls `strategy.attend(layer, q, k, v, kv_start, scale)` for every attention layer in
-order; the strategy keeps whatever it needs between layers of the same forward (an anchor's
+order (plus `kv_len=` for a decode step on a preallocated cache when `attend` accepts it); the strategy keeps whatever it needs between layers of the same forward (an anchor's
 Selection) in `self.state`, which `begin_forward()` clears. Integrations call `begin_forward()` at
 layer 0, so nothing leaks from one forward (one request, one decode step) into the next.
 
-Shapes as in kascade.reference: q [B, Hq, Q, D], k/v [B, Hkv, N, D], kv_start [B] or None.
+Shapes as in kascade.reference: q [B, Hq, Q, D], k/v [B, Hkv, N, D], kv_start [B] or None, kv_len [B]
+or None. Nothing here synchronises with the host on the kernel path: a decode step can be captured in
+a CUDA graph (head maps are cached as device tensors at their first use, outside the capture).
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ class Strategy:
     def validate(self, model_config) -> None:
         """Raise ValueError if the strategy does not fit the model."""
 
-    def attend(self, layer: int, q, k, v, kv_start, scale) -> torch.Tensor:
-        return ops.dense(q, k, v, kv_start=kv_start, scale=scale, backend=self.backend)
+    def attend(self, layer: int, q, k, v, kv_start, scale, kv_len=None) -> torch.Tensor:
+        return ops.dense(q, k, v, kv_start=kv_start, scale=scale, backend=self.backend, kv_len=kv_len)
 
 
 class KascadeStrategy(Strategy):
@@ -51,30 +53,36 @@ class KascadeStrategy(Strategy):
         super().__init__(backend)
         self.plan = plan
         self.dense_anchor_output = dense_anchor_output
+        self._head_maps: dict = {}  # (layer, Hkv, device) -> head map [Hkv] int64 on the device
 
     def validate(self, model_config) -> None:
         self.plan.validate(model_config)
 
-    def _select(self, q, k, kv_start, scale):
-        p = self.plan
-        return ops.select(q, k, p.rho, p.k_min, p.tile, kv_start=kv_start, scale=scale, backend=self.backend)
+    def _head_map(self, layer, hkv, device) -> torch.Tensor:
+        key = (layer, hkv, str(device))
+        if key not in self._head_maps:
+            self._head_maps[key] = torch.tensor(self.plan.kv_head_map(layer, hkv), device=device)
+        return self._head_maps[key]
 
-    def attend(self, layer, q, k, v, kv_start, scale):
+    def attend(self, layer, q, k, v, kv_start, scale, kv_len=None):
         p = self.plan
+        kw = dict(kv_start=kv_start, scale=scale, backend=self.backend, kv_len=kv_len)
         if k.shape[2] <= p.k_min:
-            return ops.dense(q, k, v, kv_start=kv_start, scale=scale, backend=self.backend)
+            return ops.dense(q, k, v, **kw)
         if layer == 0:
-            if len(p.anchors) == 1 or p.anchors[1] > 1:  # some layer reuses layer 0's keys
-                self.state[0] = self._select(q, k, kv_start, scale)
-            return ops.dense(q, k, v, kv_start=kv_start, scale=scale, backend=self.backend)
+            if not (len(p.anchors) == 1 or p.anchors[1] > 1):  # no layer reuses layer 0's keys
+                return ops.dense(q, k, v, **kw)
+            if q.shape[2] == 1 and q.is_cuda:  # decode: selection and dense output in one pass over K
+                out, self.state[0] = ops.anchor(q, k, v, p.rho, p.k_min, p.tile, dense_output=True, **kw)
+                return out
+            self.state[0] = ops.select(q, k, p.rho, p.k_min, p.tile, **kw)
+            return ops.dense(q, k, v, **kw)
         if p.is_anchor(layer):
-            out, sel = ops.anchor(q, k, v, p.rho, p.k_min, p.tile, kv_start=kv_start, scale=scale,
-                                  dense_output=self.dense_anchor_output, backend=self.backend)
+            out, sel = ops.anchor(q, k, v, p.rho, p.k_min, p.tile, dense_output=self.dense_anchor_output, **kw)
             self.state[layer] = sel
             return out
         anchor = p.anchor_of(layer)
         if anchor not in self.state:
             raise RuntimeError(f"layer {layer} reuses anchor {anchor}, which did not run in this forward; "
                                "layers must run in order starting at layer 0")
-        head_map = torch.tensor(p.kv_head_map(layer, k.shape[1]), device=q.device)
-        return ops.reuse(q, k, v, self.state[anchor], head_map, kv_start=kv_start, scale=scale, backend=self.backend)
+        return ops.reuse(q, k, v, self.state[anchor], self._head_map(layer, k.shape[1], q.device), **kw)

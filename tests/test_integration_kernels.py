@@ -11,6 +11,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import kascade  # noqa: E402
+from kascade.integrations.transformers import _cache_kwarg  # noqa: E402
 from kascade.plan import Plan  # noqa: E402
 from models import tiny_model  # noqa: E402
 
@@ -38,7 +39,8 @@ def test_kernels_and_reference_agree_through_a_whole_model():
             with kascade.enable(model, plan, backend=backend):
                 logits[backend] = model(ids, attention_mask=mask).logits[:, -120:]  # real rows of both
                 cache = copy.deepcopy(prefill.past_key_values)  # the same cache for both decode steps
-                decode[backend] = model(nxt, attention_mask=dmask, cache=cache).logits
+                # `cache=` (transformers >= 5.24) or `past_key_values=` (older): an unknown name is ignored
+                decode[backend] = model(nxt, attention_mask=dmask, **{_cache_kwarg(model): cache}).logits
     # bf16 activations: kernels and reference round differently; measured 0.7% (prefill) and 0.5% (one
     # layer's decode). A wrong selection or mask gives tens of percent.
     assert _rel(logits["reference"], logits["triton"]) < 2e-2

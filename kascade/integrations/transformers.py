@@ -8,11 +8,19 @@ restores the previous implementation. `enable` returns a handle that is also a c
     with kascade.enable(model, plan):
         out = model.generate(**inputs, max_new_tokens=32)
 
-The mask function hands the attention function only the 2-D padding mask: Kascade applies
-causality itself, and left padding becomes a per-sequence start offset (kv_start).
+The mask function hands the attention function only a 2-D "key state" tensor: Kascade applies
+causality itself, left padding becomes a per-sequence start offset (kv_start), and the unwritten tail
+of a preallocated cache (transformers' StaticCache) a per-sequence number of valid keys (kv_len).
+
+Static cache and CUDA graphs: on a StaticCache every decode step has the same shapes, kv_start and
+kv_len are computed on the device, and the kernels never wait for the host, so the whole decode
+step (model and attention) can be captured in one CUDA graph and replayed: `StaticGenerator` below.
+Inside a capture (or torch.compile tracing) the padding checks, which need host syncs, are skipped.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 
@@ -23,40 +31,111 @@ ATTN_NAME = "kascade"
 _registered = False
 
 
+REAL, PADDING, UNWRITTEN = 1, 0, -1  # key states handed from the mask function to the attention function
+
+
 def _key_padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                       attention_mask=None, **kwargs):
-    """Mask function for "kascade": the 2-D key-validity mask [B, kv_length] (True = real token), or None."""
-    if attention_mask is None or attention_mask.dim() != 2:
+    """Mask function for "kascade" (and the benchmark's dense functions).
+
+    Returns the key states [B, kv_length] int8: REAL (1), PADDING (0, from the 2-D attention mask) or
+    UNWRITTEN (-1: positions at or after q_offset + q_length, the tail of a preallocated cache), or
+    None when every key is real. q_offset is a device tensor on a StaticCache: nothing here syncs.
+    """
+    end = q_offset + q_length  # keys written so far (int, or a 0-d tensor on a StaticCache)
+    has_tail = isinstance(end, torch.Tensor) or end < kv_offset + kv_length
+    has_mask = attention_mask is not None and attention_mask.dim() == 2
+    if not has_mask and not has_tail:
         return None
-    am = attention_mask.to(torch.bool)[:, kv_offset : kv_offset + kv_length]
-    if am.shape[1] < kv_length:  # a preallocated cache longer than the tokens seen: the tail is unwritten
-        pad = torch.zeros(am.shape[0], kv_length - am.shape[1], dtype=torch.bool, device=am.device)
-        am = torch.cat([am, pad], dim=1)
-    return am
+    device = kwargs.get("device") or (attention_mask.device if attention_mask is not None else None)
+    if has_mask:
+        am = attention_mask.to(device=device, dtype=torch.bool)[:, kv_offset : kv_offset + kv_length]
+        if am.shape[1] < kv_length:  # keys past the 2-D mask: real if written (the tail is marked below)
+            am = torch.cat([am, am.new_ones(am.shape[0], kv_length - am.shape[1])], dim=1)
+        states = am.to(torch.int8)
+    else:
+        states = torch.ones(batch_size, kv_length, dtype=torch.int8, device=device)
+    if has_tail:
+        pos = torch.arange(kv_offset, kv_offset + kv_length, device=device)
+        states = torch.where(pos[None, :] < end, states, torch.full_like(states, UNWRITTEN))
+    return states
 
 
-def _kv_start(mask, k) -> torch.Tensor | None:
-    """Left-padding offsets [B] from a key-validity mask; ValueError for any other padding."""
-    if mask is None:
-        return None
-    if mask.dim() != 2:
+def _graph_mode(x: torch.Tensor) -> bool:
+    """True while a CUDA graph is being captured or torch.compile traces: no host syncs allowed."""
+    compiling = getattr(torch, "compiler", None) is not None and torch.compiler.is_compiling()
+    return compiling or (x.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _kv_bounds(states, k) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(kv_start [B], kv_len [B]) from the key states, each None when trivial (no padding / no tail).
+
+    Eager: checked (host syncs); ValueError for padding that is not left padding. While capturing a
+    graph: both computed on the device, unchecked, never None.
+    """
+    if states is None:
+        return None, None
+    if states.dim() != 2:
         raise ValueError(f"attention_mask: expected a 2-D padding mask [batch, seq_len], got shape "
-                         f"{tuple(mask.shape)}; custom 4-D masks are not supported by kascade attention")
+                         f"{tuple(states.shape)}; custom 4-D masks are not supported by kascade attention")
     n = k.shape[2]
-    mask = mask[:, -n:] if mask.shape[1] >= n else mask
-    if mask.shape[1] != n:
-        raise ValueError(f"attention_mask: expected {n} key positions, got {mask.shape[1]}")
-    if bool(mask.all()):
-        return None
-    start = (~mask).to(torch.int64).cumprod(dim=1).sum(dim=1)  # leading padding per sequence
-    expect = torch.arange(n, device=mask.device)[None, :] >= start[:, None]
-    if not torch.equal(expect, mask):
-        bad = int((expect != mask).any(dim=1).nonzero()[0])
+    states = states[:, -n:] if states.shape[1] >= n else states
+    if states.shape[1] != n:
+        raise ValueError(f"attention_mask: expected {n} key positions, got {states.shape[1]}")
+    if states.dtype == torch.bool:
+        states = states.to(torch.int8)
+    start = (states == PADDING).to(torch.int32).cumprod(dim=1).sum(dim=1)  # leading padding per sequence
+    length = (states != UNWRITTEN).sum(dim=1)  # written keys per sequence
+    if _graph_mode(k):
+        return start, length
+    if bool((states == REAL).all()):
+        return None, None
+    pos = torch.arange(n, device=states.device)[None, :]
+    expect = (pos >= start[:, None]) & (pos < length[:, None])
+    if not torch.equal(expect, states == REAL):
+        bad = int((expect != (states == REAL)).any(dim=1).nonzero()[0])
         raise ValueError(f"attention_mask: sequence {bad} has padding after its first real token; kascade "
                          "supports left padding only (tokenizer.padding_side = 'left')")
-    if int(start.max()) >= n:
+    if bool((start >= length).any()):
         raise ValueError("attention_mask: a sequence has no real token")
-    return start
+    return (start if bool(start.any()) else None), (length if bool((length < n).any()) else None)
+
+
+def _cached_bounds(strategy, states, k):
+    """_kv_bounds once per forward: the key states object is the same for every layer of a forward."""
+    cached = getattr(strategy, "_kascade_bounds", None)
+    if cached is not None and cached[0] is states and cached[1] == k.shape[2]:
+        return cached[2]
+    bounds = _kv_bounds(states, k)
+    strategy._kascade_bounds = (states, k.shape[2], bounds)
+    return bounds
+
+
+def _takes_kv_len(strategy) -> bool:
+    try:
+        return "kv_len" in inspect.signature(strategy.attend).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _trim(key, value, kv_len, q):
+    """Cut the unwritten tail off the cache (one host sync): for steps that take no kv_len."""
+    if _graph_mode(q):
+        raise ValueError("kv_len: this step cannot run on a preallocated cache inside a CUDA graph or "
+                         f"torch.compile (q {tuple(q.shape)}); capture decode steps only, run the prefill eagerly")
+    n = int(kv_len.max())
+    if int(kv_len.min()) != n:
+        raise ValueError(f"kv_len: expected the same number of written keys in every sequence, got {kv_len.tolist()}")
+    return key[:, :, :n], value[:, :, :n]
+
+
+def _kascade_bounds_for(strategy, attention_mask, query, key, value):
+    """(key, value, kv_start, kv_len) for strategy.attend; kv_len stays only for decode steps that take it."""
+    kv_start, kv_len = _cached_bounds(strategy, attention_mask, key)
+    if kv_len is not None and (query.shape[2] > 1 or not _takes_kv_len(strategy)):
+        key, value = _trim(key, value, kv_len, query)
+        kv_len = None
+    return key, value, kv_start, kv_len
 
 
 def kascade_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -70,8 +149,11 @@ def kascade_attention_forward(module, query, key, value, attention_mask, scaling
     layer = module.layer_idx
     if layer == 0:
         strategy.begin_forward()
-    kv_start = _kv_start(attention_mask, key)
-    out = strategy.attend(layer, query, key, value, kv_start, scaling)
+    key, value, kv_start, kv_len = _kascade_bounds_for(strategy, attention_mask, query, key, value)
+    if kv_len is None:
+        out = strategy.attend(layer, query, key, value, kv_start, scaling)
+    else:
+        out = strategy.attend(layer, query, key, value, kv_start, scaling, kv_len=kv_len)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -156,3 +238,118 @@ def disable(model) -> None:
             del m.kascade_strategy
     model.set_attn_implementation(previous)
     del model._kascade_previous_attn
+
+
+def _cache_kwarg(model) -> str:
+    """Name of the cache argument of model.forward: `cache` (transformers >= 5.24) or `past_key_values`."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+class StaticGenerator:
+    """Greedy generation on a transformers StaticCache, with the decode step captured in one CUDA graph.
+
+        gen = StaticGenerator(model, batch_size=1, max_cache_len=4096)   # cuda_graph: default on CUDA
+        first = gen.prefill(input_ids, attention_mask)                     # eager; [B, 1] first new token
+        tokens = gen.decode(63)                                            # [B, 63], one graph replay each
+
+    Works with any attention implementation of the model (Kascade through `kascade.enable`, sdpa, ...).
+    The captured step embeds the token, runs every layer, picks the argmax, writes it back as the next
+    input and advances the positions on the device: replaying it n times needs no host work in between
+    (one sync at the end). The first decode step runs eagerly (warm-up: kernels are compiled, head
+    maps cached) and is a real step; the graph is captured after it, once per generator.
+    `prefill_chunk` (tokens per sequence) runs the prompt in chunks on top of the cache.
+    On the CPU (or cuda_graph=False) every step runs eagerly through the same code.
+    """
+
+    def __init__(self, model, batch_size: int, max_cache_len: int, cuda_graph: bool | None = None,
+                 prefill_chunk: int | None = None):
+        from transformers import StaticCache
+
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else bool(cuda_graph)
+        if self.cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"cuda_graph: True needs a model on CUDA, got one on {self.device}")
+        self.batch_size, self.max_cache_len = int(batch_size), int(max_cache_len)
+        self.prefill_chunk = prefill_chunk
+        self.cache = StaticCache(config=model.config, max_cache_len=self.max_cache_len)
+        self._cache_kw = _cache_kwarg(model)
+        b, dev = self.batch_size, self.device
+        self.mask = torch.ones(b, self.max_cache_len, dtype=torch.long, device=dev)  # 2-D mask, whole cache
+        self.tok = torch.zeros(b, 1, dtype=torch.long, device=dev)  # next input token
+        self.pos = torch.zeros(b, 1, dtype=torch.long, device=dev)  # its position in its sequence
+        self.out = torch.zeros(b, 0, dtype=torch.long, device=dev)
+        self.step_i = torch.zeros(1, dtype=torch.long, device=dev)
+        self.graph = None
+        self.written = 0
+
+    def _forward(self, ids, pos):
+        kw = {self._cache_kw: self.cache}
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos, use_cache=True,
+                         logits_to_keep=1, **kw)
+        return out.logits[:, -1].argmax(-1, keepdim=True)
+
+    @torch.no_grad()
+    def prefill(self, input_ids, attention_mask=None) -> torch.Tensor:
+        """Run the prompt [B, P] (left padding in attention_mask) into a reset cache; returns the first token [B, 1]."""
+        b, p = input_ids.shape
+        if b != self.batch_size or p >= self.max_cache_len:
+            raise ValueError(f"input_ids: expected [{self.batch_size}, < {self.max_cache_len}] (batch_size, "
+                             f"max_cache_len of this generator), got {tuple(input_ids.shape)}")
+        self.cache.reset()
+        ids = input_ids.to(self.device)
+        am = torch.ones_like(ids) if attention_mask is None else attention_mask.to(self.device).long()
+        self.mask.fill_(1)
+        self.mask[:, :p] = am
+        pos = (am.cumsum(1) - 1).clamp(min=0)
+        chunk = self.prefill_chunk or p
+        for c0 in range(0, p, chunk):
+            nxt = self._forward(ids[:, c0 : c0 + chunk], pos[:, c0 : c0 + chunk])
+        self.tok.copy_(nxt)
+        self.pos.copy_(pos[:, -1:] + 1)
+        self.written = p
+        return nxt
+
+    def _step(self, out_buf):
+        nxt = self._forward(self.tok, self.pos)
+        self.tok.copy_(nxt)
+        self.pos.add_(1)
+        out_buf.index_copy_(1, self.step_i, nxt)
+        self.step_i.add_(1)
+
+    @torch.no_grad()
+    def decode(self, steps: int) -> torch.Tensor:
+        """`steps` greedy tokens after the last one returned, [B, steps] (one graph replay each on CUDA)."""
+        if self.written + steps > self.max_cache_len:
+            raise ValueError(f"steps: {steps} more tokens do not fit the cache ({self.written} written of "
+                             f"{self.max_cache_len}); use a larger max_cache_len")
+        if self.out.shape[1] < steps:
+            self.out = torch.zeros(self.batch_size, steps, dtype=torch.long, device=self.device)
+            self.graph = None  # the captured step writes into the old buffer
+        self.step_i.zero_()
+        done = 0
+        if self.cuda_graph and self.graph is None and steps > 0:
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):  # warm-up, a real step: compiles kernels, caches head maps
+                self._step(self.out)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            done = 1
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self._step(self.out)
+        for _ in range(done, steps):
+            if self.cuda_graph:
+                self.graph.replay()
+            else:
+                self._step(self.out)
+        self.written += steps
+        return self.out[:, :steps].clone()
+
+    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32) -> torch.Tensor:
+        """Prefill and decode: the max_new_tokens greedy tokens [B, max_new_tokens]."""
+        first = self.prefill(input_ids, attention_mask)
+        if max_new_tokens <= 1:
+            return first[:, :max_new_tokens]
+        return torch.cat([first, self.decode(max_new_tokens - 1)], dim=1)
