@@ -1,4 +1,4 @@
-"""Command line: kascade calibrate | generate | eval | demo."""
+"""Command line: kascade calibrate | generate | eval | bench | demo."""
 
 from __future__ import annotations
 
@@ -87,6 +87,39 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _int_list(text: str, name: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{name}: expected comma-separated integers, got {text!r}") from None
+    if not vals or any(v < 1 for v in vals):
+        raise ValueError(f"{name}: expected positive integers, got {text!r}")
+    return vals
+
+
+def cmd_bench(args) -> int:
+    from kascade import bench
+
+    target = Path(args.model)
+    if not (target.is_dir() or (target.is_file() and target.suffix == ".json")):
+        raise ValueError(f"MODEL_DIR_OR_CONFIG: {args.model!r} is neither a local model directory nor a config "
+                         ".json file (a config runs random weights of that shape)")
+    providers = [p.strip() for p in args.providers.split(",") if p.strip()]
+    bad = [p for p in providers if p not in ("none", "dense", "kascade")]
+    if bad:
+        raise ValueError(f"--providers: expected a subset of none,dense,kascade, got {bad}")
+    anchors = _int_list(args.anchors, "--anchors") if args.anchors else None
+    if anchors is not None and args.anchors.split(",")[0].strip() != "0":
+        raise ValueError(f"--anchors: expected a list starting at layer 0, got {args.anchors!r}")
+    bench.run(args.model, _int_list(args.lengths, "--lengths"), _int_list(args.batch, "--batch"),
+              new_tokens=args.new_tokens, output=args.output, device=args.device, dtype=args.dtype,
+              anchors=anchors, plan_path=args.plan, providers=providers, repeats=args.repeats,
+              kernels=not args.no_kernels, backend=args.backend,
+              profile=[p.strip() for p in (args.profile or "").split(",") if p.strip()])
+    print(Path(args.output).with_suffix(".md").read_text())
+    return 0
+
+
 def cmd_demo(args) -> int:
     from kascade.demo import run_demo
 
@@ -125,6 +158,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "triton"])
     _add_runtime(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="time to first token and decode tokens/s, dense vs Kascade (CUDA graphs)")
+    p.add_argument("model", metavar="MODEL_DIR_OR_CONFIG",
+                   help="local HF model directory, or a config .json (random weights of that shape)")
+    p.add_argument("--lengths", default="32768,131072", help="context lengths (default 32768,131072)")
+    p.add_argument("--batch", default="1,4", help="batch sizes (default 1,4)")
+    p.add_argument("--new-tokens", type=int, default=64, help="decode steps timed (default 64)")
+    p.add_argument("--plan", help="plan JSON (default: anchors below, identity head map)")
+    p.add_argument("--anchors", help="comma-separated anchor layers (default: 0,2,8,13,14 for 32 layers, "
+                                     "else 5 uniform)")
+    p.add_argument("--providers", default="none,dense,kascade",
+                   help="subset of none,dense,kascade (none = attention removed, for the attention share)")
+    p.add_argument("--repeats", type=int, help="TTFT repeats (default 3, 1 when batch x length >= 64K)")
+    p.add_argument("--no-kernels", action="store_true", help="skip the per-layer kernel prediction")
+    p.add_argument("--profile", help="providers whose prefill is profiled once more (top GPU kernels), e.g. kascade")
+    p.add_argument("--backend", default="auto", choices=["auto", "reference", "triton"])
+    p.add_argument("-o", "--output", default="benchmarks/results/bench",
+                   help="results prefix: writes .json, .md and .png (default benchmarks/results/bench)")
+    _add_runtime(p)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="dense vs Kascade on the embedded default model: agreement and time")
     p.add_argument("--model", help="model directory (default: models/kascade-tiny, else a random tiny Llama)")
