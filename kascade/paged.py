@@ -25,7 +25,20 @@ Per request, exactly what kascade.reference does on the contiguous cache [1, Hkv
   tile t selects among the keys before it with budget k(t * tile) and attends its own keys causally.
 
 Selections are kept in a PagedSelection (below) whose indices are token positions inside the request
-(not page slots), so the same selection serves every later layer whatever the page size.
+(not page slots), so the same selection serves every later layer whatever the page size. A request with
+no new token (Q_r == 0) has no output rows and an empty selection.
+
+    paged_dense(q, key_cache, value_cache, block_table, seq_lens, query_start_loc, scale=None) -> out
+    paged_select(q, key_cache, block_table, seq_lens, query_start_loc, rho=0.1, k_min=128, tile=32,
+                 scale=None) -> PagedSelection
+    paged_reuse(q, key_cache, value_cache, block_table, seq_lens, query_start_loc, selection,
+                head_map=None, scale=None) -> out
+    paged_anchor(q, key_cache, value_cache, block_table, seq_lens, query_start_loc, rho=0.1, k_min=128,
+                 tile=32, scale=None, dense_output=False) -> (out, PagedSelection)
+    PagedKascadeStrategy(plan).attend(layer, q, key_cache, value_cache, block_table, seq_lens,
+                                      query_start_loc, scale=None, tp_rank=None) -> out   (a whole layer)
+
+scale None means 1 / sqrt(D).
 """
 
 from __future__ import annotations

@@ -165,7 +165,7 @@ def _backend_classes():
     from vllm.v1.attention.backend import AttentionType
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
-    logger = init_logger(__name__)
+    logger = init_logger("vllm.kascade")  # under "vllm", whose handlers vLLM sets up in every process
 
     class KascadeCPUImpl(CPUAttentionBackendImpl):
         """vLLM's CPU attention, with the attention itself replaced by Kascade when a plan is configured."""
@@ -197,8 +197,8 @@ def _backend_classes():
             tp = cfg.parallel_config.tensor_parallel_size
             self.tp_rank = get_tensor_model_parallel_rank() if tp > 1 else 0
             self.kascade = shared_strategy(path, dense_anchor, cfg.model_config.hf_config, tp)
-            logger.info("kascade: Kascade attention with plan %s (anchors %s, rho %s)", path,
-                        self.kascade.plan.anchors, self.kascade.plan.rho)
+            plan = self.kascade.plan
+            logger.info_once(f"kascade: Kascade attention with plan {path} (anchors {plan.anchors}, rho {plan.rho})")
 
         def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                     output_block_scale=None):
