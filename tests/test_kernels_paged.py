@@ -1,4 +1,4 @@
-"""Paged-KV variants of the kernels (kascade.kernels.paging) against the contiguous reference.
+"""Paged-KV variants of the kernels (kascade.kernels.paging) against the contiguous ones and the reference.
 
 A left-padded contiguous batch is scattered into a page pool in a random page order (pages of
 other sequences and unused pages interleaved); the paged kernels must select the same keys (as
@@ -19,7 +19,9 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
+import test_kernels_decode as TD  # noqa: E402
 from kascade import reference as R  # noqa: E402
+from kascade.kernels import decode as KD  # noqa: E402
 from kascade.kernels import prefill as P  # noqa: E402
 from kascade.kernels.paging import PagedKV, gather_contiguous  # noqa: E402
 from test_kernels_prefill import DEV, _inputs, check_output, check_selection, gpu, needs_cuda  # noqa: E402
@@ -55,8 +57,9 @@ def to_paged(k, v, kv_start, page_size, head_major=False, seed=0):
 def shifted(sel, kv_start):
     """The selection with positions moved from per-sequence (paged) to left-padded cache positions."""
     idx = sel.indices.clone()
+    valid = torch.arange(idx.shape[-1], device=idx.device)[None, None, :] < sel.counts[:, :, None]  # [B, U, K]
     for b, s in enumerate(kv_start):
-        idx[b] += int(s)
+        idx[b] = torch.where(valid[b][None], idx[b] + int(s), idx[b])
     return R.Selection(idx, sel.counts, sel.first_tile, sel.tile, sel.decode)
 
 
@@ -124,6 +127,69 @@ def test_paged_bad_inputs():
         P.select_paged(q.expand(2, -1, -1, -1), cache)
     with pytest.raises(ValueError, match="kv_len"):
         P.select(q, k, kv_len=torch.tensor([41], device=DEV))
+
+
+# ----------------------------------------------------------------------------------------------
+# decode
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_decode_paged(B, Hkv, G, N, D, dtype, kv_start, page_size, head_major=False, rho=0.1, k_min=16):
+    """Paged decode kernels = the contiguous ones on the left-padded batch (same splits: bit-identical),
+    and the selection is the reference's."""
+    q, k, v = TD.make(B, Hkv, G, N, D, dtype, seed=N + page_size)
+    ks = torch.tensor(kv_start, device=DEV)
+    cache = to_paged(k, v, kv_start, page_size, head_major, seed=N)
+    sel = KD.select_paged(q, cache, rho, k_min)
+    TD.check_selection(shifted(sel, kv_start), q, k, rho, k_min, ks)
+    sel_c = KD.select(q, k, rho, k_min, kv_start=ks)
+    assert torch.equal(sel.counts, sel_c.counts)
+    mine = shifted(sel, kv_start)
+    for b in range(B):
+        c = int(sel.counts[b, 0])
+        assert torch.equal(mine.indices[b, :, 0, :c], sel_c.indices[b, :, 0, :c])  # same order too
+    head_map = torch.tensor([(h + 1) % Hkv for h in range(Hkv)], device=DEV)
+    out = KD.sparse_attention_paged(q, cache, sel, head_map=head_map)
+    assert torch.equal(out, KD.sparse_attention(q, k, v, sel_c, head_map=head_map, kv_start=ks))
+    for dense in (False, True):
+        out_a, sel_a = KD.anchor_paged(q, cache, rho, k_min, dense_output=dense)
+        want, _ = KD.anchor(q, k, v, rho, k_min, kv_start=ks, dense_output=dense)
+        assert torch.equal(sel_a.indices, sel.indices) and torch.equal(out_a, want)
+    assert torch.equal(KD.dense_attention_paged(q, cache), KD.dense_attention(q, k, v, kv_start=ks))
+    ref = R.dense_attention(q, k, v, kv_start=ks)
+    TD.assert_close_to64(KD.dense_attention_paged(q, cache), ref, TD.dense64(q, k, v, ks), v)
+
+
+@pytest.mark.parametrize("B,Hkv,G,N,D,dtype,kv_start,page_size,head_major", [
+    (2, 2, 4, 150, 64, torch.bfloat16, [0, 41], 16, False),
+    (2, 1, 2, 97, 32, torch.float16, [5, 0], 7, True),
+    (1, 1, 8, 80, 16, torch.bfloat16, [0], 64, False),
+])
+def test_decode_paged_small(B, Hkv, G, N, D, dtype, kv_start, page_size, head_major):
+    _check_decode_paged(B, Hkv, G, N, D, dtype, kv_start, page_size, head_major)
+
+
+def test_decode_paged_errors():
+    q, k, v = TD.make(1, 2, 2, 64, 32, torch.bfloat16)
+    cache = to_paged(k, v, [0], 16)
+    with pytest.raises(ValueError, match="decode kernels take one query"):
+        KD.select_paged(q.expand(-1, -1, 2, -1), cache)
+    with pytest.raises(ValueError, match="value_cache"):
+        KD.dense_attention_paged(q, PagedKV(cache.key_cache, None, cache.block_table, cache.seq_lens))
+    sel = KD.select_paged(q, cache)
+    with pytest.raises(ValueError, match="head_map"):
+        KD.sparse_attention_paged(q, cache, sel, head_map=torch.tensor([0, 5], device=DEV))
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("B,Hkv,G,N,D,dtype,page_size", [
+    (1, 8, 4, 131072, 128, torch.bfloat16, 16),
+    (3, 8, 4, 40000, 128, torch.float16, 128),
+    (2, 4, 2, 30000, 64, torch.bfloat16, 32),
+])
+def test_decode_paged_full(B, Hkv, G, N, D, dtype, page_size):
+    _check_decode_paged(B, Hkv, G, N, D, dtype, [0, 777, 20000][:B], page_size, rho=0.1, k_min=128)
 
 
 @gpu

@@ -45,6 +45,7 @@ import triton.language as tl
 from kascade.budget import _GUARD, budget, check_budget
 from kascade.checks import check_attention_inputs, check_head_map, resolve_kv_len, resolve_kv_start
 from kascade.kernels import topk_select as ts
+from kascade.kernels.paging import KVRows, PagedKV, check_paged_q, contiguous_rows, row_offsets
 from kascade.reference import Selection
 
 LOG2E = 1.4426950408889634
@@ -116,12 +117,13 @@ def _dot(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit(do_not_specialize=["N", "K_MIN"])
 def _decode_logits_kernel(Q, K, V, LG, MP, LP, OP, KV_START, KV_LEN, START32, END32, KB, FT, HIST,
-                          N, stride_lg, sqb, sqh, skb, skh, skn, svb, svh, svn,
+                          N, stride_lg, sqb, sqh, skb, skh, skn, BT, s_bt, PAGE, svb, svh, svn,
                           scale_log2, HKV, RHO_A, RHO_B, RHO_C, GUARD_A, GUARD_B, GUARD_C, K_MIN,
                           G: tl.constexpr, GPAD: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                           DV: tl.constexpr, DVP: tl.constexpr, NSPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
                           HAS_START: tl.constexpr, HAS_LEN: tl.constexpr, DENSE_OUT: tl.constexpr,
-                          SELECT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+                          SELECT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+                          PAGED: tl.constexpr = False):
     tl.static_assert(GPAD >= 16 and GPAD >= G)
     row = tl.program_id(0)  # b * HKV + h
     sp = tl.program_id(1)
@@ -155,8 +157,6 @@ def _decode_logits_kernel(Q, K, V, LG, MP, LP, OP, KV_START, KV_LEN, START32, EN
     dv = tl.arange(0, DVP)
     b64 = b.to(tl.int64)
     q = tl.load(Q + b64 * sqb + hq[:, None] * sqh + d[None, :], mask=gm[:, None] & (d[None, :] < D), other=0.0)
-    k_base = K + b64 * skb + h.to(tl.int64) * skh
-    v_base = V + b64 * svb + h.to(tl.int64) * svh
     lg_row = LG + row.to(tl.int64) * stride_lg  # logits [N, G] of this KV head
 
     m_i = tl.full([GPAD], float("-inf"), tl.float32)
@@ -165,8 +165,8 @@ def _decode_logits_kernel(Q, K, V, LG, MP, LP, OP, KV_START, KV_LEN, START32, EN
     for n0 in range(lo, hi, BLOCK_N):
         offs = n0 + tl.arange(0, BLOCK_N)
         nm = offs < hi
-        kt = tl.load(k_base + offs[:, None].to(tl.int64) * skn + d[None, :],
-                     mask=nm[:, None] & (d[None, :] < D), other=0.0)
+        koff = row_offsets(b, h, offs, nm, skb, skh, skn, BT, s_bt, PAGE, PAGED)
+        kt = tl.load(K + koff[:, None] + d[None, :], mask=nm[:, None] & (d[None, :] < D), other=0.0)
         s = _dot(q, tl.trans(kt), DOT_PREC, UPCAST) * scale_log2  # [GPAD, BLOCK_N]
         s = tl.where(nm[None, :], s, float("-inf"))
         if SELECT:
@@ -176,7 +176,8 @@ def _decode_logits_kernel(Q, K, V, LG, MP, LP, OP, KV_START, KV_LEN, START32, EN
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if DENSE_OUT:
-            vt = tl.load(v_base + offs[:, None].to(tl.int64) * svn + dv[None, :],
+            voff = row_offsets(b, h, offs, nm, svb, svh, svn, BT, s_bt, PAGE, PAGED)
+            vt = tl.load(V + voff[:, None] + dv[None, :],
                          mask=nm[:, None] & (dv[None, :] < DV), other=0.0)
             acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, DOT_PREC, UPCAST)
         m_i = m_new
@@ -224,12 +225,12 @@ def _decode_pool_kernel(LG, MP, LP, S, HIST, START32, END32, N, stride_lg, strid
 
 @triton.jit
 def _decode_sparse_kernel(Q, K, V, LG, IDX, CNT, HMAP, OP, MP, LP,
-                          stride_lg, sqb, sqh, skb, skh, skn, svb, svh, svn, sib, sih, sik, scb,
+                          stride_lg, sqb, sqh, skb, skh, skn, BT, s_bt, PAGE, svb, svh, svn, sib, sih, sik, scb,
                           scale_log2, HKV,
                           G: tl.constexpr, GPAD: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                           DV: tl.constexpr, DVP: tl.constexpr, NSPLIT: tl.constexpr, BLOCK_K: tl.constexpr,
                           FROM_LOGITS: tl.constexpr, HAS_MAP: tl.constexpr, DOT_PREC: tl.constexpr,
-                          UPCAST: tl.constexpr):
+                          UPCAST: tl.constexpr, PAGED: tl.constexpr = False):
     """Attention of the G heads of KV head h over the selected keys of anchor head head_map[h].
 
     Split s of S2 takes a contiguous range of the count[b] valid slots. FROM_LOGITS: the scores are
@@ -257,8 +258,6 @@ def _decode_sparse_kernel(Q, K, V, LG, IDX, CNT, HMAP, OP, MP, LP,
     b64 = b.to(tl.int64)
     if not FROM_LOGITS:
         q = tl.load(Q + b64 * sqb + hq[:, None] * sqh + d[None, :], mask=gm[:, None] & (d[None, :] < D), other=0.0)
-    k_base = K + b64 * skb + h.to(tl.int64) * skh
-    v_base = V + b64 * svb + h.to(tl.int64) * svh
     i_base = IDX + b64 * sib + src.to(tl.int64) * sih
     lg_row = LG + row.to(tl.int64) * stride_lg
 
@@ -268,18 +267,20 @@ def _decode_sparse_kernel(Q, K, V, LG, IDX, CNT, HMAP, OP, MP, LP,
     for j0 in range(lo, hi, BLOCK_K):
         offs = j0 + tl.arange(0, BLOCK_K)
         km = offs < hi
-        idx = tl.load(i_base + offs * sik, mask=km, other=0).to(tl.int64)
+        idx = tl.load(i_base + offs * sik, mask=km, other=0)
         if FROM_LOGITS:
-            s = tl.load(lg_row + idx[None, :] * G + g[:, None], mask=gm[:, None] & km[None, :], other=0.0)
+            s = tl.load(lg_row + idx.to(tl.int64)[None, :] * G + g[:, None], mask=gm[:, None] & km[None, :], other=0.0)
         else:
-            kt = tl.load(k_base + idx[:, None] * skn + d[None, :], mask=km[:, None] & (d[None, :] < D), other=0.0)
+            koff = row_offsets(b, h, idx, km, skb, skh, skn, BT, s_bt, PAGE, PAGED)
+            kt = tl.load(K + koff[:, None] + d[None, :], mask=km[:, None] & (d[None, :] < D), other=0.0)
             s = _dot(q, tl.trans(kt), DOT_PREC, UPCAST) * scale_log2
         s = tl.where(km[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        vt = tl.load(v_base + idx[:, None] * svn + dv[None, :], mask=km[:, None] & (dv[None, :] < DV), other=0.0)
+        voff = row_offsets(b, h, idx, km, svb, svh, svn, BT, s_bt, PAGE, PAGED)
+        vt = tl.load(V + voff[:, None] + dv[None, :], mask=km[:, None] & (dv[None, :] < DV), other=0.0)
         acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, DOT_PREC, UPCAST)
         m_i = m_new
     prow = (b * HKV * G + hq) * NSPLIT + sp
@@ -370,20 +371,30 @@ def _combine(op, mp, lp, out, dims, nsplit):
 
 
 def _anchor_pass(q, k, v, rho, k_min, tile, kv_start, scale, output, kv_len=None):
-    """Shared body of select / anchor. output: None, "sparse" or "dense"."""
+    """Shared body of select / anchor on a contiguous cache. output: None, "sparse" or "dense"."""
     check_attention_inputs(q, k, v)
+    _check_anchor_args(q, rho, k_min, tile)
+    q, k = _last_dim_contiguous(q, k)
+    if v is not None:
+        (v,) = _last_dim_contiguous(v)
+    start = _kv_start(kv_start, q, k)
+    end = _kv_len(kv_len, q, k, start)
+    krows = contiguous_rows(k)
+    vrows = contiguous_rows(v) if v is not None else krows
+    return _anchor_core(q, krows, vrows, _dims(q, k, v), start, end, rho, k_min, tile, scale, output)
+
+
+def _check_anchor_args(q, rho, k_min, tile):
     check_budget(rho, k_min)
     if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
         raise ValueError(f"tile: expected an integer >= 1, got {tile!r}")
     if q.shape[2] != 1:
         raise ValueError(f"q: decode kernels take one query per sequence, got {tuple(q.shape)}; "
                          "use kascade.kernels.prefill for Q > 1")
-    q, k = _last_dim_contiguous(q, k)
-    if v is not None:
-        (v,) = _last_dim_contiguous(v)
-    start = _kv_start(kv_start, q, k)
-    end = _kv_len(kv_len, q, k, start)
-    dm = _dims(q, k, v)
+
+
+def _anchor_core(q, krows: KVRows, vrows: KVRows, dm, start, end, rho, k_min, tile, scale, output):
+    """Selection (and output) over the keys [start, end) of each sequence; krows/vrows address the cache."""
     B, HQ, HKV, N = dm["B"], dm["HQ"], dm["HKV"], dm["N"]
     R = B * HKV
     dev = q.device
@@ -404,17 +415,17 @@ def _anchor_pass(q, k, v, rho, k_min, tile, kv_start, scale, output, kv_len=None
     ws = ts.RadixWorkspace(R, nchunk, dev)
     ra, rb, rc = _f32_parts(float(rho))
     ga, gb, gc = _f32_parts(_GUARD)
-    vv = v if v is not None else k
     stages = cl["num_stages"]
     per_stage = cl["BLOCK_N"] * (dm["DP"] + (dm["DVP"] if dense else 0)) * q.element_size()
     stages = max(1, min(stages, (160 * 1024) // per_stage))  # K (and V) tiles in shared memory
     _decode_logits_kernel[(R, s1)](
-        q, k, vv, lg, mp, lp, op, start if start is not None else start32, end if end is not None else end32,
-        start32, end32, counts, first_tile, ws.hist, N, lg.stride(0), q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), vv.stride(0), vv.stride(1),
-        vv.stride(2), _scale_log2(q, scale), HKV, ra, rb, rc, ga, gb, gc, k_min,
+        q, krows.tensor, vrows.tensor, lg, mp, lp, op, start if start is not None else start32,
+        end if end is not None else end32, start32, end32, counts, first_tile, ws.hist, N, lg.stride(0),
+        q.stride(0), q.stride(1), *krows.args(start32)[1:], vrows.s_seq, vrows.s_head, vrows.s_tok,
+        _scale_log2(q, scale), HKV, ra, rb, rc, ga, gb, gc, k_min,
         G=dm["G"], GPAD=dm["GPAD"], D=dm["D"], DP=dm["DP"], DV=dm["DV"], DVP=dm["DVP"], NSPLIT=s1,
         BLOCK_N=cl["BLOCK_N"], HAS_START=start is not None, HAS_LEN=end is not None, DENSE_OUT=dense, SELECT=True,
-        DOT_PREC=_dot_prec(q), UPCAST=_upcast(q), num_warps=cl["num_warps"], num_stages=stages)
+        DOT_PREC=_dot_prec(q), UPCAST=_upcast(q), PAGED=krows.paged, num_warps=cl["num_warps"], num_stages=stages)
     scores = torch.empty(R, ln, dtype=torch.float32, device=dev)
     cp = CONFIG["pool"]
     _decode_pool_kernel[(R, nchunk)](
@@ -428,10 +439,10 @@ def _anchor_pass(q, k, v, rho, k_min, tile, kv_start, scale, output, kv_len=None
     out = torch.empty(B, HQ, 1, dm["DV"], dtype=q.dtype, device=dev)
     if dense:
         return _combine(op, mp, lp, out, dm, s1), sel
-    return _sparse(q, k, v, idx, (kmax * HKV, kmax, 1), counts, None, scale, out, dm, kmax, logits=lg), sel
+    return _sparse(q, krows, vrows, idx, (kmax * HKV, kmax, 1), counts, None, scale, out, dm, logits=lg), sel
 
 
-def _sparse(q, k, v, idx, idx_strides, counts, head_map, scale, out, dm, kmax, logits=None):
+def _sparse(q, krows: KVRows, vrows: KVRows, idx, idx_strides, counts, head_map, scale, out, dm, logits=None):
     B, HQ, HKV = dm["B"], dm["HQ"], dm["HKV"]
     R = B * HKV
     dev = q.device
@@ -442,14 +453,38 @@ def _sparse(q, k, v, idx, idx_strides, counts, head_map, scale, out, dm, kmax, l
     lp = torch.empty_like(mp)
     lg, stride_lg = (logits, logits.stride(0)) if logits is not None else (mp, 0)
     _decode_sparse_kernel[(R, s2)](
-        q, k, v, lg, idx, counts, head_map if head_map is not None else counts, op, mp, lp,
-        stride_lg, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        q, krows.tensor, vrows.tensor, lg, idx, counts, head_map if head_map is not None else counts, op, mp, lp,
+        stride_lg, q.stride(0), q.stride(1), *krows.args(counts)[1:], vrows.s_seq, vrows.s_head, vrows.s_tok,
         idx_strides[0], idx_strides[1], idx_strides[2], counts.stride(0), _scale_log2(q, scale), HKV,
         G=dm["G"], GPAD=dm["GPAD"], D=dm["D"], DP=dm["DP"], DV=dm["DV"], DVP=dm["DVP"], NSPLIT=s2,
         BLOCK_K=cs["BLOCK_K"], FROM_LOGITS=logits is not None, HAS_MAP=head_map is not None,
-        DOT_PREC=_dot_prec(q), UPCAST=_upcast(q), num_warps=cs["num_warps"],
+        DOT_PREC=_dot_prec(q), UPCAST=_upcast(q), PAGED=krows.paged, num_warps=cs["num_warps"],
         num_stages=cs["num_stages"])
     return _combine(op, mp, lp, out, dm, s2)
+
+
+def _dense_core(q, krows: KVRows, vrows: KVRows, dm, start, end, scale):
+    """Flash-decoding over the keys [start, end) of each sequence, then the combine."""
+    B, HQ, HKV, N = dm["B"], dm["HQ"], dm["HKV"], dm["N"]
+    R, dev = B * HKV, q.device
+    cl = CONFIG["logits_dense"]
+    s1 = _splits(R, dev, cl["per_sm"])
+    mp = torch.empty(B * HQ, s1, dtype=torch.float32, device=dev)
+    lp = torch.empty_like(mp)
+    op = torch.empty(B * HQ, s1, dm["DVP"], dtype=torch.float32, device=dev)
+    i32 = torch.empty(B, dtype=torch.int32, device=dev)  # unused pointers (SELECT=False)
+    per_stage = cl["BLOCK_N"] * (dm["DP"] + dm["DVP"]) * q.element_size()
+    stages = max(1, min(cl["num_stages"], (160 * 1024) // per_stage))
+    _decode_logits_kernel[(R, s1)](
+        q, krows.tensor, vrows.tensor, mp, mp, lp, op, start if start is not None else i32,
+        end if end is not None else i32, i32, i32, i32, i32, i32, N, 0, q.stride(0), q.stride(1),
+        *krows.args(i32)[1:], vrows.s_seq, vrows.s_head, vrows.s_tok,
+        _scale_log2(q, scale), HKV, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0,
+        G=dm["G"], GPAD=dm["GPAD"], D=dm["D"], DP=dm["DP"], DV=dm["DV"], DVP=dm["DVP"], NSPLIT=s1,
+        BLOCK_N=cl["BLOCK_N"], HAS_START=start is not None, HAS_LEN=end is not None, DENSE_OUT=True, SELECT=False,
+        DOT_PREC=_dot_prec(q), UPCAST=_upcast(q), PAGED=krows.paged, num_warps=cl["num_warps"], num_stages=stages)
+    out = torch.empty(B, HQ, 1, dm["DV"], dtype=q.dtype, device=dev)
+    return _combine(op, mp, lp, out, dm, s1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -491,26 +526,7 @@ def dense_attention(q, k, v, kv_start=None, scale=None, kv_len=None):
     q, k, v = _last_dim_contiguous(q, k, v)
     start = _kv_start(kv_start, q, k)
     end = _kv_len(kv_len, q, k, start)
-    dm = _dims(q, k, v)
-    B, HQ, HKV, N = dm["B"], dm["HQ"], dm["HKV"], dm["N"]
-    R, dev = B * HKV, q.device
-    cl = CONFIG["logits_dense"]
-    s1 = _splits(R, dev, cl["per_sm"])
-    mp = torch.empty(B * HQ, s1, dtype=torch.float32, device=dev)
-    lp = torch.empty_like(mp)
-    op = torch.empty(B * HQ, s1, dm["DVP"], dtype=torch.float32, device=dev)
-    i32 = torch.empty(B, dtype=torch.int32, device=dev)  # unused pointers (SELECT=False)
-    per_stage = cl["BLOCK_N"] * (dm["DP"] + dm["DVP"]) * q.element_size()
-    stages = max(1, min(cl["num_stages"], (160 * 1024) // per_stage))
-    _decode_logits_kernel[(R, s1)](
-        q, k, v, mp, mp, lp, op, start if start is not None else i32, end if end is not None else i32,
-        i32, i32, i32, i32, i32, N, 0, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
-        v.stride(1), v.stride(2), _scale_log2(q, scale), HKV, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0,
-        G=dm["G"], GPAD=dm["GPAD"], D=dm["D"], DP=dm["DP"], DV=dm["DV"], DVP=dm["DVP"], NSPLIT=s1,
-        BLOCK_N=cl["BLOCK_N"], HAS_START=start is not None, HAS_LEN=end is not None, DENSE_OUT=True, SELECT=False,
-        DOT_PREC=_dot_prec(q), UPCAST=_upcast(q), num_warps=cl["num_warps"], num_stages=stages)
-    out = torch.empty(B, HQ, 1, dm["DV"], dtype=q.dtype, device=dev)
-    return _combine(op, mp, lp, out, dm, s1)
+    return _dense_core(q, contiguous_rows(k), contiguous_rows(v), _dims(q, k, v), start, end, scale)
 
 
 def sparse_attention(q, k, v, selection: Selection, head_map=None, kv_start=None, scale=None, kv_len=None):
@@ -538,5 +554,75 @@ def sparse_attention(q, k, v, selection: Selection, head_map=None, kv_start=None
         hm = None if head_map is None else check_head_map(head_map, dm["HKV"], selection.num_kv_heads, q.device)
     idx = selection.indices
     out = torch.empty(dm["B"], dm["HQ"], 1, dm["DV"], dtype=q.dtype, device=q.device)
-    return _sparse(q, k, v, idx, (idx.stride(0), idx.stride(1), idx.stride(3)), selection.counts, hm, scale, out, dm,
-                   idx.shape[-1])
+    return _sparse(q, contiguous_rows(k), contiguous_rows(v), idx, (idx.stride(0), idx.stride(1), idx.stride(3)),
+                   selection.counts, hm, scale, out, dm)
+
+
+# ----------------------------------------------------------------------------------------------
+# paged KV cache (kascade.kernels.paging.PagedKV): pages resolved inside the kernels
+# ----------------------------------------------------------------------------------------------
+
+
+def _paged_setup(q, cache: PagedKV, need_values: bool):
+    """(q, key rows, value rows, dims, seq_lens) of a decode step over a paged cache.
+
+    N (the longest possible sequence: max_pages x page_size) sizes the buffers and Kmax, so a step
+    captured in a CUDA graph serves every length the block table allows. Lengths are checked
+    unless capturing.
+    """
+    check_paged_q(q, cache)
+    if q.shape[2] != 1:
+        raise ValueError(f"q: decode kernels take one query per sequence, got {tuple(q.shape)}")
+    if need_values and cache.value_cache is None:
+        raise ValueError("cache: this step reads values, but value_cache is None")
+    if not _capturing(q):
+        cache.host_lengths()
+    (q,) = _last_dim_contiguous(q)
+    kc, vc = cache.key_cache, cache.value_cache if cache.value_cache is not None else cache.key_cache
+    b, hq, _, d = q.shape
+    hkv, dv = cache.num_kv_heads, vc.shape[-1]
+    g = hq // hkv
+    dm = dict(B=b, HQ=hq, HKV=hkv, N=cache.block_table.shape[1] * cache.page_size, D=d, DV=dv, G=g,
+              GPAD=max(16, _pow2(g)), DP=max(16, _pow2(d)), DVP=max(16, _pow2(dv)))
+    vrows = cache.rows("value") if cache.value_cache is not None else cache.rows("key")
+    return q, cache.rows("key"), vrows, dm, cache.seq_lens
+
+
+def select_paged(q, cache: PagedKV, rho: float = 0.1, k_min: int = 128, tile: int = 32, scale=None) -> Selection:
+    """`select` over a paged cache: q [B, Hq, 1, D], sequence b's keys are positions 0 .. seq_lens[b]-1.
+
+    Selected positions count from 0 in each sequence (as `select` with no padding)."""
+    _check_anchor_args(q, rho, k_min, tile)
+    q, kr, vr, dm, lens = _paged_setup(q, cache, False)
+    return _anchor_core(q, kr, vr, dm, None, lens, rho, k_min, tile, scale, None)[1]
+
+
+def anchor_paged(q, cache: PagedKV, rho: float = 0.1, k_min: int = 128, tile: int = 32, scale=None,
+                 dense_output: bool = False):
+    """`anchor` over a paged cache: (out [B, Hq, 1, Dv], Selection)."""
+    _check_anchor_args(q, rho, k_min, tile)
+    q, kr, vr, dm, lens = _paged_setup(q, cache, True)
+    return _anchor_core(q, kr, vr, dm, None, lens, rho, k_min, tile, scale, "dense" if dense_output else "sparse")
+
+
+def dense_attention_paged(q, cache: PagedKV, scale=None):
+    """`dense_attention` over a paged cache: [B, Hq, 1, Dv]."""
+    q, kr, vr, dm, lens = _paged_setup(q, cache, True)
+    return _dense_core(q, kr, vr, dm, None, lens, scale)
+
+
+def sparse_attention_paged(q, cache: PagedKV, selection: Selection, head_map=None, scale=None):
+    """`sparse_attention` over a paged cache; selection positions count from 0 in each sequence."""
+    q, kr, vr, dm, _ = _paged_setup(q, cache, True)
+    if not selection.decode or selection.indices.shape[0] != q.shape[0]:
+        raise ValueError(f"selection: made for batch {selection.indices.shape[0]} with decode={selection.decode}, "
+                         f"got q of shape {tuple(q.shape)}; select again for this step")
+    if _capturing(q):
+        if selection.num_kv_heads != dm["HKV"]:
+            raise ValueError(f"selection: expected {dm['HKV']} KV heads like the cache, got {selection.num_kv_heads}")
+        hm = None if head_map is None else torch.as_tensor(head_map, device=q.device)
+    else:
+        hm = None if head_map is None else check_head_map(head_map, dm["HKV"], selection.num_kv_heads, q.device)
+    idx = selection.indices
+    out = torch.empty(dm["B"], dm["HQ"], 1, dm["DV"], dtype=q.dtype, device=q.device)
+    return _sparse(q, kr, vr, idx, (idx.stride(0), idx.stride(1), idx.stride(3)), selection.counts, hm, scale, out, dm)

@@ -137,6 +137,21 @@ class PagedKV:
         return KVRows(t, t.stride(0), t.stride(2), t.stride(1), self.block_table, self.page_size)
 
 
+def check_paged_q(q, cache: PagedKV) -> None:
+    """q [B, Hq, Q, D] fits the paged cache: its dtype, device, batch, a multiple of its KV heads, its head dim."""
+    kc = cache.key_cache
+    if not isinstance(q, torch.Tensor) or q.dim() != 4 or q.dtype != kc.dtype:
+        raise ValueError(f"q: expected a [batch, heads, queries, head_dim] tensor of the cache's dtype "
+                         f"{kc.dtype}, got {_desc(q)}")
+    if q.device != kc.device:
+        raise ValueError(f"q: expected the cache's device {kc.device}, got {q.device}")
+    if q.shape[0] != cache.block_table.shape[0]:
+        raise ValueError(f"q: expected batch {cache.block_table.shape[0]} like block_table, got {_desc(q)}")
+    if q.shape[1] % cache.num_kv_heads or q.shape[3] != kc.shape[3]:
+        raise ValueError(f"q: expected a multiple of the cache's {cache.num_kv_heads} KV heads and head dim "
+                         f"{kc.shape[3]}, got {_desc(q)}")
+
+
 def _desc(t) -> str:
     if not isinstance(t, torch.Tensor):
         return type(t).__name__

@@ -41,7 +41,7 @@ from kascade import reference
 from kascade.budget import budget_tensor, check_budget
 from kascade.checks import check_attention_inputs, check_head_map, resolve_kv_start
 from kascade.kernels.prefill_pool import LOG2E, UPCAST_DOT, lse_scratch, mma, pooled_scores_chunk, row_layout
-from kascade.kernels.paging import KVRows, PagedKV, contiguous_rows, row_offsets, seq_span
+from kascade.kernels.paging import KVRows, PagedKV, check_paged_q, contiguous_rows, row_offsets, seq_span
 from kascade.kernels.prefill_topk import topk_rows_chunk, topk_rows_scratch
 
 DEFAULT_POOL_BYTES = 2**30
@@ -240,7 +240,7 @@ def select_paged(q, cache: PagedKV, rho: float = 0.1, k_min: int = 128, tile: in
     q [B, Hq, Q, D]: the queries of sequence b are its last min(Q, seq_lens[b]) positions, in the last
     rows of q (earlier rows are ignored). Selected positions count from 0 in every sequence.
     """
-    _check_paged_q(q, cache)
+    check_paged_q(q, cache)
     _check_select_args(rho, k_min, tile, method)
     if q.shape[2] == 1 or not _supported(q, cache.key_cache, None, tile):
         raise ValueError(f"q: select_paged needs a float16/bfloat16 prefill (Q > 1) on a Triton device with "
@@ -250,24 +250,6 @@ def select_paged(q, cache: PagedKV, rho: float = 0.1, k_min: int = 128, tile: in
     zeros = torch.zeros(q.shape[0], dtype=torch.int32, device=q.device)
     return _select(_last_dim_contiguous(q), cache.rows("key"), zeros, cache.seq_lens.to(torch.int32),
                    (0,) * q.shape[0], lengths, rho, k_min, tile, scale, chunk_bytes, method, pool_cfg)
-
-
-def _check_paged_q(q, cache: PagedKV):
-    if not isinstance(q, torch.Tensor) or q.dim() != 4 or q.dtype != cache.key_cache.dtype:
-        raise ValueError(f"q: expected a [batch, heads, queries, head_dim] tensor of the cache's dtype "
-                         f"{cache.key_cache.dtype}, got {_desc(q)}")
-    if q.device != cache.key_cache.device:
-        raise ValueError(f"q: expected the cache's device {cache.key_cache.device}, got {q.device}")
-    if q.shape[0] != cache.block_table.shape[0]:
-        raise ValueError(f"q: expected batch {cache.block_table.shape[0]} like block_table, got {_desc(q)}")
-    hkv = cache.num_kv_heads
-    if q.shape[1] % hkv or q.shape[3] != cache.key_cache.shape[3]:
-        raise ValueError(f"q: expected a multiple of the cache's {hkv} KV heads and head dim "
-                         f"{cache.key_cache.shape[3]}, got {_desc(q)}")
-
-
-def _desc(t) -> str:
-    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
 
 
 def _select(q, krows: KVRows, kv_i32, kv_end_i32, starts, lengths, rho, k_min, tile, scale, chunk_bytes,
@@ -358,12 +340,12 @@ def sparse_attention(q, k, v, selection: reference.Selection, head_map=None, kv_
 def sparse_attention_paged(q, cache: PagedKV, selection: reference.Selection, head_map=None, scale=None, *,
                            out: torch.Tensor | None = None, config: dict | None = None):
     """`sparse_attention` over a paged cache (kascade.kernels.paging.PagedKV; see select_paged)."""
-    _check_paged_q(q, cache)
+    check_paged_q(q, cache)
     if cache.value_cache is None:
         raise ValueError("cache: sparse_attention_paged needs value_cache, got None")
     if selection.decode or q.shape[2] == 1 or not _supported(q, cache.key_cache, cache.value_cache, selection.tile):
         raise ValueError(f"q: sparse_attention_paged needs a float16/bfloat16 prefill selection (Q > 1) on a "
-                         f"Triton device, got q {_desc(q)}, decode={selection.decode}")
+                         f"Triton device, got q {tuple(q.shape)} {q.dtype} on {q.device}, decode={selection.decode}")
     lengths = cache.host_lengths()
     zeros = torch.zeros(q.shape[0], dtype=torch.int32, device=q.device)
     return _sparse(_last_dim_contiguous(q), cache.rows("key"), cache.rows("value"), zeros,
