@@ -5,7 +5,9 @@
 For every (context length N, batch B) and provider the model generates greedily on a transformers
 StaticCache of N + 2 * new_tokens + 1 positions (kascade.integrations.transformers.StaticGenerator):
   - time to first token (TTFT): the prefill of B random prompts of N tokens (in chunks of
-    `prefill_chunk` tokens per sequence when B * N is large) and the argmax of the first token;
+    `prefill_chunk` tokens per sequence when B * N is large) and the argmax of the first token, after
+    one untimed prefill of the same shape (the first call at a new length compiles Triton kernel
+    variants: 14 s of a 21 s Kascade prefill at 128K on an H200);
   - decode: `new_tokens` steps, each one replay of the CUDA graph of the whole step (after one warm
     round that compiles and captures); tokens/s = B * new_tokens / time.
 Providers: "dense", the fastest dense attention on the machine (FlashAttention-3 through the
@@ -56,17 +58,28 @@ def fa3_module():
         return None
 
 
+class _Fa3State:
+    """Holds the key bounds of the current forward (computed once, at the first layer)."""
+
+
+_FA3_STATE = _Fa3State()
+
+
 def _fa3_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
-    """Dense FlashAttention-3 on the (static) cache: q [B, Hq, Q, D], k/v [B, Hkv, L, D] -> [B, Q, Hq, D]."""
-    from kascade.integrations.transformers import _kv_bounds
+    """Dense FlashAttention-3 on the (static) cache: q [B, Hq, Q, D], k/v [B, Hkv, L, D] -> [B, Q, Hq, D].
+
+    The benchmark's prompts are unpadded: left padding is refused in eager steps (so also in the eager
+    warm-up step before a graph capture) and kv_start is not passed to the kernel."""
+    from kascade.integrations.transformers import _cached_bounds, _graph_mode
 
     fa3 = fa3_module()
-    kv_start, kv_len = _kv_bounds(attention_mask, key)
+    kv_start, kv_len = _cached_bounds(_FA3_STATE, attention_mask, key)
+    if kv_start is not None and not _graph_mode(query):
+        raise ValueError("attention_mask: the benchmark's dense FlashAttention-3 function takes unpadded prompts")
     b, n = query.shape[0], key.shape[2]
     seqlens = (kv_len if kv_len is not None else torch.full((b,), n, device=query.device)).to(torch.int32)
-    extra = {} if kv_start is None else {"cache_leftpad": kv_start.to(torch.int32)}  # zeros inside a graph
     out = fa3.flash_attn_with_kvcache(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                                      cache_seqlens=seqlens, softmax_scale=scaling, causal=True, **extra)
+                                      cache_seqlens=seqlens, softmax_scale=scaling, causal=True)
     out = out[0] if isinstance(out, tuple) else out
     return out, None
 
@@ -285,7 +298,7 @@ def profile_prefill(gen, ids, device, top=12):
 
 
 def run_case(model, plan, B, N, new_tokens, providers, dense_impl, device, repeats, kernels, log, backend="auto",
-             profile=()):
+             profile=(), decode_only=False):
     """Measurements of one (B, N): {provider: {...}, "kernels": {...}}."""
     from tqdm.auto import tqdm
 
@@ -295,12 +308,13 @@ def run_case(model, plan, B, N, new_tokens, providers, dense_impl, device, repea
     ids = torch.randint(0, vocab, (B, N), generator=torch.Generator().manual_seed(N + B)).to(device)
     chunk = auto_chunk(B, N)
     gen = StaticGenerator(model, B, N + 2 * new_tokens + 1, prefill_chunk=chunk)
+    out_mode = "decode only (random cache)" if decode_only else "prefill + decode"
     warm_ids = ids[:, : min(N, 2048)]
-    out = {"B": B, "N": N, "new_tokens": new_tokens, "prefill_chunk": chunk, "providers": {}}
+    out = {"B": B, "N": N, "new_tokens": new_tokens, "prefill_chunk": chunk, "mode": out_mode, "providers": {}}
     for name in tqdm(providers, desc=f"B={B} N={N}", leave=False):
         try:
             out["providers"][name] = _measure(gen, name, model, plan, dense_impl, backend, ids, warm_ids, repeats,
-                                              new_tokens, device)
+                                              new_tokens, device, decode_only=decode_only)
         except Exception as e:  # noqa: BLE001 - keep the other providers' numbers
             import traceback
 
@@ -312,18 +326,18 @@ def run_case(model, plan, B, N, new_tokens, providers, dense_impl, device, repea
                 torch.cuda.empty_cache()
             continue
         r = out["providers"][name]
-        log(f"  B={B} N={N} {name:8s} TTFT {r['ttft_s']['median']:.3f} s, decode {r['step_ms']:.2f} ms/step "
-            f"({r['tokens_per_s']:.1f} tok/s)")
+        ttft = f"TTFT {r['ttft_s']['median']:.3f} s, " if "ttft_s" in r else ""
+        log(f"  B={B} N={N} {name:8s} {ttft}decode {r['step_ms']:.2f} ms/step ({r['tokens_per_s']:.1f} tok/s)")
         if name in profile:
             with Provider(name, model, plan, dense_impl, backend):
                 r["prefill_profile"] = profile_prefill(gen, ids, device)
             for row in r["prefill_profile"]["top"][:8]:
                 log(f"    {row['ms']:10.1f} ms {row['calls']:6d}x  {row['name']}")
-    if kernels and "ttft_s" in out["providers"].get("none", {}):
+    if kernels and "step_ms" in out["providers"].get("none", {}):
         layer0 = gen.cache.layers[0]
         try:
             out["kernels"] = {"decode": layer_kernels(model, layer0, plan, B, N, dense_impl, device, False, 20)}
-            if chunk is None:
+            if chunk is None and not decode_only:
                 out["kernels"]["prefill"] = layer_kernels(model, layer0, plan, B, N, dense_impl, device, True,
                                                           1 if N >= 65536 else 3)
         except Exception as e:  # noqa: BLE001
@@ -336,12 +350,37 @@ def run_case(model, plan, B, N, new_tokens, providers, dense_impl, device, repea
     return out
 
 
-def _measure(gen, name, model, plan, dense_impl, backend, ids, warm_ids, repeats, new_tokens, device):
+def fill_cache(gen, ids, seed=0):
+    """Decode-only mode: the cache holds N random keys/values (std 1.3, the scale of a random-weight
+    model's keys) instead of a prefill's; positions and write offsets are set as after a prefill of N."""
+    B, N = ids.shape
+    gen.prefill(ids[:, :16])  # allocates the cache layers
+    g = torch.Generator(device=gen.device).manual_seed(seed)
+    for layer in gen.cache.layers:
+        layer.keys[:, :, :N].normal_(0.0, 1.3, generator=g)
+        layer.values[:, :, :N].normal_(0.0, 1.3, generator=g)
+        layer.cumulative_length.fill_(N)
+    gen.pos.fill_(N)
+    gen.tok.copy_(ids[:, -1:])
+    gen.written = N
+
+
+def _measure(gen, name, model, plan, dense_impl, backend, ids, warm_ids, repeats, new_tokens, device,
+             decode_only=False):
     """TTFT and decode timing of one provider on the generator's cache."""
     B = ids.shape[0]
+    if decode_only:
+        with Provider(name, model, plan, dense_impl, backend):
+            gen.graph = None
+            fill_cache(gen, ids)
+            gen.decode(new_tokens)  # warm-up step + capture + replays (not timed)
+            t, toks = _timed(lambda: gen.decode(new_tokens), device)
+            return dict(decode_s=t, step_ms=1e3 * t / new_tokens, tokens_per_s=B * new_tokens / t,
+                        decode_tokens_head=toks[0, :8].tolist())
     with Provider(name, model, plan, dense_impl, backend):
         gen.graph = None  # a new graph per provider
-        gen.generate(warm_ids, max_new_tokens=2)  # compile prefill and decode kernels at a short length
+        gen.generate(warm_ids, max_new_tokens=2)  # compile the decode kernels (and prefill at a short length)
+        gen.prefill(ids)  # untimed: the first prefill at a new length compiles kernel variants (seconds)
         ttft = []
         for _ in range(repeats):
             t, first = _timed(lambda: gen.prefill(ids), device)
@@ -360,11 +399,13 @@ def derive(case):
     none = pr.get("none")
     for name, r in pr.items():
         if none is not None and name != "none":
-            r["ttft_attention_share"] = 1 - none["ttft_s"]["median"] / r["ttft_s"]["median"]
+            if "ttft_s" in r and "ttft_s" in none:
+                r["ttft_attention_share"] = 1 - none["ttft_s"]["median"] / r["ttft_s"]["median"]
             r["decode_attention_share"] = 1 - none["step_ms"] / r["step_ms"]
     if "dense" in pr and "kascade" in pr:
         case["decode_speedup"] = pr["kascade"]["tokens_per_s"] / pr["dense"]["tokens_per_s"]
-        case["ttft_speedup"] = pr["dense"]["ttft_s"]["median"] / pr["kascade"]["ttft_s"]["median"]
+        if "ttft_s" in pr["dense"] and "ttft_s" in pr["kascade"]:
+            case["ttft_speedup"] = pr["dense"]["ttft_s"]["median"] / pr["kascade"]["ttft_s"]["median"]
     kern = case.get("kernels", {})
     if none is not None and "decode" in kern:
         base = none["step_ms"] / 1e3
@@ -428,14 +469,16 @@ def markdown(res) -> str:
             if "error" in r:
                 L.append(f"| {c['B']} | {_len(c['N'])} | {name} | error: {r['error'][:120]} |||||||")
                 continue
-            L.append(f"| {c['B']} | {_len(c['N'])} | {name} | {f(r['ttft_s']['median'])} | "
+            L.append(f"| {c['B']} | {_len(c['N'])} | {name} | {f(r.get('ttft_s', {}).get('median'))} | "
                      f"{f(r.get('ttft_attention_share'), '.0%')} | {f(r['step_ms'], '.2f')} | "
                      f"{f(r['tokens_per_s'], '.1f')} | {f(r.get('decode_attention_share'), '.0%')} | "
                      f"{f(r.get('ttft_measured_over_predicted'), '.2f')} | "
                      f"{f(r.get('decode_measured_over_predicted'), '.2f')} |")
-    L += ["", "| B | N | decode speedup (tokens/s) | predicted | TTFT speedup | predicted |", "|---|---|---|---|---|---|"]
+    L += ["", "| B | N | mode | decode speedup (tokens/s) | predicted | TTFT speedup | predicted |",
+          "|---|---|---|---|---|---|---|"]
     for c in res["cases"]:
-        L.append(f"| {c['B']} | {_len(c['N'])} | {f(c.get('decode_speedup'), '.2f')}x | "
+        L.append(f"| {c['B']} | {_len(c['N'])} | {c.get('mode', 'prefill + decode')} | "
+                 f"{f(c.get('decode_speedup'), '.2f')}x | "
                  f"{f(c.get('decode_predicted_speedup'), '.2f')}x | {f(c.get('ttft_speedup'), '.2f')}x | "
                  f"{f(c.get('ttft_predicted_speedup'), '.2f')}x |")
     kern = [c for c in res["cases"] if "kernels" in c]
@@ -473,7 +516,8 @@ def plot(res, path) -> None:
         for i, name in enumerate(["none", "dense", "kascade"]):
             vals = [c["providers"].get(name, {}) for c in cases]
             vals = [v if "error" not in v else {} for v in vals]
-            ys = [(v["ttft_s"]["median"] if key == "ttft" else v["step_ms"]) if v else float("nan") for v in vals]
+            ys = [(v.get("ttft_s", {}).get("median", float("nan")) if key == "ttft" else v["step_ms"]) if v
+                  else float("nan") for v in vals]
             ax.bar([j + (i - 1) * width for j in range(len(cases))], ys, width,
                    label={"none": "no attention (rest of the model)"}.get(name, name))
         ax.set_xticks(range(len(cases)), labels)
@@ -487,7 +531,7 @@ def plot(res, path) -> None:
 
 def run(model_or_config, lengths, batches, new_tokens=64, output="benchmarks/results/bench", device="auto",
         dtype="auto", anchors=None, plan_path=None, providers=("none", "dense", "kascade"), repeats=None,
-        kernels=True, rho=0.1, k_min=128, backend="auto", profile=(), log=print):
+        kernels=True, rho=0.1, k_min=128, backend="auto", profile=(), decode_only=False, log=print):
     """Run every (batch, length) case; writes output.json / .md / .png after each case. Returns the results."""
     from kascade.models import resolve_device, resolve_dtype
     from kascade.plan import Plan
@@ -524,7 +568,7 @@ def run(model_or_config, lengths, batches, new_tokens=64, output="benchmarks/res
                 try:
                     res["cases"].append(run_case(model, plan, B, N, new_tokens, list(providers), dense_impl, dev,
                                                  reps, kernels and "none" in providers, log, backend=backend,
-                                                 profile=tuple(profile)))
+                                                 profile=tuple(profile), decode_only=decode_only))
                 except Exception as e:  # noqa: BLE001 - record it (out of memory, ...) and go on with the others
                     import traceback
 

@@ -115,7 +115,7 @@ def cmd_bench(args) -> int:
               new_tokens=args.new_tokens, output=args.output, device=args.device, dtype=args.dtype,
               anchors=anchors, plan_path=args.plan, providers=providers, repeats=args.repeats,
               kernels=not args.no_kernels, backend=args.backend,
-              profile=[p.strip() for p in (args.profile or "").split(",") if p.strip()])
+              profile=[p.strip() for p in (args.profile or "").split(",") if p.strip()], decode_only=args.decode_only)
     print(Path(args.output).with_suffix(".md").read_text())
     return 0
 
@@ -172,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="subset of none,dense,kascade (none = attention removed, for the attention share)")
     p.add_argument("--repeats", type=int, help="TTFT repeats (default 3, 1 when batch x length >= 64K)")
     p.add_argument("--no-kernels", action="store_true", help="skip the per-layer kernel prediction")
+    p.add_argument("--decode-only", action="store_true",
+                   help="no prefill: fill the cache with random keys/values and time decode only (fast)")
     p.add_argument("--profile", help="providers whose prefill is profiled once more (top GPU kernels), e.g. kascade")
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "triton"])
     p.add_argument("-o", "--output", default="benchmarks/results/bench",

@@ -76,3 +76,15 @@ def test_random_model_on_a_device_matches_the_cpu_build():
     ids = torch.randint(0, 1024, (1, 40))
     with torch.no_grad():
         assert torch.isfinite(fast(ids).logits).all()
+
+
+def test_bench_decode_only_fills_the_cache(tmp_path):
+    """--decode-only: no prefill, the decode runs on a cache of N random keys (positions N, N+1, ...)."""
+    out = tmp_path / "bench_do"
+    res = bench.run(str(RANDOM_CONFIG), [300], [1], new_tokens=2, output=str(out), device="cpu",
+                    providers=("dense", "kascade"), kernels=False, decode_only=True, log=lambda *a: None)
+    case = res["cases"][0]
+    assert case["mode"].startswith("decode only") and not res["errors"]
+    for r in case["providers"].values():
+        assert "ttft_s" not in r and r["tokens_per_s"] > 0
+    assert "| 1 | 300 | kascade | — |" in out.with_suffix(".md").read_text()

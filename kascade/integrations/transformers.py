@@ -84,30 +84,31 @@ def _kv_bounds(states, k) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         raise ValueError(f"attention_mask: expected {n} key positions, got {states.shape[1]}")
     if states.dtype == torch.bool:
         states = states.to(torch.int8)
-    start = (states == PADDING).to(torch.int32).cumprod(dim=1).sum(dim=1)  # leading padding per sequence
+    # leading padding per sequence: the first key that is not padding (two reductions, no scan)
+    start = (states != PADDING).to(torch.int8).argmax(dim=1)
     length = (states != UNWRITTEN).sum(dim=1)  # written keys per sequence
     if _graph_mode(k):
         return start, length
     if bool((states == REAL).all()):
         return None, None
+    if bool((start >= length).any()) or not bool((states == REAL).any(dim=1).all()):
+        raise ValueError("attention_mask: a sequence has no real token")
     pos = torch.arange(n, device=states.device)[None, :]
     expect = (pos >= start[:, None]) & (pos < length[:, None])
     if not torch.equal(expect, states == REAL):
         bad = int((expect != (states == REAL)).any(dim=1).nonzero()[0])
         raise ValueError(f"attention_mask: sequence {bad} has padding after its first real token; kascade "
                          "supports left padding only (tokenizer.padding_side = 'left')")
-    if bool((start >= length).any()):
-        raise ValueError("attention_mask: a sequence has no real token")
     return (start if bool(start.any()) else None), (length if bool((length < n).any()) else None)
 
 
-def _cached_bounds(strategy, states, k):
-    """_kv_bounds once per forward: the key states object is the same for every layer of a forward."""
-    cached = getattr(strategy, "_kascade_bounds", None)
+def _cached_bounds(holder, states, k):
+    """_kv_bounds once per forward (kept on `holder`): the key states object is the same for every layer."""
+    cached = getattr(holder, "_kascade_bounds", None)
     if cached is not None and cached[0] is states and cached[1] == k.shape[2]:
         return cached[2]
     bounds = _kv_bounds(states, k)
-    strategy._kascade_bounds = (states, k.shape[2], bounds)
+    holder._kascade_bounds = (states, k.shape[2], bounds)
     return bounds
 
 
