@@ -128,12 +128,13 @@ def test_full_budget_anchor_equals_dense():
     assert (sparse - paged_dense(**paged)).abs().max() > 1e-3  # a real budget changes the result
 
 
-def test_strategy_matches_contiguous_strategy_layer_by_layer():
+@pytest.mark.parametrize("dense_anchor_output", [False, True])
+def test_strategy_matches_contiguous_strategy_layer_by_layer(dense_anchor_output):
     """Four layers of a plan (dense layer 0, reuse, anchor, reuse with a head map) on a mixed batch with
     short requests: PagedKascadeStrategy equals KascadeStrategy run per request on contiguous caches."""
     plan = Plan(anchors=[0, 2], head_map=[[0, 1, 2, 3], [1, 0, 3, 3], [0, 1, 2, 3], [2, 2, 0, 1]], rho=0.1, k_min=64)
-    strat = PagedKascadeStrategy(plan)
-    ref = KascadeStrategy(plan, backend="reference")
+    strat = PagedKascadeStrategy(plan, dense_anchor_output=dense_anchor_output)
+    ref = KascadeStrategy(plan, backend="reference", dense_anchor_output=dense_anchor_output)
     batches = [make_batch(**MIXED, seed=10 + layer) for layer in range(4)]  # new q/k/v per layer
     qsl = batches[0][0]["query_start_loc"].tolist()
     outs = [strat.attend(layer, **batches[layer][0], scale=0.125) for layer in range(4)]
