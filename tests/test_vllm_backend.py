@@ -8,10 +8,12 @@ reads back exactly what was written, position by position.
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
 
+ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                 reason="vllm is not installed (pip install -e '.[vllm]'; scripts/setup.sh does it)")
 
@@ -74,6 +76,50 @@ def test_missing_plan_file_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match="kascade_plan: expected the path of a plan file"):
         shared_strategy(str(tmp_path / "nope.json"), False, None, 1)
+
+
+@pytest.fixture(scope="module")
+def tiny_vllm_config():
+    from vllm.config import ModelConfig, VllmConfig
+
+    return VllmConfig(model_config=ModelConfig(model=str(ROOT / "models" / "kascade-tiny"), dtype="float32"))
+
+
+@pytest.mark.parametrize("setting,expect", [
+    (dict(sliding_window=4096), "sliding_window: kascade's vLLM backend supports"),
+    (dict(alibi_slopes=[0.5] * 8), "alibi_slopes: kascade's vLLM backend supports"),
+    (dict(logits_soft_cap=30.0), "logits_soft_cap: kascade's vLLM backend supports"),
+    (dict(attn_type="encoder_only"), "attn_type: kascade's vLLM backend supports"),
+    (dict(pipeline_parallel_size=2), "pipeline_parallel_size: kascade's vLLM backend needs all layers"),
+    (dict(num_kv_heads=2), "plan: made for another model"),  # the plan is checked against the model once
+    (dict(), None),
+])
+def test_backend_settings(monkeypatch, tiny_vllm_config, setting, expect):
+    """With a plan configured the backend refuses what Kascade does not support, naming the setting;
+    without one it is vLLM's CPU attention and refuses nothing."""
+    import copy
+
+    from vllm.config import set_current_vllm_config
+
+    import kascade.integrations.vllm as kv
+
+    cfg = copy.deepcopy(tiny_vllm_config)
+    setting = dict(setting)
+    cfg.parallel_config.pipeline_parallel_size = setting.pop("pipeline_parallel_size", 1)
+    if setting.pop("num_kv_heads", None):
+        cfg.model_config.hf_config.num_key_value_heads = 2
+    args = {**dict(num_heads=8, head_size=64, scale=0.125, num_kv_heads=4, alibi_slopes=None, sliding_window=None,
+                   kv_cache_dtype="auto"), **setting}
+    monkeypatch.setattr(kv, "_STRATEGIES", {})
+    monkeypatch.setenv(kv.PLAN_ENV, str(ROOT / "plans" / "kascade-tiny.json"))
+    with set_current_vllm_config(cfg):
+        if expect is None:
+            assert kv.KascadeCPUImpl(**args).kascade.plan.anchors == [0, 2, 4, 11]
+        else:
+            with pytest.raises(ValueError, match=expect):
+                kv.KascadeCPUImpl(**args)
+        monkeypatch.delenv(kv.PLAN_ENV)
+        assert kv.KascadeCPUImpl(**args).kascade is None  # no plan: nothing refused, nothing changed
 
 
 def test_register_replaces_the_cpu_backend():

@@ -27,7 +27,7 @@ in, so chunked prefill selects what a whole-prompt prefill would.
 Supported: decoder-only models with full attention (Llama, Qwen2/3, Mistral without a window),
 float32/bfloat16/float16 KV caches, tensor parallelism with a plan whose head map stays inside
 shards (`kascade calibrate --tp-degree`). Refused with an error: sliding windows, ALiBi, logit
-soft-capping, attention sinks, fp8 KV caches, encoder and cross attention.
+soft-capping, attention sinks, fp8 KV caches, encoder and cross attention, pipeline parallelism.
 """
 
 from __future__ import annotations
@@ -194,6 +194,11 @@ def _backend_classes():
                     raise ValueError(f"{name}: kascade's vLLM backend supports decoder self-attention over a full "
                                      f"float KV cache without {name}, got {value!r}; serve this model without "
                                      f"{PLAN_KEY} / {PLAN_ENV}")
+            pp = cfg.parallel_config.pipeline_parallel_size
+            if pp > 1:
+                raise ValueError(f"pipeline_parallel_size: kascade's vLLM backend needs all layers in one process "
+                                 f"(anchors hand their selections to the layers after them), got {pp}; use tensor "
+                                 "parallelism with a plan calibrated with --tp-degree")
             tp = cfg.parallel_config.tensor_parallel_size
             self.tp_rank = get_tensor_model_parallel_rank() if tp > 1 else 0
             self.kascade = shared_strategy(path, dense_anchor, cfg.model_config.hf_config, tp)
