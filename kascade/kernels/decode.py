@@ -117,7 +117,7 @@ def _dot(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit(do_not_specialize=["N", "K_MIN"])
 def _decode_logits_kernel(Q, K, V, LG, MP, LP, OP, KV_START, KV_LEN, START32, END32, KB, FT, HIST,
-                          N, stride_lg, sqb, sqh, skb, skh, skn, BT, s_bt, PAGE, svb, svh, svn,
+                          N, stride_lg, sqb, sqh, skb, skh, skn, BT, s_bt, PAGE: tl.constexpr, svb, svh, svn,
                           scale_log2, HKV, RHO_A, RHO_B, RHO_C, GUARD_A, GUARD_B, GUARD_C, K_MIN,
                           G: tl.constexpr, GPAD: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                           DV: tl.constexpr, DVP: tl.constexpr, NSPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -225,7 +225,7 @@ def _decode_pool_kernel(LG, MP, LP, S, HIST, START32, END32, N, stride_lg, strid
 
 @triton.jit
 def _decode_sparse_kernel(Q, K, V, LG, IDX, CNT, HMAP, OP, MP, LP,
-                          stride_lg, sqb, sqh, skb, skh, skn, BT, s_bt, PAGE, svb, svh, svn, sib, sih, sik, scb,
+                          stride_lg, sqb, sqh, skb, skh, skn, BT, s_bt, PAGE: tl.constexpr, svb, svh, svn, sib, sih, sik, scb,
                           scale_log2, HKV,
                           G: tl.constexpr, GPAD: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                           DV: tl.constexpr, DVP: tl.constexpr, NSPLIT: tl.constexpr, BLOCK_K: tl.constexpr,

@@ -9,7 +9,8 @@ cache, seq_lens [B] keys per sequence. Positions start at 0 in every sequence (n
 (b, h, pos) lives at block_table[b, pos // page_size] * s_page + (pos % page_size) * s_tok + h * s_head.
 
 Kernels take both through the same arguments (the base pointer, s_seq / s_head / s_tok, BT, s_bt,
-PAGE and the PAGED flag) and call `row_offsets`; `seq_span` gives each sequence's key range from
+and the compile-time PAGE and PAGED: a constant page size turns `pos // PAGE` into a multiply and
+shift instead of an integer division per cache row) and call `row_offsets`; `seq_span` gives each sequence's key range from
 kv_start and an optional end (seq_lens of a paged cache, kv_len of a preallocated one). The
 contiguous build is unchanged (PAGED and HAS_END are compile-time constants).
 """
@@ -39,7 +40,7 @@ def seq_span(b, KV_START, KV_END, N_CACHE, HAS_END: tl.constexpr):
 
 
 @triton.jit
-def row_offsets(b, h, pos, mask, s_seq, s_head, s_tok, BT, s_bt, PAGE, PAGED: tl.constexpr):
+def row_offsets(b, h, pos, mask, s_seq, s_head, s_tok, BT, s_bt, PAGE: tl.constexpr, PAGED: tl.constexpr):
     """int64 element offsets of the rows at cache positions `pos` (any shape) of sequence b, KV head h.
 
     Paged: masked-off positions read page 0 (their loads must be masked as well).

@@ -81,7 +81,7 @@ def _online_update(q, kb, vb, valid, m, l, acc, qk_scale, UPCAST: tl.constexpr):
 def _sparse_prefill_kernel(
     Q, K, V, O, IDX, COUNTS, KV_START, KV_END, HEAD_MAP,
     sqb, sqh, sqm,
-    skb, skh, skn, BT, s_bt, PAGE,
+    skb, skh, skn, BT, s_bt, PAGE: tl.constexpr,
     svb, svh, svn,
     sob, soh, som,
     sib, sih, siu,

@@ -82,7 +82,7 @@ def _load_q_rows(Q, b, h, hg, t, n, p0, Q_LEN, sqb, sqh, sqm,
 
 
 @triton.jit
-def _row_lse(q, K, b, h, s, skb, skh, skn, BT, s_bt, PAGE, ok, pos, n_before, kend, qk_scale,
+def _row_lse(q, K, b, h, s, skb, skh, skn, BT, s_bt, PAGE: tl.constexpr, ok, pos, n_before, kend, qk_scale,
              ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
              UPCAST: tl.constexpr, PAGED: tl.constexpr):
     """log2-sum-exp2 of every stacked row over its causal keys [0, pos]; +inf for rows not present."""
@@ -124,7 +124,7 @@ def _row_lse(q, K, b, h, s, skb, skh, skn, BT, s_bt, PAGE, ok, pos, n_before, ke
 def _pool_kernel(
     Q, K, KV_START, KV_END, COUNTS, POOLED, LSE_BUF,
     sqb, sqh, sqm,
-    skb, skh, skn, BT, s_bt, PAGE,
+    skb, skh, skn, BT, s_bt, PAGE: tl.constexpr,
     spb, sph, spu,
     slb, slh, slu,
     scb,
