@@ -6,7 +6,8 @@ pool (vLLM's [num_pages, page_size, Hkv, D], page sizes 16 and 128); each kernel
 its median time (triton.testing.do_bench; decode steps captured in a CUDA graph) is compared:
 
     decode:  anchor (select + sparse output), reuse (sparse attention over a selection)
-    prefill: select (pooled scores + top-k), reuse (sparse attention over a selection)
+    prefill: select (pooled scores + top-k; pages resolved in the kernel, and keys gathered into a
+             contiguous scratch first: "-gather"), reuse (sparse attention over a selection)
 
     python benchmarks/paged.py --out benchmarks/results
 """
@@ -109,7 +110,10 @@ def main():
                timed(lambda: KP.sparse_attention(q, k, v, sel, head_map=head_map), False))
         for p in args.pages:
             cache = to_pages(k, v, p)
-            record("prefill", "select", f"paged-{p}", timed(lambda: KP.select_paged(q, cache, RHO, K_MIN, TILE), False))
+            record("prefill", "select", f"paged-{p}",
+                   timed(lambda: KP.select_paged(q, cache, RHO, K_MIN, TILE, gather_keys=False), False))
+            record("prefill", "select", f"paged-{p}-gather", timed(lambda: KP.select_paged(q, cache, RHO, K_MIN, TILE),
+                                                                     False))
             sel_p = KP.select_paged(q, cache, RHO, K_MIN, TILE)
             record("prefill", "reuse", f"paged-{p}",
                    timed(lambda: KP.sparse_attention_paged(q, cache, sel_p, head_map=head_map), False))

@@ -23,7 +23,7 @@ import test_kernels_decode as TD  # noqa: E402
 from kascade import reference as R  # noqa: E402
 from kascade.kernels import decode as KD  # noqa: E402
 from kascade.kernels import prefill as P  # noqa: E402
-from kascade.kernels.paging import PagedKV, gather_contiguous  # noqa: E402
+from kascade.kernels.paging import PagedKV, gather_contiguous, linear_pool  # noqa: E402
 from test_kernels_prefill import DEV, _inputs, check_output, check_selection, gpu, needs_cuda  # noqa: E402
 
 
@@ -63,13 +63,15 @@ def shifted(sel, kv_start):
     return R.Selection(idx, sel.counts, sel.first_tile, sel.tile, sel.decode)
 
 
-def _check_prefill_paged(Hq, Hkv, D, dtype, B, Q, N, kv_start, page_size, rho, k_min, head_major=False, seed=0):
+def _check_prefill_paged(Hq, Hkv, D, dtype, B, Q, N, kv_start, page_size, rho, k_min, head_major=False, seed=0,
+                         gather_keys=True):
     q, k, v = _inputs(B, Hq, Hkv, Q, N, D, dtype, seed)
     ks = torch.tensor(kv_start, device=DEV)
     cache = to_paged(k, v, kv_start, page_size, head_major, seed)
     k2, v2, ks2 = gather_contiguous(cache)
     assert torch.equal(ks2.cpu(), ks.cpu()) and torch.equal(k2, torch.where(_valid(ks, N), k, 0))
-    sel = P.select_paged(q, cache, rho=rho, k_min=k_min, tile=32)
+    sel = P.select_paged(q, cache, rho=rho, k_min=k_min, tile=32, gather_keys=gather_keys)
+    assert (sel.pool is None) == (not linear_pool(cache))  # head-major pages (Hkv > 1) are not one linear pool
     ref = R.select(q, k, rho=rho, k_min=k_min, tile=32, kv_start=ks)
     check_selection(shifted(sel, kv_start), ref, q, k, ks)
     head_map = torch.arange(Hkv, device=DEV).flip(0)
@@ -83,15 +85,16 @@ def _valid(ks, n):
     return (torch.arange(n, device=ks.device)[None, :] >= ks[:, None])[:, None, :, None]
 
 
-@pytest.mark.parametrize("Hq,Hkv,D,dtype,page_size,head_major", [
-    (8, 2, 64, torch.bfloat16, 16, False),  # G = 4
-    (4, 2, 32, torch.float16, 7, True),  # G = 2, a page size that is no power of two, head-major pages
-    (2, 2, 64, torch.bfloat16, 64, False),  # G = 1
+@pytest.mark.parametrize("Hq,Hkv,D,dtype,page_size,head_major,gather_keys", [
+    (8, 2, 64, torch.bfloat16, 16, False, True),  # G = 4
+    (8, 2, 64, torch.bfloat16, 16, False, False),  # pages resolved inside the pooled-score passes
+    (4, 2, 32, torch.float16, 7, True, False),  # G = 2, a page size that is no power of two, head-major pages
+    (2, 2, 64, torch.bfloat16, 64, False, True),  # G = 1
 ])
-def test_prefill_paged_small(Hq, Hkv, D, dtype, page_size, head_major):
+def test_prefill_paged_small(Hq, Hkv, D, dtype, page_size, head_major, gather_keys):
     # chunked prefill on top of a cache, sequences of different lengths
     _check_prefill_paged(Hq, Hkv, D, dtype, B=2, Q=70, N=170, kv_start=[37, 0], page_size=page_size,
-                         rho=0.25, k_min=5, head_major=head_major)
+                         rho=0.25, k_min=5, head_major=head_major, gather_keys=gather_keys)
 
 
 def test_prefill_kv_len_small():
@@ -149,8 +152,11 @@ def _check_decode_paged(B, Hkv, G, N, D, dtype, kv_start, page_size, head_major=
         c = int(sel.counts[b, 0])
         assert torch.equal(mine.indices[b, :, 0, :c], sel_c.indices[b, :, 0, :c])  # same order too
     head_map = torch.tensor([(h + 1) % Hkv for h in range(Hkv)], device=DEV)
+    assert (sel.pool is None) == (not linear_pool(cache))  # head-major pages (Hkv > 1) are not one linear pool
     out = KD.sparse_attention_paged(q, cache, sel, head_map=head_map)
     assert torch.equal(out, KD.sparse_attention(q, k, v, sel_c, head_map=head_map, kv_start=ks))
+    plain = R.Selection(sel.indices, sel.counts, sel.first_tile, sel.tile, True)  # pages resolved in the kernel
+    assert torch.equal(KD.sparse_attention_paged(q, cache, plain, head_map=head_map), out)
     for dense in (False, True):
         out_a, sel_a = KD.anchor_paged(q, cache, rho, k_min, dense_output=dense)
         want, _ = KD.anchor(q, k, v, rho, k_min, kv_start=ks, dense_output=dense)

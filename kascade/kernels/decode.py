@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import os
 import struct
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -45,7 +46,9 @@ import triton.language as tl
 from kascade.budget import _GUARD, budget, check_budget
 from kascade.checks import check_attention_inputs, check_head_map, resolve_kv_len, resolve_kv_start
 from kascade.kernels import topk_select as ts
-from kascade.kernels.paging import KVRows, PagedKV, check_paged_q, contiguous_rows, row_offsets
+from kascade.kernels.paging import (
+    KVRows, PagedKV, PoolRows, check_paged_q, contiguous_rows, pool_rows, resolve_rows, row_offsets,
+)
 from kascade.reference import Selection
 
 LOG2E = 1.4426950408889634
@@ -588,21 +591,36 @@ def _paged_setup(q, cache: PagedKV, need_values: bool):
     return q, cache.rows("key"), vrows, dm, cache.seq_lens
 
 
-def select_paged(q, cache: PagedKV, rho: float = 0.1, k_min: int = 128, tile: int = 32, scale=None) -> Selection:
+@dataclass
+class PagedDecodeSelection(Selection):
+    """A decode Selection over a paged cache that also holds its positions resolved to pool rows."""
+
+    pool: PoolRows | None = None
+
+
+def _with_pool(sel: Selection, cache: PagedKV) -> PagedDecodeSelection:
+    return PagedDecodeSelection(sel.indices, sel.counts, sel.first_tile, sel.tile, sel.decode,
+                                pool=resolve_rows(cache, sel.indices, sel.counts))
+
+
+def select_paged(q, cache: PagedKV, rho: float = 0.1, k_min: int = 128, tile: int = 32,
+                 scale=None) -> PagedDecodeSelection:
     """`select` over a paged cache: q [B, Hq, 1, D], sequence b's keys are positions 0 .. seq_lens[b]-1.
 
-    Selected positions count from 0 in each sequence (as `select` with no padding)."""
+    Selected positions count from 0 in each sequence (as `select` with no padding); they are also
+    resolved to pool rows once here, for the reuse layers."""
     _check_anchor_args(q, rho, k_min, tile)
     q, kr, vr, dm, lens = _paged_setup(q, cache, False)
-    return _anchor_core(q, kr, vr, dm, None, lens, rho, k_min, tile, scale, None)[1]
+    return _with_pool(_anchor_core(q, kr, vr, dm, None, lens, rho, k_min, tile, scale, None)[1], cache)
 
 
 def anchor_paged(q, cache: PagedKV, rho: float = 0.1, k_min: int = 128, tile: int = 32, scale=None,
                  dense_output: bool = False):
-    """`anchor` over a paged cache: (out [B, Hq, 1, Dv], Selection)."""
+    """`anchor` over a paged cache: (out [B, Hq, 1, Dv], PagedDecodeSelection)."""
     _check_anchor_args(q, rho, k_min, tile)
     q, kr, vr, dm, lens = _paged_setup(q, cache, True)
-    return _anchor_core(q, kr, vr, dm, None, lens, rho, k_min, tile, scale, "dense" if dense_output else "sparse")
+    out, sel = _anchor_core(q, kr, vr, dm, None, lens, rho, k_min, tile, scale, "dense" if dense_output else "sparse")
+    return out, _with_pool(sel, cache)
 
 
 def dense_attention_paged(q, cache: PagedKV, scale=None):
@@ -623,6 +641,10 @@ def sparse_attention_paged(q, cache: PagedKV, selection: Selection, head_map=Non
         hm = None if head_map is None else torch.as_tensor(head_map, device=q.device)
     else:
         hm = None if head_map is None else check_head_map(head_map, dm["HKV"], selection.num_kv_heads, q.device)
-    idx = selection.indices
+    pool = getattr(selection, "pool", None)
+    if pool is not None and pool.block_table is cache.block_table:  # pages resolved by the anchor
+        idx, kr, vr = pool.rows, pool_rows(cache, "key"), pool_rows(cache, "value")
+    else:
+        idx = selection.indices
     out = torch.empty(dm["B"], dm["HQ"], 1, dm["DV"], dtype=q.dtype, device=q.device)
     return _sparse(q, kr, vr, idx, (idx.stride(0), idx.stride(1), idx.stride(3)), selection.counts, hm, scale, out, dm)

@@ -166,19 +166,85 @@ def gather_contiguous(cache: PagedKV, lengths=None):
     """
     lengths = cache.host_lengths() if lengths is None else tuple(lengths)
     n_max = max(lengths)
-    outs = []
-    for t in (cache.key_cache, cache.value_cache):
-        if t is None:
-            outs.append(None)
-            continue
-        bsz, hkv, d = len(lengths), t.shape[2], t.shape[3]
-        dense = torch.zeros(bsz, hkv, n_max, d, dtype=t.dtype, device=t.device)
-        for b, n in enumerate(lengths):
-            pos = torch.arange(n, device=t.device)
-            pages = cache.block_table[b].long()[pos // cache.page_size]
-            dense[b, :, n_max - n:] = t[pages, pos % cache.page_size].transpose(0, 1)
-        outs.append(dense)
+    k, v = (None if t is None else _gather(cache, t, lengths, n_max, left_pad=True)
+            for t in (cache.key_cache, cache.value_cache))
     kv_start = torch.tensor([n_max - n for n in lengths], dtype=torch.int64, device=cache.key_cache.device)
-    return outs[0], outs[1], kv_start
+    return k, v, kv_start
 
 
+def gather_keys(cache: PagedKV, lengths) -> torch.Tensor:
+    """Keys [B, Hkv, N, D] with position j of sequence b at row j (N = max length; rows past a length: zeros)."""
+    return _gather(cache, cache.key_cache, tuple(lengths), max(lengths), left_pad=False)
+
+
+def _gather(cache: PagedKV, t: torch.Tensor, lengths: tuple, n_max: int, left_pad: bool) -> torch.Tensor:
+    bsz, hkv, d = len(lengths), t.shape[2], t.shape[3]
+    dense = torch.zeros(bsz, hkv, n_max, d, dtype=t.dtype, device=t.device)
+    for b, n in enumerate(lengths):
+        pages = cache.block_table[b, : -(-n // cache.page_size)].long()
+        rows = t[pages].reshape(-1, hkv, d)[:n]  # [n, Hkv, D]
+        lo = n_max - n if left_pad else 0
+        dense[b, :, lo:lo + n] = rows.transpose(0, 1)
+    return dense
+
+
+# ----------------------------------------------------------------------------------------------
+# selections resolved to pool rows once per anchor
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PoolRows:
+    """An anchor's selected positions resolved to rows of a linear page pool.
+
+    rows [like Selection.indices] int32: page * page_size + offset of each valid slot (0 elsewhere),
+    for the block_table they were resolved with. Reuse layers that see the same block table (every
+    layer of one serving step does) then gather K/V rows by a single index, as on a contiguous
+    cache, instead of looking each position's page up again in every layer.
+    """
+
+    rows: torch.Tensor
+    block_table: torch.Tensor
+
+
+def linear_pool(cache: PagedKV) -> bool:
+    """True when rows of the page pool are evenly spaced (s_page == page_size * s_tok): [pages, page, H, D]."""
+    ts = [cache.key_cache] + ([cache.value_cache] if cache.value_cache is not None else [])
+    return all(t.stride(0) == cache.page_size * t.stride(1) for t in ts)
+
+
+def pool_rows(cache: PagedKV, which: str = "key") -> KVRows:
+    """KVRows of the pool as one long sequence of rows (row r = page r // P, offset r % P), shared by all sequences."""
+    t = cache.key_cache if which == "key" else cache.value_cache
+    return KVRows(t, 0, t.stride(2), t.stride(1))
+
+
+@triton.jit
+def _resolve_rows_kernel(IDX, CNT, BT, ROWS, K, U, HKV, s_bt, PAGE: tl.constexpr, BLOCK: tl.constexpr):
+    """ROWS[r, j] = BT[b, IDX[r, j] // PAGE] * PAGE + IDX[r, j] % PAGE for the counts[b, u] valid slots of row r."""
+    r = tl.program_id(0)  # (b * HKV + h) * U + u
+    u = r % U
+    b = r // (U * HKV)
+    j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    cnt = tl.load(CNT + b * U + u)
+    ok = j < tl.minimum(cnt, K)
+    pos = tl.load(IDX + r.to(tl.int64) * K + j, mask=ok, other=0)
+    page = tl.load(BT + b.to(tl.int64) * s_bt + pos // PAGE, mask=ok, other=0)
+    tl.store(ROWS + r.to(tl.int64) * K + j, tl.where(ok, page * PAGE + pos % PAGE, 0), mask=j < K)
+
+
+def resolve_rows(cache: PagedKV, indices: torch.Tensor, counts: torch.Tensor) -> PoolRows | None:
+    """PoolRows of a selection (indices [B, Hkv, U, K] positions, counts [B, U]); None unless linear_pool.
+
+    One small kernel, no host synchronisation (capturable in a CUDA graph).
+    """
+    if not linear_pool(cache):
+        return None
+    idx = indices.contiguous()
+    bsz, hkv, u, k = idx.shape
+    cnt = counts[:, :u].to(torch.int32).contiguous()
+    rows = torch.empty_like(idx)
+    block = min(1024, triton.next_power_of_2(max(k, 16)))
+    _resolve_rows_kernel[(bsz * hkv * u, triton.cdiv(k, block))](
+        idx, cnt, cache.block_table, rows, k, u, hkv, cache.block_table.stride(0), PAGE=cache.page_size, BLOCK=block)
+    return PoolRows(rows, cache.block_table)

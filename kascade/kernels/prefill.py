@@ -41,7 +41,10 @@ from kascade import reference
 from kascade.budget import budget_tensor, check_budget
 from kascade.checks import check_attention_inputs, check_head_map, resolve_kv_start
 from kascade.kernels.prefill_pool import LOG2E, UPCAST_DOT, lse_scratch, mma, pooled_scores_chunk, row_layout
-from kascade.kernels.paging import KVRows, PagedKV, check_paged_q, contiguous_rows, row_offsets, seq_span
+from kascade.kernels.paging import (
+    KVRows, PagedKV, PoolRows, check_paged_q, contiguous_rows, resolve_rows, row_offsets, seq_span,
+)
+from kascade.kernels.paging import gather_keys as gather_keys_of
 from kascade.kernels.prefill_topk import topk_rows_chunk, topk_rows_scratch
 
 DEFAULT_POOL_BYTES = 2**30
@@ -53,9 +56,11 @@ POISON_BUFFERS = False
 
 @dataclass
 class PrefillSelection(reference.Selection):
-    """A Selection that also remembers, on the host, the (starts, lengths) it was made for (saves a sync)."""
+    """A Selection that also remembers, on the host, the (starts, lengths) it was made for (saves a sync),
+    and over a paged cache its positions resolved to pool rows (kascade.kernels.paging.PoolRows)."""
 
     host_spans: tuple = ()
+    pool: PoolRows | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,6 +95,7 @@ def _sparse_prefill_kernel(
     G: tl.constexpr, TILE: tl.constexpr, T_PAD: tl.constexpr, BLOCK_G: tl.constexpr, NUM_HG: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PAGED: tl.constexpr, HAS_END: tl.constexpr,
+    IDX_POOL: tl.constexpr = False,
 ):
     """O rows of local tile u, heads h*G + hg*BLOCG_G + [0, BLOCK_G): selected keys, then the diagonal tile."""
     tl.static_assert(T_PAD >= TILE)
@@ -127,8 +133,12 @@ def _sparse_prefill_kernel(
             jj = j0 + tl.arange(0, BLOCK_K)
             jm = jj < cnt
             kidx = tl.load(I_row + jj, mask=jm, other=0)
-            koff = row_offsets(b, h, kidx, jm, skb, skh, skn, BT, s_bt, PAGE, PAGED)
-            voff = row_offsets(b, h, kidx, jm, svb, svh, svn, BT, s_bt, PAGE, PAGED)
+            if IDX_POOL:  # rows of the page pool, resolved once by the anchor
+                koff = row_offsets(b, h, kidx, jm, 0, skh, skn, BT, s_bt, PAGE, False)
+                voff = row_offsets(b, h, kidx, jm, 0, svh, svn, BT, s_bt, PAGE, False)
+            else:
+                koff = row_offsets(b, h, kidx, jm, skb, skh, skn, BT, s_bt, PAGE, PAGED)
+                voff = row_offsets(b, h, kidx, jm, svb, svh, svn, BT, s_bt, PAGE, PAGED)
             kb = tl.load(K + koff[:, None] + d[None, :], mask=jm[:, None] & dmask, other=0.0)
             vb = tl.load(V + voff[:, None] + dv[None, :], mask=jm[:, None] & dvmask, other=0.0)
             m, l, acc = _online_update(q, kb, vb, jm[None, :], m, l, acc, qk_scale, UPCAST)
@@ -233,12 +243,19 @@ def select(q, k, rho: float = 0.1, k_min: int = 128, tile: int = 32, kv_start=No
 
 
 def select_paged(q, cache: PagedKV, rho: float = 0.1, k_min: int = 128, tile: int = 32, scale=None, *,
-                 chunk_bytes: int = DEFAULT_POOL_BYTES, method: str = "threshold",
-                 pool_cfg: dict | None = None) -> reference.Selection:
+                 gather_keys: bool = True, chunk_bytes: int = DEFAULT_POOL_BYTES, method: str = "threshold",
+                 pool_cfg: dict | None = None) -> PrefillSelection:
     """`select` over a paged cache (kascade.kernels.paging.PagedKV).
 
     q [B, Hq, Q, D]: the queries of sequence b are its last min(Q, seq_lens[b]) positions, in the last
-    rows of q (earlier rows are ignored). Selected positions count from 0 in every sequence.
+    rows of q (earlier rows are ignored). Selected positions count from 0 in every sequence; they
+    are also resolved to pool rows once here, for the reuse layers.
+
+    gather_keys=True (default): the sequences' keys are first copied into a contiguous scratch
+    [B, Hkv, max(seq_lens), D] (one read and write of the keys, against about Q / 16 reads of them by
+    the two pooled-score passes) and the contiguous kernels run on it. gather_keys=False: no scratch;
+    the passes resolve each key's page themselves, which measured 1.8-1.9x the contiguous time at
+    128K on an H200 (benchmarks/results/paged_h200.md).
     """
     check_paged_q(q, cache)
     _check_select_args(rho, k_min, tile, method)
@@ -248,8 +265,11 @@ def select_paged(q, cache: PagedKV, rho: float = 0.1, k_min: int = 128, tile: in
                          f"on {q.device}, tile {tile}")
     lengths = cache.host_lengths()
     zeros = torch.zeros(q.shape[0], dtype=torch.int32, device=q.device)
-    return _select(_last_dim_contiguous(q), cache.rows("key"), zeros, cache.seq_lens.to(torch.int32),
-                   (0,) * q.shape[0], lengths, rho, k_min, tile, scale, chunk_bytes, method, pool_cfg)
+    krows = contiguous_rows(gather_keys_of(cache, lengths)) if gather_keys else cache.rows("key")
+    sel = _select(_last_dim_contiguous(q), krows, zeros, cache.seq_lens.to(torch.int32),
+                  (0,) * q.shape[0], lengths, rho, k_min, tile, scale, chunk_bytes, method, pool_cfg)
+    sel.pool = resolve_rows(cache, sel.indices, sel.counts)
+    return sel
 
 
 def _select(q, krows: KVRows, kv_i32, kv_end_i32, starts, lengths, rho, k_min, tile, scale, chunk_bytes,
@@ -348,12 +368,16 @@ def sparse_attention_paged(q, cache: PagedKV, selection: reference.Selection, he
                          f"Triton device, got q {tuple(q.shape)} {q.dtype} on {q.device}, decode={selection.decode}")
     lengths = cache.host_lengths()
     zeros = torch.zeros(q.shape[0], dtype=torch.int32, device=q.device)
+    pool = getattr(selection, "pool", None)
+    pool = pool if pool is not None and pool.block_table is cache.block_table else None
     return _sparse(_last_dim_contiguous(q), cache.rows("key"), cache.rows("value"), zeros,
-                   cache.seq_lens.to(torch.int32), (0,) * q.shape[0], lengths, selection, head_map, scale, out, config)
+                   cache.seq_lens.to(torch.int32), (0,) * q.shape[0], lengths, selection, head_map, scale, out, config,
+                   pool)
 
 
 def _sparse(q, krows: KVRows, vrows: KVRows, kv_i32, kv_end_i32, starts, lengths, selection, head_map, scale,
-            out, config):
+            out, config, pool: PoolRows | None = None):
+    """Sparse prefill over krows/vrows; pool: the selection's positions as pool rows (paged caches)."""
     hkv = krows.tensor.shape[2] if krows.paged else krows.tensor.shape[1]
     n_cache = 0 if krows.paged else krows.tensor.shape[2]
     hm = check_head_map(head_map, hkv, selection.num_kv_heads, q.device).to(torch.int32)
@@ -377,7 +401,8 @@ def _sparse(q, krows: KVRows, vrows: KVRows, kv_i32, kv_end_i32, starts, lengths
     t_pad, block_g, num_hg = row_layout(g, tile, max(d, dv))
     rows = block_g * t_pad
     sc = d ** -0.5 if scale is None else float(scale)
-    idx = selection.indices if selection.indices.stride(-1) == 1 else selection.indices.contiguous()
+    idx = selection.indices if pool is None else pool.rows
+    idx = idx if idx.stride(-1) == 1 else idx.contiguous()
     counts = selection.counts.to(torch.int32)
     if out is None:
         out = torch.empty(bsz, hq, qlen, dv, dtype=q.dtype, device=q.device)
@@ -403,6 +428,6 @@ def _sparse(q, krows: KVRows, vrows: KVRows, kv_i32, kv_end_i32, starts, lengths
         G=g, TILE=tile, T_PAD=t_pad, BLOCK_G=block_g, NUM_HG=num_hg,
         HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
         HEAD_DIM_V=dv, BLOCK_DV=max(16, triton.next_power_of_2(dv)),
-        UPCAST=UPCAST_DOT, PAGED=krows.paged, HAS_END=kv_end_i32 is not None, **cfg,
+        UPCAST=UPCAST_DOT, PAGED=krows.paged, HAS_END=kv_end_i32 is not None, IDX_POOL=pool is not None, **cfg,
     )
     return out
