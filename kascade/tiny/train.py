@@ -207,9 +207,9 @@ def save_model(model, tok_dir: Path, out: Path) -> None:
     m = model.to(torch.bfloat16)
     m.config.use_cache = True
     m.save_pretrained(str(out), max_shard_size="15MB")
+    # no max_length: callers give max_new_tokens, and transformers warns when both are set
     GenerationConfig(bos_token_id=m.config.bos_token_id, eos_token_id=m.config.eos_token_id,
-                     pad_token_id=m.config.pad_token_id, do_sample=False,
-                     max_length=SEQ_LEN).save_pretrained(str(out))
+                     pad_token_id=m.config.pad_token_id, do_sample=False).save_pretrained(str(out))
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(tok_dir / name, out / name)
 
