@@ -50,6 +50,8 @@ import torch
 from kascade import reference
 from kascade.budget import check_budget
 from kascade.checks import FLOAT_DTYPES, check_head_map
+from kascade import ops, paged_kernels
+from kascade.paged_kernels import use_kernels
 
 
 @dataclass
@@ -177,22 +179,32 @@ def _out(q, value_cache):
 # ----------------------------------------------------------------------------------------------
 
 
-def paged_dense(q, key_cache, value_cache, block_table, seq_lens, query_start_loc, scale=None) -> torch.Tensor:
-    """Causal dense attention of every request over its pages. Returns out [T, Hq, Dv]."""
+def paged_dense(q, key_cache, value_cache, block_table, seq_lens, query_start_loc, scale=None,
+                backend: str = "auto") -> torch.Tensor:
+    """Causal dense attention of every request over its pages. Returns out [T, Hq, Dv].
+
+    backend: "reference", "triton" (kascade.paged_kernels) or "auto" (the kernels for CUDA fp16/bf16)."""
     out = _out(q, value_cache)
     sc = _scale(q, scale)
+    if use_kernels(q, backend):
+        lens, qsl = check_paged_inputs(q, key_cache, value_cache, block_table, seq_lens, query_start_loc)
+        return paged_kernels.dense(out, q, key_cache, value_cache, block_table, seq_lens, lens, qsl, sc, gather_kv)
     for _, qr, k, v, sl in _requests(q, key_cache, value_cache, block_table, seq_lens, query_start_loc):
         out[sl] = reference.dense_attention(qr, k, v, scale=sc)[0].transpose(0, 1)
     return out
 
 
 def paged_select(q, key_cache, block_table, seq_lens, query_start_loc, rho: float = 0.1, k_min: int = 128,
-                 tile: int = 32, scale=None) -> PagedSelection:
+                 tile: int = 32, scale=None, backend: str = "auto") -> PagedSelection:
     """Anchor-layer top-k of every request (decode for Q_r == 1, per-tile prefill otherwise)."""
     check_budget(rho, k_min)
     if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
         raise ValueError(f"tile: expected an integer >= 1, got {tile!r}")
     sc = _scale(q, scale)
+    if use_kernels(q, backend):
+        lens, qsl = check_paged_inputs(q, key_cache, None, block_table, seq_lens, query_start_loc)
+        per_req = paged_kernels.select(q, key_cache, block_table, seq_lens, lens, qsl, rho, k_min, tile, sc)
+        return _stack(per_req, seq_lens.shape[0], key_cache.shape[2], tile, q.device)
     per_req = {}
     for r, qr, k, _, _ in _requests(q, key_cache, None, block_table, seq_lens, query_start_loc):
         per_req[r] = reference.select(qr, k, rho=rho, k_min=k_min, tile=tile, scale=sc)
@@ -217,7 +229,7 @@ def _stack(per_req: dict, r_total: int, hkv: int, tile: int, device) -> PagedSel
 
 
 def paged_reuse(q, key_cache, value_cache, block_table, seq_lens, query_start_loc, selection: PagedSelection,
-                head_map=None, scale=None) -> torch.Tensor:
+                head_map=None, scale=None, backend: str = "auto") -> torch.Tensor:
     """Attention of every request over its anchor's selected positions (KV head h uses the anchor's set of
     head_map[h]; None is the identity), plus the causal diagonal tile in prefill. Returns out [T, Hq, Dv]."""
     if not isinstance(selection, PagedSelection):
@@ -230,6 +242,14 @@ def paged_reuse(q, key_cache, value_cache, block_table, seq_lens, query_start_lo
                          "select again for this step")
     out = _out(q, value_cache)
     sc = _scale(q, scale)
+    if use_kernels(q, backend):
+        lens, qsl = check_paged_inputs(q, key_cache, value_cache, block_table, seq_lens, query_start_loc)
+        for r in range(len(lens)):
+            if qsl[r + 1] > qsl[r] and bool(selection.decode[r]) != (qsl[r + 1] - qsl[r] == 1):
+                raise ValueError(f"selection: request {r} was selected with decode={bool(selection.decode[r])}, "
+                                 f"but it has {qsl[r + 1] - qsl[r]} new tokens; select again for this step")
+        return paged_kernels.reuse(out, q, key_cache, value_cache, block_table, seq_lens, lens, qsl, selection,
+                                   hm, sc)
     for r, qr, k, v, sl in _requests(q, key_cache, value_cache, block_table, seq_lens, query_start_loc):
         if bool(selection.decode[r]) != (qr.shape[2] == 1):
             raise ValueError(f"selection: request {r} was selected with decode={bool(selection.decode[r])}, "
@@ -239,14 +259,16 @@ def paged_reuse(q, key_cache, value_cache, block_table, seq_lens, query_start_lo
 
 
 def paged_anchor(q, key_cache, value_cache, block_table, seq_lens, query_start_loc, rho: float = 0.1,
-                 k_min: int = 128, tile: int = 32, scale=None, dense_output: bool = False):
+                 k_min: int = 128, tile: int = 32, scale=None, dense_output: bool = False, backend: str = "auto"):
     """Select, then attend to the selection (or densely with dense_output). Returns (out [T, Hq, Dv], selection)."""
     sel = paged_select(q, key_cache, block_table, seq_lens, query_start_loc, rho=rho, k_min=k_min, tile=tile,
-                       scale=scale)
+                       scale=scale, backend=backend)
     if dense_output:
-        out = paged_dense(q, key_cache, value_cache, block_table, seq_lens, query_start_loc, scale=scale)
+        out = paged_dense(q, key_cache, value_cache, block_table, seq_lens, query_start_loc, scale=scale,
+                          backend=backend)
     else:
-        out = paged_reuse(q, key_cache, value_cache, block_table, seq_lens, query_start_loc, sel, scale=scale)
+        out = paged_reuse(q, key_cache, value_cache, block_table, seq_lens, query_start_loc, sel, scale=scale,
+                          backend=backend)
     return out, sel
 
 
@@ -276,10 +298,14 @@ class PagedKascadeStrategy:
     dense in every layer (every budget is then the whole context); other anchors attend to their own
     selection (or densely with dense_anchor_output); reuse layers attend to their anchor's selection
     through the plan's head map. The split into dense and Kascade requests depends on seq_lens only,
-    so every layer of a pass makes the same split.
+    so every layer of a pass makes the same split. backend: "auto" runs the Triton kernels for
+    CUDA fp16/bf16 tensors (kascade.paged_kernels), "reference" the PyTorch path, "triton" forces
+    the kernels.
     """
 
-    def __init__(self, plan, dense_anchor_output: bool = False):
+    def __init__(self, plan, dense_anchor_output: bool = False, backend: str = "auto"):
+        ops.check_backend(backend)
+        self.backend = backend
         self.plan = plan
         self.dense_anchor_output = dense_anchor_output
         self.state: dict = {}
@@ -302,18 +328,18 @@ class PagedKascadeStrategy:
         out = _out(q, value_cache)
         if short_reqs:
             rows, *sub = _sub_batch(short_reqs, q, block_table, seq_lens, query_start_loc)
-            out[rows] = paged_dense(sub[0], key_cache, value_cache, *sub[1:], scale=scale)
+            out[rows] = paged_dense(sub[0], key_cache, value_cache, *sub[1:], scale=scale, backend=self.backend)
         if not long_reqs:
             return out
         rows, sq, sbt, slens, sqsl = _sub_batch(long_reqs, q, block_table, seq_lens, query_start_loc)
         if layer == 0:
             if len(p.anchors) == 1 or p.anchors[1] > 1:  # some layer reuses layer 0's keys
                 self.state[0] = (long_reqs, paged_select(sq, key_cache, sbt, slens, sqsl, rho=p.rho, k_min=p.k_min,
-                                                         tile=p.tile, scale=scale))
-            out[rows] = paged_dense(sq, key_cache, value_cache, sbt, slens, sqsl, scale=scale)
+                                                         tile=p.tile, scale=scale, backend=self.backend))
+            out[rows] = paged_dense(sq, key_cache, value_cache, sbt, slens, sqsl, scale=scale, backend=self.backend)
         elif p.is_anchor(layer):
             o, sel = paged_anchor(sq, key_cache, value_cache, sbt, slens, sqsl, rho=p.rho, k_min=p.k_min, tile=p.tile,
-                                  scale=scale, dense_output=self.dense_anchor_output)
+                                  scale=scale, dense_output=self.dense_anchor_output, backend=self.backend)
             self.state[layer] = (long_reqs, sel)
             out[rows] = o
         else:
@@ -323,5 +349,5 @@ class PagedKascadeStrategy:
                                    "forward; layers must run in order starting at layer 0")
             head_map = torch.tensor(p.kv_head_map(layer, key_cache.shape[2], tp_rank=tp_rank), device=q.device)
             out[rows] = paged_reuse(sq, key_cache, value_cache, sbt, slens, sqsl, self.state[anchor][1],
-                                    head_map=head_map, scale=scale)
+                                    head_map=head_map, scale=scale, backend=self.backend)
         return out

@@ -1,0 +1,125 @@
+"""The Triton-kernel path of kascade.paged: the same functions over a paged batch, on the kernels.
+
+A batch's requests are split by kind: decode requests (one new token) run together in one launch of
+each paged decode kernel (kascade.kernels.decode.*_paged); each prefill request (more than one new
+token: a prompt or a chunk of one) runs on its own through the paged prefill kernels
+(kascade.kernels.prefill.*_paged), so every request is tiled from its own first token exactly as
+the reference does. Selections come back as kascade.paged.PagedSelection (positions inside each
+request, -1 padded). Dense prefill (layer 0, short requests) gathers the request's pages and runs
+kascade.ops.dense (SDPA on CUDA).
+
+Layout and shapes: those of kascade.paged (q [T, Hq, D], caches [num_blocks, block_size, Hkv, D],
+block_table [R, max_blocks], seq_lens [R], query_start_loc [R + 1]).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kascade import ops, reference
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def use_kernels(q: torch.Tensor, backend: str) -> bool:
+    """True when `backend` sends q's batch to the kernels ("auto": CUDA fp16/bf16; "triton": required)."""
+    ops.check_backend(backend)
+    if backend == "reference":
+        return False
+    on_device = q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    if backend == "triton" and not (on_device and q.dtype in KERNEL_DTYPES):
+        raise ValueError(f"backend: 'triton' needs float16/bfloat16 tensors on CUDA (or TRITON_INTERPRET=1), "
+                         f"got {q.dtype} on {q.device}; use backend='reference'")
+    return q.is_cuda and q.dtype in KERNEL_DTYPES if backend == "auto" else True
+
+
+def _split(lens, qsl):
+    """(decode request ids, prefill request ids) of the requests with new tokens."""
+    dec = [r for r in range(len(lens)) if qsl[r + 1] - qsl[r] == 1]
+    pre = [r for r in range(len(lens)) if qsl[r + 1] - qsl[r] > 1]
+    return dec, pre
+
+
+def _cache(key_cache, value_cache, block_table, seq_lens, reqs):
+    from kascade.kernels.paging import PagedKV  # Triton is imported only when the kernels run
+
+    idx = torch.tensor(reqs, dtype=torch.long, device=block_table.device)
+    return PagedKV(key_cache, value_cache, block_table[idx].to(torch.int32).contiguous(),
+                   seq_lens.to(key_cache.device)[idx.to(key_cache.device)].to(torch.int32))
+
+
+def _decode_q(q, qsl, reqs):
+    """[Rd, Hq, 1, D] queries of the decode requests."""
+    rows = torch.tensor([qsl[r] for r in reqs], dtype=torch.long, device=q.device)
+    return q[rows].unsqueeze(2), rows
+
+
+def _prefill_q(q, qsl, r):
+    """[1, Hq, Q_r, D] queries of prefill request r, and its token slice."""
+    sl = slice(qsl[r], qsl[r + 1])
+    return q[sl].transpose(0, 1).unsqueeze(0), sl
+
+
+def _masked(indices: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """indices with every slot from counts on set to -1 (the PagedSelection convention)."""
+    slot = torch.arange(indices.shape[-1], device=indices.device)
+    return torch.where(slot[None, None, None, :] < counts[:, None, : indices.shape[2], None], indices, -1)
+
+
+def select(q, key_cache, block_table, seq_lens, lens, qsl, rho, k_min, tile, scale):
+    """Per-request Selections (batch 1 each, positions inside the request) keyed by request id."""
+    from kascade.kernels import decode as KD, prefill as KP
+
+    dec, pre = _split(lens, qsl)
+    out = {}
+    if dec:
+        qd, _ = _decode_q(q, qsl, dec)
+        sel = KD.select_paged(qd, _cache(key_cache, None, block_table, seq_lens, dec), rho, k_min, tile, scale)
+        idx = _masked(sel.indices, sel.counts)
+        for i, r in enumerate(dec):
+            out[r] = reference.Selection(idx[i:i + 1], sel.counts[i:i + 1], sel.first_tile[i:i + 1], tile, True)
+    for r in pre:
+        qr, _ = _prefill_q(q, qsl, r)
+        sel = KP.select_paged(qr, _cache(key_cache, None, block_table, seq_lens, [r]), rho, k_min, tile, scale)
+        out[r] = reference.Selection(_masked(sel.indices, sel.counts), sel.counts, sel.first_tile, tile, False)
+    return out
+
+
+def reuse(out, q, key_cache, value_cache, block_table, seq_lens, lens, qsl, selection, head_map, scale):
+    """out[tokens] = attention of every request over its selection (a kascade.paged.PagedSelection)."""
+    from kascade.kernels import decode as KD, prefill as KP
+
+    dec, pre = _split(lens, qsl)
+    if dec:
+        qd, rows = _decode_q(q, qsl, dec)
+        idx = torch.tensor(dec, dtype=torch.long, device=selection.indices.device)
+        sel = reference.Selection(selection.indices[idx, :, :1], selection.counts[idx, :1],
+                                  selection.first_tile[idx], selection.tile, True)
+        o = KD.sparse_attention_paged(qd, _cache(key_cache, value_cache, block_table, seq_lens, dec), sel,
+                                      head_map=head_map, scale=scale)
+        out[rows] = o[:, :, 0]
+    for r in pre:
+        qr, sl = _prefill_q(q, qsl, r)
+        o = KP.sparse_attention_paged(qr, _cache(key_cache, value_cache, block_table, seq_lens, [r]),
+                                      selection.request(r), head_map=head_map, scale=scale)
+        out[sl] = o[0].transpose(0, 1)
+    return out
+
+
+def dense(out, q, key_cache, value_cache, block_table, seq_lens, lens, qsl, scale, gather_kv):
+    """out[tokens] = causal dense attention of every request over its pages."""
+    from kascade.kernels import decode as KD, prefill as KP
+
+    dec, pre = _split(lens, qsl)
+    if dec:
+        qd, rows = _decode_q(q, qsl, dec)
+        o = KD.dense_attention_paged(qd, _cache(key_cache, value_cache, block_table, seq_lens, dec), scale=scale)
+        out[rows] = o[:, :, 0]
+    for r in pre:
+        qr, sl = _prefill_q(q, qsl, r)
+        k = gather_kv(key_cache, block_table[r], lens[r])
+        v = gather_kv(value_cache, block_table[r], lens[r])
+        out[sl] = ops.dense(qr, k, v, scale=scale)[0].transpose(0, 1)
+    return out
