@@ -21,3 +21,14 @@ def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
     else:
         raise ValueError(arch)
     return model.eval()
+
+
+def left_padded(prompts):
+    """(ids, attention_mask) [B, width] of 1-D token tensors, left-padded with 0."""
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = p
+        mask[i, width - len(p):] = 1
+    return ids, mask

@@ -15,23 +15,13 @@ import kascade
 from kascade.integrations.transformers import (PADDING, REAL, UNWRITTEN, StaticGenerator, _key_padding_mask,
                                                _kv_bounds)
 from kascade.plan import Plan
-from models import tiny_model
+from models import left_padded, tiny_model
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def _ids(seed, batch, length, vocab=256):
     return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def _left_padded(prompts):
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = p
-        mask[i, width - len(p):] = 1
-    return ids, mask
 
 
 def _dynamic_tokens(model, ids, mask, n):
@@ -64,7 +54,7 @@ def test_static_cache_matches_dynamic_cache_on_cpu(mode, padded):
     if padded:
         # padding of a whole tile: chunk boundaries (multiples of 32) stay tile boundaries of both sequences
         # (a tile cut by a chunk pools only its rows present, so unaligned chunks select differently)
-        ids, mask = _left_padded([_ids(20, 1, 230)[0], _ids(21, 1, 198)[0]])
+        ids, mask = left_padded([_ids(20, 1, 230)[0], _ids(21, 1, 198)[0]])
     else:
         ids = _ids(22, 2, 210)
         mask = torch.ones_like(ids)
@@ -123,7 +113,7 @@ def test_generator_errors():
 def test_gpu_graph_replay_matches_eager(mode):
     model = tiny_model("llama", seed=5, num_hidden_layers=4).to("cuda", torch.bfloat16)
     plan = Plan.for_model(model.config, [0, 2], rho=0.1, k_min=16)
-    ids, mask = _left_padded([_ids(30, 1, 700)[0], _ids(31, 1, 555)[0]])
+    ids, mask = left_padded([_ids(30, 1, 700)[0], _ids(31, 1, 555)[0]])
     n = 12
     with torch.no_grad():
         if mode == "kascade":

@@ -8,7 +8,7 @@ from kascade import reference as R
 from kascade.integrations.transformers import attention_modules
 from kascade.plan import Plan
 from kascade.strategy import Strategy
-from models import tiny_model
+from models import left_padded, tiny_model
 
 ARCHS = ["llama", "qwen3", "mistral"]
 
@@ -78,12 +78,8 @@ def test_batched_left_padded_generate_matches_one_by_one(arch):
     model = tiny_model(arch, seed=1)
     plan = Plan.for_model(model.config, [0, 2, 4], rho=0.1, k_min=16, tile=32)
     prompts = [_ids(10, 1, 260)[0], _ids(11, 1, 190)[0], _ids(12, 1, 233)[0]]
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = p
-        mask[i, width - len(p):] = 1
+    ids, mask = left_padded(prompts)
+    width = ids.shape[1]
     gen = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     with torch.no_grad(), kascade.enable(model, plan):
         batched = model.generate(ids, attention_mask=mask, **gen)[:, width:]
