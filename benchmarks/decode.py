@@ -123,7 +123,7 @@ def flex_provider(q, k, v):
 
 def sweep(K, B, N, log_rows):
     """Pick launch settings by graph-replay time at (B, N): the reuse kernel by the reuse layer, the chunks
-    by the anchor layer, the dense-output K pass by the dense-output anchor.
+    and the selection path by the anchor layer, the dense-output K pass by the dense-output anchor.
     (The K pass of select was swept in the first run: BLOCK_N 128, 4 warps, 3 stages, within 3%.)"""
     q, k, v = (torch.randn(B, HQ, 1, D, device="cuda", dtype=DT), torch.randn(B, HKV, N, D, device="cuda", dtype=DT),
                torch.randn(B, HKV, N, D, device="cuda", dtype=DT))
@@ -152,7 +152,8 @@ def sweep(K, B, N, log_rows):
     sp = [dict(BLOCK_K=bk, num_warps=w, num_stages=st, per_sm=ps)
           for bk, w, st, ps in [(32, 4, 2, 4), (32, 4, 3, 4), (32, 4, 2, 2), (64, 4, 3, 2), (64, 4, 2, 4)]]
     pick("sparse", sp, lambda: K.sparse_attention(q, k, v, sel, head_map=hm))
-    pick("select", [dict(per_sm=ps) for ps in (4, 8)], lambda: K.anchor(q, k, v, RHO, K_MIN, 32))
+    pick("select", [dict(per_sm=ps, candidates=c) for ps, c in [(8, False), (8, True), (4, True)]],
+         lambda: K.anchor(q, k, v, RHO, K_MIN, 32))
     ld = [dict(BLOCK_N=bn, num_warps=w, num_stages=st, per_sm=4) for bn, w, st in [(64, 4, 3), (64, 4, 4), (128, 4, 2),
                                                                                    (64, 8, 4)]]
     pick("logits_dense", ld, lambda: K.anchor(q, k, v, RHO, K_MIN, 32, dense_output=True))

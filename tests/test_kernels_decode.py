@@ -212,6 +212,40 @@ def test_errors():
         K.select(q, k, 0.1, 4, kv_start=[64])
 
 
+
+@contextlib.contextmanager
+def select_config(**kw):
+    old = dict(K.CONFIG["select"])
+    K.CONFIG["select"].update(kw)
+    try:
+        yield
+    finally:
+        K.CONFIG["select"].clear()
+        K.CONFIG["select"].update(old)
+
+
+def check_select_paths(q, k, v, kv_start, rho, k_min):
+    """The candidate path and the four-level path select the same set for every row; outputs agree."""
+    with select_config(candidates=False), poisoned():
+        out_l, sel_l = K.anchor(q, k, v, rho, k_min, 32, kv_start=kv_start)
+    with select_config(candidates=True), poisoned():
+        out_c, sel_c = K.anchor(q, k, v, rho, k_min, 32, kv_start=kv_start)
+    assert torch.equal(sel_l.counts, sel_c.counts)
+    il, ic = sel_l.indices.cpu(), sel_c.indices.cpu()
+    for b in range(il.shape[0]):
+        kk = int(sel_l.counts[b, 0])
+        assert (ic[b, :, 0, kk:] == -1).all()
+        assert torch.equal(il[b, :, 0, :kk].sort(-1).values, ic[b, :, 0, :kk].sort(-1).values)
+    assert_close_to64(out_c, R.sparse_attention(q, k, v, sel_c, kv_start=kv_start), sparse64(q, k, v, sel_c), v)
+
+
+def test_select_paths_agree():
+    """On a batch of different lengths, with random keys and with constant keys (every score tied)."""
+    q, k, v = make(3, 2, 4, 300, 64, BF16, seed=11)
+    check_select_paths(q, k, v, [0, 37, 260], 0.1, 16)
+    k[1] = 1.0
+    check_select_paths(q, k, v, [0, 37, 260], 0.1, 16)
+
 KV_LEN_CASES = [  # B, Hkv, G, N, D, dtype, kv_start, kv_len: a preallocated cache, the tail unwritten
     (2, 2, 4, 400, 64, BF16, [0, 30], [400, 171]),
     (2, 1, 8, 300, 128, FP16, None, [129, 250]),
@@ -300,7 +334,8 @@ def test_gpu_no_recompilation_across_lengths():
     kernels = [K._decode_logits_kernel, K._decode_pool_kernel, K._decode_sparse_kernel, K._decode_combine_kernel]
     # (kv_len is a runtime tensor too: tests/test_graph.py replays one graph over growing lengths)
     from kascade.kernels import topk_select as ts
-    kernels += [ts._radix_hist_kernel, ts._radix_last_kernel, ts._radix_compact_kernel]
+    kernels += [ts._radix_hist_kernel, ts._radix_last_kernel, ts._radix_compact_kernel, ts._radix_split_kernel,
+                ts._radix_finish_kernel]
 
     def variants():
         try:
@@ -339,3 +374,10 @@ def test_gpu_cuda_graph_capture():
         assert torch.equal(sel.indices, want_sel.indices)
         assert torch.equal(out_a, want_a)
         assert torch.equal(out_r, K.sparse_attention(q, k, v, want_sel, head_map=hm, kv_start=kv_start))
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_select_paths_agree():
+    q, k, v = make(2, 8, 4, 131072, 128, BF16, seed=4)
+    check_select_paths(q, k, v, torch.tensor([0, 70000], device=DEV), 0.1, 128)

@@ -1,7 +1,9 @@
 """kascade.kernels.topk_select (radix select on float bits) against a sort-based rule.
 
-The kernel's order is fully specified (keys above the k-th value in ascending position, then ties
-at the k-th value in ascending position, then -1), so the result is compared element for element.
+The kernel's order is fully specified, so the result is compared element for element: "levels" puts
+the keys above the k-th value in ascending position, then ties at the k-th value in ascending position,
+then -1; "candidates" puts first, in ascending position, the keys whose top 16 bits (bits 30..15)
+exceed the k-th value's, then the other keys above the k-th value, then the ties.
 CPU: Triton interpreter at small sizes; GPU (-m gpu): decode-sized rows.
 """
 
@@ -21,7 +23,10 @@ from kascade.kernels.topk_select import topk_select  # noqa: E402
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def expected(scores, k, start, rows_per_batch, kmax):
+METHODS = ["levels", "candidates"]
+
+
+def expected(scores, k, start, rows_per_batch, kmax, method="levels"):
     out = torch.full((scores.shape[0], kmax), -1, dtype=torch.int32)
     s = scores.cpu()
     for r in range(s.shape[0]):
@@ -31,62 +36,84 @@ def expected(scores, k, start, rows_per_batch, kmax):
         thr = torch.sort(row, descending=True).values[kk - 1]
         gt = torch.nonzero(row > thr).flatten() + st
         eq = torch.nonzero(row == thr).flatten()[: kk - gt.numel()] + st
+        if method == "candidates":  # keys above thr's 16-bit prefix first
+            high = (s[r].view(torch.int32) >> 15)[gt]
+            p16 = int(thr.view(torch.int32)) >> 15
+            gt = torch.cat([gt[high > p16], gt[high == p16]])
         out[r, :kk] = torch.cat([gt, eq]).to(torch.int32)
     return out
 
 
-def run(scores, k, start, rows_per_batch, kmax):
+def run(scores, k, start, rows_per_batch, kmax, method="levels"):
     k = torch.tensor(k, device=scores.device)
     start = torch.tensor(start, device=scores.device)
-    got = topk_select(scores, k, start, rows_per_batch=rows_per_batch, kmax=kmax)
-    want = expected(scores, k, start, rows_per_batch, kmax)
+    got = topk_select(scores, k, start, rows_per_batch=rows_per_batch, kmax=kmax, method=method)
+    want = expected(scores, k, start, rows_per_batch, kmax, method)
     assert torch.equal(got.cpu(), want)
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("n,k,start", [(3000, [300, 1], [0, 2999]), (777, [777, 5], [0, 100]), (64, [10, 64], [3, 0])])
-def test_random_rows(n, k, start):
+def test_random_rows(n, k, start, method):
     g = torch.Generator().manual_seed(n)
     scores = (torch.rand(4, n, generator=g) ** 3).to(DEV)  # many exponents, distinct values
-    run(scores, k, start, rows_per_batch=2, kmax=max(k) + 3)
+    run(scores, k, start, rows_per_batch=2, kmax=max(k) + 3, method=method)
 
 
-def test_ties_take_smallest_positions():
+@pytest.mark.parametrize("method", METHODS)
+def test_softmax_rows(method):
+    """Rows like pooled attention: most keys share a few exponents, so the 16-bit bins are crowded."""
+    g = torch.Generator().manual_seed(4)
+    scores = torch.softmax(torch.randn(6, 5000, generator=g) * 2, -1).to(DEV)
+    run(scores, [500, 37, 4999], [0, 1, 0], rows_per_batch=2, kmax=5000, method=method)
+
+
+def test_method_error():
+    with pytest.raises(ValueError, match="method"):
+        topk_select(torch.rand(2, 64, device=DEV), torch.tensor([3, 3], device=DEV), method="sort")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_ties_take_smallest_positions(method):
     n = 2500
     scores = torch.full((4, n), 0.25)
     scores[1, ::7] = 0.5  # 358 keys above, k inside them
     scores[2, ::7] = 0.5  # k reaches into the ties
     scores[3] = torch.rand(n) * 1e-3
     scores[3, 100:2000] = 1e-38  # denormal-free tiny ties
-    run(scores.to(DEV), [100, 100, 1000, 2450], [0, 11, 0, 30], rows_per_batch=1, kmax=2450)
+    run(scores.to(DEV), [100, 100, 1000, 2450], [0, 11, 0, 30], rows_per_batch=1, kmax=2450, method=method)
 
 
-def test_zeros_and_exact_bins():
+@pytest.mark.parametrize("method", METHODS)
+def test_zeros_and_exact_bins(method):
     """Scores that share 24 high bits and differ in the last 7 (the per-chunk level) and exact zeros."""
     n = 1500
     base = torch.tensor(0.123456789).view(torch.int32) & ~127
     bits = base + torch.randint(0, 128, (2, n), generator=torch.Generator().manual_seed(1), dtype=torch.int32)
     scores = bits.view(torch.float32).clone()
     scores[1, 500:] = 0.0
-    run(scores.to(DEV), [700, 1200], [0, 0], rows_per_batch=1, kmax=1200)
+    run(scores.to(DEV), [700, 1200], [0, 0], rows_per_batch=1, kmax=1200, method=method)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_decode_sized_rows():
+@pytest.mark.parametrize("method", METHODS)
+def test_gpu_decode_sized_rows(method):
     torch.manual_seed(0)
     n = 131072
     scores = torch.softmax(torch.randn(16, n, device="cuda") * 3, -1)
-    run(scores, [13107, 1, 131072 - 5, 999], [0, 5, 5, 70000], rows_per_batch=4, kmax=131072)
+    run(scores, [13107, 1, 131072 - 5, 999], [0, 5, 5, 70000], rows_per_batch=4, kmax=131072, method=method)
 
 
-def test_per_entry_end():
+@pytest.mark.parametrize("method", METHODS)
+def test_per_entry_end(method):
     """end[b] bounds each entry's keys (a preallocated cache); keys at or after it are never taken."""
     g = torch.Generator().manual_seed(9)
     scores = (torch.rand(4, 2500, generator=g) ** 3).to(DEV)
     scores[0:2, 1500:] = 10.0  # larger than every valid score: must not be selected
     k, start, end = [200, 7], [0, 1000], [1500, 2500]
     got = topk_select(scores, torch.tensor(k, device=DEV), torch.tensor(start, device=DEV), rows_per_batch=2,
-                      kmax=210, end=torch.tensor(end, device=DEV))
+                      kmax=210, end=torch.tensor(end, device=DEV), method=method)
     cut = scores.clone()
     cut[0:2, 1500:] = -1.0  # below every valid score: the sort-based rule never reaches them
-    assert torch.equal(got.cpu(), expected(cut, k, start, 2, 210))
+    assert torch.equal(got.cpu(), expected(cut, k, start, 2, 210, method))

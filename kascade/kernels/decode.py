@@ -14,7 +14,10 @@ Anchor layer (select; anchor):
                                 radix histograms, so nothing is computed on the host.
     2. _decode_pool_kernel      grid (B * Hkv, C)      s_h[n] = sum_g exp2(logit_g[n] - lse_g), the
                                 pooled post-softmax scores, plus the level-1 radix histogram.
-    3. topk_select levels 2-4 and compaction (kascade.kernels.topk_select): exact top-k(n_b).
+    3. exact top-k(n_b) (kascade.kernels.topk_select): by default the candidate path (level 2, one
+                                pass writing the keys above the threshold's 16-bit prefix and collecting
+                                the candidates, one program per row finishing on those); else levels 2-4
+                                and the compaction over every key.
     4. _decode_sparse_kernel    grid (B * Hkv, S2)     sparse output from the stored logits (the G
                                 logits of a key are 16 contiguous bytes): only the selected V rows
                                 are read. Then _decode_combine_kernel, one program per (query head,
@@ -58,7 +61,9 @@ LOG2E = 1.4426950408889634
 CONFIG = {
     "logits": dict(BLOCK_N=128, num_warps=4, num_stages=3, per_sm=4),  # select / sparse-output anchor
     "logits_dense": dict(BLOCK_N=128, num_warps=4, num_stages=2, per_sm=4),  # anchor with dense output
-    "select": dict(per_sm=8),  # pool + radix kernels: chunks per row
+    # pool + radix kernels: chunks per row; candidates: finish levels 3-4 on the keys sharing the
+    # threshold's 16-bit prefix only (kascade.kernels.topk_select.radix_candidates)
+    "select": dict(per_sm=4, candidates=True),
     "pool": dict(BLOCK=512, num_warps=8),
     "sparse": dict(BLOCK_K=32, num_warps=4, num_stages=2, per_sm=4),
     "combine": dict(DBLK=32, num_warps=4),
@@ -435,7 +440,10 @@ def _anchor_core(q, krows: KVRows, vrows: KVRows, dm, start, end, rho, k_min, ti
         lg, mp, lp, scores, ws.hist, start32, end32, N, lg.stride(0), ln, chunk, HKV,
         G=dm["G"], GP=_pow2(dm["G"]), NSPLIT=s1, BLOCK=cp["BLOCK"], num_warps=cp["num_warps"])
     idx = torch.empty(R, kmax, dtype=torch.int32, device=dev)
-    ts.radix_levels(scores, N, ws, counts, start32, HKV, nchunk, chunk, idx, first_level=2, end_b=end32)
+    if CONFIG["select"].get("candidates", True):
+        ts.radix_candidates(scores, N, ws, counts, start32, HKV, nchunk, chunk, idx, end_b=end32)
+    else:
+        ts.radix_levels(scores, N, ws, counts, start32, HKV, nchunk, chunk, idx, first_level=2, end_b=end32)
     sel = Selection(idx.view(B, HKV, 1, kmax), counts, first_tile, tile, True)
     if output is None:
         return None, sel
@@ -502,8 +510,9 @@ def select(q, k, rho: float = 0.1, k_min: int = 128, tile: int = 32, kv_start=No
     Returns a Selection with indices [B, Hkv, 1, Kmax] int32 where Kmax = k(N) (the budget of the
     longest possible sequence) rounded up to a multiple of 16, so the shape depends on N only;
     counts [B, 1] = k(n_b), n_b = kv_len[b] - kv_start[b] (kv_len default N). Valid slots
-    hold the positions above the k-th pooled score in ascending order, then the ties at it in
-    ascending order; slots from counts on hold -1.
+    hold the selected positions in the order kascade.kernels.topk_select documents for the path
+    in use (groups of ascending positions, ties at the k-th pooled score last); slots from counts
+    on hold -1.
     """
     return _anchor_pass(q, k, None, rho, k_min, tile, kv_start, scale, None, kv_len)[1]
 

@@ -21,6 +21,15 @@ to get each chunk's write offsets,
 so the result is deterministic: slots [0, k - r) hold the keys above T in ascending position,
 slots [k - r, k) the r ties at T with the smallest positions.
 
+Candidate path (`radix_candidates`, used by the decode anchor): after level 2 the keys whose top 16
+bits exceed the threshold's are certainly kept and those equal to them are the only candidates, usually
+a few hundred keys. One pass over the row writes the first kind straight to the output (ascending
+position, slots [0, k - m')) and the candidates to a scratch row; one program per row then finishes
+levels 3-4 and the compaction over the candidates alone (slots [k - m', k): those above T ascending,
+then the ties at T ascending). This replaces two histogram passes and the compaction over every
+key by one pass; if nearly all keys share the threshold's 16-bit prefix (e.g. constant scores) the
+single finishing program walks them all: still exact, but slow.
+
 Row r belongs to batch entry r // rows_per_batch; its valid keys are [start[b], end[b]) (end[b] = N
 unless a per-entry end is given: a preallocated cache) and it keeps k[b] of them
 (k[b] <= end[b] - start[b]). Positions are written as absolute column numbers, int32.
@@ -120,46 +129,56 @@ def _radix_hist_kernel(S, H, KB, START, END, N, stride_s, CHUNK, ROWS_PER_B,
 
 @triton.jit(do_not_specialize=["N", "CHUNK"])
 def _radix_last_kernel(S, H, H4S, GT, KB, START, END, N, stride_s, CHUNK, ROWS_PER_B,
-                       NCHUNK: tl.constexpr, BLOCK: tl.constexpr, HAS_END: tl.constexpr):
-    """Level 4: histogram of bits 6..0 of the keys with the level-3 prefix, added into H[row, 3, :128];
-    per chunk its suffix sums H4S[row, c, d] = count of digits >= d, and GT[row, c] = keys of the
-    chunk above the prefix."""
+                       NCHUNK: tl.constexpr, BLOCK: tl.constexpr, HAS_END: tl.constexpr, LEVEL: tl.constexpr = 4):
+    """A level whose chunk counts are kept: LEVEL 4 (bits 6..0, 128 bins, prefix of levels 1-3) or
+    LEVEL 2 (bits 22..15, 256 bins, prefix of level 1; the candidate path).
+
+    Adds the chunk histogram into H[row, LEVEL - 1]; stores per chunk its suffix sums
+    H4S[row, c, d] = count of digits >= d and GT[row, c] = keys of the chunk above the prefix.
+    """
+    NB: tl.constexpr = 128 if LEVEL == 4 else 256
+    SHIFT: tl.constexpr = 0 if LEVEL == 4 else 15
     row = tl.program_id(0)
     c = tl.program_id(1)
     b = row // ROWS_PER_B
     want = tl.load(KB + b)
     start = tl.load(START + b)
     H_row = H + row * 1024
-    prefix, want = _prefix(H_row, want, 3)
+    prefix, want = _prefix(H_row, want, LEVEL - 1)
     lo, hi = _chunk_bounds(c, CHUNK, start, N, END, b, HAS_END)
     s_row = S + row.to(tl.int64) * stride_s
-    acc = tl.zeros([128], dtype=tl.int32)
+    acc = tl.zeros([NB], dtype=tl.int32)
     gt = tl.zeros([BLOCK], dtype=tl.int32)
     for n0 in range(lo, hi, BLOCK):
         offs = n0 + tl.arange(0, BLOCK)
         valid = offs < hi
         key = tl.load(s_row + offs, mask=valid, other=0.0).to(tl.int32, bitcast=True)
-        acc += tl.histogram(key & 127, 128, mask=valid & ((key >> 7) == prefix))
-        gt += (valid & ((key >> 7) > prefix)).to(tl.int32)
-    bins = tl.arange(0, 128)
-    tl.atomic_add(H_row + 768 + bins, acc, mask=acc > 0, sem="relaxed")
-    tl.store(H4S + (row * NCHUNK + c) * 128 + bins, tl.sum(acc, 0) - tl.cumsum(acc, 0) + acc)
+        high = key >> (SHIFT + (7 if LEVEL == 4 else 8))
+        acc += tl.histogram((key >> SHIFT) & (NB - 1), NB, mask=valid & (high == prefix))
+        gt += (valid & (high > prefix)).to(tl.int32)
+    bins = tl.arange(0, NB)
+    tl.atomic_add(H_row + (LEVEL - 1) * 256 + bins, acc, mask=acc > 0, sem="relaxed")
+    tl.store(H4S + (row * NCHUNK + c) * NB + bins, tl.sum(acc, 0) - tl.cumsum(acc, 0) + acc)
     tl.store(GT + row * NCHUNK + c, tl.sum(gt, 0))
 
 
 @triton.jit
-def _compact_setup(H_row, H4S_row, GT_row, c, kk, NCHUNK: tl.constexpr):
-    """Threshold key T, ties wanted r, and this chunk's first slots for keys above T and ties at T.
+def _compact_setup(H_row, H4S_row, GT_row, c, kk, NCHUNK: tl.constexpr, LEVEL: tl.constexpr = 4):
+    """Threshold, wanted ties and this chunk's first slots, from the counted level LEVEL (4, or 2).
 
-    Returns (thr, r, gt_base, eq_base, gt_total); gt_total == k - r keys lie above T.
+    LEVEL 4: T is the full key of the k-th largest; r ties at T are wanted. LEVEL 2: T is the 16-bit
+    prefix (bits 30..15) of the k-th largest, and the r "ties" are the keys still wanted among the
+    candidates with that prefix. Returns (T, r, gt_base, eq_base, gt_total); gt_total == k - r keys
+    lie above T (above the prefix, for LEVEL 2) and eq_base counts the chunks' keys equal to T before c.
     """
-    prefix, want = _prefix(H_row, kk, 3)
-    d4, r = _descend(tl.load(H_row + 768 + tl.arange(0, 128)), want, 128)
-    thr = prefix * 128 + d4
+    NB: tl.constexpr = 128 if LEVEL == 4 else 256
+    prefix, want = _prefix(H_row, kk, LEVEL - 1)
+    d, r = _descend(tl.load(H_row + (LEVEL - 1) * 256 + tl.arange(0, NB)), want, NB)
+    thr = prefix * NB + d
     cidx = tl.arange(0, NCHUNK)
-    at = tl.load(H4S_row + cidx * 128 + d4)  # keys of each chunk with digit >= d4
-    above = tl.load(H4S_row + cidx * 128 + tl.minimum(d4 + 1, 127))  # digit > d4 (none when d4 = 127)
-    above = tl.where(d4 < 127, above, 0)
+    at = tl.load(H4S_row + cidx * NB + d)  # keys of each chunk with digit >= d
+    above = tl.load(H4S_row + cidx * NB + tl.minimum(d + 1, NB - 1))  # digit > d (none when d is the top bin)
+    above = tl.where(d < NB - 1, above, 0)
     gt_c = tl.load(GT_row + cidx) + above
     eq_c = at - above
     gt_base = tl.sum(tl.where(cidx < c, gt_c, 0), 0)
@@ -204,6 +223,83 @@ def _radix_compact_kernel(S, H, H4S, GT, KB, START, END, IDX, N, stride_s, strid
         for j0 in range(kk, KMAX, BLOCK):
             offs = j0 + tl.arange(0, BLOCK)
             tl.store(i_row + offs, tl.full([BLOCK], -1, tl.int32), mask=offs < KMAX)
+
+
+@triton.jit(do_not_specialize=["N", "CHUNK"])
+def _radix_split_kernel(S, H, H2S, GT, KB, START, END, IDX, CAND, N, stride_s, stride_i, stride_c, CHUNK, ROWS_PER_B,
+                        NCHUNK: tl.constexpr, BLOCK: tl.constexpr, HAS_END: tl.constexpr):
+    """Candidate path: keys above the threshold's 16-bit prefix go to IDX slots [0, k - m') in ascending
+    position; keys with that prefix (the candidates) go to CAND[row, :count] in ascending position."""
+    row = tl.program_id(0)
+    c = tl.program_id(1)
+    b = row // ROWS_PER_B
+    kk = tl.load(KB + b)
+    start = tl.load(START + b)
+    p16, r, gt_base, eq_base, gt_total = _compact_setup(H + row * 1024, H2S + row * NCHUNK * 256, GT + row * NCHUNK,
+                                                        c, kk, NCHUNK, 2)
+    lo, hi = _chunk_bounds(c, CHUNK, start, N, END, b, HAS_END)
+    s_row = S + row.to(tl.int64) * stride_s
+    i_row = IDX + row.to(tl.int64) * stride_i
+    c_row = CAND + row.to(tl.int64) * stride_c
+    for n0 in range(lo, hi, BLOCK):
+        offs = n0 + tl.arange(0, BLOCK)
+        valid = offs < hi
+        high = tl.load(s_row + offs, mask=valid, other=0.0).to(tl.int32, bitcast=True) >> 15
+        gt = (valid & (high > p16)).to(tl.int32)
+        eq = (valid & (high == p16)).to(tl.int32)
+        tl.store(i_row + gt_base + tl.cumsum(gt, 0) - gt, offs, mask=gt != 0)
+        tl.store(c_row + eq_base + tl.cumsum(eq, 0) - eq, offs, mask=eq != 0)
+        gt_base += tl.sum(gt, 0)
+        eq_base += tl.sum(eq, 0)
+
+
+@triton.jit(do_not_specialize=["KMAX"])
+def _radix_finish_kernel(S, H, KB, IDX, CAND, stride_s, stride_i, stride_c, ROWS_PER_B, KMAX, BLOCK: tl.constexpr):
+    """Candidate path, one program per row: levels 3-4 over the candidates, then their slots [k - m', k)."""
+    row = tl.program_id(0)
+    b = row // ROWS_PER_B
+    kk = tl.load(KB + b)
+    H_row = H + row * 1024
+    prefix1, want = _prefix(H_row, kk, 1)
+    bins = tl.arange(0, 256)
+    h2 = tl.load(H_row + 256 + bins)
+    d2, want = _descend(h2, want, 256)
+    m = tl.sum(tl.where(bins == d2, h2, 0), 0)  # candidates
+    above16 = kk - want  # keys above the 16-bit prefix: slots [0, above16) are written
+    s_row = S + row.to(tl.int64) * stride_s
+    c_row = CAND + row.to(tl.int64) * stride_c
+    i_row = IDX + row.to(tl.int64) * stride_i
+    h3 = tl.zeros([256], tl.int32)
+    for j0 in range(0, m, BLOCK):
+        offs = j0 + tl.arange(0, BLOCK)
+        valid = offs < m
+        pos = tl.load(c_row + offs, mask=valid, other=0)
+        key = tl.load(s_row + pos, mask=valid, other=0.0).to(tl.int32, bitcast=True)
+        h3 += tl.histogram((key >> 7) & 255, 256, mask=valid)
+    d3, want = _descend(h3, want, 256)
+    h4 = tl.zeros([128], tl.int32)
+    for j0 in range(0, m, BLOCK):
+        offs = j0 + tl.arange(0, BLOCK)
+        valid = offs < m
+        pos = tl.load(c_row + offs, mask=valid, other=0)
+        key = tl.load(s_row + pos, mask=valid, other=0.0).to(tl.int32, bitcast=True)
+        h4 += tl.histogram(key & 127, 128, mask=valid & (((key >> 7) & 255) == d3))
+    d4, r = _descend(h4, want, 128)
+    thr = ((prefix1 * 256 + d2) * 256 + d3) * 128 + d4
+    gt_base = above16
+    eq_base = 0
+    for j0 in range(0, m, BLOCK):
+        offs = j0 + tl.arange(0, BLOCK)
+        valid = offs < m
+        pos = tl.load(c_row + offs, mask=valid, other=0)
+        key = tl.load(s_row + pos, mask=valid, other=0.0).to(tl.int32, bitcast=True)
+        take, slot, n_gt, n_eq = _compact_block(key, pos, valid, thr, r, gt_base, eq_base, kk - r)
+        tl.store(i_row + slot, pos, mask=take)
+        gt_base += n_gt
+        eq_base += n_eq
+    for j0 in range(kk, KMAX, BLOCK):  # padding slots [k, KMAX) get -1
+        offs = j0 + tl.arange(0, BLOCK)
+        tl.store(i_row + offs, tl.full([BLOCK], -1, tl.int32), mask=offs < KMAX)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,18 +359,47 @@ def radix_levels(scores, n_keys, ws, k_b, start_b, rows_per_b, nchunk, chunk, ou
     return out
 
 
+def radix_candidates(scores, n_keys, ws, k_b, start_b, rows_per_b, nchunk, chunk, out, end_b=None):
+    """Levels 2-4 and the compaction by the candidate path (module docstring), level 1 already in ws.hist.
+
+    Same arguments and the same selected set as radix_levels(first_level=2); slot order as the module
+    docstring says. Scratch: the candidate positions, [R, n_keys] int32.
+    """
+    rows = scores.shape[0]
+    grid = (rows, nchunk)
+    has_end = end_b is not None
+    end = end_b if has_end else start_b
+    h2 = torch.empty(rows, nchunk, HIST_BINS, dtype=torch.int32, device=scores.device)
+    cand = torch.empty(rows, max(1, n_keys), dtype=torch.int32, device=scores.device)
+    _radix_last_kernel[grid](scores, ws.hist, h2, ws.gt, k_b, start_b, end, n_keys, scores.stride(0), chunk,
+                             rows_per_b, NCHUNK=nchunk, BLOCK=BLOCK_SEL, HAS_END=has_end, LEVEL=2, num_warps=4)
+    _radix_split_kernel[grid](scores, ws.hist, h2, ws.gt, k_b, start_b, end, out, cand, n_keys, scores.stride(0),
+                              out.stride(0), cand.stride(0), chunk, rows_per_b, NCHUNK=nchunk, BLOCK=BLOCK_SEL,
+                              HAS_END=has_end, num_warps=4)
+    _radix_finish_kernel[(rows,)](scores, ws.hist, k_b, out, cand, scores.stride(0), out.stride(0), cand.stride(0),
+                                  rows_per_b, out.shape[1], BLOCK=BLOCK_SEL, num_warps=8)
+    return out
+
+
 def topk_select(scores: torch.Tensor, k: torch.Tensor, start: torch.Tensor | None = None,
-                rows_per_batch: int = 1, kmax: int | None = None, end: torch.Tensor | None = None) -> torch.Tensor:
+                rows_per_batch: int = 1, kmax: int | None = None, end: torch.Tensor | None = None,
+                method: str = "levels") -> torch.Tensor:
     """Positions of the k[b] largest of scores[r, start[b]:end[b]] for every row r (b = r // rows_per_batch).
 
     scores [R, N] float32, all >= 0 (e.g. probabilities); last dim contiguous.
     k, start, end [R // rows_per_batch] integer tensors on the scores' device (start default 0, end
     default N), 1 <= k[b] <= end[b] - start[b].
     kmax: width of the result (default N); must be >= every k[b].
-    Returns [R, kmax] int32: per row the k[b] positions (absolute columns) of the largest scores,
-    those strictly above the k-th value first in ascending position, then ties at the k-th value
-    in ascending position; slots from k[b] on hold -1. No host synchronisation.
+    method: "levels" (four histogram passes, then the compaction) or "candidates" (see the module
+    docstring); both select the same set.
+    Returns [R, kmax] int32: per row the k[b] positions (absolute columns) of the largest scores;
+    "levels": those strictly above the k-th value first in ascending position, then ties at the k-th
+    value in ascending position; "candidates": those above the k-th value's 16-bit prefix, then the
+    rest of those above the k-th value, then the ties, each group in ascending position. Slots from
+    k[b] on hold -1. No host synchronisation.
     """
+    if method not in ("levels", "candidates"):
+        raise ValueError(f"method: expected 'levels' or 'candidates', got {method!r}")
     if scores.dim() != 2 or scores.dtype != torch.float32 or scores.stride(1) != 1:
         raise ValueError(f"scores: expected a float32 [rows, N] tensor with a contiguous last dim, got "
                          f"shape {tuple(scores.shape)} dtype {scores.dtype} strides {scores.stride()}")
@@ -292,4 +417,10 @@ def topk_select(scores: torch.Tensor, k: torch.Tensor, start: torch.Tensor | Non
     ws = RadixWorkspace(rows, nchunk, dev)
     ws.hist.zero_()
     out = torch.empty(rows, kmax, dtype=torch.int32, device=dev)
+    if method == "candidates":
+        has_end = end_b is not None
+        _radix_hist_kernel[(rows, nchunk)](scores, ws.hist, k_b, start_b, end_b if has_end else start_b, n,
+                                           scores.stride(0), chunk, rows_per_batch, LEVEL=1, BLOCK=BLOCK_SEL,
+                                           HAS_END=has_end, num_warps=4)
+        return radix_candidates(scores, n, ws, k_b, start_b, rows_per_batch, nchunk, chunk, out, end_b=end_b)
     return radix_levels(scores, n, ws, k_b, start_b, rows_per_batch, nchunk, chunk, out, 1, end_b=end_b)
