@@ -57,9 +57,26 @@ def _mode(q: torch.Tensor) -> str:
     return "decode" if q.shape[2] == 1 else "prefill"
 
 
+def sdpa_causal(q, k, v, scale=None) -> torch.Tensor:
+    """Causal attention of the last Q positions over N >= Q keys by torch SDPA: [B, Hq, Q, Dv].
+
+    Q == N: a whole prompt; Q == 1: a decode step (every key); 1 < Q < N: a chunk on top of a cache,
+    causal from the bottom right (SDPA's lower-right causal bias: flash attention, no mask tensor).
+    """
+    n, qlen = k.shape[2], q.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if qlen == n or qlen == 1:
+        return sdpa(q, k, v, is_causal=qlen > 1, scale=scale, enable_gqa=gqa)
+    from torch.nn.attention.bias import causal_lower_right
+
+    return sdpa(q, k, v, attn_mask=causal_lower_right(qlen, n), scale=scale, enable_gqa=gqa)
+
+
 def dense(q, k, v, kv_start=None, scale=None, backend: str = "auto", kv_len=None):
-    """Causal dense attention [B, Hq, Q, Dv]. On CUDA without padding, torch SDPA (flash/cuDNN); a decode
-    step with padding (on CUDA) or a preallocated cache takes the decode kernel (no mask, no host sync)."""
+    """Causal dense attention [B, Hq, Q, Dv]. On CUDA without padding, torch SDPA (flash/cuDNN; a prefill
+    chunk on top of a cache too); a decode step with padding (on CUDA) or a preallocated cache takes the
+    decode kernel (no mask, no host sync)."""
     check_backend(backend)
     if q.shape[2] == 1 and (kv_len is not None or (kv_start is not None and q.is_cuda)):
         mod = _use_triton(q, backend, "decode")
@@ -67,11 +84,7 @@ def dense(q, k, v, kv_start=None, scale=None, backend: str = "auto", kv_len=None
             return mod.dense_attention(q, k, v, kv_start=kv_start, scale=scale, kv_len=kv_len)
     if backend != "reference" and q.is_cuda and kv_start is None and kv_len is None:
         check_attention_inputs(q, k, v)
-        n, qlen = k.shape[2], q.shape[2]
-        if qlen == n or qlen == 1:
-            return torch.nn.functional.scaled_dot_product_attention(
-                q, k, v, is_causal=qlen > 1, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
-            )
+        return sdpa_causal(q, k, v, scale)
     return reference.dense_attention(q, k, v, kv_start=kv_start, scale=scale, kv_len=kv_len)
 
 
