@@ -84,8 +84,21 @@ def dense(q, k, v, kv_start=None, scale=None, backend: str = "auto", kv_len=None
             return mod.dense_attention(q, k, v, kv_start=kv_start, scale=scale, kv_len=kv_len)
     if backend != "reference" and q.is_cuda and kv_start is None and kv_len is None:
         check_attention_inputs(q, k, v)
-        return sdpa_causal(q, k, v, scale)
+        qlen, n = q.shape[2], k.shape[2]
+        if qlen == n or qlen == 1 or _flash_takes(q, k, v):
+            return sdpa_causal(q, k, v, scale)
     return reference.dense_attention(q, k, v, kv_start=kv_start, scale=scale, kv_len=kv_len)
+
+
+def _flash_takes(q, k, v) -> bool:
+    """True when SDPA's flash kernel takes these inputs. A chunk on top of a cache needs it: without flash,
+    SDPA's lower-right causal bias builds a [Q, N] mask (the reference is memory-bounded instead)."""
+    try:
+        from torch.backends.cuda import SDPAParams, can_use_flash_attention
+
+        return bool(can_use_flash_attention(SDPAParams(q, k, v, None, 0.0, False, q.shape[1] != k.shape[1]), False))
+    except (ImportError, TypeError, RuntimeError):
+        return False
 
 
 def _len_kw(kv_len):

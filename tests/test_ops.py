@@ -32,6 +32,7 @@ def test_sdpa_causal_matches_reference(Q, N, G):
 def test_gpu_dense_prefill_chunk_on_a_cache():
     """ops.dense on CUDA for a 2K-query chunk over 16K keys: SDPA's flash path, equal to the reference."""
     q, k, v = _qkv(2, 8, 4, 2048, 16384, 128, torch.bfloat16, "cuda", seed=1)
+    assert ops._flash_takes(q, k, v)  # else ops.dense would take the (slow) reference
     got = ops.dense(q, k, v)
     want = reference.dense_attention(q.float(), k.float(), v.float())
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
@@ -40,3 +41,9 @@ def test_gpu_dense_prefill_chunk_on_a_cache():
     ops.dense(q, k, v)
     # no [Q, N] mask or score matrix: far below 2 x 32 heads x 2048 x 16384 x 4 bytes (8 GiB)
     assert torch.cuda.max_memory_allocated() - base < 2**28
+
+
+def test_flash_check_is_false_without_cuda():
+    """On the CPU SDPA has no flash kernel: a chunk on top of a cache would take the reference in ops.dense."""
+    q, k, v = _qkv(1, 2, 4, 8, 16, 64)
+    assert ops._flash_takes(q, k, v) is False

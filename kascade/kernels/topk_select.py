@@ -23,10 +23,10 @@ slots [k - r, k) the r ties at T with the smallest positions.
 
 Candidate path (`radix_candidates`, used by the decode anchor): after level 2 the keys whose top 16
 bits exceed the threshold's are certainly kept and those equal to them are the only candidates, usually
-a few hundred keys. One pass over the row writes the first kind straight to the output (ascending
-position, slots [0, k - m')) and the candidates to a scratch row; one program per row then finishes
-levels 3-4 and the compaction over the candidates alone (slots [k - m', k): those above T ascending,
-then the ties at T ascending). This replaces two histogram passes and the compaction over every
+a few hundred keys, of which w are still wanted. One pass over the row writes the first kind straight
+to the output (ascending position, slots [0, k - w)) and the candidates to a scratch row; one program
+per row then finishes levels 3-4 and the compaction over the candidates alone (slots [k - w, k): those
+above T ascending, then the ties at T ascending). This replaces two histogram passes and the compaction over every
 key by one pass; if nearly all keys share the threshold's 16-bit prefix (e.g. constant scores) the
 single finishing program walks them all: still exact, but slow.
 
@@ -228,8 +228,9 @@ def _radix_compact_kernel(S, H, H4S, GT, KB, START, END, IDX, N, stride_s, strid
 @triton.jit(do_not_specialize=["N", "CHUNK"])
 def _radix_split_kernel(S, H, H2S, GT, KB, START, END, IDX, CAND, N, stride_s, stride_i, stride_c, CHUNK, ROWS_PER_B,
                         NCHUNK: tl.constexpr, BLOCK: tl.constexpr, HAS_END: tl.constexpr):
-    """Candidate path: keys above the threshold's 16-bit prefix go to IDX slots [0, k - m') in ascending
-    position; keys with that prefix (the candidates) go to CAND[row, :count] in ascending position."""
+    """Candidate path: keys above the threshold's 16-bit prefix go to IDX slots [0, k - w) in ascending
+    position (w: keys still wanted among the candidates); keys with that prefix (the candidates) go to
+    CAND[row, :count] in ascending position."""
     row = tl.program_id(0)
     c = tl.program_id(1)
     b = row // ROWS_PER_B
@@ -255,7 +256,7 @@ def _radix_split_kernel(S, H, H2S, GT, KB, START, END, IDX, CAND, N, stride_s, s
 
 @triton.jit(do_not_specialize=["KMAX"])
 def _radix_finish_kernel(S, H, KB, IDX, CAND, stride_s, stride_i, stride_c, ROWS_PER_B, KMAX, BLOCK: tl.constexpr):
-    """Candidate path, one program per row: levels 3-4 over the candidates, then their slots [k - m', k)."""
+    """Candidate path, one program per row: levels 3-4 over the candidates, then their slots [k - w, k)."""
     row = tl.program_id(0)
     b = row // ROWS_PER_B
     kk = tl.load(KB + b)
