@@ -122,9 +122,9 @@ def flex_provider(q, k, v):
 
 
 def sweep(K, B, N, log_rows):
-    """Pick launch settings by graph-replay time at (B, N): the reuse kernel by the reuse layer, the chunks
-    and the selection path by the anchor layer, the dense-output K pass by the dense-output anchor.
-    (The K pass of select was swept in the first run: BLOCK_N 128, 4 warps, 3 stages, within 3%.)"""
+    """Pick launch settings by graph-replay time at (B, N): the reuse kernel's (the setting this size
+    uses: "sparse" or "sparse_large") by the reuse layer, the prefetch switches, the sparse-output
+    kernel and the K pass by the anchor layer, the dense-output K pass by the dense-output anchor."""
     q, k, v = (torch.randn(B, HQ, 1, D, device="cuda", dtype=DT), torch.randn(B, HKV, N, D, device="cuda", dtype=DT),
                torch.randn(B, HKV, N, D, device="cuda", dtype=DT))
     sel = K.select(q, k, RHO, K_MIN, 32)
@@ -150,12 +150,20 @@ def sweep(K, B, N, log_rows):
         return best
 
     sp = [dict(BLOCK_K=bk, num_warps=w, num_stages=st, per_sm=ps)
-          for bk, w, st, ps in [(32, 4, 2, 4), (32, 4, 3, 4), (32, 4, 2, 2), (64, 4, 3, 2), (64, 4, 2, 4)]]
-    pick("sparse", sp, lambda: K.sparse_attention(q, k, v, sel, head_map=hm))
-    pick("select", [dict(per_sm=ps, candidates=c) for ps, c in [(8, False), (8, True), (4, True)]],
-         lambda: K.anchor(q, k, v, RHO, K_MIN, 32))
-    ld = [dict(BLOCK_N=bn, num_warps=w, num_stages=st, per_sm=4) for bn, w, st in [(64, 4, 3), (64, 4, 4), (128, 4, 2),
-                                                                                   (64, 8, 4)]]
+          for bk, w, st, ps in [(32, 4, 2, 4), (64, 4, 3, 2), (64, 4, 2, 2), (64, 4, 2, 1), (128, 8, 2, 1)]]
+    large = B * HKV * sel.indices.shape[-1] >= K.CONFIG["sparse_large_from"]  # the setting this size uses
+    pick("sparse_large" if large else "sparse", sp, lambda: K.sparse_attention(q, k, v, sel, head_map=hm))
+    anchor = lambda: K.anchor(q, k, v, RHO, K_MIN, 32)  # noqa: E731
+    pick("select", [dict(per_sm=ps, candidates=True, prefetch=p) for ps, p in [(4, False), (4, True), (2, True),
+                                                                               (8, True)]], anchor)
+    pick("pool", [dict(prefetch=p) for p in (False, True)], anchor)
+    so = [dict(BLOCK_K=bk, num_warps=4, num_stages=st, per_sm=ps) for bk, st, ps in [(32, 2, 4), (64, 2, 2), (64, 2, 1)]]
+    pick("sparse_out", so, anchor)
+    kp = [dict(BLOCK_N=bn, num_warps=w, num_stages=st, per_sm=ps)
+          for bn, w, st, ps in [(128, 4, 3, 4), (128, 4, 3, 2), (128, 4, 3, 1)]]
+    pick("logits", kp, anchor)
+    ld = [dict(BLOCK_N=bn, num_warps=w, num_stages=st, per_sm=ps)
+          for bn, w, st, ps in [(64, 4, 4, 4), (128, 4, 2, 4), (128, 4, 2, 2), (128, 4, 2, 1), (64, 4, 4, 2)]]
     pick("logits_dense", ld, lambda: K.anchor(q, k, v, RHO, K_MIN, 32, dense_output=True))
     del q, k, v, sel
 
@@ -255,7 +263,15 @@ def per_layer(K, B, N, fa3, flex_ok):
         res["profile_anchor_sparse"] = kernel_profile(lambda: K.anchor(q, k, v, RHO, K_MIN, 32))
         res["profile_reuse"] = kernel_profile(lambda: K.sparse_attention(q, k, v, sel, head_map=hm))
         res["profile_anchor_dense"] = kernel_profile(lambda: K.anchor(q, k, v, RHO, K_MIN, 32, dense_output=True))
+        saved = {s: dict(K.CONFIG[s]) for s in ("pool", "select")}
+        for s in saved:
+            K.CONFIG[s]["prefetch"] = False
+        res["profile_anchor_sparse_no_prefetch"] = kernel_profile(lambda: K.anchor(q, k, v, RHO, K_MIN, 32))
+        for s in saved:
+            K.CONFIG[s].clear()
+            K.CONFIG[s].update(saved[s])
         log("  profile anchor:", res["profile_anchor_sparse"])
+        log("  profile anchor, prefetch off:", res["profile_anchor_sparse_no_prefetch"])
         log("  profile reuse:", res["profile_reuse"])
     del q, k, v, q_fa, k_fa, v_fa
     return res
@@ -409,6 +425,8 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--plot", help="results JSON to plot (no measurement)")
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--sweep-at", default="1x131072", help="sizes the launch settings are swept at, e.g. 1x131072,8x131072")
+    ap.add_argument("--sweep-only", action="store_true", help="log the sweep and stop")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--sizes", default=None, help="e.g. 1x8192,8x131072")
     args = ap.parse_args()
@@ -434,10 +452,14 @@ def main():
 
     if not args.no_sweep:
         t0 = time.time()
-        log("sweep at B=1, 128K")
-        sweep(K, 1, 131072, results["sweep"])
+        for size in args.sweep_at.split(","):
+            B, N = (int(x) for x in size.split("x"))
+            log(f"sweep at B={B}, N={N}")
+            sweep(K, B, N, results["sweep"])
         log(f"sweep done in {time.time() - t0:.0f} s; config {K.CONFIG}")
         save()
+        if args.sweep_only:
+            return
     flex_ok = [not args.no_flex]
     for B, N in sizes:
         log(f"B={B} N={N}")

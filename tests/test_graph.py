@@ -108,6 +108,7 @@ def test_generator_errors():
             else (_ for _ in ()).throw(ValueError("cuda_graph"))
 
 
+@pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("mode", ["dense", "kascade"])
 def test_gpu_graph_replay_matches_eager(mode):

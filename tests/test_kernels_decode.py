@@ -246,6 +246,65 @@ def test_select_paths_agree():
     k[1] = 1.0
     check_select_paths(q, k, v, [0, 37, 260], 0.1, 16)
 
+
+@contextlib.contextmanager
+def prefetching(on):
+    """Both prefetch switches of the anchor (pool, selection) set to `on`."""
+    sections = ("pool", "select")
+    old = {s: dict(K.CONFIG[s]) for s in sections}
+    for s in sections:
+        K.CONFIG[s]["prefetch"] = on
+    try:
+        yield
+    finally:
+        for s in sections:
+            K.CONFIG[s].clear()
+            K.CONFIG[s].update(old[s])
+
+
+def check_prefetch_changes_nothing(q, k, v, kv_start, rho, k_min):
+    """Prefetching only reorders memory requests: selections and outputs are bit for bit the same."""
+    with prefetching(False), poisoned():
+        out_0, sel_0 = K.anchor(q, k, v, rho, k_min, 32, kv_start=kv_start)
+    with prefetching(True), poisoned():
+        out_1, sel_1 = K.anchor(q, k, v, rho, k_min, 32, kv_start=kv_start)
+    assert torch.equal(sel_0.counts, sel_1.counts)
+    assert torch.equal(sel_0.indices, sel_1.indices)
+    assert torch.equal(out_0, out_1)
+
+
+def test_prefetch_changes_nothing():
+    """Rows of several blocks per program (pool, level 2, split), different lengths."""
+    q, k, v = make(2, 2, 4, 9000, 32, BF16, seed=5)
+    check_prefetch_changes_nothing(q, k, v, [0, 2100], 0.1, 16)
+
+
+@contextlib.contextmanager
+def large_reuse_setting(on):
+    """The reuse kernel's large-work launch setting forced on (threshold 0) or off (never reached)."""
+    old = K.CONFIG["sparse_large_from"]
+    K.CONFIG["sparse_large_from"] = 0 if on else float("inf")
+    try:
+        yield
+    finally:
+        K.CONFIG["sparse_large_from"] = old
+
+
+@pytest.mark.parametrize("dtype", [BF16, FP16])
+def test_reuse_launch_settings_agree(dtype):
+    """Both launch settings of the reuse kernel (split counts and block sizes differ) match float64."""
+    q, k, v = make(3, 2, 4, 2000, 64, dtype, seed=8)
+    kv_start = [0, 500, 1900]
+    sel = R.select(q, k, 0.1, 16, 32, kv_start=kv_start)
+    hm = [1, 0]
+    ref = R.sparse_attention(q, k, v, sel, head_map=hm, kv_start=kv_start)
+    exact = sparse64(q, k, v, sel, head_map=hm)
+    for on in (False, True):
+        with large_reuse_setting(on), poisoned():
+            out = K.sparse_attention(q, k, v, sel, head_map=hm, kv_start=kv_start)
+        assert_close_to64(out, ref, exact, v)
+
+
 KV_LEN_CASES = [  # B, Hkv, G, N, D, dtype, kv_start, kv_len: a preallocated cache, the tail unwritten
     (2, 2, 4, 400, 64, BF16, [0, 30], [400, 171]),
     (2, 1, 8, 300, 128, FP16, None, [129, 250]),
@@ -381,3 +440,10 @@ def test_gpu_cuda_graph_capture():
 def test_gpu_select_paths_agree():
     q, k, v = make(2, 8, 4, 131072, 128, BF16, seed=4)
     check_select_paths(q, k, v, torch.tensor([0, 70000], device=DEV), 0.1, 128)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_prefetch_changes_nothing():
+    q, k, v = make(2, 8, 4, 131072, 128, BF16, seed=6)
+    check_prefetch_changes_nothing(q, k, v, torch.tensor([0, 70000], device=DEV), 0.1, 128)

@@ -63,9 +63,16 @@ CONFIG = {
     "logits_dense": dict(BLOCK_N=128, num_warps=4, num_stages=2, per_sm=4),  # anchor with dense output
     # pool + radix kernels: chunks per row; candidates: finish levels 3-4 on the keys sharing the
     # threshold's 16-bit prefix only (kascade.kernels.topk_select.radix_candidates)
-    "select": dict(per_sm=4, candidates=True),
-    "pool": dict(BLOCK=512, num_warps=8),
+    # prefetch: the level-2 and split passes request each block of scores one block ahead
+    "select": dict(per_sm=4, candidates=True, prefetch=True),
+    # pool: prefetch keeps the next block of logits in flight (register double buffering)
+    "pool": dict(BLOCK=512, num_warps=8, prefetch=True),
+    # reuse layers (K and V rows gathered): "sparse" below sparse_large_from selected slots in all
+    # (rows x Kmax), "sparse_large" from there on (fewer, longer programs: a large batch or context)
     "sparse": dict(BLOCK_K=32, num_warps=4, num_stages=2, per_sm=4),
+    "sparse_large": dict(BLOCK_K=64, num_warps=4, num_stages=3, per_sm=2),
+    "sparse_large_from": 262144,
+    "sparse_out": dict(BLOCK_K=64, num_warps=4, num_stages=2, per_sm=2),  # the anchor's output (logits, V rows)
     "combine": dict(DBLK=32, num_warps=4),
 }
 
@@ -198,8 +205,13 @@ def _decode_logits_kernel(Q, K, V, LG, MP, LP, OP, KV_START, KV_LEN, START32, EN
 
 @triton.jit(do_not_specialize=["N", "CHUNK"])
 def _decode_pool_kernel(LG, MP, LP, S, HIST, START32, END32, N, stride_lg, stride_s, CHUNK, HKV,
-                        G: tl.constexpr, GP: tl.constexpr, NSPLIT: tl.constexpr, BLOCK: tl.constexpr):
-    """s[row, n] = sum_g exp2(logit_g[n] - lse_g) over the G heads of the row's KV group; level-1 histogram."""
+                        G: tl.constexpr, GP: tl.constexpr, NSPLIT: tl.constexpr, BLOCK: tl.constexpr,
+                        PREFETCH: tl.constexpr = False):
+    """s[row, n] = sum_g exp2(logit_g[n] - lse_g) over the G heads of the row's KV group; level-1 histogram.
+
+    PREFETCH: the loop keeps the next block's logits in flight (register double buffering), so a
+    program waits for memory once rather than once per block.
+    """
     row = tl.program_id(0)
     c = tl.program_id(1)
     b = row // HKV
@@ -220,10 +232,20 @@ def _decode_pool_kernel(LG, MP, LP, S, HIST, START32, END32, N, stride_lg, strid
     lg_row = LG + row.to(tl.int64) * stride_lg
     s_row = S + row.to(tl.int64) * stride_s
     acc = tl.zeros([256], tl.int32)
+    if PREFETCH:  # the next block's logits are requested before this block is pooled
+        offs = lo + tl.arange(0, BLOCK)
+        x_next = tl.load(lg_row + offs[:, None] * G + g[None, :], mask=(offs < hi)[:, None] & gm[None, :],
+                         other=float("-inf"))
     for n0 in range(lo, hi, BLOCK):
         offs = n0 + tl.arange(0, BLOCK)
         nm = offs < hi
-        x = tl.load(lg_row + offs[:, None] * G + g[None, :], mask=nm[:, None] & gm[None, :], other=float("-inf"))
+        if PREFETCH:
+            x = x_next
+            nxt = offs + BLOCK
+            x_next = tl.load(lg_row + nxt[:, None] * G + g[None, :], mask=(nxt < hi)[:, None] & gm[None, :],
+                             other=float("-inf"))
+        else:
+            x = tl.load(lg_row + offs[:, None] * G + g[None, :], mask=nm[:, None] & gm[None, :], other=float("-inf"))
         s = tl.sum(tl.exp2(x - lse[None, :]), 1)
         tl.store(s_row + offs, s, mask=nm)
         key = s.to(tl.int32, bitcast=True)
@@ -242,7 +264,8 @@ def _decode_sparse_kernel(Q, K, V, LG, IDX, CNT, HMAP, OP, MP, LP,
     """Attention of the G heads of KV head h over the selected keys of anchor head head_map[h].
 
     Split s of S2 takes a contiguous range of the count[b] valid slots. FROM_LOGITS: the scores are
-    read from the anchor's stored logits instead of being recomputed from K.
+    read from the anchor's stored logits instead of being recomputed from K. The V rows are requested
+    first in each block, before the scores are read or computed.
     """
     tl.static_assert(GPAD >= 16 and GPAD >= G)
     row = tl.program_id(0)
@@ -276,8 +299,11 @@ def _decode_sparse_kernel(Q, K, V, LG, IDX, CNT, HMAP, OP, MP, LP,
         offs = j0 + tl.arange(0, BLOCK_K)
         km = offs < hi
         idx = tl.load(i_base + offs * sik, mask=km, other=0)
+        voff = row_offsets(b, h, idx, km, svb, svh, svn, BT, s_bt, PAGE, PAGED)
+        vt = tl.load(V + voff[:, None] + dv[None, :], mask=km[:, None] & (dv[None, :] < DV), other=0.0)
         if FROM_LOGITS:
-            s = tl.load(lg_row + idx.to(tl.int64)[None, :] * G + g[:, None], mask=gm[:, None] & km[None, :], other=0.0)
+            s = tl.load(lg_row + idx.to(tl.int64)[None, :] * G + g[:, None], mask=gm[:, None] & km[None, :],
+                        other=0.0)
         else:
             koff = row_offsets(b, h, idx, km, skb, skh, skn, BT, s_bt, PAGE, PAGED)
             kt = tl.load(K + koff[:, None] + d[None, :], mask=km[:, None] & (d[None, :] < D), other=0.0)
@@ -287,8 +313,6 @@ def _decode_sparse_kernel(Q, K, V, LG, IDX, CNT, HMAP, OP, MP, LP,
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        voff = row_offsets(b, h, idx, km, svb, svh, svn, BT, s_bt, PAGE, PAGED)
-        vt = tl.load(V + voff[:, None] + dv[None, :], mask=km[:, None] & (dv[None, :] < DV), other=0.0)
         acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, DOT_PREC, UPCAST)
         m_i = m_new
     prow = (b * HKV * G + hq) * NSPLIT + sp
@@ -438,10 +462,11 @@ def _anchor_core(q, krows: KVRows, vrows: KVRows, dm, start, end, rho, k_min, ti
     cp = CONFIG["pool"]
     _decode_pool_kernel[(R, nchunk)](
         lg, mp, lp, scores, ws.hist, start32, end32, N, lg.stride(0), ln, chunk, HKV,
-        G=dm["G"], GP=_pow2(dm["G"]), NSPLIT=s1, BLOCK=cp["BLOCK"], num_warps=cp["num_warps"])
+        G=dm["G"], GP=_pow2(dm["G"]), NSPLIT=s1, BLOCK=cp["BLOCK"], PREFETCH=cp["prefetch"], num_warps=cp["num_warps"])
     idx = torch.empty(R, kmax, dtype=torch.int32, device=dev)
     if CONFIG["select"].get("candidates", True):
-        ts.radix_candidates(scores, N, ws, counts, start32, HKV, nchunk, chunk, idx, end_b=end32)
+        ts.radix_candidates(scores, N, ws, counts, start32, HKV, nchunk, chunk, idx, end_b=end32,
+                            prefetch=CONFIG["select"]["prefetch"])
     else:
         ts.radix_levels(scores, N, ws, counts, start32, HKV, nchunk, chunk, idx, first_level=2, end_b=end32)
     sel = Selection(idx.view(B, HKV, 1, kmax), counts, first_tile, tile, True)
@@ -457,7 +482,10 @@ def _sparse(q, krows: KVRows, vrows: KVRows, idx, idx_strides, counts, head_map,
     B, HQ, HKV = dm["B"], dm["HQ"], dm["HKV"]
     R = B * HKV
     dev = q.device
-    cs = CONFIG["sparse"]
+    if logits is not None:
+        cs = CONFIG["sparse_out"]
+    else:
+        cs = CONFIG["sparse_large" if R * idx.shape[-1] >= CONFIG["sparse_large_from"] else "sparse"]
     s2 = _splits(R, dev, cs["per_sm"])
     op = torch.empty(B * HQ, s2, dm["DVP"], dtype=torch.float32, device=dev)
     mp = torch.empty(B * HQ, s2, dtype=torch.float32, device=dev)

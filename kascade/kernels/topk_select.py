@@ -81,6 +81,23 @@ def _prefix(H_row, want, LEVELS: tl.constexpr):
 
 
 @triton.jit
+def _keys(s_row, n0, hi, BLOCK: tl.constexpr):
+    """int32 bit patterns of the scores [n0, n0 + BLOCK) of a row (0 from hi on)."""
+    offs = n0 + tl.arange(0, BLOCK)
+    return tl.load(s_row + offs, mask=offs < hi, other=0.0).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _candidates(c_row, s_row, j0, m, BLOCK: tl.constexpr):
+    """Candidates [j0, j0 + BLOCK) of a row's m: (positions, int32 keys, valid mask)."""
+    offs = j0 + tl.arange(0, BLOCK)
+    valid = offs < m
+    pos = tl.load(c_row + offs, mask=valid, other=0)
+    key = tl.load(s_row + pos, mask=valid, other=0.0).to(tl.int32, bitcast=True)
+    return pos, key, valid
+
+
+@triton.jit
 def _chunk_bounds(c, CHUNK, start, N, END, b, HAS_END: tl.constexpr):
     """Keys [lo, hi) of chunk c: inside [start, end) with end = END[b] (HAS_END) or N."""
     if HAS_END:
@@ -129,12 +146,15 @@ def _radix_hist_kernel(S, H, KB, START, END, N, stride_s, CHUNK, ROWS_PER_B,
 
 @triton.jit(do_not_specialize=["N", "CHUNK"])
 def _radix_last_kernel(S, H, H4S, GT, KB, START, END, N, stride_s, CHUNK, ROWS_PER_B,
-                       NCHUNK: tl.constexpr, BLOCK: tl.constexpr, HAS_END: tl.constexpr, LEVEL: tl.constexpr = 4):
+                       NCHUNK: tl.constexpr, BLOCK: tl.constexpr, HAS_END: tl.constexpr, LEVEL: tl.constexpr = 4,
+                       PREFETCH: tl.constexpr = False):
     """A level whose chunk counts are kept: LEVEL 4 (bits 6..0, 128 bins, prefix of levels 1-3) or
     LEVEL 2 (bits 22..15, 256 bins, prefix of level 1; the candidate path).
 
     Adds the chunk histogram into H[row, LEVEL - 1]; stores per chunk its suffix sums
     H4S[row, c, d] = count of digits >= d and GT[row, c] = keys of the chunk above the prefix.
+    PREFETCH: the chunk's first keys are requested before the prefix walk, and each block's keys one
+    block ahead (register double buffering).
     """
     NB: tl.constexpr = 128 if LEVEL == 4 else 256
     SHIFT: tl.constexpr = 0 if LEVEL == 4 else 15
@@ -144,15 +164,21 @@ def _radix_last_kernel(S, H, H4S, GT, KB, START, END, N, stride_s, CHUNK, ROWS_P
     want = tl.load(KB + b)
     start = tl.load(START + b)
     H_row = H + row * 1024
-    prefix, want = _prefix(H_row, want, LEVEL - 1)
     lo, hi = _chunk_bounds(c, CHUNK, start, N, END, b, HAS_END)
     s_row = S + row.to(tl.int64) * stride_s
+    if PREFETCH:
+        key_next = _keys(s_row, lo, hi, BLOCK)
+    prefix, want = _prefix(H_row, want, LEVEL - 1)
     acc = tl.zeros([NB], dtype=tl.int32)
     gt = tl.zeros([BLOCK], dtype=tl.int32)
     for n0 in range(lo, hi, BLOCK):
         offs = n0 + tl.arange(0, BLOCK)
         valid = offs < hi
-        key = tl.load(s_row + offs, mask=valid, other=0.0).to(tl.int32, bitcast=True)
+        if PREFETCH:
+            key = key_next
+            key_next = _keys(s_row, n0 + BLOCK, hi, BLOCK)
+        else:
+            key = _keys(s_row, n0, hi, BLOCK)
         high = key >> (SHIFT + (7 if LEVEL == 4 else 8))
         acc += tl.histogram((key >> SHIFT) & (NB - 1), NB, mask=valid & (high == prefix))
         gt += (valid & (high > prefix)).to(tl.int32)
@@ -227,25 +253,32 @@ def _radix_compact_kernel(S, H, H4S, GT, KB, START, END, IDX, N, stride_s, strid
 
 @triton.jit(do_not_specialize=["N", "CHUNK"])
 def _radix_split_kernel(S, H, H2S, GT, KB, START, END, IDX, CAND, N, stride_s, stride_i, stride_c, CHUNK, ROWS_PER_B,
-                        NCHUNK: tl.constexpr, BLOCK: tl.constexpr, HAS_END: tl.constexpr):
+                        NCHUNK: tl.constexpr, BLOCK: tl.constexpr, HAS_END: tl.constexpr,
+                        PREFETCH: tl.constexpr = False):
     """Candidate path: keys above the threshold's 16-bit prefix go to IDX slots [0, k - w) in ascending
     position (w: keys still wanted among the candidates); keys with that prefix (the candidates) go to
-    CAND[row, :count] in ascending position."""
+    CAND[row, :count] in ascending position. PREFETCH as in _radix_last_kernel."""
     row = tl.program_id(0)
     c = tl.program_id(1)
     b = row // ROWS_PER_B
     kk = tl.load(KB + b)
     start = tl.load(START + b)
-    p16, r, gt_base, eq_base, gt_total = _compact_setup(H + row * 1024, H2S + row * NCHUNK * 256, GT + row * NCHUNK,
-                                                        c, kk, NCHUNK, 2)
     lo, hi = _chunk_bounds(c, CHUNK, start, N, END, b, HAS_END)
     s_row = S + row.to(tl.int64) * stride_s
+    if PREFETCH:
+        key_next = _keys(s_row, lo, hi, BLOCK)
+    p16, r, gt_base, eq_base, gt_total = _compact_setup(H + row * 1024, H2S + row * NCHUNK * 256, GT + row * NCHUNK,
+                                                        c, kk, NCHUNK, 2)
     i_row = IDX + row.to(tl.int64) * stride_i
     c_row = CAND + row.to(tl.int64) * stride_c
     for n0 in range(lo, hi, BLOCK):
         offs = n0 + tl.arange(0, BLOCK)
         valid = offs < hi
-        high = tl.load(s_row + offs, mask=valid, other=0.0).to(tl.int32, bitcast=True) >> 15
+        if PREFETCH:
+            high = key_next >> 15
+            key_next = _keys(s_row, n0 + BLOCK, hi, BLOCK)
+        else:
+            high = _keys(s_row, n0, hi, BLOCK) >> 15
         gt = (valid & (high > p16)).to(tl.int32)
         eq = (valid & (high == p16)).to(tl.int32)
         tl.store(i_row + gt_base + tl.cumsum(gt, 0) - gt, offs, mask=gt != 0)
@@ -270,30 +303,26 @@ def _radix_finish_kernel(S, H, KB, IDX, CAND, stride_s, stride_i, stride_c, ROWS
     s_row = S + row.to(tl.int64) * stride_s
     c_row = CAND + row.to(tl.int64) * stride_c
     i_row = IDX + row.to(tl.int64) * stride_i
-    h3 = tl.zeros([256], tl.int32)
-    for j0 in range(0, m, BLOCK):
-        offs = j0 + tl.arange(0, BLOCK)
-        valid = offs < m
-        pos = tl.load(c_row + offs, mask=valid, other=0)
-        key = tl.load(s_row + pos, mask=valid, other=0.0).to(tl.int32, bitcast=True)
+    # The first BLOCK candidates (usually all of them) are read once and kept in registers for the
+    # three walks; further blocks are read again by each walk.
+    pos0, key0, valid0 = _candidates(c_row, s_row, 0, m, BLOCK)
+    h3 = tl.histogram((key0 >> 7) & 255, 256, mask=valid0)
+    for j0 in range(BLOCK, m, BLOCK):
+        pos, key, valid = _candidates(c_row, s_row, j0, m, BLOCK)
         h3 += tl.histogram((key >> 7) & 255, 256, mask=valid)
     d3, want = _descend(h3, want, 256)
-    h4 = tl.zeros([128], tl.int32)
-    for j0 in range(0, m, BLOCK):
-        offs = j0 + tl.arange(0, BLOCK)
-        valid = offs < m
-        pos = tl.load(c_row + offs, mask=valid, other=0)
-        key = tl.load(s_row + pos, mask=valid, other=0.0).to(tl.int32, bitcast=True)
+    h4 = tl.histogram(key0 & 127, 128, mask=valid0 & (((key0 >> 7) & 255) == d3))
+    for j0 in range(BLOCK, m, BLOCK):
+        pos, key, valid = _candidates(c_row, s_row, j0, m, BLOCK)
         h4 += tl.histogram(key & 127, 128, mask=valid & (((key >> 7) & 255) == d3))
     d4, r = _descend(h4, want, 128)
     thr = ((prefix1 * 256 + d2) * 256 + d3) * 128 + d4
-    gt_base = above16
-    eq_base = 0
-    for j0 in range(0, m, BLOCK):
-        offs = j0 + tl.arange(0, BLOCK)
-        valid = offs < m
-        pos = tl.load(c_row + offs, mask=valid, other=0)
-        key = tl.load(s_row + pos, mask=valid, other=0.0).to(tl.int32, bitcast=True)
+    take, slot, n_gt, n_eq = _compact_block(key0, pos0, valid0, thr, r, above16, 0, kk - r)
+    tl.store(i_row + slot, pos0, mask=take)
+    gt_base = above16 + n_gt
+    eq_base = n_eq
+    for j0 in range(BLOCK, m, BLOCK):
+        pos, key, valid = _candidates(c_row, s_row, j0, m, BLOCK)
         take, slot, n_gt, n_eq = _compact_block(key, pos, valid, thr, r, gt_base, eq_base, kk - r)
         tl.store(i_row + slot, pos, mask=take)
         gt_base += n_gt
@@ -360,11 +389,13 @@ def radix_levels(scores, n_keys, ws, k_b, start_b, rows_per_b, nchunk, chunk, ou
     return out
 
 
-def radix_candidates(scores, n_keys, ws, k_b, start_b, rows_per_b, nchunk, chunk, out, end_b=None):
+def radix_candidates(scores, n_keys, ws, k_b, start_b, rows_per_b, nchunk, chunk, out, end_b=None,
+                     prefetch: bool = True):
     """Levels 2-4 and the compaction by the candidate path (module docstring), level 1 already in ws.hist.
 
     Same arguments and the same selected set as radix_levels(first_level=2); slot order as the module
-    docstring says. Scratch: the candidate positions, [R, n_keys] int32.
+    docstring says. Scratch: the candidate positions, [R, n_keys] int32. prefetch: the level-2 and
+    split passes request each block of scores one block ahead (same result).
     """
     rows = scores.shape[0]
     grid = (rows, nchunk)
@@ -373,10 +404,11 @@ def radix_candidates(scores, n_keys, ws, k_b, start_b, rows_per_b, nchunk, chunk
     h2 = torch.empty(rows, nchunk, HIST_BINS, dtype=torch.int32, device=scores.device)
     cand = torch.empty(rows, max(1, n_keys), dtype=torch.int32, device=scores.device)
     _radix_last_kernel[grid](scores, ws.hist, h2, ws.gt, k_b, start_b, end, n_keys, scores.stride(0), chunk,
-                             rows_per_b, NCHUNK=nchunk, BLOCK=BLOCK_SEL, HAS_END=has_end, LEVEL=2, num_warps=4)
+                             rows_per_b, NCHUNK=nchunk, BLOCK=BLOCK_SEL, HAS_END=has_end, LEVEL=2,
+                             PREFETCH=prefetch, num_warps=4)
     _radix_split_kernel[grid](scores, ws.hist, h2, ws.gt, k_b, start_b, end, out, cand, n_keys, scores.stride(0),
                               out.stride(0), cand.stride(0), chunk, rows_per_b, NCHUNK=nchunk, BLOCK=BLOCK_SEL,
-                              HAS_END=has_end, num_warps=4)
+                              HAS_END=has_end, PREFETCH=prefetch, num_warps=4)
     _radix_finish_kernel[(rows,)](scores, ws.hist, k_b, out, cand, scores.stride(0), out.stride(0), cand.stride(0),
                                   rows_per_b, out.shape[1], BLOCK=BLOCK_SEL, num_warps=8)
     return out
