@@ -90,6 +90,8 @@ def run(out_dir):
     sys.path.insert(0, os.path.dirname(__file__))
     from decode import kernel_profile
 
+    from kascade.kernels.decode import _splits
+
     torch.manual_seed(0)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
@@ -100,7 +102,7 @@ def run(out_dir):
         for name, (idx, cnt) in patterns(n, q, k).items():
             nbytes = 2 * int(cnt.sum()) * D * 2
             for per_sm, block_k in ((4, 32), (2, 64), (8, 32)):
-                nsplit = min(256, triton.next_power_of_2(triton.cdiv(per_sm * sms, HKV)))
+                nsplit = _splits(HKV, k.device, per_sm)  # the reuse kernel's split count
                 fn = lambda: gather_sum(k, v, idx, cnt, nsplit, block_k)  # noqa: E731
                 prof = kernel_profile(fn)
                 us = prof.get("_gather_sum_kernel", float("nan"))

@@ -14,6 +14,7 @@ product, as flash attention does, the reference rounds only its output. Every bu
 """
 
 import contextlib
+import copy
 import os
 
 import torch
@@ -214,21 +215,30 @@ def test_errors():
 
 
 @contextlib.contextmanager
-def select_config(**kw):
-    old = dict(K.CONFIG["select"])
-    K.CONFIG["select"].update(kw)
+def kernel_config(**changes):
+    """K.CONFIG changed for the block: a dict value updates that section, any other value replaces the entry."""
+    old = {name: copy.deepcopy(K.CONFIG[name]) for name in changes}
+    for name, value in changes.items():
+        if isinstance(value, dict):
+            K.CONFIG[name].update(value)
+        else:
+            K.CONFIG[name] = value
     try:
         yield
     finally:
-        K.CONFIG["select"].clear()
-        K.CONFIG["select"].update(old)
+        for name, value in old.items():
+            if isinstance(value, dict):  # in place: the section stays the same object
+                K.CONFIG[name].clear()
+                K.CONFIG[name].update(value)
+            else:
+                K.CONFIG[name] = value
 
 
 def check_select_paths(q, k, v, kv_start, rho, k_min):
     """The candidate path and the four-level path select the same set for every row; outputs agree."""
-    with select_config(candidates=False), poisoned():
+    with kernel_config(select=dict(candidates=False)), poisoned():
         out_l, sel_l = K.anchor(q, k, v, rho, k_min, 32, kv_start=kv_start)
-    with select_config(candidates=True), poisoned():
+    with kernel_config(select=dict(candidates=True)), poisoned():
         out_c, sel_c = K.anchor(q, k, v, rho, k_min, 32, kv_start=kv_start)
     assert torch.equal(sel_l.counts, sel_c.counts)
     il, ic = sel_l.indices.cpu(), sel_c.indices.cpu()
@@ -247,19 +257,9 @@ def test_select_paths_agree():
     check_select_paths(q, k, v, [0, 37, 260], 0.1, 16)
 
 
-@contextlib.contextmanager
 def prefetching(on):
     """Both prefetch switches of the anchor (pool, selection) set to `on`."""
-    sections = ("pool", "select")
-    old = {s: dict(K.CONFIG[s]) for s in sections}
-    for s in sections:
-        K.CONFIG[s]["prefetch"] = on
-    try:
-        yield
-    finally:
-        for s in sections:
-            K.CONFIG[s].clear()
-            K.CONFIG[s].update(old[s])
+    return kernel_config(pool=dict(prefetch=on), select=dict(prefetch=on))
 
 
 def check_prefetch_changes_nothing(q, k, v, kv_start, rho, k_min):
@@ -279,15 +279,9 @@ def test_prefetch_changes_nothing():
     check_prefetch_changes_nothing(q, k, v, [0, 2100], 0.1, 16)
 
 
-@contextlib.contextmanager
 def large_reuse_setting(on):
     """The reuse kernel's large-work launch setting forced on (threshold 0) or off (never reached)."""
-    old = K.CONFIG["sparse_large_from"]
-    K.CONFIG["sparse_large_from"] = 0 if on else float("inf")
-    try:
-        yield
-    finally:
-        K.CONFIG["sparse_large_from"] = old
+    return kernel_config(sparse_large_from=0 if on else float("inf"))
 
 
 @pytest.mark.parametrize("dtype", [BF16, FP16])

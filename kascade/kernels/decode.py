@@ -203,6 +203,14 @@ def _decode_logits_kernel(Q, K, V, LG, MP, LP, OP, KV_START, KV_LEN, START32, EN
         tl.store(OP + prow[:, None] * DVP + dv[None, :], acc, mask=gm[:, None])
 
 
+@triton.jit
+def _logit_block(lg_row, n0, hi, g, gm, G: tl.constexpr, BLOCK: tl.constexpr):
+    """Logits [BLOCK, GP] of keys [n0, n0 + BLOCK) of a row ([N, G] layout); -inf from hi on and for g >= G."""
+    offs = n0 + tl.arange(0, BLOCK)
+    return tl.load(lg_row + offs[:, None] * G + g[None, :], mask=(offs < hi)[:, None] & gm[None, :],
+                   other=float("-inf"))
+
+
 @triton.jit(do_not_specialize=["N", "CHUNK"])
 def _decode_pool_kernel(LG, MP, LP, S, HIST, START32, END32, N, stride_lg, stride_s, CHUNK, HKV,
                         G: tl.constexpr, GP: tl.constexpr, NSPLIT: tl.constexpr, BLOCK: tl.constexpr,
@@ -233,19 +241,15 @@ def _decode_pool_kernel(LG, MP, LP, S, HIST, START32, END32, N, stride_lg, strid
     s_row = S + row.to(tl.int64) * stride_s
     acc = tl.zeros([256], tl.int32)
     if PREFETCH:  # the next block's logits are requested before this block is pooled
-        offs = lo + tl.arange(0, BLOCK)
-        x_next = tl.load(lg_row + offs[:, None] * G + g[None, :], mask=(offs < hi)[:, None] & gm[None, :],
-                         other=float("-inf"))
+        x_next = _logit_block(lg_row, lo, hi, g, gm, G, BLOCK)
     for n0 in range(lo, hi, BLOCK):
         offs = n0 + tl.arange(0, BLOCK)
         nm = offs < hi
         if PREFETCH:
             x = x_next
-            nxt = offs + BLOCK
-            x_next = tl.load(lg_row + nxt[:, None] * G + g[None, :], mask=(nxt < hi)[:, None] & gm[None, :],
-                             other=float("-inf"))
+            x_next = _logit_block(lg_row, n0 + BLOCK, hi, g, gm, G, BLOCK)
         else:
-            x = tl.load(lg_row + offs[:, None] * G + g[None, :], mask=nm[:, None] & gm[None, :], other=float("-inf"))
+            x = _logit_block(lg_row, n0, hi, g, gm, G, BLOCK)
         s = tl.sum(tl.exp2(x - lse[None, :]), 1)
         tl.store(s_row + offs, s, mask=nm)
         key = s.to(tl.int32, bitcast=True)
@@ -464,7 +468,7 @@ def _anchor_core(q, krows: KVRows, vrows: KVRows, dm, start, end, rho, k_min, ti
         lg, mp, lp, scores, ws.hist, start32, end32, N, lg.stride(0), ln, chunk, HKV,
         G=dm["G"], GP=_pow2(dm["G"]), NSPLIT=s1, BLOCK=cp["BLOCK"], PREFETCH=cp["prefetch"], num_warps=cp["num_warps"])
     idx = torch.empty(R, kmax, dtype=torch.int32, device=dev)
-    if CONFIG["select"].get("candidates", True):
+    if CONFIG["select"]["candidates"]:
         ts.radix_candidates(scores, N, ws, counts, start32, HKV, nchunk, chunk, idx, end_b=end32,
                             prefetch=CONFIG["select"]["prefetch"])
     else:

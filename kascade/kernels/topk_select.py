@@ -133,7 +133,7 @@ def _radix_hist_kernel(S, H, KB, START, END, N, stride_s, CHUNK, ROWS_PER_B,
     for n0 in range(lo, hi, BLOCK):
         offs = n0 + tl.arange(0, BLOCK)
         valid = offs < hi
-        key = tl.load(s_row + offs, mask=valid, other=0.0).to(tl.int32, bitcast=True)
+        key = _keys(s_row, n0, hi, BLOCK)
         if LEVEL == 1:
             acc += tl.histogram((key >> 23) & 255, 256, mask=valid)
         elif LEVEL == 2:
@@ -240,7 +240,7 @@ def _radix_compact_kernel(S, H, H4S, GT, KB, START, END, IDX, N, stride_s, strid
     for n0 in range(lo, hi, BLOCK):
         offs = n0 + tl.arange(0, BLOCK)
         valid = offs < hi
-        key = tl.load(s_row + offs, mask=valid, other=0.0).to(tl.int32, bitcast=True)
+        key = _keys(s_row, n0, hi, BLOCK)
         take, slot, n_gt, n_eq = _compact_block(key, offs, valid, thr, r, gt_base, eq_base, gt_total)
         tl.store(i_row + slot, offs, mask=take)
         gt_base += n_gt
