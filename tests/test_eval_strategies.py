@@ -63,7 +63,7 @@ def test_full_budget_equals_dense(model, plan, name):
             lg, cache = step(model, ids[:, i : i + 1], cache)
             dense_steps.append(lg)
         full = model(ids).logits
-        strategy = S.make_strategy(name, plan, model.config, rho=1.0, k_min=4)
+        strategy = S.make_strategy(name, plan, model.config, rho=1.0, k_min=4, paper_plan=plan)
         with kascade.enable(model, strategy=strategy):
             out = model(ids).logits
             logits, cache = step(model, ids[:, :140])
@@ -83,7 +83,7 @@ def test_full_budget_equals_dense(model, plan, name):
 def test_equal_budget_in_both_phases(model, plan, name):
     rho, k_min, tile = 0.1, 8, 32
     ids = _ids(200, seed=3)
-    strategy = S.make_strategy(name, plan, model.config, rho=rho, k_min=k_min)
+    strategy = S.make_strategy(name, plan, model.config, rho=rho, k_min=k_min, paper_plan=plan)
     with torch.no_grad(), kascade.enable(model, strategy=strategy):
         _, cache = step(model, ids[:, :199])
         prefill = [strategy.attended(layer) for layer in range(4)]
@@ -143,7 +143,7 @@ def test_shared_set_with_one_kv_head_is_the_reference_selection():
 
 def test_coverage_oracle_bounds_everyone(plan):
     peaky = _peaky()
-    strategies = {n: S.make_strategy(n, plan, peaky.config, rho=0.1, k_min=8) for n in S.STRATEGIES}
+    strategies = {n: S.make_strategy(n, plan, peaky.config, rho=0.1, k_min=8, paper_plan=plan) for n in S.STRATEGIES}
     res = C.measure(peaky, _ids(260, seed=5), strategies, decode_steps=4)
     for mode in ("prefill", "decode"):
         oracle = res[mode]["oracle"]
@@ -195,3 +195,10 @@ def test_factory_errors(model, plan):
     other = Plan.for_model(E.tiny_llama(VOCAB, layers=6).config, [0, 3])
     with pytest.raises(ValueError, match="another model"):
         S.make_strategy("kascade", other, model.config, 0.1, 8)
+
+
+def test_paper_strategy_needs_its_plan(model, plan):
+    with pytest.raises(ValueError, match="paper_plan"):
+        S.make_strategy("kascade-paper", plan, model.config, 0.1, 8)
+    paper = S.make_strategy("kascade-paper", None, model.config, 0.2, 8, paper_plan=plan)
+    assert paper.plan.anchors == plan.anchors and paper.plan.rho == 0.2

@@ -23,6 +23,8 @@ Strategies (`STRATEGIES`):
                       selection of their anchor through the plan's head map
     kascade-agnostic  the plan's anchors, but one set per tile shared by all KV heads: post-softmax
                       probabilities summed over ALL query heads, the set broadcast to every KV head
+    kascade-paper     Kascade with the paper's recipe: a plan calibrated by attention-mass coverage alone
+                      (`kascade calibrate --recipe paper`), passed separately (paper_plan=, --paper-plan)
     kascade-no-remap  the plan with the identity head map
     uniform           as many anchors as the plan, evenly spaced (plan.uniform_anchors), identity map
     streamingllm      the first 4 keys (attention sinks) and the most recent ones, k(n) in all
@@ -51,7 +53,7 @@ from kascade.eval import selectors
 from kascade.plan import Plan, model_fingerprint, uniform_anchors
 from kascade.strategy import KascadeStrategy, Strategy
 
-STRATEGIES = ("dense", "oracle", "kascade", "kascade-agnostic", "kascade-no-remap", "uniform", "streamingllm",
+STRATEGIES = ("dense", "oracle", "kascade", "kascade-paper", "kascade-agnostic", "kascade-no-remap", "uniform", "streamingllm",
               "quest", "omnikv")
 NEEDS_PLAN = ("kascade", "kascade-agnostic", "kascade-no-remap", "uniform", "omnikv")
 SINKS = 4
@@ -185,14 +187,22 @@ def canonical_strategy(name: str) -> str:
 
 
 def make_strategy(name: str, plan: Plan | None, model_config, rho: float, k_min: int, backend: str = "auto",
-                  tile: int | None = None) -> Strategy:
+                  tile: int | None = None, paper_plan: Plan | None = None) -> Strategy:
     """The strategy `name` at budget (rho, k_min) for the model of `model_config`.
 
     plan: the calibrated plan (needed by kascade, kascade-agnostic, kascade-no-remap, uniform, omnikv);
     its rho and k_min are replaced by the arguments. tile: the prefill tile (default: the plan's, else 32).
+    paper_plan: the plan of the paper's recipe (needed by kascade-paper).
     """
     canonical_strategy(name)
     ops.check_backend(backend)
+    if name == "kascade-paper":
+        if paper_plan is None:
+            raise ValueError("paper_plan: strategy 'kascade-paper' needs a plan made with the paper's recipe "
+                             "(--paper-plan plan.json, from `kascade calibrate --recipe paper`)")
+        paper_plan.validate(model_config)
+        budgeted = dataclasses.replace(paper_plan, rho=rho, k_min=k_min, tile=tile or paper_plan.tile)
+        return PlanStrategy(name, budgeted, backend)
     if name in NEEDS_PLAN and plan is None:
         raise ValueError(f"plan: strategy {name!r} needs a calibrated plan (--plan plan.json, from `kascade calibrate`)")
     if plan is not None:
