@@ -14,83 +14,138 @@ tile, and its diagonal block is attended on top by `ops.reuse`.
                                              per-dimension key min/max, pooled over the KV group
 
 Shapes as in kascade.reference: q [B, Hq, Q, D], k [B, Hkv, N, D], kv_start [B] or None.
+
+Vectorised: sequences that share a layout (every sequence when kv_start is None) are scored together,
+their heads folded into one batch dimension (at most `MAX_FOLD` sequences at once; prefill temporaries
+are then about that many times `max_chunk_bytes`), and each chunk of query tiles takes one top-k at the
+chunk's largest budget; the slots past a tile's own budget are masked, then each row is sorted. Without
+kv_start nothing here waits for the device (no host sync); with kv_start the start offsets are read once
+per call. The result is the one of the per-sequence, per-tile loops this replaces
+(tests/test_eval_batch.py keeps that version as its oracle).
 """
 
 from __future__ import annotations
 
 import torch
 
-from kascade.budget import budget
+from kascade.budget import budget, budget_tensor
 from kascade.checks import check_attention_inputs, resolve_kv_start
 from kascade.reference import DEFAULT_CHUNK_BYTES, Selection, pooled_tile_scores
 
+MAX_FOLD = 16  # sequences scored together (their heads folded into one batch dimension)
 
-def _sequences(q, k, kv_start):
-    """(b, s, p0, i0): first key, position of the first valid query, first valid query row."""
-    qlen, n_cache = q.shape[2], k.shape[2]
-    for b in range(q.shape[0]):
-        s = int(kv_start[b])
+
+def _groups(q, k, kv_start):
+    """[(rows, s, p0, i0)]: a slice of sequences sharing their first key s, the position p0 of their first
+    valid query and its row i0. Without kv_start, every sequence (in slices of MAX_FOLD), no host sync."""
+    bsz, qlen, n_cache = q.shape[0], q.shape[2], k.shape[2]
+    if kv_start is None:
+        starts = [0] * bsz
+    else:
+        starts = resolve_kv_start(kv_start, q, k).tolist()  # one host sync
+    groups, b = [], 0
+    while b < bsz:
+        e = b + 1
+        while e < bsz and e - b < MAX_FOLD and starts[e] == starts[b]:
+            e += 1
+        s = starts[b]
         qv = min(qlen, n_cache - s)
-        yield b, s, n_cache - s - qv, qlen - qv
+        groups.append((slice(b, e), s, n_cache - s - qv, qlen - qv))
+        b = e
+    return groups
+
+
+def _extent(q, k, group, decode, rho, k_min, tile) -> tuple[int, int]:
+    """(local tiles, largest set) of a group."""
+    _, s, p0, i0 = group
+    qv = q.shape[2] - i0
+    if decode:
+        return 1, budget(k.shape[2] - s, rho, k_min)
+    t_begin, t_end = p0 // tile, (p0 + qv - 1) // tile + 1
+    return t_end - t_begin, budget((t_end - 1) * tile, rho, k_min)
+
+
+def _alloc(q, k, groups, decode, rho, k_min, tile):
+    """indices [B, Hkv, U, Kmax] (-1), counts [B, U] (0), first_tile [B]."""
+    ext = [_extent(q, k, g, decode, rho, k_min, tile) for g in groups]
+    u_max = max([1] + [u for u, _ in ext])
+    k_max = max([1] + [kk for _, kk in ext])
+    bsz, dev = q.shape[0], q.device
+    indices = torch.full((bsz, k.shape[1], u_max, k_max), -1, dtype=torch.int32, device=dev)
+    counts = torch.zeros(bsz, u_max, dtype=torch.int32, device=dev)
+    firsts = [0 if decode else p0 // tile for _, _, p0, _ in groups]
+    if len(set(firsts)) <= 1:
+        first_tile = torch.full((bsz,), firsts[0] if firsts else 0, dtype=torch.int64, device=dev)
+    else:  # several layouts: kv_start was read on the host already
+        first_tile = torch.tensor([f for (r, _, _, _), f in zip(groups, firsts) for _ in range(r.stop - r.start)],
+                                  dtype=torch.int64, device=dev)
+    return indices, counts, first_tile
 
 
 def _topk_sorted(scores: torch.Tensor, kk: int) -> torch.Tensor:
-    """Top-k positions of each row of scores [H, n], ascending -> [H, kk] int64."""
+    """Top-k positions of each row of scores [..., n], ascending -> [..., kk] int64."""
     if kk == 0:
-        return scores.new_zeros(scores.shape[0], 0, dtype=torch.int64)
+        return scores.new_zeros(*scores.shape[:-1], 0, dtype=torch.int64)
     if kk >= scores.shape[-1]:
-        return torch.arange(scores.shape[-1], device=scores.device).expand(scores.shape[0], -1)
+        return torch.arange(scores.shape[-1], device=scores.device).expand(*scores.shape[:-1], -1)
     return torch.topk(scores, kk, dim=-1, sorted=False).indices.sort(dim=-1).values
 
 
-def _pack(per_seq, first_tiles, q, hkv: int, tile: int, decode: bool) -> Selection:
-    """Per sequence, a list over tiles of [H', k_t] absolute indices (H' = 1 broadcasts to all KV heads)."""
-    bsz = q.shape[0]
-    u_max = max(1, max(len(t) for t in per_seq))
-    k_max = max([t.shape[1] for ts in per_seq for t in ts] + [1])
-    indices = torch.full((bsz, hkv, u_max, k_max), -1, dtype=torch.int32, device=q.device)
-    counts = torch.zeros(bsz, u_max, dtype=torch.int32, device=q.device)
-    for b, ts in enumerate(per_seq):
-        for u, t in enumerate(ts):
-            indices[b, :, u, : t.shape[1]] = t.to(torch.int32)  # [H', k] broadcasts over the KV heads
-            counts[b, u] = t.shape[1]
-    first_tile = torch.tensor(first_tiles, dtype=torch.int64, device=q.device)
-    return Selection(indices, counts, first_tile, tile, decode)
+def _tile_sets(sc: torch.Tensor, ta: int, tile: int, rho: float, k_min: int):
+    """Per-tile top-k of a chunk of tile scores sc [..., U, kend] (tile ta + u sees keys < (ta + u) T).
+
+    One top-k at the chunk's largest budget: the best k_t of a sorted top-k are the top k_t, so tile u keeps
+    the first k_t slots of its row; the others are masked and the row sorted. Returns (sets [..., U, kc]
+    ascending with -1 after the first k_t, k_t [U] int64 on the device), or (None, k_t) when every k_t is 0.
+    """
+    u_n, kend = sc.shape[-2], sc.shape[-1]
+    kc = max(budget((ta + u) * tile, rho, k_min) for u in range(u_n))  # host ints: no sync
+    n_before = torch.arange(ta, ta + u_n, device=sc.device) * tile
+    ks = budget_tensor(n_before, rho, k_min)
+    if kc == 0:
+        return None, ks
+    keys = torch.arange(kend, device=sc.device)
+    masked = sc.masked_fill(keys >= n_before[:, None], float("-inf"))
+    top = torch.topk(masked, kc, dim=-1, sorted=True).indices
+    valid = torch.arange(kc, device=sc.device) < ks[:, None]  # [U, kc]
+    sets = top.masked_fill(~valid, kend).sort(dim=-1).values  # the first k_t slots are the valid ones
+    return sets.masked_fill(~valid, -1), ks
 
 
 def _build(q, k, kv_start, rho, k_min, tile, decode_scores, prefill_scores) -> Selection:
-    """Top-k of per-key scores. decode_scores(qb, kb) -> [H', n]; prefill_scores(qb, kb, p0) yields
-    (first tile, [H', tiles, kend]) chunks like reference.pooled_tile_scores."""
+    """Top-k of per-key scores. decode_scores(qb [b, Hq, 1, D], kb [b, Hkv, n, D]) -> [b, H', n];
+    prefill_scores(qb, kb, p0) yields (first tile, [b, H', tiles, kend]) chunks like
+    reference.pooled_tile_scores. H' = 1 broadcasts one set to every KV head."""
     check_attention_inputs(q, k, None)
-    kv_start = resolve_kv_start(kv_start, q, k)
     decode = q.shape[2] == 1
-    per_seq, first_tiles = [], []
-    for b, s, p0, i0 in _sequences(q, k, kv_start):
-        qb, kb = q[b, :, i0:], k[b, :, s:]
-        sets = []
-        if qb.shape[1] and decode:
-            sc = decode_scores(qb, kb)
-            sets = [_topk_sorted(sc, budget(sc.shape[-1], rho, k_min))]
-        elif qb.shape[1]:
-            for ta, sc in prefill_scores(qb, kb, p0):
-                # one top-k per chunk of tiles at the largest budget; the best k_t of a sorted top-k are
-                # the top k_t, so each tile keeps a prefix of its row
-                n_before = [(ta + u) * tile for u in range(sc.shape[1])]
-                ks = [budget(n, rho, k_min) for n in n_before]
-                keys = torch.arange(sc.shape[-1], device=sc.device)
-                masked = sc.masked_fill(keys[None, None, :] >= torch.tensor(n_before, device=sc.device)[None, :, None],
-                                        float("-inf"))
-                top = torch.topk(masked, max(ks), dim=-1, sorted=True).indices if max(ks) else None
-                for u, kk in enumerate(ks):
-                    sets.append(top[:, u, :kk].sort(dim=-1).values if kk else sc.new_zeros(sc.shape[0], 0,
-                                                                                         dtype=torch.int64))
-        per_seq.append([t + s for t in sets])
-        first_tiles.append(0 if decode else p0 // tile)
-    return _pack(per_seq, first_tiles, q, k.shape[1], tile, decode)
+    groups = _groups(q, k, kv_start)
+    indices, counts, first_tile = _alloc(q, k, groups, decode, rho, k_min, tile)
+    for rows, s, p0, i0 in groups:
+        qb, kb = q[rows, :, i0:], k[rows, :, s:]
+        if decode:
+            kk = budget(kb.shape[2], rho, k_min)
+            indices[rows, :, 0, :kk] = (_topk_sorted(decode_scores(qb, kb), kk) + s).to(torch.int32)
+            counts[rows, 0] = kk
+            continue
+        t_begin = p0 // tile
+        for ta, sc in prefill_scores(qb, kb, p0):
+            sets, ks = _tile_sets(sc, ta, tile, rho, k_min)
+            u0, u1 = ta - t_begin, ta - t_begin + sc.shape[-2]
+            counts[rows, u0:u1] = ks.to(torch.int32)
+            if sets is not None:
+                abs_sets = sets + s if s else sets
+                indices[rows, :, u0:u1, : sets.shape[-1]] = abs_sets.masked_fill(sets < 0, -1).to(torch.int32)
+    return Selection(indices, counts, first_tile, tile, decode)
 
 
 def _scale(q, scale):
     return q.shape[-1] ** -0.5 if scale is None else float(scale)
+
+
+def _fold(x: torch.Tensor) -> torch.Tensor:
+    """[b, H, n, D] -> [b * H, n, D]: sequences folded into the head dimension (head h of sequence i is
+    b * H + h, so query head j of a GQA group still maps to KV head j // G)."""
+    return x.reshape(-1, *x.shape[2:])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,20 +165,22 @@ def pooled_selection(q, k, rho, k_min, tile, kv_start=None, scale=None, pool: st
     sc = _scale(q, scale)
 
     def decode_scores(qb, kb):
-        hq, _, d = qb.shape
-        hkv = kb.shape[0]
-        s = torch.einsum("hgd,hnd->hgn", qb.float().view(hkv, hq // hkv, d), kb.float()) * sc
-        p = torch.softmax(s, dim=-1).reshape(hq, -1)
-        return p.sum(0, keepdim=True) if pool == "sum" else p.amax(0, keepdim=True)
+        nb, hq, _, d = qb.shape
+        hkv = kb.shape[1]
+        s = torch.einsum("bhgd,bhnd->bhgn", qb.float().view(nb, hkv, hq // hkv, d), kb.float()) * sc
+        p = torch.softmax(s, dim=-1).reshape(nb, hq, -1)
+        return p.sum(1, keepdim=True) if pool == "sum" else p.amax(1, keepdim=True)
 
     def prefill_scores(qb, kb, p0):
+        nb, hq = qb.shape[:2]
+        hkv = kb.shape[1]
         if pool == "sum":
-            for ta, pooled in pooled_tile_scores(qb, kb, p0, tile, sc, max_chunk_bytes):
-                yield ta, pooled.sum(0, keepdim=True)
+            for ta, pooled in pooled_tile_scores(_fold(qb), _fold(kb), p0, tile, sc, nb * max_chunk_bytes):
+                yield ta, pooled.view(nb, hkv, *pooled.shape[1:]).sum(1, keepdim=True)
         else:  # one "group" per query head: every query head scores with its own KV head's keys
-            kx = kb.repeat_interleave(qb.shape[0] // kb.shape[0], dim=0)
-            for ta, pooled in pooled_tile_scores(qb, kx, p0, tile, sc, max_chunk_bytes):
-                yield ta, pooled.amax(0, keepdim=True)
+            kx = _fold(kb.repeat_interleave(hq // hkv, dim=1))
+            for ta, pooled in pooled_tile_scores(_fold(qb), kx, p0, tile, sc, nb * max_chunk_bytes):
+                yield ta, pooled.view(nb, hq, *pooled.shape[1:]).amax(1, keepdim=True)
 
     return _build(q, k, kv_start, rho, k_min, tile, decode_scores, prefill_scores)
 
@@ -133,31 +190,34 @@ def pooled_selection(q, k, rho, k_min, tile, kv_start=None, scale=None, pool: st
 # ----------------------------------------------------------------------------------------------
 
 
-def _window(n: int, kk: int, sinks: int, device) -> torch.Tensor:
-    """[1, kk]: keys 0..sinks-1 and the kk - sinks most recent of n keys."""
-    s = min(sinks, kk)
-    return torch.cat([torch.arange(s, device=device), torch.arange(n - (kk - s), n, device=device)])[None]
+def _window(n_before: torch.Tensor, ks: torch.Tensor, kc: int, sinks: int) -> torch.Tensor:
+    """[U, kc]: per row, keys 0..min(sinks, k)-1 and the k - min(sinks, k) most recent of n_before keys,
+    ascending, -1 after the first k = ks[u] slots."""
+    j = torch.arange(kc, device=ks.device)
+    sk = ks.clamp(max=sinks)[:, None]
+    idx = torch.where(j < sk, j, n_before[:, None] - ks[:, None] + j)
+    return idx.masked_fill(j >= ks[:, None], -1)
 
 
 def window_selection(q, k, rho, k_min, tile, kv_start=None, sinks: int = 4) -> Selection:
     """Attention sinks plus a recent window, k(n) keys in all (Xiao et al., 2024, StreamingLLM)."""
     check_attention_inputs(q, k, None)
-    kv_start = resolve_kv_start(kv_start, q, k)
     decode = q.shape[2] == 1
-    per_seq, first_tiles = [], []
-    for b, s, p0, i0 in _sequences(q, k, kv_start):
-        qv = q.shape[2] - i0
-        sets = []
-        if qv and decode:
-            n = k.shape[2] - s
-            sets = [_window(n, budget(n, rho, k_min), sinks, q.device)]
-        elif qv:
-            for t in range(p0 // tile, (p0 + qv - 1) // tile + 1):
-                n_before = t * tile
-                sets.append(_window(n_before, budget(n_before, rho, k_min), sinks, q.device))
-        per_seq.append([x + s for x in sets])
-        first_tiles.append(0 if decode else p0 // tile)
-    return _pack(per_seq, first_tiles, q, k.shape[1], tile, decode)
+    groups = _groups(q, k, kv_start)
+    indices, counts, first_tile = _alloc(q, k, groups, decode, rho, k_min, tile)
+    dev = q.device
+    for rows, s, p0, i0 in groups:
+        u_n, kc = _extent(q, k, (rows, s, p0, i0), decode, rho, k_min, tile)
+        if decode:
+            n_before = torch.full((1,), k.shape[2] - s, dtype=torch.int64, device=dev)
+        else:
+            n_before = torch.arange(p0 // tile, p0 // tile + u_n, device=dev) * tile
+        ks = budget_tensor(n_before, rho, k_min)
+        counts[rows, :u_n] = ks.to(torch.int32)
+        if kc:
+            w = _window(n_before, ks, kc, sinks)
+            indices[rows, :, :u_n, :kc] = (w + s).masked_fill(w < 0, -1).to(torch.int32)
+    return Selection(indices, counts, first_tile, tile, decode)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,20 +266,20 @@ def page_selection(q, k, rho, k_min, tile, kv_start=None, scale=None, page: int 
     sc = _scale(q, scale)
 
     def decode_scores(qb, kb):
-        hq, _, d = qb.shape
-        hkv, n, _ = kb.shape
-        lo, hi = page_bounds(kb, page)
-        ub = _upper_bound(qb.float().view(hkv, hq // hkv, 1, d), lo, hi) * sc  # [Hkv, G, 1, P]
-        w = torch.softmax(ub, dim=-1).sum(dim=(1, 2))  # [Hkv, P]
-        return _page_rank_scores(w, n, page)
+        nb, hq, _, d = qb.shape
+        hkv, n = kb.shape[1], kb.shape[2]
+        lo, hi = page_bounds(_fold(kb), page)
+        ub = _upper_bound(qb.float().reshape(nb * hkv, hq // hkv, 1, d), lo, hi) * sc  # [b Hkv, G, 1, P]
+        w = torch.softmax(ub, dim=-1).sum(dim=(1, 2))  # [b Hkv, P]
+        return _page_rank_scores(w, n, page).view(nb, hkv, n)
 
     def prefill_scores(qb, kb, p0):
-        hq, qv, d = qb.shape
-        hkv, n, _ = kb.shape
+        nb, hq, qv, d = qb.shape
+        hkv, n = kb.shape[1], kb.shape[2]
         g = hq // hkv
-        lo, hi = page_bounds(kb, page)
+        lo, hi = page_bounds(_fold(kb), page)
         pages = lo.shape[1]
-        rows = max(tile, max_chunk_bytes // max(1, 4 * hq * max(pages, n // 8)))
+        rows = max(tile, max_chunk_bytes // max(1, 4 * hq * max(pages, n // 8)))  # per sequence, as before
         tiles_per_chunk = max(1, rows // tile)
         t_begin, t_end = p0 // tile, (p0 + qv - 1) // tile + 1
         page_start = torch.arange(pages, device=qb.device) * page
@@ -227,14 +287,14 @@ def page_selection(q, k, rho, k_min, tile, kv_start=None, scale=None, page: int 
             tb = min(t_end, ta + tiles_per_chunk)
             qs, qe = max(ta * tile, p0), min(tb * tile, n)
             pos = torch.arange(qs, qe, device=qb.device)
-            qg = qb[:, qs - p0 : qe - p0].float().view(hkv, g, qe - qs, d)
-            ub = _upper_bound(qg, lo, hi) * sc  # [Hkv, G, R, P]
+            qg = qb[:, :, qs - p0 : qe - p0].float().reshape(nb * hkv, g, qe - qs, d)
+            ub = _upper_bound(qg, lo, hi) * sc  # [b Hkv, G, R, P]
             tile_start = (pos // tile) * tile
             visible = page_start[None, :] < tile_start[:, None]  # [R, P]
             ub.masked_fill_(~visible, float("-inf"))
-            w = torch.softmax(ub, dim=-1).nan_to_num_(0.0).sum(1)  # [Hkv, R, P]; rows of tile 0 see nothing
-            pooled = torch.zeros(hkv, tb - ta, pages, dtype=torch.float32, device=qb.device)
+            w = torch.softmax(ub, dim=-1).nan_to_num_(0.0).sum(1)  # [b Hkv, R, P]; rows of tile 0 see nothing
+            pooled = torch.zeros(nb * hkv, tb - ta, pages, dtype=torch.float32, device=qb.device)
             pooled.index_add_(1, pos // tile - ta, w)
-            yield ta, _page_rank_scores(pooled, qe, page)
+            yield ta, _page_rank_scores(pooled, qe, page).view(nb, hkv, tb - ta, qe)
 
     return _build(q, k, kv_start, rho, k_min, tile, decode_scores, prefill_scores)
