@@ -155,11 +155,16 @@ def _readable(folder: Path) -> None:
 def ensure(out_dir=SMOLLM2_DIR, gguf_path=None) -> tuple[Path, bool]:
     """The converted model at ``out_dir``, converting first if it is missing or invalid.
 
-    Returns ``(out_dir, converted)``; a valid folder is left alone.
+    Returns ``(out_dir, converted)``; a valid folder is left alone. A folder holding anything other
+    than (part of) SmolLM2-135M-Instruct is refused rather than replaced.
     """
     out_dir = Path(out_dir)
     if _complete(out_dir):
         return out_dir, False
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not (out_dir / "config.json").is_file():
+            raise ValueError(f"out_dir: {out_dir} exists and is not a model folder; remove it or choose another one")
+        check_fingerprint(out_dir)  # raises for another model; an incomplete SmolLM2 folder is converted again
     return convert_gguf(gguf_path or find_smollm2_gguf(), out_dir), True
 
 
