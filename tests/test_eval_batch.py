@@ -233,3 +233,100 @@ def test_no_host_sync_without_padding(monkeypatch):
         selectors.pooled_selection(qq, k, 0.1, 4, 32, pool="max")
         selectors.window_selection(qq, k, 0.1, 4, 32)
         selectors.page_selection(qq, k, 0.1, 4, 32)
+
+
+# ----------------------------------------------------------------------------------------------
+# batched greedy decoding == one prompt at a time
+# ----------------------------------------------------------------------------------------------
+
+import argparse  # noqa: E402
+
+from fixtures import evaltools as E  # noqa: E402
+from kascade.eval import command  # noqa: E402
+from kascade.eval.generation import greedy, greedy_batch  # noqa: E402
+from kascade.models import TINY_MODEL_DIR, TINY_PLAN  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("batch")
+    model_dir = E.save_model_dir(root / "model", layers=3, max_positions=1024)
+    model = E.tiny_llama(len(E.tokenizer()), layers=3, max_positions=1024)
+    E.plan_for(model, anchors=(0, 2), k_min=16).save(root / "plan.json")
+    return model_dir, root / "plan.json"
+
+
+def _args(model_dir, plan, out, **kw):
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    argv = [str(model_dir), "--plan", str(plan), "--out", str(out), "--no-coverage", "--data", str(E.ESSAY)]
+    for k, v in kw.items():
+        argv += ["--" + k.replace("_", "-"), str(v)]
+    return parser.parse_args(argv)
+
+
+def _rows(out):
+    return {command._key(r): {k: r[k] for k in ("score", "prediction", "target", "new_tokens")}
+            for r in command.read_results(out / "results.jsonl")}
+
+
+def test_batched_rows_equal_one_by_one(files, tmp_path):
+    """`kascade eval --batch 4` writes the rows of --batch 1: same keys, predictions, scores (dense, kascade,
+    quest; fp32 on the CPU)."""
+    model_dir, plan = files
+    kw = dict(tasks="niah_single,copy", lengths=300, budgets=0.1, strategies="kascade,quest", samples=4,
+              max_new_tokens=10)
+    assert command.run(_args(model_dir, plan, tmp_path / "one", batch=1, **kw)) == 0
+    assert command.run(_args(model_dir, plan, tmp_path / "four", batch=4, **kw)) == 0
+    one, four = _rows(tmp_path / "one"), _rows(tmp_path / "four")
+    assert len(one) == 2 * 3 * 4 and one == four
+    first = command.read_results(tmp_path / "four" / "results.jsonl")[0]
+    assert set(first) == {"task", "length", "budget", "strategy", "sample", "seed", "score", "prediction", "target",
+                          "new_tokens", "seconds"}
+
+
+def test_rounds_and_resume_form_batches_of_what_is_left(files, tmp_path, monkeypatch):
+    model_dir, plan = files
+    seen = []
+    real = command._run_batch
+    monkeypatch.setattr(command, "_run_batch", lambda m, t, samples, p, st, a: (
+        seen.append((samples[0].task, None if st is None else st.name, [s.seed for s in samples])),
+        real(m, t, samples, p, st, a))[1])
+    kw = dict(tasks="niah_single", lengths=256, budgets=0.1, strategies="streamingllm", max_new_tokens=4)
+    assert command.run(_args(model_dir, plan, tmp_path / "o", batch=2, samples=3, **kw)) == 0
+    # round 0: samples 0-1 of every cell, then round 1: sample 2
+    assert seen == [("niah_single", None, [0, 1]), ("niah_single", "streamingllm", [0, 1]), ("niah_single", None, [2]),
+                    ("niah_single", "streamingllm", [2])]
+    seen.clear()
+    assert command.run(_args(model_dir, plan, tmp_path / "o", batch=4, samples=6, **kw)) == 0
+    assert seen == [("niah_single", None, [3, 4, 5]), ("niah_single", "streamingllm", [3, 4, 5])]
+
+
+def test_greedy_batch_stops_per_row():
+    model = E.tiny_llama(300, layers=2)
+    ids = torch.randint(3, 300, (3, 40), generator=torch.Generator().manual_seed(0))
+    free = [greedy(model, ids[b : b + 1], 8) for b in range(3)]
+    # an end-of-sequence id: the second row's fourth token; rows stop before their first such id
+    eos = free[1][3]
+    outs = greedy_batch(model, ids, [8, 8, 2], [eos])
+    assert outs == [greedy(model, ids[b : b + 1], n, [eos]) for b, n in enumerate([8, 8, 2])]
+    assert outs[1] == free[1][: free[1].index(eos)] and len(outs[2]) <= 2
+    assert greedy_batch(model, ids, 0) == [[], [], []]
+    with pytest.raises(ValueError, match="one number per row"):
+        greedy_batch(model, ids, [1, 2])
+
+
+def test_longbench_prompts_of_several_lengths_run_per_length(files, tmp_path, monkeypatch):
+    """LongBench prompts cut to at most 100 tokens have lengths 100, 98, 78, 60, 99, 100 with the test tokenizer:
+    a batch of all six runs as one batch per length, and gives the rows of one by one."""
+    model_dir, plan = files
+    batches = []
+    real = command._run_batch
+    monkeypatch.setattr(command, "_run_batch", lambda m, t, samples, p, st, a: (
+        batches.append(sorted(len(x) for x in p)), real(m, t, samples, p, st, a))[1])
+    kw = dict(samples=6, lengths=100, budgets=0.2, strategies="kascade", max_new_tokens=4,
+              longbench=str(E.FIXTURES / "longbench_sample.jsonl"))
+    assert command.run(_args(model_dir, plan, tmp_path / "lb", batch=6, **kw)) == 0
+    assert sorted(batches) == sorted([[100, 100], [98], [78], [60], [99]] * 2)
+    assert command.run(_args(model_dir, plan, tmp_path / "lb1", batch=1, **kw)) == 0
+    assert _rows(tmp_path / "lb") == _rows(tmp_path / "lb1")

@@ -47,15 +47,19 @@ def _args(files, out, **kw):
     return parser.parse_args(argv)
 
 
-def _count_runs(monkeypatch):
+def _count_runs(monkeypatch, batches=None):
+    """Rows run, as (task, seed, strategy); `batches` (a list) also gets the seeds of each batch."""
     calls = []
-    real = command._run_one
+    real = command._run_batch
 
-    def counting(model, tok, sample, ids, strategy, args):
-        calls.append((sample.task, sample.seed, None if strategy is None else strategy.name))
-        return real(model, tok, sample, ids, strategy, args)
+    def counting(model, tok, samples, prompts, strategy, args):
+        for sample in samples:
+            calls.append((sample.task, sample.seed, None if strategy is None else strategy.name))
+        if batches is not None:
+            batches.append([s.seed for s in samples])
+        return real(model, tok, samples, prompts, strategy, args)
 
-    monkeypatch.setattr(command, "_run_one", counting)
+    monkeypatch.setattr(command, "_run_batch", counting)
     return calls
 
 

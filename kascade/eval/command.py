@@ -7,20 +7,34 @@ For every task, length and sample (seeds 0..samples-1, the evaluation range), th
 at exactly that many tokens with the model's tokenizer; each strategy at each budget (and dense, once)
 continues it greedily, and the continuation is scored (`kascade.eval.tasks.score`). Writes, in --out:
 
-    results.jsonl          one line per (task, length, budget, strategy, sample), appended as each finishes
-    run.json               what the results depend on (model, plan, k_min, max new tokens, data)
+    results.jsonl          one line per (task, length, budget, strategy, sample), appended as each batch finishes
+    run.json               what the results depend on (model, plans, k_min, max new tokens, data)
+    summary.md / .json     mean score (%) per strategy x (task, length), one table per budget, dense first;
+                           the headline (mean over the tasks dense scores at least 20 on) per strategy
+    accuracy_vs_budget.png the headline score against budget, per strategy (dense as a line), and per task
+    coverage.png / .json   attention-mass coverage per layer of each strategy on the first prompt
 
 --longbench FILE adds a LongBench-format JSONL file as a task ("longbench/<file name>"): its first
 --samples examples, each prompt cut to at most every --lengths tokens, scored by LongBench's metric
 of the example's dataset, with LongBench's generation lengths (capped by --max-new-tokens).
-    summary.md / .json     mean score (%) per strategy x (task, length), one table per budget, dense first
-    accuracy_vs_budget.png mean score against budget, per strategy (dense as a line)
-    coverage.png / .json   attention-mass coverage per layer of each strategy on the first prompt
+
+Strategies: all of `kascade.eval.strategies.STRATEGIES` by default, kascade-paper only when --paper-plan
+gives the plan of the paper's recipe (its hash joins the run's identity, like --plan's).
+
+Batches (--batch N; default 16 on CUDA, 1 on the CPU): the samples of one (task, length, budget,
+strategy) cell run together, one prefill and one decode step per token for the batch
+(`kascade.eval.generation.greedy_batch`); the prompts of a generated task all have the cell's length, so
+no padding is needed. LongBench prompts of different lengths are split into groups of one length (each
+group a batch of its own; the run says how many batches were split). A row's "seconds" is the time of
+its batch divided by the batch's rows. Jobs run in rounds: the first --batch samples of every cell, then
+the next ones, so a run cut short still fills every cell. On CUDA with --backend auto the Triton kernels
+must import (else the run would silently take the slow reference path): pass --backend reference to
+accept that path.
 
 A rerun with the same --out skips the keys already in results.jsonl (resume after an interruption, or
-add samples, tasks, lengths, budgets or strategies); a different model, plan or setting is refused.
-Jobs run sample by sample, so a run cut short still fills every cell; --report-only rewrites the
-summary and plots from what is there (cells then say how many samples they hold).
+add samples, tasks, lengths, budgets or strategies: a batch is formed from the samples of a cell not yet
+done); a different model, plan or setting is refused. --report-only rewrites the summary and plots from
+what is there (cells then say how many samples they hold).
 """
 
 from __future__ import annotations
@@ -52,9 +66,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "cut to at most every --lengths tokens (the middle of long contexts goes), LongBench's metric")
     parser.add_argument("--lengths", default="4096", help="prompt lengths in tokens, comma-separated (default 4096)")
     parser.add_argument("--budgets", default=DEFAULT_BUDGETS, help=f"top-k fractions rho (default {DEFAULT_BUDGETS})")
-    parser.add_argument("--strategies", default=",".join(STRATEGIES),
-                        help="comma-separated, from: " + ", ".join(STRATEGIES) + " (default all; dense always runs)")
+    parser.add_argument("--paper-plan", default=None, metavar="FILE",
+                        help="plan of the paper's recipe (`kascade calibrate --recipe paper`), needed by kascade-paper")
+    parser.add_argument("--strategies", default=None,
+                        help="comma-separated, from: " + ", ".join(STRATEGIES) + " (default all, kascade-paper only "
+                        "with --paper-plan; dense always runs)")
     parser.add_argument("--samples", type=int, default=10, help="samples per task and length (default 10)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="samples of one cell run together (default 16 on CUDA, 1 on the CPU)")
     parser.add_argument("--out", required=True, help="output folder (results.jsonl, summary.md, plots)")
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW,
                         help=f"tokens generated for copy/sequence, and the cap of every task (default {DEFAULT_MAX_NEW})")
@@ -113,11 +132,25 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
+def _check_kernels() -> None:
+    """On CUDA, --backend auto must find the Triton kernels: without them every sparse step would run the
+    reference (pure PyTorch, per sequence), orders of magnitude slower, and nothing would say so."""
+    import importlib
+
+    for mode in ("decode", "prefill"):
+        try:
+            importlib.import_module(f"kascade.kernels.{mode}")
+        except ImportError as e:
+            raise ValueError(f"--backend: on CUDA the eval runs the Triton kernels, but kascade.kernels.{mode} cannot "
+                             f"be imported ({e}); install Triton, or pass --backend reference to accept the slow "
+                             "reference path") from e
+
+
 class _Setup:
     """Everything checked before the model is loaded."""
 
     def __init__(self, args):
-        from kascade.eval.strategies import NEEDS_PLAN, canonical_strategy
+        from kascade.eval.strategies import NEEDS_PLAN, STRATEGIES, canonical_strategy
         from kascade.eval.tasks import canonical_task
         from kascade.models import check_model_dir
         from kascade.plan import Plan
@@ -131,7 +164,11 @@ class _Setup:
         tasks = args.tasks if args.tasks is not None else ("" if self.longbench else DEFAULT_TASKS)
         self.tasks = [canonical_task(t) for t in _split(tasks, "tasks")] if tasks else []
         self.tasks += list(self.longbench)
-        self.strategies = ["dense"] + [s for s in (canonical_strategy(x) for x in _split(args.strategies, "strategies"))
+        paper_path = getattr(args, "paper_plan", None)
+        names = getattr(args, "strategies", None)
+        if names is None:
+            names = ",".join(s for s in STRATEGIES if s != "kascade-paper" or paper_path)
+        self.strategies = ["dense"] + [s for s in (canonical_strategy(x) for x in _split(names, "strategies"))
                                        if s != "dense"]
         self.lengths = _ints(args.lengths, "lengths")
         self.budgets = _budgets(args.budgets)
@@ -148,6 +185,14 @@ class _Setup:
         if need and self.plan is None:
             raise ValueError(f"--plan: strategies {need} need a calibrated plan; pass --plan plan.json (from "
                              "`kascade calibrate`) or leave them out of --strategies")
+        self.paper_plan, self.paper_plan_path = None, None
+        if paper_path:
+            self.paper_plan_path = Path(paper_path)
+            self.paper_plan = Plan.load(self.paper_plan_path)
+        if "kascade-paper" in self.strategies and self.paper_plan is None:
+            raise ValueError("--paper-plan: strategy kascade-paper needs the plan of the paper's recipe; pass "
+                             "--paper-plan plan.json (from `kascade calibrate --recipe paper`) or leave it out of "
+                             "--strategies")
         self.k_min = args.k_min if args.k_min is not None else (self.plan.k_min if self.plan else 128)
         if self.k_min < 1:
             raise ValueError(f"--k-min: expected >= 1, got {self.k_min}")
@@ -168,11 +213,21 @@ class _Setup:
             if too_long:
                 raise ValueError(f"--lengths: {too_long} plus --max-new-tokens {args.max_new_tokens} exceed the model's "
                                  f"max_position_embeddings {max_pos}; use lengths <= {max_pos - args.max_new_tokens}")
+        from kascade.models import resolve_device
+
+        self.device = resolve_device(args.device)
+        batch = getattr(args, "batch", None)
+        if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+            raise ValueError(f"--batch: expected a positive number of samples, got {batch!r}")
+        self.batch = batch if batch is not None else (16 if self.device.type == "cuda" else 1)
+        if self.device.type == "cuda" and args.backend == "auto" and not getattr(args, "report_only", False):
+            _check_kernels()
         self.out = Path(args.out)
         self.identity = {
             "model_dir": str(self.model_dir.resolve()),
             "model_config": _sha(self.model_dir / "config.json"),
             "plan": _sha(self.plan_path) if self.plan_path else None,
+            "paper_plan": _sha(self.paper_plan_path) if self.paper_plan_path else None,
             "k_min": self.k_min, "max_new_tokens": args.max_new_tokens, "haystack": args.haystack,
             "data": _sha(self.data_path) if self.data_path else None,
             **{t: _sha(p) for t, (p, _) in self.longbench.items()},
@@ -239,44 +294,77 @@ def _check_identity(out: Path, identity: dict) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+def _cells(setup: _Setup) -> list[tuple]:
+    """(task, length, budget, strategy) in table order: dense first, then each strategy at each budget."""
+    return [(task, length, budget, strategy) for task in setup.tasks for length in setup.lengths
+            for strategy in setup.strategies for budget in ([None] if strategy == "dense" else setup.budgets)]
+
+
+def _n_samples(setup: _Setup, task: str, samples: int) -> int:
+    return min(samples, len(setup.longbench[task][1])) if task in setup.longbench else samples
+
+
 def _jobs(setup: _Setup, samples: int) -> list[tuple]:
-    """(task, length, budget, strategy, sample), sample-major: a run cut short still fills every cell."""
-    jobs = []
-    for i in range(samples):
-        for task in setup.tasks:
-            if task in setup.longbench and i >= len(setup.longbench[task][1]):
-                continue
-            for length in setup.lengths:
-                for strategy in setup.strategies:
-                    for budget in ([None] if strategy == "dense" else setup.budgets):
-                        jobs.append((task, length, budget, strategy, i))
-    return jobs
+    """Every (task, length, budget, strategy, sample) of the grid."""
+    return [(*cell, i) for cell in _cells(setup) for i in range(_n_samples(setup, cell[0], samples))]
 
 
-def _run_one(model, tok, sample, ids, strategy, args):
+def _batches(setup: _Setup, samples: int, done: set, batch: int) -> list[tuple]:
+    """(task, length, budget, strategy, [samples]) in rounds: round r holds the r-th `batch` samples not yet
+    done of every cell (a fresh run: samples [0, B) of every cell, then [B, 2B), ...), so a run cut short
+    still fills every cell."""
+    per_cell = []
+    for cell in _cells(setup):
+        todo = [i for i in range(_n_samples(setup, cell[0], samples)) if (*cell, i) not in done]
+        per_cell.append((cell, [todo[j : j + batch] for j in range(0, len(todo), batch)]))
+    rounds = max((len(chunks) for _, chunks in per_cell), default=0)
+    return [(*cell, chunks[r]) for r in range(rounds) for cell, chunks in per_cell if r < len(chunks)]
+
+
+def _by_length(prompts: list[list[int]]) -> list[list[int]]:
+    """Row numbers grouped by prompt length (first appearance order): each group runs as one batch."""
+    groups: dict = {}
+    for row, ids in enumerate(prompts):
+        groups.setdefault(len(ids), []).append(row)
+    return list(groups.values())
+
+
+def _run_batch(model, tok, samples, prompts, strategy, args) -> list[tuple]:
+    """Greedy continuations of prompts of one length (lists of ids) with `strategy` (None: dense), scored.
+
+    Returns (score, text, new tokens, seconds) per row; seconds: the batch's time / its rows."""
     import torch
 
     import kascade
     from kascade.eval import longbench as LB
     from kascade.eval import tasks as TK
-    from kascade.eval.generation import greedy
+    from kascade.eval.generation import greedy_batch
 
-    lb = isinstance(sample, LB.LongBenchSample)
-    n_new = sample.max_new_tokens(args.max_new_tokens) if lb else TK.max_new_tokens(sample, tok, args.max_new_tokens)
+    if len({len(p) for p in prompts}) != 1:
+        raise ValueError(f"prompts: a batch runs prompts of one length, got lengths {sorted({len(p) for p in prompts})}")
+    limits = [s.max_new_tokens(args.max_new_tokens) if isinstance(s, LB.LongBenchSample)
+              else TK.max_new_tokens(s, tok, args.max_new_tokens) for s in samples]
+    device = next(model.parameters()).device
+    ids = torch.tensor(prompts, device=device)
     t0 = time.perf_counter()
     with torch.no_grad():
         if strategy is None:
-            out = greedy(model, ids, n_new, [tok.eos_token_id])
+            outs = greedy_batch(model, ids, limits, [tok.eos_token_id])
         else:
             with kascade.enable(model, strategy=strategy):
-                out = greedy(model, ids, n_new, [tok.eos_token_id])
-    seconds = time.perf_counter() - t0
-    text = tok.decode(out, skip_special_tokens=True)
-    if lb:
-        sc = LB.score(sample.example, text)
-    else:
-        sc = TK.score(sample, text, generated_ids=out, tokenizer=tok, n_expected=n_new)
-    return sc, text, len(out), seconds
+                outs = greedy_batch(model, ids, limits, [tok.eos_token_id])
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = (time.perf_counter() - t0) / len(prompts)
+    rows = []
+    for sample, out, n_new in zip(samples, outs, limits):
+        text = tok.decode(out, skip_special_tokens=True)
+        if isinstance(sample, LB.LongBenchSample):
+            sc = LB.score(sample.example, text)
+        else:
+            sc = TK.score(sample, text, generated_ids=out, tokenizer=tok, n_expected=n_new)
+        rows.append((sc, text, len(out), seconds))
+    return rows
 
 
 def run(args) -> int:
@@ -296,41 +384,62 @@ def run(args) -> int:
     results_path = setup.out / "results.jsonl"
     done = {_key(r) for r in read_results(results_path)}
     jobs = _jobs(setup, args.samples)
-    todo = [] if getattr(args, "report_only", False) else [j for j in jobs if j not in done]
+    batches = [] if getattr(args, "report_only", False) else _batches(setup, args.samples, done, setup.batch)
 
     model = tok = None
-    samples: dict = {}
+    samples: dict = {}  # (task, length, sample) -> (sample, prompt ids): those of the current task and length
+    first: dict = {}  # (task, length) -> sample 0, made up front
 
     def sample_of(task, length, i):
-        if (task, length, i) not in samples:
-            samples.clear()  # one prompt at a time: they can be long
+        key = (task, length, i)
+        if key in samples:
+            return samples[key]
+        if i == 0 and (task, length) in first:
+            made = first[task, length]
+        else:
             if task in setup.longbench:
-                samples[task, length, i] = LB.make_sample(setup.longbench[task][1][i], tok, length, task, i)
+                sample = LB.make_sample(setup.longbench[task][1][i], tok, length, task, i)
             else:
-                samples[task, length, i] = TK.make_task(task, length, tok, i, haystack=args.haystack, text=setup.text)
-        return samples[task, length, i]
+                sample = TK.make_task(task, length, tok, i, haystack=args.haystack, text=setup.text)
+            made = (sample, tok(sample.prompt).input_ids)
+            if task not in setup.longbench and len(made[1]) != length:
+                raise RuntimeError(f"{task}: sample {i} has {len(made[1])} tokens, not {length}; please report it")
+        if any(k[:2] != (task, length) for k in samples):
+            samples.clear()  # prompts can be long: keep those of one task and length
+        samples[key] = made
+        return made
 
     want_coverage = not getattr(args, "no_coverage", False) and not (setup.out / "coverage.json").is_file()
-    if todo or want_coverage:
+    if batches or want_coverage:
         model, tok = load_model(setup.model_dir, args.device, args.dtype)
         for task in setup.tasks:  # fail early on a length a task cannot reach
             for length in setup.lengths:
-                sample_of(task, length, 0)
-    device = next(model.parameters()).device if model is not None else None
-    bar = tqdm(total=len(todo), desc="kascade eval", unit="run", dynamic_ncols=True, disable=not todo)
-    for task, length, budget, strategy_name, i in todo:
-        sample = sample_of(task, length, i)
-        ids = torch.tensor([tok(sample.prompt).input_ids], device=device)
+                first[task, length] = sample_of(task, length, 0)
+    n_runs = sum(len(b[4]) for b in batches)
+    split = 0
+    bar = tqdm(total=n_runs, desc="kascade eval", unit="run", dynamic_ncols=True, disable=not batches)
+    for task, length, budget, strategy_name, ids in batches:
+        made = [sample_of(task, length, i) for i in ids]
         strategy = None if strategy_name == "dense" else make_strategy(
-            strategy_name, setup.plan, model.config, budget, setup.k_min, backend=args.backend)
-        bar.set_postfix_str(f"{task}@{length} {strategy_name} {budget if budget is not None else ''} #{i}")
-        sc, text, n_out, seconds = _run_one(model, tok, sample, ids, strategy, args)
-        _append(results_path, {
-            "task": task, "length": length, "budget": budget, "strategy": strategy_name, "sample": i, "seed": i,
-            "score": sc, "prediction": text[:400], "target": sample.target[:400], "new_tokens": n_out,
-            "seconds": round(seconds, 3)})
-        bar.update(1)
+            strategy_name, setup.plan, model.config, budget, setup.k_min, backend=args.backend,
+            paper_plan=setup.paper_plan)
+        groups = _by_length([p for _, p in made])
+        split += len(groups) > 1
+        for rows in groups:
+            bar.set_postfix_str(f"{task}@{length} {strategy_name} {budget if budget is not None else ''} "
+                                f"#{ids[rows[0]]}" + (f"-{ids[rows[-1]]}" if len(rows) > 1 else ""))
+            res = _run_batch(model, tok, [made[r][0] for r in rows], [made[r][1] for r in rows], strategy, args)
+            for r, (sc, text, n_out, seconds) in zip(rows, res):
+                sample = made[r][0]
+                _append(results_path, {
+                    "task": task, "length": length, "budget": budget, "strategy": strategy_name, "sample": ids[r],
+                    "seed": ids[r], "score": sc, "prediction": text[:400], "target": sample.target[:400],
+                    "new_tokens": n_out, "seconds": round(seconds, 3)})
+            bar.update(len(rows))
     bar.close()
+    if split:
+        print(f"kascade eval: {split} of {len(batches)} batches held prompts of several lengths and ran as one "
+              "batch per length")
 
     from kascade.eval import report
 
@@ -343,7 +452,8 @@ def run(args) -> int:
     report.plot_accuracy(summary, setup.out / "accuracy_vs_budget.png")
     if want_coverage:
         _coverage(setup, model, tok, sample_of, args)
-    print(f"kascade eval: {len(todo)} new runs, {len(rows)} in the grid; summary in {setup.out / 'summary.md'}")
+    print(f"kascade eval: {n_runs} new runs in {len(batches)} batches (batch {setup.batch}), {len(rows)} in the "
+          f"grid; summary in {setup.out / 'summary.md'}")
     return 0
 
 
@@ -355,11 +465,11 @@ def _coverage(setup, model, tok, sample_of, args) -> None:
     from kascade.eval.strategies import make_strategy
 
     budget = min(setup.budgets, key=lambda b: abs(b - 0.1))
-    sample = sample_of(setup.tasks[0], min(setup.lengths), 0)
-    ids = torch.tensor([tok(sample.prompt).input_ids])
+    sample, prompt = sample_of(setup.tasks[0], min(setup.lengths), 0)
+    ids = torch.tensor([prompt], device=next(model.parameters()).device)
     names = [s for s in setup.strategies if s != "dense"]
-    strategies = {s: make_strategy(s, setup.plan, model.config, budget, setup.k_min, backend=args.backend)
-                  for s in names}
+    strategies = {s: make_strategy(s, setup.plan, model.config, budget, setup.k_min, backend=args.backend,
+                                   paper_plan=setup.paper_plan) for s in names}
     tile = setup.plan.tile if setup.plan is not None else 32
     res = coverage.measure(model, ids, strategies, tile=tile, decode_steps=min(16, ids.shape[1] - 1))
     title = f"coverage, {sample.task} @ {ids.shape[1]} tokens, rho={budget}"
