@@ -1,5 +1,7 @@
 """Task generators: exact token lengths, facts where the sample says, determinism, scoring, errors."""
 
+import copy
+import functools
 import re
 from collections import Counter
 
@@ -22,14 +24,34 @@ def _cases():
                 yield task, length, seed
 
 
+# a ChatML-style template (as SmolLM2's and Qwen's): one turn per message, then the assistant's header
+CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@functools.lru_cache(maxsize=None)
+def chat_tokenizer(template: str = CHAT_TEMPLATE):
+    """The test tokenizer with a chat template (a copy: the shared one stays without)."""
+    tok = copy.deepcopy(E.tokenizer())
+    tok.chat_template = template
+    return tok
+
+
+def _tokenizer_for(task):
+    return chat_tokenizer() if task in TK.CHAT_TASKS else E.tokenizer()
+
+
 @pytest.mark.parametrize("task,length,seed", list(_cases()))
 def test_exact_length_and_facts_in_place(task, length, seed):
-    tok = E.tokenizer()
+    tok = _tokenizer_for(task)
     haystack = "essay" if seed == 1 else "filler"
     s = TK.make_task(task, length, tok, seed, haystack=haystack, text=TEXT)
     assert len(tok(s.prompt).input_ids) == length
     assert s.task == task and s.length == length and s.seed == seed
-    assert s.prompt == s.prompt.rstrip()  # no trailing white space: the boundary tokenises as in training
+    if task in TK.CHAT_TASKS:  # the chat template's generation prompt ends the prompt
+        assert s.prompt.endswith("<|im_start|>assistant\n")
+    else:
+        assert s.prompt == s.prompt.rstrip()  # no trailing white space: the boundary tokenises as in training
     CHECKS[task](s)
 
 
@@ -124,9 +146,56 @@ def _check_sequence(s):
             assert int(m.group(3)) == s.meta["start"] + (int(m.group(2)) - 1) * s.meta["step"]
 
 
+def _check_doc_qa(s):
+    (a, b), = s.spans
+    fact = s.prompt[a:b]
+    lot = s.answers[0]
+    assert re.fullmatch(r"Entry \d+\. .*", fact) and lot in fact and s.prompt.count(lot) == 1
+    material, rest = s.meta["key"].split(" ", 1)
+    item, depot = rest.split(" from ")
+    assert f"{material} {item}" in fact and depot in fact
+    # the queried delivery is the only one of that material, item and depot
+    entries = re.findall(r"Entry \d+\. [^\n]*", s.prompt)
+    assert len(entries) == s.meta["n_records"]
+    assert sum(f"{material} {item}" in e and depot in e for e in entries) == 1
+    user = s.prompt.split("<|im_start|>user\n", 1)[1].split("<|im_end|>")[0]
+    assert user.startswith("The receiving log of the ") and user.endswith(P.DOC_QA_QUESTION.format(
+        material=material, item=item, depot=depot))
+    for banned in ("special magic", "pass key", "grass is green", "code word", "VAR "):
+        assert banned not in s.prompt
+    assert s.target == P.DOC_QA_ANSWER.format(material=material, item=item, depot=depot, lot=lot)
+    assert TK.score(s, s.target) == 1.0 and TK.score(s, "The lot number is 1234.") == 0.0
+    assert not s.decode_heavy
+
+
 CHECKS = {"niah_single": _check_niah, "niah_multikey": _check_niah, "niah_multivalue": _check_niah,
           "niah_multiquery": _check_niah, "vt": _check_vt, "kv": _check_kv, "cwe": _check_cwe, "fwe": _check_fwe,
-          "copy": _check_copy, "sequence": _check_sequence}
+          "copy": _check_copy, "sequence": _check_sequence, "doc_qa_chat": _check_doc_qa}
+
+
+def test_chat_task_needs_a_chat_template():
+    with pytest.raises(ValueError, match="chat template.*has none.*set tokenizer.chat_template"):
+        TK.make_task("doc_qa_chat", 512, E.tokenizer(), 0)
+
+
+def test_chat_task_writes_bos_once():
+    """A template that writes the BOS token itself, with a tokenizer that adds it: the model sees it once."""
+    tok = chat_tokenizer("<s>" + CHAT_TEMPLATE)
+    s = TK.make_task("doc_qa_chat", 400, tok, 2)
+    ids = tok(s.prompt).input_ids
+    assert len(ids) == 400 and ids.count(tok.bos_token_id) == 1 and s.prompt.startswith("<|im_start|>user")
+
+
+def test_chat_task_with_the_tiny_models_tokenizer():
+    from transformers import AutoTokenizer
+
+    from kascade.models import TINY_MODEL_DIR
+
+    tok = AutoTokenizer.from_pretrained(TINY_MODEL_DIR, local_files_only=True)
+    tok.chat_template = CHAT_TEMPLATE
+    s = TK.make_task("doc_qa_chat", 2048, tok, 0)
+    assert len(tok(s.prompt).input_ids) == 2048 and s.meta["n_records"] > 10
+    assert TK.max_new_tokens(s, tok, 128) == len(tok(s.target, add_special_tokens=False).input_ids) + 16
 
 
 def test_deterministic_and_seeded():

@@ -348,6 +348,67 @@ def copy_shape(rng, source: Essay):
     return Shape(build, size_min=16, fine_max=8, fine_grows=False, chars_per_step=1.0)
 
 
+_DOC_QA_FINE_MAX = 480  # characters of the closing remarks line
+
+
+def _name_pool(rng, n, syllables=(2, 3)):
+    """n distinct capitalised pronounceable names."""
+    return [w.capitalize() for w in _WordPool(rng, syllables).take(0, n)]
+
+
+def doc_qa_shape(rng, render: Callable[[str], str]):
+    """A receiving log of generated deliveries; the user asks for one delivery's lot number.
+
+    render(user_text) -> the prompt (the chat template around one user turn). Size: deliveries in the log
+    besides the queried one (at a seeded depth); fine: characters of a closing remarks line."""
+    taken: set = set()
+    people = [f"{a} {b}" for a, b in zip(_name_pool(rng, 48), _name_pool(rng, 48, (2,)))]
+    depots = [f"{n} {rng.choice(P.DOC_QA_DEPOT_KINDS)}" for n in _name_pool(rng, 32)]
+    warehouse = _name_pool(rng, 1, (3,))[0]
+    keys: set = set()
+
+    def delivery(r):
+        if len(keys) >= len(P.DOC_QA_MATERIALS) * len(P.DOC_QA_ITEMS) * len(depots):
+            raise ValueError(f"length: task 'doc_qa_chat' holds at most {len(keys)} distinct deliveries; ask for a "
+                             "shorter length")
+        while True:
+            material, item, depot = r.choice(P.DOC_QA_MATERIALS), r.choice(P.DOC_QA_ITEMS), r.choice(depots)
+            if (material, item, depot) not in keys:
+                keys.add((material, item, depot))
+                break
+        return {"material": material, "item": item, "depot": depot, "container": r.choice(P.DOC_QA_CONTAINERS),
+                "person": r.choice(people), "day": r.choice(P.DOC_QA_DAYS),
+                "bay": f"{r.choice(string.ascii_uppercase)}-{r.randint(1, 40)}", "lot": _number(r, 5, taken),
+                "form": r.randrange(len(P.DOC_QA_RECORDS))}
+
+    queried = delivery(rng)
+    depth = rng.random()
+    first_entry = rng.randint(100, 4000)
+    remark_words = [rng.choice(P.DOC_QA_REMARK_WORDS) for _ in range(_DOC_QA_FINE_MAX // 4)]
+    remarks = P.DOC_QA_REMARKS + ",".join(" " + w for w in remark_words)
+    pool: list[dict] = []
+    pool_rng = random.Random(rng.getrandbits(64))
+    question = P.DOC_QA_QUESTION.format(**queried)
+    target = P.DOC_QA_ANSWER.format(**queried)
+
+    def build(size, fine):
+        while len(pool) < size:
+            pool.append(delivery(pool_rng))
+        qi = min(size, int(depth * (size + 1)))
+        log = pool[:qi] + [queried] + pool[qi:size]
+        lines = [P.DOC_QA_RECORDS[d["form"]].format(entry=first_entry + i, **d) for i, d in enumerate(log)]
+        tail = remarks[:fine].rstrip(" ,") if fine > len(P.DOC_QA_REMARKS) else ""
+        user = P.DOC_QA_INTRO.format(warehouse=warehouse) + "\n".join(lines) + tail + question
+        prompt = render(user)
+        fact = lines[qi]
+        a = prompt.index(fact)
+        meta = {"n_records": len(log), "index": qi, "key": f"{queried['material']} {queried['item']} from "
+                f"{queried['depot']}", "depths": [round(a / len(prompt), 4)]}
+        return Draft(prompt, target, [queried["lot"]], [(a, a + len(fact))], meta)
+
+    return Shape(build, size_min=0, fine_max=len(remarks), chars_per_step=150.0)
+
+
 def _sequence_stream(rng, chars_per_token: float, length: int, kind: str):
     """(stream(n) -> at least n characters of the sequence, separator, meta)."""
     if kind == "repeat":

@@ -1,8 +1,9 @@
 """Prompt strings of the evaluation tasks that `kascade.eval.templates` does not define (yet).
 
-Kept in RULER's wording (Hsieh et al., 2024, "RULER: What's the Real Context Size of Your Long-Context
-Language Models?") so that they can move into `kascade.eval.templates` unchanged. As there, a prompt
-ends with the answer prefix (no trailing space) and the model continues after it.
+cwe and fwe are kept in RULER's wording (Hsieh et al., 2024, "RULER: What's the Real Context Size of Your
+Long-Context Language Models?") so that they can move into `kascade.eval.templates` unchanged. As there, a
+prompt ends with the answer prefix (no trailing space) and the model continues after it. doc_qa_chat
+(the last section) is the project's own: a user turn rendered with the model's chat template.
 """
 
 from __future__ import annotations
@@ -40,3 +41,35 @@ FWE_QUESTION = (
 def cwe_item(number: int, word: str) -> str:
     """One entry of the numbered list: ``"12. word"``."""
     return f"{number}. {word}"
+
+
+# --------------------------------------------------------------------------------------------
+# Document question answering in a chat turn (doc_qa_chat): the project's own wording, not RULER's.
+# A warehouse's receiving log of generated deliveries; the user turn ends with a question about one
+# delivery's lot number, and the prompt is rendered with the model's chat template.
+# --------------------------------------------------------------------------------------------
+DOC_QA_INTRO = "The receiving log of the {warehouse} warehouse follows. Each entry records one delivery.\n\n"
+DOC_QA_RECORDS = (
+    "Entry {entry}. On {day}, {person} received a {container} of {material} {item} from {depot}. "
+    "It was stored in bay {bay} under lot number {lot}.",
+    "Entry {entry}. A {container} of {material} {item} arrived from {depot} on {day}; {person} signed for it "
+    "and filed it in bay {bay} as lot number {lot}.",
+    "Entry {entry}. {person} logged a {container} of {material} {item} sent by {depot} on {day}. "
+    "Bay: {bay}. Lot number: {lot}.",
+)
+DOC_QA_REMARKS = "\nRemarks:"
+DOC_QA_QUESTION = (
+    "\n\nQuestion: In the log above, what is the lot number of the {material} {item} from {depot}? "
+    "Answer with the lot number."
+)
+DOC_QA_ANSWER = "The lot number of the {material} {item} from {depot} is {lot}."
+DOC_QA_MATERIALS = ("copper", "steel", "brass", "cedar", "oak", "glass", "ceramic", "rubber", "linen", "wool",
+                    "granite", "bamboo", "nickel", "walnut", "marble", "canvas")
+DOC_QA_ITEMS = ("valves", "hinges", "lanterns", "spools", "brackets", "kettles", "tiles", "gears", "pulleys",
+                "buckets", "ladders", "clamps", "bolts", "pipes", "fittings", "rollers", "chisels", "lamps",
+                "springs", "rivets", "handles", "panels", "wheels", "shutters")
+DOC_QA_CONTAINERS = ("crate", "pallet", "box", "carton", "drum", "bundle")
+DOC_QA_DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+DOC_QA_DEPOT_KINDS = ("Depot", "Yard", "Works", "Mill", "Wharf", "Station")
+DOC_QA_REMARK_WORDS = ("sealed", "counted", "intact", "stacked", "dry", "labelled", "weighed", "clean",
+                       "checked", "wrapped")

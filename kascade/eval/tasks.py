@@ -18,9 +18,13 @@ Tasks (`TASKS`), in the formats of `kascade.eval.templates` (RULER's wording) an
     kv               key-value retrieval in a JSON-like object of random uuid keys and values
     copy             repeat a long passage verbatim                       (decode-heavy)
     sequence         continue a long repeated or numbered sequence        (decode-heavy)
+    doc_qa_chat      a warehouse receiving log of generated deliveries; the user turn after it asks for one
+                     delivery's lot number; the prompt is the model's chat template around that user turn
+                     (`tokenizer.apply_chat_template`, generation prompt added), so the model answers as its
+                     assistant. Needs a tokenizer with a chat template (an instruction-tuned model's).
 
 Scoring: RULER's string match ("all": the share of the reference strings found in the prediction,
-case-insensitive) for the retrieval tasks; per generated token for `copy` and `sequence` (the share of
+case-insensitive) for the retrieval tasks and doc_qa_chat; per generated token for `copy` and `sequence` (the share of
 the first n expected tokens that the greedy continuation reproduces at the same position), so
 selection over every decode step is exercised.
 
@@ -53,8 +57,9 @@ from kascade.eval import templates as T
 from kascade.eval.metrics import string_match_all
 
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "kv",
-         "copy", "sequence")
+         "copy", "sequence", "doc_qa_chat")
 DECODE_TASKS = ("copy", "sequence")
+CHAT_TASKS = ("doc_qa_chat",)
 HAYSTACKS = ("filler", "essay")
 ALIASES = {"seq": "sequence"}
 
@@ -63,9 +68,11 @@ ALIASES = {"seq": "sequence"}
 class TaskSample:
     """One task instance.
 
-    prompt    the model input (ends without a trailing space); len(tokenizer(prompt).input_ids) == length
+    prompt    the model input (ends without a trailing space, except chat tasks, which end with the chat
+              template's generation prompt); len(tokenizer(prompt).input_ids) == length
     target    the expected continuation: the answer (" 4721093") or the passage / sequence to produce
-              (prompts end without white space: a trailing blank line, as copy's, starts the target)
+              (prompts end without white space: a trailing blank line, as copy's, starts the target); for
+              chat tasks an answer sentence in the assistant turn
     answers   reference strings for string matching (retrieval tasks); empty for decode tasks
     spans     character spans in `prompt` of the facts the answer depends on (needles, assignments, the
               queried pair, the passage)
@@ -178,6 +185,28 @@ def fit_length(shape: G.Shape, target: int, count: Callable[[str], int], task: s
 # ----------------------------------------------------------------------------------------------
 
 
+def chat_renderer(tokenizer, task: str = "doc_qa_chat") -> Callable[[str], str]:
+    """render(user_text) -> the tokenizer's chat template around one user turn, generation prompt added.
+
+    When the template writes the BOS token and the tokenizer adds it too, the written one is dropped, so
+    that the model sees it once."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"tokenizer: task {task!r} renders its prompt with the tokenizer's chat template, and this "
+                         "tokenizer has none; use an instruction-tuned model (its tokenizer_config.json has a "
+                         f"chat_template), set tokenizer.chat_template, or leave {task} out of --tasks")
+    bos = getattr(tokenizer, "bos_token", None)
+    adds_bos = bos is not None and tokenizer("a").input_ids[:1] == [tokenizer.bos_token_id]
+
+    def render(user_text: str) -> str:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": user_text}], add_generation_prompt=True,
+                                             tokenize=False)
+        if adds_bos and text.startswith(bos):
+            text = text[len(bos):]
+        return text
+
+    return render
+
+
 def token_counter(tokenizer) -> Callable[[str], int]:
     """len(tokenizer(text).input_ids): the length the model sees, special tokens included."""
     return lambda text: len(tokenizer(text).input_ids)
@@ -231,8 +260,10 @@ def make_task(task: str, length: int, tokenizer, seed: int, *, haystack: str = "
         shape = G.fwe_shape(rng, length)
     elif task == "copy":
         shape = G.copy_shape(rng, hay if isinstance(hay, G.Essay) else G.Essay(text, rng))
-    else:
+    elif task == "sequence":
         shape = G.sequence_shape(rng, length, count, continuation_chars)
+    else:
+        shape = G.doc_qa_shape(rng, chat_renderer(tokenizer, task))
     d = fit_length(shape, length, count, task)
     return TaskSample(task, seed, length, d.prompt, d.target, d.answers, d.spans, d.meta)
 
