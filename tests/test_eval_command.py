@@ -175,3 +175,52 @@ def test_through_the_cli(files, tmp_path, capsys):
     root, model_dir, plan = files
     rc = cli_main(["eval", str(model_dir), "--plan", str(plan), "--tasks", "vt,bogus", "--out", str(tmp_path)])
     assert rc == 2 and "unknown task 'bogus'" in capsys.readouterr().err
+
+
+def test_paper_plan_and_default_strategies(files, tmp_path, monkeypatch):
+    root, model_dir, plan = files
+    args = _args(files, tmp_path / "a", tasks="niah_single")
+    args.strategies = None  # the default: every strategy but kascade-paper
+    from kascade.eval.strategies import STRATEGIES
+
+    assert command._Setup(args).strategies == [s for s in STRATEGIES if s != "kascade-paper"]
+    args.paper_plan = str(plan)
+    setup = command._Setup(args)
+    assert setup.strategies == list(STRATEGIES) and setup.identity["paper_plan"] == command._sha(plan)
+    with pytest.raises(ValueError, match="--paper-plan: strategy kascade-paper needs"):
+        command.run(_args(files, tmp_path / "b", strategies="kascade-paper"))
+    # kascade-paper runs, and coverage builds it too
+    calls = _count_runs(monkeypatch)
+    args = _args(files, tmp_path / "c", tasks="kv", strategies="kascade-paper", budgets="0.1", paper_plan=str(plan))
+    args.no_coverage = False
+    assert command.run(args) == 0
+    assert {s for _, _, s in calls} == {None, "kascade-paper"}
+    assert "kascade-paper" in json.loads((tmp_path / "c" / "coverage.json").read_text())["prefill"]
+    assert json.loads((tmp_path / "c" / "run.json").read_text())["paper_plan"] == command._sha(plan)
+
+
+def test_batch_option(files, tmp_path):
+    assert command._Setup(_args(files, tmp_path / "o")).batch == 1  # the CPU default
+    assert command._Setup(_args(files, tmp_path / "o", batch=8)).batch == 8
+    with pytest.raises(ValueError, match="--batch"):
+        command._Setup(_args(files, tmp_path / "o", batch=0))
+
+
+def test_headline_summary():
+    from kascade.eval import report
+
+    rows = []
+    for task, dense, sparse in (("easy", 1.0, 0.5), ("hard", 0.1, 0.0)):
+        for n in (100, 200):
+            rows.append({"task": task, "length": n, "budget": None, "strategy": "dense", "sample": 0, "score": dense})
+            rows.append({"task": task, "length": n, "budget": 0.1, "strategy": "quest", "sample": 0, "score": sparse})
+    rows.append({"task": "easy", "length": 100, "budget": 0.2, "strategy": "quest", "sample": 0, "score": 1.0})
+    s = report.summarise(rows, ["easy", "hard"], [100, 200], [0.1, 0.2], ["dense", "quest"])
+    assert s["headline_tasks"] == ["easy"]
+    assert s["budgets"]["0.1"]["dense"]["headline"] == 100.0 and s["budgets"]["0.1"]["quest"]["headline"] == 50.0
+    assert s["budgets"]["0.1"]["quest"]["avg"] == 25.0
+    assert s["budgets"]["0.2"]["quest"]["headline"] is None  # easy@200 has no result at 0.2
+    md = report.markdown(s)
+    assert "Headline tasks (dense >= 20 on average over lengths): easy." in md
+    assert "| quest | 50.0 | 50.0 | 0.0 | 0.0 | 25.0 | -30.0 | 50.0 | -50.0 |" in md
+    assert report.headline_tasks({"a@1": 30.0, "a@2": None, "b@1": 19.9}, ["a", "b"], [1, 2]) == ["a"]
