@@ -14,8 +14,9 @@ Whole model: 32 layers, anchors [0, 2, 8, 13, 14] (layer 0 dense + select, other
 ONE CUDA graph, against 32 x FA3 captured likewise, on distinct per-layer KV caches (cycled
 when they do not all fit in memory; each cache is far larger than L2).
 
-    python benchmarks/decode.py                 # tests nothing; sweeps configs, then measures
-    python benchmarks/decode.py --plot FILE     # PNG of the speedups from a results JSON
+    python benchmarks/decode.py                 # tests nothing; sweeps configs, then measures:
+                                                # writes results/decode_<gpu>.json and .md (e.g. decode_h200)
+    python benchmarks/decode.py --plot FILE     # PNG of the speedups from a results JSON (FILE .png beside it)
 """
 
 from __future__ import annotations
@@ -429,6 +430,7 @@ def main():
     ap.add_argument("--sweep-only", action="store_true", help="log the sweep and stop")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--sizes", default=None, help="e.g. 1x8192,8x131072")
+    ap.add_argument("--tag", default=None, help="result file suffix (default: the GPU's short name, e.g. h200)")
     args = ap.parse_args()
     if args.plot:
         plot(args.plot, args.plot.replace(".json", ".png"))
@@ -444,7 +446,8 @@ def main():
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 date=str(datetime.date.today()), sms=torch.cuda.get_device_properties(0).multi_processor_count)
     results = dict(meta=meta, sweep=[], per_layer={}, whole_model={})
-    path = os.path.join(args.out, "decode.json")
+    tag = args.tag or torch.cuda.get_device_name().split()[-1].lower()
+    path = os.path.join(args.out, f"decode_{tag}.json")
 
     def save():
         meta["config"] = K.CONFIG
@@ -477,7 +480,7 @@ def main():
         save()
         torch.cuda.empty_cache()
     md = markdown(meta, results)
-    open(os.path.join(args.out, "decode.md"), "w").write(md)
+    open(os.path.join(args.out, f"decode_{tag}.md"), "w").write(md)
     log(md)
 
 

@@ -14,7 +14,7 @@ negligible), on the same program grid as the reuse kernel, for several index pat
 Kernel durations come from torch.profiler (as the per-kernel profiles of benchmarks/decode.py), so
 they compare with the reuse kernel's duration there. Bandwidth = K + V bytes read / duration.
 
-    python benchmarks/gather_rate.py [--out DIR]
+    python benchmarks/gather_rate.py [--out DIR]     # writes DIR/gather_rate_<gpu>.json and .md (e.g. _h200)
 """
 
 from __future__ import annotations
@@ -115,7 +115,8 @@ def run(out_dir):
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 date=str(datetime.date.today()), sms=sms)
     os.makedirs(out_dir, exist_ok=True)
-    json.dump(dict(meta=meta, rows=rows), open(os.path.join(out_dir, "gather_rate.json"), "w"), indent=1)
+    tag = torch.cuda.get_device_name().split()[-1].lower()
+    json.dump(dict(meta=meta, rows=rows), open(os.path.join(out_dir, f"gather_rate_{tag}.json"), "w"), indent=1)
     lines = [f"# Row-gather rate, {meta['device']}", "",
              f"{meta['date']}; torch {meta['torch']}, triton {meta['triton']}; K and V rows of 8 KV heads, D 128, "
              "bf16; kernel durations (torch.profiler); best launch setting per row.", "",
@@ -127,7 +128,7 @@ def run(out_dir):
             lines.append(f"| {n // 1024}K | {name} | {best['bytes'] // (4 * D * HKV)} | {best['us']:.1f} | "
                          f"{best['TBps']:.2f} | per_sm {best['per_sm']}, BLOCK_K {best['BLOCK_K']} |")
     md = "\n".join(lines) + "\n"
-    open(os.path.join(out_dir, "gather_rate.md"), "w").write(md)
+    open(os.path.join(out_dir, f"gather_rate_{tag}.md"), "w").write(md)
     print(md)
 
 
