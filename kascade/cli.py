@@ -1,4 +1,4 @@
-"""Command line: kascade calibrate | generate | eval | bench | demo."""
+"""Command line: kascade calibrate | generate | eval | bench | demo; `kascade` alone lists them, `--version`."""
 
 from __future__ import annotations
 
@@ -39,24 +39,79 @@ def _read_prompts(path: Path, tokenizer, length: int, num_prompts: int):
     return chunks
 
 
+def _data_provenance(path: Path) -> dict:
+    """The calibration data as the plan records it: the file's name and sha256 (no machine path)."""
+    import hashlib
+
+    return {"name": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
 def cmd_calibrate(args) -> int:
     from kascade.calibrate import calibrate_report, save_plots
     from kascade.models import load_model
 
+    recipe = args.recipe
+    if args.tolerance is not None and recipe != "output-aware":
+        raise ValueError(f"--tolerance: needs --recipe output-aware (the paper's recipe has no divergence), got "
+                         f"--recipe {recipe}")
+    if args.anchors is None and args.tolerance is None:
+        raise ValueError("--anchors: expected the number of anchors (paper) or selecting-layer equivalents "
+                         "(output-aware), or --tolerance with --recipe output-aware")
+    if recipe == "paper" and args.anchors != int(args.anchors):
+        raise ValueError(f"--anchors: the paper's recipe takes a whole number of anchor layers, got {args.anchors}")
+    data = Path(args.data)
+    if recipe == "output-aware":
+        if args.tp_degree != 1:
+            raise ValueError("--tp-degree: the output-aware recipe makes head-granular plans, which run on one "
+                             "rank; use --recipe paper for tensor parallelism")
+        if not data.is_file() or data.suffix != ".txt":
+            raise ValueError(f"--data: the output-aware recipe hides facts in a plain .txt file of prose, got {data}")
     model, tok = load_model(args.model_dir, args.device, args.dtype)
-    prompts = _read_prompts(Path(args.data), tok, args.length, args.num_prompts)
-    plan, report = calibrate_report(model, prompts, args.anchors, tokenizer=tok, max_length=args.length,
-                                    rho=args.rho, k_min=args.k_min, tile=args.tile, topk=args.topk,
-                                    data_name=str(args.data), tp_degree=args.tp_degree)
+    settings = {"recipe": recipe, "length": args.length, "num_prompts": args.num_prompts, "rho": args.rho,
+                "k_min": args.k_min, "tile": args.tile, "topk": args.topk, "anchors": args.anchors}
+    if recipe == "paper":
+        prompts = _read_prompts(data, tok, args.length, args.num_prompts)
+        plan, report = calibrate_report(model, prompts, int(args.anchors), tokenizer=tok, max_length=args.length,
+                                        rho=args.rho, k_min=args.k_min, tile=args.tile, topk=args.topk,
+                                        data_name=_data_provenance(data), tp_degree=args.tp_degree)
+        plots = save_plots(report, args.plots or Path(args.output).with_suffix(""))
+    else:
+        from kascade.calibrate.output_aware import calibrate_output_aware, save_search_plot
+
+        settings.update(tolerance=args.tolerance, answer_tokens=args.answer_tokens, batch_size=args.batch_size)
+        plan, report = calibrate_output_aware(model, tok, data.read_text(encoding="utf-8", errors="replace"),
+                                              num_anchors=args.anchors, tolerance=args.tolerance, length=args.length,
+                                              num_prompts=args.num_prompts, answer_tokens=args.answer_tokens,
+                                              batch_size=args.batch_size, rho=args.rho, k_min=args.k_min,
+                                              tile=args.tile, topk=args.topk, data_name=_data_provenance(data))
+        folder = Path(args.plots or Path(args.output).with_suffix(""))
+        folder.mkdir(parents=True, exist_ok=True)
+        plots = [save_search_plot(report, folder / "divergence_vs_cost.png")]
+    plan.provenance["settings"] = settings
     plan.save(args.output)
-    plots = save_plots(report, args.plots or Path(args.output).with_suffix(""))
     print(f"anchors {plan.anchors}; plan written to {args.output}; plots: {', '.join(plots)}")
+    _print_cost(plan, report)
     if args.tp_degree > 1:
         tp = report["tp"]
         print(f"tp_degree {args.tp_degree}: head map kept inside shards; objective {tp['objective']:.4f} vs "
               f"{tp['objective_unconstrained']:.4f} unconstrained ({100 * tp['objective_loss']:.2f}% lost), mean "
               f"coverage {tp['coverage']:.4f} vs {tp['coverage_unconstrained']:.4f}")
     return 0
+
+
+def _print_cost(plan, report) -> None:
+    """Selecting-layer equivalents, predicted attention speedups and, for output-aware plans, the divergence."""
+    from kascade.costmodel import predicted_speedup
+
+    sp = predicted_speedup(plan)
+    print(f"selecting-layer equivalents {plan.selecting_layers_equivalent:.2f} of {plan.num_layers}; predicted "
+          f"attention speedup from the H200 kernel table at 128K: decode {sp['decode']:.2f}x, prefill "
+          f"{sp['prefill']:.2f}x")
+    if "divergence" in report:
+        print(f"divergence on the calibration prompts: {report['divergence']:.4f} nats (answer agreement "
+              f"{100 * report['agreement']:.1f}%); the paper's recipe at {len(report['paper_anchors'])} anchors "
+              f"{report['paper_anchors']}: {report['paper_divergence']:.4f} nats "
+              f"({100 * report['paper_agreement']:.1f}%)")
 
 
 def cmd_generate(args) -> int:
@@ -128,16 +183,33 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kascade", description="Kascade sparse attention for long-context LLMs")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from kascade import __version__
+
+    parser = argparse.ArgumentParser(prog="kascade", description="Kascade sparse attention for long-context LLMs",
+                                     epilog="`kascade` alone lists the commands; `kascade COMMAND -h` gives a "
+                                            "command's options")
+    parser.add_argument("--version", action="version", version=f"kascade {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("calibrate", help="choose anchors and head map for a model; writes a plan JSON and plots")
     p.add_argument("model_dir", help="local HF model directory")
     p.add_argument("--data", required=True, help=".txt (cut into prompts) or .jsonl (text/context field per line)")
-    p.add_argument("--anchors", type=int, required=True, help="number of anchor layers, layer 0 included")
+    p.add_argument("--recipe", default="paper", choices=["paper", "output-aware"],
+                   help="paper: anchors by attention-mass coverage (the paper's DP); output-aware: (layer, KV head) "
+                        "units chosen greedily by the divergence of the model's own next-token distributions on "
+                        "retrieval prompts built from --data (default paper)")
+    p.add_argument("--anchors", type=float, default=None,
+                   help="paper: number of anchor layers, layer 0 included; output-aware: the selecting-layer "
+                        "equivalents to reach (selecting KV heads / KV heads, summed over layers)")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="output-aware: the cheapest plan whose divergence (nats, KL from dense) stays under this")
+    p.add_argument("--answer-tokens", type=int, default=8,
+                   help="output-aware: dense continuation tokens followed per prompt (default 8)")
+    p.add_argument("--batch-size", type=int, default=8, help="output-aware: prompts per forward (default 8)")
     p.add_argument("-o", "--output", required=True, help="plan JSON to write")
     p.add_argument("--length", type=int, default=4096, help="tokens per calibration prompt (default 4096)")
-    p.add_argument("--num-prompts", type=int, default=8, help="at most this many prompts (default 8)")
+    p.add_argument("--num-prompts", type=int, default=8,
+                   help="at most this many prompts (default 8; output-aware: this many, cycling the formats)")
     p.add_argument("--rho", type=float, default=0.1)
     p.add_argument("--k-min", type=int, default=128)
     p.add_argument("--tile", type=int, default=32)
@@ -200,8 +272,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def commands_help(parser: argparse.ArgumentParser) -> str:
+    """What `kascade` with no arguments prints: usage, then each command with its help on one line."""
+    from kascade import __version__
+
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    rows = [(a.dest, a.help or "") for a in sub._choices_actions]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"usage: kascade COMMAND [options]   (kascade {__version__}; kascade COMMAND -h for a command's options)",
+             "", f"{parser.description}. Commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in rows]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:  # a first look, not an error: the commands, exit status 0
+        print(commands_help(parser))
+        return 0
+    args = parser.parse_args(argv)
     if getattr(args, "command", None) == "generate" and not args.dense and not args.plan:
         print("kascade generate: error: --plan is required (or --dense)", file=sys.stderr)
         return 2

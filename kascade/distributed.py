@@ -65,6 +65,7 @@ def default_tp_rank(tp_degree: int) -> int:
 
 def shard_plan(plan: Plan, tp_degree: int, rank: int) -> Plan:
     """The plan as one rank sees it: its KV heads only, head map re-based to local head numbers."""
+    plan.require_layer_granular("tensor parallelism")
     if plan.model is not None:
         check_tp_degree(plan.head_map, tp_degree, num_kv_heads=plan.model["num_kv_heads"])
     head_map = None

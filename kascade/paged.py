@@ -305,6 +305,7 @@ class PagedKascadeStrategy:
 
     def __init__(self, plan, dense_anchor_output: bool = False, backend: str = "auto"):
         ops.check_backend(backend)
+        plan.require_layer_granular("the paged KV cache (kascade.paged, vLLM)")
         self.backend = backend
         self.plan = plan
         self.dense_anchor_output = dense_anchor_output

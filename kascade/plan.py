@@ -3,16 +3,27 @@
 A plan is made once per model (by `kascade.calibrate`) and read by every integration. On disk it is
 a human-readable JSON file:
 
-    {"schema_version": 1,
+    {"schema_version": 2,
      "model": {"num_layers": 32, "num_q_heads": 32, "num_kv_heads": 8, "head_dim": 128, ...},
      "anchors": [0, 2, 8, 13, 14],
      "head_map": [[0, 1, ...], ...],        # one list of KV-head indices per layer; null = identity
+     "head_sources": null,                  # finer-grained anchors (below); null = layer granularity
      "rho": 0.1, "k_min": 128, "tile": 32,
      "tp_degree": 1,                        # the map stays inside shards of this many ranks (optional)
+     "recipe": "paper",                     # how it was calibrated: "paper" or "output-aware"
+     "selecting_layers_equivalent": 5.0,    # selecting KV heads / Hkv, summed over layers
      "provenance": {"data": ..., "num_prompts": ..., "prompt_tokens": ..., "date": ..., "kascade_version": ...}}
 
-Layer l (not an anchor) reuses the anchor a(l) = max{a in anchors: a < l}; its KV head h attends to
-the keys the anchor selected for KV head head_map[l][h]. Anchors' own rows of head_map are identity.
+Layer granularity (the paper; every schema-1 plan): layer l (not an anchor) reuses the anchor
+a(l) = max{a in anchors: a < l}; its KV head h attends to the keys the anchor selected for KV head
+head_map[l][h]. Anchors' own rows of head_map are identity.
+
+Head granularity (`head_sources`, schema 2): anchors still select for every KV head; every other layer
+has a row of one entry per KV head: null means that (layer, head) selects its own top-k (a
+"head anchor"), [a, m] means it attends to the keys selected by KV head m of an earlier layer a, which
+must itself select (an anchor, or a head anchor). head_map is then null. Such a layer costs the
+selection of its selecting heads only, so the plan's cost is `selecting_layers_equivalent` =
+sum over layers of (selecting KV heads / Hkv); for a layer-granular plan it is the number of anchors.
 
 Tensor parallelism: with TP ranks, rank r holds the contiguous block of KV heads
 [r * Hkv/TP, (r+1) * Hkv/TP). A plan calibrated with `tp_degree` maps every head inside its own block,
@@ -30,7 +41,9 @@ from pathlib import Path
 
 from kascade.budget import check_budget
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+SCHEMA_VERSIONS = (1, 2)  # versions this code reads; 1 has no head_sources, recipe or cost field
+RECIPES = ("paper", "output-aware")
 
 
 def model_fingerprint(config) -> dict:
@@ -59,12 +72,25 @@ class Plan:
     provenance: dict = field(default_factory=dict)
     tp_degree: int = 1
     schema_version: int = SCHEMA_VERSION
+    head_sources: list | None = None
+    recipe: str = "paper"
+    selecting_layers_equivalent: float | None = None
 
     def __post_init__(self):
         self.anchors = [int(a) for a in self.anchors]
         if self.head_map is not None:
             self.head_map = [[int(x) for x in row] for row in self.head_map]
+        if self.head_sources is not None:
+            self.head_sources = [None if row is None else
+                                 [None if e is None else [int(e[0]), int(e[1])] for e in row]
+                                 for row in self.head_sources]
         self.check()
+        cost = self._selecting_equivalent()
+        if self.selecting_layers_equivalent is None and cost is not None:
+            self.selecting_layers_equivalent = cost
+        elif cost is not None and abs(float(self.selecting_layers_equivalent) - cost) > 1e-9:
+            raise ValueError(f"selecting_layers_equivalent: the plan's anchors and head sources give {cost}, "
+                             f"the file says {self.selecting_layers_equivalent}; remove the field or fix it")
 
     # -- structure ---------------------------------------------------------------------------
     @property
@@ -74,8 +100,52 @@ class Plan:
         return len(self.head_map) if self.head_map is not None else None
 
     def anchor_of(self, layer: int) -> int:
-        """The anchor whose indices layer `layer` uses (itself for an anchor)."""
+        """The anchor whose indices layer `layer` uses (itself for an anchor); layer granularity."""
         return max(a for a in self.anchors if a <= layer)
+
+    @property
+    def head_granular(self) -> bool:
+        """True when some reuse layer takes keys per head from several layers or selects in part."""
+        return self.head_sources is not None
+
+    def require_layer_granular(self, what: str) -> None:
+        """ValueError for a head-granular plan in a path that supports layer granularity only."""
+        if self.head_granular:
+            raise ValueError(f"plan: {what} supports plans of layer granularity only (anchors and a head map); this "
+                             "plan has head_sources (finer-grained anchors). Use the transformers integration "
+                             "(kascade.enable), or calibrate with `kascade calibrate --recipe paper`")
+
+    def sources(self, layer: int, num_kv_heads: int) -> list[tuple[int, int]]:
+        """Per KV head of `layer`, the (layer, head) whose selection it attends to; (layer, h) itself
+        when the head selects. Layer 0 and anchors select for every head."""
+        if self.is_anchor(layer):
+            return [(layer, h) for h in range(num_kv_heads)]
+        if self.head_sources is None:
+            a = self.anchor_of(layer)
+            return [(a, m) for m in self.kv_head_map(layer, num_kv_heads)]
+        row = self.head_sources[layer]
+        if len(row) != num_kv_heads:
+            raise ValueError(f"num_kv_heads: head_sources has {len(row)} KV heads per layer, got {num_kv_heads}; "
+                             "head-granular plans are not split over tensor-parallel ranks")
+        return [(layer, h) if e is None else (e[0], e[1]) for h, e in enumerate(row)]
+
+    def selecting_heads(self, layer: int, num_kv_heads: int) -> list[int]:
+        """The KV heads of `layer` that select their own top-k (all for an anchor)."""
+        return [h for h, (a, _) in enumerate(self.sources(layer, num_kv_heads)) if a == layer]
+
+    def used_by_later_layers(self, layer: int, num_kv_heads: int) -> bool:
+        """Whether a later layer attends to this anchor's selection (layer 0 skips selecting otherwise)."""
+        if self.head_sources is None:  # the layers after an anchor, up to the next anchor, reuse it
+            return layer + 1 not in self.anchors
+        return any(a == layer for b in range(layer + 1, len(self.head_sources))
+                   for a, _ in self.sources(b, num_kv_heads))
+
+    def _selecting_equivalent(self) -> float | None:
+        if self.head_sources is None:
+            return float(len(self.anchors))
+        hkv = len(next(r for r in self.head_sources if r is not None))
+        own = sum(1 for row in self.head_sources if row is not None for e in row if e is None)
+        return len(self.anchors) + own / hkv
 
     def is_anchor(self, layer: int) -> bool:
         return layer in self.anchors
@@ -87,6 +157,11 @@ class Plan:
         Hkv / num_kv_heads ranks: the map is then the rank's rows, re-based to its local heads. The
         rank is `tp_rank`, or when None the torch.distributed rank modulo the TP degree (TP innermost
         in the process layout, as in transformers' device mesh)."""
+        if self.head_sources is not None and not self.is_anchor(layer):
+            srcs = self.sources(layer, num_kv_heads)
+            if len({a for a, _ in srcs}) != 1 or srcs[0][0] != self.anchor_of(layer):
+                self.require_layer_granular("a single head map per layer")
+            return [m for _, m in srcs]
         if self.head_map is None or self.is_anchor(layer):
             return list(range(num_kv_heads))
         hkv = len(self.head_map[layer])
@@ -105,9 +180,11 @@ class Plan:
     # -- checks --------------------------------------------------------------------------------
     def check(self) -> None:
         """Raise ValueError for a plan that is inconsistent in itself."""
-        if self.schema_version != SCHEMA_VERSION:
-            raise ValueError(f"schema_version: expected {SCHEMA_VERSION}, got {self.schema_version}; "
+        if self.schema_version not in SCHEMA_VERSIONS:
+            raise ValueError(f"schema_version: expected one of {SCHEMA_VERSIONS}, got {self.schema_version}; "
                              "re-run `kascade calibrate` with this version")
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe: expected one of {RECIPES}, got {self.recipe!r}")
         check_budget(self.rho, self.k_min)
         if isinstance(self.tile, bool) or not isinstance(self.tile, int) or self.tile < 1:
             raise ValueError(f"tile: expected an integer >= 1, got {self.tile!r}")
@@ -136,8 +213,45 @@ class Plan:
                 if layer in self.anchors and row != list(range(hkv)):
                     raise ValueError(f"head_map: anchor layer {layer} must map heads to themselves, got {row}")
             check_tp_degree(self.head_map, self.tp_degree, what="tp_degree")
-        elif self.model is not None:
+        elif self.model is not None and self.head_sources is None:
             check_tp_degree(None, self.tp_degree, num_kv_heads=self.model["num_kv_heads"], what="tp_degree")
+        if self.head_sources is not None:
+            self._check_head_sources()
+
+    def _check_head_sources(self) -> None:
+        if self.schema_version < 2:
+            raise ValueError(f"head_sources: needs schema_version 2, got {self.schema_version}")
+        if self.head_map is not None:
+            raise ValueError("head_map: expected null when head_sources is given (the sources name every head)")
+        rows = self.head_sources
+        n = self.num_layers if self.model is not None else len(rows)
+        if len(rows) != n:
+            raise ValueError(f"head_sources: expected one row per layer ({n}), got {len(rows)} rows")
+        widths = {len(r) for r in rows if r is not None}
+        if len(widths) != 1:
+            raise ValueError(f"head_sources: expected rows of one width (KV heads) on the non-anchor layers, got "
+                             f"widths {sorted(widths) or 'none'}")
+        hkv = widths.pop()
+        if self.model is not None and hkv != self.model["num_kv_heads"]:
+            raise ValueError(f"head_sources: expected {self.model['num_kv_heads']} KV heads per row, got {hkv}")
+        check_tp_degree(None, self.tp_degree, num_kv_heads=hkv, what="tp_degree")
+        for layer, row in enumerate(rows):
+            if (row is None) != (layer in self.anchors):
+                want = "null (anchors select for every head)" if layer in self.anchors else "a row of sources"
+                raise ValueError(f"head_sources: layer {layer} expected {want}, got {row}")
+            for h, e in enumerate(row or ()):
+                if e is None:
+                    continue
+                a, m = e
+                if not (0 <= a < layer and 0 <= m < hkv):
+                    raise ValueError(f"head_sources: layer {layer} head {h} takes [{a}, {m}]; expected an earlier "
+                                     f"layer in [0, {layer}) and a KV head in [0, {hkv})")
+                if not (a in self.anchors or rows[a][m] is None):
+                    raise ValueError(f"head_sources: layer {layer} head {h} takes layer {a} head {m}, which does not "
+                                     "select (it is neither an anchor nor a selecting head)")
+                if shard_of(h, hkv, self.tp_degree) != shard_of(m, hkv, self.tp_degree):
+                    raise ValueError(f"head_sources: layer {layer} head {h} takes head {m} of another "
+                                     f"tensor-parallel shard at TP degree {self.tp_degree}")
 
     def validate(self, model_config, tp_degree: int | None = None) -> None:
         """Raise ValueError unless this plan fits the model of `model_config`, run on `tp_degree`
@@ -152,6 +266,11 @@ class Plan:
                                  "with `kascade calibrate`")
         if self.anchors[-1] >= fp["num_layers"]:
             raise ValueError(f"anchors: expected layers in [0, {fp['num_layers']}), got {self.anchors}")
+        if self.head_sources is not None:
+            width = len(next(r for r in self.head_sources if r is not None))
+            if len(self.head_sources) != fp["num_layers"] or width != fp["num_kv_heads"]:
+                raise ValueError(f"head_sources: expected {fp['num_layers']} rows of {fp['num_kv_heads']} KV heads, "
+                                 f"got {len(self.head_sources)} rows of {width}")
         if self.head_map is not None:
             if len(self.head_map) != fp["num_layers"] or len(self.head_map[0]) != fp["num_kv_heads"]:
                 raise ValueError(f"head_map: expected {fp['num_layers']} rows of {fp['num_kv_heads']} KV heads, "
@@ -168,17 +287,25 @@ class Plan:
         return plan
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.schema_version == 1:  # an old plan is written back as it was read
+            for key in ("head_sources", "recipe", "selecting_layers_equivalent"):
+                d.pop(key)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Plan:
-        known = {"anchors", "head_map", "rho", "k_min", "tile", "model", "provenance", "tp_degree", "schema_version"}
+        known = {"anchors", "head_map", "rho", "k_min", "tile", "model", "provenance", "tp_degree", "schema_version",
+                 "head_sources", "recipe", "selecting_layers_equivalent"}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"plan: unknown fields {sorted(unknown)}; expected only {sorted(known)}")
         if "anchors" not in d:
             raise ValueError("plan: missing field 'anchors'")
-        return cls(**d)
+        if d.get("schema_version", 1) == 1 and set(d) & {"head_sources", "recipe", "selecting_layers_equivalent"}:
+            raise ValueError("plan: schema_version 1 has no head_sources, recipe or selecting_layers_equivalent; "
+                             "set schema_version 2")
+        return cls(**{"schema_version": 1, **d})
 
     def save(self, path) -> None:
         """Write JSON atomically (temporary file in the same folder, then rename)."""

@@ -12,10 +12,14 @@ a CUDA graph (head maps are cached as device tensors at their first use, outside
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from kascade import ops
 from kascade.plan import Plan
+
+_ASSEMBLED = "assembled"  # state key prefix of a head-granular layer's assembled Selection
 
 
 class Strategy:
@@ -45,6 +49,10 @@ class KascadeStrategy(Strategy):
     their own selection (sparse output, the default) or densely (`dense_anchor_output=True`).
     Sequences no longer than `plan.k_min` keys run dense: every budget k(n) is then n, so the
     sparse result would be the dense one.
+
+    Head-granular plans (`plan.head_sources`): a reuse layer's selecting heads run the selection on
+    their own KV heads (a slice of q and k); the layer then attends, per KV head, to its own set or
+    to the set of the (layer, head) its source names, assembled into one Selection of Hkv heads.
     """
 
     name = "kascade"
@@ -54,6 +62,7 @@ class KascadeStrategy(Strategy):
         self.plan = plan
         self.dense_anchor_output = dense_anchor_output
         self._head_maps: dict = {}  # (layer, Hkv, device) -> head map [Hkv] int64 on the device
+        self._routes: dict = {}  # (layer, Hkv, device) -> (source layers, rows [Hkv], selecting heads)
 
     def validate(self, model_config) -> None:
         self.plan.validate(model_config)
@@ -70,7 +79,7 @@ class KascadeStrategy(Strategy):
         if k.shape[2] <= p.k_min:
             return ops.dense(q, k, v, **kw)
         if layer == 0:
-            if not (len(p.anchors) == 1 or p.anchors[1] > 1):  # no layer reuses layer 0's keys
+            if not p.used_by_later_layers(0, k.shape[1]):
                 return ops.dense(q, k, v, **kw)
             if q.shape[2] == 1 and q.is_cuda:  # decode: selection and dense output in one pass over K
                 out, self.state[0] = ops.anchor(q, k, v, p.rho, p.k_min, p.tile, dense_output=True, **kw)
@@ -81,8 +90,75 @@ class KascadeStrategy(Strategy):
             out, sel = ops.anchor(q, k, v, p.rho, p.k_min, p.tile, dense_output=self.dense_anchor_output, **kw)
             self.state[layer] = sel
             return out
+        if p.head_granular:
+            sel = self.state[(_ASSEMBLED, layer)] = self.layer_selection(layer, q, k, kw)
+            return ops.reuse(q, k, v, sel, None, **kw)
         anchor = p.anchor_of(layer)
         if anchor not in self.state:
             raise RuntimeError(f"layer {layer} reuses anchor {anchor}, which did not run in this forward; "
                                "layers must run in order starting at layer 0")
         return ops.reuse(q, k, v, self.state[anchor], self._head_map(layer, k.shape[1], q.device), **kw)
+
+    def attended_selection(self, layer: int, num_kv_heads: int):
+        """(Selection, head map or None) that reuse layer `layer` attended to in this forward."""
+        if self.plan.head_granular:
+            return self.state[(_ASSEMBLED, layer)], None
+        return self.state[self.plan.anchor_of(layer)], self.plan.kv_head_map(layer, num_kv_heads)
+
+    # -- head granularity -----------------------------------------------------------------------
+    def _route(self, layer, hkv, device):
+        """(source layers, row of each KV head in the stacked sources [Hkv] on the device or None when
+        the one source is used as it is, own selecting KV heads [S] on the device)."""
+        key = (layer, hkv, str(device))
+        if key not in self._routes:
+            srcs = self.plan.sources(layer, hkv)
+            own = [h for h, (a, _) in enumerate(srcs) if a == layer]
+            layers = sorted({a for a, _ in srcs})
+            offset, base = {}, 0
+            for a in layers:
+                offset[a] = base
+                base += len(own) if a == layer else self._selection_heads(a, hkv)
+            rows = [offset[a] + (own.index(m) if a == layer else self._row_in(a, m, hkv)) for a, m in srcs]
+            as_is = len(layers) == 1 and rows == list(range(hkv))  # one source, in its own head order
+            heads = torch.tensor(own, device=device, dtype=torch.int64)
+            self._routes[key] = (layers, None if as_is else torch.tensor(rows, device=device), heads)
+        return self._routes[key]
+
+    def _selection_heads(self, a, hkv) -> int:
+        return hkv if self.plan.is_anchor(a) else len(self.plan.selecting_heads(a, hkv))
+
+    def _row_in(self, a, m, hkv) -> int:
+        """Row of KV head m in the Selection that layer a keeps."""
+        return m if self.plan.is_anchor(a) else self.plan.selecting_heads(a, hkv).index(m)
+
+    def layer_selection(self, layer, q, k, kw):
+        """The Selection [B, Hkv, U, Kmax] that a head-granular reuse layer attends to (own heads
+        selected here, the others gathered from their source layers)."""
+        hkv = k.shape[1]
+        layers, rows, heads = self._route(layer, hkv, q.device)
+        if heads.numel():
+            g = q.shape[1] // hkv
+            qh = (heads[:, None] * g + torch.arange(g, device=q.device)[None]).reshape(-1)  # their query heads
+            p = self.plan
+            self.state[layer] = ops.select(q.index_select(1, qh), k.index_select(1, heads), p.rho, p.k_min, p.tile,
+                                           **kw)
+        missing = [a for a in layers if a not in self.state]
+        if missing:
+            raise RuntimeError(f"layer {layer} takes keys from layers {missing}, which did not run in this forward; "
+                               "layers must run in order starting at layer 0")
+        return gather_heads([self.state[a] for a in layers], rows)
+
+
+def gather_heads(selections, rows: torch.Tensor | None):
+    """One Selection whose KV head h is row rows[h] of the selections stacked along the head axis
+    (rows None: the one selection as it is).
+
+    The selections come from one forward (same batch, tiles and counts); their slot widths may differ
+    (padded with -1 to the widest). Keeps the first selection's type and extra fields."""
+    first = selections[0]
+    if rows is None:
+        return first
+    width = max(s.indices.shape[-1] for s in selections)
+    stacked = torch.cat([torch.nn.functional.pad(s.indices, (0, width - s.indices.shape[-1]), value=-1)
+                         for s in selections], dim=1)
+    return dataclasses.replace(first, indices=stacked.index_select(1, rows))

@@ -91,8 +91,10 @@ class PlanStrategy(_Recording, KascadeStrategy):
         p = self.plan
         if layer == 0 or k.shape[2] <= p.k_min:
             self._record(layer, None)
+        elif p.is_anchor(layer):
+            self._record(layer, (self.state[layer], None))
         else:
-            self._record(layer, (self.state[p.anchor_of(layer)], p.kv_head_map(layer, k.shape[1])))
+            self._record(layer, self.attended_selection(layer, k.shape[1]))
         return out
 
 

@@ -1,0 +1,110 @@
+"""Output-aware calibration: the retrieval prompts, the divergence of a plan, and the greedy search
+(on a tiny random model, whose numbers mean nothing: these check the mechanics)."""
+
+import numpy as np
+import pytest
+import torch
+
+from kascade.calibrate import output_aware as OA
+from kascade.calibrate.retrieval import FORMATS, calibration_prompts
+from kascade.costmodel import predicted_speedup
+from kascade.plan import Plan, model_fingerprint
+from kascade.strategy import KascadeStrategy, Strategy
+from models import tiny_model
+
+
+class ByteTokenizer:
+    """Bytes as tokens (ids 0..255), with an optional chat template of two marker strings."""
+
+    def __init__(self, chat: bool = True):
+        self.chat_template = "x" if chat else None
+
+    def __call__(self, text, add_special_tokens=True):
+        class Enc:
+            input_ids = list(text.encode("utf-8"))
+        return Enc()
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False):
+        return "<u>" + messages[0]["content"] + "</u><a>"
+
+
+TEXT = ("The river bends twice before the mill.\nIts banks are lined with reeds and alder.\n" * 200)
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_prompts_have_the_exact_length_and_hide_their_facts(chat):
+    tok = ByteTokenizer(chat)
+    prompts = calibration_prompts(tok, TEXT, 700, 10)
+    kinds = {p.kind for p in prompts}
+    assert kinds == (set(FORMATS) if chat else set(FORMATS) - {"chat"})
+    for p in prompts:
+        assert len(p.ids) == 700
+        text = bytes(p.ids).decode()
+        if p.kind in ("passkey", "chat"):
+            assert "The pass key is" in text and text.rstrip().endswith(("The pass key is", "</u><a>"))
+        if p.kind == "door":
+            assert text.count("The code word for the") == 5  # four facts and the question
+    again = calibration_prompts(tok, TEXT, 700, 10)
+    assert [p.ids for p in again] == [p.ids for p in prompts]  # seeded
+    with pytest.raises(ValueError, match="length"):
+        calibration_prompts(tok, TEXT, 60, 1)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_model("llama", num_hidden_layers=4)
+    prompts = calibration_prompts(ByteTokenizer(), TEXT, 500, 4)
+    batches = OA.dense_trajectories(model, prompts, steps=3, batch_size=2)
+    return model, batches
+
+
+def test_divergence_is_zero_for_dense_and_full_budget(setup):
+    model, batches = setup
+    assert batches[0].ids.shape == (2, 500) and batches[0].continuation.shape == (2, 3)
+    assert OA.divergence(model, Strategy(), batches) == pytest.approx(0.0, abs=1e-9)
+    full = Plan.for_model(model.config, [0, 2], rho=1.0, k_min=16)
+    assert OA.divergence(model, KascadeStrategy(full), batches) == pytest.approx(0.0, abs=1e-6)
+    sparse = Plan.for_model(model.config, [0], rho=0.05, k_min=16)
+    assert OA.divergence(model, KascadeStrategy(sparse), batches) > 1e-6
+    assert OA.agreement(model, Strategy(), batches) == 1.0
+
+
+def test_units_make_valid_plans_with_best_sources():
+    cfg = {"model_type": "llama", "num_layers": 4, "num_q_heads": 4, "num_kv_heads": 2, "head_dim": 16}
+    sim = np.zeros((4, 4, 2, 2))
+    sim[0, 3, 1, 0] = 0.9  # layer 3 head 0 is best served by layer 0 head 1
+    sim[1, 3, 1, 1] = 0.8
+    plan = OA.plan_of_units({(1, 1), (2, 0), (2, 1)}, sim, cfg, rho=0.1, k_min=8, tile=16)
+    assert plan.anchors == [0, 2] and plan.recipe == "output-aware"
+    assert plan.head_sources[1][1] is None and plan.head_sources[3] == [[0, 1], [1, 1]]
+    assert plan.selecting_layers_equivalent == 2.5 == OA.units_cost({(1, 1), (2, 0), (2, 1)}, 2)
+    every = OA.plan_of_units({(layer, h) for layer in range(1, 4) for h in range(2)}, sim, cfg)
+    assert every.anchors == [0, 1, 2, 3] and not every.head_granular
+
+
+def test_greedy_search_reaches_the_target_and_respects_the_tolerance():
+    cfg = {"num_layers": 4, "num_kv_heads": 2}
+    weight = {(1, 0): 5.0, (1, 1): 1.0, (2, 0): 0.1, (2, 1): 3.0, (3, 0): 0.2, (3, 1): 0.3}
+    score = lambda sel: sum(w for u, w in weight.items() if u not in sel)  # noqa: E731  (additive toy)
+    sel, hist = OA.greedy_search(score, cfg, target=2.0, progress=False)
+    assert OA.units_cost(sel, 2) == 2.0 and sel == {(1, 0), (2, 1)}
+    assert [h["cost"] for h in hist] == sorted((h["cost"] for h in hist), reverse=True)
+    sel, _ = OA.greedy_search(score, cfg, tolerance=0.65, progress=False)
+    assert score(sel) <= 0.65 and sel == {(1, 0), (1, 1), (2, 1)}
+    with pytest.raises(ValueError, match="target"):
+        OA.greedy_search(score, cfg, progress=False)
+
+
+def test_calibrate_output_aware_end_to_end(setup):
+    model = setup[0]
+    plan, report = OA.calibrate_output_aware(model, ByteTokenizer(), TEXT, num_anchors=2.5, length=500,
+                                             num_prompts=3, answer_tokens=2, batch_size=3, k_min=16, tile=16,
+                                             topk=16, backend="reference", progress=False)
+    assert plan.selecting_layers_equivalent <= 2.5 and plan.recipe == "output-aware"
+    plan.validate(model.config)
+    assert report["divergence"] == pytest.approx(report["history"][-1]["divergence"])
+    assert plan.provenance["paper_plan_same_cost"]["anchors"][0] == 0
+    sp = predicted_speedup(Plan(anchors=[0, 2, 8, 13, 14], model={**model_fingerprint(model.config),
+                                                                   "num_layers": 32, "num_kv_heads": 8}))
+    assert 2.5 < sp["decode"] < 4.5 and 1.5 < sp["prefill"] < 3.0
+    assert predicted_speedup(plan)["decode"] > 0
