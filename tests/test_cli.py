@@ -1,12 +1,17 @@
-"""The CLI on a saved tiny random model: calibrate, then generate; demo; errors."""
+"""The CLI on a saved tiny random model: calibrate, then generate; demo; errors; `--version` and the
+command list of `kascade` alone."""
 
+import importlib.metadata
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+import kascade
 from kascade.cli import main
 from kascade.plan import Plan
 from models import tiny_model
@@ -120,3 +125,37 @@ def test_plan_round_trip_and_validation(tmp_path):
     with pytest.raises(ValueError, match="not valid JSON"):
         (tmp_path / "bad.json").write_text("{")
         Plan.load(tmp_path / "bad.json")
+
+
+COMMANDS = ("calibrate", "generate", "bench", "demo", "eval")
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"kascade {kascade.__version__}\n"
+    try:
+        assert importlib.metadata.version("kascade") == kascade.__version__  # pyproject.toml and __init__ agree
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("kascade is not installed (pip install -e .): no package metadata to compare with")
+
+
+def test_no_arguments_lists_each_command_on_one_line(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: kascade COMMAND")
+    for name in COMMANDS:
+        rows = [line for line in out.splitlines() if line.split()[:1] == [name]]
+        assert len(rows) == 1, f"{name}: expected one line, got {rows}"
+        assert len(rows[0].split()) > 1, f"{name}: no help text in {rows[0]!r}"
+
+
+def test_no_arguments_from_the_shell():
+    """The same through sys.argv (python -m kascade.cli, as the console script calls main())."""
+    run = subprocess.run([sys.executable, "-m", "kascade.cli"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert all(f"  {name} " in run.stdout for name in COMMANDS)
+    run = subprocess.run([sys.executable, "-m", "kascade.cli", "no-such-command"], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 2 and "invalid choice" in run.stderr
