@@ -330,3 +330,13 @@ def test_longbench_prompts_of_several_lengths_run_per_length(files, tmp_path, mo
     assert sorted(batches) == sorted([[100, 100], [98], [78], [60], [99]] * 2)
     assert command.run(_args(model_dir, plan, tmp_path / "lb1", batch=1, **kw)) == 0
     assert _rows(tmp_path / "lb") == _rows(tmp_path / "lb1")
+
+
+def test_prompts_made_by_workers_are_the_same(files, tmp_path):
+    """--workers 1: prompts made in a worker process ahead of their batches; same rows as made in-process."""
+    model_dir, plan = files
+    kw = dict(tasks="niah_single,vt", lengths=256, budgets=0.1, strategies="streamingllm", samples=2, max_new_tokens=4,
+              batch=2)
+    assert command.run(_args(model_dir, plan, tmp_path / "here", workers=0, **kw)) == 0
+    assert command.run(_args(model_dir, plan, tmp_path / "pool", workers=1, **kw)) == 0
+    assert _rows(tmp_path / "here") == _rows(tmp_path / "pool") and len(_rows(tmp_path / "pool")) == 2 * 2 * 2

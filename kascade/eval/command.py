@@ -27,7 +27,9 @@ strategy) cell run together, one prefill and one decode step per token for the b
 no padding is needed. LongBench prompts of different lengths are split into groups of one length (each
 group a batch of its own; the run says how many batches were split). A row's "seconds" is the time of
 its batch divided by the batch's rows. Jobs run in rounds: the first --batch samples of every cell, then
-the next ones, so a run cut short still fills every cell. On CUDA with --backend auto the Triton kernels
+the next ones, so a run cut short still fills every cell. Prompts are made ahead of their batches by
+--workers processes (default on CUDA: half the cores, at most 8; on the CPU: none, made in this process),
+so the device does not wait for the tokenizer. On CUDA with --backend auto the Triton kernels
 must import (else the run would silently take the slow reference path): pass --backend reference to
 accept that path.
 
@@ -43,6 +45,7 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -74,6 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, default=10, help="samples per task and length (default 10)")
     parser.add_argument("--batch", type=int, default=None,
                         help="samples of one cell run together (default 16 on CUDA, 1 on the CPU)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="processes that make the prompts ahead of the batches (default: half the cores, at "
+                        "most 8, on CUDA; 0 on the CPU: made in this process)")
     parser.add_argument("--out", required=True, help="output folder (results.jsonl, summary.md, plots)")
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW,
                         help=f"tokens generated for copy/sequence, and the cap of every task (default {DEFAULT_MAX_NEW})")
@@ -220,6 +226,11 @@ class _Setup:
         if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
             raise ValueError(f"--batch: expected a positive number of samples, got {batch!r}")
         self.batch = batch if batch is not None else (16 if self.device.type == "cuda" else 1)
+        workers = getattr(args, "workers", None)
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+            raise ValueError(f"--workers: expected a number of processes >= 0, got {workers!r}")
+        self.workers = workers if workers is not None else (
+            min(8, max(1, (os.cpu_count() or 2) // 2)) if self.device.type == "cuda" else 0)
         if self.device.type == "cuda" and args.backend == "auto" and not getattr(args, "report_only", False):
             _check_kernels()
         self.out = Path(args.out)
@@ -329,6 +340,113 @@ def _by_length(prompts: list[list[int]]) -> list[list[int]]:
     return list(groups.values())
 
 
+def _make_prompt(tok, task, length, i, haystack, text, longbench) -> tuple:
+    """(sample, prompt ids) of sample i of `task` at `length` tokens (longbench: task -> examples)."""
+    from kascade.eval import longbench as LB
+    from kascade.eval import tasks as TK
+
+    if task in longbench:
+        sample = LB.make_sample(longbench[task][i], tok, length, task, i)
+    else:
+        sample = TK.make_task(task, length, tok, i, haystack=haystack, text=text)
+    ids = tok(sample.prompt).input_ids
+    if task not in longbench and len(ids) != length:
+        raise RuntimeError(f"{task}: sample {i} has {len(ids)} tokens, not {length}; please report it")
+    return sample, ids
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(model_dir: str, haystack: str, data_path, longbench_paths: dict) -> None:
+    from transformers import AutoTokenizer
+
+    from kascade.eval import longbench as LB
+
+    _WORKER["tok"] = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    _WORKER["haystack"] = haystack
+    _WORKER["text"] = Path(data_path).read_text(encoding="utf-8", errors="replace") if data_path else None
+    _WORKER["longbench"] = {t: LB.load_jsonl(p) for t, p in longbench_paths.items()}
+
+
+def _worker_make(task, length, i):
+    w = _WORKER
+    return _make_prompt(w["tok"], task, length, i, w["haystack"], w["text"], w["longbench"])
+
+
+class _Prompts:
+    """The run's prompts, made in the order the batches need them: here, or (workers > 0) ahead of their use
+    in worker processes, so that the device does not wait for the tokenizer. The same tokenizer files give
+    the same prompts either way. Holds the prompts of one task and length, plus the pinned ones."""
+
+    def __init__(self, setup, args, tok, order, workers: int):
+        self.tok, self.haystack, self.text = tok, args.haystack, setup.text
+        self.longbench = {t: ex for t, (_, ex) in setup.longbench.items()}
+        self.order = list(dict.fromkeys(order))
+        self.where = {k: j for j, k in enumerate(self.order)}
+        self.cache: dict = {}
+        self.pinned: dict = {}
+        self.futures: dict = {}
+        self.next = 0
+        self.ahead = 4 * workers
+        self.pool = None
+        if workers > 0 and self.order:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self.pool = ProcessPoolExecutor(
+                workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
+                initargs=(str(setup.model_dir), args.haystack, str(setup.data_path) if setup.data_path else None,
+                          {t: str(p) for t, (p, _) in setup.longbench.items()}))
+
+    def _make_here(self, key):
+        return _make_prompt(self.tok, *key, self.haystack, self.text, self.longbench)
+
+    def get(self, task, length, i, pin: bool = False):
+        key = (task, length, i)
+        for store in (self.pinned, self.cache):
+            if key in store:
+                return store[key]
+        if self.pool is not None:
+            upto = self.where.get(key, self.next) + self.ahead
+            while self.next < len(self.order) and self.next <= upto:
+                k = self.order[self.next]
+                self.next += 1
+                if k not in self.futures and k not in self.pinned:
+                    self.futures[k] = self.pool.submit(_worker_make, *k)
+            fut = self.futures.pop(key, None)
+            made = self._result(fut) if fut is not None else None
+            made = made if made is not None else self._make_here(key)
+        else:
+            made = self._make_here(key)
+        if pin:
+            self.pinned[key] = made
+            return made
+        if any(k[:2] != (task, length) for k in self.cache):
+            self.cache.clear()  # prompts can be long: keep those of one task and length
+        self.cache[key] = made
+        return made
+
+    def _result(self, fut):
+        """The worker's prompt; None (prompts made here from now on, said once) when the pool broke down, e.g.
+        a script without an `if __name__ == "__main__":` guard, which spawned processes re-run."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            return fut.result()
+        except BrokenProcessPool as e:
+            print(f"kascade eval: the prompt worker processes failed ({e}); making prompts in this process "
+                  "(--workers 0 does so from the start)", file=sys.stderr)
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool, self.futures = None, {}
+            return None
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+
 def _run_batch(model, tok, samples, prompts, strategy, args) -> list[tuple]:
     """Greedy continuations of prompts of one length (lists of ids) with `strategy` (None: dense), scored.
 
@@ -370,11 +488,7 @@ def _run_batch(model, tok, samples, prompts, strategy, args) -> list[tuple]:
 def run(args) -> int:
     """Run the evaluation described by `args` (from `add_arguments`); returns 0."""
     import torch
-    from tqdm import tqdm
 
-    from kascade.eval import longbench as LB
-    from kascade.eval import tasks as TK
-    from kascade.eval.strategies import make_strategy
     from kascade.models import load_model
 
     setup = _Setup(args)
@@ -385,41 +499,47 @@ def run(args) -> int:
     done = {_key(r) for r in read_results(results_path)}
     jobs = _jobs(setup, args.samples)
     batches = [] if getattr(args, "report_only", False) else _batches(setup, args.samples, done, setup.batch)
-
-    model = tok = None
-    samples: dict = {}  # (task, length, sample) -> (sample, prompt ids): those of the current task and length
-    first: dict = {}  # (task, length) -> sample 0, made up front
-
-    def sample_of(task, length, i):
-        key = (task, length, i)
-        if key in samples:
-            return samples[key]
-        if i == 0 and (task, length) in first:
-            made = first[task, length]
-        else:
-            if task in setup.longbench:
-                sample = LB.make_sample(setup.longbench[task][1][i], tok, length, task, i)
-            else:
-                sample = TK.make_task(task, length, tok, i, haystack=args.haystack, text=setup.text)
-            made = (sample, tok(sample.prompt).input_ids)
-            if task not in setup.longbench and len(made[1]) != length:
-                raise RuntimeError(f"{task}: sample {i} has {len(made[1])} tokens, not {length}; please report it")
-        if any(k[:2] != (task, length) for k in samples):
-            samples.clear()  # prompts can be long: keep those of one task and length
-        samples[key] = made
-        return made
-
     want_coverage = not getattr(args, "no_coverage", False) and not (setup.out / "coverage.json").is_file()
-    if batches or want_coverage:
-        model, tok = load_model(setup.model_dir, args.device, args.dtype)
-        for task in setup.tasks:  # fail early on a length a task cannot reach
-            for length in setup.lengths:
-                first[task, length] = sample_of(task, length, 0)
+    model = tok = prompts = None
+    try:
+        if batches or want_coverage:
+            model, tok = load_model(setup.model_dir, args.device, args.dtype)
+            firsts = [(task, length, 0) for task in setup.tasks for length in setup.lengths]
+            order = firsts + [(task, length, i) for task, length, _, _, ids in batches for i in ids]
+            prompts = _Prompts(setup, args, tok, order, setup.workers if batches else 0)
+            for key in firsts:  # fail early on a length a task cannot reach
+                prompts.get(*key, pin=True)
+        n_runs = _run_batches(setup, args, model, tok, prompts, batches, results_path)
+        from kascade.eval import report
+
+        grid = set(jobs)
+        rows = [r for r in read_results(results_path) if _key(r) in grid]
+        summary = report.summarise(rows, setup.tasks, setup.lengths, setup.budgets, setup.strategies)
+        summary["setting"] = setup.identity
+        (setup.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        (setup.out / "summary.md").write_text(report.markdown(summary))
+        report.plot_accuracy(summary, setup.out / "accuracy_vs_budget.png")
+        if want_coverage:
+            _coverage(setup, model, tok, prompts.get, args)
+    finally:
+        if prompts is not None:
+            prompts.close()
+    print(f"kascade eval: {n_runs} new runs in {len(batches)} batches (batch {setup.batch}), {len(rows)} in the "
+          f"grid; summary in {setup.out / 'summary.md'}")
+    return 0
+
+
+def _run_batches(setup, args, model, tok, prompts, batches, results_path) -> int:
+    """Run every batch, appending its rows to results.jsonl; returns the number of rows run."""
+    from tqdm import tqdm
+
+    from kascade.eval.strategies import make_strategy
+
     n_runs = sum(len(b[4]) for b in batches)
     split = 0
     bar = tqdm(total=n_runs, desc="kascade eval", unit="run", dynamic_ncols=True, disable=not batches)
     for task, length, budget, strategy_name, ids in batches:
-        made = [sample_of(task, length, i) for i in ids]
+        made = [prompts.get(task, length, i) for i in ids]
         strategy = None if strategy_name == "dense" else make_strategy(
             strategy_name, setup.plan, model.config, budget, setup.k_min, backend=args.backend,
             paper_plan=setup.paper_plan)
@@ -430,31 +550,16 @@ def run(args) -> int:
                                 f"#{ids[rows[0]]}" + (f"-{ids[rows[-1]]}" if len(rows) > 1 else ""))
             res = _run_batch(model, tok, [made[r][0] for r in rows], [made[r][1] for r in rows], strategy, args)
             for r, (sc, text, n_out, seconds) in zip(rows, res):
-                sample = made[r][0]
                 _append(results_path, {
                     "task": task, "length": length, "budget": budget, "strategy": strategy_name, "sample": ids[r],
-                    "seed": ids[r], "score": sc, "prediction": text[:400], "target": sample.target[:400],
+                    "seed": ids[r], "score": sc, "prediction": text[:400], "target": made[r][0].target[:400],
                     "new_tokens": n_out, "seconds": round(seconds, 3)})
             bar.update(len(rows))
     bar.close()
     if split:
         print(f"kascade eval: {split} of {len(batches)} batches held prompts of several lengths and ran as one "
               "batch per length")
-
-    from kascade.eval import report
-
-    grid = set(jobs)
-    rows = [r for r in read_results(results_path) if _key(r) in grid]
-    summary = report.summarise(rows, setup.tasks, setup.lengths, setup.budgets, setup.strategies)
-    summary["setting"] = setup.identity
-    (setup.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (setup.out / "summary.md").write_text(report.markdown(summary))
-    report.plot_accuracy(summary, setup.out / "accuracy_vs_budget.png")
-    if want_coverage:
-        _coverage(setup, model, tok, sample_of, args)
-    print(f"kascade eval: {n_runs} new runs in {len(batches)} batches (batch {setup.batch}), {len(rows)} in the "
-          f"grid; summary in {setup.out / 'summary.md'}")
-    return 0
+    return n_runs
 
 
 def _coverage(setup, model, tok, sample_of, args) -> None:
