@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-echo "demo: kascade demo $* ..."
+echo "demo: kascade demo${*:+ $*} ..."
 kascade demo "$@"

@@ -13,5 +13,5 @@ if [ -f scripts/get-smollm2.sh ]; then
     echo "setup: scripts/get-smollm2.sh failed; continuing without SmolLM2" >&2
   fi
 fi
-echo "test: pytest -q $* ..."
+echo "test: pytest -q${*:+ $*} ..."
 python -m pytest -q "$@"
