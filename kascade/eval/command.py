@@ -233,6 +233,9 @@ class _Setup:
             min(8, max(1, (os.cpu_count() or 2) // 2)) if self.device.type == "cuda" else 0)
         if self.device.type == "cuda" and args.backend == "auto" and not getattr(args, "report_only", False):
             _check_kernels()
+            if args.dtype == "float32":
+                print("kascade eval: --dtype float32 on CUDA: the prefill kernels take bfloat16/float16, so every "
+                      "sparse prefill runs the reference path (slow); the default dtype is bfloat16", file=sys.stderr)
         self.out = Path(args.out)
         self.identity = {
             "model_dir": str(self.model_dir.resolve()),
