@@ -197,6 +197,14 @@ def test_paper_plan_and_default_strategies(files, tmp_path, monkeypatch):
     assert {s for _, _, s in calls} == {None, "kascade-paper"}
     assert "kascade-paper" in json.loads((tmp_path / "c" / "coverage.json").read_text())["prefill"]
     assert json.loads((tmp_path / "c" / "run.json").read_text())["paper_plan"] == command._sha(plan)
+    # the same folder without --paper-plan (kascade-paper left out), then with it again: both accepted
+    assert command.run(_args(files, tmp_path / "c", tasks="kv", strategies="quest", budgets="0.1")) == 0
+    assert json.loads((tmp_path / "c" / "run.json").read_text())["paper_plan"] == command._sha(plan)
+    other = tmp_path / "other.json"
+    other.write_text(plan.read_text().replace('"k_min": 16', '"k_min": 17'))
+    with pytest.raises(ValueError, match="another setting.*paper_plan"):
+        command.run(_args(files, tmp_path / "c", tasks="kv", strategies="kascade-paper", budgets="0.1",
+                          paper_plan=str(other)))
 
 
 def test_batch_option(files, tmp_path):

@@ -289,18 +289,27 @@ def _append(path: Path, row: dict) -> None:
         os.fsync(f.fileno())
 
 
+_ADDABLE = ("paper_plan",)  # only kascade-paper depends on it: may be given later, or left out of a later run
+
+
 def _check_identity(out: Path, identity: dict) -> None:
-    """Refuse an --out folder made with another setting; LongBench files may be added later."""
+    """Refuse an --out folder made with another setting; LongBench files and a paper plan may be added later."""
     path = out / "run.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
-    diff = {k: (old.get(k), v) for k, v in identity.items()
-            if old and (k in old or not k.startswith("longbench/")) and old.get(k) != v}
+
+    def differs(k, v):
+        if k in _ADDABLE:
+            return old.get(k) is not None and v is not None and old[k] != v
+        return (k in old or not k.startswith("longbench/")) and old.get(k) != v
+
+    diff = {k: (old.get(k), v) for k, v in identity.items() if old and differs(k, v)}
     if diff:
         detail = "; ".join(f"{k}: {a!r} before, {b!r} now" for k, (a, b) in diff.items())
         raise ValueError(f"--out: {out} holds results of another setting ({detail}); use a new --out folder")
-    if not old or any(k not in old for k in identity):
+    merged = {**old, **{k: v for k, v in identity.items() if not (k in _ADDABLE and v is None and old.get(k))}}
+    if merged != old:
         out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({**old, **identity}, indent=1) + "\n")
+        path.write_text(json.dumps(merged, indent=1) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------
