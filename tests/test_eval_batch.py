@@ -340,3 +340,23 @@ def test_prompts_made_by_workers_are_the_same(files, tmp_path):
     assert command.run(_args(model_dir, plan, tmp_path / "here", workers=0, **kw)) == 0
     assert command.run(_args(model_dir, plan, tmp_path / "pool", workers=1, **kw)) == 0
     assert _rows(tmp_path / "here") == _rows(tmp_path / "pool") and len(_rows(tmp_path / "pool")) == 2 * 2 * 2
+
+
+def test_batched_path_has_no_padding(monkeypatch):
+    """The batch runs prompts of one length without an attention mask: the selectors never see kv_start (no
+    per-sequence path, no host sync for it), in prefill and decode."""
+    import kascade
+    from kascade.eval import strategies as S
+
+    def refuse(*a, **kw):
+        raise AssertionError("kv_start reached a selector")
+
+    monkeypatch.setattr(selectors, "resolve_kv_start", refuse)
+    model = E.tiny_llama(300, layers=3)
+    plan = E.plan_for(model, anchors=(0, 2), k_min=8)
+    ids = torch.randint(3, 300, (3, 70), generator=torch.Generator().manual_seed(1))
+    for name in ("quest", "streamingllm", "kascade-agnostic", "omnikv"):
+        strategy = S.make_strategy(name, plan, model.config, 0.2, 8)
+        with kascade.enable(model, strategy=strategy):
+            assert len(greedy_batch(model, ids, 3)) == 3
+        assert strategy.attended(1) is not None  # the sparse path ran
