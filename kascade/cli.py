@@ -87,6 +87,9 @@ def cmd_calibrate(args) -> int:
         folder = Path(args.plots or Path(args.output).with_suffix(""))
         folder.mkdir(parents=True, exist_ok=True)
         plots = [save_search_plot(report, folder / "divergence_vs_cost.png")]
+        for name, plans in (("output-aware", report["plans_along"]), ("paper", report["paper_plans_along"])):
+            for cost, p in plans.items():  # the search path's plans, for accuracy-against-cost comparisons
+                p.save(folder / f"{name}-{cost}.json")
     plan.provenance["settings"] = settings
     plan.save(args.output)
     print(f"anchors {plan.anchors}; plan written to {args.output}; plots: {', '.join(plots)}")

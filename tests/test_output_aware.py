@@ -108,3 +108,4 @@ def test_calibrate_output_aware_end_to_end(setup):
                                                                    "num_layers": 32, "num_kv_heads": 8}))
     assert 2.5 < sp["decode"] < 4.5 and 1.5 < sp["prefill"] < 3.0
     assert predicted_speedup(plan)["decode"] > 0
+    assert set(report["plans_along"]) == set(report["paper_plans_along"]) and 3 in report["plans_along"]

@@ -50,7 +50,7 @@ class CalibrationStrategy(Strategy):
         if self.on_layer is not None:
             self.on_layer(layer)
         if layer == self.L - 1:
-            self.sim_sum += self._min_cov.numpy()
+            self.sim_sum += self._min_cov.cpu().numpy()
             self.num_prompts += 1
         return out
 
@@ -74,6 +74,8 @@ class CalibrationStrategy(Strategy):
                 got = s[:, prev.reshape(-1)].view(self.H, layer, self.H, self.topk).sum(-1)  # [Hb, A, Ha]
                 cov = (got + diag[:, None, None]) / own[:, None, None]
                 cov = cov.permute(1, 2, 0)  # [A, Ha, Hb]
+                if self._min_cov.device != cov.device:  # kept where the attention runs (no sync per tile)
+                    self._min_cov = self._min_cov.to(cov.device)
                 self._min_cov[:layer, layer] = torch.minimum(self._min_cov[:layer, layer], cov)
         if own_idx:
             self._idx[layer] = torch.stack(own_idx, dim=1)

@@ -237,6 +237,17 @@ def calibrate_output_aware(model, tokenizer, text: str, num_anchors: float | Non
 
     selecting, history = greedy_search(score, cfg, target=num_anchors, tolerance=tolerance, progress=progress)
     plan = plan_of_units(selecting, sim, cfg, **plan_kw)
+    along = {}  # the search path's plans at whole costs, and the paper's recipe at the same costs
+    units = {(layer, h) for layer in range(1, L) for h in range(H)}
+    for step in history:
+        units -= {tuple(u) for u in step["removed"]}
+        cost = units_cost(units, H)
+        if cost == int(cost) and int(cost) not in along:
+            along[int(cost)] = plan_of_units(units, sim, cfg, **plan_kw)
+    paper_along = {}
+    for k in along:
+        a, _ = best_anchors(layer_scores(sim, importance), k)
+        paper_along[k] = Plan(anchors=a, head_map=head_map_for(sim, a), model=dict(cfg), **plan_kw)
     k_paper = max(1, min(L, int(round(plan.selecting_layers_equivalent))))
     anchors, _ = best_anchors(layer_scores(sim, importance), k_paper)
     paper = Plan(anchors=anchors, head_map=head_map_for(sim, anchors), model=dict(cfg), **plan_kw)
@@ -252,7 +263,8 @@ def calibrate_output_aware(model, tokenizer, text: str, num_anchors: float | Non
     report = {"history": history, "similarity": sim, "importance": importance, "divergence": ours_div,
               "paper_anchors": anchors, "paper_divergence": paper_div,
               "agreement": agreement(model, KascadeStrategy(plan, backend=backend), batches),
-              "paper_agreement": agreement(model, KascadeStrategy(paper, backend=backend), batches)}
+              "paper_agreement": agreement(model, KascadeStrategy(paper, backend=backend), batches),
+              "plans_along": along, "paper_plans_along": paper_along}
     return plan, report
 
 
