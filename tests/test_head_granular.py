@@ -179,3 +179,23 @@ def test_spelled_out_plan_gives_the_layer_plan_logits(backend):
                 out[name] = (pre.logits, model(nxt, **{_cache_kwarg(model): pre.past_key_values}).logits)
     for a, b in zip(out["layered"], out["granular"]):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)  # same selections, same kernels: equal up to fp32 order
+
+
+def test_every_strategy_takes_a_head_granular_plan():
+    """The ablations are defined for head-granular plans too; at rho = 1 each equals dense."""
+    from kascade.eval import strategies as S
+
+    model = tiny_model("llama", num_hidden_layers=4)
+    plan = Plan.for_model(model.config, [0, 2], head_sources=[None, [[0, 1], None], None, [[1, 1], [2, 0]]],
+                          rho=0.1, k_min=16, recipe="output-aware")
+    assert S.selecting_layers(plan) == [0, 1, 2]
+    nr = S.without_remap(plan)
+    assert nr.head_sources[1] == [[0, 0], None] and nr.head_sources[3] == [[1, 1], [2, 1]]
+    ids = torch.randint(0, 256, (1, 120), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        dense = model(ids).logits
+        for name in S.STRATEGIES:
+            strategy = S.make_strategy(name, plan, model.config, rho=1.0, k_min=4, paper_plan=plan)
+            with kascade.enable(model, strategy=strategy):
+                assert torch.allclose(model(ids).logits, dense, atol=1e-4, rtol=1e-4), name
+    assert S.make_strategy("uniform", plan, model.config, 0.1, 8).plan.anchors == [0, 2]

@@ -21,18 +21,20 @@ Strategies (`STRATEGIES`):
                       head-aware top-k selection)
     kascade           the calibrated plan: anchors select per KV head, the other layers reuse the
                       selection of their anchor through the plan's head map
-    kascade-agnostic  the plan's anchors, but one set per tile shared by all KV heads: post-softmax
+    kascade-agnostic  the plan's anchors (of a head-granular plan: every layer where a head selects),
+                      but one set per tile shared by all KV heads: post-softmax
                       probabilities summed over ALL query heads, the set broadcast to every KV head
     kascade-paper     Kascade with the paper's recipe: a plan calibrated by attention-mass coverage alone
                       (`kascade calibrate --recipe paper`), passed separately (paper_plan=, --paper-plan)
-    kascade-no-remap  the plan with the identity head map
-    uniform           as many anchors as the plan, evenly spaced (plan.uniform_anchors), identity map
+    kascade-no-remap  the plan with the identity head map (see `without_remap` for head-granular plans)
+    uniform           as many anchors as the plan's selecting-layer equivalents, evenly spaced
+                      (plan.uniform_anchors), identity map
     streamingllm      the first 4 keys (attention sinks) and the most recent ones, k(n) in all
     quest             pages of 16 keys; per query, pages are ranked by the upper bound of q.k from the
                       per-page, per-dimension key min/max; at KV-head granularity the bounds are turned
                       into softmax weights over pages and summed over the group's query heads (and the
                       tile's queries); best pages are taken until k(n) keys; each layer selects for itself
-    omnikv            filter layers (the plan's anchors) attend densely and choose one token set for all
+    omnikv            filter layers (the plan's anchors, as for kascade-agnostic) attend densely and choose one token set for all
                       heads (per query head the post-softmax probabilities, summed over the tile's
                       queries; then the maximum over heads); the layers up to the next filter layer
                       reuse it. As in OmniKV, the filter layers themselves are dense.
@@ -225,15 +227,47 @@ def make_strategy(name: str, plan: Plan | None, model_config, rho: float, k_min:
     if name == "kascade":
         return PlanStrategy(name, budgeted, backend)
     if name == "kascade-no-remap":
-        return PlanStrategy(name, dataclasses.replace(budgeted, head_map=None), backend)
-    if name == "uniform":
-        anchors = uniform_anchors(num_layers, len(plan.anchors))
-        return PlanStrategy(name, dataclasses.replace(budgeted, anchors=anchors, head_map=None), backend)
+        return PlanStrategy(name, without_remap(budgeted), backend)
+    if name == "uniform":  # as many evenly spaced anchors as the plan's selecting-layer equivalents
+        count = max(1, min(num_layers, round(plan.selecting_layers_equivalent)))
+        anchors = uniform_anchors(num_layers, count)
+        return PlanStrategy(name, dataclasses.replace(budgeted, anchors=anchors, head_map=None, head_sources=None,
+                                                      selecting_layers_equivalent=None), backend)
+    layers = selecting_layers(plan)
     if name == "kascade-agnostic":
-        return SharedSetStrategy(name, plan.anchors, rho, k_min, tile, pool="sum", num_layers=num_layers,
-                                 backend=backend)
-    return SharedSetStrategy(name, plan.anchors, rho, k_min, tile, pool="max", dense_anchor_output=True,
+        return SharedSetStrategy(name, layers, rho, k_min, tile, pool="sum", num_layers=num_layers, backend=backend)
+    return SharedSetStrategy(name, layers, rho, k_min, tile, pool="max", dense_anchor_output=True,
                              num_layers=num_layers, backend=backend)
+
+
+def selecting_layers(plan: Plan) -> list[int]:
+    """The layers where the plan selects: its anchors, and for a head-granular plan every layer with a
+    selecting head (the layer-level ablations then select in at least as many layers as the plan)."""
+    if not plan.head_granular:
+        return list(plan.anchors)
+    hkv = len(next(r for r in plan.head_sources if r is not None))
+    return [layer for layer in range(plan.num_layers) if plan.selecting_heads(layer, hkv)]
+
+
+def without_remap(plan: Plan) -> Plan:
+    """The plan with the identity head map: each reuse head reads its own head number of the layer its
+    source names (of a head-granular plan: where that head selects there; else its source stays)."""
+    if not plan.head_granular:
+        return dataclasses.replace(plan, head_map=None)
+    hkv = len(next(r for r in plan.head_sources if r is not None))
+    rows = []
+    for layer in range(plan.num_layers):
+        if plan.is_anchor(layer):
+            rows.append(None)
+            continue
+        row = []
+        for h, (a, m) in enumerate(plan.sources(layer, hkv)):
+            if a == layer:
+                row.append(None)
+            else:
+                row.append([a, h] if h in plan.selecting_heads(a, hkv) else [a, m])
+        rows.append(row)
+    return dataclasses.replace(plan, head_sources=rows)
 
 
 def attended(strategy: Strategy, layer: int):
