@@ -14,7 +14,7 @@ from kascade.eval import templates as T
 
 TEXT = E.ESSAY.read_text()
 # the shortest length each task reaches with the test tokenizer is below these
-LENGTHS = {"niah_multiquery": (320, 1024), "cwe": (512, 1000), "fwe": (600, 1024)}
+LENGTHS = {"niah_multiquery": (320, 1024), "cwe": (512, 1000), "fwe": (600, 1024), "doc_qa_chat": (777, 1500)}
 
 
 def _cases():
@@ -148,20 +148,22 @@ def _check_sequence(s):
 
 def _check_doc_qa(s):
     (a, b), = s.spans
-    fact = s.prompt[a:b]
     lot = s.answers[0]
-    assert re.fullmatch(r"Entry \d+\. .*", fact) and lot in fact and s.prompt.count(lot) == 1
     material, rest = s.meta["key"].split(" ", 1)
     item, depot = rest.split(" from ")
-    assert f"{material} {item}" in fact and depot in fact
-    # the queried delivery is the only one of that material, item and depot
-    entries = re.findall(r"Entry \d+\. [^\n]*", s.prompt)
-    assert len(entries) == s.meta["n_records"]
-    assert sum(f"{material} {item}" in e and depot in e for e in entries) == 1
+    assert s.prompt[a:b] == P.DOC_QA_FACT.format(material=material, item=item, depot=depot, lot=lot)
+    assert s.prompt.count(lot) == 1
+    # eight entries, one lot number each; the queried delivery's material, item and depot appear only in its fact
     user = s.prompt.split("<|im_start|>user\n", 1)[1].split("<|im_end|>")[0]
-    assert user.startswith("The receiving log of the ") and user.endswith(P.DOC_QA_QUESTION.format(
-        material=material, item=item, depot=depot))
-    for banned in ("special magic", "pass key", "grass is green", "code word", "VAR "):
+    log, question = user.split("\n\nQuestion: ")
+    entries = re.findall(r"Day (\d+), \w+\.", log)
+    assert entries == [str(j + 1) for j in range(P.DOC_QA_ENTRIES)]
+    assert len(re.findall(r"The lot number of the \w+ \w+ from \w+ \w+ is \d{5}\.", log)) == P.DOC_QA_ENTRIES
+    for word in (f"{material} {item}", depot):
+        assert log.count(word) == 1
+    assert user.startswith("The daily log of the ") and "\n\nQuestion: " + question == P.DOC_QA_QUESTION.format(
+        material=material, item=item, depot=depot)
+    for banned in ("special magic", "pass key", "grass is green", "code word", "VAR ", "extension"):
         assert banned not in s.prompt
     assert s.target == P.DOC_QA_ANSWER.format(material=material, item=item, depot=depot, lot=lot)
     assert TK.score(s, s.target) == 1.0 and TK.score(s, "The lot number is 1234.") == 0.0
@@ -181,9 +183,9 @@ def test_chat_task_needs_a_chat_template():
 def test_chat_task_writes_bos_once():
     """A template that writes the BOS token itself, with a tokenizer that adds it: the model sees it once."""
     tok = chat_tokenizer("<s>" + CHAT_TEMPLATE)
-    s = TK.make_task("doc_qa_chat", 400, tok, 2)
+    s = TK.make_task("doc_qa_chat", 800, tok, 2)
     ids = tok(s.prompt).input_ids
-    assert len(ids) == 400 and ids.count(tok.bos_token_id) == 1 and s.prompt.startswith("<|im_start|>user")
+    assert len(ids) == 800 and ids.count(tok.bos_token_id) == 1 and s.prompt.startswith("<|im_start|>user")
 
 
 def test_chat_task_with_the_tiny_models_tokenizer():
@@ -194,7 +196,7 @@ def test_chat_task_with_the_tiny_models_tokenizer():
     tok = AutoTokenizer.from_pretrained(TINY_MODEL_DIR, local_files_only=True)
     tok.chat_template = CHAT_TEMPLATE
     s = TK.make_task("doc_qa_chat", 2048, tok, 0)
-    assert len(tok(s.prompt).input_ids) == 2048 and s.meta["n_records"] > 10
+    assert len(tok(s.prompt).input_ids) == 2048 and s.meta["notes"] > 50
     assert TK.max_new_tokens(s, tok, 128) == len(tok(s.target, add_special_tokens=False).input_ids) + 16
 
 

@@ -357,56 +357,61 @@ def _name_pool(rng, n, syllables=(2, 3)):
 
 
 def doc_qa_shape(rng, render: Callable[[str], str]):
-    """A receiving log of generated deliveries; the user asks for one delivery's lot number.
+    """A warehouse's daily log of `DOC_QA_ENTRIES` entries; each holds one delivery's lot number among
+    generated notes; the user asks for one delivery's lot number.
 
-    render(user_text) -> the prompt (the chat template around one user turn). Size: deliveries in the log
-    besides the queried one (at a seeded depth); fine: characters of a closing remarks line."""
+    The deliveries have distinct materials, items and depots, which the notes never name. render(user_text)
+    -> the prompt (the chat template around one user turn). Size: note sentences, spread over the entries;
+    fine: characters of a closing remarks line."""
+    k = P.DOC_QA_ENTRIES
     taken: set = set()
     people = [f"{a} {b}" for a, b in zip(_name_pool(rng, 48), _name_pool(rng, 48, (2,)))]
-    depots = [f"{n} {rng.choice(P.DOC_QA_DEPOT_KINDS)}" for n in _name_pool(rng, 32)]
+    depots = [f"{n} {rng.choice(P.DOC_QA_DEPOT_KINDS)}" for n in _name_pool(rng, 2 * k)]
+    materials, items = list(P.DOC_QA_MATERIALS), list(P.DOC_QA_ITEMS)
+    rng.shuffle(materials)
+    rng.shuffle(items)
+    facts = [{"material": materials[j], "item": items[j], "depot": depots[j], "lot": _number(rng, 5, taken)}
+             for j in range(k)]
+    queried = rng.randrange(k)
+    where = [rng.random() for _ in range(k)]  # place of the fact among its entry's notes
     warehouse = _name_pool(rng, 1, (3,))[0]
-    keys: set = set()
+    first_weekday = rng.randrange(7)
+    remarks = P.DOC_QA_REMARKS + ",".join(" " + rng.choice(P.DOC_QA_REMARK_WORDS) for _ in range(_DOC_QA_FINE_MAX // 4))
+    notes_rng = random.Random(rng.getrandbits(64))
+    notes: list[str] = []
 
-    def delivery(r):
-        if len(keys) >= len(P.DOC_QA_MATERIALS) * len(P.DOC_QA_ITEMS) * len(depots):
-            raise ValueError(f"length: task 'doc_qa_chat' holds at most {len(keys)} distinct deliveries; ask for a "
-                             "shorter length")
-        while True:
-            material, item, depot = r.choice(P.DOC_QA_MATERIALS), r.choice(P.DOC_QA_ITEMS), r.choice(depots)
-            if (material, item, depot) not in keys:
-                keys.add((material, item, depot))
-                break
-        return {"material": material, "item": item, "depot": depot, "container": r.choice(P.DOC_QA_CONTAINERS),
-                "person": r.choice(people), "day": r.choice(P.DOC_QA_DAYS),
-                "bay": f"{r.choice(string.ascii_uppercase)}-{r.randint(1, 40)}", "lot": _number(r, 5, taken),
-                "form": r.randrange(len(P.DOC_QA_RECORDS))}
+    def note(i):
+        while len(notes) <= i:
+            r = notes_rng
+            notes.append(r.choice(P.DOC_QA_NOTES).format(
+                person=r.choice(people), other=r.choice(people), container=r.choice(P.DOC_QA_CONTAINERS),
+                side=r.choice(P.DOC_QA_SIDES), shift=r.choice(P.DOC_QA_SHIFTS), depot=r.choice(depots[k:]),
+                material=r.choice(materials[k:])))
+        return notes[i]
 
-    queried = delivery(rng)
-    depth = rng.random()
-    first_entry = rng.randint(100, 4000)
-    remark_words = [rng.choice(P.DOC_QA_REMARK_WORDS) for _ in range(_DOC_QA_FINE_MAX // 4)]
-    remarks = P.DOC_QA_REMARKS + ",".join(" " + w for w in remark_words)
-    pool: list[dict] = []
-    pool_rng = random.Random(rng.getrandbits(64))
-    question = P.DOC_QA_QUESTION.format(**queried)
-    target = P.DOC_QA_ANSWER.format(**queried)
+    q = facts[queried]
+    question = P.DOC_QA_QUESTION.format(**q)
+    target = P.DOC_QA_ANSWER.format(**q)
 
     def build(size, fine):
-        while len(pool) < size:
-            pool.append(delivery(pool_rng))
-        qi = min(size, int(depth * (size + 1)))
-        log = pool[:qi] + [queried] + pool[qi:size]
-        lines = [P.DOC_QA_RECORDS[d["form"]].format(entry=first_entry + i, **d) for i, d in enumerate(log)]
+        entries, i = [], 0
+        for j, fact in enumerate(facts):
+            n = size // k + (j < size % k)
+            body = [note(i + t) for t in range(n)]
+            i += n
+            body.insert(int(where[j] * (n + 1)), P.DOC_QA_FACT.format(**fact))
+            head = P.DOC_QA_ENTRY.format(day=j + 1, weekday=P.DOC_QA_DAYS[(first_weekday + j) % 7])
+            entries.append(" ".join([head] + body))
         tail = remarks[:fine].rstrip(" ,") if fine > len(P.DOC_QA_REMARKS) else ""
-        user = P.DOC_QA_INTRO.format(warehouse=warehouse) + "\n".join(lines) + tail + question
+        user = P.DOC_QA_INTRO.format(warehouse=warehouse) + "\n\n".join(entries) + tail + question
         prompt = render(user)
-        fact = lines[qi]
+        fact = P.DOC_QA_FACT.format(**q)
         a = prompt.index(fact)
-        meta = {"n_records": len(log), "index": qi, "key": f"{queried['material']} {queried['item']} from "
-                f"{queried['depot']}", "depths": [round(a / len(prompt), 4)]}
-        return Draft(prompt, target, [queried["lot"]], [(a, a + len(fact))], meta)
+        meta = {"entries": k, "queried": queried, "notes": size, "key": f"{q['material']} {q['item']} from {q['depot']}",
+                "depths": [round(a / len(prompt), 4)]}
+        return Draft(prompt, target, [q["lot"]], [(a, a + len(fact))], meta)
 
-    return Shape(build, size_min=0, fine_max=len(remarks), chars_per_step=150.0)
+    return Shape(build, size_min=0, fine_max=len(remarks), chars_per_step=60.0)
 
 
 def _sequence_stream(rng, chars_per_token: float, length: int, kind: str):

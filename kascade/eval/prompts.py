@@ -45,31 +45,43 @@ def cwe_item(number: int, word: str) -> str:
 
 # --------------------------------------------------------------------------------------------
 # Document question answering in a chat turn (doc_qa_chat): the project's own wording, not RULER's.
-# A warehouse's receiving log of generated deliveries; the user turn ends with a question about one
-# delivery's lot number, and the prompt is rendered with the model's chat template.
+# A warehouse's daily log: a few entries, each with one delivery's lot number among generated notes;
+# the user turn ends with a question about one delivery, and the prompt is rendered with the model's
+# chat template.
 # --------------------------------------------------------------------------------------------
-DOC_QA_INTRO = "The receiving log of the {warehouse} warehouse follows. Each entry records one delivery.\n\n"
-DOC_QA_RECORDS = (
-    "Entry {entry}. On {day}, {person} received a {container} of {material} {item} from {depot}. "
-    "It was stored in bay {bay} under lot number {lot}.",
-    "Entry {entry}. A {container} of {material} {item} arrived from {depot} on {day}; {person} signed for it "
-    "and filed it in bay {bay} as lot number {lot}.",
-    "Entry {entry}. {person} logged a {container} of {material} {item} sent by {depot} on {day}. "
-    "Bay: {bay}. Lot number: {lot}.",
+DOC_QA_ENTRIES = 8  # log entries, one delivery (one lot number) each, whatever the length
+DOC_QA_INTRO = "The daily log of the {warehouse} warehouse follows.\n\n"
+DOC_QA_ENTRY = "Day {day}, {weekday}."
+DOC_QA_FACT = "The lot number of the {material} {item} from {depot} is {lot}."
+DOC_QA_NOTES = (
+    "{person} checked the seals on the {container}s along the {side} wall.",
+    "The forklift in the {side} aisle was serviced before the {shift} shift.",
+    "{person} asked for more room near the loading dock.",
+    "Rain delayed the trucks from {depot} by an hour.",
+    "The {shift} shift swept the floor and stacked the empty {container}s.",
+    "{person} and {other} counted the {material} stock again.",
+    "A driver from {depot} waited at the gate until the {shift} shift began.",
+    "{person} moved the ladders to the {side} corner.",
+    "The lights over the {side} racks were replaced.",
+    "{person} reported that the scanner at the {side} door was slow.",
+    "{person} trained {other} on the new labelling rules.",
+    "The {side} loading bay stayed closed for cleaning during the {shift} shift.",
 )
 DOC_QA_REMARKS = "\nRemarks:"
 DOC_QA_QUESTION = (
     "\n\nQuestion: In the log above, what is the lot number of the {material} {item} from {depot}? "
     "Answer with the lot number."
 )
-DOC_QA_ANSWER = "The lot number of the {material} {item} from {depot} is {lot}."
+DOC_QA_ANSWER = DOC_QA_FACT
 DOC_QA_MATERIALS = ("copper", "steel", "brass", "cedar", "oak", "glass", "ceramic", "rubber", "linen", "wool",
                     "granite", "bamboo", "nickel", "walnut", "marble", "canvas")
 DOC_QA_ITEMS = ("valves", "hinges", "lanterns", "spools", "brackets", "kettles", "tiles", "gears", "pulleys",
                 "buckets", "ladders", "clamps", "bolts", "pipes", "fittings", "rollers", "chisels", "lamps",
                 "springs", "rivets", "handles", "panels", "wheels", "shutters")
-DOC_QA_CONTAINERS = ("crate", "pallet", "box", "carton", "drum", "bundle")
+DOC_QA_CONTAINERS = ("crate", "pallet", "case", "carton", "drum", "bundle")
 DOC_QA_DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+DOC_QA_SIDES = ("north", "south", "east", "west")
+DOC_QA_SHIFTS = ("morning", "evening", "night")
 DOC_QA_DEPOT_KINDS = ("Depot", "Yard", "Works", "Mill", "Wharf", "Station")
 DOC_QA_REMARK_WORDS = ("sealed", "counted", "intact", "stacked", "dry", "labelled", "weighed", "clean",
                        "checked", "wrapped")

@@ -18,15 +18,16 @@ Tasks (`TASKS`), in the formats of `kascade.eval.templates` (RULER's wording) an
     kv               key-value retrieval in a JSON-like object of random uuid keys and values
     copy             repeat a long passage verbatim                       (decode-heavy)
     sequence         continue a long repeated or numbered sequence        (decode-heavy)
-    doc_qa_chat      a warehouse receiving log of generated deliveries; the user turn after it asks for one
-                     delivery's lot number; the prompt is the model's chat template around that user turn
-                     (`tokenizer.apply_chat_template`, generation prompt added), so the model answers as its
-                     assistant. Needs a tokenizer with a chat template (an instruction-tuned model's).
+    doc_qa_chat      a warehouse's daily log (8 entries of generated notes, one delivery's lot number in
+                     each); the user turn after it asks for one delivery's lot number; the prompt is the
+                     model's chat template around that user turn (`tokenizer.apply_chat_template`, generation
+                     prompt added), so the model answers as its assistant. Needs a tokenizer with a chat
+                     template (an instruction-tuned model's).
 
 Scoring: RULER's string match ("all": the share of the reference strings found in the prediction,
-case-insensitive) for the retrieval tasks and doc_qa_chat; per generated token for `copy` and `sequence` (the share of
-the first n expected tokens that the greedy continuation reproduces at the same position), so
-selection over every decode step is exercised.
+case-insensitive) for the retrieval tasks and doc_qa_chat; per generated token for `copy` and `sequence`
+(the share of the first n expected tokens that the greedy continuation reproduces at the same position),
+so selection over every decode step is exercised.
 
 Haystacks: `haystack="filler"` repeats "The grass is green. The sky is blue. ..." (RULER's noise);
 `haystack="essay"` cuts a window out of a long text (`text=`, e.g. data/heldout.txt; `copy` always
