@@ -1,5 +1,6 @@
 """Tiny randomly initialised decoders of the architectures kascade supports, for tests."""
 
+import pytest
 import torch
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen3Config,
                           Qwen3ForCausalLM)
@@ -32,3 +33,17 @@ def left_padded(prompts):
         ids[i, width - len(p):] = p
         mask[i, width - len(p):] = 1
     return ids, mask
+
+
+def one_thread_fixture():
+    """A module-scoped autouse fixture that runs a module's tests on one torch thread (tiny tensors: one
+    thread is much faster than two contending ones). Use as `_one_thread = one_thread_fixture()`."""
+
+    @pytest.fixture(autouse=True, scope="module")
+    def _one_thread():
+        n = torch.get_num_threads()
+        torch.set_num_threads(1)
+        yield
+        torch.set_num_threads(n)
+
+    return _one_thread

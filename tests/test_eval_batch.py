@@ -7,14 +7,10 @@ import torch
 from kascade.budget import budget
 from kascade.eval import selectors
 from kascade.reference import DEFAULT_CHUNK_BYTES, Selection, pooled_tile_scores
+from models import one_thread_fixture
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+_one_thread = one_thread_fixture()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,14 +9,10 @@ import torch
 from fixtures import evaltools as E
 from kascade.cli import main as cli_main
 from kascade.eval import command
+from models import one_thread_fixture
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+_one_thread = one_thread_fixture()
 
 
 @pytest.fixture(scope="module")

@@ -14,18 +14,13 @@ from kascade.eval import selectors
 from kascade.eval import strategies as S
 from kascade.eval.generation import step
 from kascade.plan import Plan
+from models import one_thread_fixture
 
 VOCAB = 300
 SPARSE = [s for s in S.STRATEGIES if s != "dense"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: one thread is much faster than two contending ones
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+_one_thread = one_thread_fixture()
 
 
 @pytest.fixture(scope="module")
