@@ -8,17 +8,26 @@
 #              calibrates the output-aware plan (TARGET selecting-layer equivalents, default 10), then
 #              measures the plans along its search path and the paper recipe's at the same costs on a few
 #              cells (accuracy against cost)
-#   eval       the full accuracy table into /tmp/eval (resumes; stops itself before the call's limit)
+#   prepare    carry .smol/p3/part_02 and .smol/whl: joins and converts the model, takes the committed plan
+#   eval       the accuracy table into /tmp/eval (resumes; stops itself before the call's limit), in
+#              RUNS side by side (see the stage); SEED=results.jsonl skips the cells it holds
 # Everything a stage makes is also copied to $OUT (plans, results, logs).
 set -euo pipefail
-stage=${1:?stage: copy, calibrate or eval}
+stage=${1:?stage: copy, calibrate, prepare or eval}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-MODEL=/tmp/smol
+MODEL=${MODEL:-/tmp/smol}
 PAPER=plans/smollm2-135m-instruct-paper.json
 OURS=${OURS:-/tmp/plan-ours.json}
 kascade() { python3 -m kascade.cli "$@"; }
+join_and_convert() {  # the model at $MODEL, from the three parts (the third one carried by this call)
+  if [ ! -f /tmp/m/smollm2.gguf ]; then
+    cat /tmp/m/part_00 /tmp/m/part_01 .smol/p3/part_02 > /tmp/m/smollm2.gguf.tmp && mv /tmp/m/smollm2.gguf.tmp /tmp/m/smollm2.gguf
+  fi
+  [ -d "$MODEL" ] || bash scripts/smollm2-device.sh "$MODEL"
+  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+}
 
 case "$stage" in
 copy)
@@ -26,11 +35,7 @@ copy)
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
   ;;
 calibrate)
-  if [ ! -f /tmp/m/smollm2.gguf ]; then
-    cat /tmp/m/part_00 /tmp/m/part_01 .smol/p3/part_02 > /tmp/m/smollm2.gguf.tmp && mv /tmp/m/smollm2.gguf.tmp /tmp/m/smollm2.gguf
-  fi
-  [ -d "$MODEL" ] || bash scripts/smollm2-device.sh "$MODEL"
-  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+  join_and_convert
   start=$(date +%s)
   kascade calibrate "$MODEL" --data data/heldout.txt --recipe output-aware --anchors "${TARGET:-10}" \
     --length "${CAL_LENGTH:-4096}" --num-prompts "${CAL_PROMPTS:-16}" --batch-size "${CAL_BATCH:-16}" -o "$OURS" --plots "$OUT/plan-plots" \
@@ -49,25 +54,56 @@ calibrate)
   tar -cf "$OUT/pareto.tar" -C /tmp pareto
   tar -cf "$OUT/plan-plots.tar" -C "$OUT" plan-plots && rm -rf "$OUT/plan-plots"
   ;;
+prepare)  # join and convert the model, use the committed plan (no calibration)
+  join_and_convert
+  cp plans/smollm2-135m-instruct.json "$OURS"
+  ;;
 eval)
   python3 - > "$OUT/eval_meta.json" <<'PY'
 import datetime, json, torch, triton, transformers
 print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                   "transformers": transformers.__version__, "date": datetime.date.today().isoformat()}))
 PY
+  # RUNS: runs side by side (the GPU is mostly idle: a decode step of this small model is bound by
+  # Python), separated by ';', each "tasks|strategies|lengths|budgets|samples" (empty fields: defaults).
+  # Each run has its own folder under /tmp/eval-parts, seeded with SEED's rows (a results.jsonl of the
+  # same plan and settings: its cells are not run again); the rows are then merged into /tmp/eval.
+  all_tasks=niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt,cwe,fwe,kv,doc_qa_chat
+  IFS=';' read -ra groups <<< "${RUNS:-$all_tasks||||}"
   start=$(date +%s)
-  timeout "${EVAL_SECONDS:-540}" python3 -m kascade.cli eval "$MODEL" --plan "$OURS" --paper-plan "$PAPER" \
-    --tasks "${TASKS:-niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt,cwe,fwe,kv,doc_qa_chat}" \
-    --lengths "${LENGTHS:-2048,4096,8192}" --budgets 0.05,0.1,0.2 --samples "${SAMPLES:-20}" --out /tmp/eval \
-    2>&1 | tr '\r' '\n' | grep -v "it/s\]$" | tail -n 20 || echo "eval stopped after $(( $(date +%s) - start )) s (resumes)"
-  kascade eval "$MODEL" --plan "$OURS" --paper-plan "$PAPER" \
-    --tasks "${TASKS:-niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt,cwe,fwe,kv,doc_qa_chat}" \
-    --lengths "${LENGTHS:-2048,4096,8192}" --budgets 0.05,0.1,0.2 --samples "${SAMPLES:-20}" --out /tmp/eval \
-    --report-only --no-coverage > /dev/null 2>&1 || true
-  for f in results.jsonl run.json summary.json summary.md accuracy_vs_budget.png coverage.png coverage.json; do
+  i=0
+  for g in "${groups[@]}"; do
+    IFS='|' read -r tasks strategies lengths budgets samples <<< "$g"
+    dir=/tmp/eval-parts/g$i
+    mkdir -p "$dir"
+    [ -n "${SEED:-}" ] && [ ! -f "$dir/results.jsonl" ] && cp "$SEED" "$dir/results.jsonl"
+    timeout "${EVAL_SECONDS:-540}" python3 -m kascade.cli eval "$MODEL" --plan "$OURS" --paper-plan "$PAPER" \
+      --tasks "${tasks:-$all_tasks}" ${strategies:+--strategies "$strategies"} --lengths "${lengths:-2048,4096,8064}" \
+      --budgets "${budgets:-0.05,0.1,0.2}" --samples "${samples:-20}" --workers "${WORKERS:-2}" --no-coverage \
+      --out "$dir" > "$dir/log.txt" 2>&1 &
+    i=$((i + 1))
+  done
+  wait || true
+  echo "runs stopped after $(( $(date +%s) - start )) s (they resume)"
+  python3 - <<'PY'
+import glob, json, os
+from kascade.eval.command import _key, read_results
+rows = {}
+for path in sorted(glob.glob("/tmp/eval-parts/g*/results.jsonl")) + ["/tmp/eval/results.jsonl"]:
+    for row in read_results(__import__("pathlib").Path(path)):
+        rows.setdefault(_key(row), row)
+os.makedirs("/tmp/eval", exist_ok=True)
+with open("/tmp/eval/results.jsonl.tmp", "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows.values())
+os.replace("/tmp/eval/results.jsonl.tmp", "/tmp/eval/results.jsonl")
+print(f"{len(rows)} rows merged into /tmp/eval/results.jsonl")
+PY
+  for d in /tmp/eval-parts/g*; do echo "== $d"; tail -n 2 "$d/log.txt" | tr '\r' '\n' | tail -n 2; done
+  kascade eval "$MODEL" --plan "$OURS" --paper-plan "$PAPER" --tasks "$all_tasks" --lengths 2048,4096,8064 \
+    --budgets 0.05,0.1,0.2 --samples "${REPORT_SAMPLES:-20}" --out /tmp/eval --report-only --no-coverage > /dev/null 2>&1 || true
+  for f in results.jsonl run.json summary.json summary.md accuracy_vs_budget.png; do
     [ -f "/tmp/eval/$f" ] && cp "/tmp/eval/$f" "$OUT/eval_$f"
   done
-  wc -l /tmp/eval/results.jsonl
   ;;
-*) echo "stage: expected copy, calibrate or eval, got $stage" >&2; exit 2 ;;
+*) echo "stage: expected copy, calibrate, prepare or eval, got $stage" >&2; exit 2 ;;
 esac

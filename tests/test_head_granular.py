@@ -181,6 +181,17 @@ def test_spelled_out_plan_gives_the_layer_plan_logits(backend):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)  # same selections, same kernels: equal up to fp32 order
 
 
+def test_layer_level_ablations_select_in_as_many_layers_as_the_plan_costs():
+    """Two half-selecting layers cost one layer: the ablation selects in layer 0 and the earlier of them."""
+    from kascade.eval import strategies as S
+
+    plan = Plan.for_model(tiny_model("llama", num_hidden_layers=4).config, [0],
+                          head_sources=[None, [None, [0, 1]], [None, [0, 0]], [[0, 0], [0, 1]]],
+                          rho=0.1, k_min=16, recipe="output-aware")
+    assert plan.selecting_layers_equivalent == 2.0
+    assert S.selecting_layers(plan) == [0, 1]
+
+
 def test_every_strategy_takes_a_head_granular_plan():
     """The ablations are defined for head-granular plans too; at rho = 1 each equals dense."""
     from kascade.eval import strategies as S

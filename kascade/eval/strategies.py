@@ -21,8 +21,8 @@ Strategies (`STRATEGIES`):
                       head-aware top-k selection)
     kascade           the calibrated plan: anchors select per KV head, the other layers reuse the
                       selection of their anchor through the plan's head map
-    kascade-agnostic  the plan's anchors (of a head-granular plan: every layer where a head selects),
-                      but one set per tile shared by all KV heads: post-softmax
+    kascade-agnostic  the plan's anchors (of a head-granular plan: as many layers as its cost, those
+                      with the most selecting heads; `selecting_layers`), but one set per tile shared by all KV heads: post-softmax
                       probabilities summed over ALL query heads, the set broadcast to every KV head
     kascade-paper     Kascade with the paper's recipe: a plan calibrated by attention-mass coverage alone
                       (`kascade calibrate --recipe paper`), passed separately (paper_plan=, --paper-plan)
@@ -34,7 +34,7 @@ Strategies (`STRATEGIES`):
                       per-page, per-dimension key min/max; at KV-head granularity the bounds are turned
                       into softmax weights over pages and summed over the group's query heads (and the
                       tile's queries); best pages are taken until k(n) keys; each layer selects for itself
-    omnikv            filter layers (the plan's anchors, as for kascade-agnostic) attend densely and choose one token set for all
+    omnikv            filter layers (the layers of kascade-agnostic) attend densely and choose one token set for all
                       heads (per query head the post-softmax probabilities, summed over the tile's
                       queries; then the maximum over heads); the layers up to the next filter layer
                       reuse it. As in OmniKV, the filter layers themselves are dense.
@@ -46,6 +46,7 @@ Each strategy records which keys each layer attended in the current forward: `at
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -241,12 +242,18 @@ def make_strategy(name: str, plan: Plan | None, model_config, rho: float, k_min:
 
 
 def selecting_layers(plan: Plan) -> list[int]:
-    """The layers where the plan selects: its anchors, and for a head-granular plan every layer with a
-    selecting head (the layer-level ablations then select in at least as many layers as the plan)."""
+    """The layers where the layer-level ablations (head-agnostic, OmniKV) select, at the plan's cost.
+
+    A layer-granular plan: its anchors. A head-granular plan: as many layers as its selecting-layer
+    equivalents (rounded half up), those with the most selecting KV heads (ties: the earlier layer), so
+    that an ablation costs what the plan costs instead of selecting in every layer the plan touches."""
     if not plan.head_granular:
         return list(plan.anchors)
     hkv = len(next(r for r in plan.head_sources if r is not None))
-    return [layer for layer in range(plan.num_layers) if plan.selecting_heads(layer, hkv)]
+    heads = {layer: len(plan.selecting_heads(layer, hkv)) for layer in range(plan.num_layers)}
+    count = max(1, math.floor(plan.selecting_layers_equivalent + 0.5))
+    ranked = sorted((layer for layer in heads if heads[layer]), key=lambda layer: (-heads[layer], layer))
+    return sorted(ranked[:count])
 
 
 def without_remap(plan: Plan) -> Plan:
