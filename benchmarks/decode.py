@@ -278,10 +278,15 @@ def per_layer(K, B, N, fa3, flex_ok):
     return res
 
 
-def whole_model(K, B, N, fa3, layer_res):
+def whole_model(K, B, N, fa3, layer_res, hq=HQ, hkv=HKV, d=D, layers=LAYERS, anchors=ANCHORS):
+    """One decode step of a whole model's attention (layers of [hq, hkv, d]) as ONE CUDA graph, against
+    `layers` x FA3 likewise. layer_res: per_layer()'s dict at (B, N) (best dense kernel, FA3 variant,
+    ours_select, ours_anchor_dense), which picks layer 0's kernels and FA3's setting. Shared with
+    benchmarks/decode_shapes.py."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     import torch.nn.functional as F
 
+    HQ, HKV, D, LAYERS, ANCHORS = hq, hkv, d, layers, tuple(anchors)  # noqa: N806 (the module's names)
     per_layer_bytes = 2 * B * HKV * N * D * 2
     nbuf = int(max(2, min(LAYERS, KV_BUDGET_BYTES // per_layer_bytes)))
     caches = [(torch.randn(B, HKV, N, D, device="cuda", dtype=DT), torch.randn(B, HKV, N, D, device="cuda", dtype=DT))
@@ -337,9 +342,9 @@ def whole_model(K, B, N, fa3, layer_res):
         res["fa3"] = bench(fa3_model, rep=100)
         res["speedup_vs_fa3"] = res["fa3"]["ms"] / res["ours"]["ms"]
     bdn = layer_res["best_dense"]
-    res["best_dense_x32_ms_from_layer"] = 32 * layer_res[bdn]["ms"]
-    res["speedup_vs_best_dense_x32"] = res["best_dense_x32_ms_from_layer"] / res["ours"]["ms"]
-    log(f"  whole model: ours {res['ours']['ms']:.3f} ms, fa3 x32 {res.get('fa3', {}).get('ms', float('nan')):.3f} ms,"
+    res[f"best_dense_x{LAYERS}_ms_from_layer"] = LAYERS * layer_res[bdn]["ms"]
+    res[f"speedup_vs_best_dense_x{LAYERS}"] = res[f"best_dense_x{LAYERS}_ms_from_layer"] / res["ours"]["ms"]
+    log(f"  whole model: ours {res['ours']['ms']:.3f} ms, fa3 x{LAYERS} {res.get('fa3', {}).get('ms', float('nan')):.3f} ms,"
         f" speedup {res.get('speedup_vs_fa3', float('nan')):.2f}x (caches {nbuf}, layer 0: {res['layer0']})")
     del caches
     return res

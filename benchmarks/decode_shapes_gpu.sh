@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The GPU run of issue 18's decode measurements, in one call of under 9 minutes, from the repository root:
+#   (a) the decode kernel tests on CUDA at full size (tests/test_kernels_decode.py, test_topk_select.py,
+#       test_kernels_paged.py, test_decode_shapes.py), log in $OUT/gpu_tests.txt;
+#   (b) benchmarks/decode_shapes.py --out $OUT (every shape at 32K / 128K, B = 1 / 8, whole models),
+#       log in $OUT/decode_shapes_log.txt; then its headline table.
+# FlashAttention-3: carry .whl/ (made by the shared fa3-wheel tool: fa3_fwd-0.0.3-*.whl); it is installed
+# into /tmp/site here. Without it FA3 is skipped and the results say so.
+# Environment: OUT (default /tmp/out), TEST_SECONDS (150), BENCH_SECONDS (390), BENCH_ARGS (extra arguments).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+if compgen -G ".whl/fa3_fwd-*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/fa3_fwd-*.whl 2>&1 | tail -n 2
+fi
+python3 -c "import fa3_fwd_interface" 2>/dev/null && echo "FA3: fa3_fwd_interface imports" || echo "FA3: not importable (carry .whl/)"
+python3 -c "import torch, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
+
+start=$(date +%s)
+timeout "${TEST_SECONDS:-150}" python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_decode.py \
+  tests/test_topk_select.py tests/test_kernels_paged.py tests/test_decode_shapes.py > "$OUT/gpu_tests.txt" 2>&1
+echo "tests: exit $? in $(( $(date +%s) - start )) s: $(tail -n 1 "$OUT/gpu_tests.txt")"
+
+start=$(date +%s)
+# shellcheck disable=SC2086
+timeout "${BENCH_SECONDS:-390}" python3 benchmarks/decode_shapes.py --out "$OUT" ${BENCH_ARGS:-} \
+  > "$OUT/decode_shapes_log.txt" 2>&1
+rc=$?
+echo "benchmark: exit $rc in $(( $(date +%s) - start )) s"
+json=$(ls "$OUT"/decode_shapes_*.json 2>/dev/null | head -n 1)
+if [ -n "$json" ] && [ "$rc" -ne 0 ]; then  # stopped early: the report of the shapes measured so far
+  python3 benchmarks/decode_shapes.py --report "$json" >> "$OUT/decode_shapes_log.txt" 2>&1
+fi
+grep -E "^  (B=|.*failed)" "$OUT/decode_shapes_log.txt" | tail -n 4
+md=${json%.json}.md
+[ -f "$md" ] && sed -n '/^| shape | model/,/^$/p' "$md"

@@ -1,0 +1,101 @@
+"""benchmarks/decode_shapes.py: its pure-Python parts on the CPU (anchor placement, rows, markdown, plot);
+on a GPU, one --smoke run end to end."""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+
+import decode_shapes as S  # noqa: E402
+
+
+def test_anchor_layers_llama_plan_and_counts():
+    assert S.anchor_layers(32) == (0, 2, 8, 13, 14)
+    for layers in (1, 2, 7, 12, 28, 30, 40, 80, 126):
+        a = S.anchor_layers(layers)
+        assert a[0] == 0 and list(a) == sorted(set(a)) and a[-1] < layers
+        assert len(a) == min(layers, max(1, round(layers / 6)))
+    assert S.anchor_layers(80)[-1] < 40  # spread like the Llama plan: in the first half of the depth
+    assert S.anchor_layers(5, fraction=1.0) == (0, 1, 2, 3, 4)  # every layer: pushed apart, inside
+
+
+@pytest.mark.parametrize("kw", [dict(layers=0), dict(layers=True), dict(layers=8, fraction=0),
+                                dict(layers=8, pattern=(1, 2)), dict(layers=8, pattern=(0, 40))])
+def test_anchor_layers_errors(kw):
+    with pytest.raises(ValueError, match=next(iter(k for k in kw if k != "layers"), "layers")):
+        S.anchor_layers(**kw)
+
+
+def fake_results(with_unfused=True):
+    """A results dict as main() writes it, from made-up timings (ms)."""
+    rows = []
+    for name, hq, hkv, d, layers in S.SHAPES[:3]:
+        timings, models = {}, {}
+        for N in S.LENGTHS:
+            for B in S.BATCHES:
+                f = N / 131072 * B
+                r = dict(B=B, N=N, fa3=dict(ms=0.14 * f, variant="fa3[splits=0,pack_gqa=None]"),
+                         sdpa_cudnn=dict(ms=0.13 * f), ours_select=dict(ms=0.08 * f),
+                         ours_anchor_sparse=dict(ms=0.09 * f), ours_anchor_dense=dict(ms=0.15 * f),
+                         ours_reuse=dict(ms=0.03 * f), best_dense="sdpa_cudnn")
+                if with_unfused:
+                    r.update(ours_anchor_fused=dict(ms=0.09 * f), ours_anchor_unfused=dict(ms=0.13 * f), paths_select_equal=True)
+                timings[S.size_key(B, N)] = r
+                models[S.size_key(B, N)] = dict(ours=dict(ms=1.2 * f), fa3=dict(ms=4.4 * f), speedup_vs_fa3=3.67)
+        rows.append(S.summary_row(name, hq, hkv, d, layers, S.anchor_layers(layers), timings, models, S.HEADLINE))
+    meta = dict(device="Fake GPU", torch="0", triton="0", date="2026-01-01", fa3="fa3_fwd_interface")
+    return dict(meta=meta, headline=list(S.HEADLINE), rows=rows)
+
+
+def test_summary_row_ratios():
+    row = fake_results()["rows"][0]
+    assert row["shape"] == "32/8/128" and (row["hq"], row["hkv"], row["d"]) == (32, 8, 128)
+    assert row["anchor_over_fa3"] == pytest.approx(0.09 / 0.14)
+    assert row["reuse_over_best_dense"] == pytest.approx(0.03 / 0.13)  # best dense: cuDNN here
+    assert row["model_speedup_over_fa3"] == pytest.approx(3.67)
+    assert row["anchor_unfused_over_fa3"] == pytest.approx(0.13 / 0.14)
+    assert row["anchor_fused_over_fa3"] == pytest.approx(0.09 / 0.14)
+    assert set(row["timings"]) == {"1x32768", "8x32768", "1x131072", "8x131072"}
+
+
+def test_summary_row_missing_fa3():
+    """FA3 absent (no wheel): ratios against it are None, not an error."""
+    timings = {"1x131072": dict(B=1, N=131072, sdpa_cudnn=dict(ms=0.1), ours_anchor_sparse=dict(ms=0.2),
+                                ours_reuse=dict(ms=0.02), best_dense="sdpa_cudnn")}
+    row = S.summary_row("x", 9, 3, 64, 30, (0,), timings, {}, (1, 131072))
+    assert row["anchor_over_fa3"] is None and row["model_speedup_over_fa3"] is None
+    assert row["reuse_over_best_dense"] == pytest.approx(0.2)
+    assert "| 9/3/64 |" in S.markdown(dict(meta=dict(device="d", torch="0", triton="0", date="x"),
+                                           headline=[1, 131072], rows=[row]))
+
+
+def test_markdown_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    res = fake_results()
+    path = tmp_path / "decode_shapes_fake.json"
+    path.write_text(json.dumps(res))
+    md, png = S.write_reports(json.loads(path.read_text()), str(path))
+    text = open(md).read()
+    assert text.startswith("# Decode attention per shape, Fake GPU")
+    assert "| 32/8/128 | Llama-3.1-8B | 32 | [0, 2, 8, 13, 14] | 140.0 | 130.0 | 90.0 | 0.64x |" in text
+    assert text.count("| 28/4/128 |") == 1 + 4  # the headline line and one per size
+    assert os.path.getsize(png) > 1000
+    S.main(["--report", str(path)])  # the --report mode writes both again
+    res2 = fake_results(with_unfused=False)
+    assert "anchor_unfused_over_fa3" not in res2["rows"][0]
+    S.plot(res2, str(tmp_path / "b.png"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_smoke(tmp_path):
+    S.main(["--smoke", "--out", str(tmp_path), "--shapes", "32/8/128,9/3/64", "--rep", "5", "--tag", "t"])
+    res = json.loads((tmp_path / "decode_shapes_t_smoke.json").read_text())
+    assert [r["shape"] for r in res["rows"]] == ["32/8/128", "9/3/64"]
+    for r in res["rows"]:
+        assert r["reuse_over_best_dense"] is not None
+        assert all(t.get("paths_select_equal", True) for t in r["timings"].values())
