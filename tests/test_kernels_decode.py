@@ -279,6 +279,33 @@ def test_prefetch_changes_nothing():
     check_prefetch_changes_nothing(q, k, v, [0, 2100], 0.1, 16)
 
 
+def check_fused_changes_nothing(q, k, v, kv_start, rho, k_min, kv_len=None):
+    """The fused anchor path (finish and combine by each row's last program) gives the unfused path's
+    selection and output bit for bit, on the candidate and on the four-level selection."""
+    for candidates in (True, False):
+        got = {}
+        for fused in (False, True):
+            with kernel_config(anchor_fused=fused, select=dict(candidates=candidates)), poisoned():
+                got[fused] = K.anchor(q, k, v, rho, k_min, 32, kv_start=kv_start, kv_len=kv_len)
+        (out_0, sel_0), (out_1, sel_1) = got[False], got[True]
+        assert torch.equal(sel_0.counts, sel_1.counts)
+        assert torch.equal(sel_0.indices, sel_1.indices)
+        assert torch.equal(out_0, out_1)
+    return sel_1
+
+
+@pytest.mark.parametrize("B,Hkv,G,N,D,dtype,kv_start,kv_len", [
+    (2, 2, 4, 2100, 64, BF16, [0, 700], None),
+    (2, 3, 3, 1500, 64, FP16, [5, 0], [1500, 1203]),  # G = 3 (SmolLM2's group), a static cache's tail
+    (1, 1, 7, 999, 128, BF16, None, None),  # G = 7 (Qwen2.5-7B's group)
+])
+def test_fused_path_changes_nothing(B, Hkv, G, N, D, dtype, kv_start, kv_len):
+    q, k, v = make(B, Hkv, G, N, D, dtype, seed=G)
+    sel = check_fused_changes_nothing(q, k, v, kv_start, 0.1, 16, kv_len)
+    if kv_len is None:
+        check_selection(sel, q, k, 0.1, 16, kv_start)
+
+
 def large_reuse_setting(on):
     """The reuse kernel's large-work launch setting forced on (threshold 0) or off (never reached)."""
     return kernel_config(sparse_large_from=0 if on else float("inf"))
@@ -427,6 +454,31 @@ def test_gpu_cuda_graph_capture():
         assert torch.equal(sel.indices, want_sel.indices)
         assert torch.equal(out_a, want_a)
         assert torch.equal(out_r, K.sparse_attention(q, k, v, want_sel, head_map=hm, kv_start=kv_start))
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("B,Hkv,G,N,D", [(1, 8, 4, 131072, 128), (1, 4, 7, 131072, 128), (1, 3, 3, 131072, 64),
+                                         (8, 8, 5, 32768, 128), (2, 8, 8, 131072, 128)])
+def test_gpu_fused_path_changes_nothing(B, Hkv, G, N, D):
+    """Every attention shape of benchmarks/decode_shapes.py, and again inside a CUDA graph."""
+    q, k, v = make(B, Hkv, G, N, D, BF16, seed=G)
+    kv_start = torch.tensor([0] + [N // 3] * (B - 1), device=DEV)
+    for _ in range(3):  # the tickets must be zero again on every call
+        sel = check_fused_changes_nothing(q, k, v, kv_start, 0.1, 128)
+    check_selection(sel, q, k, 0.1, 128, kv_start)
+    with kernel_config(anchor_fused=True):
+        K.anchor(q, k, v, 0.1, 128, 32, kv_start=kv_start)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out_g, sel_g = K.anchor(q, k, v, 0.1, 128, 32, kv_start=kv_start)
+    for seed in (7, 8):
+        q.copy_(torch.randn(q.shape, generator=torch.Generator().manual_seed(seed)).to(q.dtype))
+        graph.replay()
+        with kernel_config(anchor_fused=False):
+            want_out, want_sel = K.anchor(q, k, v, 0.1, 128, 32, kv_start=kv_start)
+        assert torch.equal(sel_g.indices, want_sel.indices)
+        assert torch.equal(out_g, want_out)
 
 
 @pytest.mark.gpu

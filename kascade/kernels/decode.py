@@ -22,6 +22,12 @@ Anchor layer (select; anchor):
                                 logits of a key are 16 contiguous bytes): only the selected V rows
                                 are read. Then _decode_combine_kernel, one program per (query head,
                                 32 output columns).
+Fused anchor (CONFIG["anchor_fused"], KASCADE_ANCHOR_FUSED=1; off by default): the same kernels and the
+same selection and output bit for bit, in 5 launches instead of 7: the last program of each row of the
+split pass finishes that row's selection, and the last split of each row of step 4 combines that row's
+output (a ticket per row, zeroed by step 1, counts the programs done). On Hopper and newer each kernel
+after the first also starts by programmatic dependent launch (CONFIG["anchor_pdl"]), so its launch
+overlaps the previous kernel's tail.
 Reuse layer (sparse_attention): _decode_sparse_kernel gathers the K and V rows of the mapped
 anchor head's indices, split over S2 programs per (sequence, KV head), then the combine.
 Dense layer (dense_attention): step 1 with the flash-decoding output only (no logits kept), then the
@@ -74,6 +80,13 @@ CONFIG = {
     "sparse_large_from": 262144,
     "sparse_out": dict(BLOCK_K=64, num_warps=4, num_stages=2, per_sm=2),  # the anchor's output (logits, V rows)
     "combine": dict(DBLK=32, num_warps=4),
+    # anchor (select / sparse output): the radix finish and the output combine done by the last program
+    # of each row of the pass before them (5 launches instead of 7; same selection); off by default until
+    # measured on the GPU (benchmarks/decode_shapes.py times both); KASCADE_ANCHOR_FUSED=1 turns it on
+    "anchor_fused": os.environ.get("KASCADE_ANCHOR_FUSED", "0") == "1",
+    # fused anchor on the candidate path: each kernel after the first starts by programmatic dependent
+    # launch (its launch overlaps the previous kernel's tail; Hopper and newer, not in the interpreter)
+    "anchor_pdl": True,
 }
 
 
@@ -138,8 +151,9 @@ def _decode_logits_kernel(Q, K, V, LG, MP, LP, OP, KV_START, KV_LEN, START32, EN
                           DV: tl.constexpr, DVP: tl.constexpr, NSPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
                           HAS_START: tl.constexpr, HAS_LEN: tl.constexpr, DENSE_OUT: tl.constexpr,
                           SELECT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-                          PAGED: tl.constexpr = False):
+                          PAGED: tl.constexpr = False, PDL: tl.constexpr = False):
     tl.static_assert(GPAD >= 16 and GPAD >= G)
+    ts.pdl_start(PDL)
     row = tl.program_id(0)  # b * HKV + h
     sp = tl.program_id(1)
     b = row // HKV
@@ -214,12 +228,13 @@ def _logit_block(lg_row, n0, hi, g, gm, G: tl.constexpr, BLOCK: tl.constexpr):
 @triton.jit(do_not_specialize=["N", "CHUNK"])
 def _decode_pool_kernel(LG, MP, LP, S, HIST, START32, END32, N, stride_lg, stride_s, CHUNK, HKV,
                         G: tl.constexpr, GP: tl.constexpr, NSPLIT: tl.constexpr, BLOCK: tl.constexpr,
-                        PREFETCH: tl.constexpr = False):
+                        PREFETCH: tl.constexpr = False, PDL: tl.constexpr = False):
     """s[row, n] = sum_g exp2(logit_g[n] - lse_g) over the G heads of the row's KV group; level-1 histogram.
 
     PREFETCH: the loop keeps the next block's logits in flight (register double buffering), so a
-    program waits for memory once rather than once per block.
+    program waits for memory once rather than once per block. PDL: started by programmatic dependent launch.
     """
+    ts.pdl_start(PDL)
     row = tl.program_id(0)
     c = tl.program_id(1)
     b = row // HKV
@@ -264,14 +279,20 @@ def _decode_sparse_kernel(Q, K, V, LG, IDX, CNT, HMAP, OP, MP, LP,
                           G: tl.constexpr, GPAD: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                           DV: tl.constexpr, DVP: tl.constexpr, NSPLIT: tl.constexpr, BLOCK_K: tl.constexpr,
                           FROM_LOGITS: tl.constexpr, HAS_MAP: tl.constexpr, DOT_PREC: tl.constexpr,
-                          UPCAST: tl.constexpr, PAGED: tl.constexpr = False):
+                          UPCAST: tl.constexpr, PAGED: tl.constexpr = False,
+                          OUT=None, sob=0, soh=0, TICKETS=None, COMBINE: tl.constexpr = False,
+                          DBLK: tl.constexpr = 32, PDL: tl.constexpr = False):
     """Attention of the G heads of KV head h over the selected keys of anchor head head_map[h].
 
     Split s of S2 takes a contiguous range of the count[b] valid slots. FROM_LOGITS: the scores are
     read from the anchor's stored logits instead of being recomputed from K. The V rows are requested
     first in each block, before the scores are read or computed.
+    COMBINE: the row's last split to finish (a ticket in TICKETS[row * 1024], zero on entry) combines
+    the row's partials into OUT [B, Hq, 1, Dv] (_combine_block), so the combine needs no launch of its own.
+    PDL: started by programmatic dependent launch.
     """
     tl.static_assert(GPAD >= 16 and GPAD >= G)
+    ts.pdl_start(PDL)
     row = tl.program_id(0)
     sp = tl.program_id(1)
     b = row // HKV
@@ -323,27 +344,46 @@ def _decode_sparse_kernel(Q, K, V, LG, IDX, CNT, HMAP, OP, MP, LP,
     tl.store(MP + prow, m_i, mask=gm)
     tl.store(LP + prow, l_i, mask=gm)
     tl.store(OP + prow[:, None] * DVP + dv[None, :], acc, mask=gm[:, None])
+    if COMBINE:
+        tl.debug_barrier()  # every thread's partials are written before the ticket releases them
+        ticket = tl.atomic_add(TICKETS + row * 1024, 1, sem="acq_rel")
+        if ticket == NSPLIT - 1:
+            NCB: tl.constexpr = DVP // DBLK
+            for j in range(G * NCB):  # (query head of the group, block of output columns)
+                _combine_block(OP, MP, LP, OUT, row * G + j // NCB, b, h * G + j // NCB, j % NCB, sob, soh,
+                               DV, DVP, NSPLIT, DBLK, True)
+
+
+@triton.jit
+def _combine_block(OP, MP, LP, OUT, i, b, hq, c, sob, soh,
+                   DV: tl.constexpr, DVP: tl.constexpr, NSPLIT: tl.constexpr, DBLK: tl.constexpr, CG: tl.constexpr):
+    """out[b, hq, columns c*DBLK..] = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s (empty splits: m_s = -inf);
+    i = b * Hq + hq indexes the partials. CG: the partials were written in this launch (read past L1)."""
+    sp = tl.arange(0, NSPLIT)
+    dv = c * DBLK + tl.arange(0, DBLK)
+    if CG:
+        m = tl.load(MP + i * NSPLIT + sp, cache_modifier=".cg")
+        lsum = tl.load(LP + i * NSPLIT + sp, cache_modifier=".cg")
+        o = tl.load(OP + (i * NSPLIT + sp)[:, None] * DVP + dv[None, :], cache_modifier=".cg")
+    else:
+        m = tl.load(MP + i * NSPLIT + sp)
+        lsum = tl.load(LP + i * NSPLIT + sp)
+        o = tl.load(OP + (i * NSPLIT + sp)[:, None] * DVP + dv[None, :])
+    w = tl.exp2(m - tl.max(m, 0))
+    den = tl.sum(lsum * w, 0)
+    res = tl.sum(o * w[:, None], 0) / den
+    tl.store(OUT + b.to(tl.int64) * sob + hq * soh + dv, res.to(OUT.dtype.element_ty), mask=dv < DV)
 
 
 @triton.jit
 def _decode_combine_kernel(OP, MP, LP, OUT, sob, soh, HQ,
-                           DV: tl.constexpr, DVP: tl.constexpr, NSPLIT: tl.constexpr, DBLK: tl.constexpr):
-    """out[b, hq, d-block] = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s (empty splits: m_s = -inf).
-
-    One program per (query head, block of DBLK output columns), so the partials of a step are read
-    by many SMs at once.
-    """
+                           DV: tl.constexpr, DVP: tl.constexpr, NSPLIT: tl.constexpr, DBLK: tl.constexpr,
+                           PDL: tl.constexpr = False):
+    """The split partials combined (_combine_block): one program per (query head, block of DBLK output
+    columns), so the partials of a step are read by many SMs at once. PDL: programmatic dependent launch."""
+    ts.pdl_start(PDL)
     i = tl.program_id(0)
-    b = i // HQ
-    hq = i % HQ
-    sp = tl.arange(0, NSPLIT)
-    dv = tl.program_id(1) * DBLK + tl.arange(0, DBLK)
-    m = tl.load(MP + i * NSPLIT + sp)
-    w = tl.exp2(m - tl.max(m, 0))
-    den = tl.sum(tl.load(LP + i * NSPLIT + sp) * w, 0)
-    o = tl.load(OP + (i * NSPLIT + sp)[:, None] * DVP + dv[None, :])
-    res = tl.sum(o * w[:, None], 0) / den
-    tl.store(OUT + b.to(tl.int64) * sob + hq * soh + dv, res.to(OUT.dtype.element_ty), mask=dv < DV)
+    _combine_block(OP, MP, LP, OUT, i, i // HQ, i % HQ, tl.program_id(1), sob, soh, DV, DVP, NSPLIT, DBLK, False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -398,11 +438,12 @@ def _kv_len(kv_len, q, k, kv_start):
     return resolve_kv_len(kv_len, q, k, kv_start)
 
 
-def _combine(op, mp, lp, out, dims, nsplit):
+def _combine(op, mp, lp, out, dims, nsplit, pdl=False):
     dblk = min(dims["DVP"], CONFIG["combine"]["DBLK"])
     _decode_combine_kernel[(dims["B"] * dims["HQ"], dims["DVP"] // dblk)](
         op, mp, lp, out, out.stride(0), out.stride(1), dims["HQ"],
-        DV=dims["DV"], DVP=dims["DVP"], NSPLIT=nsplit, DBLK=dblk, num_warps=CONFIG["combine"]["num_warps"])
+        DV=dims["DV"], DVP=dims["DVP"], NSPLIT=nsplit, DBLK=dblk, PDL=pdl, num_warps=CONFIG["combine"]["num_warps"],
+        **ts.pdl_kwargs(pdl))
     return out
 
 
@@ -449,6 +490,8 @@ def _anchor_core(q, krows: KVRows, vrows: KVRows, dm, start, end, rho, k_min, ti
     counts = torch.empty(B, 1, dtype=torch.int32, device=dev)
     first_tile = torch.empty(B, dtype=torch.int64, device=dev)
     ws = ts.RadixWorkspace(R, nchunk, dev)
+    fused = bool(CONFIG["anchor_fused"])
+    pdl = fused and CONFIG["anchor_pdl"] and CONFIG["select"]["candidates"] and ts.pdl_available(dev)
     ra, rb, rc = _f32_parts(float(rho))
     ga, gb, gc = _f32_parts(_GUARD)
     stages = cl["num_stages"]
@@ -461,16 +504,18 @@ def _anchor_core(q, krows: KVRows, vrows: KVRows, dm, start, end, rho, k_min, ti
         _scale_log2(q, scale), HKV, ra, rb, rc, ga, gb, gc, k_min,
         G=dm["G"], GPAD=dm["GPAD"], D=dm["D"], DP=dm["DP"], DV=dm["DV"], DVP=dm["DVP"], NSPLIT=s1,
         BLOCK_N=cl["BLOCK_N"], HAS_START=start is not None, HAS_LEN=end is not None, DENSE_OUT=dense, SELECT=True,
-        DOT_PREC=_dot_prec(q), UPCAST=_upcast(q), PAGED=krows.paged, num_warps=cl["num_warps"], num_stages=stages)
+        DOT_PREC=_dot_prec(q), UPCAST=_upcast(q), PAGED=krows.paged, PDL=pdl, num_warps=cl["num_warps"],
+        num_stages=stages, **ts.pdl_kwargs(pdl))
     scores = torch.empty(R, ln, dtype=torch.float32, device=dev)
     cp = CONFIG["pool"]
     _decode_pool_kernel[(R, nchunk)](
         lg, mp, lp, scores, ws.hist, start32, end32, N, lg.stride(0), ln, chunk, HKV,
-        G=dm["G"], GP=_pow2(dm["G"]), NSPLIT=s1, BLOCK=cp["BLOCK"], PREFETCH=cp["prefetch"], num_warps=cp["num_warps"])
+        G=dm["G"], GP=_pow2(dm["G"]), NSPLIT=s1, BLOCK=cp["BLOCK"], PREFETCH=cp["prefetch"], PDL=pdl,
+        num_warps=cp["num_warps"], **ts.pdl_kwargs(pdl))
     idx = torch.empty(R, kmax, dtype=torch.int32, device=dev)
     if CONFIG["select"]["candidates"]:
         ts.radix_candidates(scores, N, ws, counts, start32, HKV, nchunk, chunk, idx, end_b=end32,
-                            prefetch=CONFIG["select"]["prefetch"])
+                            prefetch=CONFIG["select"]["prefetch"], fused=fused, pdl=pdl)
     else:
         ts.radix_levels(scores, N, ws, counts, start32, HKV, nchunk, chunk, idx, first_level=2, end_b=end32)
     sel = Selection(idx.view(B, HKV, 1, kmax), counts, first_tile, tile, True)
@@ -478,11 +523,16 @@ def _anchor_core(q, krows: KVRows, vrows: KVRows, dm, start, end, rho, k_min, ti
         return None, sel
     out = torch.empty(B, HQ, 1, dm["DV"], dtype=q.dtype, device=dev)
     if dense:
-        return _combine(op, mp, lp, out, dm, s1), sel
-    return _sparse(q, krows, vrows, idx, (kmax * HKV, kmax, 1), counts, None, scale, out, dm, logits=lg), sel
+        return _combine(op, mp, lp, out, dm, s1, pdl), sel
+    tickets = ws.hist.view(-1)[ts.TICKET_OUT.value:] if fused else None  # zeroed by the logits pass
+    return _sparse(q, krows, vrows, idx, (kmax * HKV, kmax, 1), counts, None, scale, out, dm, logits=lg,
+                   tickets=tickets, pdl=pdl), sel
 
 
-def _sparse(q, krows: KVRows, vrows: KVRows, idx, idx_strides, counts, head_map, scale, out, dm, logits=None):
+def _sparse(q, krows: KVRows, vrows: KVRows, idx, idx_strides, counts, head_map, scale, out, dm, logits=None,
+            tickets=None, pdl=False):
+    """Sparse attention over idx, then the combine; tickets (int32, word r * 1024 zero for every row r):
+    the combine is done by each row's last split instead of a launch of its own."""
     B, HQ, HKV = dm["B"], dm["HQ"], dm["HKV"]
     R = B * HKV
     dev = q.device
@@ -501,9 +551,13 @@ def _sparse(q, krows: KVRows, vrows: KVRows, idx, idx_strides, counts, head_map,
         idx_strides[0], idx_strides[1], idx_strides[2], counts.stride(0), _scale_log2(q, scale), HKV,
         G=dm["G"], GPAD=dm["GPAD"], D=dm["D"], DP=dm["DP"], DV=dm["DV"], DVP=dm["DVP"], NSPLIT=s2,
         BLOCK_K=cs["BLOCK_K"], FROM_LOGITS=logits is not None, HAS_MAP=head_map is not None,
-        DOT_PREC=_dot_prec(q), UPCAST=_upcast(q), PAGED=krows.paged, num_warps=cs["num_warps"],
-        num_stages=cs["num_stages"])
-    return _combine(op, mp, lp, out, dm, s2)
+        DOT_PREC=_dot_prec(q), UPCAST=_upcast(q), PAGED=krows.paged, OUT=out, sob=out.stride(0), soh=out.stride(1),
+        TICKETS=tickets if tickets is not None else counts, COMBINE=tickets is not None,
+        DBLK=min(dm["DVP"], CONFIG["combine"]["DBLK"]), PDL=pdl, num_warps=cs["num_warps"],
+        num_stages=cs["num_stages"], **ts.pdl_kwargs(pdl))
+    if tickets is not None:
+        return out
+    return _combine(op, mp, lp, out, dm, s2, pdl)
 
 
 def _dense_core(q, krows: KVRows, vrows: KVRows, dm, start, end, scale):
