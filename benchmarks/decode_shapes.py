@@ -6,8 +6,9 @@ lengths 32K and 128K, batch 1 and 8, bf16, rho 0.1, k_min 128, random data:
     benchmarks/decode.py tries; skipped, and said so, when the module does not import), cuDNN SDPA,
     ours: select only, anchor (select + sparse output), anchor with dense output (layer 0), reuse
     (sparse attention over a selection with a random head map), and, where kascade.kernels.decode has
-    a second anchor path (CONFIG["anchor_fused"]), the anchor on each path with a check that both
-    select the same indices bit for bit.
+    a second anchor path (CONFIG["anchor_fused"]), the anchor on each path (fused with and without
+    programmatic dependent launch, unfused) with a check that both select the same indices bit for bit.
+    `anchor` (and the whole model) uses the configured path: KASCADE_ANCHOR_FUSED=1 picks the fused one.
 Each provider is captured in a CUDA graph and timed by triton.testing.do_bench on its replays (median,
 p20, p80), with the timing helpers of benchmarks/decode.py.
 Whole model: the shape's real layer count, anchors = 1/6 of the layers spread like the Llama-3.1-8B
@@ -115,7 +116,7 @@ def summary_row(name, hq, hkv, d, layers, anchors, timings, models, headline):
                anchors=list(anchors), headline=key,
                anchor_over_fa3=ratio(anchor, fa3), reuse_over_best_dense=ratio(reuse, best),
                model_speedup_over_fa3=w.get("speedup_vs_fa3"), best_dense=bd, timings=timings, whole_model=models)
-    for path in ("fused", "unfused"):  # both anchor paths, where the kernels have two
+    for path in ("fused", "fused_no_pdl", "unfused"):  # the anchor paths, where the kernels have two
         if _ms(r, f"ours_anchor_{path}") is not None:
             row[f"anchor_{path}_over_fa3"] = ratio(_ms(r, f"ours_anchor_{path}"), fa3)
     return row
@@ -145,16 +146,16 @@ def markdown(results) -> str:
                  f"{us('ours_reuse')} | {_fmt(row['reuse_over_best_dense'])}x | "
                  f"{_fmt(row['model_speedup_over_fa3'])}x |")
     L += ["", "## Every size (us; whole model in ms)", "",
-          "| shape | B | N | FA3 | cuDNN | select | anchor | anchor, fused path | anchor, unfused path | "
+          "| shape | B | N | FA3 | cuDNN | select | anchor | anchor, fused path | fused, no PDL | anchor, unfused path | "
           "anchor dense out | reuse | same selection | whole model | layers x FA3 | speedup |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in results["rows"]:
         for key, r in row["timings"].items():
             w = row["whole_model"].get(key, {})
             us = lambda n: _fmt(None if _ms(r, n) is None else _ms(r, n) * 1e3, ".1f")  # noqa: E731
             same = r.get("paths_select_equal")
             L.append(f"| {row['shape']} | {r['B']} | {r['N'] // 1024}K | {us('fa3')} | {us('sdpa_cudnn')} | "
-                     f"{us('ours_select')} | {us('ours_anchor_sparse')} | {us('ours_anchor_fused')} | "
+                     f"{us('ours_select')} | {us('ours_anchor_sparse')} | {us('ours_anchor_fused')} | {us('ours_anchor_fused_no_pdl')} | "
                      f"{us('ours_anchor_unfused')} | "
                      f"{us('ours_anchor_dense')} | {us('ours_reuse')} | {'—' if same is None else same} | "
                      f"{_fmt(_ms(w, 'ours'), '.3f')} | {_fmt(_ms(w, 'fa3'), '.3f')} | "
@@ -215,18 +216,19 @@ def write_reports(results, path_json):
 # ----------------------------------------------------------------------------------------------
 
 
-def _on_path(K, fused: bool, fn):
-    """fn() with kascade.kernels.decode's anchor path (CONFIG["anchor_fused"]) set to `fused`; kernels read
-    the setting when launched, so a graph captured here keeps that path."""
-    old = K.CONFIG["anchor_fused"]
-    K.CONFIG["anchor_fused"] = fused
+def _on_path(K, fused: bool, fn, pdl: bool = True):
+    """fn() with kascade.kernels.decode's anchor path (CONFIG["anchor_fused"], and its programmatic
+    dependent launch CONFIG["anchor_pdl"]) set; kernels read the settings when launched, so a graph
+    captured here keeps that path."""
+    old = K.CONFIG["anchor_fused"], K.CONFIG.get("anchor_pdl")
+    K.CONFIG["anchor_fused"], K.CONFIG["anchor_pdl"] = fused, pdl
     try:
         return fn()
     finally:
-        K.CONFIG["anchor_fused"] = old
+        K.CONFIG["anchor_fused"], K.CONFIG["anchor_pdl"] = old
 
 
-def layer_timings(K, hq, hkv, d, B, N, fa3, rep):
+def layer_timings(K, hq, hkv, d, B, N, fa3, rep, other_paths=True):
     """Per-layer timings at (B, N) for one shape: a dict in the layout decode.whole_model reads."""
     import torch
 
@@ -248,11 +250,11 @@ def layer_timings(K, hq, hkv, d, B, N, fa3, rep):
         "ours_reuse": lambda: K.sparse_attention(q, k, v, sel, head_map=hm),
     })
     res = dict(B=B, N=N)
-    two_paths = "anchor_fused" in K.CONFIG
+    two_paths = "anchor_fused" in K.CONFIG and other_paths
     if two_paths:  # both anchor paths by name; ours_anchor_sparse (the whole model's) is the configured one
-        for fused in (True, False):
-            provs[f"ours_anchor_{'fused' if fused else 'unfused'}"] = (
-                lambda fused=fused: _on_path(K, fused, lambda: K.anchor(q, k, v, RHO, K_MIN, TILE)))
+        for name, fused, pdl in (("fused", True, True), ("fused_no_pdl", True, False), ("unfused", False, False)):
+            provs[f"ours_anchor_{name}"] = (
+                lambda fused=fused, pdl=pdl: _on_path(K, fused, lambda: K.anchor(q, k, v, RHO, K_MIN, TILE), pdl))
     for name, fn in provs.items():
         try:
             res[name] = DB.bench(fn, rep=rep)
@@ -265,6 +267,7 @@ def layer_timings(K, hq, hkv, d, B, N, fa3, rep):
         res["paths_select_equal"] = bool(torch.equal(s0.indices, s1.indices) and torch.equal(s0.counts, s1.counts))
         res["paths_out_maxdiff"] = (o0.float() - o1.float()).abs().max().item()
         res["anchor_fused"] = bool(K.CONFIG["anchor_fused"])
+        res["pdl_available"] = bool(K.ts.pdl_available(q.device))
     fa3_names = [n for n in res if n.startswith("fa3[") and "ms" in res[n]]
     if fa3_names:
         best = min(fa3_names, key=lambda n: res[n]["ms"])
@@ -272,39 +275,47 @@ def layer_timings(K, hq, hkv, d, B, N, fa3, rep):
     dense = [n for n in ("fa3", "sdpa_cudnn") if "ms" in res.get(n, {})]
     res["best_dense"] = min(dense, key=lambda n: res[n]["ms"]) if dense else None
     line = "  ".join(f"{n} {res[n]['ms'] * 1e3:.1f}" for n in ("fa3", "sdpa_cudnn", "ours_anchor_sparse",
-                                                              "ours_anchor_fused", "ours_anchor_unfused",
+                                                              "ours_anchor_fused", "ours_anchor_fused_no_pdl",
+                                                              "ours_anchor_unfused",
                                                               "ours_reuse") if "ms" in res.get(n, {}))
     DB.log(f"  B={B} N={N}: {line} us" + (f"  same selection {res['paths_select_equal']}" if two_paths else ""))
     del q, k, v, q_fa, k_fa, v_fa
     return res
 
 
-def measure_shape(K, spec, lengths, batches, fa3, rep, max_layers=None):
-    """(timings {size: dict}, whole models {size: dict}, layers, anchors) of one shape."""
+def model_layers(spec, max_layers=None) -> int:
+    """Layers of the whole model of a shape (capped by max_layers, as --smoke does)."""
+    return min(spec[4], max_layers) if max_layers else spec[4]
+
+
+def measure_size(K, spec, B, N, fa3, rep, max_layers=None, other_paths=True):
+    """(per-layer timings, whole model) of one shape at (B, N)."""
     import torch
 
-    name, hq, hkv, d, layers = spec
-    if max_layers:
-        layers = min(layers, max_layers)
+    name, hq, hkv, d, _ = spec
+    layers = model_layers(spec, max_layers)
     anchors = anchor_layers(layers)
-    timings, models = {}, {}
-    for N in lengths:
-        for B in batches:
-            key = size_key(B, N)
-            r = timings[key] = layer_timings(K, hq, hkv, d, B, N, fa3, rep)
-            torch.cuda.empty_cache()
-            needed = ("ours_select", "ours_anchor_dense", "ours_anchor_sparse", "ours_reuse")
-            if r["best_dense"] is None or any("ms" not in r.get(n, {}) for n in needed):
-                models[key] = dict(error="a per-layer provider failed; whole model skipped")
-                continue
-            try:
-                w = DB.whole_model(K, B, N, fa3, r, hq=hq, hkv=hkv, d=d, layers=layers, anchors=anchors)
-                models[key] = dict(w, B=B, N=N, layers=layers, anchors=list(anchors))
-            except Exception as e:  # noqa: BLE001
-                models[key] = dict(error=repr(e)[:300])
-                DB.log("  whole model failed:", repr(e)[:300])
-            torch.cuda.empty_cache()
-    return timings, models, layers, anchors
+    r = layer_timings(K, hq, hkv, d, B, N, fa3, rep, other_paths)
+    torch.cuda.empty_cache()
+    needed = ("ours_select", "ours_anchor_dense", "ours_anchor_sparse", "ours_reuse")
+    if r["best_dense"] is None or any("ms" not in r.get(n, {}) for n in needed):
+        return r, dict(error="a per-layer provider failed; whole model skipped")
+    try:
+        w = DB.whole_model(K, B, N, fa3, r, hq=hq, hkv=hkv, d=d, layers=layers, anchors=anchors)
+        w = dict(w, B=B, N=N, layers=layers, anchors=list(anchors))
+    except Exception as e:  # noqa: BLE001
+        w = dict(error=repr(e)[:300])
+        DB.log("  whole model failed:", repr(e)[:300])
+    torch.cuda.empty_cache()
+    return r, w
+
+
+def save(results, path, K, t0):
+    """The results so far (with the kernels' launch settings and the seconds spent) as JSON."""
+    results["meta"]["config"] = K.CONFIG
+    results["meta"]["seconds"] = round(time.time() - t0, 1)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1, default=str)
 
 
 def main(argv=None):
@@ -313,6 +324,10 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny sizes and layer counts (plumbing only)")
     ap.add_argument("--shapes", default=None, help="comma-separated q/kv/d, e.g. 32/8/128,9/3/64 (default all)")
     ap.add_argument("--rep", type=int, default=40, help="do_bench rep (ms) per layer provider")
+    ap.add_argument("--budget-s", type=float, default=300,
+                    help="start no size beyond the headline one after this many seconds (default 300)")
+    ap.add_argument("--all-paths", action="store_true",
+                    help="time every anchor path at every size (default: at the headline size only)")
     ap.add_argument("--tag", default=None, help="result file suffix (default: the GPU's short name, e.g. h200)")
     ap.add_argument("--report", help="results JSON: write its .md and .png again (no measurement)")
     args = ap.parse_args(argv)
@@ -350,14 +365,26 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"decode_shapes_{tag}{'_smoke' if args.smoke else ''}.json")
     t0 = time.time()
-    for spec in shapes:
-        DB.log(f"{spec[0]} {shape_name(*spec[1:4])}, {spec[4]} layers ({time.time() - t0:.0f} s)")
-        timings, models, layers, anchors = measure_shape(K, spec, lengths, batches, fa3, args.rep, max_layers)
-        results["rows"].append(summary_row(spec[0], *spec[1:4], layers, anchors, timings, models, headline))
-        meta["config"] = K.CONFIG
-        meta["seconds"] = round(time.time() - t0, 1)
-        with open(path, "w") as f:
-            json.dump(results, f, indent=1, default=str)
+    # the headline size of every shape first, then the other sizes while the time budget lasts
+    sizes = [tuple(headline)] + [(B, N) for N in lengths for B in batches if (B, N) != tuple(headline)]
+    got = {spec: ({}, {}) for spec in shapes}
+    meta["skipped"] = []
+    for B, N in sizes:
+        for spec in shapes:
+            if time.time() - t0 > args.budget_s and (B, N) != tuple(headline):
+                meta["skipped"].append(f"{shape_name(*spec[1:4])} {size_key(B, N)}")
+                continue
+            DB.log(f"{spec[0]} {shape_name(*spec[1:4])}, B={B} N={N} ({time.time() - t0:.0f} s)")
+            r, w = measure_size(K, spec, B, N, fa3, args.rep, max_layers,
+                                other_paths=(B, N) == tuple(headline) or args.all_paths)
+            got[spec][0][size_key(B, N)], got[spec][1][size_key(B, N)] = r, w
+            results["rows"] = [summary_row(sp[0], *sp[1:4], model_layers(sp, max_layers),
+                                           anchor_layers(model_layers(sp, max_layers)), *got[sp], headline)
+                               for sp in shapes if got[sp][0]]
+            save(results, path, K, t0)
+    if meta["skipped"]:
+        DB.log(f"time budget ({args.budget_s} s) spent: skipped {meta['skipped']}")
+    save(results, path, K, t0)
     md, png = write_reports(results, path)
     DB.log(f"wrote {path}, {md}, {png} in {time.time() - t0:.0f} s")
     DB.log(markdown(results).split("\n## ")[0])

@@ -3,10 +3,13 @@
 #   (a) the decode kernel tests on CUDA at full size (tests/test_kernels_decode.py, test_topk_select.py,
 #       test_kernels_paged.py, test_decode_shapes.py), log in $OUT/gpu_tests.txt;
 #   (b) benchmarks/decode_shapes.py --out $OUT (every shape at 32K / 128K, B = 1 / 8, whole models),
-#       log in $OUT/decode_shapes_log.txt; then its headline table.
+#       log in $OUT/decode_shapes_log.txt; then its headline table. The anchor (and the whole model) runs the
+#       fused path (KASCADE_ANCHOR_FUSED=1 unless set); the fused path without PDL and the unfused path are
+#       timed beside it, with a check that they select the same indices.
 # FlashAttention-3: carry .whl/ (made by the shared fa3-wheel tool: fa3_fwd-0.0.3-*.whl); it is installed
 # into /tmp/site here. Without it FA3 is skipped and the results say so.
-# Environment: OUT (default /tmp/out), TEST_SECONDS (150), BENCH_SECONDS (390), BENCH_ARGS (extra arguments).
+# Environment: OUT (default /tmp/out), TEST_SECONDS (150), BENCH_SECONDS (330; the benchmark starts no new size
+# after BUDGET_S, 270, beyond the 128K B=1 headline of every shape), BENCH_ARGS (extra arguments).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}
@@ -19,13 +22,14 @@ python3 -c "import fa3_fwd_interface" 2>/dev/null && echo "FA3: fa3_fwd_interfac
 python3 -c "import torch, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
 
 start=$(date +%s)
-timeout "${TEST_SECONDS:-150}" python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_decode.py \
+timeout "${TEST_SECONDS:-150}" python3 -m pytest -q -p no:cacheprovider tests/test_kernels_decode.py \
   tests/test_topk_select.py tests/test_kernels_paged.py tests/test_decode_shapes.py > "$OUT/gpu_tests.txt" 2>&1
 echo "tests: exit $? in $(( $(date +%s) - start )) s: $(tail -n 1 "$OUT/gpu_tests.txt")"
 
 start=$(date +%s)
 # shellcheck disable=SC2086
-timeout "${BENCH_SECONDS:-390}" python3 benchmarks/decode_shapes.py --out "$OUT" ${BENCH_ARGS:-} \
+KASCADE_ANCHOR_FUSED=${KASCADE_ANCHOR_FUSED:-1} timeout "${BENCH_SECONDS:-330}" \
+  python3 benchmarks/decode_shapes.py --out "$OUT" --budget-s "${BUDGET_S:-270}" ${BENCH_ARGS:-} \
   > "$OUT/decode_shapes_log.txt" 2>&1
 rc=$?
 echo "benchmark: exit $rc in $(( $(date +%s) - start )) s"

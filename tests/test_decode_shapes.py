@@ -43,7 +43,7 @@ def fake_results(with_unfused=True):
                          ours_anchor_sparse=dict(ms=0.09 * f), ours_anchor_dense=dict(ms=0.15 * f),
                          ours_reuse=dict(ms=0.03 * f), best_dense="sdpa_cudnn")
                 if with_unfused:
-                    r.update(ours_anchor_fused=dict(ms=0.09 * f), ours_anchor_unfused=dict(ms=0.13 * f), paths_select_equal=True)
+                    r.update(ours_anchor_fused=dict(ms=0.09 * f), ours_anchor_fused_no_pdl=dict(ms=0.1 * f), ours_anchor_unfused=dict(ms=0.13 * f), paths_select_equal=True)
                 timings[S.size_key(B, N)] = r
                 models[S.size_key(B, N)] = dict(ours=dict(ms=1.2 * f), fa3=dict(ms=4.4 * f), speedup_vs_fa3=3.67)
         rows.append(S.summary_row(name, hq, hkv, d, layers, S.anchor_layers(layers), timings, models, S.HEADLINE))
@@ -88,6 +88,35 @@ def test_markdown_and_plot(tmp_path):
     res2 = fake_results(with_unfused=False)
     assert "anchor_unfused_over_fa3" not in res2["rows"][0]
     S.plot(res2, str(tmp_path / "b.png"))
+
+
+def test_main_order_and_budget(tmp_path, monkeypatch):
+    """main() without a GPU (measurements faked): the headline size of every shape first, the rest until
+    the time budget is spent (then listed as skipped); rows, markdown and JSON written after each size."""
+    seen = []
+
+    def fake_measure(K, spec, B, N, fa3, rep, max_layers=None, other_paths=True):
+        seen.append((spec[1:4], B, N, other_paths))
+        r = dict(B=B, N=N, fa3=dict(ms=0.1), sdpa_cudnn=dict(ms=0.12), ours_anchor_sparse=dict(ms=0.07),
+                 ours_reuse=dict(ms=0.02), best_dense="fa3")
+        return r, dict(ours=dict(ms=1.0), fa3=dict(ms=3.0), speedup_vs_fa3=3.0)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake H200")
+    monkeypatch.setattr(S.DB, "fa3_module", lambda: None)
+    monkeypatch.setattr(S, "measure_size", fake_measure)
+    S.main(["--out", str(tmp_path), "--shapes", "32/8/128,9/3/64", "--budget-s", "1e9"])
+    assert seen[:2] == [((32, 8, 128), 1, 131072, True), ((9, 3, 64), 1, 131072, True)]
+    assert len(seen) == 2 * 4 and not any(p for *_, p in seen[2:])
+    res = json.loads((tmp_path / "decode_shapes_h200.json").read_text())
+    assert [r["shape"] for r in res["rows"]] == ["32/8/128", "9/3/64"] and res["meta"]["skipped"] == []
+    assert res["rows"][1]["anchor_over_fa3"] == pytest.approx(0.7) and res["rows"][1]["layers"] == 30
+    assert (tmp_path / "decode_shapes_h200.md").exists()
+    seen.clear()
+    S.main(["--out", str(tmp_path), "--shapes", "9/3/64", "--budget-s", "0", "--tag", "b"])
+    assert seen == [((9, 3, 64), 1, 131072, True)]  # the headline size is always measured
+    res = json.loads((tmp_path / "decode_shapes_b.json").read_text())
+    assert res["meta"]["skipped"] == ["9/3/64 1x32768", "9/3/64 8x32768", "9/3/64 8x131072"]
 
 
 @pytest.mark.gpu
