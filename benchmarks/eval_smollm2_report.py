@@ -32,10 +32,53 @@ def _plan_info(path: Path) -> dict:
             "selecting_layers_equivalent": plan.selecting_layers_equivalent}
 
 
+COST_OF_OURS = ("kascade-agnostic", "kascade-no-remap", "uniform", "omnikv")  # ablations made at the plan's cost
+
+
 def _cost(strategy: str, plans: dict, num_layers: int) -> float | None:
     if strategy in plans:
         return plans[strategy]["selecting_layers_equivalent"]
+    if strategy in COST_OF_OURS:
+        return plans["kascade"]["selecting_layers_equivalent"]
     return float(num_layers) if strategy == "oracle" else None
+
+
+def sample_counts(summary: dict) -> str:
+    """The samples per cell in words: the usual count, then the cells that hold another one (dense's
+    cells are one set for every budget, so they are named once)."""
+    from collections import Counter, defaultdict
+
+    cells = [(b, s, c, n) for b, table in summary["counts"].items() for s, row in table.items() for c, n in row.items()]
+    usual = Counter(n for *_, n in cells if n).most_common(1)[0][0]
+    groups = defaultdict(lambda: (set(), set()))  # (n, budget or None for dense) -> (strategies, columns)
+    for b, s, c, n in cells:
+        if n and n != usual:
+            strategies, columns = groups[(n, None if s == "dense" else b)]
+            strategies.add(s)
+            columns.add(c)
+    parts = [f"{usual} samples per cell"]
+    for (n, b), (strategies, columns) in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")):
+        where = "" if b is None else f" at rho {b}"
+        parts.append(f"{n} in {', '.join(sorted(strategies))}{where} for {', '.join(sorted(columns))}")
+    return "; ".join(parts)
+
+
+def headline_on_first_samples(results: Path, tasks: list[str], lengths: list[int], budget: float = 0.1,
+                              first: int = 20) -> dict:
+    """strategy -> length -> headline over samples 0..first-1 only: every strategy on the same prompts
+    (cells that hold more samples are cut back to the common ones)."""
+    from collections import defaultdict
+
+    scores = defaultdict(list)
+    for line in results.read_text().splitlines():
+        r = json.loads(line)
+        if r["task"] in tasks and r["sample"] < first and r["budget"] in (None, budget):
+            scores[(r["strategy"], int(r["length"]), r["task"])].append(r["score"])
+    out = defaultdict(dict)
+    for (st, n, task), v in scores.items():
+        out[st].setdefault(n, {})[task] = 100.0 * sum(v) / len(v)
+    return {st: {n: sum(by_task.values()) / len(by_task) for n, by_task in per_len.items()
+                 if len(by_task) == len(tasks)} for st, per_len in out.items()}
 
 
 def pareto_points(summary: dict, plans: dict, pareto_dir: Path | None, budget: str = "0.1") -> list[dict]:
@@ -121,7 +164,7 @@ def main(argv=None) -> int:
     out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
     lines = [f"# SmolLM2-135M-Instruct accuracy, {meta['device']}, {meta['date']}", "",
              f"torch {meta['torch']}, triton {meta['triton']}, transformers {meta['transformers']}; bf16, Triton "
-             "kernels; greedy decoding; 20 samples per cell where the cell is full (counts in the JSON).", ""]
+             f"kernels; greedy decoding; {sample_counts(summary)} (counts in the JSON).", ""]
     for s, p in plans.items():
         lines.append(f"- `{s}`: `{p['file']}` ({p['recipe']}, {p['selecting_layers_equivalent']:g} selecting-layer "
                      f"equivalents, sha256 {p['sha256'][:16]})")
@@ -136,6 +179,15 @@ def main(argv=None) -> int:
             vals = [[row[f"{t}@{n}"] for t in summary["headline_tasks"] if row.get(f"{t}@{n}") is not None]
                     for n in summary["lengths"]]
             lines.append(f"| {b} | {st} | " + " | ".join(f"{sum(v) / len(v):.1f}" if v else "-" for v in vals) + " |")
+    same = headline_on_first_samples(args.eval / "eval_results.jsonl", summary["headline_tasks"], summary["lengths"])
+    summary["headline_first_20_rho_0.1"] = same
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
+    lines += ["", "## The same prompts for every strategy (rho 0.1, samples 0-19 of every headline cell)", "",
+              "| strategy | " + " | ".join(f"{n}" for n in summary["lengths"]) + " |",
+              "|---|" + "---|" * len(summary["lengths"])]
+    for st in summary["budgets"]["0.1"]:
+        lines.append(f"| {st} | " + " | ".join(f"{same[st][n]:.1f}" if n in same.get(st, {}) else "-"
+                                                for n in summary["lengths"]) + " |")
     lines += ["", report.markdown(summary, title="Accuracy (%)").split("\n", 2)[2]]
     cells = [p for p in summary["pareto"] if p["source"] == "cells"]
     if cells:
