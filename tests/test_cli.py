@@ -90,10 +90,26 @@ def test_missing_plan_and_data_errors(model_dir, tmp_path, capsys):
 
 
 def test_demo_runs(capsys):
+    """The default model (SmolLM2 when converted, else kascade-tiny) answers with both attentions."""
     rc = main(["demo", "--length", "512", "--new-tokens", "4", "--device", "cpu"])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "agreement" in out and "kascade" in out
+    assert "agreement" in out and "kascade answer" in out
+
+
+def test_demo_on_kascade_tiny_takes_its_plan(capsys):
+    from kascade.models import TINY_MODEL_DIR
+
+    if not (TINY_MODEL_DIR / "config.json").is_file():
+        pytest.skip("models/kascade-tiny is not in this checkout")
+    assert main(["demo", "--model", str(TINY_MODEL_DIR), "--length", "300", "--new-tokens", "2", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "task niah_single" in out and "of 12 layers" in out
+
+
+def test_demo_refuses_a_model_without_a_plan(model_dir, capsys):
+    assert main(["demo", "--model", str(model_dir), "--device", "cpu"]) == 2
+    assert "--plan: no shipped plan for the model at" in capsys.readouterr().err
 
 
 def test_plan_round_trip_and_validation(tmp_path):

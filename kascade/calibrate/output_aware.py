@@ -195,9 +195,10 @@ def calibrate_output_aware(model, tokenizer, text: str, num_anchors: float | Non
                            tolerance: float | None = None, length: int = 4096, num_prompts: int = 16,
                            answer_tokens: int = 8, batch_size: int = 8, rho: float = 0.1, k_min: int = 128,
                            tile: int = 32, topk: int = 64, backend: str = "auto", progress: bool = True,
-                           data_name: str = "", formats=None) -> tuple[Plan, dict]:
+                           data_name: str = "", formats=None, shrink: int = 10) -> tuple[Plan, dict]:
     """An output-aware plan (see the module docstring) and a report: the search history, the divergence
-    and answer agreement of the chosen plan and of the paper's plan of the same cost on the same prompts."""
+    and answer agreement of the chosen plan and of the paper's plan of the same cost on the same prompts.
+    shrink: each search step removes about 1/shrink of the remaining units (`greedy_search`)."""
     import datetime as _dt
 
     import kascade
@@ -235,7 +236,8 @@ def calibrate_output_aware(model, tokenizer, text: str, num_anchors: float | Non
             memo[key] = divergence(model, KascadeStrategy(plan, backend=backend), batches)
         return memo[key]
 
-    selecting, history = greedy_search(score, cfg, target=num_anchors, tolerance=tolerance, progress=progress)
+    selecting, history = greedy_search(score, cfg, target=num_anchors, tolerance=tolerance, shrink=shrink,
+                                       progress=progress)
     plan = plan_of_units(selecting, sim, cfg, **plan_kw)
     along = {}  # the search path's plans at whole costs, and the paper's recipe at the same costs
     units = {(layer, h) for layer in range(1, L) for h in range(H)}
@@ -256,7 +258,7 @@ def calibrate_output_aware(model, tokenizer, text: str, num_anchors: float | Non
     plan.provenance = {
         "data": data_name, "num_prompts": len(prompts), "prompt_tokens": length,
         "formats": sorted({p.kind for p in prompts}), "answer_tokens": answer_tokens,
-        "calibration_topk": topk, "target": num_anchors, "tolerance": tolerance,
+        "calibration_topk": topk, "target": num_anchors, "tolerance": tolerance, "search_step": shrink,
         "divergence": ours_div, "paper_plan_same_cost": {"anchors": anchors, "divergence": paper_div},
         "plans_measured": len(memo), "date": _dt.date.today().isoformat(), "kascade_version": kascade.__version__,
     }
