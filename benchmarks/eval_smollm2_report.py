@@ -35,7 +35,7 @@ def _plan_info(path: Path) -> dict:
 COST_OF_OURS = ("kascade-agnostic", "kascade-no-remap", "uniform", "omnikv")  # ablations made at the plan's cost
 
 
-def _cost(strategy: str, plans: dict, num_layers: int) -> float | None:
+def _cost(strategy: str, plans: dict, num_layers: int = 30) -> float | None:
     if strategy in plans:
         return plans[strategy]["selecting_layers_equivalent"]
     if strategy in COST_OF_OURS:
@@ -81,7 +81,8 @@ def headline_on_first_samples(results: Path, tasks: list[str], lengths: list[int
                  if len(by_task) == len(tasks)} for st, per_len in out.items()}
 
 
-def pareto_points(summary: dict, plans: dict, pareto_dir: Path | None, budget: str = "0.1") -> list[dict]:
+def pareto_points(summary: dict, plans: dict, pareto_dir: Path | None, budget: str = "0.1",
+                  num_layers: int = 30) -> list[dict]:
     """Headline accuracy against selecting-layer equivalents: the main table's plan strategies, and the
     accuracy-against-cost cells (one plan each)."""
     from kascade.plan import Plan
@@ -90,7 +91,7 @@ def pareto_points(summary: dict, plans: dict, pareto_dir: Path | None, budget: s
     for s, row in summary["budgets"][budget].items():
         if s == "dense":
             pts.append({"source": "table", "strategy": s, "cost": None, "headline": row["headline"]})
-        cost = _cost(s, plans, 30)
+        cost = _cost(s, plans, num_layers)
         if cost is not None and row.get("headline") is not None:
             pts.append({"source": "table", "strategy": s, "cost": cost, "headline": row["headline"]})
     for d in sorted(pareto_dir.iterdir()) if pareto_dir else []:
@@ -104,7 +105,9 @@ def pareto_points(summary: dict, plans: dict, pareto_dir: Path | None, budget: s
     return pts
 
 
-def plot_pareto(points: list[dict], path: Path) -> None:
+def plot_pareto(points: list[dict], path: Path, num_layers: int = 30, title: str = "Full table, rho 0.1") -> None:
+    """Headline accuracy against selecting-layer equivalents (left) and, when there are accuracy-against-cost
+    cells, against the predicted decode speedup (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,7 +116,9 @@ def plot_pareto(points: list[dict], path: Path) -> None:
     from kascade.costmodel import predicted_speedup
     from kascade.plan import Plan
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    cells = [p for p in points if p["source"] == "cells"]
+    fig, axes = plt.subplots(1, 2 if cells else 1, figsize=(10, 3.8) if cells else (5.5, 3.8), squeeze=False)
+    axes = axes[0]
     table = [p for p in points if p["source"] == "table" and p["cost"] is not None]
     for p in points:
         if p["source"] == "table" and p["strategy"] == "dense":
@@ -127,9 +132,8 @@ def plot_pareto(points: list[dict], path: Path) -> None:
         placed.append((p["cost"], p["headline"]))
         axes[0].annotate(p["strategy"], (p["cost"], p["headline"]), textcoords="offset points",
                          xytext=(5, 4 - 11 * near))
-    axes[0].set(xlabel="selecting-layer equivalents (of 30)", ylabel="headline accuracy (%)",
-                title="Full table, rho 0.1 (headline tasks, 2K-8K)")
-    cells = [p for p in points if p["source"] == "cells"]
+    axes[0].set(xlabel=f"selecting-layer equivalents (of {num_layers})", ylabel="headline accuracy (%)",
+                title=f"{title} (headline tasks)")
     for p in cells:
         plan = Plan.load(ROOT / "plans" / "smollm2-135m-instruct-plots" / f"{p['plan']}.json")
         sp = predicted_speedup(plan)["decode"]
@@ -139,8 +143,8 @@ def plot_pareto(points: list[dict], path: Path) -> None:
     if cells:
         axes[1].axhline(cells[0]["dense_headline"], color="k", ls="--", lw=1, label="dense")
         axes[1].legend()
-    axes[1].set(xlabel="predicted decode attention speedup (H200 kernel table, 128K)", ylabel="headline accuracy (%)",
-                title="Same cost, two recipes (niah_single, niah_multikey 4K)")
+        axes[1].set(xlabel="predicted decode attention speedup (H200 kernel table, 128K)",
+                    ylabel="headline accuracy (%)", title="Same cost, two recipes (niah_single, niah_multikey 4K)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -202,7 +206,7 @@ def main(argv=None) -> int:
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     shutil.copy(args.eval / "eval_accuracy_vs_budget.png", out.with_suffix(".png"))
     shutil.copy(args.eval / "eval_results.jsonl", out.parent / (out.name + "_results.jsonl"))
-    plot_pareto(summary["pareto"], out.parent / (out.name + "_pareto.png"))
+    plot_pareto(summary["pareto"], out.parent / (out.name + "_pareto.png"), title="Full table, rho 0.1, 2K-8K")
     print(f"wrote {out}.json/.md/.png, {out.name}_results.jsonl, {out.name}_pareto.png")
     return 0
 

@@ -107,6 +107,12 @@ def test_demo_on_kascade_tiny_takes_its_plan(capsys):
     assert "task niah_single" in out and "of 12 layers" in out
 
 
+def test_calibrate_refuses_a_search_step_below_two(model_dir, tmp_path, capsys):
+    assert main(["calibrate", str(model_dir), "--data", str(model_dir / "data.txt"), "--recipe", "output-aware",
+                 "--anchors", "2", "--search-step", "1", "-o", str(tmp_path / "p.json"), "--device", "cpu"]) == 2
+    assert "--search-step: expected an integer >= 2" in capsys.readouterr().err
+
+
 def test_demo_refuses_a_model_without_a_plan(model_dir, capsys):
     assert main(["demo", "--model", str(model_dir), "--device", "cpu"]) == 2
     assert "--plan: no shipped plan for the model at" in capsys.readouterr().err
