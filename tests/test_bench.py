@@ -44,7 +44,7 @@ def test_bench_on_a_config_writes_results(tmp_path):
 def test_bench_cli_on_the_shipped_tiny_model(tmp_path, capsys):
     out = tmp_path / "bench_kt"
     rc = cli.main(["bench", str(TINY_MODEL_DIR), "--lengths", "150", "--batch", "1", "--new-tokens", "2",
-                   "--providers", "dense,kascade", "--plan", "plans/kascade-tiny.json", "--device", "cpu",
+                   "--providers", "dense,kascade", "--plan", "plans/kascade-tiny-paper.json", "--device", "cpu",
                    "-o", str(out)])
     assert rc == 0
     data = json.loads(out.with_suffix(".json").read_text())

@@ -1,4 +1,5 @@
-"""The shipped model with its shipped plan: the plan fits, Kascade agrees with dense on a 2K needle prompt."""
+"""The shipped model with its shipped plans (output-aware, and the paper's recipe for the paths that need a
+layer-granular plan): each fits, and Kascade agrees with dense on a 2K needle prompt."""
 
 import pytest
 import torch
@@ -11,15 +12,22 @@ pytestmark = pytest.mark.skipif(not (TINY_MODEL_DIR / "config.json").is_file(), 
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    model, tok = load_model(TINY_MODEL_DIR, device="cpu")
-    return model, tok, Plan.load(TINY_PLAN)
+def loaded():
+    return load_model(TINY_MODEL_DIR, device="cpu")
+
+
+@pytest.fixture(scope="module", params=["output-aware", "paper"])
+def tiny(loaded, request):
+    path = TINY_PLAN if request.param == "output-aware" else TINY_PLAN.with_name("kascade-tiny-paper.json")
+    plan = Plan.load(path)
+    assert (plan.recipe or "paper") == request.param
+    return (*loaded, plan)
 
 
 def test_plan_validates_and_was_calibrated(tiny):
     model, _, plan = tiny
     plan.validate(model.config)
-    assert plan.anchors[0] == 0 and len(plan.anchors) >= 2
+    assert plan.anchors[0] == 0 and plan.selecting_layers_equivalent >= 2
     assert plan.provenance["num_prompts"] >= 1 and plan.provenance["data"]
 
 

@@ -25,7 +25,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = ROOT / "models" / "kascade-tiny"
-PLAN = ROOT / "plans" / "kascade-tiny.json"
+PLAN = ROOT / "plans" / "kascade-tiny-paper.json"
 PROMPT_LENGTHS = [60, 300, 700, 1000, 450]
 NEW_TOKENS = [12, 16, 12, 8, 14]
 ENGINE = dict(dtype="float32", enforce_eager=True, kv_cache_memory_bytes=256 * 2**20, max_model_len=2048,

@@ -111,7 +111,7 @@ def test_backend_settings(monkeypatch, tiny_vllm_config, setting, expect):
     args = {**dict(num_heads=8, head_size=64, scale=0.125, num_kv_heads=4, alibi_slopes=None, sliding_window=None,
                    kv_cache_dtype="auto"), **setting}
     monkeypatch.setattr(kv, "_STRATEGIES", {})
-    monkeypatch.setenv(kv.PLAN_ENV, str(ROOT / "plans" / "kascade-tiny.json"))
+    monkeypatch.setenv(kv.PLAN_ENV, str(ROOT / "plans" / "kascade-tiny-paper.json"))
     with set_current_vllm_config(cfg):
         if expect is None:
             assert kv.KascadeCPUImpl(**args).kascade.plan.anchors == [0, 2, 4, 11]
