@@ -63,6 +63,22 @@ def sample_counts(summary: dict) -> str:
     return "; ".join(parts)
 
 
+def headline_per_length(summary: dict) -> dict:
+    """budget -> strategy -> length -> mean over the headline tasks' cells of that length (a length with an
+    empty headline cell is left out)."""
+    out = {}
+    for b, table in summary["budgets"].items():
+        out[b] = {}
+        for st, row in table.items():
+            per = {}
+            for n in summary["lengths"]:
+                vals = [row[f"{t}@{n}"] for t in summary["headline_tasks"] if row.get(f"{t}@{n}") is not None]
+                if len(vals) == len(summary["headline_tasks"]):
+                    per[n] = sum(vals) / len(vals)
+            out[b][st] = per
+    return out
+
+
 def headline_on_first_samples(results: Path, tasks: list[str], lengths: list[int], budget: float = 0.1,
                               first: int = 20) -> dict:
     """strategy -> length -> headline over samples 0..first-1 only: every strategy on the same prompts
@@ -182,11 +198,10 @@ def main(argv=None) -> int:
     lines += ["", "## Headline per length (mean over the headline tasks' cells of that length)", "",
               "| rho | strategy | " + " | ".join(f"{n}" for n in summary["lengths"]) + " |",
               "|---|---|" + "---|" * len(summary["lengths"])]
-    for b, table in summary["budgets"].items():
-        for st, row in table.items():
-            vals = [[row[f"{t}@{n}"] for t in summary["headline_tasks"] if row.get(f"{t}@{n}") is not None]
-                    for n in summary["lengths"]]
-            lines.append(f"| {b} | {st} | " + " | ".join(f"{sum(v) / len(v):.1f}" if v else "-" for v in vals) + " |")
+    for b, table in headline_per_length(summary).items():
+        for st, per in table.items():
+            lines.append(f"| {b} | {st} | " + " | ".join(f"{per[n]:.1f}" if n in per else "-"
+                                                       for n in summary["lengths"]) + " |")
     same = headline_on_first_samples(args.eval / "eval_results.jsonl", summary["headline_tasks"], summary["lengths"])
     summary["headline_first_20_rho_0.1"] = same
     out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")

@@ -18,27 +18,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from eval_smollm2_report import _plan_info, pareto_points, plot_pareto, sample_counts  # noqa: E402
+from eval_smollm2_report import (_plan_info, headline_per_length, pareto_points, plot_pareto,  # noqa: E402
+                                 sample_counts)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 PLANS = {"kascade": ROOT / "plans" / "kascade-tiny.json", "kascade-paper": ROOT / "plans" / "kascade-tiny-paper.json"}
 NUM_LAYERS = 12
-
-
-def headline_per_length(summary: dict) -> dict:
-    """budget -> strategy -> length -> mean over the headline tasks' cells of that length."""
-    out = {}
-    for b, table in summary["budgets"].items():
-        out[b] = {}
-        for st, row in table.items():
-            per = {}
-            for n in summary["lengths"]:
-                vals = [row[f"{t}@{n}"] for t in summary["headline_tasks"] if row.get(f"{t}@{n}") is not None]
-                if len(vals) == len(summary["headline_tasks"]):
-                    per[n] = sum(vals) / len(vals)
-            out[b][st] = per
-    return out
 
 
 def main(argv=None) -> int:

@@ -47,4 +47,5 @@ def test_layer_level_ablations_cost_what_the_plan_costs():
 def test_tiny_headline_per_length_needs_every_headline_task():
     summary = {"lengths": [10, 20], "headline_tasks": ["a", "b"],
                "budgets": {"0.1": {"kascade": {"a@10": 50.0, "b@10": 100.0, "a@20": 40.0}}}}
-    assert T.headline_per_length(summary) == {"0.1": {"kascade": {10: 75.0}}}
+    assert T.headline_per_length(summary) == R.headline_per_length(summary)
+    assert R.headline_per_length(summary) == {"0.1": {"kascade": {10: 75.0}}}
