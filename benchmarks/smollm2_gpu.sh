@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
 # SmolLM2-135M-Instruct on the lent GPU machine, in stages that fit its calls (10 minutes each; the
 # machine keeps /tmp between calls made while it is warm). A call carries at most 64 MiB with the
-# working tree (about 30 MB), so the 98 MB GGUF travels in three parts (`split -n 3 -d` of the file
-# into .smol/p3/part_00..02, ignored by git). Run from the repository root:
-#   copy PART  carry .smol/p3/PART (part_00, then part_01): copies it to /tmp/m
-#   calibrate  carry .smol/p3/part_02 and .smol/whl: joins and converts the model (scripts/smollm2-device.sh),
+# working tree (about 36 MB), so the 98 MB GGUF travels in four parts (`split -n 4 -d` of the file
+# into .smol/p4/part_00..03, ignored by git). Run from the repository root:
+#   copy PART  carry .smol/p4/PART (part_00, part_01, then part_02): copies it to /tmp/m
+#   calibrate  carry .smol/p4/part_03 and .smol/whl: joins and converts the model (scripts/smollm2-device.sh),
 #              calibrates the output-aware plan (TARGET selecting-layer equivalents, default 10), then
 #              measures the plans along its search path and the paper recipe's at the same costs on a few
 #              cells (accuracy against cost)
-#   prepare    carry .smol/p3/part_02 and .smol/whl: joins and converts the model, takes the committed plan
+#   prepare    carry .smol/p4/part_03 and .smol/whl: joins and converts the model, takes the committed plan
 #   eval       the accuracy table into /tmp/eval (resumes; stops itself before the call's limit), in
 #              RUNS side by side (see the stage); SEED=results.jsonl skips the cells it holds
 # Everything a stage makes is also copied to $OUT (plans, results, logs). The committed table came from
-#   copy part_00; copy part_01; prepare; then eval calls such as
+#   copy part_00; copy part_01; copy part_02; prepare; then eval calls such as
 #   SEED=benchmarks/results/eval_smollm2_results.jsonl WORKERS=1 REPORT_SAMPLES=60 \
 #     RUNS="fwe|dense,oracle,kascade|||;niah_single|dense,kascade|4096,8064|0.1|60" bash benchmarks/smollm2_gpu.sh eval
 #   (SEED=/tmp/eval/results.jsonl in later calls: the rows merged so far), then on this machine
@@ -26,9 +26,10 @@ MODEL=${MODEL:-/tmp/smol}
 PAPER=plans/smollm2-135m-instruct-paper.json
 OURS=${OURS:-/tmp/plan-ours.json}
 kascade() { python3 -m kascade.cli "$@"; }
-join_and_convert() {  # the model at $MODEL, from the three parts (the third one carried by this call)
+join_and_convert() {  # the model at $MODEL, from the parts copied earlier and the last one, carried by this call
   if [ ! -f /tmp/m/smollm2.gguf ]; then
-    cat /tmp/m/part_00 /tmp/m/part_01 .smol/p3/part_02 > /tmp/m/smollm2.gguf.tmp && mv /tmp/m/smollm2.gguf.tmp /tmp/m/smollm2.gguf
+    cp .smol/p4/part_* /tmp/m/
+    cat /tmp/m/part_* > /tmp/m/smollm2.gguf.tmp && mv /tmp/m/smollm2.gguf.tmp /tmp/m/smollm2.gguf
   fi
   [ -d "$MODEL" ] || bash scripts/smollm2-device.sh "$MODEL"
   python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
@@ -36,7 +37,7 @@ join_and_convert() {  # the model at $MODEL, from the three parts (the third one
 
 case "$stage" in
 copy)
-  mkdir -p /tmp/m && cp ".smol/p3/${2:?copy: which part}" /tmp/m/
+  mkdir -p /tmp/m && cp ".smol/p4/${2:?copy: which part}" /tmp/m/
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
   ;;
 calibrate)
