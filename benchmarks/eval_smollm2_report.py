@@ -32,7 +32,8 @@ def _plan_info(path: Path) -> dict:
             "selecting_layers_equivalent": plan.selecting_layers_equivalent}
 
 
-COST_OF_OURS = ("kascade-agnostic", "kascade-no-remap", "uniform", "omnikv")  # ablations made at the plan's cost
+COST_OF_OURS = ("kascade-agnostic", "kascade-no-remap", "kascade-dense-anchors", "kascade-sinks", "uniform",
+                "omnikv")  # ablations made at the plan's cost
 
 
 def _cost(strategy: str, plans: dict, num_layers: int = 30) -> float | None:

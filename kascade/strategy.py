@@ -82,12 +82,12 @@ class KascadeStrategy(Strategy):
             if not p.used_by_later_layers(0, k.shape[1]):
                 return ops.dense(q, k, v, **kw)
             if q.shape[2] == 1 and q.is_cuda:  # decode: selection and dense output in one pass over K
-                out, self.state[0] = ops.anchor(q, k, v, p.rho, p.k_min, p.tile, dense_output=True, **kw)
+                out, self.state[0] = self._anchor(q, k, v, True, kw)
                 return out
-            self.state[0] = ops.select(q, k, p.rho, p.k_min, p.tile, **kw)
+            self.state[0] = self._select(q, k, kw)
             return ops.dense(q, k, v, **kw)
         if p.is_anchor(layer):
-            out, sel = ops.anchor(q, k, v, p.rho, p.k_min, p.tile, dense_output=self.dense_anchor_output, **kw)
+            out, sel = self._anchor(q, k, v, self.dense_anchor_output, kw)
             self.state[layer] = sel
             return out
         if p.head_granular:
@@ -98,6 +98,17 @@ class KascadeStrategy(Strategy):
             raise RuntimeError(f"layer {layer} reuses anchor {anchor}, which did not run in this forward; "
                                "layers must run in order starting at layer 0")
         return ops.reuse(q, k, v, self.state[anchor], self._head_map(layer, k.shape[1], q.device), **kw)
+
+    def _select(self, q, k, kw):
+        """The Selection of q's query heads over k's KV heads at the plan's budget (subclasses may
+        choose keys differently; kw: the keywords of ops.select)."""
+        p = self.plan
+        return ops.select(q, k, p.rho, p.k_min, p.tile, **kw)
+
+    def _anchor(self, q, k, v, dense_output: bool, kw):
+        """(output, Selection) of an anchor layer: its selection, and attention to it (or dense)."""
+        p = self.plan
+        return ops.anchor(q, k, v, p.rho, p.k_min, p.tile, dense_output=dense_output, **kw)
 
     def attended_selection(self, layer: int, num_kv_heads: int):
         """(Selection, head map or None) that reuse layer `layer` attended to in this forward."""
@@ -139,9 +150,7 @@ class KascadeStrategy(Strategy):
         if heads.numel():
             g = q.shape[1] // hkv
             qh = (heads[:, None] * g + torch.arange(g, device=q.device)[None]).reshape(-1)  # their query heads
-            p = self.plan
-            self.state[layer] = ops.select(q.index_select(1, qh), k.index_select(1, heads), p.rho, p.k_min, p.tile,
-                                           **kw)
+            self.state[layer] = self._select(q.index_select(1, qh), k.index_select(1, heads), kw)
         missing = [a for a in layers if a not in self.state]
         if missing:
             raise RuntimeError(f"layer {layer} takes keys from layers {missing}, which did not run in this forward; "

@@ -99,7 +99,8 @@ def test_equal_budget_in_both_phases(model, plan, name):
     for used in decode[1:]:
         if used is not None:
             assert used[0].decode and int(used[0].counts[0, 0]) == budget(200, rho, k_min)
-    assert sparse_layers >= (1 if name == "omnikv" else 3)  # omnikv: layer 2 filters densely
+    dense_anchor = name in ("omnikv", "kascade-dense-anchors")  # layer 2 (filter layer, anchor) attends densely
+    assert sparse_layers >= (1 if dense_anchor else 3)
 
 
 def test_selection_shapes(model, plan):
@@ -149,7 +150,8 @@ def test_coverage_oracle_bounds_everyone(plan):
             assert ((cov > 0) & (cov <= 1 + 1e-9)).all()
             if name == "dense":
                 continue
-            dense_layers = [2] if name == "omnikv" else []  # omnikv's filter layer attends densely
+            # omnikv's filter layer and the dense-anchors ablation's anchor attend densely
+            dense_layers = [2] if name in ("omnikv", "kascade-dense-anchors") else []
             for layer in range(1, 4):
                 if layer not in dense_layers:
                     assert (cov[layer] <= oracle[layer] + 1e-6).all(), (mode, name, layer)

@@ -117,10 +117,12 @@ def make_prompt(tokenizer, text_ids: list[int], length: int, kind: str, seed: in
     return CalibrationPrompt(ids, kind, seed)
 
 
-def calibration_prompts(tokenizer, text: str, length: int, count: int, formats=FORMATS) -> list[CalibrationPrompt]:
-    """`count` prompts of `length` tokens, cycling through `formats` (seeds 0..count-1)."""
+def calibration_prompts(tokenizer, text: str, length: int, count: int, formats=FORMATS,
+                        first_seed: int = 0) -> list[CalibrationPrompt]:
+    """`count` prompts of `length` tokens, cycling through `formats` (seeds first_seed.., so that a
+    later measurement can use prompts the calibration did not see)."""
     formats = [f for f in formats if f != "chat" or _chat_frame(tokenizer) is not None]
     if not formats:
         raise ValueError(f"formats: expected some of {FORMATS}")
     text_ids = tokenizer(text, add_special_tokens=False).input_ids
-    return [make_prompt(tokenizer, text_ids, length, formats[i % len(formats)], i) for i in range(count)]
+    return [make_prompt(tokenizer, text_ids, length, formats[i % len(formats)], first_seed + i) for i in range(count)]

@@ -61,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("model_dir", help="local HF model directory (config, weights, tokenizer)")
     parser.add_argument("--plan", help="plan JSON from `kascade calibrate` (needed by kascade, kascade-agnostic, "
-                        "kascade-no-remap, uniform, omnikv)")
+                        "kascade-no-remap, kascade-dense-anchors, kascade-sinks, uniform, omnikv)")
     parser.add_argument("--tasks", default=None, help=f"comma-separated, from: {', '.join(TASKS)} "
                         f"(default {DEFAULT_TASKS}; none when --longbench is given)")
     parser.add_argument("--longbench", action="append", default=None, metavar="FILE",

@@ -9,6 +9,8 @@ tile, and its diagonal block is attended on top by `ops.reuse`.
     pooled_selection(q, k, ..., pool="sum")  one set per tile shared by ALL KV heads: post-softmax
                                              probabilities pooled over every query head (sum), or
                                              the per-head maximum (pool="max", OmniKV-style)
+    head_selection(q, k, ..., sinks, window) per KV head, as reference.select, with the first `sinks` keys and
+                                             the `window` keys just before the query (or tile) always kept
     window_selection(q, k, ..., sinks=4)     StreamingLLM: the first `sinks` keys and the most recent ones
     page_selection(q, k, ..., page=16)       Quest: pages ranked by an upper bound of q.k from per-page
                                              per-dimension key min/max, pooled over the KV group
@@ -181,6 +183,54 @@ def pooled_selection(q, k, rho, k_min, tile, kv_start=None, scale=None, pool: st
             kx = _fold(kb.repeat_interleave(hq // hkv, dim=1))
             for ta, pooled in pooled_tile_scores(_fold(qb), kx, p0, tile, sc, nb * max_chunk_bytes):
                 yield ta, pooled.view(nb, hq, *pooled.shape[1:]).amax(1, keepdim=True)
+
+    return _build(q, k, kv_start, rho, k_min, tile, decode_scores, prefill_scores)
+
+
+# ----------------------------------------------------------------------------------------------
+# per KV head, with attention sinks and a local window kept
+# ----------------------------------------------------------------------------------------------
+
+
+def _keep_forced(scores: torch.Tensor, forced_sink: torch.Tensor, forced_local: torch.Tensor) -> torch.Tensor:
+    """scores with the forced keys lifted above every pooled probability (at most G x T, far below
+    FORCED): sinks first, then the local window, the most recent first, so that a budget smaller than
+    sinks + window keeps the sinks and the newest keys."""
+    keys = torch.arange(scores.shape[-1], device=scores.device, dtype=scores.dtype)
+    lifted = torch.where(forced_local, FORCED + keys, scores)
+    return torch.where(forced_sink, 2 * FORCED + keys, lifted)
+
+
+FORCED = 2.0**23  # above any pooled score; FORCED + key index stays exact in float32 for 8M keys
+
+
+def head_selection(q, k, rho, k_min, tile, kv_start=None, scale=None, sinks: int = 0, window: int = 0,
+                   max_chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Selection:
+    """Kascade's selection (one set per KV head: post-softmax probabilities pooled over the KV group and
+    the tile's queries, top k(n)), except that the first `sinks` keys and the `window` keys just before
+    the query (decode) or the tile (prefill) are always in the set, within the same budget k(n).
+    sinks = window = 0 is reference.select."""
+    for name, value in (("sinks", sinks), ("window", window)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name}: expected an integer >= 0, got {value!r}")
+    sc = _scale(q, scale)
+
+    def decode_scores(qb, kb):
+        nb, hq, _, d = qb.shape
+        hkv, n = kb.shape[1], kb.shape[2]
+        s = torch.einsum("bhgd,bhnd->bhgn", qb.float().view(nb, hkv, hq // hkv, d), kb.float()) * sc
+        p = torch.softmax(s, dim=-1).sum(2)  # [b, Hkv, n]
+        keys = torch.arange(n, device=p.device)
+        return _keep_forced(p, keys < sinks, keys >= n - window)
+
+    def prefill_scores(qb, kb, p0):
+        nb, hkv = qb.shape[0], kb.shape[1]
+        for ta, pooled in pooled_tile_scores(_fold(qb), _fold(kb), p0, tile, sc, nb * max_chunk_bytes):
+            pooled = pooled.view(nb, hkv, *pooled.shape[1:])  # [b, Hkv, tiles, kend]
+            starts = torch.arange(ta, ta + pooled.shape[2], device=pooled.device)[:, None] * tile
+            keys = torch.arange(pooled.shape[-1], device=pooled.device)[None]
+            # keys at or after the tile start are masked by _tile_sets (the diagonal block is attended anyway)
+            yield ta, _keep_forced(pooled, keys < sinks, (keys >= starts - window) & (keys < starts))
 
     return _build(q, k, kv_start, rho, k_min, tile, decode_scores, prefill_scores)
 

@@ -27,6 +27,11 @@ Strategies (`STRATEGIES`):
     kascade-paper     Kascade with the paper's recipe: a plan calibrated by attention-mass coverage alone
                       (`kascade calibrate --recipe paper`), passed separately (paper_plan=, --paper-plan)
     kascade-no-remap  the plan with the identity head map (see `without_remap` for head-granular plans)
+    kascade-dense-anchors  the plan, its anchors (layers whose heads all select) attending densely instead of
+                      to their own selection (the layers after them still reuse it)
+    kascade-sinks     the plan, every selected set keeping the first 4 keys (attention sinks) and the 64
+                      keys just before the query or tile (a local window) within the same budget
+                      (`selectors.head_selection`, in PyTorch: a measurement, not a kernel path)
     uniform           as many anchors as the plan's selecting-layer equivalents, evenly spaced
                       (plan.uniform_anchors), identity map
     streamingllm      the first 4 keys (attention sinks) and the most recent ones, k(n) in all
@@ -56,10 +61,12 @@ from kascade.eval import selectors
 from kascade.plan import Plan, model_fingerprint, uniform_anchors
 from kascade.strategy import KascadeStrategy, Strategy
 
-STRATEGIES = ("dense", "oracle", "kascade", "kascade-paper", "kascade-agnostic", "kascade-no-remap", "uniform", "streamingllm",
-              "quest", "omnikv")
-NEEDS_PLAN = ("kascade", "kascade-agnostic", "kascade-no-remap", "uniform", "omnikv")
+STRATEGIES = ("dense", "oracle", "kascade", "kascade-paper", "kascade-agnostic", "kascade-no-remap",
+              "kascade-dense-anchors", "kascade-sinks", "uniform", "streamingllm", "quest", "omnikv")
+NEEDS_PLAN = ("kascade", "kascade-agnostic", "kascade-no-remap", "kascade-dense-anchors", "kascade-sinks", "uniform",
+              "omnikv")
 SINKS = 4
+LOCAL_WINDOW = 64
 QUEST_PAGE = 16
 _USED = "attended"
 
@@ -85,8 +92,8 @@ class DenseStrategy(_Recording, Strategy):
 class PlanStrategy(_Recording, KascadeStrategy):
     """Kascade with a given plan (kascade, kascade-no-remap, uniform, oracle)."""
 
-    def __init__(self, name: str, plan: Plan, backend: str = "auto"):
-        super().__init__(plan, backend=backend)
+    def __init__(self, name: str, plan: Plan, backend: str = "auto", dense_anchor_output: bool = False):
+        super().__init__(plan, backend=backend, dense_anchor_output=dense_anchor_output)
         self.name = name
 
     def attend(self, layer, q, k, v, kv_start, scale):
@@ -95,10 +102,30 @@ class PlanStrategy(_Recording, KascadeStrategy):
         if layer == 0 or k.shape[2] <= p.k_min:
             self._record(layer, None)
         elif p.is_anchor(layer):
-            self._record(layer, (self.state[layer], None))
+            self._record(layer, None if self.dense_anchor_output else (self.state[layer], None))
         else:
             self._record(layer, self.attended_selection(layer, k.shape[1]))
         return out
+
+
+class ForcedKeysStrategy(PlanStrategy):
+    """The plan, with `sinks` first keys and a local `window` kept in every set its units select."""
+
+    def __init__(self, name: str, plan: Plan, sinks: int = SINKS, window: int = LOCAL_WINDOW, backend: str = "auto"):
+        super().__init__(name, plan, backend=backend)
+        self.sinks, self.window = sinks, window
+
+    def _select(self, q, k, kw):
+        if kw.get("kv_len") is not None:
+            raise ValueError("kv_len: strategy 'kascade-sinks' selects in PyTorch over the whole cache; "
+                             "expected no preallocated (static) cache")
+        p = self.plan
+        return selectors.head_selection(q, k, p.rho, p.k_min, p.tile, kv_start=kw["kv_start"], scale=kw["scale"],
+                                        sinks=self.sinks, window=self.window)
+
+    def _anchor(self, q, k, v, dense_output, kw):
+        sel = self._select(q, k, kw)
+        return (ops.dense(q, k, v, **kw) if dense_output else ops.reuse(q, k, v, sel, None, **kw)), sel
 
 
 class _SparseStrategy(_Recording, Strategy):
@@ -229,6 +256,10 @@ def make_strategy(name: str, plan: Plan | None, model_config, rho: float, k_min:
         return PlanStrategy(name, budgeted, backend)
     if name == "kascade-no-remap":
         return PlanStrategy(name, without_remap(budgeted), backend)
+    if name == "kascade-dense-anchors":
+        return PlanStrategy(name, budgeted, backend, dense_anchor_output=True)
+    if name == "kascade-sinks":
+        return ForcedKeysStrategy(name, budgeted, backend=backend)
     if name == "uniform":  # as many evenly spaced anchors as the plan's selecting-layer equivalents
         count = max(1, min(num_layers, round(plan.selecting_layers_equivalent)))
         anchors = uniform_anchors(num_layers, count)
