@@ -7,7 +7,8 @@ prompts are the calibration set's retrieval formats over `data/heldout.txt`, fro
 calibration did not use (`--first-seed`), so neither the plan nor the choice between mechanisms sees
 an evaluation task. Reported per mechanism: mean KL(dense || mechanism) of the next-token
 distributions along the dense greedy continuation (nats) and the share of positions whose argmax is
-the dense token, each also per prompt format. Writes DIR/mechanisms.json and .md.
+the dense token, each also per prompt format. Writes DIR/mechanisms.json, .md and .png;
+`python benchmarks/mechanisms.py --report IN.json OUT_STEM` rewrites them from a measured JSON.
 """
 
 from __future__ import annotations
@@ -45,6 +46,45 @@ def _mean(values) -> float:
     return sum(values) / len(values)
 
 
+def write_report(data: dict, stem: Path) -> None:
+    """stem.json, stem.md and stem.png (divergence per mechanism and prompt format) from the measurements."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    meta, rows = data["meta"], data["rows"]
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+    fmts = meta["formats"]
+    lines = [f"# Mechanisms on the plan, {meta['device']}, {meta['date']}", "",
+             f"`{meta['plan']}` at rho {meta['rho']}; {meta['prompts']} fresh held-out prompts of {meta['length']} "
+             f"tokens (seeds {meta['seeds'][0]}-{meta['seeds'][1]}, formats {', '.join(fmts)}), "
+             f"{meta['answer_tokens']} continuation tokens each; KL(dense || mechanism) in nats and argmax "
+             f"agreement with dense. torch {meta['torch']}, triton {meta['triton']}, transformers "
+             f"{meta['transformers']}.", "",
+             "| mechanism | what | divergence | agreement | " + " | ".join(fmts) + " |",
+             "|---|---|---|---|" + "---|" * len(fmts)]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['what']} | {r['divergence']:.4f} | {r['agreement']:.3f} | "
+                     + " | ".join(f"{r['divergence_by_format'][f]:.4f}" for f in fmts) + " |")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    names = list(rows)
+    width = 0.8 / (len(fmts) + 1)
+    for i, f in enumerate(["all"] + fmts):
+        vals = [rows[n]["divergence"] if f == "all" else rows[n]["divergence_by_format"][f] for n in names]
+        ax.bar([j + i * width for j in range(len(names))], vals, width, label=f, color=None if f != "all" else "k")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names, rotation=15, fontsize=8)
+    ax.set_ylabel("KL(dense || mechanism), nats")
+    ax.set_title(f"{Path(meta['plan']).stem}, rho {meta['rho']}, {meta['length']} tokens, {meta['device']}", fontsize=9)
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(stem.with_suffix(".png"), dpi=120)
+    plt.close(fig)
+    print("\n".join(lines))
+
+
 def main(argv=None) -> int:
     import torch
     import transformers
@@ -55,6 +95,11 @@ def main(argv=None) -> int:
     from kascade.models import load_model
     from kascade.plan import Plan
 
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--report"]:  # rewrite the markdown and plot of a measured JSON: --report IN.json OUT_STEM
+        write_report(json.loads(Path(argv[1]).read_text()), Path(argv[2]))
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model_dir")
     ap.add_argument("--plan", required=True, type=Path)
@@ -100,20 +145,7 @@ def main(argv=None) -> int:
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
             "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
             "date": datetime.date.today().isoformat()}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "mechanisms.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    fmts = meta["formats"]
-    lines = [f"# Mechanisms on the plan, {meta['device']}, {meta['date']}", "",
-             f"`{args.plan}` at rho {args.rho}; {len(prompts)} fresh held-out prompts of {args.length} tokens "
-             f"(seeds {meta['seeds'][0]}-{meta['seeds'][1]}, formats {', '.join(fmts)}), {args.answer_tokens} "
-             "continuation tokens each; KL(dense || mechanism) in nats and argmax agreement with dense.", "",
-             "| mechanism | what | divergence | agreement | " + " | ".join(fmts) + " |",
-             "|---|---|---|---|" + "---|" * len(fmts)]
-    for name, r in rows.items():
-        lines.append(f"| {name} | {r['what']} | {r['divergence']:.4f} | {r['agreement']:.3f} | "
-                     + " | ".join(f"{r['divergence_by_format'][f]:.4f}" for f in fmts) + " |")
-    (args.out / "mechanisms.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report({"meta": meta, "rows": rows}, args.out / "mechanisms")
     return 0
 
 
