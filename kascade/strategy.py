@@ -132,7 +132,8 @@ class KascadeStrategy(Strategy):
             rows = [offset[a] + (own.index(m) if a == layer else self._row_in(a, m, hkv)) for a, m in srcs]
             as_is = len(layers) == 1 and rows == list(range(hkv))  # one source, in its own head order
             heads = torch.tensor(own, device=device, dtype=torch.int64)
-            self._routes[key] = (layers, None if as_is else torch.tensor(rows, device=device), heads)
+            self._routes[key] = (layers, None if as_is else torch.tensor(rows, device=device), heads,
+                                 head_slice(own))
         return self._routes[key]
 
     def _selection_heads(self, a, hkv) -> int:
@@ -146,16 +147,31 @@ class KascadeStrategy(Strategy):
         """The Selection [B, Hkv, U, Kmax] that a head-granular reuse layer attends to (own heads
         selected here, the others gathered from their source layers)."""
         hkv = k.shape[1]
-        layers, rows, heads = self._route(layer, hkv, q.device)
+        layers, rows, heads, as_slice = self._route(layer, hkv, q.device)
         if heads.numel():
             g = q.shape[1] // hkv
-            qh = (heads[:, None] * g + torch.arange(g, device=q.device)[None]).reshape(-1)  # their query heads
-            self.state[layer] = self._select(q.index_select(1, qh), k.index_select(1, heads), kw)
+            if as_slice is not None:  # evenly spaced heads: views of q and k, no copy of the cache
+                qs = q.unflatten(1, (hkv, g))[:, as_slice].flatten(1, 2)
+                self.state[layer] = self._select(qs, k[:, as_slice], kw)
+            else:
+                qh = (heads[:, None] * g + torch.arange(g, device=q.device)[None]).reshape(-1)  # their query heads
+                self.state[layer] = self._select(q.index_select(1, qh), k.index_select(1, heads), kw)
         missing = [a for a in layers if a not in self.state]
         if missing:
             raise RuntimeError(f"layer {layer} takes keys from layers {missing}, which did not run in this forward; "
                                "layers must run in order starting at layer 0")
         return gather_heads([self.state[a] for a in layers], rows)
+
+
+def head_slice(heads: list[int]) -> slice | None:
+    """The slice that picks exactly `heads` (ascending, evenly spaced: one head, two heads, a run...),
+    or None. A slice of the head axis is a view: the kernels read its rows in place through strides."""
+    if not heads:
+        return None
+    step = heads[1] - heads[0] if len(heads) > 1 else 1
+    if step < 1 or heads != list(range(heads[0], heads[-1] + 1, step)):
+        return None
+    return slice(heads[0], heads[-1] + 1, step)
 
 
 def gather_heads(selections, rows: torch.Tensor | None):

@@ -140,6 +140,56 @@ def test_mixed_layers_match_hand_built_selections(backend, qlen):
                     assert torch.equal(att.sets(bb, h, u), s.sets(bb, row, u))
 
 
+def test_head_slice_only_for_evenly_spaced_heads():
+    from kascade.strategy import head_slice
+
+    assert head_slice([2]) == slice(2, 3, 1) and head_slice([1, 3]) == slice(1, 4, 2)
+    assert head_slice([0, 1, 2]) == slice(0, 3, 1)
+    assert head_slice([0, 1, 3]) is None and head_slice([]) is None
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("qlen", [1, 70])
+def test_part_selecting_heads_read_the_cache_in_place(backend, qlen):
+    """Four KV heads. Layer 1: heads 1 and 3 select (evenly spaced: a view of the cache, no copy);
+    layer 3: heads 0, 1 and 3 select (not evenly spaced: gathered). Both give the hand-built result."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    g = torch.Generator().manual_seed(7 + qlen)
+    b, hq, hkv, n, d = 2, 8, 4, 150, 16
+    dt = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    fp = dict(FP, num_q_heads=hq, num_kv_heads=hkv)
+    plan = Plan(anchors=[0, 2], model=fp, rho=0.25, k_min=8, tile=16, head_sources=[
+        None, [[0, 0], None, [0, 2], None], None, [None, None, [2, 2], None]])
+    qs = [torch.randn(b, hq, qlen, d, generator=g).to(DEVICE, dt) for _ in range(4)]
+    ks = [torch.randn(b, hkv, n, d, generator=g).to(DEVICE, dt) for _ in range(4)]
+    vs = [torch.randn(b, hkv, n, d, generator=g).to(DEVICE, dt) for _ in range(4)]
+    strategy = KascadeStrategy(plan, backend=backend)
+    seen = {}
+    inner = strategy._select
+
+    def spy(q, k, kw):  # the part-selecting layers pass 2 (layer 1) and 3 (layer 3) KV heads
+        seen[k.shape[1]] = k
+        return inner(q, k, kw)
+
+    strategy._select = spy
+    strategy.begin_forward()
+    outs = [strategy.attend(layer, qs[layer], ks[layer], vs[layer], None, None) for layer in range(4)]
+    assert seen[2].untyped_storage().data_ptr() == ks[1].untyped_storage().data_ptr()  # a view
+    assert seen[3].untyped_storage().data_ptr() != ks[3].untyped_storage().data_ptr()  # a gathered copy
+
+    def sel(layer, heads):
+        qh = torch.cat([qs[layer][:, h * 2 : h * 2 + 2] for h in heads], 1)
+        return reference.select(qh, ks[layer][:, heads], plan.rho, plan.k_min, plan.tile)
+
+    s0, s1, s2, s3 = sel(0, [0, 1, 2, 3]), sel(1, [1, 3]), sel(2, [0, 1, 2, 3]), sel(3, [0, 1, 3])
+    want1 = reference.sparse_attention(qs[1], ks[1], vs[1], _stack([(s0, 0), (s1, 0), (s0, 2), (s1, 1)]))
+    want3 = reference.sparse_attention(qs[3], ks[3], vs[3], _stack([(s3, 0), (s3, 1), (s2, 2), (s3, 2)]))
+    tol = 2e-2 if dt == torch.bfloat16 else 1e-5
+    for got, want in ((outs[1], want1), (outs[3], want3)):
+        assert float((got.float() - want.float()).norm() / want.float().norm()) < tol
+
+
 def test_missing_source_layer_is_an_error():
     plan = _plan(head_sources=[None, [[0, 1], None], None, [[1, 1], [2, 0]]])
     strategy = KascadeStrategy(plan, backend="reference")

@@ -1,0 +1,164 @@
+"""Decode cost of head-granular plans (some KV heads of a layer select, the others reuse), on the GPU.
+
+Llama-3.1-8B attention (32 query / 8 KV heads, head dim 128), bf16, rho 0.1, k_min 128, B = 1, random
+data; every number a CUDA-graph replay median (triton.testing.do_bench via benchmarks/decode.py).
+
+1. One part-selecting layer through `KascadeStrategy` (S of 8 KV heads select over the layer's cache,
+   the others reuse an anchor's sets): the selecting heads read in place (a strided view of the cache,
+   `kascade.strategy.head_slice`) against gathered into a copy first (`index_select`, the earlier path).
+2. The whole model's attention (32 layers, one graph, distinct caches) for three plans against 32 x FA3:
+   5 anchors [0, 2, 8, 13, 14] (the paper's cost), 10 anchors, and a head-granular plan of 10
+   selecting-layer equivalents (the 5 anchors plus half the heads of 10 more layers), in place and copied.
+
+    python benchmarks/head_granular_decode.py --out DIR    # DIR/head_granular_decode.json and .md
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import sys
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import decode as DB  # noqa: E402
+
+HQ, HKV, D, LAYERS = 32, 8, 128, 32
+FP = {"model_type": "llama", "num_layers": LAYERS, "num_q_heads": HQ, "num_kv_heads": HKV, "head_dim": D}
+ANCHORS5 = [0, 2, 8, 13, 14]
+ANCHORS10 = [0, 2, 5, 8, 11, 13, 14, 17, 21, 26]
+HALF_LAYERS = [4, 6, 10, 16, 18, 20, 22, 24, 26, 28]  # heads 0, 2, 4, 6 select there
+
+
+def _plan(anchors, part=None, heads=(0, 2, 4, 6)):
+    from kascade.plan import Plan
+
+    if part is None:
+        return Plan(anchors=anchors, model=dict(FP), rho=DB.RHO, k_min=DB.K_MIN, tile=32)
+    rows = []
+    for layer in range(LAYERS):
+        if layer in anchors:
+            rows.append(None)
+            continue
+        src = max(a for a in anchors if a < layer)
+        rows.append([None if (layer in part and h in heads) else [src, h] for h in range(HKV)])
+    return Plan(anchors=anchors, head_sources=rows, model=dict(FP), rho=DB.RHO, k_min=DB.K_MIN, tile=32,
+                recipe="output-aware")
+
+
+def _copied():
+    """Context: part-selecting heads gathered into a copy (no view)."""
+    return mock.patch("kascade.strategy.head_slice", lambda heads: None)
+
+
+def one_layer(N, S):
+    """(in place ms, copied ms): layer 1 with S evenly spaced selecting heads, anchor 0 before it."""
+    from kascade.strategy import KascadeStrategy
+
+    heads = tuple(range(0, HKV, HKV // S))[:S]
+    plan = _plan([0, 2], part=[1], heads=heads)
+    kv = [(torch.randn(1, HKV, N, D, device="cuda", dtype=DB.DT), torch.randn(1, HKV, N, D, device="cuda", dtype=DB.DT))
+          for _ in range(2)]
+    qs = [torch.randn(1, HQ, 1, D, device="cuda", dtype=DB.DT) for _ in range(2)]
+    out = {}
+    for name in ("in_place", "copied"):
+        ctx = _copied() if name == "copied" else contextlib.nullcontext()
+        with ctx:
+            st = KascadeStrategy(plan, backend="auto")
+            st.begin_forward()
+            st.attend(0, qs[0], *kv[0], None, None)  # layer 0's selection, outside the timed graph
+
+            def layer1():
+                st.attend(1, qs[1], *kv[1], None, None)
+
+            out[name] = DB.bench(layer1, rep=100)["ms"]
+    return out
+
+
+def whole_model(N, fa3):
+    from kascade.strategy import KascadeStrategy
+
+    caches = [(torch.randn(1, HKV, N, D, device="cuda", dtype=DB.DT), torch.randn(1, HKV, N, D, device="cuda", dtype=DB.DT))
+              for _ in range(LAYERS)]
+    qs = [torch.randn(1, HQ, 1, D, device="cuda", dtype=DB.DT) for _ in range(LAYERS)]
+    plans = {"5 anchors": (_plan(ANCHORS5), False), "10 anchors": (_plan(ANCHORS10), False),
+             "head-granular 10, in place": (_plan(ANCHORS5, HALF_LAYERS), False),
+             "head-granular 10, copied": (_plan(ANCHORS5, HALF_LAYERS), True)}
+    res = {}
+    for name, (plan, copied) in plans.items():
+        with _copied() if copied else contextlib.nullcontext():
+            st = KascadeStrategy(plan, backend="auto")
+
+            def step():
+                st.begin_forward()
+                for layer in range(LAYERS):
+                    st.attend(layer, qs[layer], *caches[layer], None, None)
+
+            res[name] = {"ms": DB.bench(step, rep=50)["ms"], "selecting_layers_equivalent": plan.selecting_layers_equivalent}
+        DB.log(f"  {name}: {res[name]['ms']:.3f} ms")
+    qf = [q.transpose(1, 2).contiguous() for q in qs]
+    seqlens = torch.full((1,), N, dtype=torch.int32, device="cuda")
+
+    def fa3_model():
+        for layer in range(LAYERS):
+            kc, vc = caches[layer]
+            fa3.flash_attn_with_kvcache(qf[layer], kc.view(1, N, HKV, D), vc.view(1, N, HKV, D), cache_seqlens=seqlens)
+
+    res["32 x FA3"] = {"ms": DB.bench(fa3_model, rep=50)["ms"]}
+    for name in plans:
+        res[name]["speedup_vs_fa3"] = res["32 x FA3"]["ms"] / res[name]["ms"]
+    del caches
+    return res
+
+
+def main(argv=None) -> int:
+    import triton
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--lengths", default="32768,131072")
+    args = ap.parse_args(argv)
+    fa3 = DB.fa3_module()
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "date": datetime.date.today().isoformat(), "shape": "32/8/128", "B": 1, "rho": DB.RHO, "k_min": DB.K_MIN}
+    rows = {}
+    for N in [int(x) for x in args.lengths.split(",")]:
+        layer = {S: one_layer(N, S) for S in (1, 2, 4)}
+        for S, r in layer.items():
+            DB.log(f"N={N} S={S}: in place {1e3 * r['in_place']:.1f} us, copied {1e3 * r['copied']:.1f} us")
+        rows[N] = {"part_selecting_layer_ms": layer, "whole_model": whole_model(N, fa3)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "head_granular_decode.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    lines = [f"# Head-granular plans in decode, {meta['device']}, {meta['date']}", "",
+             f"torch {meta['torch']}, triton {meta['triton']}; 32/8/128 (Llama-3.1-8B attention), B = 1, bf16, rho 0.1, "
+             "k_min 128; CUDA-graph replay medians.", "",
+             "## One part-selecting layer (us): S of 8 KV heads select, in place (strided view) or copied first", "",
+             "| N | S | in place | copied | saved |", "|---|---|---|---|---|"]
+    for N, r in rows.items():
+        for S, t in r["part_selecting_layer_ms"].items():
+            lines.append(f"| {N // 1024}K | {S} | {1e3 * t['in_place']:.1f} | {1e3 * t['copied']:.1f} | "
+                         f"{1e3 * (t['copied'] - t['in_place']):.1f} |")
+    lines += ["", "## Whole model, 32 layers, one graph (ms)", "", "| N | plan | selecting-layer equivalents | ms | vs 32 x FA3 |",
+              "|---|---|---|---|---|"]
+    for N, r in rows.items():
+        w = r["whole_model"]
+        lines.append(f"| {N // 1024}K | 32 x FA3 | 32 | {w['32 x FA3']['ms']:.3f} | 1.00x |")
+        for name, v in w.items():
+            if name != "32 x FA3":
+                lines.append(f"| {N // 1024}K | {name} | {v['selecting_layers_equivalent']:g} | {v['ms']:.3f} | "
+                             f"{v['speedup_vs_fa3']:.2f}x |")
+    (args.out / "head_granular_decode.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
