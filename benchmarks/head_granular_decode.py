@@ -10,7 +10,8 @@ data; every number a CUDA-graph replay median (triton.testing.do_bench via bench
    5 anchors [0, 2, 8, 13, 14] (the paper's cost), 10 anchors, and a head-granular plan of 10
    selecting-layer equivalents (the 5 anchors plus half the heads of 10 more layers), in place and copied.
 
-    python benchmarks/head_granular_decode.py --out DIR    # DIR/head_granular_decode.json and .md
+    python benchmarks/head_granular_decode.py --out DIR    # DIR/head_granular_decode.json, .md and .png
+    python benchmarks/head_granular_decode.py --report IN.json OUT_STEM   # .md and .png again
 """
 
 from __future__ import annotations
@@ -119,9 +120,61 @@ def whole_model(N, fa3):
     return res
 
 
+def write_report(data: dict, stem: Path) -> None:
+    """stem.json, .md and .png from the measurements ({"meta", "rows": {N: ...}})."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    meta, rows = data["meta"], {int(n): r for n, r in data["rows"].items()}
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+    lines = [f"# Head-granular plans in decode, {meta['device']}, {meta['date']}", "",
+             f"torch {meta['torch']}, triton {meta['triton']}; 32/8/128 (Llama-3.1-8B attention), B = 1, bf16, rho 0.1, "
+             "k_min 128; CUDA-graph replay medians.", "",
+             "## One part-selecting layer (us): S of 8 KV heads select, in place (strided view) or copied first", "",
+             "| N | S | in place | copied | saved |", "|---|---|---|---|---|"]
+    for N, r in rows.items():
+        for S, t in r["part_selecting_layer_ms"].items():
+            lines.append(f"| {N // 1024}K | {S} | {1e3 * t['in_place']:.1f} | {1e3 * t['copied']:.1f} | "
+                         f"{1e3 * (t['copied'] - t['in_place']):.1f} |")
+    lines += ["", "## Whole model, 32 layers, one graph (ms)", "",
+              "| N | plan | selecting-layer equivalents | ms | vs 32 x FA3 |", "|---|---|---|---|---|"]
+    for N, r in rows.items():
+        w = r["whole_model"]
+        lines.append(f"| {N // 1024}K | 32 x FA3 | 32 | {w['32 x FA3']['ms']:.3f} | 1.00x |")
+        for name, v in w.items():
+            if name != "32 x FA3":
+                lines.append(f"| {N // 1024}K | {name} | {v['selecting_layers_equivalent']:g} | {v['ms']:.3f} | "
+                             f"{v['speedup_vs_fa3']:.2f}x |")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    names = [n for n in next(iter(rows.values()))["whole_model"] if n != "32 x FA3"]
+    width = 0.8 / len(rows)
+    for i, (N, r) in enumerate(rows.items()):
+        vals = [r["whole_model"][n]["speedup_vs_fa3"] for n in names]
+        bars = ax.bar([j + i * width for j in range(len(names))], vals, width, label=f"{N // 1024}K")
+        ax.bar_label(bars, fmt="%.2fx", fontsize=7)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(names))], names, fontsize=8, rotation=10)
+    ax.set_ylabel("whole-model decode attention vs 32 x FA3")
+    ax.set_title(f"32/8/128, B = 1, {meta['device']}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(stem.with_suffix(".png"), dpi=120)
+    plt.close(fig)
+    print("\n".join(lines))
+
+
 def main(argv=None) -> int:
     import triton
 
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--report"]:  # rewrite the markdown and plot of a measured JSON: --report IN.json OUT_STEM
+        write_report(json.loads(Path(argv[1]).read_text()), Path(argv[2]))
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--lengths", default="32768,131072")
@@ -135,28 +188,7 @@ def main(argv=None) -> int:
         for S, r in layer.items():
             DB.log(f"N={N} S={S}: in place {1e3 * r['in_place']:.1f} us, copied {1e3 * r['copied']:.1f} us")
         rows[N] = {"part_selecting_layer_ms": layer, "whole_model": whole_model(N, fa3)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "head_granular_decode.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    lines = [f"# Head-granular plans in decode, {meta['device']}, {meta['date']}", "",
-             f"torch {meta['torch']}, triton {meta['triton']}; 32/8/128 (Llama-3.1-8B attention), B = 1, bf16, rho 0.1, "
-             "k_min 128; CUDA-graph replay medians.", "",
-             "## One part-selecting layer (us): S of 8 KV heads select, in place (strided view) or copied first", "",
-             "| N | S | in place | copied | saved |", "|---|---|---|---|---|"]
-    for N, r in rows.items():
-        for S, t in r["part_selecting_layer_ms"].items():
-            lines.append(f"| {N // 1024}K | {S} | {1e3 * t['in_place']:.1f} | {1e3 * t['copied']:.1f} | "
-                         f"{1e3 * (t['copied'] - t['in_place']):.1f} |")
-    lines += ["", "## Whole model, 32 layers, one graph (ms)", "", "| N | plan | selecting-layer equivalents | ms | vs 32 x FA3 |",
-              "|---|---|---|---|---|"]
-    for N, r in rows.items():
-        w = r["whole_model"]
-        lines.append(f"| {N // 1024}K | 32 x FA3 | 32 | {w['32 x FA3']['ms']:.3f} | 1.00x |")
-        for name, v in w.items():
-            if name != "32 x FA3":
-                lines.append(f"| {N // 1024}K | {name} | {v['selecting_layers_equivalent']:g} | {v['ms']:.3f} | "
-                             f"{v['speedup_vs_fa3']:.2f}x |")
-    (args.out / "head_granular_decode.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report({"meta": meta, "rows": rows}, args.out / "head_granular_decode")
     return 0
 
 
