@@ -4,8 +4,9 @@ Llama-3.1-8B attention (32 query / 8 KV heads, head dim 128), bf16, rho 0.1, k_m
 data; every number a CUDA-graph replay median (triton.testing.do_bench via benchmarks/decode.py).
 
 1. One part-selecting layer through `KascadeStrategy` (S of 8 KV heads select over the layer's cache,
-   the others reuse an anchor's sets): the selecting heads read in place (a strided view of the cache,
-   `kascade.strategy.head_slice`) against gathered into a copy first (`index_select`, the earlier path).
+   the others reuse an anchor's sets): the selecting heads read in place (strided views of the cache,
+   `kascade.strategy.head_slices`) against gathered into a copy first (`IN_PLACE_HEADS = False`, the
+   earlier path). S = 3 (heads 0, 1, 3) is not evenly spaced: two views, [0, 1] and [3].
 2. The whole model's attention (32 layers, one graph, distinct caches) for three plans against 32 x FA3:
    5 anchors [0, 2, 8, 13, 14] (the paper's cost), 10 anchors, and a head-granular plan of 10
    selecting-layer equivalents (the 5 anchors plus half the heads of 10 more layers), in place and copied.
@@ -37,6 +38,7 @@ FP = {"model_type": "llama", "num_layers": LAYERS, "num_q_heads": HQ, "num_kv_he
 ANCHORS5 = [0, 2, 8, 13, 14]
 ANCHORS10 = [0, 2, 5, 8, 11, 13, 14, 17, 21, 26]
 HALF_LAYERS = [4, 6, 10, 16, 18, 20, 22, 24, 26, 28]  # heads 0, 2, 4, 6 select there
+PART_HEADS = {1: (0,), 2: (0, 4), 3: (0, 1, 3), 4: (0, 2, 4, 6)}  # S = 3: not evenly spaced (two views)
 
 
 def _plan(anchors, part=None, heads=(0, 2, 4, 6)):
@@ -57,14 +59,14 @@ def _plan(anchors, part=None, heads=(0, 2, 4, 6)):
 
 def _copied():
     """Context: part-selecting heads gathered into a copy (no view)."""
-    return mock.patch("kascade.strategy.head_slice", lambda heads: None)
+    return mock.patch("kascade.strategy.IN_PLACE_HEADS", False)
 
 
 def one_layer(N, S):
     """(in place ms, copied ms): layer 1 with S evenly spaced selecting heads, anchor 0 before it."""
     from kascade.strategy import KascadeStrategy
 
-    heads = tuple(range(0, HKV, HKV // S))[:S]
+    heads = PART_HEADS[S]
     plan = _plan([0, 2], part=[1], heads=heads)
     kv = [(torch.randn(1, HKV, N, D, device="cuda", dtype=DB.DT), torch.randn(1, HKV, N, D, device="cuda", dtype=DB.DT))
           for _ in range(2)]
@@ -133,11 +135,12 @@ def write_report(data: dict, stem: Path) -> None:
     lines = [f"# Head-granular plans in decode, {meta['device']}, {meta['date']}", "",
              f"torch {meta['torch']}, triton {meta['triton']}; 32/8/128 (Llama-3.1-8B attention), B = 1, bf16, rho 0.1, "
              "k_min 128; CUDA-graph replay medians.", "",
-             "## One part-selecting layer (us): S of 8 KV heads select, in place (strided view) or copied first", "",
-             "| N | S | in place | copied | saved |", "|---|---|---|---|---|"]
+             "## One part-selecting layer (us): S of 8 KV heads select, in place (strided views) or copied first", "",
+             "| N | S | heads | in place | copied | saved |", "|---|---|---|---|---|---|"]
     for N, r in rows.items():
         for S, t in r["part_selecting_layer_ms"].items():
-            lines.append(f"| {N // 1024}K | {S} | {1e3 * t['in_place']:.1f} | {1e3 * t['copied']:.1f} | "
+            heads = ", ".join(map(str, PART_HEADS.get(int(S), ())))
+            lines.append(f"| {N // 1024}K | {S} | {heads} | {1e3 * t['in_place']:.1f} | {1e3 * t['copied']:.1f} | "
                          f"{1e3 * (t['copied'] - t['in_place']):.1f} |")
     lines += ["", "## Whole model, 32 layers, one graph (ms)", "",
               "| N | plan | selecting-layer equivalents | ms | vs 32 x FA3 |", "|---|---|---|---|---|"]
@@ -184,7 +187,7 @@ def main(argv=None) -> int:
             "date": datetime.date.today().isoformat(), "shape": "32/8/128", "B": 1, "rho": DB.RHO, "k_min": DB.K_MIN}
     rows = {}
     for N in [int(x) for x in args.lengths.split(",")]:
-        layer = {S: one_layer(N, S) for S in (1, 2, 4)}
+        layer = {S: one_layer(N, S) for S in PART_HEADS}
         for S, r in layer.items():
             DB.log(f"N={N} S={S}: in place {1e3 * r['in_place']:.1f} us, copied {1e3 * r['copied']:.1f} us")
         rows[N] = {"part_selecting_layer_ms": layer, "whole_model": whole_model(N, fa3)}

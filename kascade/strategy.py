@@ -119,7 +119,9 @@ class KascadeStrategy(Strategy):
     # -- head granularity -----------------------------------------------------------------------
     def _route(self, layer, hkv, device):
         """(source layers, row of each KV head in the stacked sources [Hkv] on the device or None when
-        the one source is used as it is, own selecting KV heads [S] on the device)."""
+        the one source is used as it is, own selecting KV heads [S] on the device, the slices of the
+        head axis that cover them or None to gather them, the permutation from the slices' head order
+        to ascending order [S] on the device or None)."""
         key = (layer, hkv, str(device))
         if key not in self._routes:
             srcs = self.plan.sources(layer, hkv)
@@ -132,8 +134,11 @@ class KascadeStrategy(Strategy):
             rows = [offset[a] + (own.index(m) if a == layer else self._row_in(a, m, hkv)) for a, m in srcs]
             as_is = len(layers) == 1 and rows == list(range(hkv))  # one source, in its own head order
             heads = torch.tensor(own, device=device, dtype=torch.int64)
-            self._routes[key] = (layers, None if as_is else torch.tensor(rows, device=device), heads,
-                                 head_slice(own))
+            slices = head_slices(own) if (own and IN_PLACE_HEADS) else None
+            order = [h for sl in slices for h in range(sl.start, sl.stop, sl.step)] if slices else own
+            stacked = slices is not None and len(slices) > 1  # several selections, stacked by gather_heads
+            perm = torch.tensor([order.index(h) for h in own], device=device) if stacked else None
+            self._routes[key] = (layers, None if as_is else torch.tensor(rows, device=device), heads, slices, perm)
         return self._routes[key]
 
     def _selection_heads(self, a, hkv) -> int:
@@ -147,15 +152,17 @@ class KascadeStrategy(Strategy):
         """The Selection [B, Hkv, U, Kmax] that a head-granular reuse layer attends to (own heads
         selected here, the others gathered from their source layers)."""
         hkv = k.shape[1]
-        layers, rows, heads, as_slice = self._route(layer, hkv, q.device)
+        layers, rows, heads, slices, perm = self._route(layer, hkv, q.device)
         if heads.numel():
             g = q.shape[1] // hkv
-            if as_slice is not None:  # evenly spaced heads: views of q and k, no copy of the cache
-                qs = q.unflatten(1, (hkv, g))[:, as_slice].flatten(1, 2)
-                self.state[layer] = self._select(qs, k[:, as_slice], kw)
-            else:
+            if slices is not None:  # strided views of q and k: the kernels read the cache in place
+                qg = q.unflatten(1, (hkv, g))
+                parts = [self._select(qg[:, sl].flatten(1, 2), k[:, sl], kw) for sl in slices]
+                own = parts[0] if len(parts) == 1 else gather_heads(parts, perm)  # ascending head order
+            else:  # gathered into a copy first (IN_PLACE_HEADS = False)
                 qh = (heads[:, None] * g + torch.arange(g, device=q.device)[None]).reshape(-1)  # their query heads
-                self.state[layer] = self._select(q.index_select(1, qh), k.index_select(1, heads), kw)
+                own = self._select(q.index_select(1, qh), k.index_select(1, heads), kw)
+            self.state[layer] = own
         missing = [a for a in layers if a not in self.state]
         if missing:
             raise RuntimeError(f"layer {layer} takes keys from layers {missing}, which did not run in this forward; "
@@ -163,15 +170,27 @@ class KascadeStrategy(Strategy):
         return gather_heads([self.state[a] for a in layers], rows)
 
 
-def head_slice(heads: list[int]) -> slice | None:
-    """The slice that picks exactly `heads` (ascending, evenly spaced: one head, two heads, a run...),
-    or None. A slice of the head axis is a view: the kernels read its rows in place through strides."""
-    if not heads:
-        return None
-    step = heads[1] - heads[0] if len(heads) > 1 else 1
-    if step < 1 or heads != list(range(heads[0], heads[-1] + 1, step)):
-        return None
-    return slice(heads[0], heads[-1] + 1, step)
+IN_PLACE_HEADS = True  # False: a part-selecting layer copies its selecting heads first (kept for measurement)
+
+
+def head_slices(heads: list[int]) -> list[slice]:
+    """Few slices of the head axis that together pick exactly `heads` (ascending, distinct), greedily the
+    longest evenly spaced run first (ties: the earliest). A slice is a view: the kernels read its rows
+    in place through strides, so no selecting head is copied; each slice costs one selection launch."""
+    left, out = list(heads), []
+    while left:
+        best = left[:1]
+        for i, a in enumerate(left):
+            for b in left[i + 1:]:
+                run, step = [a], b - a
+                while run[-1] + step in left:
+                    run.append(run[-1] + step)
+                if len(run) > len(best):
+                    best = run
+        step = best[1] - best[0] if len(best) > 1 else 1
+        out.append(slice(best[0], best[-1] + 1, step))
+        left = [h for h in left if h not in best]
+    return sorted(out, key=lambda sl: sl.start)
 
 
 def gather_heads(selections, rows: torch.Tensor | None):

@@ -140,21 +140,31 @@ def test_mixed_layers_match_hand_built_selections(backend, qlen):
                     assert torch.equal(att.sets(bb, h, u), s.sets(bb, row, u))
 
 
-def test_head_slice_only_for_evenly_spaced_heads():
-    from kascade.strategy import head_slice
+def test_head_slices_cover_the_heads_with_few_evenly_spaced_runs():
+    from kascade.strategy import head_slices
 
-    assert head_slice([2]) == slice(2, 3, 1) and head_slice([1, 3]) == slice(1, 4, 2)
-    assert head_slice([0, 1, 2]) == slice(0, 3, 1)
-    assert head_slice([0, 1, 3]) is None and head_slice([]) is None
+    assert head_slices([2]) == [slice(2, 3, 1)] and head_slices([1, 3]) == [slice(1, 4, 2)]
+    assert head_slices([0, 1, 2]) == [slice(0, 3, 1)] and head_slices([0, 2, 4, 6]) == [slice(0, 7, 2)]
+    assert head_slices([0, 1, 3]) == [slice(0, 2, 1), slice(3, 4, 1)]
+    assert head_slices([0, 3, 4, 5, 7]) == [slice(0, 8, 7), slice(3, 6, 1)]  # the run 3-5, then 0 and 7
+    assert head_slices([]) == []
+    for heads in ([0, 1, 3], [1, 2, 4, 7], [0, 5, 6]):
+        covered = sorted(h for sl in head_slices(heads) for h in range(sl.start, sl.stop, sl.step))
+        assert covered == heads
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("qlen", [1, 70])
-def test_part_selecting_heads_read_the_cache_in_place(backend, qlen):
-    """Four KV heads. Layer 1: heads 1 and 3 select (evenly spaced: a view of the cache, no copy);
-    layer 3: heads 0, 1 and 3 select (not evenly spaced: gathered). Both give the hand-built result."""
+@pytest.mark.parametrize("in_place", [True, False])
+def test_part_selecting_heads_read_the_cache_in_place(backend, qlen, in_place, monkeypatch):
+    """Four KV heads. Layer 1: heads 1 and 3 select (one strided view of the cache); layer 3: heads 0, 1
+    and 3 select (two views, [0, 1] and [3], stacked back in head order). In place or gathered into
+    a copy (IN_PLACE_HEADS = False), both give the hand-built result."""
+    import kascade.strategy as KS
+
     if backend == "triton":
         pytest.importorskip("triton")
+    monkeypatch.setattr(KS, "IN_PLACE_HEADS", in_place)
     g = torch.Generator().manual_seed(7 + qlen)
     b, hq, hkv, n, d = 2, 8, 4, 150, 16
     dt = torch.bfloat16 if DEVICE == "cuda" else torch.float32
@@ -165,18 +175,24 @@ def test_part_selecting_heads_read_the_cache_in_place(backend, qlen):
     ks = [torch.randn(b, hkv, n, d, generator=g).to(DEVICE, dt) for _ in range(4)]
     vs = [torch.randn(b, hkv, n, d, generator=g).to(DEVICE, dt) for _ in range(4)]
     strategy = KascadeStrategy(plan, backend=backend)
-    seen = {}
+    seen = []
     inner = strategy._select
 
-    def spy(q, k, kw):  # the part-selecting layers pass 2 (layer 1) and 3 (layer 3) KV heads
-        seen[k.shape[1]] = k
+    def spy(q, k, kw):
+        seen.append(k)
         return inner(q, k, kw)
 
     strategy._select = spy
     strategy.begin_forward()
     outs = [strategy.attend(layer, qs[layer], ks[layer], vs[layer], None, None) for layer in range(4)]
-    assert seen[2].untyped_storage().data_ptr() == ks[1].untyped_storage().data_ptr()  # a view
-    assert seen[3].untyped_storage().data_ptr() != ks[3].untyped_storage().data_ptr()  # a gathered copy
+    parts = [k for k in seen if k.shape[1] < hkv]  # the part-selecting layers' calls, in order
+    storages = [k.untyped_storage().data_ptr() for k in parts]
+    if in_place:
+        assert [k.shape[1] for k in parts] == [2, 2, 1]
+        assert storages == [ks[1].untyped_storage().data_ptr()] + [ks[3].untyped_storage().data_ptr()] * 2
+    else:
+        assert [k.shape[1] for k in parts] == [2, 3]
+        assert not {ks[1].untyped_storage().data_ptr(), ks[3].untyped_storage().data_ptr()} & set(storages)
 
     def sel(layer, heads):
         qh = torch.cat([qs[layer][:, h * 2 : h * 2 + 2] for h in heads], 1)
