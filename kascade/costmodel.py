@@ -4,7 +4,9 @@ A plan's attention time is the sum of its layers' times: layer 0 dense with sele
 fused selection and sparse output, a reuse layer's sparse attention, and a part-selecting layer's
 sparse attention plus the selection of its share of the KV heads. Against dense attention in every
 layer this gives the attention speedup of decode and prefill (attention only: the rest of the model,
-its weights, norms and MLPs, is the same for both). The default times are one H200's at 128K tokens
+its weights, norms and MLPs, is the same for both). A part-selecting layer whose selecting heads are
+not evenly spaced selects over a few strided views (`kascade.strategy.head_slices`); each view after
+the first adds `extra_slice` (a launch sequence's fixed cost). The default times are one H200's at 128K tokens
 (kascade/configs/kernel_times_h200.json, with their source files).
 """
 
@@ -24,7 +26,9 @@ def load_times(path=KERNEL_TIMES) -> dict:
 
 def layer_times(plan: Plan, num_kv_heads: int, t: dict) -> list[float]:
     """Time of each layer of the plan under the per-layer times t (keys dense, layer0, anchor, select,
-    reuse)."""
+    reuse, and optionally extra_slice)."""
+    from kascade.strategy import head_slices
+
     n = plan.num_layers
     if n is None:
         raise ValueError("plan: needs its model fingerprint (num_layers) to be costed; use Plan.for_model")
@@ -35,8 +39,9 @@ def layer_times(plan: Plan, num_kv_heads: int, t: dict) -> list[float]:
         elif plan.is_anchor(layer):
             out.append(t["anchor"])
         else:
-            share = len(plan.selecting_heads(layer, num_kv_heads)) / num_kv_heads
-            out.append(t["reuse"] + share * t["select"])
+            heads = plan.selecting_heads(layer, num_kv_heads)
+            extra = max(0, len(head_slices(heads)) - 1) * t.get("extra_slice", 0.0)
+            out.append(t["reuse"] + len(heads) / num_kv_heads * t["select"] + extra)
     return out
 
 

@@ -109,3 +109,21 @@ def test_calibrate_output_aware_end_to_end(setup):
     assert 2.5 < sp["decode"] < 4.5 and 1.5 < sp["prefill"] < 3.0
     assert predicted_speedup(plan)["decode"] > 0
     assert set(report["plans_along"]) == set(report["paper_plans_along"]) and 3 in report["plans_along"]
+
+
+def test_cost_model_charges_the_views_of_unevenly_spaced_heads():
+    """Half the heads selecting costs reuse + half a selection; heads 0, 1, 3 (two views) cost one
+    extra_slice more than three evenly spaced heads would."""
+    from kascade.costmodel import layer_times, load_times
+
+    fp = {"model_type": "llama", "num_layers": 3, "num_q_heads": 32, "num_kv_heads": 8, "head_dim": 128}
+    t = load_times()["decode_us"]
+
+    def part(heads):
+        rows = [None, [None if h in heads else [0, h] for h in range(8)], [[0, h] for h in range(8)]]
+        return Plan(anchors=[0], head_sources=rows, model=fp, recipe="output-aware")
+
+    even, uneven = layer_times(part([0, 2, 4, 6]), 8, t)[1], layer_times(part([0, 1, 3]), 8, t)[1]
+    assert even == pytest.approx(t["reuse"] + 0.5 * t["select"])
+    assert uneven == pytest.approx(t["reuse"] + 3 / 8 * t["select"] + t["extra_slice"])
+    assert t["extra_slice"] > 0
