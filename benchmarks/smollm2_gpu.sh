@@ -105,8 +105,10 @@ os.replace("/tmp/eval/results.jsonl.tmp", "/tmp/eval/results.jsonl")
 print(f"{len(rows)} rows merged into /tmp/eval/results.jsonl")
 PY
   for d in /tmp/eval-parts/g*; do echo "== $d"; tail -n 2 "$d/log.txt" | tr '\r' '\n' | tail -n 2; done
+  every=$(python3 -c "from kascade.eval.strategies import STRATEGIES; print(','.join(STRATEGIES))")  # mechanisms too
   kascade eval "$MODEL" --plan "$OURS" --paper-plan "$PAPER" --tasks "$all_tasks" --lengths 2048,4096,8064 \
-    --budgets 0.05,0.1,0.2 --samples "${REPORT_SAMPLES:-20}" --out /tmp/eval --report-only --no-coverage > /dev/null 2>&1 || true
+    --budgets 0.05,0.1,0.2 --strategies "$every" --samples "${REPORT_SAMPLES:-20}" --out /tmp/eval --report-only \
+    --no-coverage > /dev/null 2>&1 || true
   for f in results.jsonl run.json summary.json summary.md accuracy_vs_budget.png; do
     [ -f "/tmp/eval/$f" ] && cp "/tmp/eval/$f" "$OUT/eval_$f"
   done

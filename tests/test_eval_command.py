@@ -176,13 +176,14 @@ def test_through_the_cli(files, tmp_path, capsys):
 def test_paper_plan_and_default_strategies(files, tmp_path, monkeypatch):
     root, model_dir, plan = files
     args = _args(files, tmp_path / "a", tasks="niah_single")
-    args.strategies = None  # the default: every strategy but kascade-paper
-    from kascade.eval.strategies import STRATEGIES
+    args.strategies = None  # the default: every strategy but kascade-paper and the measured mechanisms
+    from kascade.eval.strategies import MECHANISMS, STRATEGIES
 
-    assert command._Setup(args).strategies == [s for s in STRATEGIES if s != "kascade-paper"]
+    assert command._Setup(args).strategies == [s for s in STRATEGIES if s not in ("kascade-paper",) + MECHANISMS]
     args.paper_plan = str(plan)
     setup = command._Setup(args)
-    assert setup.strategies == list(STRATEGIES) and setup.identity["paper_plan"] == command._sha(plan)
+    assert setup.strategies == [s for s in STRATEGIES if s not in MECHANISMS]
+    assert setup.identity["paper_plan"] == command._sha(plan)
     with pytest.raises(ValueError, match="--paper-plan: strategy kascade-paper needs"):
         command.run(_args(files, tmp_path / "b", strategies="kascade-paper"))
     # kascade-paper runs, and coverage builds it too

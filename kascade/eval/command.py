@@ -18,7 +18,8 @@ continues it greedily, and the continuation is scored (`kascade.eval.tasks.score
 --samples examples, each prompt cut to at most every --lengths tokens, scored by LongBench's metric
 of the example's dataset, with LongBench's generation lengths (capped by --max-new-tokens).
 
-Strategies: all of `kascade.eval.strategies.STRATEGIES` by default, kascade-paper only when --paper-plan
+Strategies: all of `kascade.eval.strategies.STRATEGIES` by default but the measured mechanisms
+(`MECHANISMS`: kascade-dense-anchors, kascade-sinks, run when named), kascade-paper only when --paper-plan
 gives the plan of the paper's recipe (its hash joins the run's identity, like --plan's).
 
 Batches (--batch N; default 16 on CUDA, 1 on the CPU): the samples of one (task, length, budget,
@@ -72,8 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--paper-plan", default=None, metavar="FILE",
                         help="plan of the paper's recipe (`kascade calibrate --recipe paper`), needed by kascade-paper")
     parser.add_argument("--strategies", default=None,
-                        help="comma-separated, from: " + ", ".join(STRATEGIES) + " (default all, kascade-paper only "
-                        "with --paper-plan; dense always runs)")
+                        help="comma-separated, from: " + ", ".join(STRATEGIES) + " (default all but kascade-dense-anchors "
+                        "and kascade-sinks, kascade-paper only with --paper-plan; dense always runs)")
     parser.add_argument("--samples", type=int, default=10, help="samples per task and length (default 10)")
     parser.add_argument("--batch", type=int, default=None,
                         help="samples of one cell run together (default 16 on CUDA, 1 on the CPU)")
@@ -156,7 +157,7 @@ class _Setup:
     """Everything checked before the model is loaded."""
 
     def __init__(self, args):
-        from kascade.eval.strategies import NEEDS_PLAN, STRATEGIES, canonical_strategy
+        from kascade.eval.strategies import MECHANISMS, NEEDS_PLAN, STRATEGIES, canonical_strategy
         from kascade.eval.tasks import canonical_task
         from kascade.models import check_model_dir
         from kascade.plan import Plan
@@ -173,7 +174,7 @@ class _Setup:
         paper_path = getattr(args, "paper_plan", None)
         names = getattr(args, "strategies", None)
         if names is None:
-            names = ",".join(s for s in STRATEGIES if s != "kascade-paper" or paper_path)
+            names = ",".join(s for s in STRATEGIES if (s != "kascade-paper" or paper_path) and s not in MECHANISMS)
         self.strategies = ["dense"] + [s for s in (canonical_strategy(x) for x in _split(names, "strategies"))
                                        if s != "dense"]
         self.lengths = _ints(args.lengths, "lengths")

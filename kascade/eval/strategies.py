@@ -65,6 +65,7 @@ STRATEGIES = ("dense", "oracle", "kascade", "kascade-paper", "kascade-agnostic",
               "kascade-dense-anchors", "kascade-sinks", "uniform", "streamingllm", "quest", "omnikv")
 NEEDS_PLAN = ("kascade", "kascade-agnostic", "kascade-no-remap", "kascade-dense-anchors", "kascade-sinks", "uniform",
               "omnikv")
+MECHANISMS = ("kascade-dense-anchors", "kascade-sinks")  # measured variants of the plan: run when named
 SINKS = 4
 LOCAL_WINDOW = 64
 QUEST_PAGE = 16
