@@ -203,6 +203,7 @@ def gather_heads(selections, rows: torch.Tensor | None):
     if rows is None:
         return first
     width = max(s.indices.shape[-1] for s in selections)
-    stacked = torch.cat([torch.nn.functional.pad(s.indices, (0, width - s.indices.shape[-1]), value=-1)
-                         for s in selections], dim=1)
+    stacked = torch.cat([s.indices if s.indices.shape[-1] == width else
+                         torch.nn.functional.pad(s.indices, (0, width - s.indices.shape[-1]), value=-1)
+                         for s in selections], dim=1)  # pads only the narrower ones (no copy of the others)
     return dataclasses.replace(first, indices=stacked.index_select(1, rows))
