@@ -173,11 +173,11 @@ def write_report(data: dict, stem: Path) -> None:
 def main(argv=None) -> int:
     import triton
 
-    if argv is None:
-        argv = sys.argv[1:]
-    if argv[:1] == ["--report"]:  # rewrite the markdown and plot of a measured JSON: --report IN.json OUT_STEM
-        write_report(json.loads(Path(argv[1]).read_text()), Path(argv[2]))
+    from report_json import rewrite_only
+
+    if rewrite_only(argv, write_report):
         return 0
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--lengths", default="32768,131072")

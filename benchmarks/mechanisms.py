@@ -23,6 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def mechanisms(plan, backend: str):
@@ -86,6 +87,10 @@ def write_report(data: dict, stem: Path) -> None:
 
 
 def main(argv=None) -> int:
+    from report_json import rewrite_only
+
+    if rewrite_only(argv, write_report):
+        return 0
     import torch
     import transformers
     import triton
@@ -95,11 +100,6 @@ def main(argv=None) -> int:
     from kascade.models import load_model
     from kascade.plan import Plan
 
-    if argv is None:
-        argv = sys.argv[1:]
-    if argv[:1] == ["--report"]:  # rewrite the markdown and plot of a measured JSON: --report IN.json OUT_STEM
-        write_report(json.loads(Path(argv[1]).read_text()), Path(argv[2]))
-        return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model_dir")
     ap.add_argument("--plan", required=True, type=Path)

@@ -144,6 +144,15 @@ def _scale(q, scale):
     return q.shape[-1] ** -0.5 if scale is None else float(scale)
 
 
+def _decode_probs(qb, kb, sc: float) -> torch.Tensor:
+    """Post-softmax probabilities of one decode query per head over every key: qb [b, Hq, 1, D],
+    kb [b, Hkv, n, D] -> [b, Hkv, G, n] fp32."""
+    nb, hq, _, d = qb.shape
+    hkv = kb.shape[1]
+    s = torch.einsum("bhgd,bhnd->bhgn", qb.float().view(nb, hkv, hq // hkv, d), kb.float()) * sc
+    return torch.softmax(s, dim=-1)
+
+
 def _fold(x: torch.Tensor) -> torch.Tensor:
     """[b, H, n, D] -> [b * H, n, D]: sequences folded into the head dimension (head h of sequence i is
     b * H + h, so query head j of a GQA group still maps to KV head j // G)."""
@@ -167,10 +176,7 @@ def pooled_selection(q, k, rho, k_min, tile, kv_start=None, scale=None, pool: st
     sc = _scale(q, scale)
 
     def decode_scores(qb, kb):
-        nb, hq, _, d = qb.shape
-        hkv = kb.shape[1]
-        s = torch.einsum("bhgd,bhnd->bhgn", qb.float().view(nb, hkv, hq // hkv, d), kb.float()) * sc
-        p = torch.softmax(s, dim=-1).reshape(nb, hq, -1)
+        p = _decode_probs(qb, kb, sc).flatten(1, 2)  # [b, Hq, n]
         return p.sum(1, keepdim=True) if pool == "sum" else p.amax(1, keepdim=True)
 
     def prefill_scores(qb, kb, p0):
@@ -216,10 +222,8 @@ def head_selection(q, k, rho, k_min, tile, kv_start=None, scale=None, sinks: int
     sc = _scale(q, scale)
 
     def decode_scores(qb, kb):
-        nb, hq, _, d = qb.shape
-        hkv, n = kb.shape[1], kb.shape[2]
-        s = torch.einsum("bhgd,bhnd->bhgn", qb.float().view(nb, hkv, hq // hkv, d), kb.float()) * sc
-        p = torch.softmax(s, dim=-1).sum(2)  # [b, Hkv, n]
+        p = _decode_probs(qb, kb, sc).sum(2)  # [b, Hkv, n]
+        n = p.shape[-1]
         keys = torch.arange(n, device=p.device)
         return _keep_forced(p, keys < sinks, keys >= n - window)
 
