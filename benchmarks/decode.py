@@ -12,7 +12,9 @@ eager medians are kept in the JSON. Effective bandwidth = bytes the step must re
 Whole model: 32 layers, anchors [0, 2, 8, 13, 14] (layer 0 dense + select, other anchors select
 + sparse output, the rest reuse the last anchor's selection under a random head map), captured as
 ONE CUDA graph, against 32 x FA3 captured likewise, on distinct per-layer KV caches (cycled
-when they do not all fit in memory; each cache is far larger than L2).
+when they do not all fit in memory; each cache is far larger than L2). Beside it the same graph with
+10 selecting layers of 32 (anchors ANCHORS_10, what an accurate plan may need), against the same FA3
+graph. The kernels' programmatic-dependent-launch mode is KASCADE_DECODE_PDL (default off).
 
     python benchmarks/decode.py                 # tests nothing; sweeps configs, then measures:
                                                 # writes results/decode_<gpu>.json and .md (e.g. decode_h200)
@@ -35,6 +37,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 HQ, HKV, D = 32, 8, 128
 RHO, K_MIN = 0.1, 128
 LAYERS, ANCHORS = 32, (0, 2, 8, 13, 14)
+ANCHORS_10 = (0, 2, 5, 8, 11, 13, 14, 17, 21, 26)  # 10 selecting layers (as benchmarks/head_granular_decode.py)
 SIZES = [(1, 8192), (1, 32768), (1, 131072), (1, 524288), (8, 131072)]
 DT = torch.bfloat16
 KV_BUDGET_BYTES = 36e9  # per-layer caches of the whole-model run
@@ -382,11 +385,20 @@ def markdown(meta, results):
     L += ["", "## Whole model: 32 layers, anchors [0, 2, 8, 13, 14], one CUDA graph (ms)", "",
           "| B | N | ours | 32 x FA3 (graph) | speedup vs FA3 | vs 32 x best dense | layer 0 | distinct KV caches |",
           "|---|---|---|---|---|---|---|---|"]
-    for key, w in results["whole_model"].items():
-        B, N = w["B"], w["N"]
-        L.append(f"| {B} | {N // 1024}K | {w['ours']['ms']:.3f} | {w.get('fa3', {}).get('ms', float('nan')):.3f} | "
-                 f"{w.get('speedup_vs_fa3', float('nan')):.2f}x | {w['speedup_vs_best_dense_x32']:.2f}x | "
-                 f"{w['layer0']} | {w['distinct_caches']} |")
+    tables = [("whole_model", ANCHORS), ("whole_model_10", ANCHORS_10)]
+    for name, anchors in tables:
+        if not results.get(name):
+            continue
+        if name != "whole_model":
+            L += ["", f"## Whole model with {len(anchors)} selecting layers of 32: anchors {list(anchors)}, "
+                  "one CUDA graph (ms), against the FA3 graph above", "",
+                  "| B | N | ours | 32 x FA3 (graph) | speedup vs FA3 | vs 32 x best dense | layer 0 | distinct KV caches |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for key, w in results[name].items():
+            B, N = w["B"], w["N"]
+            L.append(f"| {B} | {N // 1024}K | {w['ours']['ms']:.3f} | {w.get('fa3', {}).get('ms', float('nan')):.3f} | "
+                     f"{w.get('speedup_vs_fa3', float('nan')):.2f}x | {w['speedup_vs_best_dense_x32']:.2f}x | "
+                     f"{w['layer0']} | {w['distinct_caches']} |")
     return "\n".join(L) + "\n"
 
 
@@ -414,6 +426,11 @@ def plot(path_json, path_png):
     for w in res["whole_model"].values():
         if w["B"] == 8 and "speedup_vs_fa3" in w:
             ax.plot([w["N"] // 1024], [w["speedup_vs_fa3"]], "k*", ms=12, label="whole model, B=8")
+    wm10 = sorted([w for w in res.get("whole_model_10", {}).values() if w["B"] == 1 and "speedup_vs_fa3" in w],
+                  key=lambda w: w["N"])
+    if wm10:
+        ax.plot([w["N"] // 1024 for w in wm10], [w["speedup_vs_fa3"] for w in wm10], "D--", lw=1.5,
+                label="whole model, 10 selecting layers")
     ax.set_xscale("log", base=2)
     ax.set_xticks(xs, [f"{x}K" for x in xs])
     ax.set_xlabel("context length (batch 1)")
@@ -450,7 +467,7 @@ def main():
     fa3 = fa3_module()
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 date=str(datetime.date.today()), sms=torch.cuda.get_device_properties(0).multi_processor_count)
-    results = dict(meta=meta, sweep=[], per_layer={}, whole_model={})
+    results = dict(meta=meta, sweep=[], per_layer={}, whole_model={}, whole_model_10={})
     tag = args.tag or torch.cuda.get_device_name().split()[-1].lower()
     path = os.path.join(args.out, f"decode_{tag}.json")
 
@@ -480,6 +497,12 @@ def main():
             w = whole_model(K, B, N, fa3, r)
             w.update(B=B, N=N)
             results["whole_model"][f"{B}x{N}"] = w
+            w10 = whole_model(K, B, N, None, r, anchors=ANCHORS_10)  # against the FA3 graph just measured
+            w10.update(B=B, N=N, anchors=list(ANCHORS_10))
+            if "ms" in w.get("fa3", {}):
+                w10["fa3"] = w["fa3"]
+                w10["speedup_vs_fa3"] = w["fa3"]["ms"] / w10["ours"]["ms"]
+            results["whole_model_10"][f"{B}x{N}"] = w10
         except Exception as e:  # noqa: BLE001
             log("  whole model failed:", repr(e)[:300])
         save()

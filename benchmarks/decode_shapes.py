@@ -5,10 +5,10 @@ lengths 32K and 128K, batch 1 and 8, bf16, rho 0.1, k_min 128, random data:
     FlashAttention-3 (`fa3_fwd_interface.flash_attn_with_kvcache`, best of the settings that
     benchmarks/decode.py tries; skipped, and said so, when the module does not import), cuDNN SDPA,
     ours: select only, anchor (select + sparse output), anchor with dense output (layer 0), reuse
-    (sparse attention over a selection with a random head map), and, where kascade.kernels.decode has
-    a second anchor path (CONFIG["anchor_fused"]), the anchor on each path (fused with and without
-    programmatic dependent launch, unfused) with a check that both select the same indices bit for bit.
-    `anchor` (and the whole model) uses the configured path: KASCADE_ANCHOR_FUSED=1 picks the fused one.
+    (sparse attention over a selection with a random head map); at the headline size also the anchor,
+    the reuse layer and the whole model in every programmatic-dependent-launch mode (CONFIG["pdl"]:
+    off, start, exit), with a check that each mode selects the same indices and gives the same outputs
+    bit for bit. The other columns use the configured mode (KASCADE_DECODE_PDL, default off).
 Each provider is captured in a CUDA graph and timed by triton.testing.do_bench on its replays (median,
 p20, p80), with the timing helpers of benchmarks/decode.py.
 Whole model: the shape's real layer count, anchors = 1/6 of the layers spread like the Llama-3.1-8B
@@ -49,6 +49,7 @@ HEADLINE = (1, 131072)  # (B, N) of the ratios in `rows`
 RHO, K_MIN, TILE = DB.RHO, DB.K_MIN, 32
 LLAMA_PLAN, LLAMA_LAYERS = (0, 2, 8, 13, 14), 32
 SMOKE = dict(lengths=(2048,), batches=(1, 2), headline=(1, 2048), max_layers=12)
+PDL_NAMES = ("off", "start", "exit")  # kascade.kernels.decode.CONFIG["pdl"] values compared at the headline size
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,9 +117,13 @@ def summary_row(name, hq, hkv, d, layers, anchors, timings, models, headline):
                anchors=list(anchors), headline=key,
                anchor_over_fa3=ratio(anchor, fa3), reuse_over_best_dense=ratio(reuse, best),
                model_speedup_over_fa3=w.get("speedup_vs_fa3"), best_dense=bd, timings=timings, whole_model=models)
-    for path in ("fused", "fused_no_pdl", "unfused"):  # the anchor paths, where the kernels have two
-        if _ms(r, f"ours_anchor_{path}") is not None:
-            row[f"anchor_{path}_over_fa3"] = ratio(_ms(r, f"ours_anchor_{path}"), fa3)
+    for mode in PDL_NAMES:  # the programmatic-dependent-launch modes, where they were timed
+        if _ms(r, f"ours_anchor_pdl_{mode}") is not None:
+            row[f"anchor_pdl_{mode}_over_fa3"] = ratio(_ms(r, f"ours_anchor_pdl_{mode}"), fa3)
+            row[f"reuse_pdl_{mode}_over_best_dense"] = ratio(_ms(r, f"ours_reuse_pdl_{mode}"), best)
+        wm = (w.get("pdl") or {}).get(mode) or {}
+        if wm.get("speedup_vs_fa3") is not None:
+            row[f"model_pdl_{mode}_speedup_over_fa3"] = wm["speedup_vs_fa3"]
     return row
 
 
@@ -146,20 +151,33 @@ def markdown(results) -> str:
                  f"{us('ours_reuse')} | {_fmt(row['reuse_over_best_dense'])}x | "
                  f"{_fmt(row['model_speedup_over_fa3'])}x |")
     L += ["", "## Every size (us; whole model in ms)", "",
-          "| shape | B | N | FA3 | cuDNN | select | anchor | anchor, fused path | fused, no PDL | anchor, unfused path | "
-          "anchor dense out | reuse | same selection | whole model | layers x FA3 | speedup |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "| shape | B | N | FA3 | cuDNN | select | anchor | anchor dense out | reuse | whole model | layers x FA3 | "
+          "speedup |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in results["rows"]:
         for key, r in row["timings"].items():
             w = row["whole_model"].get(key, {})
             us = lambda n: _fmt(None if _ms(r, n) is None else _ms(r, n) * 1e3, ".1f")  # noqa: E731
-            same = r.get("paths_select_equal")
             L.append(f"| {row['shape']} | {r['B']} | {r['N'] // 1024}K | {us('fa3')} | {us('sdpa_cudnn')} | "
-                     f"{us('ours_select')} | {us('ours_anchor_sparse')} | {us('ours_anchor_fused')} | {us('ours_anchor_fused_no_pdl')} | "
-                     f"{us('ours_anchor_unfused')} | "
-                     f"{us('ours_anchor_dense')} | {us('ours_reuse')} | {'—' if same is None else same} | "
+                     f"{us('ours_select')} | {us('ours_anchor_sparse')} | "
+                     f"{us('ours_anchor_dense')} | {us('ours_reuse')} | "
                      f"{_fmt(_ms(w, 'ours'), '.3f')} | {_fmt(_ms(w, 'fa3'), '.3f')} | "
                      f"{_fmt(w.get('speedup_vs_fa3'))}x |")
+    pdl_rows = [row for row in results["rows"] if row.get("anchor_pdl_off_over_fa3") is not None]
+    if pdl_rows:
+        L += ["", f"## Programmatic dependent launch (CONFIG[\"pdl\"]), B={hb}, N={hn // 1024}K", "",
+              "Each mode in the same run; anchor and reuse in us, whole model as its speedup over FA3. "
+              "Same selection / output: every mode against `off`, bit for bit.", "",
+              "| shape | " + " | ".join(f"anchor {m} | reuse {m} | whole model {m}" for m in PDL_NAMES)
+              + " | same selection | same output |",
+              "|---|" + "---|---|---|" * len(PDL_NAMES) + "---|---|"]
+        for row in pdl_rows:
+            r = row["timings"].get(row["headline"], {})
+            us = lambda n: _fmt(None if _ms(r, n) is None else _ms(r, n) * 1e3, ".1f")  # noqa: E731
+            cells = [f"{us(f'ours_anchor_pdl_{m}')} | {us(f'ours_reuse_pdl_{m}')} | "
+                     f"{_fmt(row.get(f'model_pdl_{m}_speedup_over_fa3'))}x" for m in PDL_NAMES]
+            L.append(f"| {row['shape']} | " + " | ".join(cells) + f" | {r.get('pdl_same_selection', '—')} | "
+                     f"{r.get('pdl_same_output', '—')} |")
     return "\n".join(L) + "\n"
 
 
@@ -177,8 +195,10 @@ def plot(results, path_png):
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
     w = 0.27
     a1.bar([x - w for x in xs], [val(r, "anchor_over_fa3") for r in rows], w, label="anchor / FA3")
-    if any(r.get("anchor_unfused_over_fa3") is not None for r in rows):  # the other path, for comparison
-        a1.bar(xs, [val(r, "anchor_unfused_over_fa3") for r in rows], w, label="anchor, unfused path / FA3")
+    other = [m for m in PDL_NAMES if m != "off" and any(r.get(f"anchor_pdl_{m}_over_fa3") is not None for r in rows)]
+    if other:  # the fastest PDL mode, for comparison
+        best = min(other, key=lambda m: sum(val(r, f"anchor_pdl_{m}_over_fa3") for r in rows))
+        a1.bar(xs, [val(r, f"anchor_pdl_{best}_over_fa3") for r in rows], w, label=f"anchor, PDL {best} / FA3")
     a1.bar([x + w for x in xs], [val(r, "reuse_over_best_dense") for r in rows], w, label="reuse / best dense")
     a1.axhline(1.0, color="grey", lw=0.8)
     a1.axhline(0.65, color="red", lw=0.8, ls="--", label="anchor target 0.65")
@@ -216,16 +236,15 @@ def write_reports(results, path_json):
 # ----------------------------------------------------------------------------------------------
 
 
-def _on_path(K, fused: bool, fn, pdl: bool = True):
-    """fn() with kascade.kernels.decode's anchor path (CONFIG["anchor_fused"], and its programmatic
-    dependent launch CONFIG["anchor_pdl"]) set; kernels read the settings when launched, so a graph
-    captured here keeps that path."""
-    old = K.CONFIG["anchor_fused"], K.CONFIG.get("anchor_pdl")
-    K.CONFIG["anchor_fused"], K.CONFIG["anchor_pdl"] = fused, pdl
+def _with_pdl(K, mode: str, fn):
+    """fn() with kascade.kernels.decode's CONFIG["pdl"] set to mode; kernels read the setting when
+    launched, so a graph captured here keeps that mode."""
+    old = K.CONFIG["pdl"]
+    K.CONFIG["pdl"] = mode
     try:
         return fn()
     finally:
-        K.CONFIG["anchor_fused"], K.CONFIG["anchor_pdl"] = old
+        K.CONFIG["pdl"] = old
 
 
 def layer_timings(K, hq, hkv, d, B, N, fa3, rep, other_paths=True):
@@ -250,23 +269,30 @@ def layer_timings(K, hq, hkv, d, B, N, fa3, rep, other_paths=True):
         "ours_reuse": lambda: K.sparse_attention(q, k, v, sel, head_map=hm),
     })
     res = dict(B=B, N=N)
-    two_paths = "anchor_fused" in K.CONFIG and other_paths
-    if two_paths:  # both anchor paths by name; ours_anchor_sparse (the whole model's) is the configured one
-        for name, fused, pdl in (("fused", True, True), ("fused_no_pdl", True, False), ("unfused", False, False)):
-            provs[f"ours_anchor_{name}"] = (
-                lambda fused=fused, pdl=pdl: _on_path(K, fused, lambda: K.anchor(q, k, v, RHO, K_MIN, TILE), pdl))
+    modes = "pdl" in K.CONFIG and other_paths
+    if modes:  # every PDL mode by name; ours_anchor_sparse and ours_reuse use the configured one
+        for m in PDL_NAMES:
+            provs[f"ours_anchor_pdl_{m}"] = lambda m=m: _with_pdl(K, m, lambda: K.anchor(q, k, v, RHO, K_MIN, TILE))
+            provs[f"ours_reuse_pdl_{m}"] = (
+                lambda m=m: _with_pdl(K, m, lambda: K.sparse_attention(q, k, v, sel, head_map=hm)))
     for name, fn in provs.items():
         try:
             res[name] = DB.bench(fn, rep=rep)
         except Exception as e:  # noqa: BLE001
             res[name] = dict(error=repr(e)[:300])
             DB.log(f"  {name}: failed {repr(e)[:300]}")
-    if two_paths:  # the two anchor paths select the same indices, bit for bit
-        o1, s1 = _on_path(K, True, lambda: K.anchor(q, k, v, RHO, K_MIN, TILE))
-        o0, s0 = _on_path(K, False, lambda: K.anchor(q, k, v, RHO, K_MIN, TILE))
-        res["paths_select_equal"] = bool(torch.equal(s0.indices, s1.indices) and torch.equal(s0.counts, s1.counts))
-        res["paths_out_maxdiff"] = (o0.float() - o1.float()).abs().max().item()
-        res["anchor_fused"] = bool(K.CONFIG["anchor_fused"])
+    if modes:  # every mode selects the same indices and gives the same outputs as "off", bit for bit
+        def outputs(m):
+            o, s_ = _with_pdl(K, m, lambda: K.anchor(q, k, v, RHO, K_MIN, TILE))
+            return o, s_, _with_pdl(K, m, lambda: K.sparse_attention(q, k, v, s_, head_map=hm))
+        o0, s0, r0 = outputs("off")
+        same_sel, same_out = True, True
+        for m in PDL_NAMES[1:]:
+            o1, s1, r1 = outputs(m)
+            same_sel &= bool(torch.equal(s0.indices, s1.indices) and torch.equal(s0.counts, s1.counts))
+            same_out &= bool(torch.equal(o0, o1) and torch.equal(r0, r1))
+        res["pdl_same_selection"], res["pdl_same_output"] = same_sel, same_out
+        res["pdl_configured"] = K.CONFIG["pdl"]
         res["pdl_available"] = bool(K.ts.pdl_available(q.device))
     fa3_names = [n for n in res if n.startswith("fa3[") and "ms" in res[n]]
     if fa3_names:
@@ -274,11 +300,11 @@ def layer_timings(K, hq, hkv, d, B, N, fa3, rep, other_paths=True):
         res["fa3"] = dict(res[best], variant=best)
     dense = [n for n in ("fa3", "sdpa_cudnn") if "ms" in res.get(n, {})]
     res["best_dense"] = min(dense, key=lambda n: res[n]["ms"]) if dense else None
-    line = "  ".join(f"{n} {res[n]['ms'] * 1e3:.1f}" for n in ("fa3", "sdpa_cudnn", "ours_anchor_sparse",
-                                                              "ours_anchor_fused", "ours_anchor_fused_no_pdl",
-                                                              "ours_anchor_unfused",
-                                                              "ours_reuse") if "ms" in res.get(n, {}))
-    DB.log(f"  B={B} N={N}: {line} us" + (f"  same selection {res['paths_select_equal']}" if two_paths else ""))
+    names = ("fa3", "sdpa_cudnn", "ours_anchor_sparse", "ours_reuse") + tuple(
+        f"ours_{kind}_pdl_{m}" for m in PDL_NAMES for kind in ("anchor", "reuse"))
+    line = "  ".join(f"{n} {res[n]['ms'] * 1e3:.1f}" for n in names if "ms" in res.get(n, {}))
+    DB.log(f"  B={B} N={N}: {line} us" + (f"  same selection / output {res['pdl_same_selection']} / "
+                                          f"{res['pdl_same_output']}" if modes else ""))
     del q, k, v, q_fa, k_fa, v_fa
     return res
 
@@ -303,6 +329,14 @@ def measure_size(K, spec, B, N, fa3, rep, max_layers=None, other_paths=True):
     try:
         w = DB.whole_model(K, B, N, fa3, r, hq=hq, hkv=hkv, d=d, layers=layers, anchors=anchors)
         w = dict(w, B=B, N=N, layers=layers, anchors=list(anchors))
+        if other_paths and "pdl" in K.CONFIG:  # the whole model in every PDL mode, against the FA3 graph above
+            w["pdl"] = {}
+            for m in PDL_NAMES:
+                wm = _with_pdl(K, m, lambda: DB.whole_model(K, B, N, None, r, hq=hq, hkv=hkv, d=d, layers=layers,
+                                                            anchors=anchors))
+                if "ms" in w.get("fa3", {}):
+                    wm["speedup_vs_fa3"] = w["fa3"]["ms"] / wm["ours"]["ms"]
+                w["pdl"][m] = wm
     except Exception as e:  # noqa: BLE001
         w = dict(error=repr(e)[:300])
         DB.log("  whole model failed:", repr(e)[:300])
@@ -327,7 +361,7 @@ def main(argv=None):
     ap.add_argument("--budget-s", type=float, default=300,
                     help="start no size beyond the headline one after this many seconds (default 300)")
     ap.add_argument("--all-paths", action="store_true",
-                    help="time every anchor path at every size (default: at the headline size only)")
+                    help="time every PDL mode at every size (default: at the headline size only)")
     ap.add_argument("--tag", default=None, help="result file suffix (default: the GPU's short name, e.g. h200)")
     ap.add_argument("--report", help="results JSON: write its .md and .png again (no measurement)")
     args = ap.parse_args(argv)

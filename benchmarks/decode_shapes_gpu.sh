@@ -3,9 +3,9 @@
 #   (a) the decode kernel tests on CUDA at full size (tests/test_kernels_decode.py, test_topk_select.py,
 #       test_kernels_paged.py, test_decode_shapes.py), log in $OUT/gpu_tests.txt;
 #   (b) benchmarks/decode_shapes.py --out $OUT (every shape at 32K / 128K, B = 1 / 8, whole models),
-#       log in $OUT/decode_shapes_log.txt; then its headline table. The anchor (and the whole model) runs the default
-#       path (unfused; KASCADE_ANCHOR_FUSED=1 runs the fused one, measured slower on the H200); both paths are
-#       timed beside it, with a check that they select the same indices.
+#       log in $OUT/decode_shapes_log.txt; then its headline table and the programmatic-dependent-launch table.
+#       The main columns use KASCADE_DECODE_PDL (default off); every PDL mode is timed beside them at the
+#       headline size, with a check that each selects the same indices and gives the same outputs.
 # FlashAttention-3: carry .whl/ (made by the shared fa3-wheel tool: fa3_fwd-0.0.3-*.whl); it is installed
 # into /tmp/site here. Without it FA3 is skipped and the results say so.
 # Environment: OUT (default /tmp/out), TEST_SECONDS (150), BENCH_SECONDS (330; the benchmark starts no new size
@@ -28,7 +28,7 @@ echo "tests: exit $? in $(( $(date +%s) - start )) s: $(tail -n 1 "$OUT/gpu_test
 
 start=$(date +%s)
 # shellcheck disable=SC2086
-KASCADE_ANCHOR_FUSED=${KASCADE_ANCHOR_FUSED:-0} timeout "${BENCH_SECONDS:-330}" \
+KASCADE_DECODE_PDL=${KASCADE_DECODE_PDL:-off} timeout "${BENCH_SECONDS:-330}" \
   python3 benchmarks/decode_shapes.py --out "$OUT" --budget-s "${BUDGET_S:-270}" ${BENCH_ARGS:-} \
   > "$OUT/decode_shapes_log.txt" 2>&1
 rc=$?
@@ -39,4 +39,4 @@ if [ -n "$json" ] && [ "$rc" -ne 0 ]; then  # stopped early: the report of the s
 fi
 grep -E "^  (B=|.*failed)" "$OUT/decode_shapes_log.txt" | tail -n 4
 md=${json%.json}.md
-[ -f "$md" ] && sed -n '/^| shape | model/,/^$/p' "$md"
+[ -f "$md" ] && sed -n '/^| shape | model/,/^$/p' "$md" && sed -n '/^## Programmatic/,$p' "$md"

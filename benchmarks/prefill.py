@@ -12,6 +12,9 @@ alone, and the selection with torch.topk instead of the threshold kernel.
 
 Whole model: 32 layers with anchors [0, 2, 8, 13, 14]; layer 0 dense on FA3, the other 4 anchors
 anchor layers, 27 reuse layers; sum of the per-layer medians, against 32 x FA3 from the same run.
+Beside it the same sum with 10 selecting layers of 32 (layer 0 on FA3, 9 anchors, 22 reuse layers).
+`python benchmarks/prefill.py --report FILE` recomputes both sums, the markdown and the plot from a
+results JSON.
 
 Times: median with p20/p80 of CUDA-event-timed runs after a warm-up run (triton.testing.do_bench
 for short calls). TFLOP/s: dense 4 * Hq * D * N(N+1)/2; sparse counts the attended keys only
@@ -395,12 +398,15 @@ def sweep_and_pick(n=32768):
 # ----------------------------------------------------------------------------------------------
 
 
-def whole_model(r):
+def whole_model(r, selecting: int | None = None):
+    """32 layers from the per-layer medians: layer 0 on FA3, `selecting` - 1 anchors (default: the plan
+    ANCHORS), the rest reuse layers."""
     if "fa3" not in r or "median_ms" not in r.get("fa3", {}):
         return None
     fa3 = r["fa3"]["median_ms"]
-    n_anchor = len(ANCHORS) - 1
-    n_reuse = LAYERS - len(ANCHORS)
+    selecting = len(ANCHORS) if selecting is None else selecting
+    n_anchor = selecting - 1
+    n_reuse = LAYERS - selecting
     ours = fa3 + n_anchor * r["ours_anchor"]["median_ms"] + n_reuse * r["ours_reuse"]["median_ms"]
     dense = LAYERS * fa3
     return {"ours_ms": ours, "fa3_ms": dense, "speedup": dense / ours,
@@ -450,6 +456,14 @@ def write_report(results, out_dir, meta):
         w = r.get("whole_model")
         if w:
             lines.append(f"| {r['N'] // 1024}K | {w['ours_ms']:.1f} | {w['fa3_ms']:.1f} | {w['speedup']:.2f}x |")
+    if any(r.get("whole_model_10") for r in results):
+        lines += ["", f"The same with 10 selecting layers of {LAYERS} (layer 0 on FA3, 9 anchors, "
+                  f"{LAYERS - 10} reuse layers: what an accurate plan may need):", "",
+                  "| N | ours (ms) | 32 x FA3 (ms) | speedup |", "|---|---|---|---|"]
+        for r in results:
+            w = r.get("whole_model_10")
+            if w:
+                lines.append(f"| {r['N'] // 1024}K | {w['ours_ms']:.1f} | {w['fa3_ms']:.1f} | {w['speedup']:.2f}x |")
     lines += ["", "Sums of per-layer medians. Selection memory:", "", "| N | selection (GiB) | peak extra during select (GiB) |",
               "|---|---|---|"]
     for r in results:
@@ -475,6 +489,9 @@ def write_report(results, out_dir, meta):
         ys = [r["whole_model"]["speedup"] for r in results if r.get("whole_model")]
         if len(ys) == len(xs):
             ax.plot(xs, ys, marker="s", label="whole model (32 layers)")
+        ys = [r["whole_model_10"]["speedup"] for r in results if r.get("whole_model_10")]
+        if len(ys) == len(xs):
+            ax.plot(xs, ys, marker="s", ls="--", label="whole model, 10 selecting layers")
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context length N")
@@ -487,6 +504,16 @@ def write_report(results, out_dir, meta):
         print("plot failed:", repr(e))
 
 
+def rewrite_report(path):
+    """The whole-model sums, markdown and plot of a results JSON again, beside it (same tag)."""
+    with open(path) as f:
+        res = json.load(f)
+    for r in res["results"]:
+        r["whole_model"], r["whole_model_10"] = whole_model(r), whole_model(r, 10)
+    write_report(res["results"], os.path.dirname(os.path.abspath(path)), res["meta"])
+    print(open(os.path.join(os.path.dirname(os.path.abspath(path)), f"prefill_{res['meta']['tag']}.md")).read())
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", type=int, nargs="*", default=[8192, 32768, 131072])
@@ -495,7 +522,11 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--no-flex-dense-above", type=int, default=32768)
     ap.add_argument("--tag", default=None, help="result file suffix (default: the GPU's short name, e.g. h200)")
+    ap.add_argument("--report", help="results JSON: its whole-model sums, .md and .png again (no measurement)")
     args = ap.parse_args()
+    if args.report:
+        rewrite_report(args.report)
+        return
     args.tag = args.tag or torch.cuda.get_device_name().split()[-1].lower()
     fa3 = load_fa3()
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
@@ -508,13 +539,13 @@ def main():
     for n in args.lengths:
         print(f"N = {n}", flush=True)
         r = run_length(n, fa3, flex_dense=n <= args.no_flex_dense_above, topk_stage=n == 131072)
-        r["whole_model"] = whole_model(r)
+        r["whole_model"], r["whole_model_10"] = whole_model(r), whole_model(r, 10)
         results.append(r)
         write_report(results, args.out, meta)
     for n in args.long:
         print(f"N = {n} (ours and FA3 only)", flush=True)
         r = run_length(n, fa3, do_baselines=False)
-        r["whole_model"] = whole_model(r)
+        r["whole_model"], r["whole_model_10"] = whole_model(r), whole_model(r, 10)
         results.append(r)
         write_report(results, args.out, meta)
     print()

@@ -30,7 +30,7 @@ def test_anchor_layers_errors(kw):
         S.anchor_layers(**kw)
 
 
-def fake_results(with_unfused=True):
+def fake_results(with_pdl=True):
     """A results dict as main() writes it, from made-up timings (ms)."""
     rows = []
     for name, hq, hkv, d, layers in S.SHAPES[:3]:
@@ -42,10 +42,16 @@ def fake_results(with_unfused=True):
                          sdpa_cudnn=dict(ms=0.13 * f), ours_select=dict(ms=0.08 * f),
                          ours_anchor_sparse=dict(ms=0.09 * f), ours_anchor_dense=dict(ms=0.15 * f),
                          ours_reuse=dict(ms=0.03 * f), best_dense="sdpa_cudnn")
-                if with_unfused:
-                    r.update(ours_anchor_fused=dict(ms=0.09 * f), ours_anchor_fused_no_pdl=dict(ms=0.1 * f), ours_anchor_unfused=dict(ms=0.13 * f), paths_select_equal=True)
+                model = dict(ours=dict(ms=1.2 * f), fa3=dict(ms=4.4 * f), speedup_vs_fa3=3.67)
+                if with_pdl:
+                    for i, m in enumerate(S.PDL_NAMES):
+                        r[f"ours_anchor_pdl_{m}"] = dict(ms=(0.09 - 0.01 * i) * f)
+                        r[f"ours_reuse_pdl_{m}"] = dict(ms=(0.03 - 0.001 * i) * f)
+                    r.update(pdl_same_selection=True, pdl_same_output=True)
+                    model["pdl"] = {m: dict(ours=dict(ms=(1.2 - 0.1 * i) * f), speedup_vs_fa3=4.4 / (1.2 - 0.1 * i))
+                                    for i, m in enumerate(S.PDL_NAMES)}
                 timings[S.size_key(B, N)] = r
-                models[S.size_key(B, N)] = dict(ours=dict(ms=1.2 * f), fa3=dict(ms=4.4 * f), speedup_vs_fa3=3.67)
+                models[S.size_key(B, N)] = model
         rows.append(S.summary_row(name, hq, hkv, d, layers, S.anchor_layers(layers), timings, models, S.HEADLINE))
     meta = dict(device="Fake GPU", torch="0", triton="0", date="2026-01-01", fa3="fa3_fwd_interface")
     return dict(meta=meta, headline=list(S.HEADLINE), rows=rows)
@@ -57,8 +63,10 @@ def test_summary_row_ratios():
     assert row["anchor_over_fa3"] == pytest.approx(0.09 / 0.14)
     assert row["reuse_over_best_dense"] == pytest.approx(0.03 / 0.13)  # best dense: cuDNN here
     assert row["model_speedup_over_fa3"] == pytest.approx(3.67)
-    assert row["anchor_unfused_over_fa3"] == pytest.approx(0.13 / 0.14)
-    assert row["anchor_fused_over_fa3"] == pytest.approx(0.09 / 0.14)
+    assert row["anchor_pdl_off_over_fa3"] == pytest.approx(0.09 / 0.14)
+    assert row["anchor_pdl_exit_over_fa3"] == pytest.approx(0.07 / 0.14)
+    assert row["reuse_pdl_start_over_best_dense"] == pytest.approx(0.029 / 0.13)
+    assert row["model_pdl_exit_speedup_over_fa3"] == pytest.approx(4.4 / 1.0)
     assert set(row["timings"]) == {"1x32768", "8x32768", "1x131072", "8x131072"}
 
 
@@ -82,11 +90,14 @@ def test_markdown_and_plot(tmp_path):
     text = open(md).read()
     assert text.startswith("# Decode attention per shape, Fake GPU")
     assert "| 32/8/128 | Llama-3.1-8B | 32 | [0, 2, 8, 13, 14] | 140.0 | 130.0 | 90.0 | 0.64x |" in text
-    assert text.count("| 28/4/128 |") == 1 + 4  # the headline line and one per size
+    assert text.count("| 28/4/128 |") == 1 + 4 + 1  # the headline line, one per size, the PDL line
     assert os.path.getsize(png) > 1000
     S.main(["--report", str(path)])  # the --report mode writes both again
-    res2 = fake_results(with_unfused=False)
-    assert "anchor_unfused_over_fa3" not in res2["rows"][0]
+    assert "## Programmatic dependent launch" in text
+    assert "| 32/8/128 | 90.0 | 30.0 | 3.67x | 80.0 | 29.0 | 4.00x | 70.0 | 28.0 | 4.40x | True | True |" in text
+    res2 = fake_results(with_pdl=False)
+    assert "anchor_pdl_off_over_fa3" not in res2["rows"][0]
+    assert "## Programmatic dependent launch" not in S.markdown(res2)
     S.plot(res2, str(tmp_path / "b.png"))
 
 
@@ -128,3 +139,27 @@ def test_gpu_smoke(tmp_path):
     for r in res["rows"]:
         assert r["reuse_over_best_dense"] is not None
         assert all(t.get("paths_select_equal", True) for t in r["timings"].values())
+
+
+def test_decode_benchmark_report_has_both_whole_models(tmp_path):
+    """benchmarks/decode.py's markdown and plot: the 5-anchor and the 10-selecting-layer whole model."""
+    DB = S.DB
+    meta = dict(device="Fake GPU", torch="0", triton="0", date="2026-01-01", config={"pdl": "off"})
+    per = {"1x131072": dict(B=1, N=131072, fa3=dict(ms=0.15, TBps=3.6), sdpa_cudnn=dict(ms=0.138, TBps=3.9),
+                            best_dense="sdpa_cudnn", ours_select=dict(ms=0.115, TBps=2.3),
+                            ours_anchor_sparse=dict(ms=0.13, TBps=2.2), ours_anchor_dense=dict(ms=0.18, TBps=2.9),
+                            ours_reuse=dict(ms=0.029, TBps=1.9))}
+    whole = dict(B=1, N=131072, ours=dict(ms=1.26), fa3=dict(ms=4.39), speedup_vs_fa3=4.39 / 1.26,
+                 speedup_vs_best_dense_x32=3.5, layer0="ours_anchor_dense", distinct_caches=32)
+    w10 = dict(whole, ours=dict(ms=1.76), speedup_vs_fa3=4.39 / 1.76, anchors=list(DB.ANCHORS_10))
+    res = dict(meta=meta, sweep=[], per_layer=per, whole_model={"1x131072": whole}, whole_model_10={"1x131072": w10})
+    md = DB.markdown(meta, res)
+    assert "| 1 | 128K | 1.260 | 4.390 | 3.48x |" in md
+    assert f"## Whole model with 10 selecting layers of 32: anchors {list(DB.ANCHORS_10)}" in md
+    assert "| 1 | 128K | 1.760 | 4.390 | 2.49x |" in md
+    assert "selecting layers" not in DB.markdown(meta, dict(res, whole_model_10={}))
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "decode_fake.json"
+    path.write_text(json.dumps(res))
+    DB.plot(str(path), str(tmp_path / "decode_fake.png"))
+    assert os.path.getsize(tmp_path / "decode_fake.png") > 1000

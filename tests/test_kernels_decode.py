@@ -279,31 +279,35 @@ def test_prefetch_changes_nothing():
     check_prefetch_changes_nothing(q, k, v, [0, 2100], 0.1, 16)
 
 
-def check_fused_changes_nothing(q, k, v, kv_start, rho, k_min, kv_len=None):
-    """The fused anchor path (finish and combine by each row's last program) gives the unfused path's
-    selection and output bit for bit, on the candidate and on the four-level selection."""
+def check_pdl_changes_nothing(q, k, v, kv_start, rho, k_min, kv_len=None, modes=("start", "exit")):
+    """Every programmatic-dependent-launch mode gives the anchor's selection and output, and the reuse
+    layer's output, of launches without it, bit for bit (on the candidate and the four-level selection)."""
+    hm = torch.arange(k.shape[1], device=q.device).flip(0)
     for candidates in (True, False):
         got = {}
-        for fused in (False, True):
-            with kernel_config(anchor_fused=fused, select=dict(candidates=candidates)), poisoned():
-                got[fused] = K.anchor(q, k, v, rho, k_min, 32, kv_start=kv_start, kv_len=kv_len)
-        (out_0, sel_0), (out_1, sel_1) = got[False], got[True]
-        assert torch.equal(sel_0.counts, sel_1.counts)
-        assert torch.equal(sel_0.indices, sel_1.indices)
-        assert torch.equal(out_0, out_1)
-    return sel_1
+        for mode in ("off",) + tuple(modes):
+            with kernel_config(pdl=mode, select=dict(candidates=candidates)), poisoned():
+                out, sel = K.anchor(q, k, v, rho, k_min, 32, kv_start=kv_start, kv_len=kv_len)
+                got[mode] = out, sel, K.sparse_attention(q, k, v, sel, head_map=hm, kv_start=kv_start, kv_len=kv_len)
+        out_0, sel_0, reuse_0 = got["off"]
+        for mode in modes:
+            out_1, sel_1, reuse_1 = got[mode]
+            assert torch.equal(sel_0.counts, sel_1.counts)
+            assert torch.equal(sel_0.indices, sel_1.indices)
+            assert torch.equal(out_0, out_1)
+            assert torch.equal(reuse_0, reuse_1)
+    return sel_0
 
 
-@pytest.mark.parametrize("B,Hkv,G,N,D,dtype,kv_start,kv_len", [
-    (2, 2, 4, 2100, 64, BF16, [0, 700], None),
-    (2, 3, 3, 1500, 64, FP16, [5, 0], [1500, 1203]),  # G = 3 (SmolLM2's group), a static cache's tail
-    (1, 1, 7, 999, 128, BF16, None, None),  # G = 7 (Qwen2.5-7B's group)
-])
-def test_fused_path_changes_nothing(B, Hkv, G, N, D, dtype, kv_start, kv_len):
-    q, k, v = make(B, Hkv, G, N, D, dtype, seed=G)
-    sel = check_fused_changes_nothing(q, k, v, kv_start, 0.1, 16, kv_len)
-    if kv_len is None:
-        check_selection(sel, q, k, 0.1, 16, kv_start)
+def test_pdl_mode_is_checked_and_off_where_unavailable():
+    with kernel_config(pdl="sometimes"):
+        with pytest.raises(ValueError, match=r"CONFIG\['pdl'\].*'exit'.*'sometimes'"):
+            K.pdl_mode(torch.device(DEV))
+    for mode in ("off", "start", "exit"):
+        with kernel_config(pdl=mode):
+            want = K.ts.PDL_MODES[mode] if K.ts.pdl_available(torch.device(DEV)) else 0
+            assert K.pdl_mode(torch.device(DEV)) == want
+    assert K.ts.pdl_available(torch.device("cpu")) is False
 
 
 def large_reuse_setting(on):
@@ -460,25 +464,31 @@ def test_gpu_cuda_graph_capture():
 @gpu
 @pytest.mark.parametrize("B,Hkv,G,N,D", [(1, 8, 4, 131072, 128), (1, 4, 7, 131072, 128), (1, 3, 3, 131072, 64),
                                          (8, 8, 5, 32768, 128), (2, 8, 8, 131072, 128)])
-def test_gpu_fused_path_changes_nothing(B, Hkv, G, N, D):
-    """Every attention shape of benchmarks/decode_shapes.py, and again inside a CUDA graph."""
+def test_gpu_pdl_changes_nothing(B, Hkv, G, N, D):
+    """Every attention shape of benchmarks/decode_shapes.py, eagerly and inside a CUDA graph."""
+    assert K.ts.pdl_available(torch.device(DEV)) == (torch.cuda.get_device_capability()[0] >= 9)
     q, k, v = make(B, Hkv, G, N, D, BF16, seed=G)
     kv_start = torch.tensor([0] + [N // 3] * (B - 1), device=DEV)
-    for _ in range(3):  # the tickets must be zero again on every call
-        sel = check_fused_changes_nothing(q, k, v, kv_start, 0.1, 128)
+    sel = check_pdl_changes_nothing(q, k, v, kv_start, 0.1, 128)
     check_selection(sel, q, k, 0.1, 128, kv_start)
-    with kernel_config(anchor_fused=True):
-        K.anchor(q, k, v, 0.1, 128, 32, kv_start=kv_start)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out_g, sel_g = K.anchor(q, k, v, 0.1, 128, 32, kv_start=kv_start)
-    for seed in (7, 8):
-        q.copy_(torch.randn(q.shape, generator=torch.Generator().manual_seed(seed)).to(q.dtype))
-        graph.replay()
-        with kernel_config(anchor_fused=False):
-            want_out, want_sel = K.anchor(q, k, v, 0.1, 128, 32, kv_start=kv_start)
-        assert torch.equal(sel_g.indices, want_sel.indices)
-        assert torch.equal(out_g, want_out)
+    hm = torch.arange(Hkv, device=DEV).flip(0)
+    for mode in ("start", "exit"):
+        with kernel_config(pdl=mode):
+            out_a, sel_a = K.anchor(q, k, v, 0.1, 128, 32, kv_start=kv_start)
+            K.sparse_attention(q, k, v, sel_a, head_map=hm, kv_start=kv_start)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out_g, sel_g = K.anchor(q, k, v, 0.1, 128, 32, kv_start=kv_start)
+                reuse_g = K.sparse_attention(q, k, v, sel_g, head_map=hm, kv_start=kv_start)
+        for seed in (7, 8):
+            q.copy_(torch.randn(q.shape, generator=torch.Generator().manual_seed(seed)).to(q.dtype))
+            graph.replay()
+            with kernel_config(pdl="off"):
+                want_out, want_sel = K.anchor(q, k, v, 0.1, 128, 32, kv_start=kv_start)
+                want_reuse = K.sparse_attention(q, k, v, want_sel, head_map=hm, kv_start=kv_start)
+            assert torch.equal(sel_g.indices, want_sel.indices)
+            assert torch.equal(out_g, want_out)
+            assert torch.equal(reuse_g, want_reuse)
 
 
 @pytest.mark.gpu

@@ -2,7 +2,7 @@
 
 The kernel's order is fully specified, so the result is compared element for element: "levels" puts
 the keys above the k-th value in ascending position, then ties at the k-th value in ascending position,
-then -1; "candidates" (and "candidates_fused", whose finish runs in the split pass) puts first, in ascending position, the keys whose top 16 bits (bits 30..15)
+then -1; "candidates" puts first, in ascending position, the keys whose top 16 bits (bits 30..15)
 exceed the k-th value's, then the other keys above the k-th value, then the ties.
 CPU: Triton interpreter at small sizes; GPU (-m gpu): decode-sized rows.
 """
@@ -23,7 +23,7 @@ from kascade.kernels.topk_select import topk_select  # noqa: E402
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-METHODS = ["levels", "candidates", "candidates_fused"]
+METHODS = ["levels", "candidates"]
 
 
 def expected(scores, k, start, rows_per_batch, kmax, method="levels"):
@@ -36,7 +36,7 @@ def expected(scores, k, start, rows_per_batch, kmax, method="levels"):
         thr = torch.sort(row, descending=True).values[kk - 1]
         gt = torch.nonzero(row > thr).flatten() + st
         eq = torch.nonzero(row == thr).flatten()[: kk - gt.numel()] + st
-        if method.startswith("candidates"):  # keys above thr's 16-bit prefix first
+        if method == "candidates":  # keys above thr's 16-bit prefix first
             high = (s[r].view(torch.int32) >> 15)[gt]
             p16 = int(thr.view(torch.int32)) >> 15
             gt = torch.cat([gt[high > p16], gt[high == p16]])

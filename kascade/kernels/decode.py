@@ -22,12 +22,9 @@ Anchor layer (select; anchor):
                                 logits of a key are 16 contiguous bytes): only the selected V rows
                                 are read. Then _decode_combine_kernel, one program per (query head,
                                 32 output columns).
-Fused anchor (CONFIG["anchor_fused"], KASCADE_ANCHOR_FUSED=1; off by default): the same kernels and the
-same selection and output bit for bit, in 5 launches instead of 7: the last program of each row of the
-split pass finishes that row's selection, and the last split of each row of step 4 combines that row's
-output (a ticket per row, zeroed by step 1, counts the programs done). On Hopper and newer each kernel
-after the first also starts by programmatic dependent launch (CONFIG["anchor_pdl"]), so its launch
-overlaps the previous kernel's tail.
+Programmatic dependent launch (CONFIG["pdl"], KASCADE_DECODE_PDL=off|start|exit; Hopper and newer, not
+in the interpreter): the kernels of the anchor and reuse layers are launched so that each one's launch
+overlaps the end of the kernel before it (topk_select.pdl_start); same results bit for bit.
 Reuse layer (sparse_attention): _decode_sparse_kernel gathers the K and V rows of the mapped
 anchor head's indices, split over S2 programs per (sequence, KV head), then the combine.
 Dense layer (dense_attention): step 1 with the flash-decoding output only (no logits kept), then the
@@ -80,14 +77,19 @@ CONFIG = {
     "sparse_large_from": 262144,
     "sparse_out": dict(BLOCK_K=64, num_warps=4, num_stages=2, per_sm=2),  # the anchor's output (logits, V rows)
     "combine": dict(DBLK=32, num_warps=4),
-    # anchor (select / sparse output): the radix finish and the output combine done by the last program
-    # of each row of the pass before them (5 launches instead of 7; same selection); off by default until
-    # measured on the GPU (benchmarks/decode_shapes.py times both); KASCADE_ANCHOR_FUSED=1 turns it on
-    "anchor_fused": os.environ.get("KASCADE_ANCHOR_FUSED", "0") == "1",
-    # fused anchor on the candidate path: each kernel after the first starts by programmatic dependent
-    # launch (its launch overlaps the previous kernel's tail; Hopper and newer, not in the interpreter)
-    "anchor_pdl": True,
+    # programmatic dependent launch of the anchor's and reuse layer's kernels: "off", "start" (each
+    # kernel lets the next one launch as it starts) or "exit" (as its programs exit); see pdl_mode()
+    "pdl": os.environ.get("KASCADE_DECODE_PDL", "off"),
 }
+
+
+def pdl_mode(device) -> int:
+    """The kernels' PDL constexpr (topk_select.PDL_MODES) for CONFIG["pdl"] on this device (0 where the
+    device or the Triton has no programmatic dependent launch)."""
+    name = CONFIG["pdl"]
+    if name not in ts.PDL_MODES:
+        raise ValueError(f"CONFIG['pdl'] (KASCADE_DECODE_PDL): expected one of {sorted(ts.PDL_MODES)}, got {name!r}")
+    return ts.PDL_MODES[name] if ts.pdl_available(device) else 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,7 +153,7 @@ def _decode_logits_kernel(Q, K, V, LG, MP, LP, OP, KV_START, KV_LEN, START32, EN
                           DV: tl.constexpr, DVP: tl.constexpr, NSPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
                           HAS_START: tl.constexpr, HAS_LEN: tl.constexpr, DENSE_OUT: tl.constexpr,
                           SELECT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-                          PAGED: tl.constexpr = False, PDL: tl.constexpr = False):
+                          PAGED: tl.constexpr = False, PDL: tl.constexpr = 0):
     tl.static_assert(GPAD >= 16 and GPAD >= G)
     ts.pdl_start(PDL)
     row = tl.program_id(0)  # b * HKV + h
@@ -280,16 +282,13 @@ def _decode_sparse_kernel(Q, K, V, LG, IDX, CNT, HMAP, OP, MP, LP,
                           DV: tl.constexpr, DVP: tl.constexpr, NSPLIT: tl.constexpr, BLOCK_K: tl.constexpr,
                           FROM_LOGITS: tl.constexpr, HAS_MAP: tl.constexpr, DOT_PREC: tl.constexpr,
                           UPCAST: tl.constexpr, PAGED: tl.constexpr = False,
-                          OUT=None, sob=0, soh=0, TICKETS=None, COMBINE: tl.constexpr = False,
-                          DBLK: tl.constexpr = 32, PDL: tl.constexpr = False):
+                          PDL: tl.constexpr = 0):
     """Attention of the G heads of KV head h over the selected keys of anchor head head_map[h].
 
     Split s of S2 takes a contiguous range of the count[b] valid slots. FROM_LOGITS: the scores are
     read from the anchor's stored logits instead of being recomputed from K. The V rows are requested
     first in each block, before the scores are read or computed.
-    COMBINE: the row's last split to finish (a ticket in TICKETS[row * 1024], zero on entry) combines
-    the row's partials into OUT [B, Hq, 1, Dv] (_combine_block), so the combine needs no launch of its own.
-    PDL: started by programmatic dependent launch.
+    PDL: started by programmatic dependent launch (topk_select.pdl_start).
     """
     tl.static_assert(GPAD >= 16 and GPAD >= G)
     ts.pdl_start(PDL)
@@ -344,31 +343,18 @@ def _decode_sparse_kernel(Q, K, V, LG, IDX, CNT, HMAP, OP, MP, LP,
     tl.store(MP + prow, m_i, mask=gm)
     tl.store(LP + prow, l_i, mask=gm)
     tl.store(OP + prow[:, None] * DVP + dv[None, :], acc, mask=gm[:, None])
-    if COMBINE:
-        tl.debug_barrier()  # every thread's partials are written before the ticket releases them
-        ticket = tl.atomic_add(TICKETS + row * 1024, 1, sem="acq_rel")
-        if ticket == NSPLIT - 1:
-            NCB: tl.constexpr = DVP // DBLK
-            for j in range(G * NCB):  # (query head of the group, block of output columns)
-                _combine_block(OP, MP, LP, OUT, row * G + j // NCB, b, h * G + j // NCB, j % NCB, sob, soh,
-                               DV, DVP, NSPLIT, DBLK, True)
 
 
 @triton.jit
 def _combine_block(OP, MP, LP, OUT, i, b, hq, c, sob, soh,
-                   DV: tl.constexpr, DVP: tl.constexpr, NSPLIT: tl.constexpr, DBLK: tl.constexpr, CG: tl.constexpr):
+                   DV: tl.constexpr, DVP: tl.constexpr, NSPLIT: tl.constexpr, DBLK: tl.constexpr):
     """out[b, hq, columns c*DBLK..] = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s (empty splits: m_s = -inf);
-    i = b * Hq + hq indexes the partials. CG: the partials were written in this launch (read past L1)."""
+    i = b * Hq + hq indexes the partials."""
     sp = tl.arange(0, NSPLIT)
     dv = c * DBLK + tl.arange(0, DBLK)
-    if CG:
-        m = tl.load(MP + i * NSPLIT + sp, cache_modifier=".cg")
-        lsum = tl.load(LP + i * NSPLIT + sp, cache_modifier=".cg")
-        o = tl.load(OP + (i * NSPLIT + sp)[:, None] * DVP + dv[None, :], cache_modifier=".cg")
-    else:
-        m = tl.load(MP + i * NSPLIT + sp)
-        lsum = tl.load(LP + i * NSPLIT + sp)
-        o = tl.load(OP + (i * NSPLIT + sp)[:, None] * DVP + dv[None, :])
+    m = tl.load(MP + i * NSPLIT + sp)
+    lsum = tl.load(LP + i * NSPLIT + sp)
+    o = tl.load(OP + (i * NSPLIT + sp)[:, None] * DVP + dv[None, :])
     w = tl.exp2(m - tl.max(m, 0))
     den = tl.sum(lsum * w, 0)
     res = tl.sum(o * w[:, None], 0) / den
@@ -378,12 +364,12 @@ def _combine_block(OP, MP, LP, OUT, i, b, hq, c, sob, soh,
 @triton.jit
 def _decode_combine_kernel(OP, MP, LP, OUT, sob, soh, HQ,
                            DV: tl.constexpr, DVP: tl.constexpr, NSPLIT: tl.constexpr, DBLK: tl.constexpr,
-                           PDL: tl.constexpr = False):
+                           PDL: tl.constexpr = 0):
     """The split partials combined (_combine_block): one program per (query head, block of DBLK output
     columns), so the partials of a step are read by many SMs at once. PDL: programmatic dependent launch."""
     ts.pdl_start(PDL)
     i = tl.program_id(0)
-    _combine_block(OP, MP, LP, OUT, i, i // HQ, i % HQ, tl.program_id(1), sob, soh, DV, DVP, NSPLIT, DBLK, False)
+    _combine_block(OP, MP, LP, OUT, i, i // HQ, i % HQ, tl.program_id(1), sob, soh, DV, DVP, NSPLIT, DBLK)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -438,7 +424,7 @@ def _kv_len(kv_len, q, k, kv_start):
     return resolve_kv_len(kv_len, q, k, kv_start)
 
 
-def _combine(op, mp, lp, out, dims, nsplit, pdl=False):
+def _combine(op, mp, lp, out, dims, nsplit, pdl=0):
     dblk = min(dims["DVP"], CONFIG["combine"]["DBLK"])
     _decode_combine_kernel[(dims["B"] * dims["HQ"], dims["DVP"] // dblk)](
         op, mp, lp, out, out.stride(0), out.stride(1), dims["HQ"],
@@ -490,8 +476,7 @@ def _anchor_core(q, krows: KVRows, vrows: KVRows, dm, start, end, rho, k_min, ti
     counts = torch.empty(B, 1, dtype=torch.int32, device=dev)
     first_tile = torch.empty(B, dtype=torch.int64, device=dev)
     ws = ts.RadixWorkspace(R, nchunk, dev)
-    fused = bool(CONFIG["anchor_fused"])
-    pdl = fused and CONFIG["anchor_pdl"] and CONFIG["select"]["candidates"] and ts.pdl_available(dev)
+    pdl = pdl_mode(dev)
     ra, rb, rc = _f32_parts(float(rho))
     ga, gb, gc = _f32_parts(_GUARD)
     stages = cl["num_stages"]
@@ -515,7 +500,7 @@ def _anchor_core(q, krows: KVRows, vrows: KVRows, dm, start, end, rho, k_min, ti
     idx = torch.empty(R, kmax, dtype=torch.int32, device=dev)
     if CONFIG["select"]["candidates"]:
         ts.radix_candidates(scores, N, ws, counts, start32, HKV, nchunk, chunk, idx, end_b=end32,
-                            prefetch=CONFIG["select"]["prefetch"], fused=fused, pdl=pdl)
+                            prefetch=CONFIG["select"]["prefetch"], pdl=pdl)
     else:
         ts.radix_levels(scores, N, ws, counts, start32, HKV, nchunk, chunk, idx, first_level=2, end_b=end32)
     sel = Selection(idx.view(B, HKV, 1, kmax), counts, first_tile, tile, True)
@@ -524,15 +509,13 @@ def _anchor_core(q, krows: KVRows, vrows: KVRows, dm, start, end, rho, k_min, ti
     out = torch.empty(B, HQ, 1, dm["DV"], dtype=q.dtype, device=dev)
     if dense:
         return _combine(op, mp, lp, out, dm, s1, pdl), sel
-    tickets = ws.hist.view(-1)[ts.TICKET_OUT.value:] if fused else None  # zeroed by the logits pass
     return _sparse(q, krows, vrows, idx, (kmax * HKV, kmax, 1), counts, None, scale, out, dm, logits=lg,
-                   tickets=tickets, pdl=pdl), sel
+                   pdl=pdl), sel
 
 
 def _sparse(q, krows: KVRows, vrows: KVRows, idx, idx_strides, counts, head_map, scale, out, dm, logits=None,
-            tickets=None, pdl=False):
-    """Sparse attention over idx, then the combine; tickets (int32, word r * 1024 zero for every row r):
-    the combine is done by each row's last split instead of a launch of its own."""
+            pdl=0):
+    """Sparse attention over idx, then the combine (pdl: topk_select.PDL_MODES value of both launches)."""
     B, HQ, HKV = dm["B"], dm["HQ"], dm["HKV"]
     R = B * HKV
     dev = q.device
@@ -551,12 +534,8 @@ def _sparse(q, krows: KVRows, vrows: KVRows, idx, idx_strides, counts, head_map,
         idx_strides[0], idx_strides[1], idx_strides[2], counts.stride(0), _scale_log2(q, scale), HKV,
         G=dm["G"], GPAD=dm["GPAD"], D=dm["D"], DP=dm["DP"], DV=dm["DV"], DVP=dm["DVP"], NSPLIT=s2,
         BLOCK_K=cs["BLOCK_K"], FROM_LOGITS=logits is not None, HAS_MAP=head_map is not None,
-        DOT_PREC=_dot_prec(q), UPCAST=_upcast(q), PAGED=krows.paged, OUT=out, sob=out.stride(0), soh=out.stride(1),
-        TICKETS=tickets if tickets is not None else counts, COMBINE=tickets is not None,
-        DBLK=min(dm["DVP"], CONFIG["combine"]["DBLK"]), PDL=pdl, num_warps=cs["num_warps"],
+        DOT_PREC=_dot_prec(q), UPCAST=_upcast(q), PAGED=krows.paged, PDL=pdl, num_warps=cs["num_warps"],
         num_stages=cs["num_stages"], **ts.pdl_kwargs(pdl))
-    if tickets is not None:
-        return out
     return _combine(op, mp, lp, out, dm, s2, pdl)
 
 
@@ -653,7 +632,7 @@ def sparse_attention(q, k, v, selection: Selection, head_map=None, kv_start=None
     idx = selection.indices
     out = torch.empty(dm["B"], dm["HQ"], 1, dm["DV"], dtype=q.dtype, device=q.device)
     return _sparse(q, contiguous_rows(k), contiguous_rows(v), idx, (idx.stride(0), idx.stride(1), idx.stride(3)),
-                   selection.counts, hm, scale, out, dm)
+                   selection.counts, hm, scale, out, dm, pdl=pdl_mode(q.device))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -742,4 +721,5 @@ def sparse_attention_paged(q, cache: PagedKV, selection: Selection, head_map=Non
     else:
         idx = selection.indices
     out = torch.empty(dm["B"], dm["HQ"], 1, dm["DV"], dtype=q.dtype, device=q.device)
-    return _sparse(q, kr, vr, idx, (idx.stride(0), idx.stride(1), idx.stride(3)), selection.counts, hm, scale, out, dm)
+    return _sparse(q, kr, vr, idx, (idx.stride(0), idx.stride(1), idx.stride(3)), selection.counts, hm, scale, out, dm,
+                   pdl=pdl_mode(q.device))

@@ -63,10 +63,6 @@ except ImportError:  # a Triton without it: the stubs are never traced (PDL is t
 HIST_BINS = 256
 LAST_BINS = 128
 BLOCK_SEL = 1024  # keys per step of the select kernels; chunks are multiples of it
-# Free words of each row's histograms (level 4 uses bins 768..895): tickets of the row's last program
-# (tl.constexpr so that kernels can name them)
-TICKET = tl.constexpr(1023)  # radix split + finish (radix_candidates(fused=True))
-TICKET_OUT = tl.constexpr(1022)  # the decode anchor's sparse output + combine
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,18 +77,26 @@ def pdl_available(device) -> bool:
             and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
-def pdl_kwargs(pdl: bool) -> dict:
+def pdl_kwargs(pdl: int) -> dict:
     """Launch options of a kernel started by programmatic dependent launch (none without it)."""
     return {"launch_pdl": True} if pdl else {}
 
 
+PDL_MODES = {"off": 0, "start": 1, "exit": 2}  # the PDL constexpr of the kernels, by name
+
+
 @triton.jit
 def pdl_start(PDL: tl.constexpr):
-    """A kernel launched with PDL: let the next kernel's programs start, then wait until the previous
-    kernel has finished and its writes are visible. Every program calls it first, so each kernel still
-    ends after the one before it (reads of any earlier kernel's output stay safe)."""
-    if PDL:
+    """First statement of a kernel launched with programmatic dependent launch (PDL 1 or 2, PDL_MODES).
+
+    PDL 1 ("start"): let the next kernel's programs launch at once, then wait; PDL 2 ("exit"): only
+    wait, so the next kernel launches as this one's programs exit (its launch overlaps the last
+    programs and the memory flush). Either way every program waits until the previous kernel has
+    finished and its writes are visible, so each kernel still ends after the one before it (reads of
+    any earlier kernel's output stay safe). PDL 0: nothing."""
+    if PDL == 1:
         _gdc_launch()
+    if PDL != 0:
         _gdc_wait()
 
 
@@ -132,16 +136,11 @@ def _keys(s_row, n0, hi, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _candidates(c_row, s_row, j0, m, BLOCK: tl.constexpr, CG: tl.constexpr = False):
-    """Candidates [j0, j0 + BLOCK) of a row's m: (positions, int32 keys, valid mask).
-
-    CG: the positions are read past L1 (other programs of the same launch wrote them)."""
+def _candidates(c_row, s_row, j0, m, BLOCK: tl.constexpr):
+    """Candidates [j0, j0 + BLOCK) of a row's m: (positions, int32 keys, valid mask)."""
     offs = j0 + tl.arange(0, BLOCK)
     valid = offs < m
-    if CG:
-        pos = tl.load(c_row + offs, mask=valid, other=0, cache_modifier=".cg")
-    else:
-        pos = tl.load(c_row + offs, mask=valid, other=0)
+    pos = tl.load(c_row + offs, mask=valid, other=0)
     key = tl.load(s_row + pos, mask=valid, other=0.0).to(tl.int32, bitcast=True)
     return pos, key, valid
 
@@ -196,7 +195,7 @@ def _radix_hist_kernel(S, H, KB, START, END, N, stride_s, CHUNK, ROWS_PER_B,
 @triton.jit(do_not_specialize=["N", "CHUNK"])
 def _radix_last_kernel(S, H, H4S, GT, KB, START, END, N, stride_s, CHUNK, ROWS_PER_B,
                        NCHUNK: tl.constexpr, BLOCK: tl.constexpr, HAS_END: tl.constexpr, LEVEL: tl.constexpr = 4,
-                       PREFETCH: tl.constexpr = False, PDL: tl.constexpr = False):
+                       PREFETCH: tl.constexpr = False, PDL: tl.constexpr = 0):
     """A level whose chunk counts are kept: LEVEL 4 (bits 6..0, 128 bins, prefix of levels 1-3) or
     LEVEL 2 (bits 22..15, 256 bins, prefix of level 1; the candidate path).
 
@@ -304,13 +303,10 @@ def _radix_compact_kernel(S, H, H4S, GT, KB, START, END, IDX, N, stride_s, strid
 @triton.jit(do_not_specialize=["N", "CHUNK", "KMAX"])
 def _radix_split_kernel(S, H, H2S, GT, KB, START, END, IDX, CAND, N, stride_s, stride_i, stride_c, CHUNK, ROWS_PER_B,
                         KMAX, NCHUNK: tl.constexpr, BLOCK: tl.constexpr, HAS_END: tl.constexpr,
-                        PREFETCH: tl.constexpr = False, FINISH: tl.constexpr = False, PDL: tl.constexpr = False):
+                        PREFETCH: tl.constexpr = False, PDL: tl.constexpr = 0):
     """Candidate path: keys above the threshold's 16-bit prefix go to IDX slots [0, k - w) in ascending
     position (w: keys still wanted among the candidates); keys with that prefix (the candidates) go to
     CAND[row, :count] in ascending position. PREFETCH as in _radix_last_kernel.
-
-    FINISH: the row's last program to get past its pass (a ticket in H[row, TICKET], zero on entry) then
-    finishes the row as _radix_finish_kernel does, so the finish needs no launch of its own.
     PDL: launched by programmatic dependent launch (pdl_start)."""
     pdl_start(PDL)
     row = tl.program_id(0)
@@ -340,18 +336,11 @@ def _radix_split_kernel(S, H, H2S, GT, KB, START, END, IDX, CAND, N, stride_s, s
         tl.store(c_row + eq_base + tl.cumsum(eq, 0) - eq, offs, mask=eq != 0)
         gt_base += tl.sum(gt, 0)
         eq_base += tl.sum(eq, 0)
-    if FINISH:
-        tl.debug_barrier()  # every thread's candidates are written before the ticket releases them
-        ticket = tl.atomic_add(H + row * 1024 + TICKET, 1, sem="acq_rel")
-        if ticket == NCHUNK - 1:
-            _finish_row(H + row * 1024, kk, s_row, c_row, i_row, KMAX, BLOCK, True)
 
 
 @triton.jit
-def _finish_row(H_row, kk, s_row, c_row, i_row, KMAX, BLOCK: tl.constexpr, CG: tl.constexpr):
-    """Levels 3-4 over a row's candidates, then their slots [k - w, k), and -1 in [k, KMAX).
-
-    CG: the candidates were written by other programs of this launch (read past L1)."""
+def _finish_row(H_row, kk, s_row, c_row, i_row, KMAX, BLOCK: tl.constexpr):
+    """Levels 3-4 over a row's candidates, then their slots [k - w, k), and -1 in [k, KMAX)."""
     prefix1, want = _prefix(H_row, kk, 1)
     bins = tl.arange(0, 256)
     h2 = tl.load(H_row + 256 + bins)
@@ -360,15 +349,15 @@ def _finish_row(H_row, kk, s_row, c_row, i_row, KMAX, BLOCK: tl.constexpr, CG: t
     above16 = kk - want  # keys above the 16-bit prefix: slots [0, above16) are written
     # The first BLOCK candidates (usually all of them) are read once and kept in registers for the
     # three walks; further blocks are read again by each walk.
-    pos0, key0, valid0 = _candidates(c_row, s_row, 0, m, BLOCK, CG)
+    pos0, key0, valid0 = _candidates(c_row, s_row, 0, m, BLOCK)
     h3 = tl.histogram((key0 >> 7) & 255, 256, mask=valid0)
     for j0 in range(BLOCK, m, BLOCK):
-        pos, key, valid = _candidates(c_row, s_row, j0, m, BLOCK, CG)
+        pos, key, valid = _candidates(c_row, s_row, j0, m, BLOCK)
         h3 += tl.histogram((key >> 7) & 255, 256, mask=valid)
     d3, want = _descend(h3, want, 256)
     h4 = tl.histogram(key0 & 127, 128, mask=valid0 & (((key0 >> 7) & 255) == d3))
     for j0 in range(BLOCK, m, BLOCK):
-        pos, key, valid = _candidates(c_row, s_row, j0, m, BLOCK, CG)
+        pos, key, valid = _candidates(c_row, s_row, j0, m, BLOCK)
         h4 += tl.histogram(key & 127, 128, mask=valid & (((key >> 7) & 255) == d3))
     d4, r = _descend(h4, want, 128)
     thr = ((prefix1 * 256 + d2) * 256 + d3) * 128 + d4
@@ -377,7 +366,7 @@ def _finish_row(H_row, kk, s_row, c_row, i_row, KMAX, BLOCK: tl.constexpr, CG: t
     gt_base = above16 + n_gt
     eq_base = n_eq
     for j0 in range(BLOCK, m, BLOCK):
-        pos, key, valid = _candidates(c_row, s_row, j0, m, BLOCK, CG)
+        pos, key, valid = _candidates(c_row, s_row, j0, m, BLOCK)
         take, slot, n_gt, n_eq = _compact_block(key, pos, valid, thr, r, gt_base, eq_base, kk - r)
         tl.store(i_row + slot, pos, mask=take)
         gt_base += n_gt
@@ -388,12 +377,14 @@ def _finish_row(H_row, kk, s_row, c_row, i_row, KMAX, BLOCK: tl.constexpr, CG: t
 
 
 @triton.jit(do_not_specialize=["KMAX"])
-def _radix_finish_kernel(S, H, KB, IDX, CAND, stride_s, stride_i, stride_c, ROWS_PER_B, KMAX, BLOCK: tl.constexpr):
+def _radix_finish_kernel(S, H, KB, IDX, CAND, stride_s, stride_i, stride_c, ROWS_PER_B, KMAX, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr = 0):
     """Candidate path, one program per row: levels 3-4 over the candidates, then their slots [k - w, k)."""
+    pdl_start(PDL)
     row = tl.program_id(0)
     b = row // ROWS_PER_B
     _finish_row(H + row * 1024, tl.load(KB + b), S + row.to(tl.int64) * stride_s, CAND + row.to(tl.int64) * stride_c,
-                IDX + row.to(tl.int64) * stride_i, KMAX, BLOCK, False)
+                IDX + row.to(tl.int64) * stride_i, KMAX, BLOCK)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -454,15 +445,13 @@ def radix_levels(scores, n_keys, ws, k_b, start_b, rows_per_b, nchunk, chunk, ou
 
 
 def radix_candidates(scores, n_keys, ws, k_b, start_b, rows_per_b, nchunk, chunk, out, end_b=None,
-                     prefetch: bool = True, fused: bool = False, pdl: bool = False):
+                     prefetch: bool = True, pdl: int = 0):
     """Levels 2-4 and the compaction by the candidate path (module docstring), level 1 already in ws.hist.
 
     Same arguments and the same selected set as radix_levels(first_level=2); slot order as the module
     docstring says. Scratch: the candidate positions, [R, n_keys] int32. prefetch: the level-2 and
-    split passes request each block of scores one block ahead (same result). fused: the split pass's
-    last program per row finishes the row (two launches instead of three, same result); ws.hist must
-    then hold zeros at word TICKET of each row. pdl: the kernels start by programmatic dependent launch
-    (pdl_start; only where pdl_available).
+    split passes request each block of scores one block ahead (same result). pdl: PDL_MODES value of
+    the launches (pdl_start; only where pdl_available).
     """
     rows = scores.shape[0]
     grid = (rows, nchunk)
@@ -475,11 +464,11 @@ def radix_candidates(scores, n_keys, ws, k_b, start_b, rows_per_b, nchunk, chunk
                              PREFETCH=prefetch, PDL=pdl, num_warps=4, **pdl_kwargs(pdl))
     _radix_split_kernel[grid](scores, ws.hist, h2, ws.gt, k_b, start_b, end, out, cand, n_keys, scores.stride(0),
                               out.stride(0), cand.stride(0), chunk, rows_per_b, out.shape[1], NCHUNK=nchunk,
-                              BLOCK=BLOCK_SEL, HAS_END=has_end, PREFETCH=prefetch, FINISH=fused, PDL=pdl,
+                              BLOCK=BLOCK_SEL, HAS_END=has_end, PREFETCH=prefetch, PDL=pdl,
                               num_warps=4, **pdl_kwargs(pdl))
-    if not fused:
-        _radix_finish_kernel[(rows,)](scores, ws.hist, k_b, out, cand, scores.stride(0), out.stride(0),
-                                      cand.stride(0), rows_per_b, out.shape[1], BLOCK=BLOCK_SEL, num_warps=8)
+    _radix_finish_kernel[(rows,)](scores, ws.hist, k_b, out, cand, scores.stride(0), out.stride(0),
+                                  cand.stride(0), rows_per_b, out.shape[1], BLOCK=BLOCK_SEL, PDL=pdl, num_warps=8,
+                                  **pdl_kwargs(pdl))
     return out
 
 
@@ -492,17 +481,16 @@ def topk_select(scores: torch.Tensor, k: torch.Tensor, start: torch.Tensor | Non
     k, start, end [R // rows_per_batch] integer tensors on the scores' device (start default 0, end
     default N), 1 <= k[b] <= end[b] - start[b].
     kmax: width of the result (default N); must be >= every k[b].
-    method: "levels" (four histogram passes, then the compaction), "candidates" (see the module
-    docstring) or "candidates_fused" (the same, its finish done by the split pass's last program per
-    row); all select the same set, the two candidate methods in the same order.
+    method: "levels" (four histogram passes, then the compaction) or "candidates" (see the module
+    docstring); both select the same set.
     Returns [R, kmax] int32: per row the k[b] positions (absolute columns) of the largest scores;
     "levels": those strictly above the k-th value first in ascending position, then ties at the k-th
-    value in ascending position; "candidates" (and "candidates_fused"): those above the k-th value's 16-bit prefix, then the
+    value in ascending position; "candidates": those above the k-th value's 16-bit prefix, then the
     rest of those above the k-th value, then the ties, each group in ascending position. Slots from
     k[b] on hold -1. No host synchronisation.
     """
-    if method not in ("levels", "candidates", "candidates_fused"):
-        raise ValueError(f"method: expected 'levels', 'candidates' or 'candidates_fused', got {method!r}")
+    if method not in ("levels", "candidates"):
+        raise ValueError(f"method: expected 'levels' or 'candidates', got {method!r}")
     if scores.dim() != 2 or scores.dtype != torch.float32 or scores.stride(1) != 1:
         raise ValueError(f"scores: expected a float32 [rows, N] tensor with a contiguous last dim, got "
                          f"shape {tuple(scores.shape)} dtype {scores.dtype} strides {scores.stride()}")
@@ -520,11 +508,10 @@ def topk_select(scores: torch.Tensor, k: torch.Tensor, start: torch.Tensor | Non
     ws = RadixWorkspace(rows, nchunk, dev)
     ws.hist.zero_()
     out = torch.empty(rows, kmax, dtype=torch.int32, device=dev)
-    if method.startswith("candidates"):
+    if method == "candidates":
         has_end = end_b is not None
         _radix_hist_kernel[(rows, nchunk)](scores, ws.hist, k_b, start_b, end_b if has_end else start_b, n,
                                            scores.stride(0), chunk, rows_per_batch, LEVEL=1, BLOCK=BLOCK_SEL,
                                            HAS_END=has_end, num_warps=4)
-        return radix_candidates(scores, n, ws, k_b, start_b, rows_per_batch, nchunk, chunk, out, end_b=end_b,
-                                fused=method == "candidates_fused")
+        return radix_candidates(scores, n, ws, k_b, start_b, rows_per_batch, nchunk, chunk, out, end_b=end_b)
     return radix_levels(scores, n, ws, k_b, start_b, rows_per_batch, nchunk, chunk, out, 1, end_b=end_b)
