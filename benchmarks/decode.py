@@ -14,7 +14,7 @@ Whole model: 32 layers, anchors [0, 2, 8, 13, 14] (layer 0 dense + select, other
 ONE CUDA graph, against 32 x FA3 captured likewise, on distinct per-layer KV caches (cycled
 when they do not all fit in memory; each cache is far larger than L2). Beside it the same graph with
 10 selecting layers of 32 (anchors ANCHORS_10, what an accurate plan may need), against the same FA3
-graph. The kernels' programmatic-dependent-launch mode is KASCADE_DECODE_PDL (default off).
+graph. The kernels' programmatic-dependent-launch mode is KASCADE_DECODE_PDL (default exit).
 
     python benchmarks/decode.py                 # tests nothing; sweeps configs, then measures:
                                                 # writes results/decode_<gpu>.json and .md (e.g. decode_h200)

@@ -8,7 +8,7 @@ lengths 32K and 128K, batch 1 and 8, bf16, rho 0.1, k_min 128, random data:
     (sparse attention over a selection with a random head map); at the headline size also the anchor,
     the reuse layer and the whole model in every programmatic-dependent-launch mode (CONFIG["pdl"]:
     off, start, exit), with a check that each mode selects the same indices and gives the same outputs
-    bit for bit. The other columns use the configured mode (KASCADE_DECODE_PDL, default off).
+    bit for bit. The other columns use the configured mode (KASCADE_DECODE_PDL, default exit).
 Each provider is captured in a CUDA graph and timed by triton.testing.do_bench on its replays (median,
 p20, p80), with the timing helpers of benchmarks/decode.py.
 Whole model: the shape's real layer count, anchors = 1/6 of the layers spread like the Llama-3.1-8B

@@ -4,7 +4,7 @@
 #       test_kernels_paged.py, test_decode_shapes.py), log in $OUT/gpu_tests.txt;
 #   (b) benchmarks/decode_shapes.py --out $OUT (every shape at 32K / 128K, B = 1 / 8, whole models),
 #       log in $OUT/decode_shapes_log.txt; then its headline table and the programmatic-dependent-launch table.
-#       The main columns use KASCADE_DECODE_PDL (default off); every PDL mode is timed beside them at the
+#       The main columns use KASCADE_DECODE_PDL (default exit); every PDL mode is timed beside them at the
 #       headline size, with a check that each selects the same indices and gives the same outputs.
 # FlashAttention-3: carry .whl/ (made by the shared fa3-wheel tool: fa3_fwd-0.0.3-*.whl); it is installed
 # into /tmp/site here. Without it FA3 is skipped and the results say so.
@@ -28,7 +28,7 @@ echo "tests: exit $? in $(( $(date +%s) - start )) s: $(tail -n 1 "$OUT/gpu_test
 
 start=$(date +%s)
 # shellcheck disable=SC2086
-KASCADE_DECODE_PDL=${KASCADE_DECODE_PDL:-off} timeout "${BENCH_SECONDS:-330}" \
+KASCADE_DECODE_PDL=${KASCADE_DECODE_PDL:-exit} timeout "${BENCH_SECONDS:-330}" \
   python3 benchmarks/decode_shapes.py --out "$OUT" --budget-s "${BUDGET_S:-270}" ${BENCH_ARGS:-} \
   > "$OUT/decode_shapes_log.txt" 2>&1
 rc=$?

@@ -24,7 +24,8 @@ Anchor layer (select; anchor):
                                 32 output columns).
 Programmatic dependent launch (CONFIG["pdl"], KASCADE_DECODE_PDL=off|start|exit; Hopper and newer, not
 in the interpreter): the kernels of the anchor and reuse layers are launched so that each one's launch
-overlaps the end of the kernel before it (topk_select.pdl_start); same results bit for bit.
+overlaps the end of the kernel before it (topk_select.pdl_start); same results bit for bit. Default "exit"
+(measured fastest, benchmarks/results/decode_shapes_h200.md).
 Reuse layer (sparse_attention): _decode_sparse_kernel gathers the K and V rows of the mapped
 anchor head's indices, split over S2 programs per (sequence, KV head), then the combine.
 Dense layer (dense_attention): step 1 with the flash-decoding output only (no logits kept), then the
@@ -78,8 +79,10 @@ CONFIG = {
     "sparse_out": dict(BLOCK_K=64, num_warps=4, num_stages=2, per_sm=2),  # the anchor's output (logits, V rows)
     "combine": dict(DBLK=32, num_warps=4),
     # programmatic dependent launch of the anchor's and reuse layer's kernels: "off", "start" (each
-    # kernel lets the next one launch as it starts) or "exit" (as its programs exit); see pdl_mode()
-    "pdl": os.environ.get("KASCADE_DECODE_PDL", "off"),
+    # kernel lets the next one launch as it starts) or "exit" (as its programs exit); see pdl_mode().
+    # "exit" measured fastest on every shape of benchmarks/decode_shapes.py (H200: anchor -1 to -2 us,
+    # whole model +1-2%; "start" slows the anchor by up to 4 us)
+    "pdl": os.environ.get("KASCADE_DECODE_PDL", "exit"),
 }
 
 
