@@ -4,12 +4,15 @@ Llama-3.1-8B attention (32 query / 8 KV heads, head dim 128), bf16, rho 0.1, k_m
 data; every number a CUDA-graph replay median (triton.testing.do_bench via benchmarks/decode.py).
 
 1. One part-selecting layer through `KascadeStrategy` (S of 8 KV heads select over the layer's cache,
-   the others reuse an anchor's sets): the selecting heads read in place (strided views of the cache,
-   `kascade.strategy.head_slices`) against gathered into a copy first (`IN_PLACE_HEADS = False`, the
-   earlier path). S = 3 (heads 0, 1, 3) is not evenly spaced: two views, [0, 1] and [3].
+   the others reuse an anchor's sets), three ways: in one pass (the default where the selecting heads
+   form one strided view: `ops.part_anchor`, one sparse launch for every head, the own heads from their
+   logits), assembled (the selecting heads read in place through strided views,
+   `kascade.strategy.head_slices`, their selection stacked with the anchor's, then a reuse pass), and
+   copied (the selecting heads gathered into a copy first, `IN_PLACE_HEADS = False`). S = 3 (heads 0,
+   1, 3) is not evenly spaced: two views, [0, 1] and [3], so it is always assembled.
 2. The whole model's attention (32 layers, one graph, distinct caches) for three plans against 32 x FA3:
    5 anchors [0, 2, 8, 13, 14] (the paper's cost), 10 anchors, and a head-granular plan of 10
-   selecting-layer equivalents (the 5 anchors plus half the heads of 10 more layers), in place and copied.
+   selecting-layer equivalents (the 5 anchors plus half the heads of 10 more layers), the three ways.
 
     python benchmarks/head_granular_decode.py --out DIR    # DIR/head_granular_decode.json, .md and .png
     python benchmarks/head_granular_decode.py --report IN.json OUT_STEM   # .md and .png again
@@ -57,13 +60,20 @@ def _plan(anchors, part=None, heads=(0, 2, 4, 6)):
                 recipe="output-aware")
 
 
-def _copied():
-    """Context: part-selecting heads gathered into a copy (no view)."""
-    return mock.patch("kascade.strategy.IN_PLACE_HEADS", False)
+WAYS = ("one_pass", "in_place", "copied")  # of a part-selecting layer (module docstring)
+
+
+def _way(name):
+    """Context of one way to run part-selecting layers: the default one pass, assembled, or copied."""
+    if name == "copied":
+        return mock.patch("kascade.strategy.IN_PLACE_HEADS", False)
+    if name == "in_place":
+        return mock.patch("kascade.strategy.KascadeStrategy._part_route", lambda self, *a: None)
+    return contextlib.nullcontext()
 
 
 def one_layer(N, S):
-    """(in place ms, copied ms): layer 1 with S evenly spaced selecting heads, anchor 0 before it."""
+    """{way: ms} (WAYS): layer 1 with S selecting heads (PART_HEADS), anchor 0 before it."""
     from kascade.strategy import KascadeStrategy
 
     heads = PART_HEADS[S]
@@ -72,9 +82,8 @@ def one_layer(N, S):
           for _ in range(2)]
     qs = [torch.randn(1, HQ, 1, D, device="cuda", dtype=DB.DT) for _ in range(2)]
     out = {}
-    for name in ("in_place", "copied"):
-        ctx = _copied() if name == "copied" else contextlib.nullcontext()
-        with ctx:
+    for name in WAYS:
+        with _way(name):
             st = KascadeStrategy(plan, backend="auto")
             st.begin_forward()
             st.attend(0, qs[0], *kv[0], None, None)  # layer 0's selection, outside the timed graph
@@ -92,12 +101,13 @@ def whole_model(N, fa3):
     caches = [(torch.randn(1, HKV, N, D, device="cuda", dtype=DB.DT), torch.randn(1, HKV, N, D, device="cuda", dtype=DB.DT))
               for _ in range(LAYERS)]
     qs = [torch.randn(1, HQ, 1, D, device="cuda", dtype=DB.DT) for _ in range(LAYERS)]
-    plans = {"5 anchors": (_plan(ANCHORS5), False), "10 anchors": (_plan(ANCHORS10), False),
-             "head-granular 10, in place": (_plan(ANCHORS5, HALF_LAYERS), False),
-             "head-granular 10, copied": (_plan(ANCHORS5, HALF_LAYERS), True)}
+    plans = {"5 anchors": (_plan(ANCHORS5), "one_pass"), "10 anchors": (_plan(ANCHORS10), "one_pass"),
+             "head-granular 10, one pass": (_plan(ANCHORS5, HALF_LAYERS), "one_pass"),
+             "head-granular 10, in place": (_plan(ANCHORS5, HALF_LAYERS), "in_place"),
+             "head-granular 10, copied": (_plan(ANCHORS5, HALF_LAYERS), "copied")}
     res = {}
-    for name, (plan, copied) in plans.items():
-        with _copied() if copied else contextlib.nullcontext():
+    for name, (plan, way) in plans.items():
+        with _way(way):
             st = KascadeStrategy(plan, backend="auto")
 
             def step():
@@ -135,13 +145,15 @@ def write_report(data: dict, stem: Path) -> None:
     lines = [f"# Head-granular plans in decode, {meta['device']}, {meta['date']}", "",
              f"torch {meta['torch']}, triton {meta['triton']}; 32/8/128 (Llama-3.1-8B attention), B = 1, bf16, rho 0.1, "
              "k_min 128; CUDA-graph replay medians.", "",
-             "## One part-selecting layer (us): S of 8 KV heads select, in place (strided views) or copied first", "",
-             "| N | S | heads | in place | copied | saved |", "|---|---|---|---|---|---|"]
+             "## One part-selecting layer (us): S of 8 KV heads select; in one pass, assembled from strided views, "
+             "or copied first", "",
+             "| N | S | heads | one pass | assembled (in place) | copied |", "|---|---|---|---|---|---|"]
+    us = lambda t, way: f"{1e3 * t[way]:.1f}" if way in t else "—"  # noqa: E731 (older files: no one pass)
     for N, r in rows.items():
         for S, t in r["part_selecting_layer_ms"].items():
             heads = ", ".join(map(str, PART_HEADS.get(int(S), ())))
-            lines.append(f"| {N // 1024}K | {S} | {heads} | {1e3 * t['in_place']:.1f} | {1e3 * t['copied']:.1f} | "
-                         f"{1e3 * (t['copied'] - t['in_place']):.1f} |")
+            lines.append(f"| {N // 1024}K | {S} | {heads} | {us(t, 'one_pass')} | {us(t, 'in_place')} | "
+                         f"{us(t, 'copied')} |")
     lines += ["", "## Whole model, 32 layers, one graph (ms)", "",
               "| N | plan | selecting-layer equivalents | ms | vs 32 x FA3 |", "|---|---|---|---|---|"]
     for N, r in rows.items():
@@ -189,7 +201,7 @@ def main(argv=None) -> int:
     for N in [int(x) for x in args.lengths.split(",")]:
         layer = {S: one_layer(N, S) for S in PART_HEADS}
         for S, r in layer.items():
-            DB.log(f"N={N} S={S}: in place {1e3 * r['in_place']:.1f} us, copied {1e3 * r['copied']:.1f} us")
+            DB.log(f"N={N} S={S}: " + ", ".join(f"{w} {1e3 * r[w]:.1f} us" for w in WAYS))
         rows[N] = {"part_selecting_layer_ms": layer, "whole_model": whole_model(N, fa3)}
     write_report({"meta": meta, "rows": rows}, args.out / "head_granular_decode")
     return 0

@@ -12,6 +12,7 @@ kv_start [B] (left padding) and kv_len [B] (valid keys of a preallocated cache),
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 
@@ -123,6 +124,32 @@ def reuse(q, k, v, selection, head_map=None, kv_start=None, scale=None, backend:
                                     **_len_kw(kv_len))
     return reference.sparse_attention(q, k, v, selection, head_map=head_map, kv_start=kv_start, scale=scale,
                                       kv_len=kv_len)
+
+
+def part_anchor(q, k, v, heads: slice, sources, route, rho, k_min, tile, kv_start=None, scale=None,
+                backend: str = "auto", kv_len=None):
+    """A part-selecting layer: the KV heads `heads` (a slice) select, the others reuse rows of an earlier
+    layer's Selection `sources` (route [Hkv]: the source row of head h, or -1 - j for own head j).
+    Returns (out, Selection of the own heads [B, S, U, Kmax]).
+
+    A decode step on the kernels takes one sparse pass (kascade.kernels.decode.part_anchor); otherwise the
+    own heads select on their strided view, their selection is stacked with `sources` in head order and
+    the layer attends to it (kascade.reference.sparse_attention semantics either way)."""
+    mod = _use_triton(q, backend, _mode(q))
+    if mod is not None and hasattr(mod, "part_anchor"):
+        return mod.part_anchor(q, k, v, heads, sources, route, rho=rho, k_min=k_min, tile=tile, kv_start=kv_start,
+                               scale=scale, **_len_kw(kv_len))
+    hkv = k.shape[1]
+    g = q.shape[1] // hkv
+    own = select(q.unflatten(1, (hkv, g))[:, heads].flatten(1, 2), k[:, heads], rho, k_min, tile, kv_start=kv_start,
+                 scale=scale, backend=backend, kv_len=kv_len)
+    rt = torch.as_tensor(route, device=q.device, dtype=torch.int64)
+    rows = torch.where(rt < 0, sources.num_kv_heads - 1 - rt, rt)  # rows of [sources..., own...]
+    width = max(sources.indices.shape[-1], own.indices.shape[-1])
+    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[-1]), value=-1)  # noqa: E731
+    stacked = torch.cat([pad(sources.indices), pad(own.indices)], dim=1).index_select(1, rows)
+    sel = dataclasses.replace(own, indices=stacked)
+    return reuse(q, k, v, sel, None, kv_start=kv_start, scale=scale, backend=backend, kv_len=kv_len), own
 
 
 def anchor(q, k, v, rho, k_min, tile, kv_start=None, scale=None, dense_output=False, backend: str = "auto",

@@ -91,6 +91,12 @@ class KascadeStrategy(Strategy):
             self.state[layer] = sel
             return out
         if p.head_granular:
+            part = self._part_route(layer, q, k)
+            if part is not None:  # own heads in one view, the others from one earlier layer: one sparse pass
+                source, heads, route = part
+                out, self.state[layer] = ops.part_anchor(q, k, v, heads, self.state[source], route, p.rho, p.k_min,
+                                                         p.tile, **kw)
+                return out
             sel = self.state[(_ASSEMBLED, layer)] = self.layer_selection(layer, q, k, kw)
             return ops.reuse(q, k, v, sel, None, **kw)
         anchor = p.anchor_of(layer)
@@ -113,6 +119,9 @@ class KascadeStrategy(Strategy):
     def attended_selection(self, layer: int, num_kv_heads: int):
         """(Selection, head map or None) that reuse layer `layer` attended to in this forward."""
         if self.plan.head_granular:
+            if (_ASSEMBLED, layer) not in self.state:  # attended in one pass (part_anchor): assembled here
+                layers, rows, *_ = self._route(layer, num_kv_heads, self.state[layer].indices.device)
+                self.state[(_ASSEMBLED, layer)] = gather_heads([self.state[a] for a in layers], rows)
             return self.state[(_ASSEMBLED, layer)], None
         return self.state[self.plan.anchor_of(layer)], self.plan.kv_head_map(layer, num_kv_heads)
 
@@ -140,6 +149,25 @@ class KascadeStrategy(Strategy):
             perm = torch.tensor([order.index(h) for h in own], device=device) if stacked else None
             self._routes[key] = (layers, None if as_is else torch.tensor(rows, device=device), heads, slices, perm)
         return self._routes[key]
+
+    def _part_route(self, layer, q, k):
+        """(source layer, own heads as a slice, route [Hkv] int32 on the device) when a decode step of this
+        head-granular layer can run as ops.part_anchor: its own selecting heads form one strided view, every
+        other head reuses the one earlier layer `source` (that has run), and the keys are chosen by this
+        class's own selection (a subclass choosing keys otherwise keeps the general path). Else None."""
+        if q.shape[2] != 1 or getattr(self._select, "__func__", None) is not KascadeStrategy._select:
+            return None
+        hkv = k.shape[1]
+        layers, rows, heads, slices, _ = self._route(layer, hkv, q.device)
+        if not slices or len(slices) != 1 or len(layers) != 2 or layers[1] != layer or layers[0] not in self.state:
+            return None
+        key = ("part", layer, hkv, str(q.device))
+        if key not in self._routes:
+            own = list(range(hkv))[slices[0]]
+            srcs = self.plan.sources(layer, hkv)
+            route = [-1 - own.index(h) if a == layer else self._row_in(a, m, hkv) for h, (a, m) in enumerate(srcs)]
+            self._routes[key] = torch.tensor(route, device=q.device, dtype=torch.int32)
+        return layers[0], slices[0], self._routes[key]
 
     def _selection_heads(self, a, hkv) -> int:
         return hkv if self.plan.is_anchor(a) else len(self.plan.selecting_heads(a, hkv))

@@ -276,3 +276,47 @@ def test_every_strategy_takes_a_head_granular_plan():
             with kascade.enable(model, strategy=strategy):
                 assert torch.allclose(model(ids).logits, dense, atol=1e-4, rtol=1e-4), name
     assert S.make_strategy("uniform", plan, model.config, 0.1, 8).plan.anchors == [0, 2]
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_part_layer_in_one_pass_matches_the_general_path(backend, monkeypatch):
+    """A decode step of a layer whose own heads form one view and whose other heads reuse one earlier
+    layer runs as ops.part_anchor; it gives the general path's selections (bit for bit) and outputs (same
+    on the reference, within rounding of the scores on the kernels), and the same attended selection."""
+    import kascade.ops as ops_mod
+    from kascade.strategy import KascadeStrategy as KS
+
+    if backend == "triton":
+        pytest.importorskip("triton")
+    g = torch.Generator().manual_seed(11)
+    b, hq, hkv, n, d = 2, 8, 4, 300, 16
+    dt = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    fp = dict(FP, num_q_heads=hq, num_kv_heads=hkv)
+    plan = Plan(anchors=[0, 2], model=fp, rho=0.25, k_min=8, tile=16, head_sources=[
+        None, [[0, 3], None, [0, 0], None], None, [[2, 1], [2, 2], [2, 0], None]])  # layer 3: head 3 only
+    qs = [torch.randn(b, hq, 1, d, generator=g).to(DEVICE, dt) for _ in range(4)]
+    ks = [torch.randn(b, hkv, n, d, generator=g).to(DEVICE, dt) for _ in range(4)]
+    vs = [torch.randn(b, hkv, n, d, generator=g).to(DEVICE, dt) for _ in range(4)]
+    calls = []
+    real = ops_mod.part_anchor
+    monkeypatch.setattr(ops_mod, "part_anchor", lambda *a, **kw: calls.append(a[3]) or real(*a, **kw))
+
+    def run(one_pass):
+        s = KS(plan, backend=backend)
+        if not one_pass:
+            s._part_route = lambda *a: None
+        s.begin_forward()
+        outs = [s.attend(layer, qs[layer], ks[layer], vs[layer], None, None) for layer in range(4)]
+        return outs, s
+
+    outs1, s1 = run(True)
+    assert calls == [slice(1, 4, 2), slice(3, 4, 1)]
+    outs0, s0 = run(False)
+    for layer in (1, 3):
+        assert torch.equal(s1.state[layer].indices, s0.state[layer].indices)
+        assert torch.equal(s1.attended_selection(layer, hkv)[0].indices, s0.attended_selection(layer, hkv)[0].indices)
+        if backend == "reference":
+            assert torch.equal(outs1[layer], outs0[layer])
+        else:
+            torch.testing.assert_close(outs1[layer].float(), outs0[layer].float(), atol=2e-2, rtol=2e-2)
+    assert all(torch.equal(outs1[layer], outs0[layer]) for layer in (0, 2))

@@ -14,6 +14,7 @@ product, as flash attention does, the reference rounds only its output. Every bu
 """
 
 import contextlib
+import dataclasses
 import copy
 import os
 
@@ -503,3 +504,83 @@ def test_gpu_select_paths_agree():
 def test_gpu_prefetch_changes_nothing():
     q, k, v = make(2, 8, 4, 131072, 128, BF16, seed=6)
     check_prefetch_changes_nothing(q, k, v, torch.tensor([0, 70000], device=DEV), 0.1, 128)
+
+
+PART_CASES = [  # B, Hkv, G, N, D, dtype, own heads, kv_start, kv_len
+    (2, 4, 4, 1500, 64, BF16, slice(0, 4, 2), [0, 300], None),  # every other head (one strided view)
+    (1, 4, 2, 900, 32, FP16, slice(1, 3), None, [700]),  # a run of heads, a preallocated cache's tail
+    (2, 3, 3, 700, 64, BF16, slice(2, 3), [11, 0], None),  # one head (SmolLM2's group of 3)
+]
+
+
+@pytest.mark.parametrize("B,Hkv,G,N,D,dtype,heads,kv_start,kv_len", PART_CASES)
+def test_part_anchor_is_select_then_reuse(B, Hkv, G, N, D, dtype, heads, kv_start, kv_len):
+    """part_anchor: its own heads' selection bit for bit that of select on their strided view; its output
+    that of attention over their selection stacked with the source rows in head order (float64)."""
+    q, k, v = make(B, Hkv, G, N, D, dtype, seed=Hkv + G)
+    st = None if kv_start is None else torch.tensor(kv_start, device=DEV)
+    ln = None if kv_len is None else torch.tensor(kv_len, device=DEV)
+    sources = K.select(q, k, 0.1, 16, 32, kv_start=st, kv_len=ln)  # an earlier layer's anchor (same cache here)
+    own = list(range(Hkv))[heads]
+    others = [h for h in range(Hkv) if h not in own]
+    route = [-1 - own.index(h) if h in own else (h * 7 + 1) % Hkv for h in range(Hkv)]
+    with poisoned():
+        out, sel = K.part_anchor(q, k, v, heads, sources, route, 0.1, 16, 32, kv_start=st, kv_len=ln)
+    qv = q.unflatten(1, (Hkv, G))[:, heads].flatten(1, 2)
+    want = K.select(qv, k[:, heads], 0.1, 16, 32, kv_start=st, kv_len=ln)
+    assert torch.equal(sel.indices, want.indices) and torch.equal(sel.counts, want.counts)
+    stacked = torch.cat([sources.indices, want.indices], dim=1)
+    rows = torch.tensor([Hkv + own.index(h) if h in own else route[h] for h in range(Hkv)], device=DEV)
+    full = dataclasses.replace(want, indices=stacked.index_select(1, rows))
+    exact = sparse64(q, k, v, full)
+    ref = R.sparse_attention(q, k, v, full, kv_start=kv_start, kv_len=kv_len)
+    assert_close_to64(out, ref, exact, v)
+    assert others  # the cases mix own and reused heads
+
+
+def test_part_anchor_errors_name_the_argument():
+    q, k, v = make(1, 4, 2, 300, 32, BF16, seed=3)
+    sources = K.select(q, k, 0.1, 16, 32)
+    good = [-1, 0, -2, 1]
+    with pytest.raises(ValueError, match="heads: expected a slice"):
+        K.part_anchor(q, k, v, [0, 2], sources, good)
+    with pytest.raises(ValueError, match="heads: .* selects no KV head"):
+        K.part_anchor(q, k, v, slice(5, 9), sources, good)
+    with pytest.raises(ValueError, match=r"route: .*wrong at heads \[0\]"):
+        K.part_anchor(q, k, v, slice(0, 4, 2), sources, [0, 0, -2, 1])
+    with pytest.raises(ValueError, match=r"route: .*wrong at heads \[3\]"):
+        K.part_anchor(q, k, v, slice(0, 4, 2), sources, [-1, 0, -2, 4])
+    with pytest.raises(ValueError, match="sources: expected a decode Selection for batch 1"):
+        K.part_anchor(q, k, v, slice(0, 4, 2), R.select(q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), 0.1, 16, 32),
+                      good)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("B,Hkv,G,N,D,heads", [(1, 8, 4, 131072, 128, slice(0, 8, 2)), (2, 3, 3, 131072, 64, slice(1, 2)),
+                                              (8, 8, 5, 32768, 128, slice(4, 8))])
+def test_gpu_part_anchor_full_size_and_in_a_graph(B, Hkv, G, N, D, heads):
+    """part_anchor at decode sizes against select + stacked selection + float64 attention, and its CUDA-graph
+    replay against eager calls on new queries."""
+    q, k, v = make(B, Hkv, G, N, D, BF16, seed=Hkv)
+    kv_start = torch.tensor([0] + [N // 3] * (B - 1), device=DEV)
+    sources = K.select(q, k, 0.1, 128, 32, kv_start=kv_start)
+    own = list(range(Hkv))[heads]
+    route = torch.tensor([-1 - own.index(h) if h in own else (h + 1) % Hkv for h in range(Hkv)], device=DEV,
+                         dtype=torch.int32)
+    out, sel = K.part_anchor(q, k, v, heads, sources, route, 0.1, 128, 32, kv_start=kv_start)
+    qv = q.unflatten(1, (Hkv, G))[:, heads].flatten(1, 2)
+    want = K.select(qv, k[:, heads], 0.1, 128, 32, kv_start=kv_start)
+    assert torch.equal(sel.indices, want.indices)
+    rows = torch.tensor([Hkv + own.index(h) if h in own else (h + 1) % Hkv for h in range(Hkv)], device=DEV)
+    full = dataclasses.replace(want, indices=torch.cat([sources.indices, want.indices], 1).index_select(1, rows))
+    assert_close_to64(out, K.sparse_attention(q, k, v, full, kv_start=kv_start), sparse64(q, k, v, full), v)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_g, sel_g = K.part_anchor(q, k, v, heads, sources, route, 0.1, 128, 32, kv_start=kv_start)
+    for seed in (5, 6):
+        q.copy_(torch.randn(q.shape, generator=torch.Generator().manual_seed(seed)).to(q.dtype))
+        graph.replay()
+        want_out, want_sel = K.part_anchor(q, k, v, heads, sources, route, 0.1, 128, 32, kv_start=kv_start)
+        assert torch.equal(sel_g.indices, want_sel.indices)
+        assert torch.equal(out_g, want_out)

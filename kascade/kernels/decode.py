@@ -278,47 +278,14 @@ def _decode_pool_kernel(LG, MP, LP, S, HIST, START32, END32, N, stride_lg, strid
 
 
 @triton.jit
-def _decode_sparse_kernel(Q, K, V, LG, IDX, CNT, HMAP, OP, MP, LP,
-                          stride_lg, sqb, sqh, skb, skh, skn, BT, s_bt, PAGE: tl.constexpr, svb, svh, svn, sib, sih, sik, scb,
-                          scale_log2, HKV,
-                          G: tl.constexpr, GPAD: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                          DV: tl.constexpr, DVP: tl.constexpr, NSPLIT: tl.constexpr, BLOCK_K: tl.constexpr,
-                          FROM_LOGITS: tl.constexpr, HAS_MAP: tl.constexpr, DOT_PREC: tl.constexpr,
-                          UPCAST: tl.constexpr, PAGED: tl.constexpr = False,
-                          PDL: tl.constexpr = 0):
-    """Attention of the G heads of KV head h over the selected keys of anchor head head_map[h].
+def _sparse_walk(q, K, V, i_base, sik, lg_row, b, h, lo, hi, g, gm, d, dv, skb, skh, skn, svb, svh, svn, BT, s_bt,
+                 PAGE: tl.constexpr, scale_log2, G: tl.constexpr, GPAD: tl.constexpr, D: tl.constexpr,
+                 DV: tl.constexpr, DVP: tl.constexpr, BLOCK_K: tl.constexpr, FROM_LOGITS: tl.constexpr,
+                 DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, PAGED: tl.constexpr):
+    """Online softmax of the G heads of KV head h over the selected slots [lo, hi) at i_base: (m, l, acc).
 
-    Split s of S2 takes a contiguous range of the count[b] valid slots. FROM_LOGITS: the scores are
-    read from the anchor's stored logits instead of being recomputed from K. The V rows are requested
-    first in each block, before the scores are read or computed.
-    PDL: started by programmatic dependent launch (topk_select.pdl_start).
-    """
-    tl.static_assert(GPAD >= 16 and GPAD >= G)
-    ts.pdl_start(PDL)
-    row = tl.program_id(0)
-    sp = tl.program_id(1)
-    b = row // HKV
-    h = row % HKV
-    if HAS_MAP:
-        src = tl.load(HMAP + h)
-    else:
-        src = h
-    cnt = tl.load(CNT + b * scb)
-    per = tl.cdiv(tl.cdiv(cnt, BLOCK_K), NSPLIT) * BLOCK_K
-    lo = sp * per
-    hi = tl.minimum(lo + per, cnt)
-
-    g = tl.arange(0, GPAD)
-    gm = g < G
-    hq = h * G + g
-    d = tl.arange(0, DP)
-    dv = tl.arange(0, DVP)
-    b64 = b.to(tl.int64)
-    if not FROM_LOGITS:
-        q = tl.load(Q + b64 * sqb + hq[:, None] * sqh + d[None, :], mask=gm[:, None] & (d[None, :] < D), other=0.0)
-    i_base = IDX + b64 * sib + src.to(tl.int64) * sih
-    lg_row = LG + row.to(tl.int64) * stride_lg
-
+    FROM_LOGITS: the scores are read from the stored logits row lg_row ([N, G]) instead of being
+    recomputed from K (q unused). The V rows are requested first in each block."""
     m_i = tl.full([GPAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GPAD], tl.float32)
     acc = tl.zeros([GPAD, DVP], tl.float32)
@@ -342,6 +309,70 @@ def _decode_sparse_kernel(Q, K, V, LG, IDX, CNT, HMAP, OP, MP, LP,
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, DOT_PREC, UPCAST)
         m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _decode_sparse_kernel(Q, K, V, LG, IDX, CNT, HMAP, OP, MP, LP,
+                          stride_lg, sqb, sqh, skb, skh, skn, BT, s_bt, PAGE: tl.constexpr, svb, svh, svn, sib, sih, sik, scb,
+                          scale_log2, HKV,
+                          G: tl.constexpr, GPAD: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                          DV: tl.constexpr, DVP: tl.constexpr, NSPLIT: tl.constexpr, BLOCK_K: tl.constexpr,
+                          FROM_LOGITS: tl.constexpr, HAS_MAP: tl.constexpr, DOT_PREC: tl.constexpr,
+                          UPCAST: tl.constexpr, PAGED: tl.constexpr = False,
+                          MIXED: tl.constexpr = False, IDX2=None, sib2=0, sih2=0, S_OWN=1,
+                          PDL: tl.constexpr = 0):
+    """Attention of the G heads of KV head h over the selected keys of anchor head head_map[h].
+
+    Split s of S2 takes a contiguous range of the count[b] valid slots. FROM_LOGITS: the scores are
+    read from the anchor's stored logits instead of being recomputed from K. The V rows are requested
+    first in each block, before the scores are read or computed.
+    MIXED (a part-selecting layer): head_map[h] >= 0 reuses row head_map[h] of IDX (K and V gathered);
+    head_map[h] = -1 - j makes h the layer's own selecting head j: its selection is row j of IDX2
+    ([B, S_OWN, Kmax] by strides sib2, sih2) and its scores the logits row b * S_OWN + j of LG.
+    PDL: started by programmatic dependent launch (topk_select.pdl_start).
+    """
+    tl.static_assert(GPAD >= 16 and GPAD >= G)
+    ts.pdl_start(PDL)
+    row = tl.program_id(0)
+    sp = tl.program_id(1)
+    b = row // HKV
+    h = row % HKV
+    if HAS_MAP:
+        src = tl.load(HMAP + h)
+    else:
+        src = h
+    cnt = tl.load(CNT + b * scb)
+    per = tl.cdiv(tl.cdiv(cnt, BLOCK_K), NSPLIT) * BLOCK_K
+    lo = sp * per
+    hi = tl.minimum(lo + per, cnt)
+
+    g = tl.arange(0, GPAD)
+    gm = g < G
+    hq = h * G + g
+    d = tl.arange(0, DP)
+    dv = tl.arange(0, DVP)
+    b64 = b.to(tl.int64)
+    q = tl.zeros([GPAD, DP], Q.dtype.element_ty)
+    if not FROM_LOGITS:
+        q = tl.load(Q + b64 * sqb + hq[:, None] * sqh + d[None, :], mask=gm[:, None] & (d[None, :] < D), other=0.0)
+    if MIXED:
+        if src < 0:  # one of the layer's own selecting heads: its selection and its logits
+            j = -1 - src
+            m_i, l_i, acc = _sparse_walk(
+                q, K, V, IDX2 + b64 * sib2 + j.to(tl.int64) * sih2, sik,
+                LG + (b * S_OWN + j).to(tl.int64) * stride_lg, b, h, lo, hi, g, gm, d, dv, skb, skh, skn,
+                svb, svh, svn, BT, s_bt, PAGE, scale_log2, G, GPAD, D, DV, DVP, BLOCK_K, True, DOT_PREC, UPCAST, PAGED)
+        else:
+            m_i, l_i, acc = _sparse_walk(
+                q, K, V, IDX + b64 * sib + src.to(tl.int64) * sih, sik, LG, b, h, lo, hi, g, gm, d, dv,
+                skb, skh, skn, svb, svh, svn, BT, s_bt, PAGE, scale_log2, G, GPAD, D, DV, DVP, BLOCK_K, False,
+                DOT_PREC, UPCAST, PAGED)
+    else:
+        m_i, l_i, acc = _sparse_walk(
+            q, K, V, IDX + b64 * sib + src.to(tl.int64) * sih, sik, LG + row.to(tl.int64) * stride_lg, b, h, lo, hi,
+            g, gm, d, dv, skb, skh, skn, svb, svh, svn, BT, s_bt, PAGE, scale_log2, G, GPAD, D, DV, DVP, BLOCK_K,
+            FROM_LOGITS, DOT_PREC, UPCAST, PAGED)
     prow = (b * HKV * G + hq) * NSPLIT + sp
     tl.store(MP + prow, m_i, mask=gm)
     tl.store(LP + prow, l_i, mask=gm)
@@ -509,6 +540,8 @@ def _anchor_core(q, krows: KVRows, vrows: KVRows, dm, start, end, rho, k_min, ti
     sel = Selection(idx.view(B, HKV, 1, kmax), counts, first_tile, tile, True)
     if output is None:
         return None, sel
+    if output == "logits":  # the stored logits [B * Hkv, N', G] for a later sparse output
+        return lg, sel
     out = torch.empty(B, HQ, 1, dm["DV"], dtype=q.dtype, device=dev)
     if dense:
         return _combine(op, mp, lp, out, dm, s1, pdl), sel
@@ -517,12 +550,15 @@ def _anchor_core(q, krows: KVRows, vrows: KVRows, dm, start, end, rho, k_min, ti
 
 
 def _sparse(q, krows: KVRows, vrows: KVRows, idx, idx_strides, counts, head_map, scale, out, dm, logits=None,
-            pdl=0):
-    """Sparse attention over idx, then the combine (pdl: topk_select.PDL_MODES value of both launches)."""
+            pdl=0, own=None):
+    """Sparse attention over idx, then the combine (pdl: topk_select.PDL_MODES value of both launches).
+
+    own (a part-selecting layer): (own indices [B, S, Kmax'] with unit last stride, their logits
+    [B * S, N', G]); head_map then routes each KV head (_decode_sparse_kernel's MIXED)."""
     B, HQ, HKV = dm["B"], dm["HQ"], dm["HKV"]
     R = B * HKV
     dev = q.device
-    if logits is not None:
+    if logits is not None and own is None:
         cs = CONFIG["sparse_out"]
     else:
         cs = CONFIG["sparse_large" if R * idx.shape[-1] >= CONFIG["sparse_large_from"] else "sparse"]
@@ -531,14 +567,19 @@ def _sparse(q, krows: KVRows, vrows: KVRows, idx, idx_strides, counts, head_map,
     mp = torch.empty(B * HQ, s2, dtype=torch.float32, device=dev)
     lp = torch.empty_like(mp)
     lg, stride_lg = (logits, logits.stride(0)) if logits is not None else (mp, 0)
+    mixed = {}
+    if own is not None:
+        own_idx, lg = own
+        stride_lg = lg.stride(0)
+        mixed = dict(MIXED=True, IDX2=own_idx, sib2=own_idx.stride(0), sih2=own_idx.stride(1), S_OWN=own_idx.shape[1])
     _decode_sparse_kernel[(R, s2)](
         q, krows.tensor, vrows.tensor, lg, idx, counts, head_map if head_map is not None else counts, op, mp, lp,
         stride_lg, q.stride(0), q.stride(1), *krows.args(counts)[1:], vrows.s_seq, vrows.s_head, vrows.s_tok,
         idx_strides[0], idx_strides[1], idx_strides[2], counts.stride(0), _scale_log2(q, scale), HKV,
         G=dm["G"], GPAD=dm["GPAD"], D=dm["D"], DP=dm["DP"], DV=dm["DV"], DVP=dm["DVP"], NSPLIT=s2,
-        BLOCK_K=cs["BLOCK_K"], FROM_LOGITS=logits is not None, HAS_MAP=head_map is not None,
+        BLOCK_K=cs["BLOCK_K"], FROM_LOGITS=logits is not None and own is None, HAS_MAP=head_map is not None,
         DOT_PREC=_dot_prec(q), UPCAST=_upcast(q), PAGED=krows.paged, PDL=pdl, num_warps=cs["num_warps"],
-        num_stages=cs["num_stages"], **ts.pdl_kwargs(pdl))
+        num_stages=cs["num_stages"], **mixed, **ts.pdl_kwargs(pdl))
     return _combine(op, mp, lp, out, dm, s2, pdl)
 
 
@@ -636,6 +677,59 @@ def sparse_attention(q, k, v, selection: Selection, head_map=None, kv_start=None
     out = torch.empty(dm["B"], dm["HQ"], 1, dm["DV"], dtype=q.dtype, device=q.device)
     return _sparse(q, contiguous_rows(k), contiguous_rows(v), idx, (idx.stride(0), idx.stride(1), idx.stride(3)),
                    selection.counts, hm, scale, out, dm, pdl=pdl_mode(q.device))
+
+
+def part_anchor(q, k, v, heads: slice, sources: Selection, route, rho: float = 0.1, k_min: int = 128, tile: int = 32,
+                kv_start=None, scale=None, kv_len=None):
+    """A part-selecting layer in one sparse pass: (out [B, Hq, 1, Dv], Selection of its own heads [B, S, 1, Kmax]).
+
+    The KV heads `heads` (a slice of the head axis: read in place through strides) select like an
+    anchor; the others reuse an earlier layer's selection `sources` ([B, Hs, 1, Kmax']). route [Hkv]
+    int (a device tensor under CUDA-graph capture): route[h] >= 0 is the row of `sources` that head h
+    reuses, route[h] = -1 - j makes h own selecting head j (the j-th head of the slice). One sparse
+    launch then attends every head: own heads from the logits of their selection pass (V read at their
+    selected rows), the others by gathering K and V. Equal to selecting the own heads, stacking their
+    selection with `sources` in head order and calling sparse_attention (outputs within rounding of
+    the scores, which come from the stored logits here).
+    """
+    check_attention_inputs(q, k, v)
+    _check_anchor_args(q, rho, k_min, tile)
+    B, HQ, HKV = q.shape[0], q.shape[1], k.shape[1]
+    if not isinstance(heads, slice):
+        raise ValueError(f"heads: expected a slice of the {HKV} KV heads, got {heads!r}")
+    own = range(HKV)[heads]
+    if len(own) == 0:
+        raise ValueError(f"heads: {heads!r} selects no KV head of {HKV}")
+    if not sources.decode or sources.indices.shape[0] != B:
+        raise ValueError(f"sources: expected a decode Selection for batch {B}, got indices of shape "
+                         f"{tuple(sources.indices.shape)} with decode={sources.decode}")
+    if _capturing(q):
+        rt = torch.as_tensor(route, device=q.device)
+    else:
+        rt = torch.as_tensor(route, device=q.device, dtype=torch.int64)
+        want = [-1 - own.index(h) if h in own else None for h in range(HKV)]
+        got = rt.tolist()
+        bad = [h for h in range(HKV) if (got[h] != want[h] if want[h] is not None
+                                        else not 0 <= got[h] < sources.num_kv_heads)]
+        if rt.shape != (HKV,) or bad:
+            raise ValueError(f"route: expected [{HKV}] entries, -1 - j for own head j of {list(own)} and a row of "
+                             f"the {sources.num_kv_heads} source heads otherwise, got {got} (wrong at heads {bad})")
+    q, k, v = _last_dim_contiguous(q, k, v)
+    g = HQ // HKV
+    qv = q.unflatten(1, (HKV, g))[:, heads].flatten(1, 2)
+    kv = k[:, heads]
+    start = _kv_start(kv_start, q, k)
+    end = _kv_len(kv_len, q, k, start)
+    logits, sel = _anchor_core(qv, contiguous_rows(kv), contiguous_rows(kv), _dims(qv, kv, None), start, end,
+                               rho, k_min, tile, scale, "logits")
+    dm = _dims(q, k, v)
+    out = torch.empty(B, HQ, 1, dm["DV"], dtype=q.dtype, device=q.device)
+    src = sources.indices
+    own_idx = sel.indices.view(B, len(own), -1)
+    _sparse(q, contiguous_rows(k), contiguous_rows(v), src, (src.stride(0), src.stride(1), src.stride(3)), sel.counts,
+            rt.to(torch.int32) if rt.dtype != torch.int32 else rt, scale, out, dm, pdl=pdl_mode(q.device),
+            own=(own_idx, logits))
+    return out, sel
 
 
 # ----------------------------------------------------------------------------------------------
