@@ -36,10 +36,13 @@ SPARSE = {
     "default": {},
     "BK64_w8_s3": dict(BLOCK_K=64, num_warps=8, num_stages=3),
     "BK32_w8_s4": dict(BLOCK_K=32, num_warps=8, num_stages=4),
+    "BK32_w8_s5": dict(BLOCK_K=32, num_warps=8, num_stages=5),
+    "BK32_w4_s4": dict(BLOCK_K=32, num_warps=4, num_stages=4),
+    "BK16_w8_s6": dict(BLOCK_K=16, num_warps=8, num_stages=6),
 }
 
 
-def run(n: int, fa3) -> dict:
+def run(n: int, fa3, parts=("pool", "sparse")) -> dict:
     g = torch.Generator(device="cuda").manual_seed(1)
     q = torch.randn(1, HQ, n, D, device="cuda", dtype=torch.bfloat16, generator=g)
     k = torch.randn(1, HKV, n, D, device="cuda", dtype=torch.bfloat16, generator=g)
@@ -54,7 +57,7 @@ def run(n: int, fa3) -> dict:
     sel0 = P.select(q, k, RHO, K_MIN, TILE)
     out0 = P.sparse_attention(q, k, v, sel0, head_map=head_map)
     real_topk = P.topk_rows_chunk
-    for name, cfg in POOL.items():
+    for name, cfg in (POOL.items() if "pool" in parts else ()):
         try:
             same = _same_selection(P.select(q, k, RHO, K_MIN, TILE, pool_cfg=cfg), sel0)
             P.topk_rows_chunk = lambda *a, **kw: None
@@ -65,7 +68,7 @@ def run(n: int, fa3) -> dict:
         finally:
             P.topk_rows_chunk = real_topk
         print(n, "pool", name, res["pool"][name], flush=True)
-    for name, cfg in SPARSE.items():
+    for name, cfg in (SPARSE.items() if "sparse" in parts else ()):
         try:
             o = P.sparse_attention(q, k, v, sel0, head_map=head_map, config=cfg)
             same = bool((o.float() - out0.float()).abs().max() < 2e-2)
@@ -81,12 +84,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", type=int, nargs="*", default=[32768, 131072])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--parts", nargs="*", default=["pool", "sparse"], choices=["pool", "sparse"],
+                    help="which kernels' variants to time (default both)")
     args = ap.parse_args()
     import triton
 
     fa3 = load_fa3()
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
-    results = [run(n, fa3) for n in args.lengths]
+    results = [run(n, fa3, args.parts) for n in args.lengths]
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "prefill_variants.json"), "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1)
