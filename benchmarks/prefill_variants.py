@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 import torch
@@ -31,6 +32,10 @@ POOL = {
     "ws_BN128_w8_s2": dict(WS=True, BLOCK_N=128, num_warps=8, num_stages=2),
     "ws_BN128_w4_s2": dict(WS=True, BLOCK_N=128, num_warps=4, num_stages=2),
     "ws_BN64_w4_s3": dict(WS=True, BLOCK_N=64, num_warps=4, num_stages=3),
+    # the Gluon pass (kascade.kernels.prefill_pool_gluon): TMA into NBUF buffers, async wgmma ahead of the exp2
+    "gluon_BN128_nb3": dict(kernel="gluon", BLOCK_N=128, NBUF=3),
+    "gluon_BN64_nb3": dict(kernel="gluon", BLOCK_N=64, NBUF=3),
+    "gluon_BN64_nb4": dict(kernel="gluon", BLOCK_N=64, NBUF=4),
 }
 SPARSE = {
     "default": {},
@@ -42,7 +47,16 @@ SPARSE = {
 }
 
 
-def run(n: int, fa3, parts=("pool", "sparse")) -> dict:
+def _rows_differ(a, b) -> int:
+    """(sequence, KV head, tile) rows whose selected sets differ (the counts must agree)."""
+    kk = a.indices.shape[-1]
+    valid = torch.arange(kk, device=a.indices.device)[None, None, None, :] < a.counts[:, None, :, None]
+    sa = torch.where(valid, a.indices, -1).sort(-1).values
+    sb = torch.where(valid, b.indices[..., :kk], -1).sort(-1).values
+    return int((sa != sb).any(-1).sum().item())
+
+
+def run(n: int, fa3, parts=("pool", "sparse"), only=None) -> dict:
     g = torch.Generator(device="cuda").manual_seed(1)
     q = torch.randn(1, HQ, n, D, device="cuda", dtype=torch.bfloat16, generator=g)
     k = torch.randn(1, HKV, n, D, device="cuda", dtype=torch.bfloat16, generator=g)
@@ -58,17 +72,23 @@ def run(n: int, fa3, parts=("pool", "sparse")) -> dict:
     out0 = P.sparse_attention(q, k, v, sel0, head_map=head_map)
     real_topk = P.topk_rows_chunk
     for name, cfg in (POOL.items() if "pool" in parts else ()):
+        if only and name != "default" and not re.search(only, name):
+            continue
         try:
-            same = _same_selection(P.select(q, k, RHO, K_MIN, TILE, pool_cfg=cfg), sel0)
+            sel = P.select(q, k, RHO, K_MIN, TILE, pool_cfg=cfg)
+            same, differ = _same_selection(sel, sel0), _rows_differ(sel, sel0)
             P.topk_rows_chunk = lambda *a, **kw: None
             t = bench(lambda: P.select(q, k, RHO, K_MIN, TILE, pool_cfg=cfg))
-            res["pool"][name] = dict(stat(t), same=same, cfg=cfg, tflops=select_flops(n) / t[0] / 1e9)
+            res["pool"][name] = dict(stat(t), same=same, rows_differ=differ, rows=int(sel0.counts.numel() * HKV), cfg=cfg,
+                                     tflops=select_flops(n) / t[0] / 1e9)
         except Exception as e:  # noqa: BLE001
             res["pool"][name] = {"error": repr(e)[:300]}
         finally:
             P.topk_rows_chunk = real_topk
         print(n, "pool", name, res["pool"][name], flush=True)
     for name, cfg in (SPARSE.items() if "sparse" in parts else ()):
+        if only and name != "default" and not re.search(only, name):
+            continue
         try:
             o = P.sparse_attention(q, k, v, sel0, head_map=head_map, config=cfg)
             same = bool((o.float() - out0.float()).abs().max() < 2e-2)
@@ -86,12 +106,13 @@ def main():
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--parts", nargs="*", default=["pool", "sparse"], choices=["pool", "sparse"],
                     help="which kernels' variants to time (default both)")
+    ap.add_argument("--only", default=None, help="regular expression: time only the variants it matches (and default)")
     args = ap.parse_args()
     import triton
 
     fa3 = load_fa3()
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
-    results = [run(n, fa3, args.parts) for n in args.lengths]
+    results = [run(n, fa3, args.parts, args.only) for n in args.lengths]
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "prefill_variants.json"), "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1)

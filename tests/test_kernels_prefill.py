@@ -285,3 +285,32 @@ def test_torch_topk_method_matches_full():
     ref = R.select(q, k, rho=0.1, k_min=128, tile=32)
     check_selection(a, ref, q, k)
     check_selection(b, ref, q, k)
+
+
+def test_pool_kernel_name_is_checked():
+    q, k, _ = _inputs(1, 4, 2, 64, 64, 16, torch.float16 if CUDA else torch.float32, seed=2)
+    if q.dtype == torch.float32:  # the reference fallback takes float32: no kernel, nothing to check
+        q, k = q.half(), k.half()
+    with pytest.raises(ValueError, match=r"pool kernel .*expected 'triton' or 'gluon', got 'cuda'"):
+        P.select(q, k, rho=0.5, k_min=8, tile=16, pool_cfg={"kernel": "cuda"})
+
+
+@gpu
+@needs_cuda
+@pytest.mark.skipif(not (CUDA and torch.cuda.get_device_capability()[0] == 9), reason="needs a Hopper GPU (wgmma)")
+@pytest.mark.parametrize("N,cfg", [(8192, dict(BLOCK_N=128, NBUF=3)), (8192, dict(BLOCK_N=64, NBUF=3)),
+                                   (5000, dict(BLOCK_N=64, NBUF=4))])
+def test_gpu_gluon_pooled_pass_matches_triton(N, cfg):
+    """The Gluon pooled-score pass (kascade.kernels.prefill_pool_gluon) selects the Triton pass's keys:
+    the same sets but for near-ties (the two kernels round the log-sum-exps in a different order), and
+    both agree with the float64-checked reference rule."""
+    from kascade.kernels import prefill_pool_gluon as PG
+
+    q, k, _ = _inputs(1, 32, 8, N, N, 128, torch.bfloat16, seed=N % 97)
+    assert PG.supported(q, k, 4, 32, 1, False)
+    a = P.select(q, k, rho=0.1, k_min=128, tile=32, pool_cfg={"kernel": "triton"})
+    b = P.select(q, k, rho=0.1, k_min=128, tile=32, pool_cfg=dict(cfg, kernel="gluon"))
+    assert torch.equal(a.counts, b.counts)
+    ref = R.select(q, k, rho=0.1, k_min=128, tile=32)
+    check_selection(a, ref, q, k)
+    check_selection(b, ref, q, k)

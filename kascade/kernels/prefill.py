@@ -31,6 +31,7 @@ Falls back to the reference for float32 inputs, tiles above 128 and head dims ab
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,7 @@ import triton.language as tl
 from kascade import reference
 from kascade.budget import budget_tensor, check_budget
 from kascade.checks import check_attention_inputs, check_head_map, resolve_kv_start
+from kascade.kernels import prefill_pool_gluon
 from kascade.kernels.prefill_pool import LOG2E, UPCAST_DOT, lse_scratch, mma, pooled_scores_chunk, row_layout
 from kascade.kernels.paging import (
     KVRows, PagedKV, PoolRows, check_paged_q, contiguous_rows, resolve_rows, row_offsets, seq_span,
@@ -52,6 +54,9 @@ MAX_TILE = 128
 MAX_HEAD_DIM = 256
 # Tests set this to fill the selection and the pooled scores with garbage before the kernels run.
 POISON_BUFFERS = False
+# The pooled-score kernel of the selection: "triton" (kascade.kernels.prefill_pool, every case) or "gluon"
+# (kascade.kernels.prefill_pool_gluon where it applies, else triton); pool_cfg={"kernel": ...} overrides it.
+POOL_KERNEL = os.environ.get("KASCADE_PREFILL_POOL", "triton")
 
 
 @dataclass
@@ -297,10 +302,22 @@ def _select(q, krows: KVRows, kv_i32, kv_end_i32, starts, lengths, rho, k_min, t
         pooled.fill_(float("nan"))
     lse_buf = lse_scratch(bsz, hkv, chunk, hq // hkv, tile, d, dev)
     scratch = topk_rows_scratch(bsz, hkv, chunk, dev) if method == "threshold" else None
+    pool_cfg = dict(pool_cfg or {})
+    kernel = pool_cfg.pop("kernel", POOL_KERNEL)
+    if kernel not in ("triton", "gluon"):
+        raise ValueError(f"pool kernel (KASCADE_PREFILL_POOL or pool_cfg['kernel']): expected 'triton' or 'gluon', "
+                         f"got {kernel!r}")
+    t_pad, _, num_hg = row_layout(hq // hkv, tile, d)
+    gluon = (kernel == "gluon" and kv_end_i32 is None
+             and prefill_pool_gluon.supported(q, krows.tensor, hq // hkv, t_pad, num_hg, krows.paged))
     for u0 in range(0, u_max, chunk):
         c = min(chunk, u_max - u0)
-        pooled_scores_chunk(q, krows, kv_i32, counts, pooled, lse_buf, u0, c, tile, sc, pool_cfg,
-                            kv_end_i32=kv_end_i32)
+        if gluon:
+            prefill_pool_gluon.pooled_scores_chunk(q, krows.tensor, kv_i32, counts, pooled, u0, c, tile, sc,
+                                                   **{k.lower(): v for k, v in pool_cfg.items()})
+        else:
+            pooled_scores_chunk(q, krows, kv_i32, counts, pooled, lse_buf, u0, c, tile, sc, pool_cfg or None,
+                                kv_end_i32=kv_end_i32)
         n_max = max(min(ft + u0 + c - 1, ft + nt - 1) for ft, nt in zip(first, ntiles)) * tile
         if method == "threshold":
             topk_rows_chunk(pooled, indices, counts, kv_i32, scratch, u0, c, tile, qlen, n_cache, n_max,
