@@ -34,8 +34,10 @@ POOL = {
     "ws_BN64_w4_s3": dict(WS=True, BLOCK_N=64, num_warps=4, num_stages=3),
     # the Gluon pass (kascade.kernels.prefill_pool_gluon): TMA into NBUF buffers, async wgmma ahead of the exp2
     "gluon_BN128_nb3": dict(kernel="gluon", BLOCK_N=128, NBUF=3),
+    "gluon_BN128_nb2": dict(kernel="gluon", BLOCK_N=128, NBUF=2),
+    "gluon_BN128_nb2_r128": dict(kernel="gluon", BLOCK_N=128, NBUF=2, maxnreg=128),  # two programs per SM
     "gluon_BN64_nb3": dict(kernel="gluon", BLOCK_N=64, NBUF=3),
-    "gluon_BN64_nb4": dict(kernel="gluon", BLOCK_N=64, NBUF=4),
+    "gluon_BN64_nb2": dict(kernel="gluon", BLOCK_N=64, NBUF=2),
 }
 SPARSE = {
     "default": {},

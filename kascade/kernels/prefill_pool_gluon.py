@@ -9,8 +9,12 @@ sequence) one program stacks the G x T query rows of the tile into one matrix op
 
 Why a second kernel: in the Triton kernel each warp waits for its Q.K product before it starts the
 exponentials of that product, so the tensor cores and the exp unit take turns (benchmarks/notes_prefill.md).
-Here K blocks arrive by TMA into NBUF shared-memory buffers, and the product of block j + 1 is issued
-asynchronously (wgmma) before the exponentials of block j, so the two overlap.
+Here K blocks arrive by TMA into a ring of NBUF shared-memory buffers, and the product of block j + 1 is
+issued asynchronously (wgmma) before the exponentials of block j, so the two overlap.
+
+Measured (H200, Llama-3.1-8B shape, 128K): 310.0 ms against 311.6 ms for the Triton pass, the same
+selections; with one program per SM (three buffers, no register cap) 329 ms. The overlap inside a
+program buys what the Triton kernel gets from two programs per SM, not more: see benchmarks/notes_prefill.md.
 
 Scope: CUDA devices of compute capability 9 (wgmma), bf16/fp16, a contiguous [B, Hkv, N, D] cache,
 G x T_PAD == 64 or 128 stacked rows (one matrix tile of heads), D in (64, 128). `supported` says
@@ -96,7 +100,7 @@ if HAS_GLUON:
             q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, D], Q.dtype.element_ty)
             q_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [ROWS, D], q_layout, qt)
             k_smem = gl.allocate_shared_memory(k_desc.dtype, [NBUF, BLOCK_N, D], k_desc.layout)
-            gl.static_assert(NBUF >= 3)  # the load into block j - 1's buffer must not hit block j + 1's
+            gl.static_assert(NBUF >= 2)
             bars = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())  # loop 1
             bars2 = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())  # loop 2
             for j in gl.static_range(NBUF):
@@ -117,19 +121,31 @@ if HAS_GLUON:
             m = gl.full([ROWS], float("-inf"), gl.float32, row_l)
             l = gl.zeros([ROWS], gl.float32, row_l)
             nb = (kend + BLOCK_N - 1) // BLOCK_N
-            for j in gl.static_range(NBUF - 1):
-                _load_block(k_desc, bars, k_smem, j, row0, nb, BLOCK_N, NBUF)
+            n_full = n_before // BLOCK_N  # blocks of keys that every row sees
+            for jj in gl.static_range(NBUF):
+                _load_block(k_desc, bars, k_smem, jj, row0, nb, BLOCK_N, NBUF)
             mbarrier.wait(bars.index(0), 0)
             tok = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            for j in range(nb):
-                # the buffer of block j - 1 is free (its product was waited for): block j + NBUF - 1 into it
-                _load_block(k_desc, bars, k_smem, j + NBUF - 1, row0, nb, BLOCK_N, NBUF)
-                nxt = j + 1 < nb
+            # Each step: the product of block j + 1 is issued, block j's is waited for (block j + 1's runs on
+            # through the exponentials), and block j's buffer, free now, takes block j + NBUF.
+            for j in range(n_full):  # keys every row sees: no mask
                 buf = (j + 1) % NBUF
-                mbarrier.wait(bars.index(buf), ((j + 1) // NBUF) & 1, pred=nxt)
+                mbarrier.wait(bars.index(buf), ((j + 1) // NBUF) & 1, pred=j + 1 < nb)
                 tok_next = warpgroup_mma(q_smem, k_smem.index(buf).permute((1, 0)), zero_s, use_acc=False,
                                          is_async=True)
-                sc = warpgroup_mma_wait(1, deps=[tok]) * qk_scale  # block j; block j + 1 runs meanwhile
+                sc = warpgroup_mma_wait(1, deps=[tok]) * qk_scale
+                _load_block(k_desc, bars, k_smem, j + NBUF, row0, nb, BLOCK_N, NBUF)
+                m_new = gl.maximum(m, gl.max(sc, 1))
+                l = l * gl.exp2(m - m_new) + gl.sum(gl.exp2(sc - m_new[:, None]), 1)
+                m = m_new
+                tok = tok_next
+            for j in range(n_full, nb):  # the last partial block before the tile and the diagonal block: masked
+                buf = (j + 1) % NBUF
+                mbarrier.wait(bars.index(buf), ((j + 1) // NBUF) & 1, pred=j + 1 < nb)
+                tok_next = warpgroup_mma(q_smem, k_smem.index(buf).permute((1, 0)), zero_s, use_acc=False,
+                                         is_async=True)
+                sc = warpgroup_mma_wait(1, deps=[tok]) * qk_scale
+                _load_block(k_desc, bars, k_smem, j + NBUF, row0, nb, BLOCK_N, NBUF)
                 kn = j * BLOCK_N + cols
                 sc = gl.where((kn[None, :] <= pos[:, None]) & (kn[None, :] < kend), sc, float("-inf"))
                 m_new = gl.maximum(m, gl.max(sc, 1))
@@ -137,7 +153,7 @@ if HAS_GLUON:
                 l = l * gl.exp2(m - m_safe) + gl.sum(gl.exp2(sc - m_safe[:, None]), 1)
                 m = m_new
                 tok = tok_next
-            warpgroup_mma_wait(0, deps=[tok])  # the extra product issued by the last iteration
+            warpgroup_mma_wait(0, deps=[tok])  # the extra product issued by the last step
             lse = gl.where(ok, m + gl.log2(l), float("inf"))
 
             # loop 2: keys on the M side, keys [0, n_before): pooled[key] = sum over rows of exp2(s - lse)
@@ -149,18 +165,17 @@ if HAS_GLUON:
             keys = gl.arange(0, BLOCK_N, layout=key_l)
             P_row = POOLED + b.to(gl.int64) * spb + h.to(gl.int64) * sph + uu.to(gl.int64) * spu
             nb2 = (n_before + BLOCK_N - 1) // BLOCK_N
-            for j in gl.static_range(NBUF - 1):
-                _load_block(k_desc, bars2, k_smem, j, row0, nb2, BLOCK_N, NBUF)
+            for jj in gl.static_range(NBUF):
+                _load_block(k_desc, bars2, k_smem, jj, row0, nb2, BLOCK_N, NBUF)
             mbarrier.wait(bars2.index(0), 0)
             tok = warpgroup_mma(k_smem.index(0), q_smem.permute((1, 0)), zero_p, use_acc=False, is_async=True)
-            for j in range(nb2):
-                _load_block(k_desc, bars2, k_smem, j + NBUF - 1, row0, nb2, BLOCK_N, NBUF)
-                nxt = j + 1 < nb2
+            for j in range(nb2):  # the same steps as loop 1
                 buf = (j + 1) % NBUF
-                mbarrier.wait(bars2.index(buf), ((j + 1) // NBUF) & 1, pred=nxt)
+                mbarrier.wait(bars2.index(buf), ((j + 1) // NBUF) & 1, pred=j + 1 < nb2)
                 tok_next = warpgroup_mma(k_smem.index(buf), q_smem.permute((1, 0)), zero_p, use_acc=False,
                                          is_async=True)
                 st = warpgroup_mma_wait(1, deps=[tok]) * qk_scale
+                _load_block(k_desc, bars2, k_smem, j + NBUF, row0, nb2, BLOCK_N, NBUF)
                 kn = j * BLOCK_N + keys
                 gl.store(P_row + kn, gl.sum(gl.exp2(st - lse_p[None, :]), 1), mask=kn < n_before)
                 tok = tok_next
@@ -171,8 +186,11 @@ if HAS_GLUON:
 
 
 def pooled_scores_chunk(q, k, kv_start_i32, counts, pooled, u0: int, n_tiles: int, tile: int, scale: float,
-                        block_n: int = 128, nbuf: int = 3, num_warps: int | None = None):
-    """prefill_pool.pooled_scores_chunk for the calls `supported` accepts: pooled[:, :, :n_tiles, :tT]."""
+                        block_n: int = 128, nbuf: int = 2, num_warps: int | None = None, maxnreg: int | None = 128):
+    """prefill_pool.pooled_scores_chunk for the calls `supported` accepts: pooled[:, :, :n_tiles, :tT].
+
+    Defaults: the fastest setting measured (H200, 128K; results/history/prefill_variants_h200_v6.json):
+    128-key blocks, two K buffers, registers capped at 128 so that two programs share an SM."""
     from kascade.kernels.prefill_pool import row_layout
 
     bsz, hq, qlen, d = q.shape
@@ -189,4 +207,5 @@ def pooled_scores_chunk(q, k, kv_start_i32, counts, pooled, u0: int, n_tiles: in
         q, desc, kv_start_i32, counts, pooled,
         q.stride(0), q.stride(1), q.stride(2), pooled.stride(0), pooled.stride(1), pooled.stride(2), counts.stride(0),
         float(scale) * LOG2E, u0, qlen, n_cache, hkv,
-        G=g, TILE=tile, T_PAD=t_pad, D=d, BLOCK_N=block_n, NBUF=nbuf, num_warps=num_warps)
+        G=g, TILE=tile, T_PAD=t_pad, D=d, BLOCK_N=block_n, NBUF=nbuf, num_warps=num_warps,
+        **({} if maxnreg is None else {"maxnreg": maxnreg}))
