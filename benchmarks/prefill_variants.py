@@ -36,6 +36,7 @@ POOL = {
     "gluon_BN128_nb3": dict(kernel="gluon", BLOCK_N=128, NBUF=3),
     "gluon_BN128_nb2": dict(kernel="gluon", BLOCK_N=128, NBUF=2),
     "gluon_BN128_nb2_r128": dict(kernel="gluon", BLOCK_N=128, NBUF=2, maxnreg=128),  # two programs per SM
+    "gluon_BN128_nb2_r128_fold": dict(kernel="gluon", BLOCK_N=128, NBUF=2, maxnreg=128, fold=True),
     "gluon_BN64_nb3": dict(kernel="gluon", BLOCK_N=64, NBUF=3),
     "gluon_BN64_nb2": dict(kernel="gluon", BLOCK_N=64, NBUF=2),
 }

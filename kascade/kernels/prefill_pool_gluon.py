@@ -12,9 +12,10 @@ exponentials of that product, so the tensor cores and the exp unit take turns (b
 Here K blocks arrive by TMA into a ring of NBUF shared-memory buffers, and the product of block j + 1 is
 issued asynchronously (wgmma) before the exponentials of block j, so the two overlap.
 
-Measured (H200, Llama-3.1-8B shape, 128K): 310.0 ms against 311.6 ms for the Triton pass, the same
-selections; with one program per SM (three buffers, no register cap) 329 ms. The overlap inside a
-program buys what the Triton kernel gets from two programs per SM, not more: see benchmarks/notes_prefill.md.
+Measured (H200, Llama-3.1-8B shape, 128K; benchmarks/notes_prefill.md): 300.5 ms against 312.7 ms for
+the Triton pass in the same run (the scale folded into the exponent; 307.4 ms rounding like the Triton
+pass), the same selections on the benchmark's data; with one program per SM 329 ms. The overlap
+inside a program buys about what the Triton kernel gets from two programs per SM.
 
 Scope: CUDA devices of compute capability 9 (wgmma), bf16/fp16, a contiguous [B, Hkv, N, D] cache,
 G x T_PAD == 64 or 128 stacked rows (one matrix tile of heads), D in (64, 128). `supported` says
@@ -70,7 +71,7 @@ if HAS_GLUON:
                            sqb, sqh, sqm, spb, sph, spu, scb,
                            qk_scale, u0, Q_LEN, N_CACHE, HKV,
                            G: gl.constexpr, TILE: gl.constexpr, T_PAD: gl.constexpr, D: gl.constexpr,
-                           BLOCK_N: gl.constexpr, NBUF: gl.constexpr, num_warps: gl.constexpr):
+                           BLOCK_N: gl.constexpr, NBUF: gl.constexpr, FOLD: gl.constexpr, num_warps: gl.constexpr):
         ROWS: gl.constexpr = G * T_PAD
         uu = gl.num_programs(0) - 1 - gl.program_id(0)  # the longest tiles of the chunk first
         h = gl.program_id(1)
@@ -133,10 +134,15 @@ if HAS_GLUON:
                 mbarrier.wait(bars.index(buf), ((j + 1) // NBUF) & 1, pred=j + 1 < nb)
                 tok_next = warpgroup_mma(q_smem, k_smem.index(buf).permute((1, 0)), zero_s, use_acc=False,
                                          is_async=True)
-                sc = warpgroup_mma_wait(1, deps=[tok]) * qk_scale
+                acc = warpgroup_mma_wait(1, deps=[tok])
                 _load_block(k_desc, bars, k_smem, j + NBUF, row0, nb, BLOCK_N, NBUF)
-                m_new = gl.maximum(m, gl.max(sc, 1))
-                l = l * gl.exp2(m - m_new) + gl.sum(gl.exp2(sc - m_new[:, None]), 1)
+                if FOLD:  # the scale folded into the exponent's argument: one fma a score
+                    m_new = gl.maximum(m, gl.max(acc, 1) * qk_scale)
+                    l = l * gl.exp2(m - m_new) + gl.sum(gl.exp2(gl.fma(acc, qk_scale, -m_new[:, None])), 1)
+                else:  # the Triton pass's arithmetic, rounding for rounding
+                    sc = acc * qk_scale
+                    m_new = gl.maximum(m, gl.max(sc, 1))
+                    l = l * gl.exp2(m - m_new) + gl.sum(gl.exp2(sc - m_new[:, None]), 1)
                 m = m_new
                 tok = tok_next
             for j in range(n_full, nb):  # the last partial block before the tile and the diagonal block: masked
@@ -174,10 +180,14 @@ if HAS_GLUON:
                 mbarrier.wait(bars2.index(buf), ((j + 1) // NBUF) & 1, pred=j + 1 < nb2)
                 tok_next = warpgroup_mma(k_smem.index(buf), q_smem.permute((1, 0)), zero_p, use_acc=False,
                                          is_async=True)
-                st = warpgroup_mma_wait(1, deps=[tok]) * qk_scale
+                acc = warpgroup_mma_wait(1, deps=[tok])
                 _load_block(k_desc, bars2, k_smem, j + NBUF, row0, nb2, BLOCK_N, NBUF)
                 kn = j * BLOCK_N + keys
-                gl.store(P_row + kn, gl.sum(gl.exp2(st - lse_p[None, :]), 1), mask=kn < n_before)
+                if FOLD:
+                    e = gl.exp2(gl.fma(acc, qk_scale, -lse_p[None, :]))
+                else:
+                    e = gl.exp2(acc * qk_scale - lse_p[None, :])
+                gl.store(P_row + kn, gl.sum(e, 1), mask=kn < n_before)
                 tok = tok_next
             warpgroup_mma_wait(0, deps=[tok])
             for j in gl.static_range(NBUF):
@@ -186,11 +196,15 @@ if HAS_GLUON:
 
 
 def pooled_scores_chunk(q, k, kv_start_i32, counts, pooled, u0: int, n_tiles: int, tile: int, scale: float,
-                        block_n: int = 128, nbuf: int = 2, num_warps: int | None = None, maxnreg: int | None = 128):
+                        block_n: int = 128, nbuf: int = 2, num_warps: int | None = None, maxnreg: int | None = 128,
+                        fold: bool = True):
     """prefill_pool.pooled_scores_chunk for the calls `supported` accepts: pooled[:, :, :n_tiles, :tT].
 
-    Defaults: the fastest setting measured (H200, 128K; results/history/prefill_variants_h200_v6.json):
-    128-key blocks, two K buffers, registers capped at 128 so that two programs share an SM."""
+    Defaults: the fastest setting measured (H200, 128K; results/history/prefill_variants_h200_v6-v7.json):
+    128-key blocks, two K buffers, registers capped at 128 so that two programs share an SM, the scale
+    folded into the exponent.
+    fold: the scale folded into the exponent's argument (one fma a score instead of a multiply and a
+    subtraction); rounds differently from the Triton pass, so near-tie selections may differ."""
     from kascade.kernels.prefill_pool import row_layout
 
     bsz, hq, qlen, d = q.shape
@@ -207,5 +221,5 @@ def pooled_scores_chunk(q, k, kv_start_i32, counts, pooled, u0: int, n_tiles: in
         q, desc, kv_start_i32, counts, pooled,
         q.stride(0), q.stride(1), q.stride(2), pooled.stride(0), pooled.stride(1), pooled.stride(2), counts.stride(0),
         float(scale) * LOG2E, u0, qlen, n_cache, hkv,
-        G=g, TILE=tile, T_PAD=t_pad, D=d, BLOCK_N=block_n, NBUF=nbuf, num_warps=num_warps,
+        G=g, TILE=tile, T_PAD=t_pad, D=d, BLOCK_N=block_n, NBUF=nbuf, FOLD=bool(fold), num_warps=num_warps,
         **({} if maxnreg is None else {"maxnreg": maxnreg}))
