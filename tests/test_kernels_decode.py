@@ -548,6 +548,8 @@ def test_part_anchor_errors_name_the_argument():
         K.part_anchor(q, k, v, slice(5, 9), sources, good)
     with pytest.raises(ValueError, match=r"route: .*wrong at heads \[0\]"):
         K.part_anchor(q, k, v, slice(0, 4, 2), sources, [0, 0, -2, 1])
+    with pytest.raises(ValueError, match=r"route: expected \[4\] entries \(one per KV head\), got shape \(3,\)"):
+        K.part_anchor(q, k, v, slice(0, 4, 2), sources, [-1, 0, -2])
     with pytest.raises(ValueError, match=r"route: .*wrong at heads \[3\]"):
         K.part_anchor(q, k, v, slice(0, 4, 2), sources, [-1, 0, -2, 4])
     with pytest.raises(ValueError, match="sources: expected a decode Selection for batch 1"):

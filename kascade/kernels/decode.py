@@ -707,11 +707,13 @@ def part_anchor(q, k, v, heads: slice, sources: Selection, route, rho: float = 0
         rt = torch.as_tensor(route, device=q.device)
     else:
         rt = torch.as_tensor(route, device=q.device, dtype=torch.int64)
+        if rt.shape != (HKV,):
+            raise ValueError(f"route: expected [{HKV}] entries (one per KV head), got shape {tuple(rt.shape)}")
         want = [-1 - own.index(h) if h in own else None for h in range(HKV)]
         got = rt.tolist()
         bad = [h for h in range(HKV) if (got[h] != want[h] if want[h] is not None
                                         else not 0 <= got[h] < sources.num_kv_heads)]
-        if rt.shape != (HKV,) or bad:
+        if bad:
             raise ValueError(f"route: expected [{HKV}] entries, -1 - j for own head j of {list(own)} and a row of "
                              f"the {sources.num_kv_heads} source heads otherwise, got {got} (wrong at heads {bad})")
     q, k, v = _last_dim_contiguous(q, k, v)
