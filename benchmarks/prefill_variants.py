@@ -28,10 +28,6 @@ from kascade.kernels import prefill as P  # noqa: E402
 POOL = {
     "default": {},
     "BN64_w4_s3": dict(BLOCK_N=64, num_warps=4, num_stages=3),
-    # the compiler's warp specialisation of the main loops (Triton's Hopper pass), at two warp counts
-    "ws_BN128_w8_s2": dict(WS=True, BLOCK_N=128, num_warps=8, num_stages=2),
-    "ws_BN128_w4_s2": dict(WS=True, BLOCK_N=128, num_warps=4, num_stages=2),
-    "ws_BN64_w4_s3": dict(WS=True, BLOCK_N=64, num_warps=4, num_stages=3),
     # the Gluon pass (kascade.kernels.prefill_pool_gluon): TMA into NBUF buffers, async wgmma ahead of the exp2
     "gluon_BN128_nb3": dict(kernel="gluon", BLOCK_N=128, NBUF=3),
     "gluon_BN128_nb2": dict(kernel="gluon", BLOCK_N=128, NBUF=2),

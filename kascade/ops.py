@@ -12,7 +12,6 @@ kv_start [B] (left padding) and kv_len [B] (valid keys of a preallocated cache),
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import os
 
@@ -145,10 +144,7 @@ def part_anchor(q, k, v, heads: slice, sources, route, rho, k_min, tile, kv_star
                  scale=scale, backend=backend, kv_len=kv_len)
     rt = torch.as_tensor(route, device=q.device, dtype=torch.int64)
     rows = torch.where(rt < 0, sources.num_kv_heads - 1 - rt, rt)  # rows of [sources..., own...]
-    width = max(sources.indices.shape[-1], own.indices.shape[-1])
-    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[-1]), value=-1)  # noqa: E731
-    stacked = torch.cat([pad(sources.indices), pad(own.indices)], dim=1).index_select(1, rows)
-    sel = dataclasses.replace(own, indices=stacked)
+    sel = reference.gather_heads([sources, own], rows)
     return reuse(q, k, v, sel, None, kv_start=kv_start, scale=scale, backend=backend, kv_len=kv_len), own
 
 

@@ -23,6 +23,7 @@ once; `max_chunk_bytes` bounds the largest temporary.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -316,3 +317,19 @@ def sparse_attention(q, k, v, selection: Selection, head_map=None, kv_start=None
             o = _sparse_prefill_seq(qb, kb, vb, tiles_idx, p0, selection.tile, sc, max_chunk_bytes)
         out[b, :, i0:] = o.to(q.dtype)
     return out
+
+
+def gather_heads(selections, rows: torch.Tensor | None):
+    """One Selection whose KV head h is row rows[h] of the selections stacked along the head axis
+    (rows None: the one selection as it is).
+
+    The selections come from one forward (same batch, tiles and counts); their slot widths may differ
+    (padded with -1 to the widest). Keeps the first selection's type and extra fields."""
+    first = selections[0]
+    if rows is None:
+        return first
+    width = max(s.indices.shape[-1] for s in selections)
+    stacked = torch.cat([s.indices if s.indices.shape[-1] == width else
+                         torch.nn.functional.pad(s.indices, (0, width - s.indices.shape[-1]), value=-1)
+                         for s in selections], dim=1)  # pads only the narrower ones (no copy of the others)
+    return dataclasses.replace(first, indices=stacked.index_select(1, rows))

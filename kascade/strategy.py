@@ -12,12 +12,12 @@ a CUDA graph (head maps are cached as device tensors at their first use, outside
 
 from __future__ import annotations
 
-import dataclasses
 
 import torch
 
 from kascade import ops
 from kascade.plan import Plan
+from kascade.reference import gather_heads
 
 _ASSEMBLED = "assembled"  # state key prefix of a head-granular layer's assembled Selection
 
@@ -219,19 +219,3 @@ def head_slices(heads: list[int]) -> list[slice]:
         out.append(slice(best[0], best[-1] + 1, step))
         left = [h for h in left if h not in best]
     return sorted(out, key=lambda sl: sl.start)
-
-
-def gather_heads(selections, rows: torch.Tensor | None):
-    """One Selection whose KV head h is row rows[h] of the selections stacked along the head axis
-    (rows None: the one selection as it is).
-
-    The selections come from one forward (same batch, tiles and counts); their slot widths may differ
-    (padded with -1 to the widest). Keeps the first selection's type and extra fields."""
-    first = selections[0]
-    if rows is None:
-        return first
-    width = max(s.indices.shape[-1] for s in selections)
-    stacked = torch.cat([s.indices if s.indices.shape[-1] == width else
-                         torch.nn.functional.pad(s.indices, (0, width - s.indices.shape[-1]), value=-1)
-                         for s in selections], dim=1)  # pads only the narrower ones (no copy of the others)
-    return dataclasses.replace(first, indices=stacked.index_select(1, rows))

@@ -84,16 +84,15 @@ def _load_q_rows(Q, b, h, hg, t, n, p0, Q_LEN, sqb, sqh, sqm,
 @triton.jit
 def _row_lse(q, K, b, h, s, skb, skh, skn, BT, s_bt, PAGE: tl.constexpr, ok, pos, n_before, kend, qk_scale,
              ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-             UPCAST: tl.constexpr, PAGED: tl.constexpr, WS: tl.constexpr = False):
-    """log2-sum-exp2 of every stacked row over its causal keys [0, pos]; +inf for rows not present.
-    WS: the unmasked loop asks the compiler for warp specialisation (tl.range(warp_specialize=True))."""
+             UPCAST: tl.constexpr, PAGED: tl.constexpr):
+    """log2-sum-exp2 of every stacked row over its causal keys [0, pos]; +inf for rows not present."""
     m = tl.full([ROWS], float("-inf"), tl.float32)
     l = tl.zeros([ROWS], tl.float32)
     d = tl.arange(0, BLOCK_D)
     dmask = d[None, :] < HEAD_DIM
     n_full = (n_before // BLOCK_N) * BLOCK_N
     # keys every row sees: no mask
-    for start in tl.range(0, n_full, BLOCK_N, warp_specialize=WS):
+    for start in range(0, n_full, BLOCK_N):
         kn = start + tl.arange(0, BLOCK_N)
         koff = row_offsets(b, h, s + kn, kn < kend, skb, skh, skn, BT, s_bt, PAGE, PAGED)
         kb = tl.load(K + koff[:, None] + d[None, :], mask=dmask, other=0.0)
@@ -132,11 +131,9 @@ def _pool_kernel(
     qk_scale, u0, Q_LEN, N_CACHE,
     G: tl.constexpr, TILE: tl.constexpr, T_PAD: tl.constexpr, BLOCK_G: tl.constexpr, NUM_HG: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-    PAGED: tl.constexpr, HAS_END: tl.constexpr, WS: tl.constexpr = False,
+    PAGED: tl.constexpr, HAS_END: tl.constexpr,
 ):
-    """POOLED[b, h, uu, j] for j < tT of local tile u = u0 + uu (see the module docstring).
-    WS: the main loops of one matrix tile of heads (NUM_HG == 1) ask the compiler for warp
-    specialisation (a launch variant of benchmarks/prefill_variants.py; same result)."""
+    """POOLED[b, h, uu, j] for j < tT of local tile u = u0 + uu (see the module docstring)."""
     tl.static_assert(BLOCK_G * T_PAD <= 256)
     tl.static_assert(T_PAD >= TILE)
     ROWS: tl.constexpr = BLOCK_G * T_PAD
@@ -157,8 +154,8 @@ def _pool_kernel(
             q, ok, pos = _load_q_rows(Q, b, h, 0, t, n, p0, Q_LEN, sqb, sqh, sqm,
                                       G, TILE, T_PAD, BLOCK_G, HEAD_DIM, BLOCK_D)
             lse = _row_lse(q, K, b, h, s, skb, skh, skn, BT, s_bt, PAGE, ok, pos, n_before, kend, qk_scale,
-                           ROWS, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST, PAGED, WS)
-            for start in tl.range(0, n_before, BLOCK_N, warp_specialize=WS):
+                           ROWS, BLOCK_N, HEAD_DIM, BLOCK_D, UPCAST, PAGED)
+            for start in range(0, n_before, BLOCK_N):
                 kn = start + tl.arange(0, BLOCK_N)
                 kmask = kn < n_before
                 koff = row_offsets(b, h, s + kn, kmask, skb, skh, skn, BT, s_bt, PAGE, PAGED)
