@@ -5,7 +5,7 @@ fused selection and sparse output, a reuse layer's sparse attention, and a part-
 sparse attention plus the selection of its share of the KV heads. Against dense attention in every
 layer this gives the attention speedup of decode and prefill (attention only: the rest of the model,
 its weights, norms and MLPs, is the same for both). A part-selecting layer whose selecting heads are
-not evenly spaced selects over a few strided views (`kascade.strategy.head_slices`); each view after
+not evenly spaced selects over a few strided views (`kascade.routing.head_slices`); each view after
 the first adds `extra_slice` (a launch sequence's fixed cost). The default times are one H200's at 128K tokens
 (kascade/configs/kernel_times_h200.json, with their source files).
 """
@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from kascade.plan import Plan
+from kascade.routing import head_slices
 
 KERNEL_TIMES = Path(__file__).resolve().parent / "configs" / "kernel_times_h200.json"
 
@@ -27,8 +28,6 @@ def load_times(path=KERNEL_TIMES) -> dict:
 def layer_times(plan: Plan, num_kv_heads: int, t: dict) -> list[float]:
     """Time of each layer of the plan under the per-layer times t (keys dense, layer0, anchor, select,
     reuse, and optionally extra_slice)."""
-    from kascade.strategy import head_slices
-
     n = plan.num_layers
     if n is None:
         raise ValueError("plan: needs its model fingerprint (num_layers) to be costed; use Plan.for_model")

@@ -5,7 +5,9 @@ With TP ranks, rank r holds query heads [r * Hq/TP, (r+1) * Hq/TP) and KV heads
 (q/k/v_proj colwise, o_proj rowwise) and of serving engines. Each KV head's G query heads sit on
 its rank, so anchor selection (per KV head) is local. Reuse moves index sets between KV heads
 through the head map; a plan calibrated with `tp_degree` (`kascade calibrate --tp-degree TP`) maps
-every head inside its own block, so reuse is local too and no rank ever needs another's indices.
+every head inside its own block, so reuse is local too and no rank ever needs another's indices. A
+head-granular plan (`head_sources`) runs sharded the same way when every source head lies in its head's
+block (the source layers may be any); one that crosses is refused, naming the first crossing entry.
 
     # each rank (torchrun), after model = AutoModelForCausalLM.from_pretrained(dir, tp_plan="auto")
     import kascade.distributed
@@ -14,7 +16,7 @@ every head inside its own block, so reuse is local too and no rank ever needs an
         out = model.generate(ids, max_new_tokens=32)
 
 `kascade.enable(model, plan)` works as well: the strategy sees Hkv/TP local KV heads and takes the
-rank's rows of the head map (rank = torch.distributed rank modulo TP). `ShardedKascadeStrategy`
+rank's rows of the head map or head sources (rank = torch.distributed rank modulo TP). `ShardedKascadeStrategy`
 is the explicit form for any other sharded attention: it runs the plan on one rank's heads.
 
 Why a constrained map and not an exchange of indices: an all-gather of every anchor's index sets
@@ -29,8 +31,9 @@ from __future__ import annotations
 
 import torch
 
-from kascade.plan import Plan, check_tp_degree, local_head_map
+from kascade.plan import Plan, check_tp_degree, local_head_map, local_head_sources
 from kascade.strategy import KascadeStrategy
+from kascade.tp import default_tp_rank
 
 
 def head_slice(num_heads: int, tp_degree: int, rank: int) -> slice:
@@ -48,29 +51,18 @@ def shard_heads(t: torch.Tensor, tp_degree: int, rank: int) -> torch.Tensor:
     return t[:, head_slice(t.shape[1], tp_degree, rank)]
 
 
-def default_tp_rank(tp_degree: int) -> int:
-    """This process's TP rank from torch.distributed: rank modulo `tp_degree` (TP innermost)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError(f"tp_rank: the attention holds 1/{tp_degree} of the plan's KV heads (a tensor-parallel "
-                         "shard) but torch.distributed is not initialised, so the rank is unknown; use "
-                         "kascade.distributed.ShardedKascadeStrategy(plan, tp_degree, rank)")
-    world = dist.get_world_size()
-    if world % tp_degree:
-        raise ValueError(f"tp_rank: world size {world} is not a multiple of the TP degree {tp_degree}; use "
-                         "kascade.distributed.ShardedKascadeStrategy(plan, tp_degree, rank)")
-    return dist.get_rank() % tp_degree
-
-
 def shard_plan(plan: Plan, tp_degree: int, rank: int) -> Plan:
-    """The plan as one rank sees it: its KV heads only, head map re-based to local head numbers."""
-    plan.require_layer_granular("tensor parallelism")
+    """The plan as one rank sees it: its KV heads only, head map or head sources re-based to local head
+    numbers. ValueError naming head_map / head_sources and the first entry that crosses shards."""
     if plan.model is not None:
-        check_tp_degree(plan.head_map, tp_degree, num_kv_heads=plan.model["num_kv_heads"])
-    head_map = None
+        check_tp_degree(plan.head_map, tp_degree, num_kv_heads=plan.model["num_kv_heads"],
+                        head_sources=plan.head_sources)
+    head_map = head_sources = None
     if plan.head_map is not None:
         head_map = [local_head_map(row, tp_degree, rank, layer=layer) for layer, row in enumerate(plan.head_map)]
+    if plan.head_sources is not None:
+        head_sources = [None if row is None else local_head_sources(row, tp_degree, rank, layer)
+                        for layer, row in enumerate(plan.head_sources)]
     model = None
     if plan.model is not None:
         if plan.model["num_q_heads"] % tp_degree:
@@ -78,8 +70,9 @@ def shard_plan(plan: Plan, tp_degree: int, rank: int) -> Plan:
                              f"{tp_degree} ranks")
         model = {**plan.model, "num_q_heads": plan.model["num_q_heads"] // tp_degree,
                  "num_kv_heads": plan.model["num_kv_heads"] // tp_degree}
-    return Plan(anchors=list(plan.anchors), head_map=head_map, rho=plan.rho, k_min=plan.k_min, tile=plan.tile,
-                model=model, provenance={**plan.provenance, "tp_shard": {"rank": rank, "tp_degree": tp_degree}})
+    return Plan(anchors=list(plan.anchors), head_map=head_map, head_sources=head_sources, rho=plan.rho,
+                k_min=plan.k_min, tile=plan.tile, model=model, recipe=plan.recipe, schema_version=plan.schema_version,
+                provenance={**plan.provenance, "tp_shard": {"rank": rank, "tp_degree": tp_degree}})
 
 
 class ShardedKascadeStrategy(KascadeStrategy):
@@ -87,8 +80,8 @@ class ShardedKascadeStrategy(KascadeStrategy):
 
     `attend(layer, q, k, v, kv_start, scale)` takes the rank's heads, q [B, Hq/TP, Q, D] and
     k/v [B, Hkv/TP, N, D], and returns [B, Hq/TP, Q, Dv]: the rank's rows of the unsharded output
-    (concatenating the ranks' outputs over heads gives the unsharded result exactly, the head map
-    being inside shards). `validate(config)` checks the full plan against the full model config.
+    (concatenating the ranks' outputs over heads gives the unsharded result exactly, the head map or
+    head sources being inside shards). `validate(config)` checks the full plan against the full model config.
     """
 
     name = "kascade-tp"

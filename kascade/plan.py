@@ -27,8 +27,9 @@ sum over layers of (selecting KV heads / Hkv); for a layer-granular plan it is t
 
 Tensor parallelism: with TP ranks, rank r holds the contiguous block of KV heads
 [r * Hkv/TP, (r+1) * Hkv/TP). A plan calibrated with `tp_degree` maps every head inside its own block,
-so each rank runs Kascade on its heads alone. A map that stays inside blocks of TP also does inside
-blocks of any divisor of TP; `validate(config, tp_degree=...)` checks the map itself.
+so each rank runs Kascade on its heads alone; a head-granular plan runs so when every source head lies in
+its head's block (layers may differ). A map that stays inside blocks of TP also does inside blocks of any
+divisor of TP; `validate(config, tp_degree=...)` checks the map (or the sources) itself.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from kascade.budget import check_budget
+from kascade.tp import default_tp_rank
 
 SCHEMA_VERSION = 2
 SCHEMA_VERSIONS = (1, 2)  # versions this code reads; 1 has no head_sources, recipe or cost field
@@ -115,30 +117,57 @@ class Plan:
                              "plan has head_sources (finer-grained anchors). Use the transformers integration "
                              "(kascade.enable), or calibrate with `kascade calibrate --recipe paper`")
 
-    def sources(self, layer: int, num_kv_heads: int) -> list[tuple[int, int]]:
+    def sources(self, layer: int, num_kv_heads: int, tp_rank: int | None = None) -> list[tuple[int, int]]:
         """Per KV head of `layer`, the (layer, head) whose selection it attends to; (layer, h) itself
-        when the head selects. Layer 0 and anchors select for every head."""
+        when the head selects. Layer 0 and anchors select for every head.
+
+        `num_kv_heads` below the plan's count means one tensor-parallel shard (see `shard`): the rank's
+        heads, their sources re-based to its local head numbers (layers unchanged)."""
         if self.is_anchor(layer):
             return [(layer, h) for h in range(num_kv_heads)]
         if self.head_sources is None:
             a = self.anchor_of(layer)
-            return [(a, m) for m in self.kv_head_map(layer, num_kv_heads)]
+            return [(a, m) for m in self.kv_head_map(layer, num_kv_heads, tp_rank=tp_rank)]
         row = self.head_sources[layer]
-        if len(row) != num_kv_heads:
-            raise ValueError(f"num_kv_heads: head_sources has {len(row)} KV heads per layer, got {num_kv_heads}; "
-                             "head-granular plans are not split over tensor-parallel ranks")
+        tp, rank = self.shard(num_kv_heads, tp_rank)
+        if tp > 1:
+            row = local_head_sources(row, tp, rank, layer)
         return [(layer, h) if e is None else (e[0], e[1]) for h, e in enumerate(row)]
 
-    def selecting_heads(self, layer: int, num_kv_heads: int) -> list[int]:
+    def selecting_heads(self, layer: int, num_kv_heads: int, tp_rank: int | None = None) -> list[int]:
         """The KV heads of `layer` that select their own top-k (all for an anchor)."""
-        return [h for h, (a, _) in enumerate(self.sources(layer, num_kv_heads)) if a == layer]
+        return [h for h, (a, _) in enumerate(self.sources(layer, num_kv_heads, tp_rank)) if a == layer]
 
-    def used_by_later_layers(self, layer: int, num_kv_heads: int) -> bool:
+    def used_by_later_layers(self, layer: int, num_kv_heads: int, tp_rank: int | None = None) -> bool:
         """Whether a later layer attends to this anchor's selection (layer 0 skips selecting otherwise)."""
         if self.head_sources is None:  # the layers after an anchor, up to the next anchor, reuse it
             return layer + 1 not in self.anchors
         return any(a == layer for b in range(layer + 1, len(self.head_sources))
-                   for a, _ in self.sources(b, num_kv_heads))
+                   for a, _ in self.sources(b, num_kv_heads, tp_rank))
+
+    def shard(self, num_kv_heads: int, tp_rank: int | None = None) -> tuple[int, int]:
+        """(TP degree, rank) of a caller holding `num_kv_heads` of the plan's KV heads: (1, 0) when it holds
+        all of them (or the plan names no heads); below the plan's count, one tensor-parallel shard of
+        Hkv / num_kv_heads ranks, rank `tp_rank`, or when None the torch.distributed rank modulo the TP
+        degree (TP innermost in the process layout, as in transformers' device mesh)."""
+        hkv = self._num_kv_heads_named()
+        if hkv is None or num_kv_heads == hkv:
+            return 1, 0
+        if num_kv_heads < 1 or hkv % num_kv_heads:
+            raise ValueError(f"num_kv_heads: expected the plan's {hkv} KV heads or a shard of them (a divisor), "
+                             f"got {num_kv_heads}")
+        tp = hkv // num_kv_heads
+        rank = default_tp_rank(tp) if tp_rank is None else tp_rank
+        _rank_block(hkv, tp, rank)  # a valid rank
+        return tp, rank
+
+    def _num_kv_heads_named(self) -> int | None:
+        """The KV heads of the plan's head map or head sources; None when it has neither."""
+        if self.head_map is not None:
+            return len(self.head_map[0])
+        if self.head_sources is not None:
+            return len(next(r for r in self.head_sources if r is not None))
+        return None
 
     def _selecting_equivalent(self) -> float | None:
         if self.head_sources is None:
@@ -154,28 +183,19 @@ class Plan:
         """KV-head map of `layer` (identity when the plan has none).
 
         `num_kv_heads` below the plan's count means the caller holds one tensor-parallel shard of
-        Hkv / num_kv_heads ranks: the map is then the rank's rows, re-based to its local heads. The
-        rank is `tp_rank`, or when None the torch.distributed rank modulo the TP degree (TP innermost
-        in the process layout, as in transformers' device mesh)."""
+        Hkv / num_kv_heads ranks: the map is then the rank's rows, re-based to its local heads (the
+        rank as in `shard`)."""
         if self.head_sources is not None and not self.is_anchor(layer):
-            srcs = self.sources(layer, num_kv_heads)
+            srcs = self.sources(layer, num_kv_heads, tp_rank)
             if len({a for a, _ in srcs}) != 1 or srcs[0][0] != self.anchor_of(layer):
                 self.require_layer_granular("a single head map per layer")
             return [m for _, m in srcs]
         if self.head_map is None or self.is_anchor(layer):
             return list(range(num_kv_heads))
-        hkv = len(self.head_map[layer])
-        if num_kv_heads == hkv:
+        tp, rank = self.shard(num_kv_heads, tp_rank)
+        if tp == 1:
             return self.head_map[layer]
-        if num_kv_heads < 1 or hkv % num_kv_heads:
-            raise ValueError(f"num_kv_heads: expected the plan's {hkv} KV heads or a shard of them (a divisor), "
-                             f"got {num_kv_heads}")
-        tp = hkv // num_kv_heads
-        if tp_rank is None:
-            from kascade.distributed import default_tp_rank
-
-            tp_rank = default_tp_rank(tp)
-        return local_head_map(self.head_map[layer], tp, tp_rank, layer=layer)
+        return local_head_map(self.head_map[layer], tp, rank, layer=layer)
 
     # -- checks --------------------------------------------------------------------------------
     def check(self) -> None:
@@ -234,7 +254,6 @@ class Plan:
         hkv = widths.pop()
         if self.model is not None and hkv != self.model["num_kv_heads"]:
             raise ValueError(f"head_sources: expected {self.model['num_kv_heads']} KV heads per row, got {hkv}")
-        check_tp_degree(None, self.tp_degree, num_kv_heads=hkv, what="tp_degree")
         for layer, row in enumerate(rows):
             if (row is None) != (layer in self.anchors):
                 want = "null (anchors select for every head)" if layer in self.anchors else "a row of sources"
@@ -249,13 +268,12 @@ class Plan:
                 if not (a in self.anchors or rows[a][m] is None):
                     raise ValueError(f"head_sources: layer {layer} head {h} takes layer {a} head {m}, which does not "
                                      "select (it is neither an anchor nor a selecting head)")
-                if shard_of(h, hkv, self.tp_degree) != shard_of(m, hkv, self.tp_degree):
-                    raise ValueError(f"head_sources: layer {layer} head {h} takes head {m} of another "
-                                     f"tensor-parallel shard at TP degree {self.tp_degree}")
+        check_tp_degree(None, self.tp_degree, num_kv_heads=hkv, what="tp_degree", head_sources=rows)
 
     def validate(self, model_config, tp_degree: int | None = None) -> None:
         """Raise ValueError unless this plan fits the model of `model_config`, run on `tp_degree`
-        tensor-parallel ranks when given (KV heads divisible by it, head map inside its shards)."""
+        tensor-parallel ranks when given (KV heads divisible by it, head map or head sources inside its
+        shards)."""
         fp = model_fingerprint(model_config)
         if self.model is not None:
             diff = {k: (self.model.get(k), fp[k]) for k in ("num_layers", "num_q_heads", "num_kv_heads", "head_dim")
@@ -276,7 +294,7 @@ class Plan:
                 raise ValueError(f"head_map: expected {fp['num_layers']} rows of {fp['num_kv_heads']} KV heads, "
                                  f"got {len(self.head_map)} rows of {len(self.head_map[0])}")
         if tp_degree is not None:
-            check_tp_degree(self.head_map, tp_degree, num_kv_heads=fp["num_kv_heads"])
+            check_tp_degree(self.head_map, tp_degree, num_kv_heads=fp["num_kv_heads"], head_sources=self.head_sources)
 
     # -- construction and files ----------------------------------------------------------------
     @classmethod
@@ -338,6 +356,11 @@ def shard_of(head: int, num_kv_heads: int, tp_degree: int) -> int:
     return head // (num_kv_heads // tp_degree)
 
 
+# the output-aware recipe makes head-granular plans for one rank only (kascade.cli refuses --tp-degree with it)
+_TP_FIX = ("use a plan whose sources stay inside the shards, e.g. `kascade calibrate --recipe paper --tp-degree {tp}`, "
+           "or run without tensor parallelism")
+
+
 def crossing_heads(head_map, tp_degree: int) -> list[tuple[int, int, int]]:
     """(layer, head, mapped head) for every entry of `head_map` that leaves its head's shard."""
     if head_map is None:
@@ -347,8 +370,18 @@ def crossing_heads(head_map, tp_degree: int) -> list[tuple[int, int, int]]:
             if shard_of(h, hkv, tp_degree) != shard_of(m, hkv, tp_degree)]
 
 
-def check_tp_degree(head_map, tp_degree, num_kv_heads: int | None = None, what: str = "tp_degree") -> None:
-    """ValueError unless `tp_degree` divides the KV heads and `head_map` stays inside its shards."""
+def crossing_sources(head_sources, tp_degree: int) -> list[tuple[int, int, int, int]]:
+    """(layer, head, source layer, source head) for every entry of `head_sources` that leaves its head's shard."""
+    if head_sources is None:
+        return []
+    hkv = len(next(r for r in head_sources if r is not None))
+    return [(layer, h, e[0], e[1]) for layer, row in enumerate(head_sources) for h, e in enumerate(row or ())
+            if e is not None and shard_of(h, hkv, tp_degree) != shard_of(e[1], hkv, tp_degree)]
+
+
+def check_tp_degree(head_map, tp_degree, num_kv_heads: int | None = None, what: str = "tp_degree",
+                    head_sources=None) -> None:
+    """ValueError unless `tp_degree` divides the KV heads and `head_map` / `head_sources` stay inside its shards."""
     if isinstance(tp_degree, bool) or not isinstance(tp_degree, int) or tp_degree < 1:
         raise ValueError(f"{what}: expected an integer >= 1, got {tp_degree!r}")
     hkv = len(head_map[0]) if head_map else num_kv_heads
@@ -357,30 +390,56 @@ def check_tp_degree(head_map, tp_degree, num_kv_heads: int | None = None, what: 
     if hkv % tp_degree:
         raise ValueError(f"{what}: the model's {hkv} KV heads do not split over {tp_degree} tensor-parallel ranks; "
                          f"use a TP degree dividing {hkv}")
+    size = hkv // tp_degree
     bad = crossing_heads(head_map, tp_degree)
     if bad:
         layer, h, m = bad[0]
-        size = hkv // tp_degree
         raise ValueError(f"head_map: crosses tensor-parallel shards at TP degree {tp_degree} ({len(bad)} entries; "
                          f"first: layer {layer} KV head {h} on rank {h // size} reuses head {m} on rank {m // size}); "
                          f"re-calibrate with `kascade calibrate --tp-degree {tp_degree}` (or a multiple of it)")
+    bad = crossing_sources(head_sources, tp_degree)
+    if bad:
+        layer, h, a, m = bad[0]
+        raise ValueError(f"head_sources: crosses tensor-parallel shards at TP degree {tp_degree} ({len(bad)} entries; "
+                         f"first: layer {layer} KV head {h} on rank {h // size} takes layer {a} head {m} on rank "
+                         f"{m // size}); {_TP_FIX.format(tp=tp_degree)}")
+
+
+def _rank_block(hkv: int, tp_degree: int, rank) -> tuple[int, int]:
+    """(first KV head, number of KV heads) of rank `rank`'s shard; ValueError for a bad degree or rank."""
+    check_tp_degree(None, tp_degree, num_kv_heads=hkv)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < tp_degree:
+        raise ValueError(f"tp_rank: expected an integer in [0, {tp_degree}), got {rank!r}")
+    size = hkv // tp_degree
+    return rank * size, size
 
 
 def local_head_map(row: list[int], tp_degree: int, rank: int, layer: int | None = None) -> list[int]:
     """Rank `rank`'s slice of one head-map row (of layer `layer`), re-based to its local KV heads
     0 .. Hkv/TP - 1. ValueError if a head of the slice maps outside the rank's shard."""
-    hkv = len(row)
-    check_tp_degree(None, tp_degree, num_kv_heads=hkv)
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < tp_degree:
-        raise ValueError(f"tp_rank: expected an integer in [0, {tp_degree}), got {rank!r}")
-    size = hkv // tp_degree
-    lo = rank * size
+    lo, size = _rank_block(len(row), tp_degree, rank)
     local = [m - lo for m in row[lo : lo + size]]
     if any(not 0 <= m < size for m in local):
         where = "" if layer is None else f" of layer {layer}"
         raise ValueError(f"head_map: the row{where} {row} crosses tensor-parallel shards at TP degree {tp_degree} "
                          f"(rank {rank} holds KV heads [{lo}, {lo + size})); re-calibrate with "
                          f"`kascade calibrate --tp-degree {tp_degree}`")
+    return local
+
+
+def local_head_sources(row: list, tp_degree: int, rank: int, layer: int) -> list:
+    """Rank `rank`'s slice of layer `layer`'s head_sources row (null, or [source layer, source head] per KV
+    head), source heads re-based to its local KV heads 0 .. Hkv/TP - 1 (layers unchanged). ValueError
+    naming the first entry whose source lies outside the rank's shard."""
+    lo, size = _rank_block(len(row), tp_degree, rank)
+    local = []
+    for h in range(lo, lo + size):
+        e = row[h]
+        if e is not None and not lo <= e[1] < lo + size:
+            raise ValueError(f"head_sources: layer {layer} KV head {h} on rank {rank} takes layer {e[0]} head {e[1]} "
+                             f"on rank {e[1] // size}, across tensor-parallel shards at TP degree {tp_degree}; "
+                             f"{_TP_FIX.format(tp=tp_degree)}")
+        local.append(None if e is None else [e[0], e[1] - lo])
     return local
 
 

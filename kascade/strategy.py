@@ -7,7 +7,7 @@ layer 0, so nothing leaks from one forward (one request, one decode step) into t
 
 Shapes as in kascade.reference: q [B, Hq, Q, D], k/v [B, Hkv, N, D], kv_start [B] or None, kv_len [B]
 or None. Nothing here synchronises with the host on the kernel path: a decode step can be captured in
-a CUDA graph (head maps are cached as device tensors at their first use, outside the capture).
+a CUDA graph (routes are cached as device tensors at their first use, outside the capture; kascade.routing).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 from kascade import ops
 from kascade.plan import Plan
 from kascade.reference import gather_heads
+from kascade.routing import Routing, head_slices  # noqa: F401 - head_slices is imported from here too
 
 _ASSEMBLED = "assembled"  # state key prefix of a head-granular layer's assembled Selection
 
@@ -61,25 +62,25 @@ class KascadeStrategy(Strategy):
         super().__init__(backend)
         self.plan = plan
         self.dense_anchor_output = dense_anchor_output
-        self._head_maps: dict = {}  # (layer, Hkv, device) -> head map [Hkv] int64 on the device
-        self._routes: dict = {}  # (layer, Hkv, device) -> (source layers, rows [Hkv], selecting heads)
+        self._routings: dict = {}  # Hkv -> Routing
 
     def validate(self, model_config) -> None:
         self.plan.validate(model_config)
 
-    def _head_map(self, layer, hkv, device) -> torch.Tensor:
-        key = (layer, hkv, str(device))
-        if key not in self._head_maps:
-            self._head_maps[key] = torch.tensor(self.plan.kv_head_map(layer, hkv), device=device)
-        return self._head_maps[key]
+    def routing(self, num_kv_heads: int) -> Routing:
+        """The plan's routes for `num_kv_heads` KV heads (fewer than the plan's: this rank's TP shard)."""
+        if num_kv_heads not in self._routings:
+            self._routings[num_kv_heads] = Routing(self.plan, num_kv_heads)
+        return self._routings[num_kv_heads]
 
     def attend(self, layer, q, k, v, kv_start, scale, kv_len=None):
         p = self.plan
         kw = dict(kv_start=kv_start, scale=scale, backend=self.backend, kv_len=kv_len)
         if k.shape[2] <= p.k_min:
             return ops.dense(q, k, v, **kw)
+        routing = self.routing(k.shape[1])
         if layer == 0:
-            if not p.used_by_later_layers(0, k.shape[1]):
+            if not routing.used_by_later_layers(0):
                 return ops.dense(q, k, v, **kw)
             if q.shape[2] == 1 and q.is_cuda:  # decode: selection and dense output in one pass over K
                 out, self.state[0] = self._anchor(q, k, v, True, kw)
@@ -103,7 +104,7 @@ class KascadeStrategy(Strategy):
         if anchor not in self.state:
             raise RuntimeError(f"layer {layer} reuses anchor {anchor}, which did not run in this forward; "
                                "layers must run in order starting at layer 0")
-        return ops.reuse(q, k, v, self.state[anchor], self._head_map(layer, k.shape[1], q.device), **kw)
+        return ops.reuse(q, k, v, self.state[anchor], routing.tensors(layer, q.device).head_map, **kw)
 
     def _select(self, q, k, kw):
         """The Selection of q's query heads over k's KV heads at the plan's budget (subclasses may
@@ -118,104 +119,51 @@ class KascadeStrategy(Strategy):
 
     def attended_selection(self, layer: int, num_kv_heads: int):
         """(Selection, head map or None) that reuse layer `layer` attended to in this forward."""
+        routing = self.routing(num_kv_heads)
+        route = routing.layer(layer)
         if self.plan.head_granular:
             if (_ASSEMBLED, layer) not in self.state:  # attended in one pass (part_anchor): assembled here
-                layers, rows, *_ = self._route(layer, num_kv_heads, self.state[layer].indices.device)
-                self.state[(_ASSEMBLED, layer)] = gather_heads([self.state[a] for a in layers], rows)
+                rows = routing.tensors(layer, self.state[layer].indices.device).rows
+                self.state[(_ASSEMBLED, layer)] = gather_heads([self.state[a] for a in route.layers], rows)
             return self.state[(_ASSEMBLED, layer)], None
-        return self.state[self.plan.anchor_of(layer)], self.plan.kv_head_map(layer, num_kv_heads)
+        return self.state[self.plan.anchor_of(layer)], route.head_map
 
     # -- head granularity -----------------------------------------------------------------------
-    def _route(self, layer, hkv, device):
-        """(source layers, row of each KV head in the stacked sources [Hkv] on the device or None when
-        the one source is used as it is, own selecting KV heads [S] on the device, the slices of the
-        head axis that cover them or None to gather them, the permutation from the slices' head order
-        to ascending order [S] on the device or None)."""
-        key = (layer, hkv, str(device))
-        if key not in self._routes:
-            srcs = self.plan.sources(layer, hkv)
-            own = [h for h, (a, _) in enumerate(srcs) if a == layer]
-            layers = sorted({a for a, _ in srcs})
-            offset, base = {}, 0
-            for a in layers:
-                offset[a] = base
-                base += len(own) if a == layer else self._selection_heads(a, hkv)
-            rows = [offset[a] + (own.index(m) if a == layer else self._row_in(a, m, hkv)) for a, m in srcs]
-            as_is = len(layers) == 1 and rows == list(range(hkv))  # one source, in its own head order
-            heads = torch.tensor(own, device=device, dtype=torch.int64)
-            slices = head_slices(own) if (own and IN_PLACE_HEADS) else None
-            order = [h for sl in slices for h in range(sl.start, sl.stop, sl.step)] if slices else own
-            stacked = slices is not None and len(slices) > 1  # several selections, stacked by gather_heads
-            perm = torch.tensor([order.index(h) for h in own], device=device) if stacked else None
-            self._routes[key] = (layers, None if as_is else torch.tensor(rows, device=device), heads, slices, perm)
-        return self._routes[key]
-
     def _part_route(self, layer, q, k):
         """(source layer, own heads as a slice, route [Hkv] int32 on the device) when a decode step of this
         head-granular layer can run as ops.part_anchor: its own selecting heads form one strided view, every
-        other head reuses the one earlier layer `source` (that has run), and the keys are chosen by this
-        class's own selection (a subclass choosing keys otherwise keeps the general path). Else None."""
+        other head reuses the one earlier layer `source` (that has run), the heads are read in place
+        (IN_PLACE_HEADS) and the keys are chosen by this class's own selection (a subclass choosing keys
+        otherwise keeps the general path). Else None."""
         if q.shape[2] != 1 or getattr(self._select, "__func__", None) is not KascadeStrategy._select:
             return None
-        hkv = k.shape[1]
-        layers, rows, heads, slices, _ = self._route(layer, hkv, q.device)
-        if not slices or len(slices) != 1 or len(layers) != 2 or layers[1] != layer or layers[0] not in self.state:
+        routing = self.routing(k.shape[1])
+        part = routing.layer(layer).part
+        if not IN_PLACE_HEADS or part is None or part[0] not in self.state:
             return None
-        key = ("part", layer, hkv, str(q.device))
-        if key not in self._routes:
-            own = list(range(hkv))[slices[0]]
-            srcs = self.plan.sources(layer, hkv)
-            route = [-1 - own.index(h) if a == layer else self._row_in(a, m, hkv) for h, (a, m) in enumerate(srcs)]
-            self._routes[key] = torch.tensor(route, device=q.device, dtype=torch.int32)
-        return layers[0], slices[0], self._routes[key]
-
-    def _selection_heads(self, a, hkv) -> int:
-        return hkv if self.plan.is_anchor(a) else len(self.plan.selecting_heads(a, hkv))
-
-    def _row_in(self, a, m, hkv) -> int:
-        """Row of KV head m in the Selection that layer a keeps."""
-        return m if self.plan.is_anchor(a) else self.plan.selecting_heads(a, hkv).index(m)
+        return part[0], part[1], routing.tensors(layer, q.device).part_route
 
     def layer_selection(self, layer, q, k, kw):
         """The Selection [B, Hkv, U, Kmax] that a head-granular reuse layer attends to (own heads
         selected here, the others gathered from their source layers)."""
         hkv = k.shape[1]
-        layers, rows, heads, slices, perm = self._route(layer, hkv, q.device)
-        if heads.numel():
+        routing = self.routing(hkv)
+        route, t = routing.layer(layer), routing.tensors(layer, q.device)
+        if route.own:
             g = q.shape[1] // hkv
-            if slices is not None:  # strided views of q and k: the kernels read the cache in place
+            if IN_PLACE_HEADS:  # strided views of q and k: the kernels read the cache in place
                 qg = q.unflatten(1, (hkv, g))
-                parts = [self._select(qg[:, sl].flatten(1, 2), k[:, sl], kw) for sl in slices]
-                own = parts[0] if len(parts) == 1 else gather_heads(parts, perm)  # ascending head order
-            else:  # gathered into a copy first (IN_PLACE_HEADS = False)
-                qh = (heads[:, None] * g + torch.arange(g, device=q.device)[None]).reshape(-1)  # their query heads
-                own = self._select(q.index_select(1, qh), k.index_select(1, heads), kw)
+                parts = [self._select(qg[:, sl].flatten(1, 2), k[:, sl], kw) for sl in route.slices]
+                own = parts[0] if len(parts) == 1 else gather_heads(parts, t.perm)  # ascending head order
+            else:  # gathered into a copy first
+                qh = (t.own[:, None] * g + torch.arange(g, device=q.device)[None]).reshape(-1)  # their query heads
+                own = self._select(q.index_select(1, qh), k.index_select(1, t.own), kw)
             self.state[layer] = own
-        missing = [a for a in layers if a not in self.state]
+        missing = [a for a in route.layers if a not in self.state]
         if missing:
             raise RuntimeError(f"layer {layer} takes keys from layers {missing}, which did not run in this forward; "
                                "layers must run in order starting at layer 0")
-        return gather_heads([self.state[a] for a in layers], rows)
+        return gather_heads([self.state[a] for a in route.layers], t.rows)
 
 
 IN_PLACE_HEADS = True  # False: a part-selecting layer copies its selecting heads first (kept for measurement)
-
-
-def head_slices(heads: list[int]) -> list[slice]:
-    """Few slices of the head axis that together pick exactly `heads` (ascending, distinct), greedily the
-    longest evenly spaced run first (ties: the earliest). A slice is a view: the kernels read its rows
-    in place through strides, so no selecting head is copied; each slice costs one selection launch."""
-    left, out = list(heads), []
-    while left:
-        best = left[:1]
-        for i, a in enumerate(left):
-            for b in left[i + 1:]:
-                run, step = [a], b - a
-                while run[-1] + step in left:
-                    run.append(run[-1] + step)
-                if len(run) > len(best):
-                    best = run
-        step = best[1] - best[0] if len(best) > 1 else 1
-        out.append(slice(best[0], best[-1] + 1, step))
-        left = [h for h in left if h not in best]
-    return sorted(out, key=lambda sl: sl.start)

@@ -104,10 +104,20 @@ def test_calibrate_with_tp_degree_2():
 # ---------------------------------------------------------------------------------------------------
 
 
+# head-granular, inside TP=2 shards: layers 1 and 3 select on some heads, layer 5 reads layers 1, 3 and 4
+SOURCES = [None, [[0, 1], None, None, [0, 2]], None, [None, [2, 0], [1, 2], None], None,
+           [[3, 0], [1, 1], [4, 3], [3, 3]]]
+
+
+def _head_plan(config, sources=SOURCES, **kw):
+    return Plan.for_model(config, [0, 2, 4], head_sources=sources, rho=0.1, k_min=16, tile=16, **kw)
+
+
+@pytest.mark.parametrize("granularity", ["layer", "head"])
 @pytest.mark.parametrize("qlen", [200, 1])
-def test_sharded_strategy_concatenates_to_unsharded(qlen):
+def test_sharded_strategy_concatenates_to_unsharded(qlen, granularity):
     cfg = tiny_model("llama", **TP_MODEL).config
-    plan = _plan(cfg, SWAP, tp_degree=2)
+    plan = _plan(cfg, SWAP, tp_degree=2) if granularity == "layer" else _head_plan(cfg, tp_degree=2)
     g = torch.Generator().manual_seed(0)
     n = 200
     layers = [(torch.randn(2, 8, qlen, 16, generator=g), torch.randn(2, 4, n, 16, generator=g),
@@ -122,7 +132,32 @@ def test_sharded_strategy_concatenates_to_unsharded(qlen):
         got = torch.cat([s.attend(layer, shard_heads(q, 2, r), shard_heads(k, 2, r), shard_heads(v, 2, r),
                                   kv_start, None) for r, s in enumerate(ranks)], dim=1)
         torch.testing.assert_close(got, want, rtol=0, atol=0)  # the same per-head arithmetic: bitwise equal
-    assert shard_plan(plan, 2, 1).head_map[1] == [1, 0]
+    if granularity == "layer":
+        assert shard_plan(plan, 2, 1).head_map[1] == [1, 0]
+    else:  # rank 1 holds KV heads 2, 3: layer 3's head 2 reads layer 1's head 2, its local head 0
+        assert shard_plan(plan, 2, 1).head_sources[3] == [[1, 0], None]
+
+
+def test_head_sources_crossing_shards_are_refused_by_name():
+    cfg = tiny_model("llama", **TP_MODEL).config
+    inside = _head_plan(cfg)
+    inside.validate(cfg, tp_degree=2)
+    assert inside.sources(5, 2, tp_rank=1) == [(4, 1), (3, 1)]  # re-based to rank 1's heads, layers unchanged
+    with pytest.raises(ValueError, match="torch.distributed is not initialised"):
+        inside.sources(5, 2)  # a local head count without a rank to place it
+    crossing = _head_plan(cfg, [row if layer != 5 else [[3, 0], [1, 1], [4, 0], [3, 3]]
+                                for layer, row in enumerate(SOURCES)])
+    crossing.validate(cfg)  # fine unsharded
+    first = (r"head_sources: crosses tensor-parallel shards at TP degree 2 \(1 entries; first: layer 5 KV head 2 on "
+             r"rank 1 takes layer 4 head 0 on rank 0\)")
+    with pytest.raises(ValueError, match=first):
+        crossing.validate(cfg, tp_degree=2)
+    with pytest.raises(ValueError, match=first):
+        ShardedKascadeStrategy(crossing, 2, 0)
+    with pytest.raises(ValueError, match=first):
+        Plan.from_dict({**crossing.to_dict(), "tp_degree": 2})
+    with pytest.raises(ValueError, match="head_sources: layer 5 KV head 2 on rank 1 takes layer 4 head 0 on rank 0"):
+        crossing.sources(5, 2, tp_rank=1)
 
 
 # ---------------------------------------------------------------------------------------------------
