@@ -35,6 +35,7 @@ no new token (Q_r == 0) has no output rows and an empty selection.
                 head_map=None, scale=None) -> out
     paged_anchor(q, key_cache, value_cache, block_table, seq_lens, query_start_loc, rho=0.1, k_min=128,
                  tile=32, scale=None, dense_output=False) -> (out, PagedSelection)
+    paged_gather_heads(selections, rows) -> PagedSelection       (one selection from rows of several)
     PagedKascadeStrategy(plan).attend(layer, q, key_cache, value_cache, block_table, seq_lens,
                                       query_start_loc, scale=None, tp_rank=None) -> out   (a whole layer)
 
@@ -52,6 +53,7 @@ from kascade.budget import check_budget
 from kascade.checks import FLOAT_DTYPES, check_head_map
 from kascade import ops, paged_kernels
 from kascade.paged_kernels import use_kernels
+from kascade.routing import Routing
 
 
 @dataclass
@@ -228,6 +230,25 @@ def _stack(per_req: dict, r_total: int, hkv: int, tile: int, device) -> PagedSel
     return PagedSelection(indices, counts, first_tile, decode, tile)
 
 
+def paged_gather_heads(selections: list, rows: torch.Tensor | None) -> PagedSelection:
+    """kascade.reference.gather_heads for PagedSelections: one PagedSelection whose KV head h is row rows[h]
+    of `selections` stacked along the head axis (rows [Hkv] int64; None: the one selection as it is).
+
+    counts [R, U] is shared by every KV head, so the selections must come from one step: the same
+    requests, tiles and budgets (the same counts, first_tile and decode), as every selection of one
+    PagedKascadeStrategy pass is. Slot widths may differ (padded with -1). ValueError otherwise."""
+    first = selections[0]
+    for i, s in enumerate(selections):
+        if not isinstance(s, PagedSelection):
+            raise ValueError(f"selections: expected PagedSelections, got {type(s).__name__} at {i}")
+        if not (s.tile == first.tile and torch.equal(s.counts, first.counts)
+                and torch.equal(s.first_tile, first.first_tile) and torch.equal(s.decode, first.decode)):
+            raise ValueError(f"selections: expected selections of one step (the same requests, tiles and budgets: "
+                             f"equal counts, first_tile, decode and tile), but selection {i} differs from selection "
+                             "0; select them over the same batch")
+    return reference.gather_heads(selections, rows)
+
+
 def paged_reuse(q, key_cache, value_cache, block_table, seq_lens, query_start_loc, selection: PagedSelection,
                 head_map=None, scale=None, backend: str = "auto") -> torch.Tensor:
     """Attention of every request over its anchor's selected positions (KV head h uses the anchor's set of
@@ -292,34 +313,44 @@ class PagedKascadeStrategy:
     """Kascade layer by layer over a paged batch: what KascadeStrategy does on a contiguous cache.
 
     Call `attend(layer, q, key_cache, value_cache, block_table, seq_lens, query_start_loc, scale)` for
-    every layer of one forward pass, in order from layer 0 (which clears `state`); the anchors'
-    PagedSelections are kept in `state` for the reuse layers of the same pass only. Per request:
-    layer 0 is dense and selects; a request whose sequence has no more than `plan.k_min` keys runs
-    dense in every layer (every budget is then the whole context); other anchors attend to their own
-    selection (or densely with dense_anchor_output); reuse layers attend to their anchor's selection
-    through the plan's head map. The split into dense and Kascade requests depends on seq_lens only,
-    so every layer of a pass makes the same split. backend: "auto" runs the Triton kernels for
-    CUDA fp16/bf16 tensors (kascade.paged_kernels), "reference" the PyTorch path, "triton" forces
-    the kernels.
+    every layer of one forward pass, in order from layer 0 (which clears `state`); the selections are
+    kept in `state` for the later layers of the same pass only. Per request: layer 0 is dense and
+    selects; a request whose sequence has no more than `plan.k_min` keys runs dense in every layer
+    (every budget is then the whole context); other anchors attend to their own selection (or densely
+    with dense_anchor_output); reuse layers attend to their anchor's selection through the plan's head
+    map. With a head-granular plan (`plan.head_sources`) a reuse layer's selecting KV heads select on a
+    strided view of q's and the cache's heads, and the layer attends, per KV head, to the selection of
+    its source (layer, head), assembled into one PagedSelection (paged_gather_heads); the routes come
+    from kascade.routing, as in KascadeStrategy. The split into dense and Kascade requests depends on
+    seq_lens only, so every layer of a pass makes the same split. backend: "auto" runs the Triton
+    kernels for CUDA fp16/bf16 tensors (kascade.paged_kernels), "reference" the PyTorch path, "triton"
+    forces the kernels.
     """
 
     def __init__(self, plan, dense_anchor_output: bool = False, backend: str = "auto"):
         ops.check_backend(backend)
-        plan.require_layer_granular("the paged KV cache (kascade.paged, vLLM)")
         self.backend = backend
         self.plan = plan
         self.dense_anchor_output = dense_anchor_output
-        self.state: dict = {}
+        self.state: dict = {}  # layer -> (requests of the batch it selected over, PagedSelection)
+        self._routings: dict = {}  # (Hkv, tp_rank) -> Routing
 
     def begin_forward(self) -> None:
         self.state.clear()
+
+    def routing(self, num_kv_heads: int, tp_rank: int | None = None) -> Routing:
+        """The plan's routes for `num_kv_heads` KV heads (fewer than the plan's: rank `tp_rank`'s shard)."""
+        key = (num_kv_heads, tp_rank)
+        if key not in self._routings:
+            self._routings[key] = Routing(self.plan, num_kv_heads, tp_rank)
+        return self._routings[key]
 
     def attend(self, layer: int, q, key_cache, value_cache, block_table, seq_lens, query_start_loc,
                scale=None, tp_rank: int | None = None) -> torch.Tensor:
         """out [T, Hq, Dv] for the batch's tokens q [T, Hq, D] (layout of the module docstring).
 
         With tensor parallelism the caches hold this rank's KV heads only; `tp_rank` picks the rank's
-        rows of the head map (see Plan.kv_head_map)."""
+        rows of the head map or head sources (see Plan.shard; None: the torch.distributed rank)."""
         p = self.plan
         if layer == 0:
             self.begin_forward()
@@ -327,28 +358,47 @@ class PagedKascadeStrategy:
         long_reqs = [r for r, n in enumerate(lens) if n > p.k_min]
         short_reqs = [r for r, n in enumerate(lens) if n <= p.k_min]
         out = _out(q, value_cache)
+        kw = dict(scale=scale, backend=self.backend)
         if short_reqs:
             rows, *sub = _sub_batch(short_reqs, q, block_table, seq_lens, query_start_loc)
-            out[rows] = paged_dense(sub[0], key_cache, value_cache, *sub[1:], scale=scale, backend=self.backend)
+            out[rows] = paged_dense(sub[0], key_cache, value_cache, *sub[1:], **kw)
         if not long_reqs:
             return out
         rows, sq, sbt, slens, sqsl = _sub_batch(long_reqs, q, block_table, seq_lens, query_start_loc)
+        routing = self.routing(key_cache.shape[2], tp_rank)
+        budget = dict(rho=p.rho, k_min=p.k_min, tile=p.tile)
         if layer == 0:
-            if len(p.anchors) == 1 or p.anchors[1] > 1:  # some layer reuses layer 0's keys
-                self.state[0] = (long_reqs, paged_select(sq, key_cache, sbt, slens, sqsl, rho=p.rho, k_min=p.k_min,
-                                                         tile=p.tile, scale=scale, backend=self.backend))
-            out[rows] = paged_dense(sq, key_cache, value_cache, sbt, slens, sqsl, scale=scale, backend=self.backend)
+            if routing.used_by_later_layers(0):
+                self.state[0] = (long_reqs, paged_select(sq, key_cache, sbt, slens, sqsl, **budget, **kw))
+            out[rows] = paged_dense(sq, key_cache, value_cache, sbt, slens, sqsl, **kw)
         elif p.is_anchor(layer):
-            o, sel = paged_anchor(sq, key_cache, value_cache, sbt, slens, sqsl, rho=p.rho, k_min=p.k_min, tile=p.tile,
-                                  scale=scale, dense_output=self.dense_anchor_output, backend=self.backend)
+            o, sel = paged_anchor(sq, key_cache, value_cache, sbt, slens, sqsl, **budget,
+                                  dense_output=self.dense_anchor_output, **kw)
             self.state[layer] = (long_reqs, sel)
             out[rows] = o
+        elif p.head_granular:
+            route, t = routing.layer(layer), routing.tensors(layer, q.device)
+            if route.own:
+                hkv = key_cache.shape[2]
+                qg = sq.unflatten(1, (hkv, sq.shape[1] // hkv))  # [T, Hkv, G, D]
+                # Views of the selecting heads: key_cache[:, :, sl] is read in place (the kernels take any
+                # strides; the reference gathers each request's pages anyway); q's view is copied by flatten
+                # when the slice has a step (q holds only the step's new tokens).
+                parts = [paged_select(qg[:, sl].flatten(1, 2), key_cache[:, :, sl], sbt, slens, sqsl, **budget, **kw)
+                         for sl in route.slices]
+                own = parts[0] if len(parts) == 1 else paged_gather_heads(parts, t.perm)  # ascending head order
+                self.state[layer] = (long_reqs, own)
+            missing = [a for a in route.layers if a not in self.state or self.state[a][0] != long_reqs]
+            if missing:
+                raise RuntimeError(f"layer {layer} takes keys from layers {missing}, which did not run on this batch "
+                                   "in this forward; layers must run in order starting at layer 0")
+            sel = paged_gather_heads([self.state[a][1] for a in route.layers], t.rows)
+            out[rows] = paged_reuse(sq, key_cache, value_cache, sbt, slens, sqsl, sel, **kw)
         else:
             anchor = p.anchor_of(layer)
             if anchor not in self.state or self.state[anchor][0] != long_reqs:
                 raise RuntimeError(f"layer {layer} reuses anchor {anchor}, which did not run on this batch in this "
                                    "forward; layers must run in order starting at layer 0")
-            head_map = torch.tensor(p.kv_head_map(layer, key_cache.shape[2], tp_rank=tp_rank), device=q.device)
             out[rows] = paged_reuse(sq, key_cache, value_cache, sbt, slens, sqsl, self.state[anchor][1],
-                                    head_map=head_map, scale=scale, backend=self.backend)
+                                    head_map=routing.tensors(layer, q.device).head_map, **kw)
         return out
