@@ -69,6 +69,13 @@ def cmd_calibrate(args) -> int:
         if args.search_step < 2:
             raise ValueError(f"--search-step: expected an integer >= 2 (a step removes about 1/N of the units), got "
                              f"{args.search_step}")
+    formats = _formats(args.formats) if recipe == "output-aware" else None
+    if args.leave_out is not None:
+        from kascade.calibrate.retrieval import formats_without
+
+        if recipe != "output-aware":
+            raise ValueError("--leave-out: needs --recipe output-aware")
+        formats = formats_without(args.leave_out, formats)
     if recipe == "paper":
         print("kascade calibrate: the paper's recipe judges plans by attention mass, which on SmolLM2-135M kept "
               "85-94% of it while losing half the needles (README); --recipe output-aware judges them by the "
@@ -86,13 +93,15 @@ def cmd_calibrate(args) -> int:
         from kascade.calibrate.output_aware import calibrate_output_aware, save_search_plot
 
         settings.update(tolerance=args.tolerance, answer_tokens=args.answer_tokens, batch_size=args.batch_size,
-                        search_step=args.search_step)
+                        search_step=args.search_step, search_candidates=args.search_candidates, formats=list(formats),
+                        objective=args.objective, leave_out=args.leave_out)
         plan, report = calibrate_output_aware(model, tok, data.read_text(encoding="utf-8", errors="replace"),
                                               num_anchors=args.anchors, tolerance=args.tolerance, length=args.length,
                                               num_prompts=args.num_prompts, answer_tokens=args.answer_tokens,
                                               batch_size=args.batch_size, rho=args.rho, k_min=args.k_min,
                                               tile=args.tile, topk=args.topk, data_name=_data_provenance(data),
-                                              shrink=args.search_step)
+                                              shrink=args.search_step, formats=formats, objective=args.objective,
+                                              candidates=args.search_candidates, leave_out=args.leave_out)
         folder = Path(args.plots or Path(args.output).with_suffix(""))
         folder.mkdir(parents=True, exist_ok=True)
         plots = [save_search_plot(report, folder / "divergence_vs_cost.png")]
@@ -111,6 +120,20 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def _formats(spec: str) -> tuple[str, ...]:
+    """--formats: "mixture" (every calibration format), "prose" (the prose formats) or a comma list."""
+    from kascade.calibrate.retrieval import FORMATS, MIXTURE
+
+    named = {"mixture": MIXTURE, "prose": FORMATS}
+    if spec in named:
+        return named[spec]
+    chosen = tuple(f.strip() for f in spec.split(",") if f.strip())
+    bad = [f for f in chosen if f not in MIXTURE]
+    if bad or not chosen:
+        raise ValueError(f"--formats: expected 'mixture', 'prose' or a comma list of {', '.join(MIXTURE)}; got {spec!r}")
+    return chosen
+
+
 def _print_cost(plan, report) -> None:
     """Selecting-layer equivalents, predicted attention speedups and, for output-aware plans, the divergence."""
     from kascade.costmodel import predicted_speedup
@@ -124,6 +147,9 @@ def _print_cost(plan, report) -> None:
               f"{100 * report['agreement']:.1f}%); the paper's recipe at {len(report['paper_anchors'])} anchors "
               f"{report['paper_anchors']}: {report['paper_divergence']:.4f} nats "
               f"({100 * report['paper_agreement']:.1f}%)")
+    if report.get("divergence_by_family"):
+        fams = ", ".join(f"{f} {v:.4f}" for f, v in report["divergence_by_family"].items())
+        print(f"divergence per format family ({report['objective']} objective): {fams}")
 
 
 def cmd_generate(args) -> int:
@@ -221,6 +247,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-step", type=int, default=10,
                    help="output-aware: each search step removes about 1/N of the remaining units (default 10; "
                         "a smaller N measures fewer plans: faster, coarser)")
+    p.add_argument("--search-candidates", type=int, default=None,
+                   help="output-aware: after the first step, measure only the N units whose removal cost least "
+                        "when last measured (default: every unit at every step)")
+    p.add_argument("--formats", default="mixture",
+                   help="output-aware: calibration formats: 'mixture' (default: prose needles, chat, prose, records, "
+                        "JSON, tables, code, documents, long chats), 'prose', or a comma list")
+    p.add_argument("--objective", default="worst-family", choices=["worst-family", "mean"],
+                   help="output-aware: what the search keeps low: the largest mean divergence of a format family "
+                        "(default) or the mean over prompts")
+    p.add_argument("--leave-out", default=None,
+                   help="output-aware: calibrate without the formats of this evaluation family (leave-one-family-out "
+                        "validation): records, json_records, table, code, multi_doc, chat_history")
     p.add_argument("-o", "--output", required=True, help="plan JSON to write")
     p.add_argument("--length", type=int, default=4096, help="tokens per calibration prompt (default 4096)")
     p.add_argument("--num-prompts", type=int, default=8,

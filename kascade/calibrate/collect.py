@@ -31,8 +31,7 @@ class CalibrationStrategy(Strategy):
                  on_layer=None):
         super().__init__(backend)
         self.L, self.H, self.topk, self.tile = num_layers, num_kv_heads, topk, tile
-        self.sim_sum = np.zeros((num_layers, num_layers, num_kv_heads, num_kv_heads))
-        self.num_prompts = 0
+        self.per_prompt: list[np.ndarray] = []  # one [L, L, H, H] array of worst-tile coverages per prompt
         self.on_layer = on_layer  # called with the layer index after each layer (progress)
 
     def begin_forward(self) -> None:
@@ -50,8 +49,7 @@ class CalibrationStrategy(Strategy):
         if self.on_layer is not None:
             self.on_layer(layer)
         if layer == self.L - 1:
-            self.sim_sum += self._min_cov.cpu().numpy()
-            self.num_prompts += 1
+            self.per_prompt.append(self._min_cov.cpu().numpy())
         return out
 
     def _record(self, layer, q, k, scale):
@@ -82,19 +80,24 @@ class CalibrationStrategy(Strategy):
         else:
             self._idx[layer] = torch.zeros(self.H, 0, self.topk, dtype=torch.int64)
 
-    def similarity(self) -> np.ndarray:
-        """sim[a, b, ha, hb], averaged over the prompts seen (1 on and below the diagonal a >= b)."""
-        if self.num_prompts == 0:
+    @property
+    def num_prompts(self) -> int:
+        return len(self.per_prompt)
+
+    def similarity(self, prompts=None) -> np.ndarray:
+        """sim[a, b, ha, hb], averaged over the prompts seen, or over those of the indices `prompts`
+        (1 on and below the diagonal a >= b)."""
+        chosen = self.per_prompt if prompts is None else [self.per_prompt[i] for i in prompts]
+        if not chosen:
             raise ValueError("calibration: no prompt was processed")
-        return self.sim_sum / self.num_prompts
+        return np.mean(chosen, axis=0)
 
 
 class ImportanceHooks:
-    """w_b = 1 - cos(x_b, x_b + attn_out_b), averaged over tokens, then over prompts."""
+    """w_b = 1 - cos(x_b, x_b + attn_out_b), averaged over tokens, then over prompts (forward calls)."""
 
     def __init__(self, decoder_layers):
-        self.sums = np.zeros(len(decoder_layers))
-        self.counts = np.zeros(len(decoder_layers))
+        self.calls: list[list[float]] = [[] for _ in decoder_layers]  # per layer, one value per forward call
         self._x = {}
         self._handles = []
         for i, layer in enumerate(decoder_layers):
@@ -111,12 +114,13 @@ class ImportanceHooks:
             attn = output[0] if isinstance(output, tuple) else output
             x = self._x.pop(i).float()
             cos = torch.nn.functional.cosine_similarity(x, x + attn.float(), dim=-1)  # [B, T]
-            self.sums[i] += float((1 - cos).mean())
-            self.counts[i] += 1
+            self.calls[i].append(float((1 - cos).mean()))
         return hook
 
-    def importance(self) -> np.ndarray:
-        return self.sums / np.maximum(self.counts, 1)
+    def importance(self, calls=None) -> np.ndarray:
+        """[L] importance averaged over every forward call, or over the calls of the indices `calls`."""
+        pick = (lambda v: v) if calls is None else (lambda v: [v[j] for j in calls])
+        return np.array([float(np.mean(pick(v))) if pick(v) else 0.0 for v in self.calls])
 
     def remove(self) -> None:
         for h in self._handles:

@@ -4,21 +4,30 @@ The paper's recipe scores a plan by how much of each layer's top-k attention mas
 recover. On a real model that misses what matters: a reuse layer can keep 85-94% of the mass and still
 lose the one far-away key that answers the question. This recipe measures the answer instead:
 
-1. Dense pass. On retrieval-rich calibration prompts (`kascade.calibrate.retrieval`: facts hidden
-   in held-out prose, a question at the end, plus plain prose) the dense model continues each prompt
-   greedily for `answer_tokens` tokens; its log-probabilities along that continuation are kept.
-   The paper's statistics (`CalibrationStrategy`) are collected on the same prompts: `sim[a, b, ha, hb]`,
+1. Dense pass. On retrieval-rich calibration prompts in many formats (`kascade.calibrate.retrieval`:
+   facts hidden in held-out prose, chat, plain prose; `kascade.calibrate.structured`: records, JSON,
+   tables, code, several documents, long chats) the dense model continues each prompt greedily for
+   `answer_tokens` tokens; its log-probabilities along that continuation are kept. The paper's
+   statistics (`CalibrationStrategy`) are collected on the same prompts, per prompt: `sim[a, b, ha, hb]`,
    the coverage of layer b head hb by the keys of layer a head ha.
-2. Divergence of a plan: the mean over prompts and continuation positions of KL(dense || plan) of the
+2. Divergence of a plan, per prompt: the mean over continuation positions of KL(dense || plan) of the
    next-token distributions, the plan's strategy following the dense continuation (teacher forcing:
    prefill of the prompt, then one decode step per continuation token, as generation runs).
+   The objective protects the worst format: the largest mean divergence of a format family
+   ("worst-family", the default), or the mean over prompts ("mean", the first version of this recipe).
 3. Search. Units are the (layer, KV head) pairs of layers 1..L-1 (layer 0 always selects). Starting
    from every unit selecting (per-head top-k in every layer), units are removed greedily: each step
-   measures the divergence with each remaining unit removed and removes the best few (about a tenth
-   of them, one at a time near the end), as IndexCache chooses shared layers greedily by the loss. A
-   unit that does not select reads the keys of the earlier selecting unit (a, m) with the highest
-   `sim[a, l, m, h]`. The search stops at the target cost (`selecting_layers_equivalent`) or, with a
-   tolerance, at the cheapest plan whose divergence stays under it.
+   measures the objective with each remaining unit removed (or, with `candidates`, with the units whose
+   removal cost least when last measured) and removes the best few (about a tenth of them, one at a
+   time near the end), as IndexCache chooses shared layers greedily by the loss. A unit that does not
+   select reads the keys of the earlier selecting unit (a, m) with the highest `sim[a, l, m, h]`. The
+   search stops at the target cost (`selecting_layers_equivalent`) or, with a tolerance, at the
+   cheapest plan whose objective stays under it.
+
+Leave-one-family-out validation (`leave_out=FAMILY`) runs the same search on the prompts whose formats
+are not of that evaluation family's kind (`retrieval.LEAVE_OUT`), statistics included. A
+`CalibrationSet` holds the prompts, dense continuations and per-prompt divergences of every plan
+measured, so the full search and its folds share their measurements.
 
 A layer all of whose heads select is an anchor; the others carry `head_sources` (kascade.plan).
 """
@@ -98,17 +107,18 @@ def divergence(model, strategy, batches: list[Trajectories]) -> float:
     return total / count
 
 
-def agreement(model, strategy, batches: list[Trajectories]) -> float:
-    """Share of continuation positions where the strategy's argmax is the dense token."""
+def agreement(model, strategy, batches: list[Trajectories], indices=None) -> float:
+    """Share of continuation positions where the strategy's argmax is the dense token (over the prompts
+    of the indices `indices`, default all)."""
     import kascade
 
-    same, count = 0, 0
+    same = []
     with kascade.enable(model, strategy=strategy):
         for b in batches:
             _, lp = follow(model, b.ids, b.continuation.shape[1], b.continuation)
-            same += int((lp.argmax(-1) == b.continuation).sum())
-            count += b.continuation.numel()
-    return same / count
+            same.append((lp.argmax(-1) == b.continuation).double().mean(-1).cpu().numpy())
+    per_prompt = np.concatenate(same)
+    return float(np.mean(per_prompt if indices is None else per_prompt[list(indices)]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,12 +157,17 @@ def units_cost(selecting: set, num_kv_heads: int) -> float:
 
 
 def greedy_search(score, cfg: dict, target: float | None = None, tolerance: float | None = None,
-                  shrink: int = 10, progress: bool = True, plan_of=None) -> tuple[set, list[dict]]:
+                  shrink: int = 10, progress: bool = True, candidates: int | None = None) -> tuple[set, list[dict]]:
     """Greedy removal of units (see the module docstring).
 
     score(selecting) -> divergence of the plan of that unit set. target: stop once the cost is at most
     this many selecting-layer equivalents. tolerance: never accept a plan whose divergence exceeds it
-    (stop when every removal would). Returns (selecting units, history of {cost, divergence, removed})."""
+    (stop when every removal would). candidates: after the first step, measure only this many units per
+    step, those whose removal raised the score least when last measured (a unit's harm rarely falls as
+    others go; every unit is measured again before the search gives up under a tolerance). None measures every unit
+    at every step. Returns (selecting units, history of {cost, divergence, removed})."""
+    if candidates is not None and (isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1):
+        raise ValueError(f"candidates: expected an integer >= 1 or None, got {candidates!r}")
     if target is None and tolerance is None:
         raise ValueError("target/tolerance: give a target cost (selecting-layer equivalents), a tolerance, or both")
     L, H = cfg["num_layers"], cfg["num_kv_heads"]
@@ -164,25 +179,41 @@ def greedy_search(score, cfg: dict, target: float | None = None, tolerance: floa
     current = score(selecting)
     history = [{"cost": units_cost(selecting, H), "divergence": current, "removed": []}]
     bar = tqdm(desc="output-aware search", unit="plan", disable=not progress)
+    harm: dict = {}  # unit -> how much removing it raised the score when last measured
+
+    def measure(units):
+        out = []
+        for u in units:
+            value = score(selecting - {u})
+            harm[u] = value - current
+            out.append((value, u))
+            bar.update(1)
+        return sorted(out)
+
     while selecting:
         over = len(selecting) - (math.floor(round((target - 1.0) * H, 9)) if target is not None else 0)
         if over <= 0:
             break
-        trials = []
-        for u in sorted(selecting):
-            trials.append((score(selecting - {u}), u))
-            bar.update(1)
-        trials.sort()
+        pool = sorted(selecting)
+        if candidates is not None and all(u in harm for u in pool):
+            pool = sorted(pool, key=lambda u: (harm[u], u))[:candidates]
+        trials = measure(pool)
         ok = [t for t in trials if tolerance is None or t[0] <= tolerance]
+        if not ok and len(pool) < len(selecting):
+            trials = measure(sorted(selecting - set(pool))) + trials
+            trials.sort()
+            ok = [t for t in trials if tolerance is None or t[0] <= tolerance]
         if not ok:
             break
-        r = min(max(1, len(trials) // shrink), len(ok), over)
+        r = min(max(1, len(selecting) // shrink), len(ok), over)
         removed = [u for _, u in ok[:r]]
         new = score(selecting - set(removed)) if r > 1 else ok[0][0]
         if r > 1 and tolerance is not None and new > tolerance:
             removed, new = [ok[0][1]], ok[0][0]
         bar.update(1)
         selecting = selecting - set(removed)
+        for u in removed:
+            harm.pop(u, None)
         current = new
         history.append({"cost": units_cost(selecting, H), "divergence": current,
                         "removed": [list(u) for u in removed]})
@@ -191,32 +222,116 @@ def greedy_search(score, cfg: dict, target: float | None = None, tolerance: floa
     return selecting, history
 
 
-def calibrate_output_aware(model, tokenizer, text: str, num_anchors: float | None = None,
-                           tolerance: float | None = None, length: int = 4096, num_prompts: int = 16,
-                           answer_tokens: int = 8, batch_size: int = 8, rho: float = 0.1, k_min: int = 128,
-                           tile: int = 32, topk: int = 64, backend: str = "auto", progress: bool = True,
-                           data_name: str = "", formats=None, shrink: int = 10) -> tuple[Plan, dict]:
-    """An output-aware plan (see the module docstring) and a report: the search history, the divergence
-    and answer agreement of the chosen plan and of the paper's plan of the same cost on the same prompts.
-    shrink: each search step removes about 1/shrink of the remaining units (`greedy_search`)."""
-    import datetime as _dt
+OBJECTIVES = ("worst-family", "mean")
 
+
+@dataclasses.dataclass
+class CalibrationSet:
+    """What every search on one set of prompts shares: the prompts, the dense continuations, the paper's
+    statistics per prompt, and the divergence of every plan measured so far, per prompt.
+
+    A leave-one-family-out search runs on a subset of the prompts (`indices`); since every plan is
+    measured on all prompts, the searches of the full set and of its folds reuse each other's plans."""
+
+    model: object
+    prompts: list  # retrieval.CalibrationPrompt
+    batches: list  # Trajectories of all prompts, in order
+    sims: list  # per prompt, sim [L, L, H, H] (kascade.calibrate.collect.CalibrationStrategy)
+    importance_calls: list  # per layer, the importance w_b of each prompt
+    topk: int = 64
+    backend: str = "auto"
+    memo: dict = dataclasses.field(default_factory=dict)  # plan key -> per-prompt divergence [P]
+
+    @property
+    def kinds(self) -> list[str]:
+        return [p.kind for p in self.prompts]
+
+    def similarity(self, indices) -> np.ndarray:
+        return np.mean([self.sims[i] for i in indices], axis=0)
+
+    def importance(self, indices) -> np.ndarray:
+        return np.array([float(np.mean([calls[i] for i in indices])) for calls in self.importance_calls])
+
+    def state(self) -> dict:
+        """Everything but the model, for torch.save (a later run resumes with `from_state`)."""
+        return {"prompts": [dataclasses.asdict(p) for p in self.prompts],
+                "batches": [dataclasses.asdict(b) for b in self.batches], "sims": self.sims,
+                "importance_calls": self.importance_calls, "topk": self.topk, "memo": self.memo}
+
+    @classmethod
+    def from_state(cls, model, state: dict, backend: str = "auto") -> CalibrationSet:
+        from kascade.calibrate.retrieval import CalibrationPrompt
+
+        device = next(model.parameters()).device
+        batches = [Trajectories(**{k: v.to(device) for k, v in b.items()}) for b in state["batches"]]
+        return cls(model, [CalibrationPrompt(**p) for p in state["prompts"]], batches, state["sims"],
+                   state["importance_calls"], state["topk"], backend, state["memo"])
+
+    def indices(self, formats) -> list[int]:
+        return [i for i, p in enumerate(self.prompts) if p.kind in set(formats)]
+
+    def per_prompt(self, plan: Plan) -> np.ndarray:
+        """Divergence [P] of `plan` on every prompt (memoised by the plan's anchors and sources)."""
+        from kascade.strategy import KascadeStrategy
+
+        key = (tuple(plan.anchors), repr(plan.head_sources), repr(plan.head_map))
+        if key not in self.memo:
+            self.memo[key] = divergence_per_prompt(self.model, KascadeStrategy(plan, backend=self.backend),
+                                                   self.batches)
+        return self.memo[key]
+
+
+def divergence_per_prompt(model, strategy, batches: list[Trajectories]) -> np.ndarray:
+    """[P] mean KL(dense || strategy) over each prompt's continuation positions (nats), prompts in order."""
     import kascade
-    from kascade.calibrate import ImportanceHooks, _decoder_layers, best_anchors, head_map_for, layer_scores
+
+    out = []
+    with kascade.enable(model, strategy=strategy):
+        for b in batches:
+            _, lp = follow(model, b.ids, b.continuation.shape[1], b.continuation)
+            kl = (b.logprobs.exp() * (b.logprobs - lp)).sum(-1)  # [B, m]
+            out.append(kl.mean(-1).double().cpu().numpy())
+    return np.concatenate(out)
+
+
+def family_divergences(values: np.ndarray, kinds: list[str], indices: list[int]) -> dict[str, float]:
+    """Mean divergence per format family (kascade.calibrate.retrieval.FAMILY) over the prompts `indices`."""
+    from kascade.calibrate.retrieval import FAMILY
+
+    groups: dict[str, list[float]] = {}
+    for i in indices:
+        groups.setdefault(FAMILY[kinds[i]], []).append(float(values[i]))
+    return {f: float(np.mean(v)) for f, v in sorted(groups.items())}
+
+
+def objective_value(values: np.ndarray, kinds: list[str], indices: list[int], objective: str) -> float:
+    """The search's objective over the prompts `indices`: the mean divergence ("mean"), or the largest
+    mean divergence of a format family ("worst-family": no family may be sacrificed for the average)."""
+    if objective == "mean":
+        return float(np.mean(values[indices]))
+    if objective == "worst-family":
+        return max(family_divergences(values, kinds, indices).values())
+    raise ValueError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
+
+
+def calibration_set(model, tokenizer, text: str, formats=None, length: int = 4096, num_prompts: int = 16,
+                    answer_tokens: int = 8, batch_size: int = 8, topk: int = 64, tile: int = 32,
+                    backend: str = "auto", progress: bool = True, first_seed: int = 0) -> CalibrationSet:
+    """Build the prompts (cycling `formats`, default the whole mixture), run the dense model for the
+    paper's statistics and the dense continuations."""
+    import kascade
+    from kascade.calibrate import ImportanceHooks, _decoder_layers
     from kascade.calibrate.collect import CalibrationStrategy
-    from kascade.calibrate.retrieval import FORMATS, calibration_prompts
-    from kascade.strategy import KascadeStrategy
+    from kascade.calibrate.retrieval import MIXTURE, calibration_prompts
 
     cfg = model_fingerprint(model.config)
-    L, H = cfg["num_layers"], cfg["num_kv_heads"]
     if isinstance(answer_tokens, bool) or not isinstance(answer_tokens, int) or answer_tokens < 1:
         raise ValueError(f"answer_tokens: expected an integer >= 1, got {answer_tokens!r}")
     if isinstance(num_prompts, bool) or not isinstance(num_prompts, int) or num_prompts < 1:
         raise ValueError(f"num_prompts: expected an integer >= 1, got {num_prompts!r}")
-    prompts = calibration_prompts(tokenizer, text, length, num_prompts, formats or FORMATS)
+    prompts = calibration_prompts(tokenizer, text, length, num_prompts, formats or MIXTURE, first_seed=first_seed)
     device = next(model.parameters()).device
-    # the paper's statistics on the same prompts (they choose each non-selecting unit's source)
-    stats = CalibrationStrategy(L, H, topk=topk, tile=tile, backend=backend)
+    stats = CalibrationStrategy(cfg["num_layers"], cfg["num_kv_heads"], topk=topk, tile=tile, backend=backend)
     hooks = ImportanceHooks(_decoder_layers(model))
     try:
         with torch.no_grad(), kascade.enable(model, strategy=stats):
@@ -224,20 +339,56 @@ def calibrate_output_aware(model, tokenizer, text: str, num_anchors: float | Non
                 model(torch.tensor([p.ids], device=device), use_cache=False)
     finally:
         hooks.remove()
-    sim, importance = stats.similarity(), hooks.importance()
     batches = dense_trajectories(model, prompts, answer_tokens, batch_size, backend)
+    return CalibrationSet(model, prompts, batches, stats.per_prompt, hooks.calls, topk, backend)
+
+
+def calibrate_output_aware(model, tokenizer, text: str, num_anchors: float | None = None,
+                           tolerance: float | None = None, length: int = 4096, num_prompts: int = 16,
+                           answer_tokens: int = 8, batch_size: int = 8, rho: float = 0.1, k_min: int = 128,
+                           tile: int = 32, topk: int = 64, backend: str = "auto", progress: bool = True,
+                           data_name: str = "", formats=None, shrink: int = 10, objective: str = "worst-family",
+                           leave_out: str | None = None, candidates: int | None = None,
+                           calib: CalibrationSet | None = None) -> tuple[Plan, dict]:
+    """An output-aware plan (see the module docstring) and a report: the search history, the objective, the
+    divergence per format family and the answer agreement of the chosen plan and of the paper's plan of
+    the same cost on the same prompts.
+
+    formats: calibration formats (default: the whole mixture, kascade.calibrate.retrieval.MIXTURE).
+    objective: "worst-family" (default: the largest mean divergence of a format family) or "mean".
+    leave_out: an evaluation family (retrieval.LEAVE_OUT) whose formats the search must not see.
+    shrink: each search step removes about 1/shrink of the remaining units; candidates: measure only this
+    many units per step, those whose removal cost least when last measured (None: every unit).
+    calib: a CalibrationSet to share (its prompts replace length/num_prompts/formats)."""
+    import datetime as _dt
+
+    import kascade
+    from kascade.calibrate import best_anchors, head_map_for, layer_scores
+    from kascade.calibrate.retrieval import formats_without
+    from kascade.strategy import KascadeStrategy
+
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
+    cfg = model_fingerprint(model.config)
+    L, H = cfg["num_layers"], cfg["num_kv_heads"]
+    if calib is None:
+        calib = calibration_set(model, tokenizer, text, formats, length, num_prompts, answer_tokens, batch_size, topk,
+                                tile, backend, progress)
+    seen = formats_without(leave_out, tuple(dict.fromkeys(calib.kinds))) if leave_out else tuple(calib.kinds)
+    idx = calib.indices(seen)
+    if not idx:
+        raise ValueError(f"leave_out: leaving out {leave_out!r} leaves no calibration prompt")
+    kinds = calib.kinds
+    sim, importance = calib.similarity(idx), calib.importance(idx)
     plan_kw = dict(rho=rho, k_min=k_min, tile=tile)
-    memo: dict = {}
 
     def score(selecting):
-        key = frozenset(selecting)
-        if key not in memo:
-            plan = plan_of_units(selecting, sim, cfg, **plan_kw)
-            memo[key] = divergence(model, KascadeStrategy(plan, backend=backend), batches)
-        return memo[key]
+        values = calib.per_prompt(plan_of_units(selecting, sim, cfg, **plan_kw))
+        return objective_value(values, kinds, idx, objective)
 
+    before = len(calib.memo)
     selecting, history = greedy_search(score, cfg, target=num_anchors, tolerance=tolerance, shrink=shrink,
-                                       progress=progress)
+                                       progress=progress, candidates=candidates)
     plan = plan_of_units(selecting, sim, cfg, **plan_kw)
     along = {}  # the search path's plans at whole costs, and the paper's recipe at the same costs
     units = {(layer, h) for layer in range(1, L) for h in range(H)}
@@ -253,19 +404,24 @@ def calibrate_output_aware(model, tokenizer, text: str, num_anchors: float | Non
     k_paper = max(1, min(L, int(round(plan.selecting_layers_equivalent))))
     anchors, _ = best_anchors(layer_scores(sim, importance), k_paper)
     paper = Plan(anchors=anchors, head_map=head_map_for(sim, anchors), model=dict(cfg), **plan_kw)
-    ours_div = score(selecting)
-    paper_div = divergence(model, KascadeStrategy(paper, backend=backend), batches)
+    ours_pp, paper_pp = calib.per_prompt(plan), calib.per_prompt(paper)
+    ours_div, paper_div = float(np.mean(ours_pp[idx])), float(np.mean(paper_pp[idx]))
+    ours_fam, paper_fam = family_divergences(ours_pp, kinds, idx), family_divergences(paper_pp, kinds, idx)
     plan.provenance = {
-        "data": data_name, "num_prompts": len(prompts), "prompt_tokens": length,
-        "formats": sorted({p.kind for p in prompts}), "answer_tokens": answer_tokens,
-        "calibration_topk": topk, "target": num_anchors, "tolerance": tolerance, "search_step": shrink,
-        "divergence": ours_div, "paper_plan_same_cost": {"anchors": anchors, "divergence": paper_div},
-        "plans_measured": len(memo), "date": _dt.date.today().isoformat(), "kascade_version": kascade.__version__,
+        "data": data_name, "num_prompts": len(idx), "prompt_tokens": len(calib.prompts[0].ids),
+        "formats": sorted({kinds[i] for i in idx}), "answer_tokens": int(calib.batches[0].continuation.shape[1]),
+        "calibration_topk": calib.topk, "target": num_anchors, "tolerance": tolerance, "search_step": shrink,
+        "search_candidates": candidates, "objective": objective, "leave_out": leave_out,
+        "divergence": ours_div, "divergence_by_family": ours_fam,
+        "paper_plan_same_cost": {"anchors": anchors, "divergence": paper_div},
+        "plans_measured": len(calib.memo) - before, "date": _dt.date.today().isoformat(),
+        "kascade_version": kascade.__version__,
     }
     report = {"history": history, "similarity": sim, "importance": importance, "divergence": ours_div,
-              "paper_anchors": anchors, "paper_divergence": paper_div,
-              "agreement": agreement(model, KascadeStrategy(plan, backend=backend), batches),
-              "paper_agreement": agreement(model, KascadeStrategy(paper, backend=backend), batches),
+              "objective": objective, "leave_out": leave_out, "divergence_by_family": ours_fam,
+              "paper_anchors": anchors, "paper_divergence": paper_div, "paper_divergence_by_family": paper_fam,
+              "agreement": agreement(model, KascadeStrategy(plan, backend=backend), calib.batches, idx),
+              "paper_agreement": agreement(model, KascadeStrategy(paper, backend=backend), calib.batches, idx),
               "plans_along": along, "paper_plans_along": paper_along}
     return plan, report
 

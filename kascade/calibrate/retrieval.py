@@ -11,6 +11,11 @@ other wordings, vocabularies and seeds):
     chat        a passkey question asked in the model's chat template (when it has one)
     prose       plain held-out prose (the divergence on ordinary continuation)
 
+and the structured formats of `kascade.calibrate.structured` (records, JSON, tables, code, several
+documents, long chats). `MIXTURE` is all of them; each format belongs to a family (`FAMILY`), the
+groups whose worst divergence the output-aware search protects, and the unit that leave-one-family-out
+validation leaves out (`formats_without`).
+
 Each prompt is exactly `length` tokens: the haystack is a window of the tokenised text, the fact
 sentences and the question are tokenised separately and spliced in at line breaks of the window.
 The answer is not given here: calibration follows the dense model's own greedy continuation.
@@ -21,7 +26,16 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-FORMATS = ("passkey", "extension", "door", "chat", "prose")
+from kascade.calibrate import structured
+
+FORMATS = ("passkey", "extension", "door", "chat", "prose")  # the prose formats (the first recipe's set)
+MIXTURE = FORMATS + structured.STRUCTURED_FORMATS
+# format -> family: the evaluation family it resembles (kascade.eval.tasks), or the prose groups
+FAMILY = {"passkey": "needle", "extension": "needle", "door": "needle", "chat": "chat", "prose": "prose",
+          **structured.FAMILY}
+# evaluation family -> the families of calibration formats its leave-one-out plan must not see
+LEAVE_OUT = {"records": ("records",), "json_records": ("json_records",), "table": ("table",), "code": ("code",),
+             "multi_doc": ("multi_doc",), "chat_history": ("chat_history", "chat")}
 SEED_BASE = 2_000_000  # calibration seeds; evaluation uses [0, 1_000_000), training >= 1_000_000 elsewhere
 
 _FIRST = ("Aldo", "Brisa", "Cosmin", "Delphine", "Emrys", "Farida", "Gideon", "Hesper", "Ilse", "Joaquin", "Kasia",
@@ -117,12 +131,35 @@ def make_prompt(tokenizer, text_ids: list[int], length: int, kind: str, seed: in
     return CalibrationPrompt(ids, kind, seed)
 
 
+def formats_without(family: str, formats=MIXTURE) -> tuple[str, ...]:
+    """`formats` less every format of the calibration families that evaluating `family` rules out
+    (LEAVE_OUT; a family without an entry leaves out its own formats)."""
+    gone = LEAVE_OUT.get(family, (family,))
+    known = set(FAMILY.values()) | set(LEAVE_OUT)
+    if family not in known:
+        raise ValueError(f"family: expected one of {sorted(known)}, got {family!r}")
+    return tuple(f for f in formats if FAMILY[f] not in gone)
+
+
 def calibration_prompts(tokenizer, text: str, length: int, count: int, formats=FORMATS,
                         first_seed: int = 0) -> list[CalibrationPrompt]:
     """`count` prompts of `length` tokens, cycling through `formats` (seeds first_seed.., so that a
     later measurement can use prompts the calibration did not see)."""
-    formats = [f for f in formats if f != "chat" or _chat_frame(tokenizer) is not None]
+    unknown = [f for f in formats if f not in MIXTURE]
+    if unknown:
+        raise ValueError(f"formats: expected some of {MIXTURE}, got unknown {unknown}")
+    formats = [f for f in formats if f not in ("chat", "long_chat") or _chat_frame(tokenizer) is not None]
+    if "long_chat" in formats and structured.chat_frames(tokenizer) is None:
+        formats.remove("long_chat")
     if not formats:
-        raise ValueError(f"formats: expected some of {FORMATS}")
+        raise ValueError(f"formats: expected some of {MIXTURE} usable with this tokenizer")
     text_ids = tokenizer(text, add_special_tokens=False).input_ids
-    return [make_prompt(tokenizer, text_ids, length, formats[i % len(formats)], first_seed + i) for i in range(count)]
+    out = []
+    for i in range(count):
+        kind, seed = formats[i % len(formats)], first_seed + i
+        if kind in structured.STRUCTURED_FORMATS:
+            ids = structured.make_structured(tokenizer, text_ids, length, kind, random.Random(SEED_BASE + seed))
+            out.append(CalibrationPrompt(ids, kind, seed))
+        else:
+            out.append(make_prompt(tokenizer, text_ids, length, kind, seed))
+    return out

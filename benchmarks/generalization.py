@@ -1,0 +1,161 @@
+"""Plans that generalize: calibrate on the format mixture, validate leave-one-family-out, report per family.
+
+Three stages (the GPU recipe is benchmarks/generalization_gpu.sh):
+
+    python benchmarks/generalization.py calibrate MODEL_DIR --work DIR [--budget-s 540]
+        One calibration set (the mixture of kascade.calibrate.retrieval.MIXTURE, --num-prompts prompts of
+        --length tokens), then the output-aware searches that share its measurements: the full mixture at
+        --target selecting-layer equivalents and at each --also cost, then one leave-one-family-out search per
+        --folds family. Writes DIR/plans/NAME.json and DIR/reports/NAME.json per search, and DIR/calib.pt
+        (prompts, continuations, statistics, every plan's per-prompt divergence) after each one: a rerun
+        resumes, and a search is skipped when its plan exists. Stops starting searches after --budget-s.
+    python benchmarks/generalization.py jobs --work DIR --families F,... --lengths 4096,8064 --samples 40
+        Prints one `kascade eval` command line per (plan, family): dense, oracle, the shipped plan, the paper
+        plan and the new full-mixture plans on every family, each leave-one-out plan on its own family.
+    python benchmarks/generalization.py report --work DIR --eval EVALDIR -o benchmarks/results/generalization_smollm2
+        Reads every DIR/EVALDIR/*/results.jsonl and writes the .json, .md and .png of the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FAMILIES = ("records", "json_records", "table", "code", "multi_doc", "chat_history")
+SHIPPED = ROOT / "plans" / "smollm2-135m-instruct.json"
+PAPER = ROOT / "plans" / "smollm2-135m-instruct-paper.json"
+
+
+def cmd_calibrate(args) -> int:
+    import torch
+
+    from kascade.calibrate.output_aware import CalibrationSet, calibrate_output_aware, calibration_set
+    from kascade.models import load_model
+
+    work = Path(args.work)
+    (work / "plans").mkdir(parents=True, exist_ok=True)
+    (work / "reports").mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    model, tok = load_model(args.model_dir, args.device, args.dtype)
+    text = Path(args.data).read_text(encoding="utf-8", errors="replace")
+    cache = work / "calib.pt"
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    if cache.is_file():
+        calib = CalibrationSet.from_state(model, torch.load(cache, weights_only=False))
+        print(f"calibration set: {len(calib.prompts)} prompts, {len(calib.memo)} plans measured (from {cache})")
+    else:
+        t = time.time()
+        calib = calibration_set(model, tok, text, length=args.length, num_prompts=args.num_prompts,
+                                answer_tokens=args.answer_tokens, batch_size=args.batch_size)
+        torch.save(calib.state(), cache)
+        print(f"calibration set: {len(calib.prompts)} prompts of {args.length} tokens "
+              f"({', '.join(sorted(set(calib.kinds)))}) in {time.time() - t:.0f} s")
+    jobs = [(f"mixture-{args.target:g}", None, args.target)] + [(f"lofo-{f}-{args.target:g}", f, args.target)
+                                                                for f in args.folds]
+    jobs += [(f"mixture-{c:g}", None, c) for c in args.also]
+    for name, leave_out, target in jobs:
+        if (work / "plans" / f"{name}.json").is_file():
+            continue
+        if time.time() - start > args.budget_s:
+            print(f"budget of {args.budget_s:.0f} s reached; rerun to go on")
+            return 0
+        t, before = time.time(), len(calib.memo)
+        plan, report = calibrate_output_aware(model, tok, text, num_anchors=target, rho=args.rho, shrink=args.search_step,
+                                              candidates=args.candidates, objective=args.objective,
+                                              leave_out=leave_out, calib=calib, progress=False,
+                                              data_name={"name": Path(args.data).name})
+        seconds = time.time() - t
+        plan.save(work / "plans" / f"{name}.json")
+        keep = {k: report[k] for k in ("history", "divergence", "objective", "leave_out", "divergence_by_family",
+                                       "paper_anchors", "paper_divergence", "paper_divergence_by_family",
+                                       "agreement", "paper_agreement")}
+        keep.update(seconds=seconds, plans_measured=len(calib.memo) - before,
+                    peak_gpu_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None)
+        (work / "reports" / f"{name}.json").write_text(json.dumps(keep, indent=1))
+        torch.save(calib.state(), cache)
+        worst = max(report["divergence_by_family"].items(), key=lambda kv: kv[1])
+        print(f"{name}: cost {plan.selecting_layers_equivalent:.2f}, anchors {plan.anchors}, mean KL "
+              f"{report['divergence']:.4f}, worst family {worst[0]} {worst[1]:.4f} (paper recipe "
+              f"{report['paper_divergence']:.4f}), {keep['plans_measured']} new plans in {seconds:.0f} s", flush=True)
+    print(f"all searches done in {time.time() - start:.0f} s")
+    return 0
+
+
+def eval_jobs(work: Path, model_dir: str, families, lengths: str, samples: int, out: str) -> list[tuple[str, str]]:
+    """(job name, kascade eval command line) for every evaluation the report needs."""
+    base = (f"python3 -m kascade.cli eval {model_dir} --lengths {lengths} --budgets 0.1 --samples {samples} "
+            "--no-coverage --workers 2")
+    fams = ",".join(families)
+    jobs = [("baselines", f"{base} --tasks {fams} --plan {SHIPPED} --paper-plan {PAPER} "
+                          f"--strategies dense,oracle,kascade,kascade-paper --out {out}/baselines")]
+    for plan in sorted((work / "plans").glob("mixture-*.json")):
+        jobs.append((plan.stem, f"{base} --tasks {fams} --plan {plan} --strategies kascade --out {out}/{plan.stem}"))
+    for plan in sorted((work / "plans").glob("lofo-*.json")):
+        fam = next(f for f in FAMILIES if plan.stem.startswith(f"lofo-{f}-"))
+        if fam in families:
+            jobs.append((plan.stem, f"{base} --tasks {fam} --plan {plan} --strategies kascade --out {out}/{plan.stem}"))
+    return jobs
+
+
+def cmd_jobs(args) -> int:
+    for name, line in eval_jobs(Path(args.work), args.model_dir, args.families.split(","), args.lengths,
+                                args.samples, args.eval):
+        print(f"{name}\t{line}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from benchmarks.generalization_report import write_report
+
+    write_report(Path(args.work), Path(args.eval), args.output, args.meta)
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="stage", required=True)
+    p = sub.add_parser("calibrate")
+    p.add_argument("model_dir")
+    p.add_argument("--work", required=True)
+    p.add_argument("--data", default=str(ROOT / "data" / "heldout.txt"))
+    p.add_argument("--length", type=int, default=4096)
+    p.add_argument("--num-prompts", type=int, default=22)
+    p.add_argument("--batch-size", type=int, default=22)
+    p.add_argument("--answer-tokens", type=int, default=8)
+    p.add_argument("--target", type=float, default=10.0)
+    p.add_argument("--also", type=lambda s: [float(x) for x in s.split(",") if x], default=[6.0])
+    p.add_argument("--folds", type=lambda s: [x for x in s.split(",") if x], default=list(FAMILIES))
+    p.add_argument("--rho", type=float, default=0.1)
+    p.add_argument("--search-step", type=int, default=10)
+    p.add_argument("--candidates", type=int, default=None)
+    p.add_argument("--objective", default="worst-family")
+    p.add_argument("--budget-s", type=float, default=540.0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.set_defaults(func=cmd_calibrate)
+    p = sub.add_parser("jobs")
+    p.add_argument("model_dir")
+    p.add_argument("--work", required=True)
+    p.add_argument("--eval", required=True, help="folder of the eval runs")
+    p.add_argument("--families", default=",".join(FAMILIES))
+    p.add_argument("--lengths", default="4096,8064")
+    p.add_argument("--samples", type=int, default=40)
+    p.set_defaults(func=cmd_jobs)
+    p = sub.add_parser("report")
+    p.add_argument("--work", required=True)
+    p.add_argument("--eval", required=True)
+    p.add_argument("--meta", default=None, help="JSON of device and versions written on the GPU machine")
+    p.add_argument("-o", "--output", default=str(ROOT / "benchmarks" / "results" / "generalization_smollm2"))
+    p.set_defaults(func=cmd_report)
+    args = ap.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    raise SystemExit(main())

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Plans that generalize, on the lent GPU machine (SmolLM2-135M-Instruct, bf16): calibration on the format
+# mixture with its leave-one-family-out folds, and the per-family evaluation, in calls of at most 10
+# minutes made back to back (the machine keeps /tmp, and processes started with setsid, between them).
+# The model travels as in benchmarks/smollm2_gpu.sh: `copy part_00`, `copy part_01`, `copy part_02` (that
+# script), then here, carrying .smol/p4/part_03 and .smol/whl:
+#   start   join and convert the model; start the calibration searches in the background (setsid,
+#           benchmarks/generalization.py calibrate, log /tmp/gen/calibrate.log); run the baseline evaluations
+#           (dense, oracle, shipped plan, paper plan on every family) side by side until LIMIT seconds
+#   plans   wait for the searches (at most WAIT seconds), then evaluate the new plans side by side
+# Both stages resume what is done and copy everything (plans, reports, eval rows, logs) to $OUT as one tar.
+# Settings: SAMPLES (40), LENGTHS (4096,8064), FAMILIES (all six), PAR (eval processes side by side, 6),
+# CAL_ARGS (arguments of the calibrate stage, default a lazy search: --search-step 5 --candidates 16),
+# LIMIT (seconds of the start stage's evaluations, 420), BUDGET (seconds of the plans stage, 540, of which
+# at most WAIT, 240, waiting for the searches).
+set -euo pipefail
+stage=${1:?stage: start or plans}
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT" /tmp/gen /tmp/geneval
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+MODEL=${MODEL:-/tmp/smol}
+SAMPLES=${SAMPLES:-40}
+LENGTHS=${LENGTHS:-4096,8064}
+FAMILIES=${FAMILIES:-records,json_records,table,code,multi_doc,chat_history}
+PAR=${PAR:-6}
+
+run_jobs() {  # run_jobs PATTERN LIMIT: the eval jobs whose names match, PAR side by side, until LIMIT seconds
+  python3 benchmarks/generalization.py jobs "$MODEL" --work /tmp/gen --eval /tmp/geneval --families "$FAMILIES" \
+    --lengths "$LENGTHS" --samples "$SAMPLES" | grep -E "^($1)"$'\t' > /tmp/gen/jobs.txt || true
+  # one job per (plan, family, length): many small processes keep the GPU busy and resume cleanly
+  python3 - "$SAMPLES" > /tmp/gen/split.txt <<'PY'
+import re, sys
+for line in open("/tmp/gen/jobs.txt"):
+    name, cmd = line.rstrip("\n").split("\t")
+    tasks = re.search(r"--tasks (\S+)", cmd).group(1).split(",")
+    lengths = re.search(r"--lengths (\S+)", cmd).group(1).split(",")
+    out = re.search(r"--out (\S+)", cmd).group(1)
+    for t in tasks:
+        for n in lengths:
+            c = re.sub(r"--tasks \S+", f"--tasks {t}", cmd)
+            c = re.sub(r"--lengths \S+", f"--lengths {n}", c)
+            c = re.sub(r"--out \S+", f"--out {out}/{t}-{n}", c)
+            print(f"{c} > {out}-{t}-{n}.log 2>&1")
+PY
+  echo "$(wc -l < /tmp/gen/split.txt) eval processes, $PAR at a time"
+  timeout "$2" xargs -P "$PAR" -I{} sh -c '{}' < /tmp/gen/split.txt || echo "eval stopped at its limit (rerun resumes)"
+}
+
+collect() {
+  python3 - > /tmp/gen/meta.json <<'PY'
+import datetime, json, torch, triton, transformers
+print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                  "transformers": transformers.__version__, "date": datetime.date.today().isoformat()}))
+PY
+  tar -cf "$OUT/gen.tar" -C /tmp --exclude=gen/calib.pt gen geneval
+  tail -n 25 /tmp/gen/calibrate.log 2>/dev/null || true
+}
+
+case "$stage" in
+start)
+  bash benchmarks/smollm2_gpu.sh prepare > /tmp/gen/prepare.log 2>&1 || { tail -n 20 /tmp/gen/prepare.log; exit 1; }
+  if ! pgrep -f "generalization.py calibrate" > /dev/null; then
+    setsid nohup python3 benchmarks/generalization.py calibrate "$MODEL" --work /tmp/gen --budget-s 1500 \
+      ${CAL_ARGS:---search-step 5 --candidates 16} >> /tmp/gen/calibrate.log 2>&1 < /dev/null &
+  fi
+  run_jobs "baselines" "${LIMIT:-420}"
+  collect
+  ;;
+plans)
+  waited=0
+  while pgrep -f "generalization.py calibrate" > /dev/null && [ "$waited" -lt "${WAIT:-240}" ]; do
+    sleep 10; waited=$((waited + 10))
+  done
+  run_jobs "baselines|mixture|lofo" "$(( ${BUDGET:-540} - waited ))"
+  collect
+  ;;
+*) echo "stage: expected start or plans, got $stage" >&2; exit 2 ;;
+esac
