@@ -3,7 +3,8 @@
 vLLM runs in a child process (`python tests/test_vllm.py SPEC OUT`, in-process engine) so that its
 process-wide set-up (torch.distributed, thread binding, registered backends) stays out of the test
 process. The child generates greedily with the shipped model `models/kascade-tiny` (12 layers, 8 query /
-4 KV heads, head dim 64) and writes the tokens; the tests compare them.
+4 KV heads, head dim 64) and writes the tokens; the tests compare them. Two shipped plans run: the
+layer-granular `kascade-tiny-paper.json` and the head-granular `kascade-tiny.json`.
 
 Every engine is set up to exercise the scheduler: prompts of 60 to 1,000 tokens with different numbers
 of new tokens, at most 3 requests running at once (requests join and leave between steps), and at most
@@ -25,7 +26,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = ROOT / "models" / "kascade-tiny"
-PLAN = ROOT / "plans" / "kascade-tiny-paper.json"
+PLAN = ROOT / "plans" / "kascade-tiny-paper.json"  # layer granularity: anchors and a head map
+HEAD_PLAN = ROOT / "plans" / "kascade-tiny.json"  # head granularity: head sources across layers
 PROMPT_LENGTHS = [60, 300, 700, 1000, 450]
 NEW_TOKENS = [12, 16, 12, 8, 14]
 ENGINE = dict(dtype="float32", enforce_eager=True, kv_cache_memory_bytes=256 * 2**20, max_model_len=2048,
@@ -96,9 +98,10 @@ def runs(tmp_path_factory):
             "dense": {},
             "full_budget": {"kascade_plan": str(tmp / "full.json")},
             "kascade": {"kascade_plan": str(PLAN)},
+            "head_granular": {"kascade_plan": str(HEAD_PLAN)},
             "wrong_plan": {"kascade_plan": str(tmp / "wrong.json")},
         },
-        "singles": {"kascade": True},
+        "singles": {"kascade": True, "head_granular": True},
     }
     (tmp / "spec.json").write_text(json.dumps(spec))
     env = {k: v for k, v in os.environ.items() if k not in ("KASCADE_PLAN", "TRITON_INTERPRET")}
@@ -114,28 +117,30 @@ def test_full_budget_gives_the_dense_tokens(runs):
     assert runs["full_budget"]["batch"] == runs["dense"]["batch"]
 
 
-def test_plan_gives_the_transformers_integration_tokens(runs):
-    """The shipped plan (rho = 0.1) in vLLM, with chunked prefill and batching, gives the tokens of
-    kascade.enable on the transformers model prefilling each whole prompt alone."""
+@pytest.mark.parametrize("run,plan_path", [("kascade", PLAN), ("head_granular", HEAD_PLAN)])
+def test_plan_gives_the_transformers_integration_tokens(runs, run, plan_path):
+    """The shipped plans (rho = 0.1; layer- and head-granular) in vLLM, with chunked prefill and batching, give
+    the tokens of kascade.enable on the transformers model prefilling each whole prompt alone."""
     import kascade
     from kascade.eval.generation import greedy
     from kascade.models import load_model
 
     model, _ = load_model(MODEL_DIR, device="cpu", dtype="float32")
-    plan = kascade.Plan.load(PLAN)
+    plan = kascade.Plan.load(plan_path)
     with kascade.enable(model, plan, backend="reference"):  # greedy: one prefill, then one decode step per token
         want = [greedy(model, torch.tensor([ids]), m) for ids, m in zip(prompts(), NEW_TOKENS)]
-    assert runs["kascade"]["batch"] == want
+    assert runs[run]["batch"] == want
     # not vacuous: at this budget Kascade changes some tokens of the dense model
-    assert runs["kascade"]["batch"] != runs["dense"]["batch"]
+    assert runs[run]["batch"] != runs["dense"]["batch"]
 
 
-def test_batch_of_different_lengths_equals_one_by_one(runs):
+@pytest.mark.parametrize("run", ["kascade", "head_granular"])
+def test_batch_of_different_lengths_equals_one_by_one(runs, run):
     """Requests batched (joining and leaving, prefill chunks beside decode steps) get the tokens each gets
     alone; alone, the long prompts start from prefix-cache hits, so only their tails are prefilled."""
-    assert runs["kascade"]["batch"] == runs["kascade"]["singles"]
-    assert [len(t) for t in runs["kascade"]["batch"]] == NEW_TOKENS
-    assert max(runs["kascade"]["singles_cached"]) > 128, runs["kascade"]["singles_cached"]
+    assert runs[run]["batch"] == runs[run]["singles"]
+    assert [len(t) for t in runs[run]["batch"]] == NEW_TOKENS
+    assert max(runs[run]["singles_cached"]) > 128, runs[run]["singles_cached"]
 
 
 def test_plan_for_another_model_is_refused(runs):

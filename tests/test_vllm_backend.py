@@ -122,6 +122,28 @@ def test_backend_settings(monkeypatch, tiny_vllm_config, setting, expect):
         assert kv.KascadeCPUImpl(**args).kascade is None  # no plan: nothing refused, nothing changed
 
 
+def test_head_granular_plan_is_taken_unless_it_crosses_tp_shards(monkeypatch, tiny_vllm_config):
+    """plans/kascade-tiny.json (head sources) runs; at TP = 2 it is refused, naming its first crossing entry."""
+    import copy
+
+    from vllm.config import set_current_vllm_config
+
+    import kascade.integrations.vllm as kv
+
+    args = dict(num_heads=8, head_size=64, scale=0.125, num_kv_heads=4, alibi_slopes=None, sliding_window=None,
+                kv_cache_dtype="auto")
+    monkeypatch.setattr(kv, "_STRATEGIES", {})
+    monkeypatch.setenv(kv.PLAN_ENV, str(ROOT / "plans" / "kascade-tiny.json"))
+    cfg = copy.deepcopy(tiny_vllm_config)
+    with set_current_vllm_config(cfg):
+        assert kv.KascadeCPUImpl(**args).kascade.plan.head_granular
+    cfg.parallel_config.tensor_parallel_size = 2
+    monkeypatch.setattr(kv, "_STRATEGIES", {})
+    with set_current_vllm_config(cfg), pytest.raises(ValueError, match=r"head_sources: crosses tensor-parallel "
+                                                                       r"shards at TP degree 2 \(19 entries; first"):
+        kv.KascadeCPUImpl(**args)
+
+
 def test_register_replaces_the_cpu_backend():
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 

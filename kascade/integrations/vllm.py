@@ -18,16 +18,23 @@ gathers the pages the batch reads into a compact cache in the layout of kascade.
 kernels keep blocks in an ISA-specific order, which is found once by writing probe values through
 vLLM's own cache-writing op), then runs kascade.paged.PagedKascadeStrategy: layer 0 clears the
 per-step state, is dense and selects; anchors select per KV head over each request's pages; reuse
-layers attend to their anchor's selection through the plan's head map; requests with no more than
-k_min keys are dense. Selections live only within one step (keyed by the step's requests), so
-requests joining and leaving between steps cannot see each other's indices. A request with one new
+layers attend to their anchor's selection through the plan's head map, or, with a head-granular plan
+(`head_sources`), select on their selecting heads and attend per KV head to the selection of its source
+(layer, head); requests with no more than k_min keys are dense. Selections live only within one step
+(keyed by the step's requests), so requests joining and leaving between steps cannot see each other's
+indices. A request with one new
 token is a decode step; one with more is prefill, tiled from its first token whatever chunk it is
 in, so chunked prefill selects what a whole-prompt prefill would.
 
 Supported: decoder-only models with full attention (Llama, Qwen2/3, Mistral without a window),
-float32/bfloat16/float16 KV caches, tensor parallelism with a plan whose head map stays inside
-shards (`kascade calibrate --tp-degree`). Refused with an error: sliding windows, ALiBi, logit
-soft-capping, attention sinks, fp8 KV caches, encoder and cross attention, pipeline parallelism.
+float32/bfloat16/float16 KV caches, layer- and head-granular plans, tensor parallelism with a plan whose
+head map or head sources stay inside shards (`kascade calibrate --tp-degree`). Refused with an error:
+sliding windows, ALiBi, logit soft-capping, attention sinks, fp8 KV caches, encoder and cross attention,
+pipeline parallelism.
+
+vLLM is read only through kascade.integrations.vllm_adapter (imports and attribute names of the tested
+version); the rest (options, the shared strategy, the refused settings, the compact cache) does not
+depend on vLLM's version.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from functools import lru_cache
 
 import torch
 
+from kascade.integrations import vllm_adapter as adapter
 from kascade.paged import PagedKascadeStrategy
 from kascade.plan import Plan
 
@@ -50,12 +58,7 @@ def register() -> None:
     """vllm.general_plugins entry point: make vLLM's CPU attention backend the Kascade one.
 
     On other platforms nothing is registered (the GPU backends are not wrapped yet)."""
-    from vllm.platforms import current_platform
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
-
-    if not current_platform.is_cpu():
-        return
-    register_backend(AttentionBackendEnum.CPU_ATTN, BACKEND_PATH)
+    adapter.register_cpu_backend(BACKEND_PATH)
 
 
 def plan_options(vllm_config) -> tuple[str | None, bool]:
@@ -87,6 +90,29 @@ def shared_strategy(path: str, dense_anchor_output: bool, model_config, tp_degre
     return _STRATEGIES[key]
 
 
+def layer_strategy(vllm_config, refused: dict) -> tuple[PagedKascadeStrategy | None, int]:
+    """(strategy, tensor-parallel rank) for one attention layer of the engine; (None, 0) without a plan.
+
+    refused: the layer's settings Kascade does not support, each None when unused; ValueError naming the
+    first one in use, or pipeline parallelism, or a plan that does not fit the model (or crosses its
+    tensor-parallel shards)."""
+    path, dense_anchor = plan_options(vllm_config)
+    if path is None:
+        return None, 0
+    for name, value in refused.items():
+        if value is not None:
+            raise ValueError(f"{name}: kascade's vLLM backend supports decoder self-attention over a full "
+                             f"float KV cache without {name}, got {value!r}; serve this model without "
+                             f"{PLAN_KEY} / {PLAN_ENV}")
+    tp, pp = adapter.parallel_sizes(vllm_config)
+    if pp > 1:
+        raise ValueError(f"pipeline_parallel_size: kascade's vLLM backend needs all layers in one process "
+                         f"(anchors hand their selections to the layers after them), got {pp}; use tensor "
+                         "parallelism with a plan whose head map or head sources stay inside its shards")
+    strategy = shared_strategy(path, dense_anchor, adapter.hf_config(vllm_config), tp)
+    return strategy, adapter.tp_rank() if tp > 1 else 0
+
+
 # ----------------------------------------------------------------------------------------------
 # reading vLLM's CPU cache blocks
 # ----------------------------------------------------------------------------------------------
@@ -98,10 +124,8 @@ def block_order(isa: str, dtype: torch.dtype, block_size: int, head_size: int) -
 
     Returns (key_perm, value_perm): int64 tensors of block_size * head_size entries, entry t * D + d
     being the slab offset of token t, dim d; None where the slab is plain row-major. Found by writing
-    small integers (exact in every float dtype) through `cpu_attn_reshape_and_cache`; a layout that is
-    not a permutation of the slab raises ValueError."""
-    from vllm import _custom_ops as vops
-
+    small integers (exact in every float dtype) through vLLM's own op (adapter.cpu_write_cache); a layout
+    that is not a permutation of the slab raises ValueError."""
     t = torch.arange(block_size)[:, None].expand(block_size, head_size)
     d = torch.arange(head_size)[None, :].expand(block_size, head_size)
     digits = [t % 16, t // 16 % 16, t // 256, d % 16, d // 16 % 16, d // 256]
@@ -110,8 +134,7 @@ def block_order(isa: str, dtype: torch.dtype, block_size: int, head_size: int) -
         kv = torch.zeros(1, 1, block_size, 2 * head_size, dtype=dtype)
         kc, vc = kv.view(1, 1, 2 * block_size, head_size).chunk(2, dim=2)
         src = val[:, None, :].to(dtype)  # [tokens, 1 head, D]
-        vops.cpu_attn_reshape_and_cache(src, src.clone(), kc, vc, torch.arange(block_size), isa,
-                                        k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+        adapter.cpu_write_cache(src, src.clone(), kc, vc, torch.arange(block_size), isa)
         seen.append(kv.view(2, block_size * head_size).long())  # row 0: key slab, row 1: value slab
     perms = []
     for which in (0, 1):
@@ -158,52 +181,32 @@ def compact_cache(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: t
 
 
 def _backend_classes():
-    from vllm.config import get_current_vllm_config
-    from vllm.distributed import get_tensor_model_parallel_rank
-    from vllm.logger import init_logger
-    from vllm.model_executor.models.utils import extract_layer_index
-    from vllm.v1.attention.backend import AttentionType
-    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
+    v = adapter.api()
+    logger = v.init_logger("vllm.kascade")  # under "vllm", whose handlers vLLM sets up in every process
 
-    logger = init_logger("vllm.kascade")  # under "vllm", whose handlers vLLM sets up in every process
-
-    class KascadeCPUImpl(CPUAttentionBackendImpl):
+    class KascadeCPUImpl(v.CPUAttentionBackendImpl):
         """vLLM's CPU attention, with the attention itself replaced by Kascade when a plan is configured."""
 
         def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
-                     logits_soft_cap=None, attn_type=AttentionType.DECODER, kv_sharing_target_layer_name=None,
+                     logits_soft_cap=None, attn_type=v.AttentionType.DECODER, kv_sharing_target_layer_name=None,
                      sinks=None, **kwargs):
             super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
                              logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks, **kwargs)
-            cfg = get_current_vllm_config()
-            path, dense_anchor = plan_options(cfg)
-            self.kascade = None
-            self.layer_index = None
-            if path is None:
-                return
-            refused = {
+            cfg = v.get_current_vllm_config()
+            self.kascade, self.tp_rank = layer_strategy(cfg, {
                 "sliding_window": sliding_window,
                 "alibi_slopes": alibi_slopes,
                 "logits_soft_cap": logits_soft_cap or None,
                 "sinks": sinks,
                 "kv_cache_dtype": kv_cache_dtype if self.is_fp8_kv_cache else None,
-                "attn_type": None if attn_type == AttentionType.DECODER else attn_type,
-            }
-            for name, value in refused.items():
-                if value is not None:
-                    raise ValueError(f"{name}: kascade's vLLM backend supports decoder self-attention over a full "
-                                     f"float KV cache without {name}, got {value!r}; serve this model without "
-                                     f"{PLAN_KEY} / {PLAN_ENV}")
-            pp = cfg.parallel_config.pipeline_parallel_size
-            if pp > 1:
-                raise ValueError(f"pipeline_parallel_size: kascade's vLLM backend needs all layers in one process "
-                                 f"(anchors hand their selections to the layers after them), got {pp}; use tensor "
-                                 "parallelism with a plan calibrated with --tp-degree")
-            tp = cfg.parallel_config.tensor_parallel_size
-            self.tp_rank = get_tensor_model_parallel_rank() if tp > 1 else 0
-            self.kascade = shared_strategy(path, dense_anchor, cfg.model_config.hf_config, tp)
-            plan = self.kascade.plan
-            logger.info_once(f"kascade: Kascade attention with plan {path} (anchors {plan.anchors}, rho {plan.rho})")
+                "attn_type": None if attn_type == v.AttentionType.DECODER else attn_type,
+            })
+            self.layer_index = None
+            if self.kascade is not None:
+                plan = self.kascade.plan
+                kind = "head sources" if plan.head_granular else "head map"
+                logger.info_once(f"kascade: Kascade attention with plan {plan_options(cfg)[0]} "
+                                 f"(anchors {plan.anchors}, {kind}, rho {plan.rho})")
 
         def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                     output_block_scale=None):
@@ -213,18 +216,15 @@ def _backend_classes():
             if output_scale is not None or output_block_scale is not None:
                 raise ValueError("output_scale: kascade's vLLM backend does not fuse output quantization")
             if self.layer_index is None:
-                self.layer_index = extract_layer_index(layer.layer_name)
-            n_tok = attn_metadata.num_actual_tokens
-            r = attn_metadata.seq_lens.shape[0]
-            key_cache, value_cache, table = compact_cache(kv_cache, attn_metadata.block_table[:r],
-                                                          attn_metadata.seq_lens, layer.isa)
-            out = self.kascade.attend(self.layer_index, query[:n_tok], key_cache, value_cache, table,
-                                      attn_metadata.seq_lens, attn_metadata.query_start_loc[: r + 1], scale=self.scale,
-                                      tp_rank=self.tp_rank)
+                self.layer_index = adapter.layer_index(layer)
+            n_tok, seq_lens, query_start_loc, block_table = adapter.step_batch(attn_metadata)
+            key_cache, value_cache, table = compact_cache(kv_cache, block_table, seq_lens, adapter.cpu_isa(layer))
+            out = self.kascade.attend(self.layer_index, query[:n_tok], key_cache, value_cache, table, seq_lens,
+                                      query_start_loc, scale=self.scale, tp_rank=self.tp_rank)
             output[:n_tok].copy_(out.reshape(output[:n_tok].shape))
             return output
 
-    class KascadeCPUBackend(CPUAttentionBackend):
+    class KascadeCPUBackend(v.CPUAttentionBackend):
         """vLLM's CPU backend (metadata, cache layout and cache writing) with KascadeCPUImpl."""
 
         @staticmethod
