@@ -5,9 +5,10 @@
 # The model travels as in benchmarks/smollm2_gpu.sh: `copy part_00`, `copy part_01`, `copy part_02` (that
 # script), then here, carrying .smol/p4/part_03 and .smol/whl:
 #   start   join and convert the model; start the calibration searches in the background (setsid,
-#           benchmarks/generalization.py calibrate, log /tmp/gen/calibrate.log); run the baseline evaluations
+#           benchmarks/generalization.py calibrate, log /tmp/gen/calibrate.log) and the coverage diagnosis of
+#           the shipped and paper plans (benchmarks/diagnose_families.py); run the baseline evaluations
 #           (dense, oracle, shipped plan, paper plan on every family) side by side until LIMIT seconds
-#   plans   wait for the searches (at most WAIT seconds), then evaluate the new plans side by side
+#   plans   wait for the searches (at most WAIT seconds), diagnose the new plan, evaluate the new plans
 # Both stages resume what is done and copy everything (plans, reports, eval rows, logs) to $OUT as one tar.
 # Settings: SAMPLES (40), LENGTHS (4096,8064), FAMILIES (all six), PAR (eval processes side by side, 6),
 # CAL_ARGS (arguments of the calibrate stage, default a lazy search: --search-step 5 --candidates 16),
@@ -46,6 +47,13 @@ PY
   timeout "$2" xargs -P "$PAR" -I{} sh -c '{}' < /tmp/gen/split.txt || echo "eval stopped at its limit (rerun resumes)"
 }
 
+diagnose() {  # diagnose NAME=PLAN ...: decode-time coverage per (layer, KV head) on every family, in the background
+  local args=() stem=/tmp/gen/diagnose
+  for spec in "$@"; do args+=(--plan "$spec"); stem="$stem-${spec%%=*}"; done
+  python3 benchmarks/diagnose_families.py "$MODEL" "${args[@]}" --families "$FAMILIES" --length 4096 --samples 4 \
+    -o "$stem" > "$stem.log" 2>&1 &
+}
+
 collect() {
   python3 - > /tmp/gen/meta.json <<'PY'
 import datetime, json, torch, triton, transformers
@@ -63,6 +71,7 @@ start)
     setsid nohup python3 benchmarks/generalization.py calibrate "$MODEL" --work /tmp/gen --budget-s 1500 \
       ${CAL_ARGS:---search-step 5 --candidates 16} >> /tmp/gen/calibrate.log 2>&1 < /dev/null &
   fi
+  diagnose previous=plans/smollm2-135m-instruct.json paper=plans/smollm2-135m-instruct-paper.json
   run_jobs "baselines" "${LIMIT:-420}"
   collect
   ;;
@@ -71,6 +80,7 @@ plans)
   while pgrep -f "generalization.py calibrate" > /dev/null && [ "$waited" -lt "${WAIT:-240}" ]; do
     sleep 10; waited=$((waited + 10))
   done
+  [ -f /tmp/gen/plans/mixture-10.json ] && diagnose mixture=/tmp/gen/plans/mixture-10.json
   run_jobs "baselines|mixture|lofo" "$(( ${BUDGET:-540} - waited ))"
   collect
   ;;

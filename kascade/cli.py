@@ -61,9 +61,6 @@ def cmd_calibrate(args) -> int:
         raise ValueError(f"--anchors: the paper's recipe takes a whole number of anchor layers, got {args.anchors}")
     data = Path(args.data)
     if recipe == "output-aware":
-        if args.tp_degree != 1:
-            raise ValueError("--tp-degree: the output-aware recipe makes head-granular plans, which run on one "
-                             "rank; use --recipe paper for tensor parallelism")
         if not data.is_file() or data.suffix != ".txt":
             raise ValueError(f"--data: the output-aware recipe hides facts in a plain .txt file of prose, got {data}")
         if args.search_step < 2:
@@ -101,7 +98,8 @@ def cmd_calibrate(args) -> int:
                                               batch_size=args.batch_size, rho=args.rho, k_min=args.k_min,
                                               tile=args.tile, topk=args.topk, data_name=_data_provenance(data),
                                               shrink=args.search_step, formats=formats, objective=args.objective,
-                                              candidates=args.search_candidates, leave_out=args.leave_out)
+                                              candidates=args.search_candidates, leave_out=args.leave_out,
+                                              tp_degree=args.tp_degree)
         folder = Path(args.plots or Path(args.output).with_suffix(""))
         folder.mkdir(parents=True, exist_ok=True)
         plots = [save_search_plot(report, folder / "divergence_vs_cost.png")]
@@ -112,7 +110,9 @@ def cmd_calibrate(args) -> int:
     plan.save(args.output)
     print(f"anchors {plan.anchors}; plan written to {args.output}; plots: {', '.join(plots)}")
     _print_cost(plan, report)
-    if args.tp_degree > 1:
+    if args.tp_degree > 1 and recipe == "output-aware":
+        print(f"tp_degree {args.tp_degree}: every head source stays inside its tensor-parallel shard")
+    elif args.tp_degree > 1:
         tp = report["tp"]
         print(f"tp_degree {args.tp_degree}: head map kept inside shards; objective {tp['objective']:.4f} vs "
               f"{tp['objective_unconstrained']:.4f} unconstrained ({100 * tp['objective_loss']:.2f}% lost), mean "

@@ -150,3 +150,19 @@ def test_folds_share_the_calibration_set_and_leave_their_family_out():
     again = OA.CalibrationSet.from_state(model, state, backend="reference")
     assert again.kinds == calib.kinds and len(again.memo) == len(calib.memo)
     np.testing.assert_allclose(again.similarity(range(4)), calib.similarity(range(4)))
+
+
+def test_sources_stay_inside_tensor_parallel_shards():
+    """With tp_degree, every non-selecting unit reads a unit of its own shard, even where another shard's
+    head would cover it better; the plan validates at that degree."""
+    cfg = {"model_type": "llama", "num_layers": 3, "num_q_heads": 8, "num_kv_heads": 4, "head_dim": 16}
+    sim = np.zeros((3, 3, 4, 4))
+    sim[1, 2, 3, 0] = 0.9  # layer 2 head 0 is best served by layer 1 head 3, on the other shard at TP 2
+    sim[0, 2, 1, 0] = 0.5
+    free = OA.plan_of_units({(1, 3)}, sim, cfg)
+    assert free.head_sources[2][0] == [1, 3]
+    sharded = OA.plan_of_units({(1, 3)}, sim, cfg, tp_degree=2)
+    assert sharded.head_sources[2][0] == [0, 1] and sharded.tp_degree == 2
+    for layer, row in enumerate(sharded.head_sources):
+        for h, src in enumerate(row or ()):
+            assert src is None or src[1] // 2 == h // 2, (layer, h, src)

@@ -126,9 +126,13 @@ def agreement(model, strategy, batches: list[Trajectories], indices=None) -> flo
 # ----------------------------------------------------------------------------------------------
 
 
-def plan_of_units(selecting: set, sim: np.ndarray, cfg: dict, **plan_kw) -> Plan:
+def plan_of_units(selecting: set, sim: np.ndarray, cfg: dict, tp_degree: int = 1, **plan_kw) -> Plan:
     """The plan in which exactly the units `selecting` (plus layer 0) select; every other unit (l, h)
-    reads the earlier selecting unit (a, m) with the highest sim[a, l, m, h] (ties: the later layer)."""
+    reads the earlier selecting unit (a, m) with the highest sim[a, l, m, h] (ties: the later layer),
+    among the heads m of h's tensor-parallel shard when `tp_degree` > 1 (layer 0 selects on every head,
+    so every shard has a source)."""
+    from kascade.plan import shard_of
+
     L, H = cfg["num_layers"], cfg["num_kv_heads"]
     sel = set(selecting) | {(0, h) for h in range(H)}
     anchors = [layer for layer in range(L) if all((layer, h) in sel for h in range(H))]
@@ -142,13 +146,15 @@ def plan_of_units(selecting: set, sim: np.ndarray, cfg: dict, **plan_kw) -> Plan
             if (layer, h) in sel:
                 row.append(None)
                 continue
-            cands = [(a, m) for a in range(layer) for m in range(H) if (a, m) in sel]
+            cands = [(a, m) for a in range(layer) for m in range(H)
+                     if (a, m) in sel and shard_of(m, H, tp_degree) == shard_of(h, H, tp_degree)]
             a, m = max(cands, key=lambda am: (sim[am[0], layer, am[1], h], am[0]))
             row.append([a, m])
         rows.append(row)
     if len(anchors) == L:  # every layer selects: a plan of layer granularity
-        return Plan(anchors=anchors, model=dict(cfg), recipe="output-aware", **plan_kw)
-    return Plan(anchors=anchors, head_sources=rows, model=dict(cfg), recipe="output-aware", **plan_kw)
+        return Plan(anchors=anchors, model=dict(cfg), recipe="output-aware", tp_degree=tp_degree, **plan_kw)
+    return Plan(anchors=anchors, head_sources=rows, model=dict(cfg), recipe="output-aware", tp_degree=tp_degree,
+                **plan_kw)
 
 
 def units_cost(selecting: set, num_kv_heads: int) -> float:
@@ -349,7 +355,7 @@ def calibrate_output_aware(model, tokenizer, text: str, num_anchors: float | Non
                            tile: int = 32, topk: int = 64, backend: str = "auto", progress: bool = True,
                            data_name: str = "", formats=None, shrink: int = 10, objective: str = "worst-family",
                            leave_out: str | None = None, candidates: int | None = None,
-                           calib: CalibrationSet | None = None) -> tuple[Plan, dict]:
+                           calib: CalibrationSet | None = None, tp_degree: int = 1) -> tuple[Plan, dict]:
     """An output-aware plan (see the module docstring) and a report: the search history, the objective, the
     divergence per format family and the answer agreement of the chosen plan and of the paper's plan of
     the same cost on the same prompts.
@@ -359,7 +365,9 @@ def calibrate_output_aware(model, tokenizer, text: str, num_anchors: float | Non
     leave_out: an evaluation family (retrieval.LEAVE_OUT) whose formats the search must not see.
     shrink: each search step removes about 1/shrink of the remaining units; candidates: measure only this
     many units per step, those whose removal cost least when last measured (None: every unit).
-    calib: a CalibrationSet to share (its prompts replace length/num_prompts/formats)."""
+    calib: a CalibrationSet to share (its prompts replace length/num_prompts/formats).
+    tp_degree: every source stays inside its head's tensor-parallel shard (the plan runs sharded); the
+    paper's plan of the same cost is constrained alike."""
     import datetime as _dt
 
     import kascade
@@ -380,7 +388,10 @@ def calibrate_output_aware(model, tokenizer, text: str, num_anchors: float | Non
         raise ValueError(f"leave_out: leaving out {leave_out!r} leaves no calibration prompt")
     kinds = calib.kinds
     sim, importance = calib.similarity(idx), calib.importance(idx)
-    plan_kw = dict(rho=rho, k_min=k_min, tile=tile)
+    from kascade.calibrate import _check_tp_degree
+
+    _check_tp_degree(tp_degree, H)
+    plan_kw = dict(rho=rho, k_min=k_min, tile=tile, tp_degree=tp_degree)
 
     def score(selecting):
         values = calib.per_prompt(plan_of_units(selecting, sim, cfg, **plan_kw))
@@ -399,11 +410,11 @@ def calibrate_output_aware(model, tokenizer, text: str, num_anchors: float | Non
             along[int(cost)] = plan_of_units(units, sim, cfg, **plan_kw)
     paper_along = {}
     for k in along:
-        a, _ = best_anchors(layer_scores(sim, importance), k)
-        paper_along[k] = Plan(anchors=a, head_map=head_map_for(sim, a), model=dict(cfg), **plan_kw)
+        a, _ = best_anchors(layer_scores(sim, importance, tp_degree), k)
+        paper_along[k] = Plan(anchors=a, head_map=head_map_for(sim, a, tp_degree), model=dict(cfg), **plan_kw)
     k_paper = max(1, min(L, int(round(plan.selecting_layers_equivalent))))
-    anchors, _ = best_anchors(layer_scores(sim, importance), k_paper)
-    paper = Plan(anchors=anchors, head_map=head_map_for(sim, anchors), model=dict(cfg), **plan_kw)
+    anchors, _ = best_anchors(layer_scores(sim, importance, tp_degree), k_paper)
+    paper = Plan(anchors=anchors, head_map=head_map_for(sim, anchors, tp_degree), model=dict(cfg), **plan_kw)
     ours_pp, paper_pp = calib.per_prompt(plan), calib.per_prompt(paper)
     ours_div, paper_div = float(np.mean(ours_pp[idx])), float(np.mean(paper_pp[idx]))
     ours_fam, paper_fam = family_divergences(ours_pp, kinds, idx), family_divergences(paper_pp, kinds, idx)
