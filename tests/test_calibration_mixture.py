@@ -166,3 +166,17 @@ def test_sources_stay_inside_tensor_parallel_shards():
     for layer, row in enumerate(sharded.head_sources):
         for h, src in enumerate(row or ()):
             assert src is None or src[1] // 2 == h // 2, (layer, h, src)
+
+
+def test_calibration_formats_share_no_wording_with_the_evaluation_families():
+    """Same kinds of data, never the evaluation's wording: no fixed string of the calibration formats equals
+    a pool word of the evaluation families, and none contains one of their template pieces (of 12
+    characters or more) or is contained in one."""
+    families = pytest.importorskip("kascade.eval.families")
+    theirs = families.family_wording()
+    ours = structured.format_wording()
+    words = {w.lower() for w in theirs}
+    assert not [w for w in ours if w.lower() in words]
+    pieces = [p.lower() for p in theirs if len(p) >= 12]
+    clash = [(o, p) for o in ours for p in pieces if p in o.lower() or (len(o) >= 12 and o.lower() in p)]
+    assert not clash, clash[:5]

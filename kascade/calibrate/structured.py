@@ -32,12 +32,12 @@ STRUCTURED_FORMATS = ("telemetry", "manifest", "roster", "constants", "dossier",
 FAMILY = {"telemetry": "records", "manifest": "json_records", "roster": "table", "constants": "code",
           "dossier": "multi_doc", "long_chat": "chat_history"}
 
-_SITES = ("ridge", "fjord", "delta", "mesa", "tundra", "canyon", "atoll", "steppe")
+_SITES = ("moraine", "fjord", "caldera", "mesa", "tundra", "canyon", "atoll", "steppe")
 _PROBES = ("hygro", "baro", "anemo", "pyrano", "lysi", "turbi")
 _UNITS = {"hygro": "pct", "baro": "hPa", "anemo": "m/s", "pyrano": "W/m2", "lysi": "mm", "turbi": "NTU"}
 _CARRIERS = ("Brackwater Freight", "Osgood & Lume", "Tessaly Lines", "Quenby Haulage", "Marrow Cargo")
 _PORTS = ("Vantor", "Kessling", "Aubade", "Thornmere", "Castille Bay", "Ormsby", "Pellucid", "Wrenfold")
-_MANIFEST_FIELDS = ("weight_kg", "pallets", "berth", "carrier", "seal")
+_MANIFEST_FIELDS = ("tonnage", "pallets", "berth", "hauler", "seal")
 _CREW_FIRST = ("Ambrose", "Bettina", "Cyprian", "Dagny", "Ezekiel", "Flavia", "Gunnar", "Honora", "Isidore",
                "Jocasta", "Lorcan", "Mirabel", "Norbert", "Ottoline", "Percival", "Rosalind", "Silas", "Theodora")
 _CREW_LAST = ("Ashgrove", "Blackwood", "Cresswell", "Dunmore", "Everly", "Frostwick", "Greaves", "Hollis",
@@ -59,11 +59,12 @@ _FILE_FACTS = (("the surveyors pitched their base camp at an altitude of {v} met
 _CHAT_FACTS = (("Please keep this in mind: the berth of my sleeper car is number {v}.",
                 "Which sleeper car berth number did I tell you at the start?", "My sleeper car berth is number"),
                ("Small detail for later, my bicycle lock combination is {v}.",
-                "Remind me, what was the combination of my bicycle lock?", "Your bicycle lock combination is"),
+                "Remind me, which combination opens my bicycle lock?", "Your bicycle lock combination is"),
                ("Before we begin: the ticket for my coat at the cloakroom says {v}.",
                 "What did the cloakroom ticket for my coat say?", "Your cloakroom ticket says"))
 _CHAT_ASKS = ("Could you go through this excerpt with me?", "Here is another part I was reading:",
               "What do you make of the following?", "Next section, same source:")
+_CHAT_ACK = "Understood, it is written down."
 _CHAT_REPLIES = ("It reads as follows in short:", "Looking at it closely:", "Here is what stands out:")
 
 
@@ -72,7 +73,7 @@ def format_wording() -> list[str]:
     evaluation's families share none of them."""
     out = list(_SITES + _PROBES + _CARRIERS + _PORTS + _MANIFEST_FIELDS + _CREW_FIRST + _CREW_LAST + _ROSTER_COLUMNS
                + _WATCHES + _POSTS + _VESSELS + _CONST_WORDS + _CONST_SUFFIX + _FILE_TOPICS + _CHAT_ASKS
-               + _CHAT_REPLIES)
+               + _CHAT_REPLIES + (_CHAT_ACK,))
     out += [s for pair in _FILE_FACTS for s in pair] + [s for triple in _CHAT_FACTS for s in triple]
     return out
 
@@ -111,7 +112,7 @@ def _manifest(rng: random.Random):
     ids = rng.sample(range(10_000, 99_999), 30_000)
 
     def obj(ref: int, r: random.Random) -> str:
-        return ('{"ref": "MF-%d", "port": "%s", "carrier": "%s", "pallets": %d, "weight_kg": %d, "berth": "%s%d", '
+        return ('{"ref": "MF-%d", "port": "%s", "hauler": "%s", "pallets": %d, "tonnage": %d, "berth": "%s%d", '
                 '"seal": "%s"},' % (ref, r.choice(ports), r.choice(carriers), r.randrange(1, 40),
                                     r.randrange(200, 9000), r.choice("ABCDE"), r.randrange(1, 30),
                                     "".join(r.choice("0123456789ABCDEF") for _ in range(6))))
@@ -299,7 +300,7 @@ def _long_chat(tokenizer, text_ids, length, rng, prefix) -> list[int]:
     enc = _encoder(tokenizer)
     stated, ask, answer_start = rng.choice(_CHAT_FACTS)
     value = rng.randrange(10_000, 99_999) if rng.random() < 0.5 else rng.randrange(100, 999)
-    first = enc(stated.format(v=value)) + u2a + enc("Noted, I will keep that in mind.") + a2u
+    first = enc(stated.format(v=value)) + u2a + enc(_CHAT_ACK) + a2u
     last = enc(ask) + tail + enc(answer_start)
     room = _room(length, "long_chat", prefix, head, first, last)
     hay = _haystack(text_ids, rng, 96)
