@@ -37,9 +37,16 @@ no new token (Q_r == 0) has no output rows and an empty selection.
                  tile=32, scale=None, dense_output=False) -> (out, PagedSelection)
     paged_gather_heads(selections, rows) -> PagedSelection       (one selection from rows of several)
     PagedKascadeStrategy(plan).attend(layer, q, key_cache, value_cache, block_table, seq_lens,
-                                      query_start_loc, scale=None, tp_rank=None) -> out   (a whole layer)
+                                      query_start_loc, scale=None, tp_rank=None, host_lens=None,
+                                      dense=None) -> out   (a whole layer)
+    PagedKascadeStrategy(plan).attend_decode(layer, q, key_cache, value_cache, block_table, seq_lens,
+                                             scale=None, tp_rank=None, dense=None) -> out
+                                             (a decode-only batch: no host synchronisation on the kernels)
 
-scale None means 1 / sqrt(D).
+scale None means 1 / sqrt(D). host_lens, where a function takes it, is (seq_lens, query_start_loc) as
+host sequences of ints holding the device tensors' values (what a serving engine keeps on the host
+anyway): given, the function does not read the device tensors back (no `.tolist()`); not checked against
+them (that would read them).
 """
 
 from __future__ import annotations
@@ -103,10 +110,11 @@ def _desc(t) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
 
 
-def check_paged_inputs(q, key_cache, value_cache, block_table, seq_lens, query_start_loc):
+def check_paged_inputs(q, key_cache, value_cache, block_table, seq_lens, query_start_loc, host_lens=None):
     """ValueError naming the argument unless the shapes fit the layout of the module docstring.
 
-    Returns (seq_lens, query_start_loc) as Python lists of ints."""
+    Returns (seq_lens, query_start_loc) as Python lists of ints: read from the device tensors (one
+    device-to-host copy each), or taken from host_lens (see the module docstring) without reading them."""
     for name, t in (("q", q), ("key_cache", key_cache)) + ((("value_cache", value_cache),) if value_cache is not None else ()):
         if not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES:
             raise ValueError(f"{name}: expected a float32/float16/bfloat16 tensor, got {_desc(t)}")
@@ -134,7 +142,10 @@ def check_paged_inputs(q, key_cache, value_cache, block_table, seq_lens, query_s
     if query_start_loc.shape[0] != r + 1 or block_table.shape[0] < r:
         raise ValueError(f"query_start_loc / block_table: expected {r + 1} offsets and at least {r} rows for "
                          f"{r} requests (seq_lens), got {_desc(query_start_loc)} and {_desc(block_table)}")
-    lens, qsl = [int(x) for x in seq_lens.tolist()], [int(x) for x in query_start_loc.tolist()]
+    if host_lens is None:
+        lens, qsl = [int(x) for x in seq_lens.tolist()], [int(x) for x in query_start_loc.tolist()]
+    else:
+        lens, qsl = _host_lens(host_lens, r)
     if qsl[0] != 0 or qsl[-1] != q.shape[0]:
         raise ValueError(f"query_start_loc: expected to run from 0 to the {q.shape[0]} tokens of q, got {qsl}")
     block_size = key_cache.shape[1]
@@ -148,6 +159,18 @@ def check_paged_inputs(q, key_cache, value_cache, block_table, seq_lens, query_s
     return lens, qsl
 
 
+def _host_lens(host_lens, r: int) -> tuple[list[int], list[int]]:
+    """host_lens (seq_lens, query_start_loc) as lists of ints, checked against the batch's r requests."""
+    if not (isinstance(host_lens, (tuple, list)) and len(host_lens) == 2):
+        raise ValueError(f"host_lens: expected (seq_lens, query_start_loc) as host sequences of ints, "
+                         f"got {type(host_lens).__name__}")
+    lens, qsl = [int(x) for x in host_lens[0]], [int(x) for x in host_lens[1]]
+    if len(lens) != r or len(qsl) != r + 1:
+        raise ValueError(f"host_lens: expected {r} seq_lens and {r + 1} query_start_loc entries like the device "
+                         f"tensors, got {len(lens)} and {len(qsl)}; pass the host copies of this step's metadata")
+    return lens, qsl
+
+
 def gather_kv(cache: torch.Tensor, block_table_row: torch.Tensor, n: int) -> torch.Tensor:
     """A request's first n positions of a paged cache [num_blocks, block_size, H, D] -> [1, H, n, D]."""
     block_size = cache.shape[1]
@@ -156,9 +179,9 @@ def gather_kv(cache: torch.Tensor, block_table_row: torch.Tensor, n: int) -> tor
     return flat.transpose(0, 1).unsqueeze(0)
 
 
-def _requests(q, key_cache, value_cache, block_table, seq_lens, query_start_loc):
+def _requests(q, key_cache, value_cache, block_table, seq_lens, query_start_loc, host_lens=None):
     """Yield (r, q_r [1, Hq, Q_r, D], k_r [1, Hkv, n_r, D], v_r or None, token slice) per request with new tokens."""
-    lens, qsl = check_paged_inputs(q, key_cache, value_cache, block_table, seq_lens, query_start_loc)
+    lens, qsl = check_paged_inputs(q, key_cache, value_cache, block_table, seq_lens, query_start_loc, host_lens)
     for r, n in enumerate(lens):
         a, b = qsl[r], qsl[r + 1]
         if b == a:
@@ -182,33 +205,33 @@ def _out(q, value_cache):
 
 
 def paged_dense(q, key_cache, value_cache, block_table, seq_lens, query_start_loc, scale=None,
-                backend: str = "auto") -> torch.Tensor:
+                backend: str = "auto", host_lens=None) -> torch.Tensor:
     """Causal dense attention of every request over its pages. Returns out [T, Hq, Dv].
 
     backend: "reference", "triton" (kascade.paged_kernels) or "auto" (the kernels for CUDA fp16/bf16)."""
     out = _out(q, value_cache)
     sc = _scale(q, scale)
     if use_kernels(q, backend):
-        lens, qsl = check_paged_inputs(q, key_cache, value_cache, block_table, seq_lens, query_start_loc)
+        lens, qsl = check_paged_inputs(q, key_cache, value_cache, block_table, seq_lens, query_start_loc, host_lens)
         return paged_kernels.dense(out, q, key_cache, value_cache, block_table, seq_lens, lens, qsl, sc, gather_kv)
-    for _, qr, k, v, sl in _requests(q, key_cache, value_cache, block_table, seq_lens, query_start_loc):
+    for _, qr, k, v, sl in _requests(q, key_cache, value_cache, block_table, seq_lens, query_start_loc, host_lens):
         out[sl] = reference.dense_attention(qr, k, v, scale=sc)[0].transpose(0, 1)
     return out
 
 
 def paged_select(q, key_cache, block_table, seq_lens, query_start_loc, rho: float = 0.1, k_min: int = 128,
-                 tile: int = 32, scale=None, backend: str = "auto") -> PagedSelection:
+                 tile: int = 32, scale=None, backend: str = "auto", host_lens=None) -> PagedSelection:
     """Anchor-layer top-k of every request (decode for Q_r == 1, per-tile prefill otherwise)."""
     check_budget(rho, k_min)
     if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
         raise ValueError(f"tile: expected an integer >= 1, got {tile!r}")
     sc = _scale(q, scale)
     if use_kernels(q, backend):
-        lens, qsl = check_paged_inputs(q, key_cache, None, block_table, seq_lens, query_start_loc)
+        lens, qsl = check_paged_inputs(q, key_cache, None, block_table, seq_lens, query_start_loc, host_lens)
         per_req = paged_kernels.select(q, key_cache, block_table, seq_lens, lens, qsl, rho, k_min, tile, sc)
         return _stack(per_req, seq_lens.shape[0], key_cache.shape[2], tile, q.device)
     per_req = {}
-    for r, qr, k, _, _ in _requests(q, key_cache, None, block_table, seq_lens, query_start_loc):
+    for r, qr, k, _, _ in _requests(q, key_cache, None, block_table, seq_lens, query_start_loc, host_lens):
         per_req[r] = reference.select(qr, k, rho=rho, k_min=k_min, tile=tile, scale=sc)
     return _stack(per_req, seq_lens.shape[0], key_cache.shape[2], tile, q.device)
 
@@ -250,7 +273,7 @@ def paged_gather_heads(selections: list, rows: torch.Tensor | None) -> PagedSele
 
 
 def paged_reuse(q, key_cache, value_cache, block_table, seq_lens, query_start_loc, selection: PagedSelection,
-                head_map=None, scale=None, backend: str = "auto") -> torch.Tensor:
+                head_map=None, scale=None, backend: str = "auto", host_lens=None) -> torch.Tensor:
     """Attention of every request over its anchor's selected positions (KV head h uses the anchor's set of
     head_map[h]; None is the identity), plus the causal diagonal tile in prefill. Returns out [T, Hq, Dv]."""
     if not isinstance(selection, PagedSelection):
@@ -264,14 +287,14 @@ def paged_reuse(q, key_cache, value_cache, block_table, seq_lens, query_start_lo
     out = _out(q, value_cache)
     sc = _scale(q, scale)
     if use_kernels(q, backend):
-        lens, qsl = check_paged_inputs(q, key_cache, value_cache, block_table, seq_lens, query_start_loc)
+        lens, qsl = check_paged_inputs(q, key_cache, value_cache, block_table, seq_lens, query_start_loc, host_lens)
         for r in range(len(lens)):
             if qsl[r + 1] > qsl[r] and bool(selection.decode[r]) != (qsl[r + 1] - qsl[r] == 1):
                 raise ValueError(f"selection: request {r} was selected with decode={bool(selection.decode[r])}, "
                                  f"but it has {qsl[r + 1] - qsl[r]} new tokens; select again for this step")
         return paged_kernels.reuse(out, q, key_cache, value_cache, block_table, seq_lens, lens, qsl, selection,
                                    hm, sc)
-    for r, qr, k, v, sl in _requests(q, key_cache, value_cache, block_table, seq_lens, query_start_loc):
+    for r, qr, k, v, sl in _requests(q, key_cache, value_cache, block_table, seq_lens, query_start_loc, host_lens):
         if bool(selection.decode[r]) != (qr.shape[2] == 1):
             raise ValueError(f"selection: request {r} was selected with decode={bool(selection.decode[r])}, "
                              f"but it has {qr.shape[2]} new tokens; select again for this step")
@@ -280,16 +303,17 @@ def paged_reuse(q, key_cache, value_cache, block_table, seq_lens, query_start_lo
 
 
 def paged_anchor(q, key_cache, value_cache, block_table, seq_lens, query_start_loc, rho: float = 0.1,
-                 k_min: int = 128, tile: int = 32, scale=None, dense_output: bool = False, backend: str = "auto"):
+                 k_min: int = 128, tile: int = 32, scale=None, dense_output: bool = False, backend: str = "auto",
+                 host_lens=None):
     """Select, then attend to the selection (or densely with dense_output). Returns (out [T, Hq, Dv], selection)."""
     sel = paged_select(q, key_cache, block_table, seq_lens, query_start_loc, rho=rho, k_min=k_min, tile=tile,
-                       scale=scale, backend=backend)
+                       scale=scale, backend=backend, host_lens=host_lens)
     if dense_output:
         out = paged_dense(q, key_cache, value_cache, block_table, seq_lens, query_start_loc, scale=scale,
-                          backend=backend)
+                          backend=backend, host_lens=host_lens)
     else:
         out = paged_reuse(q, key_cache, value_cache, block_table, seq_lens, query_start_loc, sel, scale=scale,
-                          backend=backend)
+                          backend=backend, host_lens=host_lens)
     return out, sel
 
 
@@ -298,15 +322,34 @@ def paged_anchor(q, key_cache, value_cache, block_table, seq_lens, query_start_l
 # ----------------------------------------------------------------------------------------------
 
 
-def _sub_batch(keep: list[int], q, block_table, seq_lens, query_start_loc):
-    """(token rows, q, block_table, seq_lens, query_start_loc) of the requests in `keep`."""
-    qsl = [int(x) for x in query_start_loc.tolist()]
+def _sub_batch(keep: list[int], q, block_table, seq_lens, query_start_loc, lens: list[int], qsl: list[int]):
+    """(token rows, q, block_table, seq_lens, query_start_loc, host_lens) of the requests in `keep`.
+
+    lens / qsl: the batch's seq_lens and query_start_loc on the host (nothing is read back from the device)."""
     rows = [torch.arange(qsl[r], qsl[r + 1], device=q.device) for r in keep]
     rows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64, device=q.device)
-    lens_q = [qsl[r + 1] - qsl[r] for r in keep]
-    sub_qsl = torch.tensor([0] + lens_q, device=query_start_loc.device).cumsum(0).to(query_start_loc.dtype)
+    sub_qsl = [0]
+    for r in keep:
+        sub_qsl.append(sub_qsl[-1] + qsl[r + 1] - qsl[r])
     idx = torch.tensor(keep, dtype=torch.int64, device=seq_lens.device)
-    return rows, q[rows], block_table[idx.to(block_table.device)], seq_lens[idx], sub_qsl
+    sub_qsl_t = torch.tensor(sub_qsl, dtype=query_start_loc.dtype, device=query_start_loc.device)
+    return (rows, q[rows], block_table[idx.to(block_table.device)], seq_lens[idx], sub_qsl_t,
+            ([lens[r] for r in keep], sub_qsl))
+
+
+def _plain(sel):
+    """A decode selection as a plain kascade.reference.Selection (its pool rows dropped)."""
+    return reference.Selection(sel.indices, sel.counts, sel.first_tile, sel.tile, sel.decode)
+
+
+def _gather_decode(selections: list, rows: torch.Tensor | None):
+    """reference.gather_heads for the decode path, without reading any device value.
+
+    The selections of one decode step share counts (k(n_r) for every head), so nothing needs comparing;
+    a stacked selection drops the pool rows of its first part (they address that part's heads only)."""
+    if rows is None:
+        return selections[0]
+    return reference.gather_heads([_plain(s) for s in selections], rows)
 
 
 class PagedKascadeStrategy:
@@ -325,6 +368,10 @@ class PagedKascadeStrategy:
     seq_lens only, so every layer of a pass makes the same split. backend: "auto" runs the Triton
     kernels for CUDA fp16/bf16 tensors (kascade.paged_kernels), "reference" the PyTorch path, "triton"
     forces the kernels.
+
+    A batch whose requests all have one new token may take `attend_decode` instead (a serving engine's
+    decode step, captured in a CUDA graph): same plan, same state rules, no host synchronisation on the
+    kernels. The layers of one pass take one of the two entries throughout.
     """
 
     def __init__(self, plan, dense_anchor_output: bool = False, backend: str = "auto"):
@@ -332,11 +379,13 @@ class PagedKascadeStrategy:
         self.backend = backend
         self.plan = plan
         self.dense_anchor_output = dense_anchor_output
-        self.state: dict = {}  # layer -> (requests of the batch it selected over, PagedSelection)
+        self.state: dict = {}  # layer -> (requests of the batch it selected over, selection)
         self._routings: dict = {}  # (Hkv, tp_rank) -> Routing
+        self._decode_step = None  # (block_table, seq_lens) as passed, and the int32 / clamped copies of this step
 
     def begin_forward(self) -> None:
         self.state.clear()
+        self._decode_step = None
 
     def routing(self, num_kv_heads: int, tp_rank: int | None = None) -> Routing:
         """The plan's routes for `num_kv_heads` KV heads (fewer than the plan's: rank `tp_rank`'s shard)."""
@@ -346,31 +395,51 @@ class PagedKascadeStrategy:
         return self._routings[key]
 
     def attend(self, layer: int, q, key_cache, value_cache, block_table, seq_lens, query_start_loc,
-               scale=None, tp_rank: int | None = None) -> torch.Tensor:
+               scale=None, tp_rank: int | None = None, host_lens=None, dense=None) -> torch.Tensor:
         """out [T, Hq, Dv] for the batch's tokens q [T, Hq, D] (layout of the module docstring).
 
         With tensor parallelism the caches hold this rank's KV heads only; `tp_rank` picks the rank's
-        rows of the head map or head sources (see Plan.shard; None: the torch.distributed rank)."""
+        rows of the head map or head sources (see Plan.shard; None: the torch.distributed rank).
+        host_lens: the batch's (seq_lens, query_start_loc) on the host (module docstring); None reads them
+        from the device tensors. dense: None, or a callable `dense(requests) -> [T_sub, Hq, Dv]` giving the
+        causal dense attention of the tokens of `requests` (a list of request indices, each with new tokens,
+        in order; their tokens concatenated) -- a serving engine's own attention kernel. It then serves layer
+        0 (one call for every request with new tokens) and the requests of at most k_min keys in the other
+        layers; without it they run paged_dense."""
         p = self.plan
         if layer == 0:
             self.begin_forward()
-        lens, _ = check_paged_inputs(q, key_cache, value_cache, block_table, seq_lens, query_start_loc)
+        lens, qsl = check_paged_inputs(q, key_cache, value_cache, block_table, seq_lens, query_start_loc, host_lens)
         long_reqs = [r for r, n in enumerate(lens) if n > p.k_min]
         short_reqs = [r for r, n in enumerate(lens) if n <= p.k_min]
         out = _out(q, value_cache)
         kw = dict(scale=scale, backend=self.backend)
-        if short_reqs:
-            rows, *sub = _sub_batch(short_reqs, q, block_table, seq_lens, query_start_loc)
-            out[rows] = paged_dense(sub[0], key_cache, value_cache, *sub[1:], **kw)
+
+        def dense_part(reqs):
+            with_tokens = [r for r in reqs if qsl[r + 1] > qsl[r]]
+            if not with_tokens:
+                return
+            rows, *sub, sub_host = _sub_batch(with_tokens, q, block_table, seq_lens, query_start_loc, lens, qsl)
+            if dense is not None:
+                out[rows] = dense(with_tokens).to(out.dtype).reshape(len(rows), *out.shape[1:])
+            else:
+                out[rows] = paged_dense(sub[0], key_cache, value_cache, *sub[1:], host_lens=sub_host, **kw)
+
+        if layer == 0 and dense is not None:
+            dense_part(list(range(len(lens))))  # vLLM's own attention: one call for the whole batch
+        elif short_reqs:
+            dense_part(short_reqs)
         if not long_reqs:
             return out
-        rows, sq, sbt, slens, sqsl = _sub_batch(long_reqs, q, block_table, seq_lens, query_start_loc)
+        rows, sq, sbt, slens, sqsl, host = _sub_batch(long_reqs, q, block_table, seq_lens, query_start_loc, lens, qsl)
+        kw["host_lens"] = host
         routing = self.routing(key_cache.shape[2], tp_rank)
         budget = dict(rho=p.rho, k_min=p.k_min, tile=p.tile)
         if layer == 0:
             if routing.used_by_later_layers(0):
                 self.state[0] = (long_reqs, paged_select(sq, key_cache, sbt, slens, sqsl, **budget, **kw))
-            out[rows] = paged_dense(sq, key_cache, value_cache, sbt, slens, sqsl, **kw)
+            if dense is None:
+                out[rows] = paged_dense(sq, key_cache, value_cache, sbt, slens, sqsl, **kw)
         elif p.is_anchor(layer):
             o, sel = paged_anchor(sq, key_cache, value_cache, sbt, slens, sqsl, **budget,
                                   dense_output=self.dense_anchor_output, **kw)
@@ -402,3 +471,104 @@ class PagedKascadeStrategy:
             out[rows] = paged_reuse(sq, key_cache, value_cache, sbt, slens, sqsl, self.state[anchor][1],
                                     head_map=routing.tensors(layer, q.device).head_map, **kw)
         return out
+
+    # ------------------------------------------------------------------------------------------
+    # a decode-only batch, without host synchronisation
+    # ------------------------------------------------------------------------------------------
+
+    def _decode_inputs(self, block_table, seq_lens):
+        """(block_table int32, seq_lens int32 with every entry at least 1) of this step, made once per step
+        (layer 0) and shared by its layers, so that an anchor's pool rows serve the layers after it."""
+        s = self._decode_step
+        if s is not None and s[0] is block_table and s[1] is seq_lens:
+            return s[2], s[3]
+        bt = block_table
+        if bt.dtype != torch.int32 or bt.stride(-1) != 1:
+            bt = bt.to(torch.int32).contiguous()
+        lens = torch.clamp(seq_lens, min=1).to(torch.int32)  # a copy: padding requests (0 keys) read one key
+        self._decode_step = (block_table, seq_lens, bt, lens)
+        return bt, lens
+
+    def attend_decode(self, layer: int, q, key_cache, value_cache, block_table, seq_lens, scale=None,
+                      tp_rank: int | None = None, dense=None) -> torch.Tensor:
+        """out [R, Hq, Dv] for a batch of R requests with one new token each: q [R, Hq, D], row r the new
+        token of request r (at position seq_lens[r] - 1); key_cache / value_cache [num_blocks, block_size,
+        Hkv, D] (any strides, contiguous last dim), block_table [R, max_blocks] int, seq_lens [R] int on
+        the device.
+
+        On the kernels (backend "auto" with CUDA fp16/bf16, or "triton") nothing is read back to the host:
+        each layer is one launch of each paged decode kernel for the whole batch, the lengths and budgets
+        stay on the device, buffers are sized by block_table's width (max_blocks x block_size) and R only,
+        and the data-dependent argument checks are skipped (kascade.kernels.decode, check=False). So the
+        step can be captured in a CUDA graph and replayed for any lengths the block table allows. Entries
+        of seq_lens below 1 (requests padding a graph's batch, with no keys) are read as 1: their rows are
+        computed from whatever that key holds and mean nothing.
+
+        Per request as in `attend`, but for one thing: a request of at most k_min keys is not split off
+        (that would need the lengths on the host); its budget k(n) = n selects every key, so it attends
+        to all of them -- dense attention, within the rounding of a different summation order. Layer 0
+        runs `dense()` when given (a callable returning [R, Hq, Dv]: the engine's own dense attention of
+        the batch), else the paged dense decode kernel; it selects when a later layer reads it.
+        Part-selecting layers of a head-granular plan select on views of their selecting heads and
+        attend through the stacked selection (kascade.kernels.decode.part_anchor's one-pass form exists
+        for contiguous caches only).
+
+        On the reference backend this runs `attend` with one query per request (reading seq_lens once).
+        """
+        r = q.shape[0]
+        if q.dim() != 3 or seq_lens.dim() != 1 or seq_lens.shape[0] != r or block_table.dim() != 2 \
+                or block_table.shape[0] != r:
+            raise ValueError(f"q / seq_lens / block_table: expected [R, Hq, D], [R] and [R, max_blocks] for the R "
+                             f"requests of a decode step, got shapes {tuple(q.shape)}, {tuple(seq_lens.shape)} and "
+                             f"{tuple(block_table.shape)}; a batch with prefill tokens takes attend()")
+        if not use_kernels(q, self.backend):
+            lens = torch.clamp(seq_lens, min=1)
+            qsl = torch.arange(r + 1, dtype=torch.int32, device=seq_lens.device)
+            host = ([int(x) for x in lens.tolist()], list(range(r + 1)))
+            # dense serves layer 0 only, as on the kernels (short requests then run paged_dense: the same)
+            sub = None if dense is None or layer != 0 else (lambda reqs: dense()[torch.tensor(reqs, device=q.device)])
+            return self.attend(layer, q, key_cache, value_cache, block_table, lens, qsl, scale=scale, tp_rank=tp_rank,
+                               host_lens=host, dense=sub)
+        from kascade.kernels import decode as KD
+        from kascade.kernels.paging import PagedKV
+
+        p = self.plan
+        if layer == 0:
+            self.begin_forward()
+        bt, lens = self._decode_inputs(block_table, seq_lens)
+        cache = PagedKV(key_cache, value_cache, bt, lens)
+        q4 = q.unsqueeze(2)  # [R, Hq, 1, D]
+        routing = self.routing(key_cache.shape[2], tp_rank)
+        budget = dict(rho=p.rho, k_min=p.k_min, tile=p.tile, scale=scale, check=False)
+        step = ("decode", r)  # what the state of this pass was selected over
+        if layer == 0:
+            if routing.used_by_later_layers(0):
+                self.state[0] = (step, KD.select_paged(q4, PagedKV(key_cache, None, bt, lens), **budget))
+            if dense is not None:
+                return dense()
+            return KD.dense_attention_paged(q4, cache, scale=scale, check=False)[:, :, 0]
+        if p.is_anchor(layer):
+            o, sel = KD.anchor_paged(q4, cache, dense_output=self.dense_anchor_output, **budget)
+            self.state[layer] = (step, sel)
+            return o[:, :, 0]
+        if p.head_granular:
+            route, t = routing.layer(layer), routing.tensors(layer, q.device)
+            if route.own:
+                hkv = key_cache.shape[2]
+                qg = q4.unflatten(1, (hkv, q.shape[1] // hkv))  # [R, Hkv, G, 1, D]
+                parts = [KD.select_paged(qg[:, sl].flatten(1, 2), PagedKV(key_cache[:, :, sl], None, bt, lens),
+                                         **budget) for sl in route.slices]
+                self.state[layer] = (step, _gather_decode(parts, t.perm if len(parts) > 1 else None))
+            missing = [a for a in route.layers if a not in self.state or self.state[a][0] != step]
+            if missing:
+                raise RuntimeError(f"layer {layer} takes keys from layers {missing}, which did not run on this decode "
+                                   "batch in this forward; layers must run in order starting at layer 0")
+            sel = _gather_decode([self.state[a][1] for a in route.layers], t.rows)
+            return KD.sparse_attention_paged(q4, cache, sel, scale=scale, check=False)[:, :, 0]
+        anchor = p.anchor_of(layer)
+        if anchor not in self.state or self.state[anchor][0] != step:
+            raise RuntimeError(f"layer {layer} reuses anchor {anchor}, which did not run on this decode batch in this "
+                               "forward; layers must run in order starting at layer 0")
+        head_map = routing.tensors(layer, q.device).head_map
+        return KD.sparse_attention_paged(q4, cache, self.state[anchor][1], head_map=head_map, scale=scale,
+                                         check=False)[:, :, 0]

@@ -739,19 +739,19 @@ def part_anchor(q, k, v, heads: slice, sources: Selection, route, rho: float = 0
 # ----------------------------------------------------------------------------------------------
 
 
-def _paged_setup(q, cache: PagedKV, need_values: bool):
+def _paged_setup(q, cache: PagedKV, need_values: bool, check: bool = True):
     """(q, key rows, value rows, dims, seq_lens) of a decode step over a paged cache.
 
     N (the longest possible sequence: max_pages x page_size) sizes the buffers and Kmax, so a step
     captured in a CUDA graph serves every length the block table allows. Lengths are checked
-    unless capturing.
+    (one device-to-host copy) unless capturing or check=False.
     """
     check_paged_q(q, cache)
     if q.shape[2] != 1:
         raise ValueError(f"q: decode kernels take one query per sequence, got {tuple(q.shape)}")
     if need_values and cache.value_cache is None:
         raise ValueError("cache: this step reads values, but value_cache is None")
-    if not _capturing(q):
+    if check and not _capturing(q):
         cache.host_lengths()
     (q,) = _last_dim_contiguous(q)
     kc, vc = cache.key_cache, cache.value_cache if cache.value_cache is not None else cache.key_cache
@@ -777,38 +777,42 @@ def _with_pool(sel: Selection, cache: PagedKV) -> PagedDecodeSelection:
 
 
 def select_paged(q, cache: PagedKV, rho: float = 0.1, k_min: int = 128, tile: int = 32,
-                 scale=None) -> PagedDecodeSelection:
+                 scale=None, check: bool = True) -> PagedDecodeSelection:
     """`select` over a paged cache: q [B, Hq, 1, D], sequence b's keys are positions 0 .. seq_lens[b]-1.
 
     Selected positions count from 0 in each sequence (as `select` with no padding); they are also
-    resolved to pool rows once here, for the reuse layers."""
+    resolved to pool rows once here, for the reuse layers. check=False (here and in the other paged
+    functions) skips the checks that read device values (the seq_lens range; the head map's), as a
+    CUDA-graph capture does: the call then never synchronises with the device."""
     _check_anchor_args(q, rho, k_min, tile)
-    q, kr, vr, dm, lens = _paged_setup(q, cache, False)
+    q, kr, vr, dm, lens = _paged_setup(q, cache, False, check)
     return _with_pool(_anchor_core(q, kr, vr, dm, None, lens, rho, k_min, tile, scale, None)[1], cache)
 
 
 def anchor_paged(q, cache: PagedKV, rho: float = 0.1, k_min: int = 128, tile: int = 32, scale=None,
-                 dense_output: bool = False):
+                 dense_output: bool = False, check: bool = True):
     """`anchor` over a paged cache: (out [B, Hq, 1, Dv], PagedDecodeSelection)."""
     _check_anchor_args(q, rho, k_min, tile)
-    q, kr, vr, dm, lens = _paged_setup(q, cache, True)
+    q, kr, vr, dm, lens = _paged_setup(q, cache, True, check)
     out, sel = _anchor_core(q, kr, vr, dm, None, lens, rho, k_min, tile, scale, "dense" if dense_output else "sparse")
     return out, _with_pool(sel, cache)
 
 
-def dense_attention_paged(q, cache: PagedKV, scale=None):
+def dense_attention_paged(q, cache: PagedKV, scale=None, check: bool = True):
     """`dense_attention` over a paged cache: [B, Hq, 1, Dv]."""
-    q, kr, vr, dm, lens = _paged_setup(q, cache, True)
+    q, kr, vr, dm, lens = _paged_setup(q, cache, True, check)
     return _dense_core(q, kr, vr, dm, None, lens, scale)
 
 
-def sparse_attention_paged(q, cache: PagedKV, selection: Selection, head_map=None, scale=None):
-    """`sparse_attention` over a paged cache; selection positions count from 0 in each sequence."""
-    q, kr, vr, dm, _ = _paged_setup(q, cache, True)
+def sparse_attention_paged(q, cache: PagedKV, selection: Selection, head_map=None, scale=None, check: bool = True):
+    """`sparse_attention` over a paged cache; selection positions count from 0 in each sequence.
+
+    head_map [Hkv]: a device tensor when capturing a CUDA graph or with check=False."""
+    q, kr, vr, dm, _ = _paged_setup(q, cache, True, check)
     if not selection.decode or selection.indices.shape[0] != q.shape[0]:
         raise ValueError(f"selection: made for batch {selection.indices.shape[0]} with decode={selection.decode}, "
                          f"got q of shape {tuple(q.shape)}; select again for this step")
-    if _capturing(q):
+    if _capturing(q) or not check:
         if selection.num_kv_heads != dm["HKV"]:
             raise ValueError(f"selection: expected {dm['HKV']} KV heads like the cache, got {selection.num_kv_heads}")
         hm = None if head_map is None else torch.as_tensor(head_map, device=q.device)
