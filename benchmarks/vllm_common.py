@@ -1,0 +1,126 @@
+"""What benchmarks/vllm_gpu_check.py and benchmarks/vllm_serving.py share: vLLM runs as resumable "cells".
+
+A cell is one vLLM engine configuration (model, plan, graph mode, workload) run in its own Python process
+(vLLM frees a GPU reliably only with its process) that writes one JSON file. A driver runs the cells whose
+file is missing, one after another, and stops before its time budget (a GPU call lasts at most 10
+minutes), so a later call with the same work folder resumes where the last one stopped.
+
+The Kascade plugin reaches vLLM through the `vllm.general_plugins` entry point, which needs package
+metadata: on the GPU machine kascade is imported from the tree (PYTHONPATH), not installed, so
+`install_entry_point` writes a minimal `.dist-info` (name, version, the entry point) into a folder on
+sys.path. Each cell also calls kascade.integrations.vllm.register() itself and runs vLLM's engine in
+process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so the backend is registered in the process that builds the
+model either way; `kascade_layers()` counts the attention layers that run Kascade, so a cell can prove it.
+
+Nothing here imports torch or vllm at module import time (the scripts' --help works without them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+EP_DIR = Path(os.environ.get("KASCADE_EP_DIR", "/tmp/kascade-ep"))
+ENTRY_POINT = "kascade = kascade.integrations.vllm:register"
+
+
+def install_entry_point(folder: Path = EP_DIR) -> Path:
+    """A `kascade_vllm_plugin-0.0.0.dist-info` in `folder` declaring the vllm.general_plugins entry point; the
+    folder must be on PYTHONPATH of every process vLLM starts (the stage scripts export it)."""
+    info = folder / "kascade_vllm_plugin-0.0.0.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: kascade-vllm-plugin\nVersion: 0.0.0\n")
+    (info / "entry_points.txt").write_text(f"[vllm.general_plugins]\n{ENTRY_POINT}\n")
+    return folder
+
+
+def engine_env() -> None:
+    """Environment for an in-process vLLM engine with the Kascade plugin registered (call before importing vllm)."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def register_plugin() -> None:
+    from kascade.integrations.vllm import register
+
+    register()
+
+
+def kascade_layers() -> int:
+    """Attention layers built with a plan in this process (KascadeFlashAttentionImpl / KascadeCPUImpl)."""
+    import kascade.integrations.vllm as kv
+
+    return kv.ACTIVE_LAYERS[0]
+
+
+def device_info() -> dict:
+    import datetime
+
+    import torch
+
+    info = {"date": datetime.date.today().isoformat(), "torch": torch.__version__}
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        info.update(device=name, device_short=name.split()[-1].lower(),
+                    memory_gib=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1))
+    else:
+        info.update(device="cpu", device_short="cpu", memory_gib=None)
+    for mod in ("vllm", "triton", "transformers"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - a version we cannot read is reported as missing
+            info[mod] = None
+    return info
+
+
+def run_cells(cells: list[tuple[str, list[str]]], work: Path, budget_s: float, min_left_s: float,
+              cell_timeout_s: float, script: Path, copy_to: Path | None = None) -> list[str]:
+    """Run each (name, argv) whose `work/name.json` is missing as `python script argv --out work/name.json`,
+    while at least `min_left_s` of `budget_s` is left; each cell's log goes to work/name.log (and both to
+    copy_to). Returns the names still missing."""
+    start = time.monotonic()
+    work.mkdir(parents=True, exist_ok=True)
+    missing = []
+    for name, argv in cells:
+        out = work / f"{name}.json"
+        if out.exists():
+            print(f"[cells] {name}: done before", flush=True)
+            continue
+        left = budget_s - (time.monotonic() - start)
+        if left < min_left_s:
+            print(f"[cells] {name}: not started ({left:.0f} s left of the budget)", flush=True)
+            missing.append(name)
+            continue
+        log = work / f"{name}.log"
+        t0 = time.monotonic()
+        with open(log, "w") as fh:
+            try:
+                rc = subprocess.run([sys.executable, str(script), *argv, "--out", str(out)], stdout=fh,
+                                    stderr=subprocess.STDOUT, timeout=min(cell_timeout_s, left - 10), cwd=ROOT).returncode
+            except subprocess.TimeoutExpired:
+                rc = "timeout"
+        print(f"[cells] {name}: rc {rc} in {time.monotonic() - t0:.0f} s", flush=True)
+        if copy_to is not None:
+            copy_to.mkdir(parents=True, exist_ok=True)
+            for f in (out, log):
+                if f.exists():
+                    (copy_to / f.name).write_bytes(f.read_bytes())
+        if not out.exists():
+            missing.append(name)
+            print("".join(open(log).readlines()[-25:]), flush=True)
+    return missing
+
+
+def write_json(path, data) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(data, indent=1))
+
+
+def load_cells(work: Path) -> dict:
+    return {p.stem: json.loads(p.read_text()) for p in sorted(Path(work).glob("*.json"))}

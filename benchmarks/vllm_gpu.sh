@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Kascade in vLLM 0.26.0 on the lent GPU machine: the correctness check, then the serving benchmark, in stages
+# that each fit one call (10 minutes; the machine keeps /tmp between calls made while it is warm). Run from the
+# repository root. vLLM itself comes first, as ../shared/tools/vllm-gpu-parts says (run it here once: it fills
+# .vllm/ with parts, install.sh and env.sh), one call per part, each right after the last:
+#   carry [".vllm/parts/partNN", ".vllm/install.sh", ".vllm/env.sh"]   command: bash .vllm/install.sh
+# then, while the machine stays warm (carry [".vllm/env.sh"] in every call; add ".vllm_cells" to resume from
+# cell files returned by earlier calls, copied there from $OUT: see SEED below):
+#   bash benchmarks/vllm_gpu.sh tests      the GPU tests of the decode path and the paged kernels (sync debug
+#                                          mode, CUDA-graph replay), about 2 minutes
+#   bash benchmarks/vllm_gpu.sh check      benchmarks/vllm_gpu_check.py: kascade-tiny (and SmolLM2 when /tmp/smol
+#                                          holds it: benchmarks/smollm2_gpu.sh copy/prepare first), 6 vLLM engines
+#                                          and 2 transformers references per model; repeat until "missing cells: none"
+#   bash benchmarks/vllm_gpu.sh bench      benchmarks/vllm_serving.py run: 12 cells (3 providers x graph/eager x
+#                                          long/mid, 2-4 minutes each); repeat until "missing cells: none"
+#                                          (PROVIDERS, MODES, WORKLOADS narrow it, e.g. MODES=graph first)
+#   bash benchmarks/vllm_gpu.sh serve      benchmarks/vllm_serving.py serve: vllm serve + 16 concurrent requests
+#   bash benchmarks/vllm_gpu.sh report     both reports from the cells in /tmp (they also run on this machine:
+#                                          python benchmarks/vllm_serving.py report --work DIR; same for the check)
+# Every stage copies what it makes to $OUT (cell JSON files and logs). SEED=DIR (default .vllm_cells, if carried)
+# first copies DIR/check/*.json and DIR/bench/*.json into the work folders, so a cold machine resumes too.
+set -euo pipefail
+stage=${1:?stage: tests, check, bench, serve or report}
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+EP=/tmp/kascade-ep
+export PYTHONPATH=/tmp/site:$EP:$PWD PYTHONUNBUFFERED=1
+if [ -f .vllm/env.sh ]; then
+  source .vllm/env.sh
+else  # what vllm-gpu-parts' env.sh sets
+  export VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+    TVM_FFI_DISABLE_TORCH_C_DLPACK=1
+fi
+python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import vllm_common as V; V.install_entry_point()"
+python3 -c "import vllm, importlib.metadata as m; eps = [e.value for e in m.entry_points(group='vllm.general_plugins')]; \
+print('vllm', vllm.__version__, 'plugins', eps); assert 'kascade.integrations.vllm:register' in eps" \
+  || { echo "vLLM 0.26.0 is not importable from /tmp/site (run .vllm/install.sh with each part first)"; exit 1; }
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+SEED=${SEED:-.vllm_cells}
+for kind in check bench; do
+  if [ -d "$SEED/$kind" ]; then mkdir -p "/tmp/vllm_$kind" && cp -n "$SEED/$kind"/*.json "/tmp/vllm_$kind/" 2>/dev/null || true; fi
+done
+case "$stage" in
+tests)
+  python3 -m pytest -q -m gpu tests/test_paged_decode.py tests/test_kernels_paged.py 2>&1 | tail -n 30 | tee "$OUT/gpu_tests.txt"
+  ;;
+check)
+  python3 benchmarks/vllm_gpu_check.py run --work /tmp/vllm_check --models "${MODELS:-tiny,smol}" \
+    --budget-s "${BUDGET:-540}" --copy-to "$OUT/check"
+  python3 benchmarks/vllm_gpu_check.py report --work /tmp/vllm_check -o "$OUT/vllm_check" || true
+  ;;
+bench)
+  python3 benchmarks/vllm_serving.py run --work /tmp/vllm_bench --providers "${PROVIDERS:-flash,anchors5,selecting10}" \
+    --modes "${MODES:-graph,eager}" --workloads "${WORKLOADS:-long,mid}" --budget-s "${BUDGET:-540}" --copy-to "$OUT/bench"
+  ;;
+serve)
+  python3 benchmarks/vllm_serving.py serve --out /tmp/vllm_bench/serve.json
+  mkdir -p "$OUT/bench" && cp /tmp/vllm_bench/serve.json /tmp/vllm_bench/serve.server.log "$OUT/bench/"
+  ;;
+report)
+  python3 benchmarks/vllm_gpu_check.py report --work /tmp/vllm_check -o "$OUT/vllm_check" || true
+  python3 benchmarks/vllm_serving.py report --work /tmp/vllm_bench -o "$OUT/vllm"
+  ;;
+*)
+  echo "unknown stage $stage: tests, check, bench, serve or report"; exit 2 ;;
+esac

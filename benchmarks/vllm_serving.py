@@ -1,0 +1,457 @@
+"""Kascade in vLLM against vLLM's FlashAttention backend: offline decode throughput, time to first token, and a
+`vllm serve` run that must preempt and resume (issue 29, item 5). GPU only (vLLM 0.26.0, Hopper); --help
+works anywhere.
+
+Model: the Llama-3.1-8B shape (kascade/configs/llama-3.1-8b-shape.json, written into a model folder with
+max_position_embeddings raised to fit 128K prompts plus the new tokens) with vLLM's dummy weights
+(load_format="dummy": nothing downloaded), bf16, token-id prompts (no tokenizer), greedy, EOS ignored.
+Providers: `flash` (vLLM's FlashAttention backend, FA3 on Hopper: no plan), `anchors5` (Kascade, anchors
+[0, 2, 8, 13, 14] of decode_h200) and `selecting10` (anchors [0, 2, 5, 8, 11, 13, 14, 17, 21, 26]), rho 0.1,
+k_min 128. Modes: `graph` (vLLM's default: torch.compile, CUDA graphs FULL_AND_PIECEWISE; Kascade's decode
+steps in full graphs) and `eager` (enforce_eager).
+
+Workloads (one cell = one provider x mode x workload, one engine in its own process):
+- `long`: B x 131072-token prompts, B = 4 on a GPU with more than 100 GiB, else 3 (80 GB: the KV cache of
+  4 x 128K does not fit beside the weights); plus the time to first token of one fresh 131072-token prompt.
+- `mid`: 16 x 32768-token prompts.
+How decode is timed: the batch's prompts are prefilled once (prefix caching on; that wall time is reported
+as the batch prefill), then generated again from their cached prefixes, once with 1 new token and once with
+NEW_TOKENS (256): the difference is NEW_TOKENS - 1 decode steps of the whole batch and nothing else (the
+prompts' last token is recomputed in both). Decode tokens/s = B (NEW_TOKENS - 1) / difference; the
+inter-token latency is difference / (NEW_TOKENS - 1); medians of --repeats. The KV cache is sized
+explicitly (kv_cache_memory_bytes: the batch's prompts and new tokens), the same for every provider.
+TTFT is the wall time of generating 1 token for a fresh prompt (no cached prefix) on an idle engine.
+
+Commands (run from the repository root with vLLM importable; benchmarks/vllm_gpu.sh sets that up):
+    python benchmarks/vllm_serving.py run --work /tmp/vllm_bench [--modes graph,eager] [--budget-s 540]
+    python benchmarks/vllm_serving.py cell --provider anchors5 --mode graph --workload long --out X.json
+    python benchmarks/vllm_serving.py serve --out /tmp/vllm_bench/serve.json
+    python benchmarks/vllm_serving.py report --work DIR [-o benchmarks/results/vllm_h200]
+`run` executes the missing cells within its budget (resumable); `report` (any machine, no GPU) writes
+vllm_<device>.{json,md,png}: every cell, and a top-level `ratios` object (Kascade over FlashAttention, same
+run, graph mode): decode_<B>x131072_anchors5, decode_<B>x131072_selecting10, decode_16x32768_anchors5,
+ttft_131072_anchors5 (and the selecting10 / eager counterparts), with the serve run.
+
+The serve run (`serve`): `python -m vllm.entrypoints.openai.api_server` on 127.0.0.1 with the plugin and a
+plan, 16 concurrent completions requests (token-id prompts of mixed lengths) from a bounded local client
+(threads, urllib), on a KV budget far below the requests' total so that vLLM preempts and resumes some
+(counted from its /metrics); every request must come back with all its tokens, and each is compared with
+the greedy tokens the same engine settings give offline (LLM.generate of all 16 with room for all). By
+default on models/kascade-tiny with plans/kascade-tiny.json (real weights: greedy tokens are meaningful;
+prompts of 1K-8K, its trained range); --model/--plan/--lengths take another model (the 8B shape's dummy
+weights give near-tied logits, so token equality across batchings would say little there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import vllm_common as VC  # noqa: E402
+
+ROOT = VC.ROOT
+SHAPE_CONFIG = ROOT / "kascade" / "configs" / "llama-3.1-8b-shape.json"
+PROVIDERS = {"flash": None, "anchors5": [0, 2, 8, 13, 14], "selecting10": [0, 2, 5, 8, 11, 13, 14, 17, 21, 26]}
+WORKLOADS = {"long": 131072, "mid": 32768}
+NEW_TOKENS = 256
+MID_BATCH = 16
+KV_BYTES_PER_TOKEN = 2 * 8 * 128 * 2 * 32  # K and V, 8 KV heads, head dim 128, bf16, 32 layers: 128 KiB
+BLOCK = 16
+
+
+def long_batch(memory_gib: float | None) -> int:
+    """4 x 128K where the GPU has more than 100 GiB (H200), else 3 (the KV cache of 4 x 128K is 64 GiB)."""
+    return 4 if (memory_gib or 0) > 100 else 3
+
+
+# ----------------------------------------------------------------------------------------------
+# one cell
+# ----------------------------------------------------------------------------------------------
+
+
+def model_dir(work: Path, max_len: int) -> Path:
+    """The 8B-shape config in a model folder vLLM can load with dummy weights (no tokenizer needed)."""
+    cfg = json.loads(SHAPE_CONFIG.read_text())
+    cfg["max_position_embeddings"] = max(cfg["max_position_embeddings"], max_len)
+    d = work / "inputs" / f"llama8b-shape-{max_len}"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps(cfg, indent=1))
+    return d
+
+
+def plan_file(work: Path, provider: str) -> Path | None:
+    anchors = PROVIDERS[provider]
+    if anchors is None:
+        return None
+    from kascade.plan import Plan
+
+    cfg = json.loads(SHAPE_CONFIG.read_text())
+    fp = {"model_type": "llama", "num_layers": cfg["num_hidden_layers"], "num_q_heads": cfg["num_attention_heads"],
+          "num_kv_heads": cfg["num_key_value_heads"], "head_dim": cfg["head_dim"]}
+    path = work / "inputs" / f"plan-{provider}.json"  # beside the cells' files, not among them
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Plan(anchors=anchors, model=fp, rho=0.1, k_min=128, tile=32,
+         provenance={"made_by": "benchmarks/vllm_serving.py", "anchors_of": "decode_h200"}).save(path)
+    return path
+
+
+def _prompts(n: int, length: int, seed: int) -> list[dict]:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [{"prompt_token_ids": torch.randint(1000, 120000, (length,), generator=g).tolist()} for _ in range(n)]
+
+
+def _timed(llm, prompts, params) -> tuple[float, list]:
+    import torch
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0, outs
+
+
+def run_cell(args) -> dict:
+    VC.engine_env()
+    VC.register_plugin()
+    from vllm import LLM, SamplingParams
+
+    info = VC.device_info()
+    work = Path(args.work)
+    length = WORKLOADS[args.workload]
+    batch = long_batch(info["memory_gib"]) if args.workload == "long" else MID_BATCH
+    max_len = -(-(length + NEW_TOKENS + 2 * BLOCK) // BLOCK) * BLOCK
+    kv_bytes = batch * max_len * KV_BYTES_PER_TOKEN
+    plan = plan_file(work, args.provider)
+    engine = dict(load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True, max_model_len=max_len,
+                  max_num_seqs=batch, max_num_batched_tokens=args.chunk, enable_prefix_caching=True,
+                  enforce_eager=args.mode == "eager", kv_cache_memory_bytes=kv_bytes, seed=0,
+                  attention_config={"backend": "FLASH_ATTN"},
+                  additional_config={"kascade_plan": str(plan)} if plan else {})
+    t0 = time.perf_counter()
+    llm = LLM(str(model_dir(work, max_len)), **engine)
+    start_s = time.perf_counter() - t0
+    layers = VC.kascade_layers()
+    want_layers = 0 if plan is None else 32
+    if layers != want_layers:
+        raise RuntimeError(f"{layers} attention layers run Kascade, expected {want_layers}: is the plugin registered "
+                           "and FLASH_ATTN the backend?")
+    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, detokenize=False)
+    many = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True, detokenize=False)
+    _timed(llm, _prompts(1, 2048, seed=99), one)  # first-call overheads outside every timing
+    res = dict(provider=args.provider, mode=args.mode, workload=args.workload, batch=batch, prompt_len=length,
+               new_tokens=NEW_TOKENS, anchors=PROVIDERS[args.provider], engine_start_s=start_s, kascade_layers=layers,
+               engine={k: v for k, v in engine.items() if k != "additional_config"}, **info)
+    if args.workload == "long":
+        ttft = [_timed(llm, _prompts(1, length, seed=1000 + i), one)[0] for i in range(args.ttft_repeats)]
+        res.update(ttft_s=ttft, ttft_median_s=statistics.median(ttft))
+    prompts = _prompts(batch, length, seed=7)
+    res["batch_prefill_s"], _ = _timed(llm, prompts, one)
+    t1s, tns = [], []
+    for _ in range(args.repeats):
+        t1, outs1 = _timed(llm, prompts, one)
+        tn, outs = _timed(llm, prompts, many)
+        cached = [o.num_cached_tokens or 0 for o in outs1 + outs]
+        if min(cached) < length - BLOCK:
+            raise RuntimeError(f"prefix cache: expected the prompts cached, got {cached} cached tokens")
+        if any(len(o.outputs[0].token_ids) != NEW_TOKENS for o in outs):
+            raise RuntimeError("a request stopped early")
+        t1s.append(t1)
+        tns.append(tn)
+    diffs = [tn - t1 for t1, tn in zip(t1s, tns)]
+    d = statistics.median(diffs)
+    res.update(decode_t1_s=t1s, decode_tn_s=tns, decode_s=d, itl_ms=1000 * d / (NEW_TOKENS - 1),
+               decode_tokens_per_s=batch * (NEW_TOKENS - 1) / d,
+               decode_tokens_per_s_all=[batch * (NEW_TOKENS - 1) / x for x in diffs])
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# the serve run
+# ----------------------------------------------------------------------------------------------
+
+
+def _post(url: str, body: dict, timeout: float) -> dict:
+    import urllib.request
+
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def _get(url: str, timeout: float = 5.0) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.read().decode()
+
+
+def ask_all(base: str, model: str, prompts: list, new_tokens: int, timeout: float) -> tuple[list, float]:
+    """Every prompt as one greedy completions request (EOS ignored, token ids returned), all at once from one
+    thread each. Returns ([{tokens, latency_s} or {error, latency_s}] in prompt order, wall seconds)."""
+    import threading
+
+    answers: dict = {}
+
+    def ask(i):
+        t = time.monotonic()
+        try:
+            r = _post(base + "/v1/completions", dict(model=model, prompt=prompts[i], max_tokens=new_tokens,
+                                                     temperature=0.0, ignore_eos=True, return_token_ids=True),
+                      timeout=timeout)
+            answers[i] = dict(tokens=r["choices"][0].get("token_ids"), latency_s=time.monotonic() - t)
+        except Exception as e:  # noqa: BLE001 - a lost request is what the run reports
+            answers[i] = dict(error=f"{type(e).__name__}: {e}", latency_s=time.monotonic() - t)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+    t0 = time.monotonic()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return [answers[i] for i in range(len(prompts))], time.monotonic() - t0
+
+
+def preemptions(metrics: str) -> float:
+    """vLLM's preemption counter from its Prometheus /metrics text (summed over its label sets)."""
+    return sum(float(line.split()[-1]) for line in metrics.splitlines()
+               if line.startswith("vllm:num_preemptions") and not line.startswith("#"))
+
+
+def run_serve(args) -> dict:
+    import random
+    import subprocess
+
+    VC.engine_env()
+    info = VC.device_info()
+    rng = random.Random(0)
+    lengths = [int(x) for x in args.lengths.split(",")] if "," in args.lengths else None
+    lo, hi = (int(x) for x in args.lengths.split("-")) if lengths is None else (0, 0)
+    lengths = lengths or [rng.randint(lo, hi) for _ in range(args.requests)]
+    vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
+    prompts = [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
+    max_len = -(-(max(lengths) + args.new_tokens + BLOCK) // BLOCK) * BLOCK
+    extra = json.dumps({"kascade_plan": str(Path(args.plan).resolve())})
+    port = args.port
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(args.model), "--host",
+           "127.0.0.1", "--port", str(port), "--dtype", "bfloat16", "--max-model-len", str(max_len),
+           "--max-num-seqs", str(args.requests), "--max-num-batched-tokens", str(args.chunk),
+           "--no-enable-prefix-caching", "--kv-cache-memory-bytes", str(args.kv_bytes), "--additional-config", extra,
+           "--served-model-name", "m", "--seed", "0"]
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}  # the server as users run it: engine in its process
+    log = open(Path(args.out).with_suffix(".server.log"), "w")
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    base = f"http://127.0.0.1:{port}"
+    res = dict(model=str(args.model), plan=str(args.plan), lengths=lengths, new_tokens=args.new_tokens,
+               kv_cache_memory_bytes=args.kv_bytes, **info)
+    try:
+        t0 = time.monotonic()
+        while True:
+            try:
+                _get(base + "/health")
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                if server.poll() is not None or time.monotonic() - t0 > args.start_timeout:
+                    raise RuntimeError(f"the server did not come up (rc {server.poll()}); see its log") from None
+                time.sleep(2)
+        res["server_start_s"] = time.monotonic() - t0
+        res["answers"], res["wall_s"] = ask_all(base, "m", prompts, args.new_tokens, args.request_timeout)
+        res["preemptions"] = preemptions(_get(base + "/metrics"))
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+    server_log = Path(args.out).with_suffix(".server.log").read_text()
+    res["kascade_in_server_log"] = "kascade: Kascade attention (FlashAttention backend)" in server_log
+    # offline: the same engine settings with room for every request at once
+    VC.register_plugin()
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(str(args.model), dtype="bfloat16", max_model_len=max_len, max_num_seqs=args.requests,
+              max_num_batched_tokens=args.chunk, enable_prefix_caching=False, seed=0,
+              additional_config={"kascade_plan": str(Path(args.plan).resolve())})
+    sp = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
+    offline = [list(o.outputs[0].token_ids) for o in llm.generate([{"prompt_token_ids": p} for p in prompts], sp,
+                                                                   use_tqdm=False)]
+    got = [a.get("tokens") for a in res["answers"]]
+    res["offline"] = offline
+    res["answered"] = sum(t is not None and len(t) == args.new_tokens for t in got)
+    res["tokens_equal"] = sum(t == o for t, o in zip(got, offline))
+    res["first_difference"] = [next((j for j, (x, y) in enumerate(zip(t, o)) if x != y), None) if t else None
+                               for t, o in zip(got, offline)]
+    res["ok"] = (res["answered"] == len(prompts) and res["tokens_equal"] == len(prompts) and res["preemptions"] > 0
+                 and res["kascade_in_server_log"])
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# driver and report
+# ----------------------------------------------------------------------------------------------
+
+
+def cell_list(args) -> list:
+    cells = []
+    for workload in args.workloads.split(","):
+        for mode in args.modes.split(","):
+            for provider in args.providers.split(","):
+                argv = ["cell", "--provider", provider, "--mode", mode, "--workload", workload, "--work", args.work,
+                        "--repeats", str(args.repeats), "--chunk", str(args.chunk)]
+                cells.append((f"{workload}-{mode}-{provider}", argv))
+    return cells
+
+
+def ratio_name(kind: str, batch: int, length: int, provider: str) -> str:
+    return f"{kind}_{batch}x{length}_{provider}" if kind == "decode" else f"{kind}_{length}_{provider}"
+
+
+def ratios(cells: dict, mode: str) -> dict:
+    """Kascade over FlashAttention in the same run: decode tokens/s ratio, TTFT speed-up (flash / kascade)."""
+    out = {}
+    for workload, length in WORKLOADS.items():
+        base = cells.get(f"{workload}-{mode}-flash")
+        if base is None:
+            continue
+        for provider in ("anchors5", "selecting10"):
+            c = cells.get(f"{workload}-{mode}-{provider}")
+            if c is None:
+                continue
+            out[ratio_name("decode", c["batch"], length, provider)] = c["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+            if "ttft_median_s" in c and "ttft_median_s" in base:
+                out[ratio_name("ttft", c["batch"], length, provider)] = base["ttft_median_s"] / c["ttft_median_s"]
+    return out
+
+
+def report(args) -> None:
+    work = Path(args.work)
+    cells = {k: v for k, v in VC.load_cells(work).items() if k != "serve"}
+    serve = json.loads((work / "serve.json").read_text()) if (work / "serve.json").exists() else None
+    if not cells:
+        raise SystemExit(f"--work: no cell files in {work}")
+    devices = {c["device"] for c in cells.values()}
+    if len(devices) != 1:
+        raise SystemExit(f"cells from several devices {sorted(devices)}: compare only one run's cells")
+    first = next(iter(cells.values()))
+    stem = Path(args.o) if args.o else ROOT / "benchmarks" / "results" / f"vllm_{first['device_short']}"
+    data = {"device": first["device"], "date": max(c["date"] for c in cells.values()),
+            "versions": {k: first.get(k) for k in ("vllm", "torch", "triton", "transformers")},
+            "ratios": ratios(cells, "graph"), "ratios_eager": ratios(cells, "eager"),
+            "targets": {"decode_long_anchors5": 2.5, "decode_long_selecting10": 1.8, "ttft_131072": 1.5},
+            "cells": cells, "serve": serve}
+    VC.write_json(stem.with_suffix(".json"), data)
+    lines = [f"# vLLM serving: Kascade against vLLM's FlashAttention backend ({data['device']}, {data['date']})", "",
+             f"vLLM {data['versions']['vllm']}, torch {data['versions']['torch']}, triton {data['versions']['triton']}; "
+             "Llama-3.1-8B shape, dummy weights, bf16, greedy, EOS ignored; `python benchmarks/vllm_serving.py` "
+             "(method in its docstring).", "", "## Ratios (Kascade / FlashAttention, same run)", "",
+             "| ratio | graphs | eager |", "|---|---|---|"]
+    for k in sorted(set(data["ratios"]) | set(data["ratios_eager"])):
+        g, e = data["ratios"].get(k), data["ratios_eager"].get(k)
+        lines.append(f"| {k} | {'' if g is None else f'{g:.2f}x'} | {'' if e is None else f'{e:.2f}x'} |")
+    lines += ["", "## Cells", "", "| workload | mode | provider | batch x prompt | decode tokens/s | ITL (ms) | "
+              "batch prefill (s) | TTFT 128K (s) | engine start (s) |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, c in sorted(cells.items()):
+        ttft = f"{c['ttft_median_s']:.2f}" if "ttft_median_s" in c else ""
+        lines.append(f"| {c['workload']} | {c['mode']} | {c['provider']} | {c['batch']} x {c['prompt_len']} | "
+                     f"{c['decode_tokens_per_s']:.1f} | {c['itl_ms']:.2f} | {c['batch_prefill_s']:.2f} | {ttft} | "
+                     f"{c['engine_start_s']:.0f} |")
+    if serve:
+        lines += ["", "## vllm serve with preemption", "",
+                  f"{len(serve['lengths'])} concurrent requests of {min(serve['lengths'])}-{max(serve['lengths'])} tokens "
+                  f"({serve['model']}, plan {serve['plan']}), {serve['new_tokens']} new tokens each, KV cache "
+                  f"{serve['kv_cache_memory_bytes'] / 2**20:.0f} MiB: {serve['answered']} answered in full, "
+                  f"{serve['tokens_equal']} with the offline greedy tokens, {serve['preemptions']:.0f} preemptions, "
+                  f"Kascade in the server: {serve['kascade_in_server_log']}; ok: {serve['ok']}."]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    _plot(cells, stem.with_suffix(".png"))
+    print("\n".join(lines))
+
+
+def _plot(cells: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(c["workload"], c["mode"]) for c in cells.values()})
+    provs = [p for p in PROVIDERS if any(c["provider"] == p for c in cells.values())]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    w = 0.8 / max(1, len(provs))
+    for i, p in enumerate(provs):
+        vals = [cells.get(f"{wl}-{m}-{p}", {}).get("decode_tokens_per_s", 0) for wl, m in groups]
+        axes[0].bar([j + i * w for j in range(len(groups))], vals, w, label=p)
+        tt = [cells.get(f"long-{m}-{p}", {}).get("ttft_median_s", 0) for m in ("graph", "eager")]
+        axes[1].bar([j + i * w for j in range(2)], tt, w, label=p)
+    axes[0].set_xticks([j + 0.4 - w / 2 for j in range(len(groups))],
+                       [f"{cells[next(k for k in cells if k.startswith(f'{wl}-{m}-'))]['batch']}x{WORKLOADS[wl]}\n{m}"
+                        for wl, m in groups])
+    axes[0].set_ylabel("decode tokens/s")
+    axes[1].set_xticks([j + 0.4 - w / 2 for j in range(2)], ["graph", "eager"])
+    axes[1].set_ylabel("time to first token, 131072 tokens (s)")
+    for ax in axes:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="See the module docstring (benchmarks/vllm_serving.py) for the method.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--work", default="/tmp/vllm_bench", help="folder of the cells' files (default %(default)s)")
+    common.add_argument("--repeats", type=int, default=3, help="decode timings per cell (median; default %(default)s)")
+    common.add_argument("--chunk", type=int, default=16384, help="max_num_batched_tokens (default %(default)s)")
+    r = sub.add_parser("run", parents=[common], help="run the missing cells within a time budget")
+    r.add_argument("--providers", default="flash,anchors5,selecting10")
+    r.add_argument("--modes", default="graph,eager")
+    r.add_argument("--workloads", default="long,mid")
+    r.add_argument("--budget-s", type=float, default=540, help="stop starting cells after this (default %(default)s)")
+    r.add_argument("--min-left-s", type=float, default=200, help="start a cell only with this much left")
+    r.add_argument("--copy-to", default=os.environ.get("OUT"), help="copy each cell's files here ($OUT)")
+    c = sub.add_parser("cell", parents=[common], help="one engine: provider x mode x workload")
+    c.add_argument("--provider", choices=list(PROVIDERS), required=True)
+    c.add_argument("--mode", choices=["graph", "eager"], required=True)
+    c.add_argument("--workload", choices=list(WORKLOADS), required=True)
+    c.add_argument("--ttft-repeats", type=int, default=2)
+    c.add_argument("--out", required=True)
+    s = sub.add_parser("serve", help="vllm serve with the plugin, 16 concurrent requests, preemption")
+    s.add_argument("--model", default=str(ROOT / "models" / "kascade-tiny"))
+    s.add_argument("--plan", default=str(ROOT / "plans" / "kascade-tiny.json"))
+    s.add_argument("--lengths", default="1024-8000", help="LO-HI (random) or a comma list (default %(default)s)")
+    s.add_argument("--requests", type=int, default=16)
+    s.add_argument("--new-tokens", type=int, default=32)
+    s.add_argument("--kv-bytes", type=int, default=320 * 2**20,
+                   help="KV cache of the server (default 320 MiB: about 27K tokens of kascade-tiny, a third of the "
+                        "requests' total, so vLLM preempts)")
+    s.add_argument("--chunk", type=int, default=2048)
+    s.add_argument("--port", type=int, default=8765)
+    s.add_argument("--start-timeout", type=float, default=300)
+    s.add_argument("--request-timeout", type=float, default=600)
+    s.add_argument("--out", required=True)
+    p = sub.add_parser("report", help="merge the cells into benchmarks/results/vllm_<device>.{json,md,png}")
+    p.add_argument("--work", required=True)
+    p.add_argument("-o", default=None, help="output stem (default benchmarks/results/vllm_<device>)")
+    args = ap.parse_args(argv)
+    if args.cmd == "run":
+        missing = VC.run_cells(cell_list(args), Path(args.work), args.budget_s, args.min_left_s, 540,
+                               Path(__file__), Path(args.copy_to) if args.copy_to else None)
+        print(f"[run] missing cells: {missing or 'none'}")
+    elif args.cmd == "cell":
+        VC.write_json(args.out, run_cell(args))
+    elif args.cmd == "serve":
+        VC.write_json(args.out, run_serve(args))
+    else:
+        report(args)
+
+
+if __name__ == "__main__":
+    main()

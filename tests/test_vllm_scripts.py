@@ -1,0 +1,163 @@
+"""The GPU scripts of the vLLM backend (benchmarks/vllm_serving.py, vllm_gpu_check.py, vllm_common.py) on the CPU:
+their --help, the plans and model folder they hand vLLM, the plugin's entry point they install, the cells
+they would run, and their reports from made-up cell files (the numbers below are invented; only the
+arithmetic and the names are checked). The runs themselves need vLLM 0.26.0 on a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import subprocess
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import vllm_common as VC  # noqa: E402
+import vllm_gpu_check as CHECK  # noqa: E402
+import vllm_serving as SERVE  # noqa: E402
+
+
+@pytest.mark.parametrize("script", ["vllm_serving.py", "vllm_gpu_check.py"])
+def test_help_works_without_a_gpu(script):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--help"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0 and "report" in out.stdout, out.stderr
+
+
+def test_importing_the_scripts_imports_neither_vllm_nor_torch():
+    code = ("import sys; sys.path.insert(0, 'benchmarks'); import vllm_serving, vllm_gpu_check; "
+            "print('vllm' in sys.modules, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.stdout.split() == ["False", "False"], out.stderr
+
+
+def test_plans_and_model_folder_fit_the_8b_shape(tmp_path):
+    from types import SimpleNamespace
+
+    from kascade.plan import Plan
+
+    d = SERVE.model_dir(tmp_path, 131072 + 512)
+    cfg = SimpleNamespace(**json.loads((d / "config.json").read_text()))  # the attributes Plan.validate reads
+    assert cfg.max_position_embeddings == 131584 and cfg.num_key_value_heads == 8
+    for provider, selecting in (("anchors5", 5), ("selecting10", 10)):
+        plan = Plan.load(SERVE.plan_file(tmp_path, provider))
+        plan.validate(cfg)  # what the plugin checks at engine start
+        assert plan.anchors == SERVE.PROVIDERS[provider] and plan.selecting_layers_equivalent == selecting
+    assert SERVE.plan_file(tmp_path, "flash") is None
+    assert VC.load_cells(tmp_path) == {}  # the inputs are not taken for cells
+    assert SERVE.KV_BYTES_PER_TOKEN == 128 * 1024
+    assert SERVE.long_batch(79.2) == 3 and SERVE.long_batch(139.8) == 4
+
+
+def test_entry_point_is_found_by_importlib_metadata(tmp_path):
+    VC.install_entry_point(tmp_path)
+    eps = [ep for dist in importlib.metadata.distributions(path=[str(tmp_path)])
+           for ep in dist.entry_points if ep.group == "vllm.general_plugins"]
+    assert [ep.value for ep in eps] == ["kascade.integrations.vllm:register"]
+    assert eps[0].load().__module__ == "kascade.integrations.vllm"
+
+
+def test_cell_lists():
+    cells = SERVE.cell_list(Namespace(workloads="long,mid", modes="graph", providers="flash,anchors5", work="/w",
+                                      repeats=3, chunk=16384))
+    assert [c[0] for c in cells] == ["long-graph-flash", "long-graph-anchors5", "mid-graph-flash", "mid-graph-anchors5"]
+    assert cells[1][1][:7] == ["cell", "--provider", "anchors5", "--mode", "graph", "--workload", "long"]
+    checks = CHECK.cell_list(Namespace(models="tiny", modes="graph,eager", work="/w"))
+    assert [c[0] for c in checks][:2] == ["tiny-vllm-shipped-graph", "tiny-vllm-dense-graph"]
+    assert len(checks) == 8 and checks[-1][0] == "tiny-transformers-shipped"
+
+
+def _cell(workload, mode, provider, tps, ttft=None, batch=None):
+    c = dict(workload=workload, mode=mode, provider=provider, batch=batch or (4 if workload == "long" else 16),
+             prompt_len=SERVE.WORKLOADS[workload], decode_tokens_per_s=tps, itl_ms=10.0, batch_prefill_s=30.0,
+             engine_start_s=60.0, device="NVIDIA H200", device_short="h200", date="2026-12-06", vllm="0.26.0",
+             torch="2.11.0", triton="3.6.0", transformers="5.19.0")
+    if ttft is not None:
+        c["ttft_median_s"] = ttft
+    return c
+
+
+def test_serving_report_ratios(tmp_path):
+    cells = {"long-graph-flash": _cell("long", "graph", "flash", 100.0, ttft=10.0),
+             "long-graph-anchors5": _cell("long", "graph", "anchors5", 260.0, ttft=6.25),
+             "long-graph-selecting10": _cell("long", "graph", "selecting10", 190.0, ttft=7.0),
+             "mid-graph-flash": _cell("mid", "graph", "flash", 400.0),
+             "mid-graph-anchors5": _cell("mid", "graph", "anchors5", 600.0),
+             "long-eager-flash": _cell("long", "eager", "flash", 80.0, ttft=10.5)}
+    for name, c in cells.items():
+        VC.write_json(tmp_path / "cells" / f"{name}.json", c)
+    SERVE.main(["report", "--work", str(tmp_path / "cells"), "-o", str(tmp_path / "vllm_h200")])
+    data = json.loads((tmp_path / "vllm_h200.json").read_text())
+    r = data["ratios"]
+    assert r["decode_4x131072_anchors5"] == pytest.approx(2.6) and r["decode_4x131072_selecting10"] == pytest.approx(1.9)
+    assert r["decode_16x32768_anchors5"] == pytest.approx(1.5) and r["ttft_131072_anchors5"] == pytest.approx(1.6)
+    assert data["ratios_eager"] == {} and data["device"] == "NVIDIA H200" and data["versions"]["vllm"] == "0.26.0"
+    assert "decode_4x131072_anchors5 | 2.60x" in (tmp_path / "vllm_h200.md").read_text()
+    assert (tmp_path / "vllm_h200.png").stat().st_size > 0
+    # an 80 GB GPU runs 3 x 128K: the ratio is named for the batch as run
+    VC.write_json(tmp_path / "c3" / "long-graph-flash.json", _cell("long", "graph", "flash", 90.0, batch=3))
+    VC.write_json(tmp_path / "c3" / "long-graph-anchors5.json", _cell("long", "graph", "anchors5", 200.0, batch=3))
+    assert SERVE.ratios(VC.load_cells(tmp_path / "c3"), "graph") == {"decode_3x131072_anchors5": pytest.approx(200 / 90)}
+
+
+def test_check_report_agreement(tmp_path):
+    a = [[1, 2, 3, 4], [5, 6, 7, 8]]
+    assert CHECK.agreement(a, [[1, 2, 3, 4], [5, 6, 0, 8]]) == {"identical": 1, "of": 2, "prefix_share": 0.75,
+                                                                  "first_difference": [4, 2]}
+    base = dict(device="NVIDIA H200", device_short="h200", date="2026-12-06", vllm="0.26.0", torch="2.11",
+                triton="3.6", transformers="5.19")
+    for name, kind, toks in (("tiny-vllm-dense-graph", "vllm", a), ("tiny-vllm-full-graph", "vllm", a),
+                             ("tiny-vllm-shipped-graph", "vllm", [[1, 2, 3, 9], [5, 6, 7, 8]]),
+                             ("tiny-transformers-dense", "transformers", a),
+                             ("tiny-transformers-shipped", "transformers", [[1, 2, 3, 9], [5, 6, 7, 8]])):
+        VC.write_json(tmp_path / "cells" / f"{name}.json", dict(kind=kind, tokens=toks, kascade_layers=12, **base))
+    CHECK.main(["report", "--work", str(tmp_path / "cells"), "-o", str(tmp_path / "check")])
+    res = json.loads((tmp_path / "check.json").read_text())["models"]["tiny"]
+    assert res["full_vs_dense_graph"]["identical"] == 2
+    assert res["kascade_vs_transformers_kascade_graph"]["identical"] == 2
+    assert res["kascade_vs_vllm_dense_graph"]["identical"] == 1
+    assert "| tiny | kascade_vs_transformers_kascade | graph | 2 / 2 | 1.000 |" in (tmp_path / "check.md").read_text()
+
+
+def test_serve_client_against_a_fake_server():
+    """The bounded client of the serve run: one request per prompt, all at once, answers in prompt order, a failed
+    request reported (not lost); the preemption counter read from Prometheus text."""
+    import http.server
+    import threading
+
+    seen = []
+
+    class Fake(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append(body)
+            if body["prompt"] == [13]:
+                self.send_response(500)
+                self.end_headers()
+                return
+            out = json.dumps({"choices": [{"token_ids": body["prompt"][: body["max_tokens"]]}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Fake)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        answers, wall = SERVE.ask_all(base, "m", [[5, 6, 7], [13], [8, 9]], 2, timeout=10)
+    finally:
+        server.shutdown()
+    assert [a.get("tokens") for a in answers] == [[5, 6], None, [8, 9]] and "error" in answers[1] and wall >= 0
+    assert all(b["temperature"] == 0.0 and b["ignore_eos"] and b["return_token_ids"] for b in seen) and len(seen) == 3
+    text = '# HELP vllm:num_preemptions x\nvllm:num_preemptions_total{model_name="m"} 3.0\nvllm:other 9\n'
+    assert SERVE.preemptions(text) == 3.0
