@@ -206,9 +206,10 @@ def compact_cache(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: t
 
 def _backend_classes():
     v = adapter.api()
+    c = adapter.cpu_api()
     logger = v.init_logger("vllm.kascade")  # under "vllm", whose handlers vLLM sets up in every process
 
-    class KascadeCPUImpl(v.CPUAttentionBackendImpl):
+    class KascadeCPUImpl(c.CPUAttentionBackendImpl):
         """vLLM's CPU attention, with the attention itself replaced by Kascade when a plan is configured."""
 
         def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
@@ -243,7 +244,7 @@ def _backend_classes():
             output[:n_tok].copy_(out.reshape(output[:n_tok].shape))
             return output
 
-    class KascadeCPUBackend(v.CPUAttentionBackend):
+    class KascadeCPUBackend(c.CPUAttentionBackend):
         """vLLM's CPU backend (metadata, cache layout and cache writing) with KascadeCPUImpl."""
 
         @staticmethod

@@ -33,24 +33,31 @@ from types import SimpleNamespace
 
 @lru_cache(maxsize=None)
 def api() -> SimpleNamespace:
-    """The vLLM names the plugin uses (imported on first call)."""
-    from vllm import _custom_ops
+    """The vLLM names both backends use (imported on first call)."""
     from vllm.config import get_current_vllm_config
     from vllm.distributed import get_tensor_model_parallel_rank
     from vllm.logger import init_logger
     from vllm.model_executor.models.utils import extract_layer_index
     from vllm.platforms import current_platform
     from vllm.v1.attention.backend import AttentionType
-    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
     return SimpleNamespace(
-        custom_ops=_custom_ops, get_current_vllm_config=get_current_vllm_config,
+        get_current_vllm_config=get_current_vllm_config,
         get_tensor_model_parallel_rank=get_tensor_model_parallel_rank, init_logger=init_logger,
         extract_layer_index=extract_layer_index, current_platform=current_platform, AttentionType=AttentionType,
-        CPUAttentionBackend=CPUAttentionBackend, CPUAttentionBackendImpl=CPUAttentionBackendImpl,
         AttentionBackendEnum=AttentionBackendEnum, register_backend=register_backend,
     )
+
+
+@lru_cache(maxsize=None)
+def cpu_api() -> SimpleNamespace:
+    """vLLM's CPU attention backend and its custom ops (imported on first call, on the CPU platform only)."""
+    from vllm import _custom_ops
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
+
+    return SimpleNamespace(custom_ops=_custom_ops, CPUAttentionBackend=CPUAttentionBackend,
+                           CPUAttentionBackendImpl=CPUAttentionBackendImpl)
 
 
 def register_cpu_backend(class_path: str) -> bool:
@@ -112,7 +119,7 @@ def cpu_isa(layer) -> str:
 
 def cpu_write_cache(key, value, key_cache, value_cache, slots, isa: str) -> None:
     """vLLM's CPU cache-writing op: key/value [tokens, Hkv, D] into the slots (block * block_size + offset)."""
-    api().custom_ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa, k_scale=1.0,
+    cpu_api().custom_ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa, k_scale=1.0,
                                                 v_scale=1.0, kv_cache_dtype="auto")
 
 
