@@ -8,6 +8,7 @@ from collections import Counter
 import pytest
 
 from fixtures import evaltools as E
+from kascade.eval import families as F
 from kascade.eval import prompts as P
 from kascade.eval import tasks as TK
 from kascade.eval import templates as T
@@ -19,6 +20,8 @@ LENGTHS = {"niah_multiquery": (320, 1024), "cwe": (512, 1000), "fwe": (600, 1024
 
 def _cases():
     for task in TK.TASKS:
+        if task in F.FAMILY:  # the structured families: tests/test_eval_families.py
+            continue
         for length in LENGTHS.get(task, (256, 777)):
             for seed in (0, 1):
                 yield task, length, seed

@@ -24,9 +24,21 @@ Tasks (`TASKS`), in the formats of `kascade.eval.templates` (RULER's wording) an
                      prompt added), so the model answers as its assistant. Needs a tokenizer with a chat
                      template (an instruction-tuned model's).
 
+Families beyond prose needles (`kascade.eval.families`; `FAMILY` names each task's family): many
+near-identical items, one queried by a key that occurs once; the answer is one short string that occurs once.
+
+    records          key=value server-log lines; one field of the line with a given request id
+    json_records     JSON objects of one schema (array, JSON lines or indented); one field of the object with an id
+    table            a CSV or markdown table; the cell of a row key and a column name
+    code             a Python file of generated classes; the value one named class gives a class attribute
+    multi_doc        numbered short documents with titles; a fact stated in one named document
+    chat_history     a long multi-turn chat in the model's chat template (`apply_chat_template` over all the
+                     turns, generation prompt added); a code the user gave in one turn, asked for in the last
+                     (needs a chat template, like doc_qa_chat)
+
 Scoring: RULER's string match ("all": the share of the reference strings found in the prediction,
-case-insensitive) for the retrieval tasks and doc_qa_chat; per generated token for `copy` and `sequence`
-(the share of the first n expected tokens that the greedy continuation reproduces at the same position),
+case-insensitive) for the retrieval tasks, doc_qa_chat and the families; per generated token for `copy` and
+`sequence` (the share of the first n expected tokens that the greedy continuation reproduces at the same position),
 so selection over every decode step is exercised.
 
 Haystacks: `haystack="filler"` repeats "The grass is green. The sky is blue. ..." (RULER's noise);
@@ -41,7 +53,8 @@ phase otherwise (the haystack, passage or sequence starts a sentence, line or it
 then searches the neighbouring sizes and the second knob for a prompt of exactly the target length.
 Tokenisation is not additive, so each candidate is tokenised whole.
 
-Demo: `python -m kascade.eval.tasks niah_multikey 4096 --tokenizer models/kascade-tiny` prints a sample.
+Demo: `python -m kascade.eval.tasks niah_multikey 4096 --tokenizer models/kascade-tiny` (or `records`, ...)
+prints a sample.
 
 Seeds: evaluation seeds are in [0, 1_000_000); training data uses seeds >= 1_000_000 and keys of the
 other pool (`templates.is_eval_key`), so no evaluation key is ever seen in training.
@@ -53,14 +66,15 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable
 
+from kascade.eval import families as F
 from kascade.eval import generators as G
 from kascade.eval import templates as T
 from kascade.eval.metrics import string_match_all
 
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "kv",
-         "copy", "sequence", "doc_qa_chat")
+         "copy", "sequence", "doc_qa_chat") + F.FAMILY_TASKS
 DECODE_TASKS = ("copy", "sequence")
-CHAT_TASKS = ("doc_qa_chat",)
+CHAT_TASKS = ("doc_qa_chat",) + F.CHAT_FAMILY_TASKS
 HAYSTACKS = ("filler", "essay")
 ALIASES = {"seq": "sequence"}
 
@@ -186,8 +200,9 @@ def fit_length(shape: G.Shape, target: int, count: Callable[[str], int], task: s
 # ----------------------------------------------------------------------------------------------
 
 
-def chat_renderer(tokenizer, task: str = "doc_qa_chat") -> Callable[[str], str]:
-    """render(user_text) -> the tokenizer's chat template around one user turn, generation prompt added.
+def chat_renderer(tokenizer, task: str = "doc_qa_chat") -> Callable[[str | list[dict]], str]:
+    """render(user_text) -> the tokenizer's chat template around one user turn, generation prompt added;
+    render(messages) (a list of {"role", "content"}) -> the template around all of them.
 
     When the template writes the BOS token and the tokenizer adds it too, the written one is dropped, so
     that the model sees it once."""
@@ -198,9 +213,9 @@ def chat_renderer(tokenizer, task: str = "doc_qa_chat") -> Callable[[str], str]:
     bos = getattr(tokenizer, "bos_token", None)
     adds_bos = bos is not None and tokenizer("a").input_ids[:1] == [tokenizer.bos_token_id]
 
-    def render(user_text: str) -> str:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": user_text}], add_generation_prompt=True,
-                                             tokenize=False)
+    def render(user_text: str | list[dict]) -> str:
+        messages = [{"role": "user", "content": user_text}] if isinstance(user_text, str) else user_text
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         if adds_bos and text.startswith(bos):
             text = text[len(bos):]
         return text
@@ -263,8 +278,10 @@ def make_task(task: str, length: int, tokenizer, seed: int, *, haystack: str = "
         shape = G.copy_shape(rng, hay if isinstance(hay, G.Essay) else G.Essay(text, rng))
     elif task == "sequence":
         shape = G.sequence_shape(rng, length, count, continuation_chars)
-    else:
+    elif task == "doc_qa_chat":
         shape = G.doc_qa_shape(rng, chat_renderer(tokenizer, task))
+    else:
+        shape = F.family_shape(task, rng, chat_renderer(tokenizer, task) if task in CHAT_TASKS else None)
     d = fit_length(shape, length, count, task)
     return TaskSample(task, seed, length, d.prompt, d.target, d.answers, d.spans, d.meta)
 
