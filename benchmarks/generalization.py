@@ -110,7 +110,7 @@ def cmd_jobs(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from benchmarks.generalization_report import write_report
+    from generalization_report import write_report
 
     write_report(Path(args.work), Path(args.eval), args.output, args.meta)
     return 0
@@ -158,4 +158,5 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
     raise SystemExit(main())

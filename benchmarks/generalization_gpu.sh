@@ -9,6 +9,7 @@
 #           the shipped and paper plans (benchmarks/diagnose_families.py); run the baseline evaluations
 #           (dense, oracle, shipped plan, paper plan on every family) side by side until LIMIT seconds
 #   plans   wait for the searches (at most WAIT seconds), diagnose the new plan, evaluate the new plans
+#   all     both in one call (FIRST seconds of baselines, then the plans found, BUDGET seconds in all)
 # Both stages resume what is done and copy everything (plans, reports, eval rows, logs) to $OUT as one tar.
 # Settings: SAMPLES (40), LENGTHS (4096,8064), FAMILIES (all six), PAR (eval processes side by side, 6),
 # CAL_ARGS (arguments of the calibrate stage, default a lazy search: --search-step 5 --candidates 16),
@@ -84,5 +85,17 @@ plans)
   run_jobs "baselines|mixture|lofo" "$(( ${BUDGET:-540} - waited ))"
   collect
   ;;
-*) echo "stage: expected start or plans, got $stage" >&2; exit 2 ;;
+all)  # one call: start, baselines for FIRST seconds, then whatever plans exist until BUDGET seconds in all
+  begin=$(date +%s)
+  bash benchmarks/smollm2_gpu.sh prepare > /tmp/gen/prepare.log 2>&1 || { tail -n 20 /tmp/gen/prepare.log; exit 1; }
+  pgrep -f "generalization.py calibrate" > /dev/null || setsid nohup python3 benchmarks/generalization.py calibrate \
+    "$MODEL" --work /tmp/gen --budget-s 1500 ${CAL_ARGS:---search-step 5 --candidates 16} >> /tmp/gen/calibrate.log \
+    2>&1 < /dev/null &
+  diagnose previous=plans/smollm2-135m-instruct.json paper=plans/smollm2-135m-instruct-paper.json
+  run_jobs "baselines" "${FIRST:-240}"
+  [ -f /tmp/gen/plans/mixture-10.json ] && diagnose mixture=/tmp/gen/plans/mixture-10.json
+  run_jobs "baselines|mixture|lofo" "$(( ${BUDGET:-540} - ($(date +%s) - begin) ))"
+  collect
+  ;;
+*) echo "stage: expected start, plans or all, got $stage" >&2; exit 2 ;;
 esac

@@ -38,7 +38,7 @@ def collect(eval_dir: Path) -> dict:
 
 
 def _mean(v):
-    return None if not v else 100.0 * float(np.mean(v))
+    return None if not v else round(100.0 * float(np.mean(v)), 2)
 
 
 def rows_of(cells: dict, plans: dict, shipped: str) -> list[dict]:

@@ -1,0 +1,47 @@
+"""benchmarks/generalization_report.py: per-family rows and the targets' rule, from made-up eval rows."""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+
+import generalization_report as GR  # noqa: E402
+
+PLAN = {"anchors": [0, 3], "selecting_layers_equivalent": 10.0, "provenance": {"search_candidates": 16}}
+REPORT = {"seconds": 12.0, "plans_measured": 40, "peak_gpu_bytes": None, "divergence": 0.02,
+          "divergence_by_family": {"records": 0.05, "needle": 0.01}, "paper_divergence": 0.3, "leave_out": None,
+          "objective": "worst-family"}
+
+
+def _rows(path, task, length, strategy, hits, n=40):
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / "results.jsonl", "a") as f:
+        for i in range(n):
+            f.write(json.dumps({"task": task, "length": length, "budget": 0.1, "strategy": strategy, "sample": i,
+                                "seed": i, "score": float(i < hits)}) + "\n")
+
+
+def test_rows_and_targets(tmp_path):
+    work, ev = tmp_path / "work", tmp_path / "eval"
+    for sub in ("plans", "reports"):
+        (work / sub).mkdir(parents=True)
+    for name in ("mixture-10", "lofo-records-10"):
+        (work / "plans" / f"{name}.json").write_text(json.dumps(PLAN))
+        (work / "reports" / f"{name}.json").write_text(json.dumps(REPORT))
+    base = ev / "baselines" / "records-4096"
+    for strategy, hits in (("dense", 20), ("oracle", 22), ("kascade", 8), ("kascade-paper", 2)):
+        _rows(base, "records", 4096, strategy, hits)
+    _rows(ev / "mixture-10" / "records-4096", "records", 4096, "kascade", 19)  # 47.5: within 3 of 50, 7.5 of 55
+    _rows(ev / "lofo-records-10" / "records-4096", "records", 4096, "kascade", 21)  # 52.5: holds
+    _rows(ev / "baselines" / "code-4096", "code", 4096, "dense", 4)  # dense 10: not a headline family
+    GR.write_report(work, ev, str(tmp_path / "out"), None)
+    doc = json.loads((tmp_path / "out.json").read_text())
+    rec = next(r for r in doc["families"] if r["name"] == "records")
+    assert (rec["dense"], rec["oracle"], rec["kascade_previous"], rec["kascade_paper"]) == (50.0, 55.0, 20.0, 5.0)
+    assert rec["kascade_shipped"] == 47.5 and rec["kascade_leave_one_out"] == 52.5 and rec["cost"] == 10.0
+    assert rec["holds"] == {"kascade_leave_one_out": True, "kascade_shipped": False}
+    code = next(r for r in doc["families"] if r["name"] == "code")
+    assert not code["headline"] and code["holds"] == {}
+    assert "| records | 4096 | 40 | 50.0 | 55.0 | 52.5 | 47.5 | 20.0 | 5.0 | yes / no |" in (tmp_path / "out.md").read_text()
+    assert (tmp_path / "out.png").stat().st_size > 0
