@@ -13,7 +13,8 @@
 # Both stages resume what is done and copy everything (plans, reports, eval rows, logs) to $OUT as one tar.
 # Settings: SAMPLES (40), LENGTHS (4096,8064), FAMILIES (all six), PAR (eval processes side by side, 6),
 # CAL_ARGS (arguments of the calibrate stage, default a lazy search: --search-step 5 --candidates 16),
-# LIMIT (seconds of the start stage's evaluations, 420), BUDGET (seconds of the plans stage, 540, of which
+# CALIBRATE (0: the start stage runs the baselines and the diagnosis only), LIMIT (seconds of the start
+# stage's evaluations, 420), BUDGET (seconds of the plans stage, 540, of which
 # at most WAIT, 240, waiting for the searches).
 set -euo pipefail
 stage=${1:?stage: start or plans}
@@ -68,7 +69,7 @@ PY
 case "$stage" in
 start)
   bash benchmarks/smollm2_gpu.sh prepare > /tmp/gen/prepare.log 2>&1 || { tail -n 20 /tmp/gen/prepare.log; exit 1; }
-  if ! pgrep -f "generalization.py calibrate" > /dev/null; then
+  if [ "${CALIBRATE:-1}" = 1 ] && ! pgrep -f "generalization.py calibrate" > /dev/null; then
     setsid nohup python3 benchmarks/generalization.py calibrate "$MODEL" --work /tmp/gen --budget-s 1500 \
       ${CAL_ARGS:---search-step 5 --candidates 16} >> /tmp/gen/calibrate.log 2>&1 < /dev/null &
   fi
