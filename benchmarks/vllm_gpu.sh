@@ -11,6 +11,8 @@
 #   bash benchmarks/vllm_gpu.sh check      benchmarks/vllm_gpu_check.py: kascade-tiny (and SmolLM2 when /tmp/smol
 #                                          holds it: benchmarks/smollm2_gpu.sh copy/prepare first), 6 vLLM engines
 #                                          and 2 transformers references per model; repeat until "missing cells: none"
+#   bash benchmarks/vllm_gpu.sh eval       benchmarks/vllm_eval.py: niah_single, niah_multikey, doc_qa_chat at 4096 and
+#                                          8064 tokens through vLLM, dense and the shipped plan (needs /tmp/smol)
 #   bash benchmarks/vllm_gpu.sh bench      benchmarks/vllm_serving.py run: 12 cells (3 providers x graph/eager x
 #                                          long/mid, 2-4 minutes each); repeat until "missing cells: none"
 #                                          (PROVIDERS, MODES, WORKLOADS narrow it, e.g. MODES=graph first)
@@ -20,7 +22,7 @@
 # Every stage copies what it makes to $OUT (cell JSON files and logs). SEED=DIR (default .vllm_cells, if carried)
 # first copies DIR/check/*.json and DIR/bench/*.json into the work folders, so a cold machine resumes too.
 set -euo pipefail
-stage=${1:?stage: tests, check, bench, serve or report}
+stage=${1:?stage: tests, check, eval, bench, serve or report}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 EP=/tmp/kascade-ep
@@ -49,6 +51,10 @@ check)
     --budget-s "${BUDGET:-540}" --copy-to "$OUT/check"
   python3 benchmarks/vllm_gpu_check.py report --work /tmp/vllm_check -o "$OUT/vllm_check" || true
   ;;
+eval)
+  python3 benchmarks/vllm_eval.py run --work /tmp/vllm_eval --budget-s "${BUDGET:-540}" --copy-to "$OUT/eval"
+  python3 benchmarks/vllm_eval.py report --work /tmp/vllm_eval -o "$OUT/vllm_eval" || true
+  ;;
 bench)
   python3 benchmarks/vllm_serving.py run --work /tmp/vllm_bench --providers "${PROVIDERS:-flash,anchors5,selecting10}" \
     --modes "${MODES:-graph,eager}" --workloads "${WORKLOADS:-long,mid}" --budget-s "${BUDGET:-540}" --copy-to "$OUT/bench"
@@ -62,5 +68,5 @@ report)
   python3 benchmarks/vllm_serving.py report --work /tmp/vllm_bench -o "$OUT/vllm"
   ;;
 *)
-  echo "unknown stage $stage: tests, check, bench, serve or report"; exit 2 ;;
+  echo "unknown stage $stage: tests, check, eval, bench, serve or report"; exit 2 ;;
 esac

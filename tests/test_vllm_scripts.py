@@ -19,11 +19,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import vllm_common as VC  # noqa: E402
+import vllm_eval as EVAL  # noqa: E402
 import vllm_gpu_check as CHECK  # noqa: E402
 import vllm_serving as SERVE  # noqa: E402
 
 
-@pytest.mark.parametrize("script", ["vllm_serving.py", "vllm_gpu_check.py"])
+@pytest.mark.parametrize("script", ["vllm_serving.py", "vllm_gpu_check.py", "vllm_eval.py"])
 def test_help_works_without_a_gpu(script):
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--help"], capture_output=True, text=True,
                          timeout=60)
@@ -31,7 +32,7 @@ def test_help_works_without_a_gpu(script):
 
 
 def test_importing_the_scripts_imports_neither_vllm_nor_torch():
-    code = ("import sys; sys.path.insert(0, 'benchmarks'); import vllm_serving, vllm_gpu_check; "
+    code = ("import sys; sys.path.insert(0, 'benchmarks'); import vllm_serving, vllm_gpu_check, vllm_eval; "
             "print('vllm' in sys.modules, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert out.stdout.split() == ["False", "False"], out.stderr
@@ -123,6 +124,24 @@ def test_check_report_agreement(tmp_path):
     assert res["kascade_vs_transformers_kascade_graph"]["identical"] == 2
     assert res["kascade_vs_vllm_dense_graph"]["identical"] == 1
     assert "| tiny | kascade_vs_transformers_kascade | graph | 2 / 2 | 1.000 |" in (tmp_path / "check.md").read_text()
+
+
+def test_eval_report_points_and_target(tmp_path):
+    base = dict(device="NVIDIA H200", device_short="h200", date="2026-12-06", vllm="0.26.0", torch="2.11",
+                triton="3.6", transformers="5.19", kascade_layers=29)
+
+    def rows(scores):
+        return [dict(task="niah_single", length=4096, seed=i, prediction="", answers=["1"], score=s)
+                for i, s in enumerate(scores)]
+
+    VC.write_json(tmp_path / "cells" / "smol-dense.json", dict(plan="dense", rows=rows([1, 1, 1, 0]), **base))
+    VC.write_json(tmp_path / "cells" / "smol-shipped.json", dict(plan="shipped", rows=rows([1, 1, 0, 0]), **base))
+    EVAL.main(["report", "--work", str(tmp_path / "cells"), "-o", str(tmp_path / "ev")])
+    out = json.loads((tmp_path / "ev.json").read_text())
+    assert out["scores"]["dense"]["niah_single"]["4096"] == 75.0
+    assert out["kascade_minus_dense"]["niah_single"]["4096"] == -25.0
+    assert out["target_holds"] is False
+    assert "| niah_single | 4096 | 75.0 | 50.0 | -25.0 |" in (tmp_path / "ev.md").read_text()
 
 
 def test_serve_client_against_a_fake_server():
