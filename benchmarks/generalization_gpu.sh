@@ -10,6 +10,8 @@
 #           (dense, oracle, shipped plan, paper plan on every family) side by side until LIMIT seconds
 #   plans   wait for the searches (at most WAIT seconds), diagnose the new plan, evaluate the new plans
 #   all     both in one call (FIRST seconds of baselines, then the plans found, BUDGET seconds in all)
+#   cost    benchmarks/calibrate_cost.py: the calibration's time and memory on the Llama-3.1-8B shape (random
+#           weights, 16 prompts of 8K), into $OUT/calibrate_cost.{json,md}
 # Both stages resume what is done and copy everything (plans, reports, eval rows, logs) to $OUT as one tar.
 # Settings: SAMPLES (40), LENGTHS (4096,8064), FAMILIES (all six), PAR (eval processes side by side, 6),
 # CAL_ARGS (arguments of the calibrate stage, default a lazy search: --search-step 5 --candidates 16),
@@ -17,7 +19,7 @@
 # stage's evaluations, 420), BUDGET (seconds of the plans stage, 540, of which
 # at most WAIT, 240, waiting for the searches).
 set -euo pipefail
-stage=${1:?stage: start or plans}
+stage=${1:?stage: start, plans, all or cost}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" /tmp/gen /tmp/geneval
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TQDM_DISABLE=1
@@ -98,5 +100,8 @@ all)  # one call: start, baselines for FIRST seconds, then whatever plans exist 
   run_jobs "baselines|mixture|lofo" "$(( ${BUDGET:-540} - ($(date +%s) - begin) ))"
   collect
   ;;
-*) echo "stage: expected start, plans or all, got $stage" >&2; exit 2 ;;
+cost)
+  python3 benchmarks/calibrate_cost.py -o "$OUT/calibrate_cost"
+  ;;
+*) echo "stage: expected start, plans, all or cost, got $stage" >&2; exit 2 ;;
 esac
