@@ -112,7 +112,7 @@ def cmd_jobs(args) -> int:
 def cmd_report(args) -> int:
     from generalization_report import write_report
 
-    write_report(Path(args.work), Path(args.eval), args.output, args.meta)
+    write_report(Path(args.work), Path(args.eval), args.output, args.meta, SHIPPED, args.loo_cost)
     return 0
 
 
@@ -150,6 +150,7 @@ def main(argv=None) -> int:
     p.add_argument("--work", required=True)
     p.add_argument("--eval", required=True)
     p.add_argument("--meta", default=None, help="JSON of device and versions written on the GPU machine")
+    p.add_argument("--loo-cost", default="10", help="cost of the leave-one-out plans reported (their name's suffix)")
     p.add_argument("-o", "--output", default=str(ROOT / "benchmarks" / "results" / "generalization_smollm2"))
     p.set_defaults(func=cmd_report)
     args = ap.parse_args(argv)

@@ -31,7 +31,7 @@ PAR=${PAR:-6}
 
 run_jobs() {  # run_jobs PATTERN LIMIT: the eval jobs whose names match, PAR side by side, until LIMIT seconds
   python3 benchmarks/generalization.py jobs "$MODEL" --work /tmp/gen --eval /tmp/geneval --families "$FAMILIES" \
-    --lengths "$LENGTHS" --samples "$SAMPLES" | grep -E "^($1)"$'\t' > /tmp/gen/jobs.txt || true
+    --lengths "$LENGTHS" --samples "$SAMPLES" | grep -E "^($1)[^[:space:]]*"$'\t' > /tmp/gen/jobs.txt || true
   # one job per (plan, family, length): many small processes keep the GPU busy and resume cleanly
   python3 - "$SAMPLES" > /tmp/gen/split.txt <<'PY'
 import re, sys

@@ -1,6 +1,7 @@
 """The report of benchmarks/generalization.py: per family and length, dense against per-layer top-k
-(oracle), the leave-one-family-out plan, the full-mixture plan, the previous shipped plan and the paper's
-recipe; JSON + markdown + plot.
+(oracle), the leave-one-family-out plan, the shipped plan, the full-mixture plans and the paper's recipe, with
+the paired difference of the leave-one-out plan against dense (mean and standard error over the same samples);
+JSON + markdown + plot.
 
 Eval runs live in EVAL/RUN/FAMILY-LENGTH/results.jsonl (RUN: baselines, mixture-COST, lofo-FAMILY-COST);
 plans and search reports in WORK/plans and WORK/reports.
@@ -20,43 +21,63 @@ TARGET_DENSE, TARGET_ORACLE = 3.0, 5.0  # points: a plan within these of dense a
 
 
 def collect(eval_dir: Path) -> dict:
-    """{(column, family, length): [scores]} with column one of dense, oracle, previous, paper, mixture-COST,
-    lofo-COST (the leave-one-out plan of that family)."""
+    """{(column, family, length): {seed: score}} with column one of dense, oracle, shipped (the plan in
+    plans/, run as `kascade` in the baselines), paper, mixture-COST, lofo-COST (each family's leave-one-out
+    plan, run on that family only)."""
     cells: dict = {}
     for path in sorted(eval_dir.glob("*/*/results.jsonl")):
         run = path.parent.parent.name
         for row in read_results(path):
             strategy = row["strategy"]
             if run == "baselines":
-                column = {"kascade": "previous", "kascade-paper": "paper"}.get(strategy, strategy)
+                column = {"kascade": "shipped", "kascade-paper": "paper"}.get(strategy, strategy)
+            elif strategy != "kascade":  # a plan's run also scores dense: the baselines' dense is the one reported
+                continue
             elif run.startswith("lofo-"):
                 column = "lofo-" + run.rsplit("-", 1)[1]
             else:
                 column = run
-            cells.setdefault((column, row["task"], row["length"]), []).append(float(row["score"]))
+            cells.setdefault((column, row["task"], row["length"]), {})[row["seed"]] = float(row["score"])
     return cells
 
 
 def _mean(v):
-    return None if not v else round(100.0 * float(np.mean(v)), 2)
+    return None if not v else round(100.0 * float(np.mean(list(v.values()))), 2)
 
 
-def rows_of(cells: dict, plans: dict, shipped: str) -> list[dict]:
+def _paired(a: dict | None, b: dict | None):
+    """(mean, standard error) in points of a - b over the samples both scored; None without a common sample."""
+    common = sorted(set(a or {}) & set(b or {}))
+    if not common:
+        return None
+    d = np.array([a[k] - b[k] for k in common]) * 100.0
+    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+    return {"mean": round(float(d.mean()), 2), "se": round(se, 2), "samples": len(common)}
+
+
+def rows_of(cells: dict, shipped_cost, loo_cost: str) -> list[dict]:
     """One row per (family, length) that has a dense score."""
     out = []
+    mixtures = sorted({k[0] for k in cells if k[0].startswith("mixture-")}, key=lambda c: -float(c.split("-")[1]))
     for (column, fam, length) in sorted({k for k in cells if k[0] == "dense"}, key=lambda k: (k[1], k[2])):
-        get = lambda c: _mean(cells.get((c, fam, length)))  # noqa: E731
-        row = {"name": fam, "length": length, "samples": len(cells[("dense", fam, length)]),
-               "dense": get("dense"), "oracle": get("oracle"), "kascade_shipped": get(shipped),
-               "kascade_leave_one_out": get(f"lofo-{shipped.rsplit('-', 1)[1]}"),
-               "kascade_previous": get("previous"), "kascade_paper": get("paper"),
-               "cost": plans.get(shipped, {}).get("selecting_layers_equivalent")}
-        for c in sorted({k[0] for k in cells if k[0].startswith("mixture-") and k[0] != shipped}):
-            row[f"kascade_{c.replace('-', '_')}"] = get(c)
+        cell = lambda c: cells.get((c, fam, length))  # noqa: E731
+        dense = cell("dense")
+        row = {"name": fam, "length": length, "samples": len(dense), "dense": _mean(dense), "oracle": _mean(cell("oracle")),
+               "kascade_leave_one_out": _mean(cell(f"lofo-{loo_cost}")), "kascade_shipped": _mean(cell("shipped")),
+               "kascade_paper": _mean(cell("paper")), "cost": float(loo_cost), "cost_shipped": shipped_cost}
+        for c in mixtures:
+            row[f"kascade_{c.replace('-', '_')}"] = _mean(cell(c))
+        p = row["dense"] / 100.0
+        row["dense_se"] = round(100.0 * float(np.sqrt(p * (1 - p) / len(dense))), 2)
+        row["paired_vs_dense"] = {k: _paired(cell(c), dense) for k, c in
+                                  (("kascade_leave_one_out", f"lofo-{loo_cost}"), ("kascade_shipped", "shipped"))}
         row["headline"] = row["dense"] is not None and row["dense"] >= HEADLINE_MIN
-        row["holds"] = {k: _holds(row, k) for k in ("kascade_leave_one_out", "kascade_shipped")} if row["headline"] else {}
+        row["holds"] = {k: _holds(row, k) for k in HOLDS} if row["headline"] else {}
         out.append(row)
     return out
+
+
+HOLDS = ("kascade_leave_one_out", "kascade_shipped")
 
 
 def _holds(row: dict, key: str):
@@ -66,20 +87,22 @@ def _holds(row: dict, key: str):
     return v >= row["dense"] - TARGET_DENSE and v >= row["oracle"] - TARGET_ORACLE
 
 
-def write_report(work: Path, eval_dir: Path, output: str, meta_path: str | None) -> None:
+def write_report(work: Path, eval_dir: Path, output: str, meta_path: str | None, shipped_plan: Path | None = None,
+                 loo_cost: str = "10") -> None:
     cells = collect(eval_dir)
     plans = {p.stem: json.loads(p.read_text()) for p in sorted((work / "plans").glob("*.json"))}
     reports = {p.stem: json.loads(p.read_text()) for p in sorted((work / "reports").glob("*.json"))}
-    costs = sorted({p.rsplit("-", 1)[1] for p in plans if p.startswith("mixture-")}, key=float, reverse=True)
-    shipped = f"mixture-{costs[0]}" if costs else "mixture-10"
-    rows = rows_of(cells, plans, shipped)
+    shipped = json.loads(Path(shipped_plan).read_text()) if shipped_plan and Path(shipped_plan).is_file() else {}
+    rows = rows_of(cells, shipped.get("selecting_layers_equivalent"), loo_cost)
     meta = json.loads(Path(meta_path).read_text()) if meta_path else {}
     searches = {name: {k: r.get(k) for k in ("seconds", "plans_measured", "peak_gpu_bytes", "divergence",
                                              "divergence_by_family", "paper_divergence", "leave_out", "objective")}
                 | {"anchors": plans[name]["anchors"], "cost": plans[name]["selecting_layers_equivalent"],
-                   "settings": plans[name]["provenance"].get("search_candidates")}
+                   "settings": {k: plans[name]["provenance"].get(k) for k in ("search_step", "search_candidates",
+                                                                               "num_prompts", "prompt_tokens")}}
                 for name, r in reports.items() if name in plans}
-    doc = {"meta": meta, "model": "SmolLM2-135M-Instruct", "rho": 0.1, "shipped": shipped,
+    doc = {"meta": meta, "model": "SmolLM2-135M-Instruct", "rho": 0.1,
+           "shipped_plan": _relative(shipped_plan), "leave_one_out_cost": float(loo_cost),
            "targets": {"dense_points": TARGET_DENSE, "oracle_points": TARGET_ORACLE, "headline_dense_min": HEADLINE_MIN},
            "families": rows, "searches": searches}
     Path(output).parent.mkdir(parents=True, exist_ok=True)
@@ -88,30 +111,49 @@ def write_report(work: Path, eval_dir: Path, output: str, meta_path: str | None)
     plot(doc, output + ".png")
 
 
+def _relative(path) -> str | None:
+    """`path` relative to the repository root when it lies inside it."""
+    if not path:
+        return None
+    root = Path(__file__).resolve().parent.parent
+    try:
+        return str(Path(path).resolve().relative_to(root))
+    except ValueError:
+        return str(path)
+
+
 def _f(v):
     return "-" if v is None else f"{v:.1f}"
+
+
+def _pair(v):
+    return "-" if not v else f"{v['mean']:+.1f} ± {v['se']:.1f}"
 
 
 def markdown(doc: dict) -> str:
     m = doc["meta"]
     rows = doc["families"]
-    extra = sorted({k for r in rows for k in r if k.startswith("kascade_mixture_")})
-    head = ["family", "length", "samples", "dense", "oracle", "leave-one-out", "mixture plan", "previous plan",
-            "paper recipe"] + [k.replace("kascade_", "").replace("_", "-") for k in extra] + ["holds (loo / mixture)"]
+    mixtures = sorted({k for r in rows for k in r if k.startswith("kascade_mixture_")},
+                      key=lambda k: -float(k.rsplit("_", 1)[1]))
+    head = (["family", "length", "samples", "dense", "oracle", "leave-one-out", "shipped plan", "paper recipe"]
+            + [k.replace("kascade_", "").replace("_", "-") for k in mixtures]
+            + ["leave-one-out - dense (paired)", "holds (loo / shipped)"])
     lines = [f"# Generalization to formats unlike calibration: SmolLM2-135M-Instruct, {m.get('device', '?')}, "
              f"{m.get('date', '?')}", "",
              f"torch {m.get('torch', '?')}, triton {m.get('triton', '?')}, transformers {m.get('transformers', '?')}; "
-             f"bf16, Triton kernels, greedy, rho {doc['rho']}. Leave-one-out: the plan calibrated without any "
-             f"prompt of that family's kind. Mixture plan: `{doc['shipped']}` (all formats). A family counts "
-             f"where dense >= {doc['targets']['headline_dense_min']:g}; target: within "
+             f"bf16, Triton kernels, greedy, rho {doc['rho']}, scores in points. Leave-one-out: the plan of "
+             f"{doc['leave_one_out_cost']:g} selecting-layer equivalents calibrated on the format mixture without any "
+             f"prompt of that family's kind. Shipped plan: `{doc['shipped_plan']}`. mixture-C: calibrated on the whole "
+             f"mixture at C equivalents. Paired difference: mean ± standard error over the same samples. A family "
+             f"counts where dense >= {doc['targets']['headline_dense_min']:g}; target: within "
              f"{doc['targets']['dense_points']:g} points of dense and {doc['targets']['oracle_points']:g} of oracle.",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        holds = " / ".join({True: "yes", False: "no", None: "-"}[r["holds"].get(k)]
-                           for k in ("kascade_leave_one_out", "kascade_shipped")) if r["headline"] else "(dense < 20)"
-        vals = [r["name"], str(r["length"]), str(r["samples"]), _f(r["dense"]), _f(r["oracle"]),
-                _f(r["kascade_leave_one_out"]), _f(r["kascade_shipped"]), _f(r["kascade_previous"]),
-                _f(r["kascade_paper"])] + [_f(r.get(k)) for k in extra] + [holds]
+        holds = " / ".join({True: "yes", False: "no", None: "-"}[r["holds"].get(k)] for k in HOLDS) \
+            if r["headline"] else "(dense < 20)"
+        vals = ([r["name"], str(r["length"]), str(r["samples"]), f"{_f(r['dense'])} ± {r['dense_se']:.1f}",
+                 _f(r["oracle"]), _f(r["kascade_leave_one_out"]), _f(r["kascade_shipped"]), _f(r["kascade_paper"])]
+                + [_f(r.get(k)) for k in mixtures] + [_pair(r["paired_vs_dense"]["kascade_leave_one_out"]), holds])
         lines.append("| " + " | ".join(vals) + " |")
     lines += ["", "## Calibration searches", "", "| search | cost | anchors | mean KL | worst family KL | paper recipe KL "
               "| plans measured | seconds | peak GPU GiB |", "|---|---|---|---|---|---|---|---|---|"]
@@ -133,7 +175,7 @@ def plot(doc: dict, path: str) -> None:
 
     rows = doc["families"]
     cols = [("dense", "dense"), ("oracle", "oracle (per-layer top-k)"), ("kascade_leave_one_out", "leave-one-out plan"),
-            ("kascade_shipped", "mixture plan"), ("kascade_previous", "previous plan"), ("kascade_paper", "paper recipe")]
+            ("kascade_shipped", "shipped plan"), ("kascade_mixture_10", "mixture-10"), ("kascade_paper", "paper recipe")]
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 3.8))
     x = np.arange(len(rows))
     w = 0.8 / len(cols)

@@ -34,14 +34,23 @@ def test_rows_and_targets(tmp_path):
         _rows(base, "records", 4096, strategy, hits)
     _rows(ev / "mixture-10" / "records-4096", "records", 4096, "kascade", 19)  # 47.5: within 3 of 50, 7.5 of 55
     _rows(ev / "lofo-records-10" / "records-4096", "records", 4096, "kascade", 21)  # 52.5: holds
+    _rows(ev / "lofo-records-10" / "records-4096", "records", 4096, "dense", 0)  # a plan run's own dense: not its score
     _rows(ev / "baselines" / "code-4096", "code", 4096, "dense", 4)  # dense 10: not a headline family
-    GR.write_report(work, ev, str(tmp_path / "out"), None)
+    shipped = tmp_path / "shipped.json"
+    shipped.write_text(json.dumps({**PLAN, "selecting_layers_equivalent": 9.5}))
+    GR.write_report(work, ev, str(tmp_path / "out"), None, shipped)
     doc = json.loads((tmp_path / "out.json").read_text())
     rec = next(r for r in doc["families"] if r["name"] == "records")
-    assert (rec["dense"], rec["oracle"], rec["kascade_previous"], rec["kascade_paper"]) == (50.0, 55.0, 20.0, 5.0)
-    assert rec["kascade_shipped"] == 47.5 and rec["kascade_leave_one_out"] == 52.5 and rec["cost"] == 10.0
+    assert (rec["dense"], rec["oracle"], rec["kascade_shipped"], rec["kascade_paper"]) == (50.0, 55.0, 20.0, 5.0)
+    assert rec["kascade_mixture_10"] == 47.5 and rec["kascade_leave_one_out"] == 52.5
+    assert (rec["cost"], rec["cost_shipped"]) == (10.0, 9.5)
     assert rec["holds"] == {"kascade_leave_one_out": True, "kascade_shipped": False}
+    # paired over the same seeds: the leave-one-out plan hits samples 0..20, dense 0..19
+    assert rec["paired_vs_dense"]["kascade_leave_one_out"]["mean"] == 2.5
+    assert rec["paired_vs_dense"]["kascade_shipped"]["mean"] == -30.0
+    assert rec["dense_se"] == 7.91
     code = next(r for r in doc["families"] if r["name"] == "code")
     assert not code["headline"] and code["holds"] == {}
-    assert "| records | 4096 | 40 | 50.0 | 55.0 | 52.5 | 47.5 | 20.0 | 5.0 | yes / no |" in (tmp_path / "out.md").read_text()
+    assert "| records | 4096 | 40 | 50.0 ± 7.9 | 55.0 | 52.5 | 20.0 | 5.0 | 47.5 | +2.5 ± 2.5 | yes / no |" in \
+        (tmp_path / "out.md").read_text()
     assert (tmp_path / "out.png").stat().st_size > 0
