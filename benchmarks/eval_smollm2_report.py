@@ -7,6 +7,13 @@ eval_accuracy_vs_budget.png); --pareto the accuracy-against-cost cells (one fold
 with summary.json). The JSON keeps the keys of eval_tiny.json (`columns`, `budgets` -> strategy ->
 column / `avg` / `headline`, `counts`) and adds what the numbers depend on: model fingerprint, plans
 (file, sha256, recipe, selecting-layer equivalents), device, versions, date, and which cells are empty.
+
+When eval_results.jsonl holds decode-only rows (strategies named NAME+dense-prefill, and the decode-time
+baselines quest-decode, tidaldecode, omnikv-decode; the `decode` stage of benchmarks/smollm2_gpu.sh runs
+them), a "Decode-only" section follows: those strategies beside dense and Kascade with its sparse prefill,
+over the tasks they were run on (the decode-heavy copy and sequence included), with its own headline
+(`decode_only_summary`; the JSON's `decode_only`). The main table keeps the strategies that are sparse in
+prefill and decode.
 """
 
 from __future__ import annotations
@@ -96,6 +103,63 @@ def headline_on_first_samples(results: Path, tasks: list[str], lengths: list[int
         out[st].setdefault(n, {})[task] = 100.0 * sum(v) / len(v)
     return {st: {n: sum(by_task.values()) / len(by_task) for n, by_task in per_len.items()
                  if len(by_task) == len(tasks)} for st, per_len in out.items()}
+
+
+def decode_only_summary(rows: list[dict]) -> dict | None:
+    """The decode-only section (dense prefill, sparse decode) of a run's result rows, summarised as
+    `kascade eval` summarises a run (`kascade.eval.report.summarise`: budgets -> strategy -> task@length,
+    avg, headline over the tasks dense scores >= 20 on), or None when no row is decode-only.
+
+    Strategies: dense, Kascade sparse in prefill and decode ("kascade", Kascade in both modes beside
+    "kascade+dense-prefill"), then the decode-only rows' strategies (the +dense-prefill ones in the order
+    of STRATEGIES, then the decode-time baselines). Tasks, lengths and budgets: those of the decode-only rows."""
+    from kascade.eval import report
+    from kascade.eval.strategies import DECODE_BASELINES, STRATEGIES, base_strategy, is_decode_only
+    from kascade.eval.tasks import TASKS
+
+    decode = [r for r in rows if r["strategy"] != "dense" and is_decode_only(r["strategy"])]
+    if not decode:
+        return None
+    names = {r["strategy"] for r in decode}
+
+    def order(name):
+        base = base_strategy(name)
+        return (base in DECODE_BASELINES, STRATEGIES.index(base) if base in STRATEGIES else len(STRATEGIES), name)
+
+    strategies = ["dense", "kascade"] + sorted(names, key=order)
+    present = {r["task"] for r in decode}
+    tasks = [t for t in TASKS if t in present] + sorted(t for t in present if t not in TASKS)
+    lengths = sorted({int(r["length"]) for r in decode})
+    budgets = sorted({r["budget"] for r in decode})
+    keep = [r for r in rows if r["strategy"] in strategies and r["task"] in present and int(r["length"]) in lengths]
+    summary = report.summarise(keep, tasks, lengths, budgets, strategies)
+    if not any(r["strategy"] == "kascade" for r in keep):  # Kascade's sparse-prefill row only when it was run here
+        summary["strategies"].remove("kascade")
+        for b in summary["budgets"]:
+            del summary["budgets"][b]["kascade"], summary["counts"][b]["kascade"]
+    return summary
+
+
+def decode_only_markdown(summary: dict) -> list[str]:
+    """Lines of the report's decode-only section."""
+    from kascade.eval import report
+
+    lines = ["## Decode-only: dense prefill, sparse decode", "",
+             "Every strategy below but `dense` and `kascade` attends densely to the prompt and sparsely in each decode "
+             "step; `kascade` (sparse prefill and decode, the main table's mode) is shown beside "
+             "`kascade+dense-prefill`. `quest-decode`, `tidaldecode` and `omnikv-decode` are the decode-time methods "
+             "as their authors run them, at Kascade's budget k(n) (`kascade/eval/strategies.py` says what follows "
+             "each paper and what is adapted). `copy` and `sequence` are decode-heavy (scored per generated token). "
+             f"{sample_counts(summary)}.", "",
+             "Headline per length (mean over the headline tasks' cells of that length):", "",
+             "| rho | strategy | " + " | ".join(f"{n}" for n in summary["lengths"]) + " |",
+             "|---|---|" + "---|" * len(summary["lengths"])]
+    for b, table in headline_per_length(summary).items():
+        for st, per in table.items():
+            lines.append(f"| {b} | {st} | " + " | ".join(f"{per[n]:.1f}" if n in per else "-"
+                                                       for n in summary["lengths"]) + " |")
+    tables = report.markdown(summary).split("\n", 2)[2].splitlines()  # without its title
+    return lines + [""] + [("#" + x if x.startswith("## rho") else x) for x in tables]
 
 
 def pareto_points(summary: dict, plans: dict, pareto_dir: Path | None, budget: str = "0.1",
@@ -219,6 +283,12 @@ def main(argv=None) -> int:
                   "| plan | recipe | selecting-layer equivalents | headline | dense |", "|---|---|---|---|---|"]
         lines += [f"| {p['plan']} | {p['recipe']} | {p['cost']:g} | {p['headline']:.1f} | {p['dense_headline']:.1f} |"
                   for p in cells]
+    decode = decode_only_summary([json.loads(x) for x in (args.eval / "eval_results.jsonl").read_text().splitlines()
+                                  if x.strip()])
+    if decode is not None:
+        summary["decode_only"] = decode
+        out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
+        lines += decode_only_markdown(decode)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     shutil.copy(args.eval / "eval_accuracy_vs_budget.png", out.with_suffix(".png"))
     shutil.copy(args.eval / "eval_results.jsonl", out.parent / (out.name + "_results.jsonl"))

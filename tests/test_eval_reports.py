@@ -49,3 +49,25 @@ def test_tiny_headline_per_length_needs_every_headline_task():
                "budgets": {"0.1": {"kascade": {"a@10": 50.0, "b@10": 100.0, "a@20": 40.0}}}}
     assert T.headline_per_length(summary) == R.headline_per_length(summary)
     assert R.headline_per_length(summary) == {"0.1": {"kascade": {10: 75.0}}}
+
+
+def test_decode_only_section_from_rows_marked_decode_only():
+    """The section takes the decode-only rows (NAME+dense-prefill, the decode-time baselines) with dense and
+    Kascade's sparse-prefill rows on the same tasks, and its own headline; no such rows: no section."""
+    rows = [_row("niah_single", 10, None, "dense", i, 1.0) for i in range(2)]
+    rows += [_row("copy", 10, None, "dense", i, 0.5) for i in range(2)]
+    rows += [_row("vt", 10, None, "dense", i, 0.0) for i in range(2)]  # a task no decode-only row covers
+    rows += [_row(t, 10, 0.1, "kascade", i, 1.0) for t in ("niah_single", "copy", "vt") for i in range(2)]
+    rows += [_row("niah_single", 10, 0.1, "quest", i, 0.0) for i in range(2)]  # sparse prefill: main table only
+    assert R.decode_only_summary(rows) is None
+    rows += [_row(t, 10, 0.1, s, i, 0.25) for t in ("niah_single", "copy") for i in range(2)
+             for s in ("tidaldecode", "kascade+dense-prefill", "quest-decode", "oracle+dense-prefill")]
+    summary = R.decode_only_summary(rows)
+    assert summary["tasks"] == ["niah_single", "copy"]  # in the order of kascade.eval.tasks.TASKS
+    assert summary["strategies"] == ["dense", "kascade", "oracle+dense-prefill", "kascade+dense-prefill",
+                                     "quest-decode", "tidaldecode"]
+    table = summary["budgets"]["0.1"]
+    assert table["dense"]["headline"] == 75.0 and table["kascade"]["headline"] == 100.0
+    assert table["tidaldecode"]["niah_single@10"] == 25.0 and "quest" not in table
+    text = "\n".join(R.decode_only_markdown(summary))
+    assert "## Decode-only" in text and "### rho = 0.1" in text and "| 0.1 | tidaldecode | 25.0 |" in text

@@ -17,7 +17,8 @@ from kascade.plan import Plan
 from models import one_thread_fixture
 
 VOCAB = 300
-SPARSE = [s for s in S.STRATEGIES if s != "dense"]
+SPARSE_PREFILL = [s for s in S.STRATEGIES if s not in S.DECODE_BASELINES]  # tests/test_decode_baselines.py: the others
+SPARSE = [s for s in SPARSE_PREFILL if s != "dense"]
 
 
 _one_thread = one_thread_fixture()
@@ -47,7 +48,7 @@ def _peaky(seed=1):
     return m
 
 
-@pytest.mark.parametrize("name", S.STRATEGIES)
+@pytest.mark.parametrize("name", SPARSE_PREFILL)
 def test_full_budget_equals_dense(model, plan, name):
     """rho = 1: every strategy attends to every key, in prefill (odd length, several tiles) and decode."""
     ids = _ids(151)
@@ -139,7 +140,7 @@ def test_shared_set_with_one_kv_head_is_the_reference_selection():
 
 def test_coverage_oracle_bounds_everyone(plan):
     peaky = _peaky()
-    strategies = {n: S.make_strategy(n, plan, peaky.config, rho=0.1, k_min=8, paper_plan=plan) for n in S.STRATEGIES}
+    strategies = {n: S.make_strategy(n, plan, peaky.config, rho=0.1, k_min=8, paper_plan=plan) for n in SPARSE_PREFILL}
     res = C.measure(peaky, _ids(260, seed=5), strategies, decode_steps=4)
     for mode in ("prefill", "decode"):
         oracle = res[mode]["oracle"]

@@ -20,7 +20,14 @@ of the example's dataset, with LongBench's generation lengths (capped by --max-n
 
 Strategies: all of `kascade.eval.strategies.STRATEGIES` by default but the measured mechanisms
 (`MECHANISMS`: kascade-dense-anchors, kascade-sinks, run when named), kascade-paper only when --paper-plan
-gives the plan of the paper's recipe (its hash joins the run's identity, like --plan's).
+gives the plan of the paper's recipe (its hash joins the run's identity, like --plan's). The decode-time
+baselines (quest-decode, tidaldecode, omnikv-decode) always prefill densely.
+
+Decode-only mode: --sparse-prefill no runs every strategy with a dense prefill and its sparse selection in
+decode steps; its rows are kept under the strategy's name with the suffix "+dense-prefill" (dense and the
+decode-time baselines, which have one mode, keep their names), so one --out folder can hold both modes.
+A name with the suffix may also be given in --strategies (e.g. kascade,kascade+dense-prefill: both modes
+in one run).
 
 Batches (--batch N; default 16 on CUDA, 1 on the CPU): the samples of one (task, length, budget,
 strategy) cell run together, one prefill and one decode step per token for the batch
@@ -75,6 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strategies", default=None,
                         help="comma-separated, from: " + ", ".join(STRATEGIES) + " (default all but kascade-dense-anchors "
                         "and kascade-sinks, kascade-paper only with --paper-plan; dense always runs)")
+    parser.add_argument("--sparse-prefill", default="yes", metavar="{yes,no}",
+                        help="yes (default): each strategy is sparse in prefill and decode; no: decode-only mode, a "
+                        "dense prefill and sparse decode steps (rows named NAME+dense-prefill)")
     parser.add_argument("--samples", type=int, default=10, help="samples per task and length (default 10)")
     parser.add_argument("--batch", type=int, default=None,
                         help="samples of one cell run together (default 16 on CUDA, 1 on the CPU)")
@@ -131,6 +141,16 @@ def _budgets(text):
     return vals
 
 
+def _sparse_prefill(value) -> bool:
+    """--sparse-prefill as a bool: "yes" -> True, "no" -> False (True / False pass through)."""
+    if isinstance(value, bool):
+        return value
+    if value in ("yes", "no"):
+        return value == "yes"
+    raise ValueError(f"--sparse-prefill: expected yes (sparse prefill and decode) or no (dense prefill, sparse "
+                     f"decode), got {value!r}")
+
+
 def _default_data() -> Path:
     return Path(__file__).resolve().parents[2] / "data" / "heldout.txt"
 
@@ -157,7 +177,7 @@ class _Setup:
     """Everything checked before the model is loaded."""
 
     def __init__(self, args):
-        from kascade.eval.strategies import MECHANISMS, NEEDS_PLAN, STRATEGIES, canonical_strategy
+        from kascade.eval.strategies import MECHANISMS, NEEDS_PLAN, STRATEGIES, base_strategy, canonical_strategy
         from kascade.eval.tasks import canonical_task
         from kascade.models import check_model_dir
         from kascade.plan import Plan
@@ -172,11 +192,12 @@ class _Setup:
         self.tasks = [canonical_task(t) for t in _split(tasks, "tasks")] if tasks else []
         self.tasks += list(self.longbench)
         paper_path = getattr(args, "paper_plan", None)
+        self.sparse_prefill = _sparse_prefill(getattr(args, "sparse_prefill", "yes"))
         names = getattr(args, "strategies", None)
         if names is None:
             names = ",".join(s for s in STRATEGIES if (s != "kascade-paper" or paper_path) and s not in MECHANISMS)
-        self.strategies = ["dense"] + [s for s in (canonical_strategy(x) for x in _split(names, "strategies"))
-                                       if s != "dense"]
+        named = [canonical_strategy(x, self.sparse_prefill) for x in _split(names, "strategies")]
+        self.strategies = ["dense"] + [s for s in dict.fromkeys(named) if s != "dense"]
         self.lengths = _ints(args.lengths, "lengths")
         self.budgets = _budgets(args.budgets)
         if isinstance(args.samples, bool) or not isinstance(args.samples, int) or not 1 <= args.samples <= 1_000_000:
@@ -188,7 +209,7 @@ class _Setup:
         if args.plan:
             self.plan_path = Path(args.plan)
             self.plan = Plan.load(self.plan_path)
-        need = [s for s in self.strategies if s in NEEDS_PLAN]
+        need = [s for s in self.strategies if base_strategy(s) in NEEDS_PLAN]
         if need and self.plan is None:
             raise ValueError(f"--plan: strategies {need} need a calibrated plan; pass --plan plan.json (from "
                              "`kascade calibrate`) or leave them out of --strategies")
@@ -196,7 +217,7 @@ class _Setup:
         if paper_path:
             self.paper_plan_path = Path(paper_path)
             self.paper_plan = Plan.load(self.paper_plan_path)
-        if "kascade-paper" in self.strategies and self.paper_plan is None:
+        if any(base_strategy(s) == "kascade-paper" for s in self.strategies) and self.paper_plan is None:
             raise ValueError("--paper-plan: strategy kascade-paper needs the plan of the paper's recipe; pass "
                              "--paper-plan plan.json (from `kascade calibrate --recipe paper`) or leave it out of "
                              "--strategies")

@@ -9,7 +9,9 @@ pooled over the G query heads of the group, that falls on the keys the strategy 
 
 summed over the queries of the text (every query weighs the same). A dense layer covers 1. Because the
 oracle takes each tile's exact top-k of this pooled mass, its coverage bounds that of every strategy
-that attends sparsely in the layer at the same budget.
+that attends sparsely in the layer at the same budget with one set per KV head. Strategies with one set
+per query head (quest-decode, tidaldecode) count each query head's mass on its own set; a group's heads
+then attend to more distinct keys than k(n), and their coverage may exceed the oracle's.
 
     from kascade.eval.coverage import measure, plot
     res = measure(model, ids, {"kascade": make_strategy("kascade", plan, cfg, 0.1, 128), ...}, decode_steps=16)
@@ -84,12 +86,17 @@ def _covered_mass(q, k, used, tile: int, scale: float):
     dev = q.device
     if qlen == 1:
         s = torch.einsum("hgd,hnd->hgn", q.float().view(hkv, g, d), k.float()) * scale
-        pooled = torch.softmax(s, dim=-1).sum(1)  # [Hkv, N]
+        probs = torch.softmax(s, dim=-1)  # [Hkv, G, N]
+        pooled = probs.sum(1)  # [Hkv, N]
         total = pooled.sum(-1).double()
         if used is None:
             return total, total
         sel, hm = used
-        idx = sel.indices[0, head_map_tensor(hm, hkv, dev), 0, : int(sel.counts[0, 0])].long()
+        count = int(sel.counts[0, 0])
+        if sel.num_kv_heads == hq and hq != hkv:  # one set per query head (quest-decode, tidaldecode)
+            idx = sel.indices[0, :, 0, :count].long().view(hkv, g, count)
+            return probs.gather(-1, idx).sum((1, 2)).double(), total
+        idx = sel.indices[0, head_map_tensor(hm, hkv, dev), 0, :count].long()
         return pooled.gather(-1, idx).sum(-1).double(), total
     p0 = n - qlen
     covered = torch.zeros(hkv, dtype=torch.float64, device=dev)

@@ -15,6 +15,16 @@ tile, and its diagonal block is attended on top by `ops.reuse`.
     page_selection(q, k, ..., page=16)       Quest: pages ranked by an upper bound of q.k from per-page
                                              per-dimension key min/max, pooled over the KV group
 
+Decode steps only (one query per sequence), for the decode-time baselines as their authors run them:
+
+    query_head_pages(q, k, ..., page=16)     Quest: per QUERY head, pages ranked by the upper bound itself
+    query_head_topk(q, k, ...)               TidalDecode: per QUERY head, the top keys by q.k
+    max_logit_selection(q, k, ..., keep_from) OmniKV: one set for all heads, the top keys by the maximum
+                                             over query heads of q.k; keys from `keep_from` on always kept
+
+The per-query-head functions return a Selection of Hq "heads" [B, Hq, 1, Kmax] (row j: query head j, of
+KV head j // G); `kascade.eval.strategies` attends to it with one ops.reuse per position in the group.
+
 Shapes as in kascade.reference: q [B, Hq, Q, D], k [B, Hkv, N, D], kv_start [B] or None.
 
 Vectorised: sequences that share a layout (every sequence when kv_start is None) are scored together,
@@ -67,13 +77,14 @@ def _extent(q, k, group, decode, rho, k_min, tile) -> tuple[int, int]:
     return t_end - t_begin, budget((t_end - 1) * tile, rho, k_min)
 
 
-def _alloc(q, k, groups, decode, rho, k_min, tile):
-    """indices [B, Hkv, U, Kmax] (-1), counts [B, U] (0), first_tile [B]."""
+def _alloc(q, k, groups, decode, rho, k_min, tile, heads=None):
+    """indices [B, heads (default Hkv), U, Kmax] (-1), counts [B, U] (0), first_tile [B]."""
     ext = [_extent(q, k, g, decode, rho, k_min, tile) for g in groups]
     u_max = max([1] + [u for u, _ in ext])
     k_max = max([1] + [kk for _, kk in ext])
     bsz, dev = q.shape[0], q.device
-    indices = torch.full((bsz, k.shape[1], u_max, k_max), -1, dtype=torch.int32, device=dev)
+    heads = k.shape[1] if heads is None else heads
+    indices = torch.full((bsz, heads, u_max, k_max), -1, dtype=torch.int32, device=dev)
     counts = torch.zeros(bsz, u_max, dtype=torch.int32, device=dev)
     firsts = [0 if decode else p0 // tile for _, _, p0, _ in groups]
     if len(set(firsts)) <= 1:
@@ -114,14 +125,15 @@ def _tile_sets(sc: torch.Tensor, ta: int, tile: int, rho: float, k_min: int):
     return sets.masked_fill(~valid, -1), ks
 
 
-def _build(q, k, kv_start, rho, k_min, tile, decode_scores, prefill_scores) -> Selection:
+def _build(q, k, kv_start, rho, k_min, tile, decode_scores, prefill_scores, heads=None) -> Selection:
     """Top-k of per-key scores. decode_scores(qb [b, Hq, 1, D], kb [b, Hkv, n, D]) -> [b, H', n];
     prefill_scores(qb, kb, p0) yields (first tile, [b, H', tiles, kend]) chunks like
-    reference.pooled_tile_scores. H' = 1 broadcasts one set to every KV head."""
+    reference.pooled_tile_scores. H' = 1 broadcasts one set to every head of the Selection, which has
+    `heads` rows (default Hkv)."""
     check_attention_inputs(q, k, None)
     decode = q.shape[2] == 1
     groups = _groups(q, k, kv_start)
-    indices, counts, first_tile = _alloc(q, k, groups, decode, rho, k_min, tile)
+    indices, counts, first_tile = _alloc(q, k, groups, decode, rho, k_min, tile, heads)
     for rows, s, p0, i0 in groups:
         qb, kb = q[rows, :, i0:], k[rows, :, s:]
         if decode:
@@ -352,3 +364,89 @@ def page_selection(q, k, rho, k_min, tile, kv_start=None, scale=None, page: int 
             yield ta, _page_rank_scores(pooled, qe, page).view(nb, hkv, tb - ta, qe)
 
     return _build(q, k, kv_start, rho, k_min, tile, decode_scores, prefill_scores)
+
+
+# ----------------------------------------------------------------------------------------------
+# decode-time baselines: Quest and TidalDecode per query head, OmniKV's shared set
+# ----------------------------------------------------------------------------------------------
+
+
+def _decode_only(q, what: str) -> None:
+    if q.dim() == 4 and q.shape[2] != 1:
+        raise ValueError(f"q: {what} selects for decode steps only (one query per sequence), got {q.shape[2]} "
+                         "queries; the decode-time baselines attend densely in prefill")
+
+
+def _prefill_unused(qb, kb, p0):  # pragma: no cover - _decode_only refuses prefill first
+    raise AssertionError("decode-only selection")
+    yield
+
+
+def _query_head_logits(qb, kb, sc: float) -> torch.Tensor:
+    """q.k * scale of every query head over every key: qb [b, Hq, 1, D], kb [b, Hkv, n, D] -> [b, Hq, n] fp32."""
+    nb, hq, _, d = qb.shape
+    hkv = kb.shape[1]
+    s = torch.einsum("bhgd,bhnd->bhgn", qb.float().view(nb, hkv, hq // hkv, d), kb.float()) * sc
+    return s.flatten(1, 2)
+
+
+def quest_page_scores(q: torch.Tensor, k: torch.Tensor, page: int = 16) -> torch.Tensor:
+    """Quest's query-aware page score: per query head and page of `page` keys (pages counted from key 0,
+    the last one possibly partial), the upper bound sum_d max(q_d min_d, q_d max_d) of q.k over the page's
+    keys, min_d / max_d the element-wise bounds of those keys. q [B, Hq, 1, D], k [B, Hkv, n, D] ->
+    [B, Hq, P] fp32, P = ceil(n / page); each entry is >= q.k of every key of its page (unscaled)."""
+    if isinstance(page, bool) or not isinstance(page, int) or page < 1:
+        raise ValueError(f"page: expected an integer >= 1, got {page!r}")
+    check_attention_inputs(q, k, None)
+    _decode_only(q, "quest_page_scores")
+    nb, hq, _, d = q.shape
+    hkv = k.shape[1]
+    lo, hi = page_bounds(_fold(k), page)  # [B Hkv, P, D]
+    ub = _upper_bound(q.float().reshape(nb * hkv, hq // hkv, 1, d), lo, hi)  # [B Hkv, G, 1, P]
+    return ub.reshape(nb, hq, -1)
+
+
+def query_head_pages(q, k, rho, k_min, tile=32, kv_start=None, page: int = 16) -> Selection:
+    """Quest (Tang et al., 2024) as its evaluation code runs it, in a decode step: every query head ranks
+    the pages of its KV head by `quest_page_scores` (pages counted from the sequence's first key) and takes
+    whole pages best first until k(n) keys, the last page reached in part (its first keys). Selection
+    [B, Hq, 1, Kmax]."""
+    _decode_only(q, "query_head_pages")
+
+    def decode_scores(qb, kb):
+        return _page_rank_scores(quest_page_scores(qb, kb, page), kb.shape[2], page)  # [b, Hq, n]
+
+    return _build(q, k, kv_start, rho, k_min, tile, decode_scores, _prefill_unused, heads=q.shape[1])
+
+
+def query_head_topk(q, k, rho, k_min, tile=32, kv_start=None, scale=None) -> Selection:
+    """TidalDecode's token selection (Yang et al., 2024) in a decode step: every query head keeps its own
+    top k(n) keys by q.k (the order of its attention probabilities). Selection [B, Hq, 1, Kmax]."""
+    _decode_only(q, "query_head_topk")
+    sc = _scale(q, scale)
+    return _build(q, k, kv_start, rho, k_min, tile, lambda qb, kb: _query_head_logits(qb, kb, sc), _prefill_unused,
+                  heads=q.shape[1])
+
+
+def max_logit_selection(q, k, rho, k_min, tile=32, kv_start=None, scale=None,
+                        keep_from: int | None = None) -> Selection:
+    """OmniKV's filter-layer selection (Hao et al., 2025; selector "last") in a decode step: one set for
+    all KV heads, the top k(n) keys by the maximum over query heads of q.k. Keys at cache positions
+    >= keep_from (the tokens generated after the prompt) are always in the set, within k(n) (the newest
+    first when they are more). Selection [B, Hkv, 1, Kmax], the same set in every head."""
+    _decode_only(q, "max_logit_selection")
+    if keep_from is not None and (isinstance(keep_from, bool) or not isinstance(keep_from, int) or keep_from < 0):
+        raise ValueError(f"keep_from: expected a cache position >= 0 or None, got {keep_from!r}")
+    sc = _scale(q, scale)
+    n_cache = k.shape[2]
+
+    def decode_scores(qb, kb):
+        best = _query_head_logits(qb, kb, sc).amax(1, keepdim=True)  # [b, 1, n]
+        if keep_from is None or keep_from >= n_cache:
+            return best
+        n = kb.shape[2]
+        keys = torch.arange(n, device=best.device)
+        generated = keys >= n - (n_cache - keep_from)  # kb starts at the group's first key
+        return torch.where(generated, FORCED + keys.to(best.dtype), best)
+
+    return _build(q, k, kv_start, rho, k_min, tile, decode_scores, _prefill_unused)

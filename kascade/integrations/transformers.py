@@ -210,14 +210,21 @@ class KascadeHandle:
 
 
 def enable(model, plan: Plan | None = None, *, strategy: Strategy | None = None, backend: str = "auto",
-           dense_anchor_output: bool = False) -> KascadeHandle:
-    """Switch `model` to Kascade attention with `plan` (or any `strategy`). See the module docstring."""
+           dense_anchor_output: bool = False, sparse_prefill: bool = True) -> KascadeHandle:
+    """Switch `model` to Kascade attention with `plan` (or any `strategy`). See the module docstring.
+
+    sparse_prefill=False (with plan=): decode-only mode, the prompt attends densely and decode steps
+    sparsely (kascade.strategy). A `strategy` carries its own mode (its constructor's sparse_prefill)."""
     if (plan is None) == (strategy is None):
         raise ValueError("enable: pass exactly one of plan= or strategy=")
     if plan is not None:
         if not isinstance(plan, Plan):
             raise ValueError(f"plan: expected a kascade.Plan (Plan.load(path)), got {type(plan).__name__}")
-        strategy = KascadeStrategy(plan, backend=backend, dense_anchor_output=dense_anchor_output)
+        strategy = KascadeStrategy(plan, backend=backend, dense_anchor_output=dense_anchor_output,
+                                   sparse_prefill=sparse_prefill)
+    elif sparse_prefill is not True:
+        raise ValueError(f"sparse_prefill: applies with plan=, got {sparse_prefill!r} with strategy=; build the "
+                         "strategy with sparse_prefill=False instead")
     _check_model(model)
     strategy.validate(model.config)
     _register()
