@@ -291,7 +291,7 @@ class LayerCopy:
                              f"this step needs {rows}, which cannot be allocated inside a CUDA graph capture; run "
                              "one decode step eagerly first (kascade.integrations.transformers.StaticGenerator does)")
         cap = rows if exact else max(rows, -(-int(rows * 1.25) // 256) * 256)
-        keys = torch.empty(b, s, cap, d, dtype=E4M3, device=k.device)
+        keys = torch.zeros(b, s, cap, d, dtype=E4M3, device=k.device)
         scales = torch.ones(b, s, cap, dtype=torch.float32, device=k.device)
         if self.keys is not None and self.keys.shape[0] == b:
             n = min(self.keys.shape[2], cap)
@@ -301,16 +301,17 @@ class LayerCopy:
             self.rows = 0
         self.keys, self.scales = keys, scales
 
-    def update(self, k: torch.Tensor, q_len: int, kv_len=None, capturing: bool = False):
+    def update(self, k: torch.Tensor, q_len: int, kv_len=None, capturing: bool = False, capacity: int | None = None):
         """Write the rows of k [B, Hkv, N, D] the step just wrote, then return the views ([B, S, N, D], [B, S, N]).
 
         kv_len None: the new rows are [N - q_len, N) (rows missing before them are written too); kv_len [B]
         (a decode step on a preallocated cache, q_len == 1): row kv_len[b] - 1 of each sequence, at device
-        positions (no host synchronisation)."""
+        positions (no host synchronisation). capacity: the cache's fixed length (a preallocated cache), which
+        the copy then takes at once; None grows it with the cache."""
         n = k.shape[2]
         if kv_len is None:
             start = max(0, n - q_len)
-            self._reserve(k, n, False, capturing)
+            self._reserve(k, max(n, capacity or 0), capacity is not None, capturing)
             lo = start if self.rows is None else min(start, self.rows)
             x8, sc = quantize(self._heads_of(k[:, :, lo:n]))
             self.keys[:, :, lo:n] = x8
@@ -319,7 +320,7 @@ class LayerCopy:
         else:
             if q_len != 1:
                 raise ValueError(f"kv_len: the copy writes rows at kv_len - 1 for decode steps only, got {q_len} queries")
-            self._reserve(k, n, True, capturing)
+            self._reserve(k, max(n, capacity or 0), True, capturing)
             b, hkv, _, d = k.shape
             pos = (torch.as_tensor(kv_len, device=k.device).long() - 1).clamp(min=0)  # [B]
             new = k.gather(2, pos.view(b, 1, 1, 1).expand(b, hkv, 1, d))  # [B, Hkv, 1, D]
@@ -343,13 +344,14 @@ class KeyCopies:
         """Bytes allocated by the copies (keys and scales of every layer)."""
         return sum(c.nbytes for c in self.layers.values())
 
-    def update(self, layer: int, heads, k: torch.Tensor, q_len: int, kv_len=None, capturing: bool = False):
+    def update(self, layer: int, heads, k: torch.Tensor, q_len: int, kv_len=None, capturing: bool = False,
+               capacity: int | None = None):
         """LayerCopy.update of layer `layer`, whose selecting heads are `heads` (fixed for the layer)."""
         heads = tuple(int(h) for h in heads)
         copy = self.layers.get(layer)
         if copy is None or copy.heads != heads:
             copy = self.layers[layer] = LayerCopy(heads)
-        return copy.update(k, q_len, kv_len, capturing)
+        return copy.update(k, q_len, kv_len, capturing, capacity)
 
 
 ATTR = "_kascade_key_copies"
@@ -358,6 +360,20 @@ ATTR = "_kascade_key_copies"
 def key_copies(cache) -> KeyCopies | None:
     """The KeyCopies attached to a transformers cache object by kascade.enable(..., select_keys='fp8'), or None."""
     return getattr(cache, ATTR, None) if cache is not None else None
+
+
+def max_length(cache, layer: int) -> int | None:
+    """The fixed length of a transformers cache's layer (a StaticCache's max_cache_len), None when it grows."""
+    for name in ("get_max_length", "get_max_cache_shape"):
+        fn = getattr(cache, name, None)
+        if fn is None:
+            continue
+        try:
+            n = fn(layer)
+        except TypeError:
+            n = fn()
+        return int(n) if n is not None and int(n) > 0 else None
+    return None
 
 
 def attach(cache) -> KeyCopies:
