@@ -61,7 +61,8 @@ class KascadeStrategy(Strategy):
     kv_len)` returning (keys [B, S, N, D], scales [B, S, N]) of the layer's selecting heads `heads`, set
     by an integration that keeps one with its cache) or, when None, is made from k at each call. Anchors
     then attend to their selection by gathering K and V rows (no stored logits), and a part-selecting
-    decode layer takes the assembled path (no one-pass part_anchor).
+    decode layer takes the assembled path (no one-pass part_anchor). Layer 0 of a decode step reads every
+    key for its dense output anyway, so it selects exactly from that pass (its copy is still written).
     """
 
     name = "kascade"
@@ -98,9 +99,11 @@ class KascadeStrategy(Strategy):
         if layer == 0:
             if not routing.used_by_later_layers(0):
                 return ops.dense(q, k, v, **kw)
-            if fp8:
+            if fp8 and q.shape[2] > 1:
                 self.state[0] = self._select_fp8(0, q, k, routing, kw)
                 return ops.dense(q, k, v, **kw)
+            if fp8 and self.key_copies is not None:  # the copy stays current; decode selects from the dense pass
+                self.key_copies.copy(0, routing.layer(0).own, k, q.shape[2], kw.get("kv_len"))
             if q.shape[2] == 1 and q.is_cuda:  # decode: selection and dense output in one pass over K
                 out, self.state[0] = self._anchor(q, k, v, True, kw)
                 return out

@@ -325,3 +325,93 @@ def test_paged_strategy_with_copies_equals_copies_made_per_layer(backend):
             c = per_layer.attend_decode(layer, *args, scale=0.2)
         assert torch.equal(a, c), layer
     assert copies.nbytes == sum(k.numel() + 4 * s.numel() for k, s in copies.layers.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# on a GPU (python -m pytest -m gpu tests/test_fp8_select.py): full size, CUDA graphs, FP8 tensor cores
+# ----------------------------------------------------------------------------------------------
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def overlap(got, want) -> float:
+    """Mean share of want's keys that got holds, over (sequence, head, tile) (float32 near-ties may swap)."""
+    assert torch.equal(got.counts.cpu(), want.counts.cpu())
+    shares = []
+    for b in range(want.counts.shape[0]):
+        for u in range(want.counts.shape[1]):
+            if int(want.counts[b, u]) == 0:
+                continue
+            for h in range(want.num_kv_heads):
+                w = set(want.sets(b, h, u).tolist())
+                shares.append(len(w & set(got.sets(b, h, u).tolist())) / len(w))
+    return sum(shares) / len(shares)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("B,S,G,N,D", [(1, 8, 4, 131072, 128), (2, 3, 3, 65536, 64)])
+def test_gpu_decode_full_size(B, S, G, N, D):
+    q, k = rand(B, S * G, 1, D, seed=30), rand(B, S, N, D, seed=31)
+    copy = F.quantize(k)
+    ln = torch.tensor([N - 1000 * b for b in range(B)], device=DEV)
+    for rerank in (None, 2.0):
+        got = KD.select_fp8(q, copy, 0.1, 128, 32, kv_len=ln, rerank=rerank, k=k)
+        want = F.select(q, *copy, 0.1, 128, 32, kv_len=ln, rerank=rerank, k=k)
+        assert overlap(got, want) >= 0.999, rerank
+    exact = R.select(q, k, 0.1, 128, 32, kv_len=ln)
+    assert overlap(KD.select_fp8(q, copy, 0.1, 128, 32, kv_len=ln, rerank=50.0, k=k), exact) >= 0.999
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_decode_select_fp8_in_a_cuda_graph():
+    """No host synchronisation: a captured select_fp8 (re-rank, a subset of heads, device lengths) replays
+    the eager result."""
+    q, k = rand(2, 2 * 4, 1, 128, seed=32), rand(2, 8, 32768, 128, seed=33)
+    heads = torch.tensor([1, 5], device=DEV)
+    copy = F.quantize(k.index_select(1, heads))
+    ln = torch.tensor([30000, 32768], device=DEV)
+    eager = KD.select_fp8(q, copy, 0.1, 128, 32, kv_len=ln, rerank=2.0, k=k, kv_heads=heads)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        KD.select_fp8(q, copy, 0.1, 128, 32, kv_len=ln, rerank=2.0, k=k, kv_heads=heads)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = KD.select_fp8(q, copy, 0.1, 128, 32, kv_len=ln, rerank=2.0, k=k, kv_heads=heads)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out.indices, eager.indices) and torch.equal(out.counts, eager.counts)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_prefill_full_size_native_and_upcast_fp8(monkeypatch):
+    """Prefill at 16K, 8B shape: FP8 tensor cores (sm_89+) and the widened path both match the reference."""
+    from kascade.kernels import prefill_fp8
+
+    q, k = rand(1, 32, 16384, 128, seed=34), rand(1, 8, 16384, 128, seed=35)
+    copy = F.quantize(k)
+    for rerank in (None, 2.0):
+        want = F.select(q, *copy, 0.1, 128, 32, rerank=rerank, k=k)
+        for mode in ("native", "upcast"):
+            monkeypatch.setenv("KASCADE_FP8_DOT", mode)
+            assert prefill_fp8.native_dot(q, 128) == (mode == "native" and torch.cuda.get_device_capability() >= (8, 9))
+            assert overlap(KP8.select_fp8(q, copy, 0.1, 128, 32, rerank=rerank, k=k), want) >= 0.99, (rerank, mode)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_static_generator_graph_with_fp8_copies():
+    """kascade.enable(select_keys="fp8") on a bf16 model: the decode step (copy writes included) captures in a
+    CUDA graph and replays the eager tokens."""
+    model = tiny_model("llama", seed=17, num_key_value_heads=2).to(device=DEV, dtype=BF16)
+    ids = torch.randint(0, 256, (2, 300), generator=torch.Generator().manual_seed(18)).to(DEV)
+    with torch.no_grad(), kascade.enable(model, _plan(model), select_keys="fp8", rerank=2.0):
+        eager = StaticGenerator(model, batch_size=2, max_cache_len=340, cuda_graph=False).generate(ids, max_new_tokens=8)
+        graph = StaticGenerator(model, batch_size=2, max_cache_len=340, cuda_graph=True)
+        got = graph.generate(ids, max_new_tokens=8)
+        assert F.key_copies(graph.cache).nbytes > 0
+    assert got.tolist() == eager.tolist()
