@@ -19,8 +19,9 @@ continues it greedily, and the continuation is scored (`kascade.eval.tasks.score
 of the example's dataset, with LongBench's generation lengths (capped by --max-new-tokens).
 
 Strategies: all of `kascade.eval.strategies.STRATEGIES` by default but the measured mechanisms
-(`MECHANISMS`: kascade-dense-anchors, kascade-sinks, run when named), kascade-paper only when --paper-plan
-gives the plan of the paper's recipe (its hash joins the run's identity, like --plan's).
+(`MECHANISMS`: kascade-dense-anchors, kascade-sinks, kascade-fp8, kascade-fp8-rerank2, run when named),
+kascade-paper only when --paper-plan gives the plan of the paper's recipe (its hash joins the run's identity,
+like --plan's).
 
 Batches (--batch N; default 16 on CUDA, 1 on the CPU): the samples of one (task, length, budget,
 strategy) cell run together, one prefill and one decode step per token for the batch
@@ -73,8 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--paper-plan", default=None, metavar="FILE",
                         help="plan of the paper's recipe (`kascade calibrate --recipe paper`), needed by kascade-paper")
     parser.add_argument("--strategies", default=None,
-                        help="comma-separated, from: " + ", ".join(STRATEGIES) + " (default all but kascade-dense-anchors "
-                        "and kascade-sinks, kascade-paper only with --paper-plan; dense always runs)")
+                        help="comma-separated, from: " + ", ".join(STRATEGIES) + " (default all but kascade-dense-anchors, "
+                        "kascade-sinks and kascade-fp8*, kascade-paper only with --paper-plan; dense always runs)")
     parser.add_argument("--samples", type=int, default=10, help="samples per task and length (default 10)")
     parser.add_argument("--batch", type=int, default=None,
                         help="samples of one cell run together (default 16 on CUDA, 1 on the CPU)")

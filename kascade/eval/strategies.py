@@ -32,6 +32,9 @@ Strategies (`STRATEGIES`):
     kascade-sinks     the plan, every selected set keeping the first 4 keys (attention sinks) and the 64
                       keys just before the query or tile (a local window) within the same budget
                       (`selectors.head_selection`, in PyTorch: a measurement, not a kernel path)
+    kascade-fp8       the plan, every selection scored from an FP8 copy of the keys (kascade.fp8keys;
+                      `kascade.enable(..., select_keys="fp8")`)
+    kascade-fp8-rerank2  the same with the 2 k FP8 candidates re-ranked with the exact keys (rerank=2.0)
     uniform           as many anchors as the plan's selecting-layer equivalents, evenly spaced
                       (plan.uniform_anchors), identity map
     streamingllm      the first 4 keys (attention sinks) and the most recent ones, k(n) in all
@@ -62,10 +65,12 @@ from kascade.plan import Plan, model_fingerprint, uniform_anchors
 from kascade.strategy import KascadeStrategy, Strategy
 
 STRATEGIES = ("dense", "oracle", "kascade", "kascade-paper", "kascade-agnostic", "kascade-no-remap",
-              "kascade-dense-anchors", "kascade-sinks", "uniform", "streamingllm", "quest", "omnikv")
-NEEDS_PLAN = ("kascade", "kascade-agnostic", "kascade-no-remap", "kascade-dense-anchors", "kascade-sinks", "uniform",
-              "omnikv")
-MECHANISMS = ("kascade-dense-anchors", "kascade-sinks")  # measured variants of the plan: run when named
+              "kascade-dense-anchors", "kascade-sinks", "kascade-fp8", "kascade-fp8-rerank2", "uniform", "streamingllm",
+              "quest", "omnikv")
+NEEDS_PLAN = ("kascade", "kascade-agnostic", "kascade-no-remap", "kascade-dense-anchors", "kascade-sinks", "kascade-fp8",
+              "kascade-fp8-rerank2", "uniform", "omnikv")
+# measured variants of the plan: run when named
+MECHANISMS = ("kascade-dense-anchors", "kascade-sinks", "kascade-fp8", "kascade-fp8-rerank2")
 SINKS = 4
 LOCAL_WINDOW = 64
 QUEST_PAGE = 16
@@ -93,8 +98,8 @@ class DenseStrategy(_Recording, Strategy):
 class PlanStrategy(_Recording, KascadeStrategy):
     """Kascade with a given plan (kascade, kascade-no-remap, uniform, oracle)."""
 
-    def __init__(self, name: str, plan: Plan, backend: str = "auto", dense_anchor_output: bool = False):
-        super().__init__(plan, backend=backend, dense_anchor_output=dense_anchor_output)
+    def __init__(self, name: str, plan: Plan, backend: str = "auto", dense_anchor_output: bool = False, **keys):
+        super().__init__(plan, backend=backend, dense_anchor_output=dense_anchor_output, **keys)
         self.name = name
 
     def attend(self, layer, q, k, v, kv_start, scale):
@@ -261,6 +266,8 @@ def make_strategy(name: str, plan: Plan | None, model_config, rho: float, k_min:
         return PlanStrategy(name, budgeted, backend, dense_anchor_output=True)
     if name == "kascade-sinks":
         return ForcedKeysStrategy(name, budgeted, backend=backend)
+    if name in ("kascade-fp8", "kascade-fp8-rerank2"):
+        return PlanStrategy(name, budgeted, backend, select_keys="fp8", rerank=2.0 if name.endswith("rerank2") else None)
     if name == "uniform":  # as many evenly spaced anchors as the plan's selecting-layer equivalents
         count = max(1, min(num_layers, round(plan.selecting_layers_equivalent)))
         anchors = uniform_anchors(num_layers, count)
