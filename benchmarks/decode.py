@@ -457,8 +457,11 @@ def markdown(meta, results):
 
             def rat(n):
                 x = r.get(n, {})
-                return "—" if "ms" not in x else f"{x['ms'] * 1e3:.1f} ({x['ms'] / fa:.3f}x)" if fa else f"{x['ms'] * 1e3:.1f}"
-            rec = ", ".join(f"{k_[:-len('_recall_vs_exact')]} {v:.4f}" for k_, v in r.items() if k_.endswith("recall_vs_exact"))
+                if "ms" not in x:
+                    return "—"
+                return f"{x['ms'] * 1e3:.1f} ({x['ms'] / fa:.3f}x)" if fa else f"{x['ms'] * 1e3:.1f}"
+            rec = ", ".join(f"{k_[:-len('_recall_vs_exact')]} {v:.4f}" for k_, v in r.items()
+                            if k_.endswith("recall_vs_exact"))
             L.append(f"| {r['B']} | {r['N'] // 1024}K | {cell(r, 'fa3')} | {rat('ours_anchor_sparse')} | "
                      f"{rat('ours_select_fp8')} | " + " | ".join(rat(n) for n in names) + f" | {rec} |")
     L += ["", "## Whole model: 32 layers, anchors [0, 2, 8, 13, 14], one CUDA graph (ms)", "",
@@ -472,8 +475,8 @@ def markdown(meta, results):
         if not results.get(name):
             continue
         if name != "whole_model":
-            what = "" if "fp8" not in name else (", anchors selecting from an FP8 copy of their keys"
-                                                 + (f" (re-rank {name.split('rerank')[1]})" if "rerank" in name else ""))
+            what = "" if "fp8" not in name else ", anchors selecting from an FP8 copy of their keys"
+            what += f" (re-rank {name.split('rerank')[1]})" if "rerank" in name else ""
             L += ["", f"## Whole model with {len(anchors)} selecting layers of 32: anchors {list(anchors)}{what}, "
                   "one CUDA graph (ms), against the FA3 graph above", "",
                   "| B | N | ours | 32 x FA3 (graph) | speedup vs FA3 | vs 32 x best dense | layer 0 | distinct KV caches |",

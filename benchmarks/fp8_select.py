@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from kascade import fp8keys, ops, reference  # noqa: E402
+from kascade import fp8keys, ops  # noqa: E402
 from kascade.budget import budget  # noqa: E402
 from kascade.strategy import Strategy  # noqa: E402
 
@@ -313,7 +313,8 @@ def main(argv=None):
                 device=(f"CPU, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
                         if dev.type == "cpu" else torch.cuda.get_device_name()),
                 device_label="CPU" if dev.type == "cpu" else name.upper(),
-                versions=f"torch {torch.__version__}, triton {triton.__version__}, transformers {transformers.__version__}",
+                versions=(f"torch {torch.__version__}, triton {triton.__version__}, "
+                          f"transformers {transformers.__version__}"),
                 command="benchmarks/fp8_select.py " + " ".join(sys.argv[1:] if argv is None else argv),
                 rho=args.rho, k_min=args.k_min, tile=args.tile, reranks=[_name(r) for r in reranks])
     sources = {}

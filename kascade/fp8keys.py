@@ -319,7 +319,8 @@ class LayerCopy:
             self.rows = n
         else:
             if q_len != 1:
-                raise ValueError(f"kv_len: the copy writes rows at kv_len - 1 for decode steps only, got {q_len} queries")
+                raise ValueError(f"kv_len: the copy writes rows at kv_len - 1 for decode steps only, got {q_len} "
+                                 "queries")
             self._reserve(k, max(n, capacity or 0), True, capturing)
             b, hkv, _, d = k.shape
             pos = (torch.as_tensor(kv_len, device=k.device).long() - 1).clamp(min=0)  # [B]

@@ -261,15 +261,16 @@ def paged_select_fp8(q, key_cache, block_table, seq_lens, query_start_loc, key_c
     fp8keys.check_copy(k8, ks)
     s = k8.shape[2]
     if k8.shape[:2] != key_cache.shape[:2] or s != (hkv if every else len(heads)) or q.shape[1] % s:
-        raise ValueError(f"key_copy: expected keys of {tuple(key_cache.shape[:2])} pages and {hkv if every else len(heads)} "
-                         f"heads whose query heads q {tuple(q.shape)} holds, got {tuple(k8.shape)}")
+        want = hkv if every else len(heads)
+        raise ValueError(f"key_copy: expected keys of {tuple(key_cache.shape[:2])} pages and {want} heads whose query "
+                         f"heads q {tuple(q.shape)} holds, got {tuple(k8.shape)}")
     kv_heads = None if every else list(heads)
     sc = _scale(q, scale)
     lens, qsl = check_paged_inputs(q, key_cache, None, block_table, seq_lens, query_start_loc, host_lens,
                                    num_kv_heads=s)
     if use_kernels(q, backend):
-        per_req = paged_kernels.select_fp8(q, key_cache, (k8, ks), block_table, seq_lens, lens, qsl, rho, k_min, tile, sc,
-                                           rerank, kv_heads)
+        per_req = paged_kernels.select_fp8(q, key_cache, (k8, ks), block_table, seq_lens, lens, qsl, rho, k_min, tile,
+                                           sc, rerank, kv_heads)
         return _stack(per_req, seq_lens.shape[0], s, tile, q.device)
     per_req = {}
     for r, n in enumerate(lens):

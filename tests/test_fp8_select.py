@@ -211,7 +211,8 @@ def test_paged_kernels_match_reference():
         cache = PagedKV(kc, None, bt[:1].contiguous(), lens[:1])
         got = KD.select_fp8_paged(q1, cache, copy, 0.1, 16, 32, rerank=rerank, kv_heads=[0, 2])
         k_ref = ks_[0].to(DEV)
-        same_sets(got, F.select(q1, *F.quantize(k_ref[:, [0, 2]]), 0.1, 16, 32, rerank=rerank, k=k_ref, kv_heads=[0, 2]))
+        want = F.select(q1, *F.quantize(k_ref[:, [0, 2]]), 0.1, 16, 32, rerank=rerank, k=k_ref, kv_heads=[0, 2])
+        same_sets(got, want)
         q2 = qs[1][:, [0, 1, 4, 5]].to(DEV)
         cache = PagedKV(kc, None, bt[1:].contiguous(), lens[1:])
         k_ref = ks_[1].to(DEV)
@@ -410,7 +411,8 @@ def test_gpu_static_generator_graph_with_fp8_copies():
     model = tiny_model("llama", seed=17, num_key_value_heads=2).to(device=DEV, dtype=BF16)
     ids = torch.randint(0, 256, (2, 300), generator=torch.Generator().manual_seed(18)).to(DEV)
     with torch.no_grad(), kascade.enable(model, _plan(model), select_keys="fp8", rerank=2.0):
-        eager = StaticGenerator(model, batch_size=2, max_cache_len=340, cuda_graph=False).generate(ids, max_new_tokens=8)
+        eager = StaticGenerator(model, batch_size=2, max_cache_len=340, cuda_graph=False)
+        eager = eager.generate(ids, max_new_tokens=8)
         graph = StaticGenerator(model, batch_size=2, max_cache_len=340, cuda_graph=True)
         got = graph.generate(ids, max_new_tokens=8)
         assert F.key_copies(graph.cache).nbytes > 0

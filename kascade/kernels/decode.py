@@ -30,6 +30,12 @@ Reuse layer (sparse_attention): _decode_sparse_kernel gathers the K and V rows o
 anchor head's indices, split over S2 programs per (sequence, KV head), then the combine.
 Dense layer (dense_attention): step 1 with the flash-decoding output only (no logits kept), then the
 combine: dense decode over [kv_start, kv_len) that needs no mask tensor and captures in a graph.
+Selection from an FP8 copy of the keys (select_fp8, select_fp8_paged; kascade.fp8keys): step 1 reads the
+e4m3 rows and their per-token scales instead of K (half the bytes), steps 2-3 as above; with a re-rank,
+step 3 keeps c k candidates, _rerank_logits_kernel computes their exact logits from K (split over the
+candidates) and _rerank_select_kernel, one program per row, their exact pooled scores and the radix select
+of the k(n) kept (kascade.kernels.prefill_topk's). The anchor's output then gathers K and V rows
+(sparse_attention) instead of reading stored logits.
 
 Splits are sized from the number of SMs and the batch only: no recompilation per sequence length
 (lengths, budgets and counts are runtime values) and no host synchronisation in the hot path, so
@@ -922,8 +928,8 @@ def _check_fp8_args(q, key_copy, rerank, k, kv_heads, copy_shape=None):
                          f"{tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}")
     s = k8.shape[2] if copy_shape == "paged" else k8.shape[1]
     if q.shape[1] % s or q.shape[-1] != k8.shape[-1] or q.device != k8.device:
-        raise ValueError(f"key_copy: expected {q.shape[1]} query heads to be a multiple of the copy's KV heads and head "
-                         f"dim {q.shape[-1]} on {q.device}, got keys of shape {tuple(k8.shape)} on {k8.device}")
+        raise ValueError(f"key_copy: expected {q.shape[1]} query heads to be a multiple of the copy's KV heads and "
+                         f"head dim {q.shape[-1]} on {q.device}, got keys of shape {tuple(k8.shape)} on {k8.device}")
     if rerank is None:
         return k8, ks, None
     if k is None:
