@@ -121,8 +121,11 @@ def select_fp8(q, k, key_copy, rho, k_min, tile, kv_start=None, scale=None, back
     """Top-k selection scored from an FP8 copy of the keys (see kascade.fp8keys.select): q [B, S * G, Q, D]
     the query heads of the copy's S KV heads, k [B, Hkv, N, D] the exact keys (read at the candidates by a
     re-rank; KV head kv_heads[h] for copy head h, default h), key_copy (keys [B, S, N, D] float8_e4m3fn,
-    scales [B, S, N] float32)."""
+    scales [B, S, N] float32). The kernels need e4m3 support (CUDA compute capability 8.9 and newer, or the
+    interpreter): elsewhere "auto" takes the reference."""
     mod = _use_triton(q, backend, _mode(q))
+    if mod is not None and backend == "auto" and q.is_cuda and torch.cuda.get_device_capability(q.device) < (8, 9):
+        mod = None
     if mod is not None:
         if q.shape[2] == 1:
             return mod.select_fp8(q, key_copy, rho=rho, k_min=k_min, tile=tile, kv_start=kv_start, scale=scale,
