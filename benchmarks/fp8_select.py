@@ -25,8 +25,9 @@ tests/test_fp8_select.py); with --device cuda they are the Triton kernels' (kasc
 Prefill statistics are taken on --prefill-tiles selecting tiles spread evenly over the prompt, each selected as
 the chunk of its own queries on top of the keys before it (which selects what the whole prompt's selection
 selects for that tile).
-Writes OUT.json and OUT.md (default benchmarks/results/fp8_select_<device>); `--report IN.json OUT_STEM`
-rewrites the markdown from a JSON.
+Writes OUT.json (per source, mode and selection: mean, 10th percentile, minimum and count of each
+statistic; per layer for SmolLM2) and OUT.md (default benchmarks/results/fp8_select_<device>);
+`--report IN.json OUT_STEM` rewrites them from a JSON.
 """
 
 from __future__ import annotations
@@ -136,9 +137,21 @@ def _name(rr) -> str:
     return "fp8" if rr is None else f"fp8+rerank{rr:g}"
 
 
-def summary(values: list) -> dict:
+def summary(values) -> dict:
+    """mean, 10th percentile, minimum and count of a list of values (a summary is returned as it is)."""
+    if isinstance(values, dict):
+        return values
     t = torch.tensor(values, dtype=torch.float64)
-    return dict(mean=float(t.mean()), p10=float(torch.quantile(t, 0.1)), min=float(t.min()), n=len(values))
+    return dict(mean=round(float(t.mean()), 6), p10=round(float(torch.quantile(t, 0.1)), 6),
+                min=round(float(t.min()), 6), n=len(values))
+
+
+def summarized(data: dict) -> dict:
+    """The results with every list of per-sample values replaced by its summary (what the JSON keeps)."""
+    for d in data["sources"].values():
+        for mode in ("decode", "prefill"):
+            d[mode]["stats"] = {name: {key: summary(v) for key, v in st.items()} for name, st in d[mode]["stats"].items()}
+    return data
 
 
 def _merge(into: dict, part: dict) -> None:
@@ -235,6 +248,7 @@ def smollm2_source(args, reranks, dev) -> dict:
 
 
 def write_report(data: dict, stem: Path) -> None:
+    data = summarized(data)
     meta = data["meta"]
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
