@@ -16,8 +16,18 @@ when they do not all fit in memory; each cache is far larger than L2). Beside it
 10 selecting layers of 32 (anchors ANCHORS_10, what an accurate plan may need), against the same FA3
 graph. The kernels' programmatic-dependent-launch mode is KASCADE_DECODE_PDL (default exit).
 
+--fp8 adds selection from an FP8 copy of the keys (kascade.fp8keys; the copy is made before timing, as a
+cache keeps it): per layer `ours_select_fp8` and `ours_anchor_fp8` (FP8 selection, then attention over the
+selected keys gathering K and V), with --rerank C also `ours_anchor_fp8_rerankC`; whole model
+`whole_model_fp8` / `whole_model_10_fp8` (and `_rerankC`): the same graphs with the anchors selecting from
+their copies (layer 0 as in the exact run: its selection comes from its dense pass), against the FA3 graph
+of the same size. --merge-into FILE replaces the measured sizes' rows of an existing results JSON (the
+baselines re-measured in this run) and keeps its other sizes.
+
     python benchmarks/decode.py                 # tests nothing; sweeps configs, then measures:
                                                 # writes results/decode_<gpu>.json and .md (e.g. decode_h200)
+    python benchmarks/decode.py --no-sweep --no-flex --sizes 1x131072,8x131072 --fp8 --rerank 2 \
+        --merge-into benchmarks/results/decode_h200.json          # the FP8 rows at 128K, B = 1 and 8
     python benchmarks/decode.py --plot FILE     # PNG of the speedups from a results JSON (FILE .png beside it)
 """
 
@@ -195,7 +205,9 @@ def kernel_profile(fn, steps=10):
     return dict(sorted(rows.items(), key=lambda kv: -kv[1]))
 
 
-def per_layer(K, B, N, fa3, flex_ok):
+def per_layer(K, B, N, fa3, flex_ok, fp8=None):
+    """fp8: None, or the re-rank factors (a list, None for plain FP8) of the FP8 rows to add."""
+    from kascade import fp8keys
     from kascade.budget import budget
 
     g = torch.Generator(device="cuda").manual_seed(N + B)
@@ -221,6 +233,22 @@ def per_layer(K, B, N, fa3, flex_ok):
         "ours_anchor_dense": lambda: K.anchor(q, k, v, RHO, K_MIN, 32, dense_output=True),
         "ours_reuse": lambda: K.sparse_attention(q, k, v, sel, head_map=hm),
     })
+    copy = None
+    if fp8 is not None:
+        copy = fp8keys.quantize(k)  # kept beside the cache: made before timing
+        sel8 = K.select_fp8(q, copy, RHO, K_MIN, 32)
+        res["fp8_recall_vs_exact"] = _recall(sel8, sel, B)
+        provs["ours_select_fp8"] = lambda: K.select_fp8(q, copy, RHO, K_MIN, 32)
+        need["select_fp8"] = B * HKV * N * (D + 4)
+        for rr in fp8:
+            name = "ours_anchor_fp8" + ("" if rr is None else f"_rerank{rr:g}")
+            provs[name] = (lambda rr=rr: K.sparse_attention(q, k, v, K.select_fp8(q, copy, RHO, K_MIN, 32, rerank=rr,
+                                                                                      k=k)))
+            need[name[5:]] = need["select_fp8"] + 2 * B * HKV * kk * D * 2 + (0 if rr is None else
+                                                                             int(rr * kk) * B * HKV * D * 2)
+            if rr is not None:
+                res[f"fp8_rerank{rr:g}_recall_vs_exact"] = _recall(
+                    K.select_fp8(q, copy, RHO, K_MIN, 32, rerank=rr, k=k), sel, B)
     if flex_ok[0] and N in FLEX_SIZES:
         t0 = time.time()
         try:
@@ -246,7 +274,8 @@ def per_layer(K, B, N, fa3, flex_ok):
             log(f"  {name}: failed {repr(e)[:300]}")
             continue
         kind = ("select" if name == "ours_select" else "anchor_sparse" if name == "ours_anchor_sparse" else
-                "anchor_dense" if name == "ours_anchor_dense" else "reuse" if name == "ours_reuse" else "dense")
+                "anchor_dense" if name == "ours_anchor_dense" else "reuse" if name == "ours_reuse" else
+                name[5:] if name[5:] in need else "dense")
         r["bytes"] = need[kind]
         r["TBps"] = need[kind] / (r["ms"] * 1e-3) / 1e12
         res[name] = r
@@ -274,6 +303,10 @@ def per_layer(K, B, N, fa3, flex_ok):
         for s in saved:
             K.CONFIG[s].clear()
             K.CONFIG[s].update(saved[s])
+        if copy is not None:
+            res["profile_anchor_fp8"] = kernel_profile(
+                lambda: K.sparse_attention(q, k, v, K.select_fp8(q, copy, RHO, K_MIN, 32)))
+            log("  profile anchor fp8:", res["profile_anchor_fp8"])
         log("  profile anchor:", res["profile_anchor_sparse"])
         log("  profile anchor, prefetch off:", res["profile_anchor_sparse_no_prefetch"])
         log("  profile reuse:", res["profile_reuse"])
@@ -281,19 +314,39 @@ def per_layer(K, B, N, fa3, flex_ok):
     return res
 
 
-def whole_model(K, B, N, fa3, layer_res, hq=HQ, hkv=HKV, d=D, layers=LAYERS, anchors=ANCHORS):
+def _recall(got, want, B):
+    """Mean share of the exact selection's keys that `got` holds (decode selections of B sequences)."""
+    kk = want.counts[:, 0].long()
+    total = 0.0
+    for b in range(B):
+        n = int(kk[b])
+        a = got.indices[b, :, 0, :n].long()
+        e = want.indices[b, :, 0, :n].long()
+        hit = torch.zeros(e.shape[0], int(max(a.max(), e.max())) + 1, dtype=torch.bool, device=e.device)
+        hit.scatter_(1, e, True)
+        total += hit.gather(1, a).float().mean().item()
+    return total / B
+
+
+def whole_model(K, B, N, fa3, layer_res, hq=HQ, hkv=HKV, d=D, layers=LAYERS, anchors=ANCHORS, fp8=False,
+                rerank=None):
     """One decode step of a whole model's attention (layers of [hq, hkv, d]) as ONE CUDA graph, against
     `layers` x FA3 likewise. layer_res: per_layer()'s dict at (B, N) (best dense kernel, FA3 variant,
     ours_select, ours_anchor_dense), which picks layer 0's kernels and FA3's setting. Shared with
-    benchmarks/decode_shapes.py."""
+    benchmarks/decode_shapes.py. fp8: anchors other than 0 select from an FP8 copy of their keys (made
+    before the capture, as a cache keeps it; rerank c: re-rank) and attend by gathering K and V."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     import torch.nn.functional as F
 
     HQ, HKV, D, LAYERS, ANCHORS = hq, hkv, d, layers, tuple(anchors)  # noqa: N806 (the module's names)
-    per_layer_bytes = 2 * B * HKV * N * D * 2
+    per_layer_bytes = 2 * B * HKV * N * D * 2 + (B * HKV * N * (D + 4) if fp8 else 0)
     nbuf = int(max(2, min(LAYERS, KV_BUDGET_BYTES // per_layer_bytes)))
     caches = [(torch.randn(B, HKV, N, D, device="cuda", dtype=DT), torch.randn(B, HKV, N, D, device="cuda", dtype=DT))
               for _ in range(nbuf)]
+    if fp8:
+        from kascade import fp8keys
+
+        copies = [fp8keys.quantize(kc) for kc, _ in caches]
     qs = [torch.randn(B, HQ, 1, D, device="cuda", dtype=DT) for _ in range(LAYERS)]
     hms = [torch.randint(0, HKV, (HKV,), device="cuda") for _ in range(LAYERS)]
     # layer 0: the faster of (best dense kernel + select) and our one-pass anchor with dense output
@@ -321,6 +374,9 @@ def whole_model(K, B, N, fa3, layer_res, hq=HQ, hkv=HKV, d=D, layers=LAYERS, anc
                 else:
                     dense0(q, kc, vc)
                     sel = K.select(q, kc, RHO, K_MIN, 32)
+            elif layer in ANCHORS and fp8:
+                sel = K.select_fp8(q, copies[layer % nbuf], RHO, K_MIN, 32, rerank=rerank, k=kc)
+                K.sparse_attention(q, kc, vc, sel)
             elif layer in ANCHORS:
                 _, sel = K.anchor(q, kc, vc, RHO, K_MIN, 32)
             else:
@@ -339,7 +395,9 @@ def whole_model(K, B, N, fa3, layer_res, hq=HQ, hkv=HKV, d=D, layers=LAYERS, anc
                                         cache_seqlens=seqlens, num_splits=ns, pack_gqa=pg)
 
     res = dict(distinct_caches=nbuf, layer0="ours_anchor_dense" if use_fused0 else f"{bd} + ours_select",
-               fa3_variant=fa3_var)
+               fa3_variant=fa3_var, anchors=list(ANCHORS))
+    if fp8:
+        res["fp8"] = dict(rerank=rerank)
     res["ours"] = bench(ours, rep=100)
     if fa3 is not None:
         res["fa3"] = bench(fa3_model, rep=100)
@@ -350,6 +408,8 @@ def whole_model(K, B, N, fa3, layer_res, hq=HQ, hkv=HKV, d=D, layers=LAYERS, anc
     log(f"  whole model: ours {res['ours']['ms']:.3f} ms, fa3 x{LAYERS} {res.get('fa3', {}).get('ms', float('nan')):.3f} ms,"
         f" speedup {res.get('speedup_vs_fa3', float('nan')):.2f}x (caches {nbuf}, layer 0: {res['layer0']})")
     del caches
+    if fp8:
+        del copies
     return res
 
 
@@ -362,7 +422,11 @@ def markdown(meta, results):
     L = [f"# Decode attention, {meta['device']}", "",
          f"{meta['date']}; torch {meta['torch']}, triton {meta['triton']}; bf16, {HQ} q / {HKV} KV heads, D {D}, "
          f"rho {RHO}, k_min {K_MIN}. CUDA-graph replay medians [p20, p80] of triton.testing.do_bench (L2 flushed). "
-         f"Launch settings: `{json.dumps(meta['config'])}`.", "",
+         f"Launch settings: `{json.dumps(meta['config'])}`."]
+    for run in meta.get("merged_runs", []):
+        L[-1] += (f" Rows of sizes {run.get('sizes')} re-measured on {run.get('date')} ({run.get('device')}, triton "
+                  f"{run.get('triton')}), with FP8 selection {run.get('fp8')}, baselines in the same run.")
+    L += ["",
          "## Per layer (us) and effective bandwidth (bytes the step must read / time)", "",
          "| B | N | FA3 | cuDNN | flash | Flex | best dense | ours select | ours anchor (sparse out) | "
          "ours anchor (dense out) | ours reuse | reuse / best dense | anchor / FA3 |",
@@ -382,15 +446,38 @@ def markdown(meta, results):
         L.append(f"| {B} | {N // 1024}K | {cell(r, 'fa3')} | {cell(r, 'sdpa_cudnn')} | {cell(r, 'sdpa_flash')} | "
                  f"{cell(r, 'flex')} | {bd} | {cell(r, 'ours_select')} | {cell(r, 'ours_anchor_sparse')} | "
                  f"{cell(r, 'ours_anchor_dense')} | {cell(r, 'ours_reuse')} | {rr:.3f} | {ra:.3f} |")
+    fp8_rows = [(key, r) for key, r in results["per_layer"].items() if "ours_anchor_fp8" in r]
+    if fp8_rows:
+        names = sorted({n for _, r in fp8_rows for n in r if n.startswith("ours_anchor_fp8")})
+        L += ["", "## Per layer, selection from an FP8 copy of the keys (us; ratio to FA3 of the same run)", "",
+              "| B | N | FA3 | ours anchor (exact) | ours select fp8 | " + " | ".join(names) + " | recall vs exact |",
+              "|---|---|---|---|---|" + "---|" * len(names) + "---|"]
+        for key, r in fp8_rows:
+            fa = r.get("fa3", {}).get("ms")
+
+            def rat(n):
+                x = r.get(n, {})
+                if "ms" not in x:
+                    return "—"
+                return f"{x['ms'] * 1e3:.1f} ({x['ms'] / fa:.3f}x)" if fa else f"{x['ms'] * 1e3:.1f}"
+            rec = ", ".join(f"{k_[:-len('_recall_vs_exact')]} {v:.4f}" for k_, v in r.items()
+                            if k_.endswith("recall_vs_exact"))
+            L.append(f"| {r['B']} | {r['N'] // 1024}K | {cell(r, 'fa3')} | {rat('ours_anchor_sparse')} | "
+                     f"{rat('ours_select_fp8')} | " + " | ".join(rat(n) for n in names) + f" | {rec} |")
     L += ["", "## Whole model: 32 layers, anchors [0, 2, 8, 13, 14], one CUDA graph (ms)", "",
           "| B | N | ours | 32 x FA3 (graph) | speedup vs FA3 | vs 32 x best dense | layer 0 | distinct KV caches |",
           "|---|---|---|---|---|---|---|---|"]
     tables = [("whole_model", ANCHORS), ("whole_model_10", ANCHORS_10)]
+    tables += [(name, ANCHORS_10 if name.startswith("whole_model_10") else ANCHORS)
+               for name in sorted(results, key=lambda x: (x.startswith("whole_model_10"), x))
+               if name.startswith("whole_model") and "fp8" in name]
     for name, anchors in tables:
         if not results.get(name):
             continue
         if name != "whole_model":
-            L += ["", f"## Whole model with {len(anchors)} selecting layers of 32: anchors {list(anchors)}, "
+            what = "" if "fp8" not in name else ", anchors selecting from an FP8 copy of their keys"
+            what += f" (re-rank {name.split('rerank')[1]})" if "rerank" in name else ""
+            L += ["", f"## Whole model with {len(anchors)} selecting layers of 32: anchors {list(anchors)}{what}, "
                   "one CUDA graph (ms), against the FA3 graph above", "",
                   "| B | N | ours | 32 x FA3 (graph) | speedup vs FA3 | vs 32 x best dense | layer 0 | distinct KV caches |",
                   "|---|---|---|---|---|---|---|---|"]
@@ -453,6 +540,10 @@ def main():
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--sizes", default=None, help="e.g. 1x8192,8x131072")
     ap.add_argument("--tag", default=None, help="result file suffix (default: the GPU's short name, e.g. h200)")
+    ap.add_argument("--fp8", action="store_true", help="add selection from an FP8 copy of the keys (module docstring)")
+    ap.add_argument("--rerank", default="", help="with --fp8: comma-separated re-rank factors measured too, e.g. 2")
+    ap.add_argument("--merge-into", default=None, help="existing results JSON whose rows of the measured sizes this "
+                    "run replaces (other sizes kept); written back to the same file")
     args = ap.parse_args()
     if args.plot:
         plot(args.plot, args.plot.replace(".json", ".png"))
@@ -470,6 +561,12 @@ def main():
     results = dict(meta=meta, sweep=[], per_layer={}, whole_model={}, whole_model_10={})
     tag = args.tag or torch.cuda.get_device_name().split()[-1].lower()
     path = os.path.join(args.out, f"decode_{tag}.json")
+    fp8 = [None] + [float(x) for x in args.rerank.split(",") if x] if args.fp8 else None
+    if args.merge_into:
+        path = args.merge_into
+        results = json.load(open(path))
+        results["meta"].setdefault("merged_runs", []).append(dict(meta, sizes=args.sizes, fp8=fp8))
+        meta = results["meta"]
 
     def save():
         meta["config"] = K.CONFIG
@@ -488,7 +585,7 @@ def main():
     flex_ok = [not args.no_flex]
     for B, N in sizes:
         log(f"B={B} N={N}")
-        r = per_layer(K, B, N, fa3, flex_ok)
+        r = per_layer(K, B, N, fa3, flex_ok, fp8)
         r.update(B=B, N=N)
         results["per_layer"][f"{B}x{N}"] = r
         save()
@@ -497,18 +594,26 @@ def main():
             w = whole_model(K, B, N, fa3, r)
             w.update(B=B, N=N)
             results["whole_model"][f"{B}x{N}"] = w
-            w10 = whole_model(K, B, N, None, r, anchors=ANCHORS_10)  # against the FA3 graph just measured
-            w10.update(B=B, N=N, anchors=list(ANCHORS_10))
-            if "ms" in w.get("fa3", {}):
-                w10["fa3"] = w["fa3"]
-                w10["speedup_vs_fa3"] = w["fa3"]["ms"] / w10["ours"]["ms"]
-            results["whole_model_10"][f"{B}x{N}"] = w10
+            variants = [("whole_model_10", ANCHORS_10, False, None)]
+            for rr in fp8 or []:
+                sfx = "_fp8" + ("" if rr is None else f"_rerank{rr:g}")
+                variants += [("whole_model" + sfx, ANCHORS, True, rr), ("whole_model_10" + sfx, ANCHORS_10, True, rr)]
+            for name, anchors, use8, rr in variants:  # against the FA3 graph just measured
+                wv = whole_model(K, B, N, None, r, anchors=anchors, fp8=use8, rerank=rr)
+                wv.update(B=B, N=N, anchors=list(anchors))
+                if "ms" in w.get("fa3", {}):
+                    wv["fa3"] = w["fa3"]
+                    wv["speedup_vs_fa3"] = w["fa3"]["ms"] / wv["ours"]["ms"]
+                results.setdefault(name, {})[f"{B}x{N}"] = wv
+                log(f"  {name}: ours {wv['ours']['ms']:.3f} ms, {wv.get('speedup_vs_fa3', float('nan')):.2f}x FA3")
+                save()
         except Exception as e:  # noqa: BLE001
             log("  whole model failed:", repr(e)[:300])
         save()
         torch.cuda.empty_cache()
     md = markdown(meta, results)
-    open(os.path.join(args.out, f"decode_{tag}.md"), "w").write(md)
+    md_path = path[:-len(".json")] + ".md" if args.merge_into else os.path.join(args.out, f"decode_{tag}.md")
+    open(md_path, "w").write(md)
     log(md)
 
 

@@ -16,6 +16,14 @@ Beside it the same sum with 10 selecting layers of 32 (layer 0 on FA3, 9 anchors
 `python benchmarks/prefill.py --report FILE` recomputes both sums, the markdown and the plot from a
 results JSON.
 
+--fp8 adds selection from an FP8 copy of the keys (kascade.kernels.prefill_fp8; the copy is made before
+timing, as a cache keeps it): `ours_select_fp8` and `ours_anchor_fp8` (FP8 selection, then the sparse
+attention), with --rerank C also `ours_anchor_fp8_rerankC`, and the whole-model sums `whole_model_fp8` /
+`whole_model_10_fp8` with that anchor. --merge-into FILE replaces the measured lengths' rows of an existing
+results JSON (baselines re-measured in this run) and keeps the other rows.
+
+    python benchmarks/prefill.py --lengths 131072 --fp8 --rerank 2 --merge-into benchmarks/results/prefill_h200.json
+
 Times: median with p20/p80 of CUDA-event-timed runs after a warm-up run (triton.testing.do_bench
 for short calls). TFLOP/s: dense 4 * Hq * D * N(N+1)/2; sparse counts the attended keys only
 (selected + causal diagonal); selection counts its two Q.K passes (2 * Hq * D per score).
@@ -186,7 +194,8 @@ def flex_fns(n, q, k, v, sparse_density):
 # ----------------------------------------------------------------------------------------------
 
 
-def run_length(n, fa3, do_baselines=True, flex_dense=True, topk_stage=False):
+def run_length(n, fa3, do_baselines=True, flex_dense=True, topk_stage=False, fp8=None):
+    """fp8: None, or the re-rank factors (a list, None for plain FP8) of the FP8 rows to add."""
     res = {"N": n, "density": density(n)}
     g = torch.Generator(device="cuda").manual_seed(n)
     q = torch.randn(1, HQ, n, D, device="cuda", dtype=torch.bfloat16, generator=g)
@@ -238,6 +247,26 @@ def run_length(n, fa3, do_baselines=True, flex_dense=True, topk_stage=False):
     if not long:
         record("ours_select", lambda: P.select(q, k, RHO, K_MIN, TILE), select_flops(n), **kw)
     record("ours_anchor", lambda: P.sparse_attention(q, k, v, P.select(q, k, RHO, K_MIN, TILE)), None, **kw)
+    if fp8 is not None:
+        from kascade import fp8keys
+        from kascade.kernels import prefill_fp8
+
+        copy = fp8keys.quantize(k)  # kept beside the cache: made before timing
+        res["fp8_native_dot"] = prefill_fp8.native_dot(q, D)
+        record("ours_select_fp8", lambda: prefill_fp8.select_fp8(q, copy, RHO, K_MIN, TILE), select_flops(n), **kw)
+        for rr in fp8:
+            name = "ours_anchor_fp8" + ("" if rr is None else f"_rerank{rr:g}")
+            record(name, lambda rr=rr: P.sparse_attention(q, k, v, prefill_fp8.select_fp8(
+                q, copy, RHO, K_MIN, TILE, rerank=rr, k=k)), None, **kw)
+        if not long:
+            exact = P.select(q, k, RHO, K_MIN, TILE)
+            for rr in fp8:
+                got = prefill_fp8.select_fp8(q, copy, RHO, K_MIN, TILE, rerank=rr, k=k)
+                res["fp8" + ("" if rr is None else f"_rerank{rr:g}") + "_recall_vs_exact"] = _recall(got, exact)
+                del got
+            del exact
+        del copy
+        torch.cuda.empty_cache()
     if not long:
         record("ours_select_torch_topk", lambda: P.select(q, k, RHO, K_MIN, TILE, method="torch"), None)
     # the pooled-score passes alone (top-k step replaced by nothing)
@@ -269,6 +298,23 @@ def run_length(n, fa3, do_baselines=True, flex_dense=True, topk_stage=False):
     if topk_stage:
         res["topk_stage"] = topk_stage_bench(q, k, n)
     return res
+
+
+def _recall(got, want) -> float:
+    """Mean share of the exact selection's keys that `got` holds, over every (head, tile) that selects."""
+    kk = want.indices.shape[-1]
+    pos = torch.arange(kk, device=want.indices.device)
+    valid = pos[None, None, None, :] < want.counts[:, None, :, None]
+    n = int(want.indices.max()) + 2
+    hits, total = 0, 0
+    for h in range(want.indices.shape[1]):  # one head at a time: [U, n] bitmaps
+        e = torch.where(valid[0, 0], want.indices[0, h].long(), n - 1)
+        a = torch.where(valid[0, 0], got.indices[0, h, :, :kk].long(), n - 1)
+        bitmap = torch.zeros(e.shape[0], n, dtype=torch.bool, device=e.device).scatter_(1, e, True)
+        bitmap[:, n - 1] = False
+        hits += int(bitmap.gather(1, a).sum())
+        total += int(valid.sum())
+    return hits / max(1, total)
 
 
 def topk_stage_bench(q, k, n):
@@ -398,19 +444,27 @@ def sweep_and_pick(n=32768):
 # ----------------------------------------------------------------------------------------------
 
 
-def whole_model(r, selecting: int | None = None):
+def whole_model(r, selecting: int | None = None, anchor: str = "ours_anchor"):
     """32 layers from the per-layer medians: layer 0 on FA3, `selecting` - 1 anchors (default: the plan
-    ANCHORS), the rest reuse layers."""
-    if "fa3" not in r or "median_ms" not in r.get("fa3", {}):
+    ANCHORS; each costing r[anchor]), the rest reuse layers."""
+    if "fa3" not in r or "median_ms" not in r.get("fa3", {}) or "median_ms" not in r.get(anchor, {}):
         return None
     fa3 = r["fa3"]["median_ms"]
     selecting = len(ANCHORS) if selecting is None else selecting
     n_anchor = selecting - 1
     n_reuse = LAYERS - selecting
-    ours = fa3 + n_anchor * r["ours_anchor"]["median_ms"] + n_reuse * r["ours_reuse"]["median_ms"]
+    ours = fa3 + n_anchor * r[anchor]["median_ms"] + n_reuse * r["ours_reuse"]["median_ms"]
     dense = LAYERS * fa3
     return {"ours_ms": ours, "fa3_ms": dense, "speedup": dense / ours,
-            "composition": f"1 x FA3 (layer 0) + {n_anchor} x anchor + {n_reuse} x reuse, sums of per-layer medians"}
+            "composition": f"1 x FA3 (layer 0) + {n_anchor} x {anchor} + {n_reuse} x reuse, sums of per-layer medians"}
+
+
+def whole_models(r) -> None:
+    """r's whole-model sums: exact anchors, and (where measured) anchors selecting from the FP8 copy."""
+    r["whole_model"], r["whole_model_10"] = whole_model(r), whole_model(r, 10)
+    for name in [x for x in r if x.startswith("ours_anchor_fp8")]:
+        sfx = name[len("ours_anchor"):]
+        r["whole_model" + sfx], r["whole_model_10" + sfx] = whole_model(r, anchor=name), whole_model(r, 10, name)
 
 
 def write_report(results, out_dir, meta):
@@ -421,7 +475,10 @@ def write_report(results, out_dir, meta):
         f"# Prefill attention, one layer ({meta['device']}, bf16, 32 q / 8 KV heads, D 128, B 1, rho 0.1, k_min 128, T 32)",
         "",
         f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}. "
-        "Median ms (p20-p80); ratio = time / FA3 time in the same run.",
+        "Median ms (p20-p80); ratio = time / FA3 time in the same run."
+        + "".join(f" Rows of {run.get('lengths')} re-measured on {run.get('date')} ({run.get('device')}, triton "
+                  f"{run.get('triton')}) with FP8 selection {run.get('fp8')}, baselines in the same run."
+                  for run in meta.get("merged_runs", [])),
         "",
         "| N | FA3 | cuDNN SDPA | flash SDPA | Flex dense | Flex block-sparse | ours reuse | ours anchor | ours select | select w/ torch.topk |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -464,6 +521,24 @@ def write_report(results, out_dir, meta):
             w = r.get("whole_model_10")
             if w:
                 lines.append(f"| {r['N'] // 1024}K | {w['ours_ms']:.1f} | {w['fa3_ms']:.1f} | {w['speedup']:.2f}x |")
+    fp8_names = sorted({x for r in results for x in r if x.startswith("ours_anchor_fp8")})
+    if fp8_names:
+        lines += ["", "Selection from an FP8 copy of the keys (anchor = FP8 selection + sparse attention; ratio to FA3 "
+                  "of the same run; recall: share of the exact selection's keys kept; whole model: the same sums with "
+                  "that anchor):", "",
+                  "| N | ours anchor (exact) | ours select fp8 | " + " | ".join(fp8_names) + " | recall vs exact | "
+                  + " | ".join(f"whole model {x[len('ours_anchor_'):]} (5 / 10 selecting)" for x in fp8_names) + " |",
+                  "|---|---|---|" + "---|" * (2 * len(fp8_names) + 1)]
+        for r in results:
+            if not any(x in r for x in fp8_names):
+                continue
+            rec = ", ".join(f"{x[:-len('_recall_vs_exact')]} {v:.4f}" for x, v in r.items() if x.endswith("recall_vs_exact"))
+            wm = []
+            for x in fp8_names:
+                a, b = r.get("whole_model" + x[len("ours_anchor"):]), r.get("whole_model_10" + x[len("ours_anchor"):])
+                wm.append(f"{a['speedup']:.2f}x / {b['speedup']:.2f}x" if a and b else "—")
+            lines.append(f"| {r['N'] // 1024}K | {cell(r, 'ours_anchor')} | {cell(r, 'ours_select_fp8')} | "
+                         + " | ".join(cell(r, x) for x in fp8_names) + f" | {rec or '—'} | " + " | ".join(wm) + " |")
     lines += ["", "Sums of per-layer medians. Selection memory:", "", "| N | selection (GiB) | peak extra during select (GiB) |",
               "|---|---|---|"]
     for r in results:
@@ -509,7 +584,7 @@ def rewrite_report(path):
     with open(path) as f:
         res = json.load(f)
     for r in res["results"]:
-        r["whole_model"], r["whole_model_10"] = whole_model(r), whole_model(r, 10)
+        whole_models(r)
     write_report(res["results"], os.path.dirname(os.path.abspath(path)), res["meta"])
     print(open(os.path.join(os.path.dirname(os.path.abspath(path)), f"prefill_{res['meta']['tag']}.md")).read())
 
@@ -523,30 +598,48 @@ def main():
     ap.add_argument("--no-flex-dense-above", type=int, default=32768)
     ap.add_argument("--tag", default=None, help="result file suffix (default: the GPU's short name, e.g. h200)")
     ap.add_argument("--report", help="results JSON: its whole-model sums, .md and .png again (no measurement)")
+    ap.add_argument("--fp8", action="store_true", help="add selection from an FP8 copy of the keys (module docstring)")
+    ap.add_argument("--rerank", default="", help="with --fp8: comma-separated re-rank factors measured too, e.g. 2")
+    ap.add_argument("--no-topk-stage", action="store_true", help="skip the top-k step study at 128K")
+    ap.add_argument("--merge-into", default=None, help="existing results JSON whose rows of the measured lengths this "
+                    "run replaces (other rows kept); its .md and .png are written beside it")
     args = ap.parse_args()
     if args.report:
         rewrite_report(args.report)
         return
     args.tag = args.tag or torch.cuda.get_device_name().split()[-1].lower()
     fa3 = load_fa3()
+    fp8 = [None] + [float(x) for x in args.rerank.split(",") if x] if args.fp8 else None
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "date": datetime.date.today().isoformat(), "tag": args.tag, "python": platform.python_version(), "shapes": dict(Hq=HQ, Hkv=HKV, D=D, B=1),
             "rho": RHO, "k_min": K_MIN, "tile": TILE, "anchors": ANCHORS, "layers": LAYERS}
+    results = []
+    if args.merge_into:
+        old = json.load(open(args.merge_into))
+        old["meta"].setdefault("merged_runs", []).append(dict(meta, lengths=args.lengths + args.long, fp8=fp8))
+        meta, results = old["meta"], old["results"]
+        args.out = os.path.dirname(os.path.abspath(args.merge_into))
+        args.tag = meta["tag"] = os.path.basename(args.merge_into)[len("prefill_"):-len(".json")]
     if args.sweep:
         print("launch-parameter sweep at N = 32768", flush=True)
         meta["sweep"] = sweep_and_pick(32768)
-    results = []
+
+    def put(r):
+        results[:] = [x for x in results if x["N"] != r["N"]] + [r]
+        results.sort(key=lambda x: x["N"])
+
     for n in args.lengths:
         print(f"N = {n}", flush=True)
-        r = run_length(n, fa3, flex_dense=n <= args.no_flex_dense_above, topk_stage=n == 131072)
-        r["whole_model"], r["whole_model_10"] = whole_model(r), whole_model(r, 10)
-        results.append(r)
+        r = run_length(n, fa3, flex_dense=n <= args.no_flex_dense_above,
+                       topk_stage=n == 131072 and not args.no_topk_stage, fp8=fp8)
+        whole_models(r)
+        put(r)
         write_report(results, args.out, meta)
     for n in args.long:
         print(f"N = {n} (ours and FA3 only)", flush=True)
-        r = run_length(n, fa3, do_baselines=False)
-        r["whole_model"], r["whole_model_10"] = whole_model(r), whole_model(r, 10)
-        results.append(r)
+        r = run_length(n, fa3, do_baselines=False, fp8=fp8)
+        whole_models(r)
+        put(r)
         write_report(results, args.out, meta)
     print()
     print(open(os.path.join(args.out, f"prefill_{args.tag}.md")).read())

@@ -87,9 +87,10 @@ class ShardedKascadeStrategy(KascadeStrategy):
     name = "kascade-tp"
 
     def __init__(self, plan: Plan, tp_degree: int, rank: int, backend: str = "auto",
-                 dense_anchor_output: bool = False, sparse_prefill: bool = True):
+                 dense_anchor_output: bool = False, sparse_prefill: bool = True, select_keys: str = "exact",
+                 rerank: float | None = None):
         super().__init__(shard_plan(plan, tp_degree, rank), backend=backend, dense_anchor_output=dense_anchor_output,
-                         sparse_prefill=sparse_prefill)
+                         sparse_prefill=sparse_prefill, select_keys=select_keys, rerank=rerank)
         self.full_plan, self.tp_degree, self.rank = plan, tp_degree, rank
 
     def validate(self, model_config) -> None:
@@ -108,18 +109,20 @@ def tp_layout(model) -> tuple[int, int]:
     return (degree, default_tp_rank(degree)) if degree > 1 else (1, 0)
 
 
-def enable(model, plan: Plan, backend: str = "auto", dense_anchor_output: bool = False, sparse_prefill: bool = True):
+def enable(model, plan: Plan, backend: str = "auto", dense_anchor_output: bool = False, sparse_prefill: bool = True,
+           select_keys: str = "exact", rerank: float | None = None):
     """`kascade.enable(model, plan)` for a model loaded with `tp_plan`: the plan is checked against the
-    TP degree before the first forward, and each rank runs its shard. Returns the same handle."""
+    TP degree before the first forward, and each rank runs its shard (with select_keys="fp8" each rank keeps
+    the FP8 copies of its own heads beside its cache). Returns the same handle."""
     from kascade.integrations.transformers import enable as _enable
 
     degree, rank = tp_layout(model)
     if degree == 1:
         return _enable(model, plan, backend=backend, dense_anchor_output=dense_anchor_output,
-                       sparse_prefill=sparse_prefill)
+                       sparse_prefill=sparse_prefill, select_keys=select_keys, rerank=rerank)
     if not isinstance(plan, Plan):
         raise ValueError(f"plan: expected a kascade.Plan (Plan.load(path)), got {type(plan).__name__}")
     plan.validate(model.config, tp_degree=degree)
     strategy = ShardedKascadeStrategy(plan, degree, rank, backend=backend, dense_anchor_output=dense_anchor_output,
-                                      sparse_prefill=sparse_prefill)
+                                      sparse_prefill=sparse_prefill, select_keys=select_keys, rerank=rerank)
     return _enable(model, strategy=strategy)

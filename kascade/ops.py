@@ -2,6 +2,7 @@
 
     dense(q, k, v)                        layer 0, short sequences, the `dense` strategy
     anchor(q, k, v, ...) -> (out, sel)    top-k selection, then sparse (default) or dense output
+    select_fp8(q, k, key_copy, ...) -> sel  top-k selection scored from an FP8 copy of the keys
     reuse(q, k, v, sel, head_map) -> out  attention over the mapped anchor head's keys
 
 backend: "reference" (pure PyTorch, any device), "triton" (kernels in kascade.kernels; CUDA, or the
@@ -113,6 +114,30 @@ def select(q, k, rho, k_min, tile, kv_start=None, scale=None, backend: str = "au
     if mod is not None:
         return mod.select(q, k, rho=rho, k_min=k_min, tile=tile, kv_start=kv_start, scale=scale, **_len_kw(kv_len))
     return reference.select(q, k, rho=rho, k_min=k_min, tile=tile, kv_start=kv_start, scale=scale, kv_len=kv_len)
+
+
+def select_fp8(q, k, key_copy, rho, k_min, tile, kv_start=None, scale=None, backend: str = "auto", kv_len=None,
+               rerank=None, kv_heads=None) -> reference.Selection:
+    """Top-k selection scored from an FP8 copy of the keys (see kascade.fp8keys.select): q [B, S * G, Q, D]
+    the query heads of the copy's S KV heads, k [B, Hkv, N, D] the exact keys (read at the candidates by a
+    re-rank; KV head kv_heads[h] for copy head h, default h), key_copy (keys [B, S, N, D] float8_e4m3fn,
+    scales [B, S, N] float32). The kernels need e4m3 support (CUDA compute capability 8.9 and newer, or the
+    interpreter): elsewhere "auto" takes the reference."""
+    mod = _use_triton(q, backend, _mode(q))
+    if mod is not None and backend == "auto" and q.is_cuda and torch.cuda.get_device_capability(q.device) < (8, 9):
+        mod = None
+    if mod is not None:
+        if q.shape[2] == 1:
+            return mod.select_fp8(q, key_copy, rho=rho, k_min=k_min, tile=tile, kv_start=kv_start, scale=scale,
+                                  kv_len=kv_len, rerank=rerank, k=k, kv_heads=kv_heads)
+        from kascade.kernels import prefill_fp8
+
+        return prefill_fp8.select_fp8(q, key_copy, rho=rho, k_min=k_min, tile=tile, kv_start=kv_start, scale=scale,
+                                      kv_len=kv_len, rerank=rerank, k=k, kv_heads=kv_heads)
+    from kascade import fp8keys
+
+    return fp8keys.select(q, key_copy[0], key_copy[1], rho, k_min, tile, kv_start=kv_start, scale=scale,
+                          kv_len=kv_len, rerank=rerank, k=k, kv_heads=kv_heads)
 
 
 def reuse(q, k, v, selection, head_map=None, kv_start=None, scale=None, backend: str = "auto", kv_len=None):

@@ -31,6 +31,8 @@ no new token (Q_r == 0) has no output rows and an empty selection.
     paged_dense(q, key_cache, value_cache, block_table, seq_lens, query_start_loc, scale=None) -> out
     paged_select(q, key_cache, block_table, seq_lens, query_start_loc, rho=0.1, k_min=128, tile=32,
                  scale=None) -> PagedSelection
+    paged_select_fp8(q, key_cache, block_table, seq_lens, query_start_loc, key_copy=None, heads=None, ...,
+                     rerank=None) -> PagedSelection   (scored from an FP8 copy of the keys: kascade.fp8keys)
     paged_reuse(q, key_cache, value_cache, block_table, seq_lens, query_start_loc, selection,
                 head_map=None, scale=None) -> out
     paged_anchor(q, key_cache, value_cache, block_table, seq_lens, query_start_loc, rho=0.1, k_min=128,
@@ -110,11 +112,13 @@ def _desc(t) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
 
 
-def check_paged_inputs(q, key_cache, value_cache, block_table, seq_lens, query_start_loc, host_lens=None):
+def check_paged_inputs(q, key_cache, value_cache, block_table, seq_lens, query_start_loc, host_lens=None,
+                       num_kv_heads=None):
     """ValueError naming the argument unless the shapes fit the layout of the module docstring.
 
     Returns (seq_lens, query_start_loc) as Python lists of ints: read from the device tensors (one
-    device-to-host copy each), or taken from host_lens (see the module docstring) without reading them."""
+    device-to-host copy each), or taken from host_lens (see the module docstring) without reading them.
+    num_kv_heads: q holds the query heads of that many KV heads (a subset of the cache's), not of all."""
     for name, t in (("q", q), ("key_cache", key_cache)) + ((("value_cache", value_cache),) if value_cache is not None else ()):
         if not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES:
             raise ValueError(f"{name}: expected a float32/float16/bfloat16 tensor, got {_desc(t)}")
@@ -123,7 +127,7 @@ def check_paged_inputs(q, key_cache, value_cache, block_table, seq_lens, query_s
     if key_cache.dim() != 4:
         raise ValueError(f"key_cache: expected [num_blocks, block_size, num_kv_heads, head_dim], got {_desc(key_cache)}")
     hq, d = q.shape[1], q.shape[2]
-    hkv = key_cache.shape[2]
+    hkv = key_cache.shape[2] if num_kv_heads is None else num_kv_heads  # q may hold the queries of a subset
     if key_cache.shape[3] != d:
         raise ValueError(f"key_cache: expected head_dim {d} like q, got {_desc(key_cache)}")
     if hkv == 0 or hq % hkv:
@@ -234,6 +238,52 @@ def paged_select(q, key_cache, block_table, seq_lens, query_start_loc, rho: floa
     for r, qr, k, _, _ in _requests(q, key_cache, None, block_table, seq_lens, query_start_loc, host_lens):
         per_req[r] = reference.select(qr, k, rho=rho, k_min=k_min, tile=tile, scale=sc)
     return _stack(per_req, seq_lens.shape[0], key_cache.shape[2], tile, q.device)
+
+
+def paged_select_fp8(q, key_cache, block_table, seq_lens, query_start_loc, key_copy=None, heads=None,
+                     rho: float = 0.1, k_min: int = 128, tile: int = 32, scale=None, backend: str = "auto",
+                     host_lens=None, rerank: float | None = None) -> PagedSelection:
+    """`paged_select` scored from an FP8 copy of the keys (kascade.fp8keys): q [T, S * G, D] holds the query
+    heads of the KV heads `heads` (ascending; None: all of key_cache's), key_copy (keys [num_blocks,
+    block_size, S, D] float8_e4m3fn, scales [num_blocks, block_size, S] float32, sharing the cache's pages;
+    kascade.fp8keys.PagedKeyCopies keeps them) or None (made from key_cache now); rerank c >= 1 re-ranks c * k
+    candidates with key_cache. Returns the selection of those S heads."""
+    from kascade import fp8keys
+
+    check_budget(rho, k_min)
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
+        raise ValueError(f"tile: expected an integer >= 1, got {tile!r}")
+    hkv = key_cache.shape[2]
+    every = heads is None or list(heads) == list(range(hkv))
+    if key_copy is None:
+        key_copy = fp8keys.quantize(key_cache if every else key_cache[:, :, list(heads)])
+    k8, ks = key_copy
+    fp8keys.check_copy(k8, ks)
+    s = k8.shape[2]
+    if k8.shape[:2] != key_cache.shape[:2] or s != (hkv if every else len(heads)) or q.shape[1] % s:
+        want = hkv if every else len(heads)
+        raise ValueError(f"key_copy: expected keys of {tuple(key_cache.shape[:2])} pages and {want} heads whose query "
+                         f"heads q {tuple(q.shape)} holds, got {tuple(k8.shape)}")
+    kv_heads = None if every else list(heads)
+    sc = _scale(q, scale)
+    lens, qsl = check_paged_inputs(q, key_cache, None, block_table, seq_lens, query_start_loc, host_lens,
+                                   num_kv_heads=s)
+    if use_kernels(q, backend):
+        per_req = paged_kernels.select_fp8(q, key_cache, (k8, ks), block_table, seq_lens, lens, qsl, rho, k_min, tile,
+                                           sc, rerank, kv_heads)
+        return _stack(per_req, seq_lens.shape[0], s, tile, q.device)
+    per_req = {}
+    for r, n in enumerate(lens):
+        a, b = qsl[r], qsl[r + 1]
+        if b == a:
+            continue
+        qr = q[a:b].transpose(0, 1).unsqueeze(0)
+        k8r = gather_kv(k8, block_table[r], n)
+        ksr = gather_kv(ks.unsqueeze(-1), block_table[r], n)[..., 0]
+        per_req[r] = fp8keys.select(qr, k8r, ksr, rho, k_min, tile, scale=sc, rerank=rerank,
+                                    k=gather_kv(key_cache, block_table[r], n) if rerank is not None else None,
+                                    kv_heads=kv_heads)
+    return _stack(per_req, seq_lens.shape[0], s, tile, q.device)
 
 
 def _stack(per_req: dict, r_total: int, hkv: int, tile: int, device) -> PagedSelection:
@@ -372,13 +422,24 @@ class PagedKascadeStrategy:
     A batch whose requests all have one new token may take `attend_decode` instead (a serving engine's
     decode step, captured in a CUDA graph): same plan, same state rules, no host synchronisation on the
     kernels. The layers of one pass take one of the two entries throughout.
+
+    select_keys="fp8" (kascade.fp8keys): selections are scored from an FP8 copy of the selecting heads' keys,
+    `rerank` c re-ranking c * k candidates exactly. Pass `key_copies=` (a kascade.fp8keys.PagedKeyCopies the
+    caller writes beside its cache) to attend / attend_decode; without it the copy is made from the cache
+    at each selecting layer (the same selections, none of the bytes saved).
     """
 
-    def __init__(self, plan, dense_anchor_output: bool = False, backend: str = "auto"):
+    def __init__(self, plan, dense_anchor_output: bool = False, backend: str = "auto", select_keys: str = "exact",
+                 rerank: float | None = None):
+        from kascade import fp8keys
+
         ops.check_backend(backend)
+        fp8keys.check_options(select_keys, rerank)
         self.backend = backend
         self.plan = plan
         self.dense_anchor_output = dense_anchor_output
+        self.select_keys = select_keys
+        self.rerank = None if rerank is None else float(rerank)
         self.state: dict = {}  # layer -> (requests of the batch it selected over, selection)
         self._routings: dict = {}  # (Hkv, tp_rank) -> Routing
         self._decode_step = None  # (block_table, seq_lens) as passed, and the int32 / clamped copies of this step
@@ -394,8 +455,19 @@ class PagedKascadeStrategy:
             self._routings[key] = Routing(self.plan, num_kv_heads, tp_rank)
         return self._routings[key]
 
+    def _select_fp8(self, layer, routing, q, key_cache, block_table, seq_lens, query_start_loc, key_copies, budget,
+                    kw) -> PagedSelection:
+        """The selection of layer `layer`'s selecting heads, scored from their FP8 copy (select_keys="fp8")."""
+        own = routing.layer(layer).own
+        hkv = key_cache.shape[2]
+        every = len(own) == hkv
+        qh = q if every else q.unflatten(1, (hkv, q.shape[1] // hkv))[:, own].flatten(1, 2)
+        copy = key_copies.layer(layer) if key_copies is not None else None
+        return paged_select_fp8(qh, key_cache, block_table, seq_lens, query_start_loc, key_copy=copy,
+                                heads=None if every else own, rerank=self.rerank, **budget, **kw)
+
     def attend(self, layer: int, q, key_cache, value_cache, block_table, seq_lens, query_start_loc,
-               scale=None, tp_rank: int | None = None, host_lens=None, dense=None) -> torch.Tensor:
+               scale=None, tp_rank: int | None = None, host_lens=None, dense=None, key_copies=None) -> torch.Tensor:
         """out [T, Hq, Dv] for the batch's tokens q [T, Hq, D] (layout of the module docstring).
 
         With tensor parallelism the caches hold this rank's KV heads only; `tp_rank` picks the rank's
@@ -405,8 +477,10 @@ class PagedKascadeStrategy:
         causal dense attention of the tokens of `requests` (a list of request indices, each with new tokens,
         in order; their tokens concatenated) -- a serving engine's own attention kernel. It then serves layer
         0 (one call for every request with new tokens) and the requests of at most k_min keys in the other
-        layers; without it they run paged_dense."""
+        layers; without it they run paged_dense. key_copies: the FP8 copies of select_keys="fp8" (class
+        docstring)."""
         p = self.plan
+        fp8 = self.select_keys == "fp8"
         if layer == 0:
             self.begin_forward()
         lens, qsl = check_paged_inputs(q, key_cache, value_cache, block_table, seq_lens, query_start_loc, host_lens)
@@ -437,9 +511,16 @@ class PagedKascadeStrategy:
         budget = dict(rho=p.rho, k_min=p.k_min, tile=p.tile)
         if layer == 0:
             if routing.used_by_later_layers(0):
-                self.state[0] = (long_reqs, paged_select(sq, key_cache, sbt, slens, sqsl, **budget, **kw))
+                sel = (self._select_fp8(0, routing, sq, key_cache, sbt, slens, sqsl, key_copies, budget, kw) if fp8
+                       else paged_select(sq, key_cache, sbt, slens, sqsl, **budget, **kw))
+                self.state[0] = (long_reqs, sel)
             if dense is None:
                 out[rows] = paged_dense(sq, key_cache, value_cache, sbt, slens, sqsl, **kw)
+        elif p.is_anchor(layer) and fp8:
+            sel = self._select_fp8(layer, routing, sq, key_cache, sbt, slens, sqsl, key_copies, budget, kw)
+            self.state[layer] = (long_reqs, sel)
+            out[rows] = (paged_dense(sq, key_cache, value_cache, sbt, slens, sqsl, **kw) if self.dense_anchor_output
+                         else paged_reuse(sq, key_cache, value_cache, sbt, slens, sqsl, sel, **kw))
         elif p.is_anchor(layer):
             o, sel = paged_anchor(sq, key_cache, value_cache, sbt, slens, sqsl, **budget,
                                   dense_output=self.dense_anchor_output, **kw)
@@ -447,7 +528,10 @@ class PagedKascadeStrategy:
             out[rows] = o
         elif p.head_granular:
             route, t = routing.layer(layer), routing.tensors(layer, q.device)
-            if route.own:
+            if route.own and fp8:
+                self.state[layer] = (long_reqs, self._select_fp8(layer, routing, sq, key_cache, sbt, slens, sqsl,
+                                                                 key_copies, budget, kw))
+            elif route.own:
                 hkv = key_cache.shape[2]
                 qg = sq.unflatten(1, (hkv, sq.shape[1] // hkv))  # [T, Hkv, G, D]
                 # Views of the selecting heads: key_cache[:, :, sl] is read in place (the kernels take any
@@ -490,7 +574,7 @@ class PagedKascadeStrategy:
         return bt, lens
 
     def attend_decode(self, layer: int, q, key_cache, value_cache, block_table, seq_lens, scale=None,
-                      tp_rank: int | None = None, dense=None) -> torch.Tensor:
+                      tp_rank: int | None = None, dense=None, key_copies=None) -> torch.Tensor:
         """out [R, Hq, Dv] for a batch of R requests with one new token each: q [R, Hq, D], row r the new
         token of request r (at position seq_lens[r] - 1); key_cache / value_cache [num_blocks, block_size,
         Hkv, D] (any strides, contiguous last dim), block_table [R, max_blocks] int, seq_lens [R] int on
@@ -528,7 +612,7 @@ class PagedKascadeStrategy:
             # dense serves layer 0 only, as on the kernels (short requests then run paged_dense: the same)
             sub = None if dense is None or layer != 0 else (lambda reqs: dense()[torch.tensor(reqs, device=q.device)])
             return self.attend(layer, q, key_cache, value_cache, block_table, lens, qsl, scale=scale, tp_rank=tp_rank,
-                               host_lens=host, dense=sub)
+                               host_lens=host, dense=sub, key_copies=key_copies)
         from kascade.kernels import decode as KD
         from kascade.kernels.paging import PagedKV
 
@@ -541,19 +625,43 @@ class PagedKascadeStrategy:
         routing = self.routing(key_cache.shape[2], tp_rank)
         budget = dict(rho=p.rho, k_min=p.k_min, tile=p.tile, scale=scale, check=False)
         step = ("decode", r)  # what the state of this pass was selected over
+        fp8 = self.select_keys == "fp8"
+
+        def select_fp8(lay):  # the layer's selecting heads, scored from their FP8 copy
+            own = routing.layer(lay).own
+            hkv = key_cache.shape[2]
+            every = len(own) == hkv
+            heads = routing.tensors(lay, q.device).own
+            qh = q4 if every else q4.unflatten(1, (hkv, q.shape[1] // hkv)).index_select(1, heads).flatten(1, 2)
+            copy = key_copies.layer(lay) if key_copies is not None else None
+            if copy is None:
+                from kascade import fp8keys
+
+                copy = fp8keys.quantize(key_cache if every else key_cache.index_select(2, heads))
+            return KD.select_fp8_paged(qh, PagedKV(key_cache, None, bt, lens), copy, rerank=self.rerank,
+                                       kv_heads=None if every else heads, **budget)
+
         if layer == 0:
             if routing.used_by_later_layers(0):
-                self.state[0] = (step, KD.select_paged(q4, PagedKV(key_cache, None, bt, lens), **budget))
+                sel = select_fp8(0) if fp8 else KD.select_paged(q4, PagedKV(key_cache, None, bt, lens), **budget)
+                self.state[0] = (step, sel)
             if dense is not None:
                 return dense()
             return KD.dense_attention_paged(q4, cache, scale=scale, check=False)[:, :, 0]
         if p.is_anchor(layer):
-            o, sel = KD.anchor_paged(q4, cache, dense_output=self.dense_anchor_output, **budget)
+            if fp8:
+                sel = select_fp8(layer)
+                o = (KD.dense_attention_paged(q4, cache, scale=scale, check=False) if self.dense_anchor_output
+                     else KD.sparse_attention_paged(q4, cache, sel, scale=scale, check=False))
+            else:
+                o, sel = KD.anchor_paged(q4, cache, dense_output=self.dense_anchor_output, **budget)
             self.state[layer] = (step, sel)
             return o[:, :, 0]
         if p.head_granular:
             route, t = routing.layer(layer), routing.tensors(layer, q.device)
-            if route.own:
+            if route.own and fp8:
+                self.state[layer] = (step, select_fp8(layer))
+            elif route.own:
                 hkv = key_cache.shape[2]
                 qg = q4.unflatten(1, (hkv, q.shape[1] // hkv))  # [R, Hkv, G, 1, D]
                 parts = [KD.select_paged(qg[:, sl].flatten(1, 2), PagedKV(key_cache[:, :, sl], None, bt, lens),

@@ -87,6 +87,28 @@ def select(q, key_cache, block_table, seq_lens, lens, qsl, rho, k_min, tile, sca
     return out
 
 
+def select_fp8(q, key_cache, key_copy, block_table, seq_lens, lens, qsl, rho, k_min, tile, scale, rerank, kv_heads):
+    """`select` scored from an FP8 copy (keys [num_blocks, block_size, S, D], scales [num_blocks, block_size, S])
+    of the heads whose queries q holds; a re-rank reads key_cache (KV head kv_heads[h] for copy head h)."""
+    from kascade.kernels import decode as KD, prefill_fp8 as KP8
+
+    dec, pre = _split(lens, qsl)
+    out = {}
+    if dec:
+        qd, _ = _decode_q(q, qsl, dec)
+        sel = KD.select_fp8_paged(qd, _cache(key_cache, None, block_table, seq_lens, dec), key_copy, rho, k_min, tile,
+                                  scale, rerank=rerank, kv_heads=kv_heads)
+        idx = _masked(sel.indices, sel.counts)
+        for i, r in enumerate(dec):
+            out[r] = reference.Selection(idx[i:i + 1], sel.counts[i:i + 1], sel.first_tile[i:i + 1], tile, True)
+    for r in pre:
+        qr, _ = _prefill_q(q, qsl, r)
+        sel = KP8.select_fp8_paged(qr, _cache(key_cache, None, block_table, seq_lens, [r]), key_copy, rho, k_min, tile,
+                                   scale, rerank=rerank, kv_heads=kv_heads)
+        out[r] = reference.Selection(_masked(sel.indices, sel.counts), sel.counts, sel.first_tile, tile, False)
+    return out
+
+
 def reuse(out, q, key_cache, value_cache, block_table, seq_lens, lens, qsl, selection, head_map, scale):
     """out[tokens] = attention of every request over its selection (a kascade.paged.PagedSelection)."""
     from kascade.kernels import decode as KD, prefill as KP

@@ -76,15 +76,30 @@ class KascadeStrategy(Strategy):
     Head-granular plans (`plan.head_sources`): a reuse layer's selecting heads run the selection on
     their own KV heads (a slice of q and k); the layer then attends, per KV head, to its own set or
     to the set of the (layer, head) its source names, assembled into one Selection of Hkv heads.
+
+    select_keys="fp8" (kascade.fp8keys): every selection is scored from an FP8 copy of the selecting heads'
+    keys, with `rerank` (None or c >= 1) re-ranking c * k candidates exactly; attention itself reads the
+    exact keys and values. The copy comes from `key_copies` (an object with `copy(layer, heads, k, q_len,
+    kv_len)` returning (keys [B, S, N, D], scales [B, S, N]) of the layer's selecting heads `heads`, set
+    by an integration that keeps one with its cache) or, when None, is made from k at each call. Anchors
+    then attend to their selection by gathering K and V rows (no stored logits), and a part-selecting
+    decode layer takes the assembled path (no one-pass part_anchor). Layer 0 of a decode step reads every
+    key for its dense output anyway, so it selects exactly from that pass (its copy is still written).
     """
 
     name = "kascade"
 
     def __init__(self, plan: Plan, backend: str = "auto", dense_anchor_output: bool = False,
-                 sparse_prefill: bool = True):
+                 sparse_prefill: bool = True, select_keys: str = "exact", rerank: float | None = None):
         super().__init__(backend, sparse_prefill=sparse_prefill)
+        from kascade import fp8keys
+
+        fp8keys.check_options(select_keys, rerank)
         self.plan = plan
         self.dense_anchor_output = dense_anchor_output
+        self.select_keys = select_keys
+        self.rerank = None if rerank is None else float(rerank)
+        self.key_copies = None  # set per forward by an integration holding FP8 copies (select_keys="fp8")
         self._routings: dict = {}  # Hkv -> Routing
 
     def validate(self, model_config) -> None:
@@ -102,16 +117,26 @@ class KascadeStrategy(Strategy):
         if k.shape[2] <= p.k_min or self.dense_step(q):
             return ops.dense(q, k, v, **kw)
         routing = self.routing(k.shape[1])
+        fp8 = self.select_keys == "fp8"
         if layer == 0:
             if not routing.used_by_later_layers(0):
                 return ops.dense(q, k, v, **kw)
+            if fp8 and q.shape[2] > 1:
+                self.state[0] = self._select_fp8(0, q, k, routing, kw)
+                return ops.dense(q, k, v, **kw)
+            if fp8 and self.key_copies is not None:  # the copy stays current; decode selects from the dense pass
+                self.key_copies.copy(0, routing.layer(0).own, k, q.shape[2], kw.get("kv_len"))
             if q.shape[2] == 1 and q.is_cuda:  # decode: selection and dense output in one pass over K
                 out, self.state[0] = self._anchor(q, k, v, True, kw)
                 return out
             self.state[0] = self._select(q, k, kw)
             return ops.dense(q, k, v, **kw)
         if p.is_anchor(layer):
-            out, sel = self._anchor(q, k, v, self.dense_anchor_output, kw)
+            if fp8:
+                sel = self._select_fp8(layer, q, k, routing, kw)
+                out = ops.dense(q, k, v, **kw) if self.dense_anchor_output else ops.reuse(q, k, v, sel, None, **kw)
+            else:
+                out, sel = self._anchor(q, k, v, self.dense_anchor_output, kw)
             self.state[layer] = sel
             return out
         if p.head_granular:
@@ -134,6 +159,27 @@ class KascadeStrategy(Strategy):
         choose keys differently; kw: the keywords of ops.select)."""
         p = self.plan
         return ops.select(q, k, p.rho, p.k_min, p.tile, **kw)
+
+    def _select_fp8(self, layer, q, k, routing, kw):
+        """The Selection of layer `layer`'s selecting heads ([B, S, U, Kmax], ascending heads) scored from the
+        FP8 copy of their keys (select_keys="fp8")."""
+        p = self.plan
+        own = routing.layer(layer).own
+        hkv = k.shape[1]
+        every = len(own) == hkv
+        if every:
+            qh, kv_heads = q, None
+        else:
+            t = routing.tensors(layer, q.device)
+            qh = q.unflatten(1, (hkv, q.shape[1] // hkv)).index_select(1, t.own).flatten(1, 2)  # their query heads
+            kv_heads = t.own
+        if self.key_copies is not None:
+            copy = self.key_copies.copy(layer, own, k, q.shape[2], kw.get("kv_len"))
+        else:
+            from kascade import fp8keys
+
+            copy = fp8keys.transient(k, None if every else own)
+        return ops.select_fp8(qh, k, copy, p.rho, p.k_min, p.tile, rerank=self.rerank, kv_heads=kv_heads, **kw)
 
     def _anchor(self, q, k, v, dense_output: bool, kw):
         """(output, Selection) of an anchor layer: its selection, and attention to it (or dense)."""
@@ -158,7 +204,8 @@ class KascadeStrategy(Strategy):
         other head reuses the one earlier layer `source` (that has run), the heads are read in place
         (IN_PLACE_HEADS) and the keys are chosen by this class's own selection (a subclass choosing keys
         otherwise keeps the general path). Else None."""
-        if q.shape[2] != 1 or getattr(self._select, "__func__", None) is not KascadeStrategy._select:
+        if q.shape[2] != 1 or getattr(self._select, "__func__", None) is not KascadeStrategy._select \
+                or self.select_keys != "exact":
             return None
         routing = self.routing(k.shape[1])
         part = routing.layer(layer).part
@@ -172,7 +219,9 @@ class KascadeStrategy(Strategy):
         hkv = k.shape[1]
         routing = self.routing(hkv)
         route, t = routing.layer(layer), routing.tensors(layer, q.device)
-        if route.own:
+        if route.own and self.select_keys == "fp8":
+            self.state[layer] = self._select_fp8(layer, q, k, routing, kw)
+        elif route.own:
             g = q.shape[1] // hkv
             if IN_PLACE_HEADS:  # strided views of q and k: the kernels read the cache in place
                 qg = q.unflatten(1, (hkv, g))

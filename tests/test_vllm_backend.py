@@ -71,6 +71,39 @@ def test_plan_options(monkeypatch):
         plan_options(SimpleNamespace(additional_config={"kascade_dense_anchor_output": "yes"}))
 
 
+def test_select_options_are_read_and_checked():
+    from types import SimpleNamespace
+
+    from kascade.integrations.vllm import select_options
+
+    assert select_options(SimpleNamespace(additional_config=None)) == ("exact", None)
+    cfg = SimpleNamespace(additional_config={"kascade_select_keys": "fp8", "kascade_rerank": 2.0})
+    assert select_options(cfg) == ("fp8", 2.0)
+    with pytest.raises(ValueError, match="kascade_select_keys"):
+        select_options(SimpleNamespace(additional_config={"kascade_select_keys": "fp4"}))
+    with pytest.raises(ValueError, match="kascade_rerank"):
+        select_options(SimpleNamespace(additional_config={"kascade_select_keys": "fp8", "kascade_rerank": 0}))
+
+
+def test_fp8_selection_on_the_cpu_backend(monkeypatch, tiny_vllm_config):
+    """The CPU backend takes kascade_select_keys = "fp8": its strategy scores from FP8 copies made per step."""
+    import copy
+
+    from vllm.config import set_current_vllm_config
+
+    import kascade.integrations.vllm as kv
+
+    args = dict(num_heads=8, head_size=64, scale=0.125, num_kv_heads=4, alibi_slopes=None, sliding_window=None,
+                kv_cache_dtype="auto")
+    monkeypatch.setattr(kv, "_STRATEGIES", {})
+    monkeypatch.setenv(kv.PLAN_ENV, str(ROOT / "plans" / "kascade-tiny.json"))
+    cfg = copy.deepcopy(tiny_vllm_config)
+    cfg.additional_config = {"kascade_select_keys": "fp8", "kascade_rerank": 2.0}
+    with set_current_vllm_config(cfg):
+        strategy = kv.KascadeCPUImpl(**args).kascade
+    assert strategy.select_keys == "fp8" and strategy.rerank == 2.0
+
+
 def test_missing_plan_file_is_refused(tmp_path):
     from kascade.integrations.vllm import shared_strategy
 

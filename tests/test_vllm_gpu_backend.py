@@ -157,6 +157,18 @@ def test_backend_settings(tiny_vllm_config, with_plan, monkeypatch, setting, exp
         assert g.KascadeFlashAttentionImpl(**{**ARGS, **setting}).kascade is None  # no plan: vLLM's own
 
 
+def test_fp8_key_selection_is_refused_naming_the_option(tiny_vllm_config, with_plan):
+    from vllm.config import set_current_vllm_config
+
+    import kascade.integrations.vllm_gpu as g
+
+    cfg = copy.deepcopy(tiny_vllm_config)
+    cfg.additional_config = {"kascade_select_keys": "fp8", "kascade_rerank": 2.0}
+    with set_current_vllm_config(cfg), pytest.raises(ValueError, match="kascade_select_keys: kascade's vLLM "
+                                                                       "FlashAttention backend selects from the exact"):
+        g.KascadeFlashAttentionImpl(**ARGS)
+
+
 def test_quantized_kv_caches_are_refused():
     from kascade.integrations.vllm import refused_settings
 

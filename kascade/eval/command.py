@@ -19,9 +19,9 @@ continues it greedily, and the continuation is scored (`kascade.eval.tasks.score
 of the example's dataset, with LongBench's generation lengths (capped by --max-new-tokens).
 
 Strategies: all of `kascade.eval.strategies.STRATEGIES` by default but the measured mechanisms
-(`MECHANISMS`: kascade-dense-anchors, kascade-sinks, run when named), kascade-paper only when --paper-plan
-gives the plan of the paper's recipe (its hash joins the run's identity, like --plan's). The decode-time
-baselines (quest-decode, tidaldecode, omnikv-decode) always prefill densely.
+(`MECHANISMS`: kascade-dense-anchors, kascade-sinks, kascade-fp8, kascade-fp8-rerank2, run when named),
+kascade-paper only when --paper-plan gives the plan of the paper's recipe (its hash joins the run's identity,
+like --plan's). The decode-time baselines (quest-decode, tidaldecode, omnikv-decode) always prefill densely.
 
 Decode-only mode: --sparse-prefill no runs every strategy with a dense prefill and its sparse selection in
 decode steps; its rows are kept under the strategy's name with the suffix "+dense-prefill" (dense and the
@@ -80,8 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--paper-plan", default=None, metavar="FILE",
                         help="plan of the paper's recipe (`kascade calibrate --recipe paper`), needed by kascade-paper")
     parser.add_argument("--strategies", default=None,
-                        help="comma-separated, from: " + ", ".join(STRATEGIES) + " (default all but kascade-dense-anchors "
-                        "and kascade-sinks, kascade-paper only with --paper-plan; dense always runs)")
+                        help="comma-separated, from: " + ", ".join(STRATEGIES) + " (default all but kascade-dense-anchors, "
+                        "kascade-sinks and kascade-fp8*, kascade-paper only with --paper-plan; dense always runs)")
     parser.add_argument("--sparse-prefill", default="yes", metavar="{yes,no}",
                         help="yes (default): each strategy is sparse in prefill and decode; no: decode-only mode, a "
                         "dense prefill and sparse decode steps (rows named NAME+dense-prefill)")

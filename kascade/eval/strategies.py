@@ -32,6 +32,9 @@ Strategies (`STRATEGIES`), the first twelve sparse in prefill and decode (the mo
     kascade-sinks     the plan, every selected set keeping the first 4 keys (attention sinks) and the 64
                       keys just before the query or tile (a local window) within the same budget
                       (`selectors.head_selection`, in PyTorch: a measurement, not a kernel path)
+    kascade-fp8       the plan, every selection scored from an FP8 copy of the keys (kascade.fp8keys;
+                      `kascade.enable(..., select_keys="fp8")`)
+    kascade-fp8-rerank2  the same with the 2 k FP8 candidates re-ranked with the exact keys (rerank=2.0)
     uniform           as many anchors as the plan's selecting-layer equivalents, evenly spaced
                       (plan.uniform_anchors), identity map
     streamingllm      the first 4 keys (attention sinks) and the most recent ones, k(n) in all
@@ -107,10 +110,12 @@ from kascade.strategy import KascadeStrategy, Strategy, check_sparse_prefill
 
 DECODE_BASELINES = ("quest-decode", "tidaldecode", "omnikv-decode")  # dense prefill by definition
 STRATEGIES = ("dense", "oracle", "kascade", "kascade-paper", "kascade-agnostic", "kascade-no-remap",
-              "kascade-dense-anchors", "kascade-sinks", "uniform", "streamingllm", "quest", "omnikv") + DECODE_BASELINES
-NEEDS_PLAN = ("kascade", "kascade-agnostic", "kascade-no-remap", "kascade-dense-anchors", "kascade-sinks", "uniform",
-              "omnikv")
-MECHANISMS = ("kascade-dense-anchors", "kascade-sinks")  # measured variants of the plan: run when named
+              "kascade-dense-anchors", "kascade-sinks", "kascade-fp8", "kascade-fp8-rerank2", "uniform", "streamingllm",
+              "quest", "omnikv") + DECODE_BASELINES
+NEEDS_PLAN = ("kascade", "kascade-agnostic", "kascade-no-remap", "kascade-dense-anchors", "kascade-sinks", "kascade-fp8",
+              "kascade-fp8-rerank2", "uniform", "omnikv")
+# measured variants of the plan: run when named
+MECHANISMS = ("kascade-dense-anchors", "kascade-sinks", "kascade-fp8", "kascade-fp8-rerank2")
 ONE_MODE = ("dense",) + DECODE_BASELINES  # the same in both modes: no suffix
 DENSE_PREFILL = "+dense-prefill"  # name suffix of a strategy run in decode-only mode
 SINKS = 4
@@ -144,9 +149,9 @@ class DenseStrategy(_Recording, Strategy):
 class PlanStrategy(_Recording, KascadeStrategy):
     """Kascade with a given plan (kascade, kascade-no-remap, uniform, oracle)."""
 
-    def __init__(self, name: str, plan: Plan, backend: str = "auto", dense_anchor_output: bool = False,
-                 sparse_prefill: bool = True):
-        super().__init__(plan, backend=backend, dense_anchor_output=dense_anchor_output, sparse_prefill=sparse_prefill)
+    def __init__(self, name: str, plan: Plan, backend: str = "auto", dense_anchor_output: bool = False, **options):
+        """options: sparse_prefill, select_keys, rerank (KascadeStrategy)."""
+        super().__init__(plan, backend=backend, dense_anchor_output=dense_anchor_output, **options)
         self.name = name
 
     def attend(self, layer, q, k, v, kv_start, scale):
@@ -446,6 +451,9 @@ def _make(name, plan, model_config, rho, k_min, backend, tile, paper_plan, spars
         return PlanStrategy(name, budgeted, backend, dense_anchor_output=True, **sp)
     if name == "kascade-sinks":
         return ForcedKeysStrategy(name, budgeted, backend=backend, **sp)
+    if name in ("kascade-fp8", "kascade-fp8-rerank2"):
+        return PlanStrategy(name, budgeted, backend, select_keys="fp8", rerank=2.0 if name.endswith("rerank2") else None,
+                            **sp)
     if name == "uniform":  # as many evenly spaced anchors as the plan's selecting-layer equivalents
         count = max(1, min(num_layers, round(plan.selecting_layers_equivalent)))
         anchors = uniform_anchors(num_layers, count)

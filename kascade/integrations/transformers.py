@@ -21,6 +21,7 @@ Inside a capture (or torch.compile tracing) the padding checks, which need host 
 from __future__ import annotations
 
 import inspect
+import weakref
 
 import torch
 
@@ -151,11 +152,37 @@ def kascade_attention_forward(module, query, key, value, attention_mask, scaling
     if layer == 0:
         strategy.begin_forward()
     key, value, kv_start, kv_len = _kascade_bounds_for(strategy, attention_mask, query, key, value)
+    if getattr(strategy, "select_keys", "exact") == "fp8":
+        strategy.key_copies = _CacheCopies(module, query)
     if kv_len is None:
         out = strategy.attend(layer, query, key, value, kv_start, scaling)
     else:
         out = strategy.attend(layer, query, key, value, kv_start, scaling, kv_len=kv_len)
     return out.transpose(1, 2).contiguous(), None
+
+
+class _CacheCopies:
+    """The FP8 key copies of the cache this forward writes (kascade.fp8keys.KeyCopies, attached to the cache
+    object at its first use and freed with it); without a cache (use_cache=False) the copy is made per call."""
+
+    def __init__(self, module, query):
+        ref = getattr(module, "_kascade_cache", None)
+        self.cache = ref() if ref is not None else None
+        self.capturing = _graph_mode(query)
+
+    def copy(self, layer, heads, k, q_len, kv_len):
+        from kascade import fp8keys
+
+        if self.cache is None:
+            return fp8keys.transient(k, heads)
+        return fp8keys.attach(self.cache).update(layer, heads, k, q_len, kv_len, self.capturing,
+                                                 fp8keys.max_length(self.cache, layer))
+
+
+def _remember_cache(module, args, kwargs):
+    """Forward pre-hook of an attention module (select_keys="fp8"): a weak reference to the step's cache."""
+    cache = kwargs.get("past_key_values", kwargs.get("cache"))
+    module._kascade_cache = weakref.ref(cache) if cache is not None else None
 
 
 def _register() -> None:
@@ -201,6 +228,13 @@ class KascadeHandle:
     def disable(self) -> None:
         disable(self.model)
 
+    def key_copy_bytes(self, cache) -> int:
+        """Bytes of the FP8 key copies (select_keys="fp8") attached to a transformers cache; 0 without any."""
+        from kascade import fp8keys
+
+        copies = fp8keys.key_copies(cache)
+        return 0 if copies is None else copies.nbytes
+
     def __enter__(self):
         return self
 
@@ -210,27 +244,43 @@ class KascadeHandle:
 
 
 def enable(model, plan: Plan | None = None, *, strategy: Strategy | None = None, backend: str = "auto",
-           dense_anchor_output: bool = False, sparse_prefill: bool = True) -> KascadeHandle:
+           dense_anchor_output: bool = False, sparse_prefill: bool = True, select_keys: str = "exact",
+           rerank: float | None = None) -> KascadeHandle:
     """Switch `model` to Kascade attention with `plan` (or any `strategy`). See the module docstring.
 
     sparse_prefill=False (with plan=): decode-only mode, the prompt attends densely and decode steps
-    sparsely (kascade.strategy). A `strategy` carries its own mode (its constructor's sparse_prefill)."""
+    sparsely (kascade.strategy). A `strategy` carries its own mode (its constructor's sparse_prefill).
+    select_keys="fp8" scores every selection from an FP8 copy of the selecting heads' keys (kascade.fp8keys),
+    kept beside the cache: written when the cache is (the attention function writes the rows the step added),
+    attached to the cache object and freed with it (`handle.key_copy_bytes(cache)` reports its size); rerank
+    c >= 1 re-ranks c * k FP8 candidates with the exact keys. "exact" (the default) allocates nothing."""
+    from kascade import fp8keys
+
+    fp8keys.check_options(select_keys, rerank)
     if (plan is None) == (strategy is None):
         raise ValueError("enable: pass exactly one of plan= or strategy=")
     if plan is not None:
         if not isinstance(plan, Plan):
             raise ValueError(f"plan: expected a kascade.Plan (Plan.load(path)), got {type(plan).__name__}")
         strategy = KascadeStrategy(plan, backend=backend, dense_anchor_output=dense_anchor_output,
-                                   sparse_prefill=sparse_prefill)
+                                   sparse_prefill=sparse_prefill, select_keys=select_keys, rerank=rerank)
     elif sparse_prefill is not True:
         raise ValueError(f"sparse_prefill: applies with plan=, got {sparse_prefill!r} with strategy=; build the "
                          "strategy with sparse_prefill=False instead")
+    elif select_keys != "exact":
+        raise ValueError(f"select_keys: applies to plan=; got select_keys={select_keys!r} with a strategy, which "
+                         "chooses its keys itself (KascadeStrategy(plan, select_keys=...))")
     _check_model(model)
     strategy.validate(model.config)
     _register()
     previous = getattr(model, "_kascade_previous_attn", None) or model.config._attn_implementation
+    disable_hooks(model)
+    hooks = []
     for m in attention_modules(model):
         m.kascade_strategy = strategy
+        if getattr(strategy, "select_keys", "exact") == "fp8":
+            hooks.append(m.register_forward_pre_hook(_remember_cache, with_kwargs=True))
+    model._kascade_hooks = hooks
     model._kascade_previous_attn = previous
     model.set_attn_implementation(ATTN_NAME)
     return KascadeHandle(model, strategy, previous)
@@ -241,11 +291,21 @@ def disable(model) -> None:
     previous = getattr(model, "_kascade_previous_attn", None)
     if previous is None:
         return
+    disable_hooks(model)
     for m in attention_modules(model):
         if hasattr(m, "kascade_strategy"):
             del m.kascade_strategy
+        if hasattr(m, "_kascade_cache"):
+            del m._kascade_cache
     model.set_attn_implementation(previous)
     del model._kascade_previous_attn
+
+
+def disable_hooks(model) -> None:
+    """Remove the forward pre-hooks `enable` registered (select_keys="fp8")."""
+    for h in getattr(model, "_kascade_hooks", None) or []:
+        h.remove()
+    model._kascade_hooks = []
 
 
 def _cache_kwarg(model) -> str:

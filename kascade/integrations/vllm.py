@@ -11,7 +11,10 @@ unchanged. The plan is given by either
     KASCADE_PLAN=plan.json vllm serve MODEL_DIR
 
 (`additional_config` wins over the environment; `"kascade_dense_anchor_output": true` makes anchor
-layers other than 0 attend densely, as `kascade.enable(..., dense_anchor_output=True)` does.)
+layers other than 0 attend densely, as `kascade.enable(..., dense_anchor_output=True)` does;
+`"kascade_select_keys": "fp8"` and `"kascade_rerank": 2.0` score selections from an FP8 copy of the keys as
+`kascade.enable(..., select_keys="fp8", rerank=2.0)` does (kascade.fp8keys). The CPU backend makes that copy
+per step from the pages the step reads (it gathers them anyway); the CUDA backend refuses it for now.)
 
 How a forward step runs. vLLM writes the step's new keys and values into the paged cache, then calls
 each attention layer in order with the batch's tokens flattened (prefill chunks and decode steps of
@@ -53,6 +56,8 @@ from kascade.plan import Plan
 PLAN_ENV = "KASCADE_PLAN"
 PLAN_KEY = "kascade_plan"
 DENSE_ANCHOR_KEY = "kascade_dense_anchor_output"
+SELECT_KEYS_KEY = "kascade_select_keys"  # "exact" (default) or "fp8" (kascade.fp8keys; the CPU backend only)
+RERANK_KEY = "kascade_rerank"  # None or c >= 1, with "fp8"
 BACKEND_PATH = "kascade.integrations.vllm.KascadeCPUBackend"
 GPU_BACKEND_PATH = "kascade.integrations.vllm_gpu.KascadeFlashAttentionBackend"
 QUANTIZED_FREE_KV = ("auto", "float16", "bfloat16", "float32", "half", "float")
@@ -91,21 +96,41 @@ def plan_options(vllm_config) -> tuple[str | None, bool]:
     return path, dense_anchor
 
 
+def select_options(vllm_config) -> tuple[str, float | None]:
+    """(select_keys, rerank) from additional_config (kascade_select_keys, kascade_rerank); ("exact", None) by default."""
+    from kascade import fp8keys
+
+    extra = getattr(vllm_config, "additional_config", None) or {}
+    if not isinstance(extra, dict):
+        extra = dict(extra)
+    select_keys, rerank = extra.get(SELECT_KEYS_KEY, "exact"), extra.get(RERANK_KEY)
+    if select_keys not in fp8keys.SELECT_KEYS:
+        raise ValueError(f"additional_config[{SELECT_KEYS_KEY!r}]: expected one of {fp8keys.SELECT_KEYS}, "
+                         f"got {select_keys!r}")
+    try:
+        fp8keys.check_options(select_keys, rerank)
+    except ValueError as e:
+        raise ValueError(f"additional_config[{RERANK_KEY!r}]: {e}") from None
+    return select_keys, rerank
+
+
 _STRATEGIES: dict = {}
 ACTIVE_LAYERS = [0]  # attention layers built with a plan in this process (the benchmarks check it)
 
 
-def shared_strategy(path: str, dense_anchor_output: bool, model_config, tp_degree: int) -> PagedKascadeStrategy:
-    """One strategy per (plan file, option) in a process, shared by every layer so that anchors hand their
+def shared_strategy(path: str, dense_anchor_output: bool, model_config, tp_degree: int, select_keys: str = "exact",
+                    rerank: float | None = None) -> PagedKascadeStrategy:
+    """One strategy per (plan file, options) in a process, shared by every layer so that anchors hand their
     selections to the reuse layers of the same step. The plan is checked against the model once."""
-    key = (os.path.abspath(path), dense_anchor_output)
+    key = (os.path.abspath(path), dense_anchor_output, select_keys, rerank)
     if key not in _STRATEGIES:
         if not os.path.isfile(path):
             raise ValueError(f"{PLAN_KEY}: expected the path of a plan file (kascade calibrate -o plan.json), "
                              f"got {path!r}, which is not a file")
         plan = Plan.load(path)
         plan.validate(model_config, tp_degree=tp_degree)
-        _STRATEGIES[key] = PagedKascadeStrategy(plan, dense_anchor_output=dense_anchor_output)
+        _STRATEGIES[key] = PagedKascadeStrategy(plan, dense_anchor_output=dense_anchor_output, select_keys=select_keys,
+                                                rerank=rerank)
     return _STRATEGIES[key]
 
 
@@ -132,7 +157,7 @@ def layer_strategy(vllm_config, refused: dict) -> tuple[PagedKascadeStrategy | N
         raise ValueError(f"pipeline_parallel_size: kascade's vLLM backend needs all layers in one process "
                          f"(anchors hand their selections to the layers after them), got {pp}; use tensor "
                          "parallelism with a plan whose head map or head sources stay inside its shards")
-    strategy = shared_strategy(path, dense_anchor, adapter.hf_config(vllm_config), tp)
+    strategy = shared_strategy(path, dense_anchor, adapter.hf_config(vllm_config), tp, *select_options(vllm_config))
     ACTIVE_LAYERS[0] += 1
     return strategy, adapter.tp_rank() if tp > 1 else 0
 

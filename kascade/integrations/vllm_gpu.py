@@ -38,7 +38,10 @@ is switched off with a plan; it is never used in graphs anyway.
 
 Refused with a plan (ValueError at engine start, naming the setting): sliding windows, ALiBi, logit
 soft-capping, attention sinks, quantized (fp8) KV caches, encoder and cross attention, pipeline and
-context parallelism, speculative decoding. KASCADE_VLLM_CHECK_LENS=1 compares the host lengths with the
+context parallelism, speculative decoding, and selection from an FP8 copy of the keys
+(`kascade_select_keys: "fp8"`): that copy would need a KV-cache spec of its own (vLLM sizes and allocates
+the cache from the layers' specs before the first step) and a write beside reshape_and_cache_flash; made
+per step from the pages instead, it would read every key it is meant to spare. KASCADE_VLLM_CHECK_LENS=1 compares the host lengths with the
 device's at every mixed step (one device-to-host copy each; for checks, not for timing).
 """
 
@@ -49,7 +52,7 @@ import os
 import torch
 
 from kascade.integrations import vllm_adapter as adapter
-from kascade.integrations.vllm import layer_strategy, plan_options, refused_settings
+from kascade.integrations.vllm import SELECT_KEYS_KEY, layer_strategy, plan_options, refused_settings
 
 CHECK_LENS_ENV = "KASCADE_VLLM_CHECK_LENS"
 HOST_ATTR = "kascade_host_lens"  # the (seq_lens, query_start_loc) host tuples attached to a step's metadata
@@ -138,6 +141,12 @@ def _backend_classes():
                 sliding_window, alibi_slopes, logits_soft_cap, sinks, kv_cache_dtype, attn_type,
                 v.AttentionType.DECODER))
             self.layer_index = None
+            if self.kascade is not None and self.kascade.select_keys != "exact":
+                raise ValueError(f"{SELECT_KEYS_KEY}: kascade's vLLM FlashAttention backend selects from the exact keys "
+                                 f"only for now, got {self.kascade.select_keys!r}: the FP8 copy of the keys needs a "
+                                 "cache of its own in vLLM's KV-cache memory and a write beside vLLM's own cache "
+                                 "write, and made per step from the pages it would read every key. Serve without "
+                                 f"{SELECT_KEYS_KEY}, or use kascade.enable / kascade.paged (PagedKeyCopies)")
             if self.kascade is not None:
                 plan = self.kascade.plan
                 kind = "head sources" if plan.head_granular else "head map"

@@ -30,6 +30,12 @@ Reuse layer (sparse_attention): _decode_sparse_kernel gathers the K and V rows o
 anchor head's indices, split over S2 programs per (sequence, KV head), then the combine.
 Dense layer (dense_attention): step 1 with the flash-decoding output only (no logits kept), then the
 combine: dense decode over [kv_start, kv_len) that needs no mask tensor and captures in a graph.
+Selection from an FP8 copy of the keys (select_fp8, select_fp8_paged; kascade.fp8keys): step 1 reads the
+e4m3 rows and their per-token scales instead of K (half the bytes), steps 2-3 as above; with a re-rank,
+step 3 keeps c k candidates, _rerank_logits_kernel computes their exact logits from K (split over the
+candidates) and _rerank_select_kernel, one program per row, their exact pooled scores and the radix select
+of the k(n) kept (kascade.kernels.prefill_topk's). The anchor's output then gathers K and V rows
+(sparse_attention) instead of reading stored logits.
 
 Splits are sized from the number of SMs and the batch only: no recompilation per sequence length
 (lengths, budgets and counts are runtime values) and no host synchronisation in the hot path, so
@@ -50,9 +56,11 @@ import torch
 import triton
 import triton.language as tl
 
+from kascade import fp8keys
 from kascade.budget import _GUARD, budget, check_budget
 from kascade.checks import check_attention_inputs, check_head_map, resolve_kv_len, resolve_kv_start
 from kascade.kernels import topk_select as ts
+from kascade.kernels.prefill_topk import _radix_select
 from kascade.kernels.paging import (
     KVRows, PagedKV, PoolRows, check_paged_q, contiguous_rows, pool_rows, resolve_rows, row_offsets,
 )
@@ -78,6 +86,9 @@ CONFIG = {
     "sparse_large_from": 262144,
     "sparse_out": dict(BLOCK_K=64, num_warps=4, num_stages=2, per_sm=2),  # the anchor's output (logits, V rows)
     "combine": dict(DBLK=32, num_warps=4),
+    # select_fp8 with rerank: exact logits of the candidates (split over per_sm programs per SM), then one
+    # program per row for the exact pooled scores and the radix select of the k(n) kept
+    "rerank": dict(BLOCK_K=32, num_warps=4, per_sm=4, BLOCK=1024, select_warps=8),
     # programmatic dependent launch of the anchor's and reuse layer's kernels: "off", "start" (each
     # kernel lets the next one launch as it starts) or "exit" (as its programs exit); see pdl_mode().
     # "exit" measured fastest on every shape of benchmarks/decode_shapes.py (H200: anchor -1 to -2 us,
@@ -156,8 +167,14 @@ def _decode_logits_kernel(Q, K, V, LG, MP, LP, OP, KV_START, KV_LEN, START32, EN
                           DV: tl.constexpr, DVP: tl.constexpr, NSPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
                           HAS_START: tl.constexpr, HAS_LEN: tl.constexpr, DENSE_OUT: tl.constexpr,
                           SELECT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-                          PAGED: tl.constexpr = False, PDL: tl.constexpr = 0):
+                          PAGED: tl.constexpr = False, PDL: tl.constexpr = 0,
+                          KS=None, sks_seq=0, sks_head=0, sks_tok=0, FP8: tl.constexpr = False):
+    """FP8 (select_fp8): K is the FP8 copy of the keys (float8_e4m3fn rows, addressed like K) and KS its
+    per-row scales (addressed by sks_*): each key row is widened to q's dtype (exact) and its logits
+    multiplied by its scale. Decode is memory bound, so widening before the product costs nothing; the
+    bytes read are what halves."""
     tl.static_assert(GPAD >= 16 and GPAD >= G)
+    tl.static_assert(not (FP8 and DENSE_OUT))
     ts.pdl_start(PDL)
     row = tl.program_id(0)  # b * HKV + h
     sp = tl.program_id(1)
@@ -201,7 +218,12 @@ def _decode_logits_kernel(Q, K, V, LG, MP, LP, OP, KV_START, KV_LEN, START32, EN
         nm = offs < hi
         koff = row_offsets(b, h, offs, nm, skb, skh, skn, BT, s_bt, PAGE, PAGED)
         kt = tl.load(K + koff[:, None] + d[None, :], mask=nm[:, None] & (d[None, :] < D), other=0.0)
-        s = _dot(q, tl.trans(kt), DOT_PREC, UPCAST) * scale_log2  # [GPAD, BLOCK_N]
+        if FP8:
+            soff = row_offsets(b, h, offs, nm, sks_seq, sks_head, sks_tok, BT, s_bt, PAGE, PAGED)
+            ksc = tl.load(KS + soff, mask=nm, other=0.0)
+            s = _dot(q, tl.trans(kt.to(q.dtype)), DOT_PREC, UPCAST) * (ksc * scale_log2)[None, :]
+        else:
+            s = _dot(q, tl.trans(kt), DOT_PREC, UPCAST) * scale_log2  # [GPAD, BLOCK_N]
         s = tl.where(nm[None, :], s, float("-inf"))
         if SELECT:
             tl.store(lg_row + offs[None, :] * G + g[:, None], s, mask=gm[:, None] & nm[None, :])
@@ -406,6 +428,111 @@ def _decode_combine_kernel(OP, MP, LP, OUT, sob, soh, HQ,
     _combine_block(OP, MP, LP, OUT, i, i // HQ, i % HQ, tl.program_id(1), sob, soh, DV, DVP, NSPLIT, DBLK)
 
 
+@triton.jit
+def _lse2(MP, LP, hq_row, gm, NSPLIT: tl.constexpr):
+    """Log2-sum-exp2 of each query head's logits over every key, from the K pass's split statistics
+    (0 for the padding rows g >= G)."""
+    sp = tl.arange(0, NSPLIT)
+    mp = tl.load(MP + hq_row[:, None] * NSPLIT + sp[None, :], mask=gm[:, None], other=float("-inf"))
+    lp = tl.load(LP + hq_row[:, None] * NSPLIT + sp[None, :], mask=gm[:, None], other=0.0)
+    mx = tl.where(gm, tl.max(mp, 1), 0.0)
+    lse = mx + tl.log2(tl.sum(lp * tl.exp2(mp - mx[:, None]), 1))
+    return tl.where(gm, lse, 0.0)
+
+
+@triton.jit(do_not_specialize=["KCMAX"])
+def _rerank_logits_kernel(Q, K, LG, MP, LP, CAND, CNT, KH, EX, PA, P8,
+                          stride_lg, sqb, sqh, skb, skh, skn, BT, s_bt, PAGE: tl.constexpr, scale_log2, HKV, KCMAX,
+                          G: tl.constexpr, GPAD: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                          NSPLIT: tl.constexpr, NS3: tl.constexpr, BLOCK_K: tl.constexpr, HAS_KH: tl.constexpr,
+                          DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, PAGED: tl.constexpr = False):
+    """Exact logits of the candidates of row (b, h) (split s of NS3 over its CNT[b] candidates): the bf16 key
+    rows of KV head KH[h] at the candidate positions, times the G queries. Writes them to EX [R, KCMAX, G]
+    and, per query head, the split's sums of exp2(l - lse8) over the candidates for the exact logits (PA)
+    and for the FP8 logits stored by the K pass (P8), lse8 the FP8 log-sum-exp over every key."""
+    tl.static_assert(GPAD >= 16 and GPAD >= G)
+    row = tl.program_id(0)
+    sp = tl.program_id(1)
+    b = row // HKV
+    h = row % HKV
+    if HAS_KH:
+        kh = tl.load(KH + h).to(tl.int32)
+    else:
+        kh = h
+    cnt = tl.load(CNT + b)
+    per = tl.cdiv(tl.cdiv(cnt, BLOCK_K), NS3) * BLOCK_K
+    lo = sp * per
+    hi = tl.minimum(lo + per, cnt)
+    g = tl.arange(0, GPAD)
+    gm = g < G
+    hq = h * G + g
+    d = tl.arange(0, DP)
+    b64 = b.to(tl.int64)
+    q = tl.load(Q + b64 * sqb + hq[:, None] * sqh + d[None, :], mask=gm[:, None] & (d[None, :] < D), other=0.0)
+    lse = _lse2(MP, LP, b * HKV * G + hq, gm, NSPLIT)
+    lg_row = LG + row.to(tl.int64) * stride_lg
+    c_row = CAND + row.to(tl.int64) * KCMAX
+    e_row = EX + row.to(tl.int64) * KCMAX * G
+    a_ex = tl.zeros([GPAD], tl.float32)
+    a_8 = tl.zeros([GPAD], tl.float32)
+    for j0 in range(lo, hi, BLOCK_K):
+        offs = j0 + tl.arange(0, BLOCK_K)
+        km = offs < hi
+        idx = tl.load(c_row + offs, mask=km, other=0)
+        koff = row_offsets(b, kh, idx, km, skb, skh, skn, BT, s_bt, PAGE, PAGED)
+        kt = tl.load(K + koff[:, None] + d[None, :], mask=km[:, None] & (d[None, :] < D), other=0.0)
+        le = _dot(q, tl.trans(kt), DOT_PREC, UPCAST) * scale_log2  # [GPAD, BLOCK_K]
+        ok = gm[:, None] & km[None, :]
+        l8 = tl.load(lg_row + idx.to(tl.int64)[None, :] * G + g[:, None], mask=ok, other=float("-inf"))
+        a_ex += tl.sum(tl.where(ok, tl.exp2(le - lse[:, None]), 0.0), 1)
+        a_8 += tl.sum(tl.exp2(l8 - lse[:, None]), 1)
+        tl.store(e_row + offs[None, :] * G + g[:, None], le, mask=ok)
+    part = (row * NS3 + sp) * GPAD + g
+    tl.store(PA + part, a_ex)
+    tl.store(P8 + part, a_8)
+
+
+@triton.jit(do_not_specialize=["KCMAX", "KMAX"])
+def _rerank_select_kernel(EX, PA, P8, MP, LP, CAND, CNT, START32, END32, IDX, COUNTS, VALS, HKV, KCMAX, KMAX,
+                          RHO_A, RHO_B, RHO_C, GUARD_A, GUARD_B, GUARD_C, K_MIN,
+                          G: tl.constexpr, GPAD: tl.constexpr, NSPLIT: tl.constexpr, NS3: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    """The top k(n_b) of row (b, h)'s candidates by exact pooled score. Each query head's softmax
+    denominator takes the exact terms of the candidates and the FP8 terms of every other key:
+    lse = lse8 + log2(max(0, 1 - P8) + PA); score = sum_g exp2(l_g - lse_g). The scores' bits go to VALS
+    and the radix select of kascade.kernels.prefill_topk picks k(n_b) of them (positions written to IDX,
+    slots from k(n_b) on -1; COUNTS[b] = k(n_b))."""
+    row = tl.program_id(0)
+    b = row // HKV
+    h = row % HKV
+    kc = tl.load(CNT + b)
+    kk = _budget(tl.load(END32 + b) - tl.load(START32 + b), RHO_A, RHO_B, RHO_C, GUARD_A, GUARD_B, GUARD_C, K_MIN)
+    g = tl.arange(0, GPAD)
+    gm = g < G
+    lse8 = _lse2(MP, LP, b * HKV * G + h * G + g, gm, NSPLIT)
+    sp = tl.arange(0, NS3)
+    part = (row * NS3 + sp)[:, None] * GPAD + g[None, :]
+    a_ex = tl.sum(tl.load(PA + part), 0)
+    a_8 = tl.sum(tl.load(P8 + part), 0)
+    lmix = lse8 + tl.log2(tl.maximum(1.0 - a_8, 0.0) + a_ex)
+    e_row = EX + row.to(tl.int64) * KCMAX * G
+    v_row = VALS + row.to(tl.int64) * KCMAX
+    for j0 in range(0, kc, BLOCK):
+        offs = j0 + tl.arange(0, BLOCK)
+        km = offs < kc
+        le = tl.load(e_row + offs[:, None] * G + g[None, :], mask=km[:, None] & gm[None, :], other=float("-inf"))
+        sc = tl.sum(tl.exp2(le - lmix[None, :]), 1)
+        tl.store(v_row + offs, sc.to(tl.int32, bitcast=True), mask=km)
+    o_row = IDX + row.to(tl.int64) * KMAX
+    for j0 in range(kk, KMAX, BLOCK):
+        offs = j0 + tl.arange(0, BLOCK)
+        tl.store(o_row + offs, tl.full([BLOCK], -1, tl.int32), mask=offs < KMAX)
+    if h == 0:
+        tl.store(COUNTS + b, kk)
+    tl.debug_barrier()
+    _radix_select(v_row, CAND + row.to(tl.int64) * KCMAX, kc, kk, o_row, 0, 0, True, BLOCK)
+
+
 # ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
@@ -490,8 +617,12 @@ def _check_anchor_args(q, rho, k_min, tile):
                          "use kascade.kernels.prefill for Q > 1")
 
 
-def _anchor_core(q, krows: KVRows, vrows: KVRows, dm, start, end, rho, k_min, tile, scale, output):
-    """Selection (and output) over the keys [start, end) of each sequence; krows/vrows address the cache."""
+def _anchor_core(q, krows: KVRows, vrows: KVRows, dm, start, end, rho, k_min, tile, scale, output,
+                 key_scales: KVRows | None = None):
+    """Selection (and output) over the keys [start, end) of each sequence; krows/vrows address the cache.
+
+    key_scales: krows is an FP8 copy of the keys and these its per-row scales (select_fp8); output must
+    be None or "fp8", which also returns the pass's buffers for a re-rank (a dict)."""
     B, HQ, HKV, N = dm["B"], dm["HQ"], dm["HKV"], dm["N"]
     R = B * HKV
     dev = q.device
@@ -524,7 +655,7 @@ def _anchor_core(q, krows: KVRows, vrows: KVRows, dm, start, end, rho, k_min, ti
         G=dm["G"], GPAD=dm["GPAD"], D=dm["D"], DP=dm["DP"], DV=dm["DV"], DVP=dm["DVP"], NSPLIT=s1,
         BLOCK_N=cl["BLOCK_N"], HAS_START=start is not None, HAS_LEN=end is not None, DENSE_OUT=dense, SELECT=True,
         DOT_PREC=_dot_prec(q), UPCAST=_upcast(q), PAGED=krows.paged, PDL=pdl, num_warps=cl["num_warps"],
-        num_stages=stages, **ts.pdl_kwargs(pdl))
+        num_stages=stages, **_fp8_kwargs(key_scales), **ts.pdl_kwargs(pdl))
     scores = torch.empty(R, ln, dtype=torch.float32, device=dev)
     cp = CONFIG["pool"]
     _decode_pool_kernel[(R, nchunk)](
@@ -540,6 +671,8 @@ def _anchor_core(q, krows: KVRows, vrows: KVRows, dm, start, end, rho, k_min, ti
     sel = Selection(idx.view(B, HKV, 1, kmax), counts, first_tile, tile, True)
     if output is None:
         return None, sel
+    if output == "fp8":
+        return dict(lg=lg, mp=mp, lp=lp, start32=start32, end32=end32, s1=s1, idx=idx, kmax=kmax), sel
     if output == "logits":  # the stored logits [B * Hkv, N', G] for a later sparse output
         return lg, sel
     out = torch.empty(B, HQ, 1, dm["DV"], dtype=q.dtype, device=dev)
@@ -547,6 +680,14 @@ def _anchor_core(q, krows: KVRows, vrows: KVRows, dm, start, end, rho, k_min, ti
         return _combine(op, mp, lp, out, dm, s1, pdl), sel
     return _sparse(q, krows, vrows, idx, (kmax * HKV, kmax, 1), counts, None, scale, out, dm, logits=lg,
                    pdl=pdl), sel
+
+
+def _fp8_kwargs(key_scales: KVRows | None) -> dict:
+    """The FP8 arguments of _decode_logits_kernel (none for bf16 / fp16 / fp32 keys)."""
+    if key_scales is None:
+        return {}
+    return dict(KS=key_scales.tensor, sks_seq=key_scales.s_seq, sks_head=key_scales.s_head,
+                sks_tok=key_scales.s_tok, FP8=True)
 
 
 def _sparse(q, krows: KVRows, vrows: KVRows, idx, idx_strides, counts, head_map, scale, out, dm, logits=None,
@@ -735,6 +876,100 @@ def part_anchor(q, k, v, heads: slice, sources: Selection, route, rho: float = 0
 
 
 # ----------------------------------------------------------------------------------------------
+# selection from an FP8 copy of the keys (kascade.fp8keys)
+# ----------------------------------------------------------------------------------------------
+
+
+def _fp8_select(q, k8rows: KVRows, ksrows: KVRows, krows: KVRows | None, kv_heads, dm, start, end, rho, k_min,
+                tile, scale, rerank) -> Selection:
+    """Selection of q's KV groups scored from the FP8 copy (k8rows, ksrows); with rerank, the candidates'
+    exact logits from krows (KV head kv_heads[h] for copy head h; None: h) and the top k(n) of them."""
+    if rerank is None:
+        return _anchor_core(q, k8rows, k8rows, dm, start, end, rho, k_min, tile, scale, None, key_scales=ksrows)[1]
+    rho_c, kmin_c = fp8keys.candidate_budget(rho, k_min, rerank)
+    buf, cand = _anchor_core(q, k8rows, k8rows, dm, start, end, rho_c, kmin_c, tile, scale, "fp8", key_scales=ksrows)
+    B, HKV, G = dm["B"], dm["HKV"], dm["G"]
+    R, dev = B * HKV, q.device
+    kcmax = buf["kmax"]
+    kmax = triton.cdiv(max(1, budget(dm["N"], rho, k_min)), 16) * 16
+    cr = CONFIG["rerank"]
+    s3 = _splits(R, dev, cr["per_sm"])
+    ex = torch.empty(R, kcmax, G, dtype=torch.float32, device=dev)
+    pa = torch.empty(R, s3, dm["GPAD"], dtype=torch.float32, device=dev)
+    p8 = torch.empty_like(pa)
+    kh = kv_heads if kv_heads is not None else cand.counts
+    _rerank_logits_kernel[(R, s3)](
+        q, krows.tensor, buf["lg"], buf["mp"], buf["lp"], buf["idx"], cand.counts, kh, ex, pa, p8,
+        buf["lg"].stride(0), q.stride(0), q.stride(1), *krows.args(cand.counts)[1:], _scale_log2(q, scale), HKV, kcmax,
+        G=G, GPAD=dm["GPAD"], D=dm["D"], DP=dm["DP"], NSPLIT=buf["s1"], NS3=s3, BLOCK_K=cr["BLOCK_K"],
+        HAS_KH=kv_heads is not None, DOT_PREC=_dot_prec(q), UPCAST=_upcast(q), PAGED=krows.paged,
+        num_warps=cr["num_warps"])
+    idx = torch.empty(R, kmax, dtype=torch.int32, device=dev)
+    counts = torch.empty(B, 1, dtype=torch.int32, device=dev)
+    vals = torch.empty(R, kcmax, dtype=torch.int32, device=dev)
+    ra, rb, rc = _f32_parts(float(rho))
+    ga, gb, gc = _f32_parts(_GUARD)
+    _rerank_select_kernel[(R,)](
+        ex, pa, p8, buf["mp"], buf["lp"], buf["idx"], cand.counts, buf["start32"], buf["end32"], idx, counts, vals,
+        HKV, kcmax, kmax, ra, rb, rc, ga, gb, gc, k_min, G=G, GPAD=dm["GPAD"], NSPLIT=buf["s1"], NS3=s3,
+        BLOCK=cr["BLOCK"], num_warps=cr["select_warps"])
+    return Selection(idx.view(B, HKV, 1, kmax), counts, cand.first_tile, tile, True)
+
+
+def _check_fp8_args(q, key_copy, rerank, k, kv_heads, copy_shape=None):
+    """(k8, k_scale, kv_heads as an int32 device tensor or None) after the argument checks of select_fp8."""
+    if not isinstance(key_copy, (tuple, list)) or len(key_copy) != 2:
+        raise ValueError(f"key_copy: expected (keys, scales) of the FP8 copy, got {type(key_copy).__name__}")
+    k8, ks = key_copy
+    fp8keys.check_copy(k8, ks)
+    fp8keys.check_options("fp8", rerank)
+    if not isinstance(q, torch.Tensor) or q.dim() != 4 or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"q: expected a float [batch, heads, 1, head_dim] tensor, got "
+                         f"{tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}")
+    s = k8.shape[2] if copy_shape == "paged" else k8.shape[1]
+    if q.shape[1] % s or q.shape[-1] != k8.shape[-1] or q.device != k8.device:
+        raise ValueError(f"key_copy: expected {q.shape[1]} query heads to be a multiple of the copy's KV heads and "
+                         f"head dim {q.shape[-1]} on {q.device}, got keys of shape {tuple(k8.shape)} on {k8.device}")
+    if rerank is None:
+        return k8, ks, None
+    if k is None:
+        raise ValueError("k: rerank re-scores the candidates with the exact keys; pass the key cache")
+    if kv_heads is None:
+        return k8, ks, None
+    if isinstance(kv_heads, torch.Tensor) and kv_heads.device == q.device:  # a route's cached tensor: not read back
+        return k8, ks, kv_heads
+    hkv = k.shape[2] if copy_shape == "paged" else k.shape[1]
+    heads = [int(h) for h in (kv_heads.tolist() if isinstance(kv_heads, torch.Tensor) else kv_heads)]
+    if len(heads) != s or any(not 0 <= h < hkv for h in heads):
+        raise ValueError(f"kv_heads: expected {s} KV heads of k (< {hkv}), one per copy head, got {heads}")
+    return k8, ks, torch.tensor(heads, dtype=torch.int32, device=q.device)
+
+
+def select_fp8(q, key_copy, rho: float = 0.1, k_min: int = 128, tile: int = 32, kv_start=None, scale=None,
+               kv_len=None, *, rerank: float | None = None, k=None, kv_heads=None) -> Selection:
+    """`select` scored from an FP8 copy of the keys (kascade.fp8keys.select is the reference).
+
+    q [B, S * G, 1, D]; key_copy (keys [B, S, N, D] float8_e4m3fn, scales [B, S, N] float32); kv_start,
+    kv_len as in `select`. rerank c >= 1: the FP8 scores choose k(n; c rho, c k_min) candidates, whose
+    exact logits come from k [B, Hkv, N, D] (KV head kv_heads[h] for copy head h, default h), and the top
+    k(n) by exact pooled score are kept. Same Selection layout as `select` (slots past k(n) hold -1)."""
+    k8, ks, kh = _check_fp8_args(q, key_copy, rerank, k, kv_heads)
+    _check_anchor_args(q, rho, k_min, tile)
+    (q,) = _last_dim_contiguous(q)
+    start = _kv_start(kv_start, q, k8)
+    end = _kv_len(kv_len, q, k8, start)
+    krows = None
+    if rerank is not None:
+        if k.shape[0] != k8.shape[0] or k.shape[2] != k8.shape[2] or k.dtype != q.dtype:
+            raise ValueError(f"k: expected [{k8.shape[0]}, Hkv, {k8.shape[2]}, {k8.shape[3]}] keys of q's dtype "
+                             f"{q.dtype}, got {tuple(k.shape)} {k.dtype}")
+        krows = contiguous_rows(k)
+    dm = _dims(q, k8, None)
+    return _fp8_select(q, contiguous_rows(k8), KVRows(ks, ks.stride(0), ks.stride(1), ks.stride(2)), krows, kh, dm,
+                       start, end, rho, k_min, tile, scale, rerank)
+
+
+# ----------------------------------------------------------------------------------------------
 # paged KV cache (kascade.kernels.paging.PagedKV): pages resolved inside the kernels
 # ----------------------------------------------------------------------------------------------
 
@@ -826,3 +1061,29 @@ def sparse_attention_paged(q, cache: PagedKV, selection: Selection, head_map=Non
     out = torch.empty(dm["B"], dm["HQ"], 1, dm["DV"], dtype=q.dtype, device=q.device)
     return _sparse(q, kr, vr, idx, (idx.stride(0), idx.stride(1), idx.stride(3)), selection.counts, hm, scale, out, dm,
                    pdl=pdl_mode(q.device))
+
+
+def select_fp8_paged(q, cache: PagedKV, key_copy, rho: float = 0.1, k_min: int = 128, tile: int = 32, scale=None,
+                     check: bool = True, *, rerank: float | None = None, kv_heads=None) -> PagedDecodeSelection:
+    """`select_fp8` over a paged cache: key_copy (keys [num_pages, page_size, S, D] float8_e4m3fn, scales
+    [num_pages, page_size, S] float32) shares the cache's pages (cache.block_table, cache.seq_lens); with
+    rerank the candidates' exact logits read cache.key_cache (KV head kv_heads[h] for copy head h)."""
+    k8, ks, kh = _check_fp8_args(q, key_copy, rerank, cache.key_cache, kv_heads, copy_shape="paged")
+    _check_anchor_args(q, rho, k_min, tile)
+    kc = cache.key_cache
+    if k8.shape[:2] != kc.shape[:2] or q.dtype != kc.dtype or q.shape[0] != cache.block_table.shape[0]:
+        raise ValueError(f"key_copy: expected pages {tuple(kc.shape[:2])} like the cache and q of its dtype {kc.dtype} "
+                         f"and batch {cache.block_table.shape[0]}, got keys {tuple(k8.shape)} and q {tuple(q.shape)} "
+                         f"{q.dtype}")
+    if check and not _capturing(q):
+        cache.host_lengths()
+    (q,) = _last_dim_contiguous(q)
+    copy = PagedKV(k8, None, cache.block_table, cache.seq_lens)
+    b, hq, _, d = q.shape
+    s = k8.shape[2]
+    dm = dict(B=b, HQ=hq, HKV=s, N=cache.block_table.shape[1] * cache.page_size, D=d, DV=d, G=hq // s,
+              GPAD=max(16, _pow2(hq // s)), DP=max(16, _pow2(d)), DVP=max(16, _pow2(d)))
+    ksrows = KVRows(ks, ks.stride(0), ks.stride(2), ks.stride(1), cache.block_table, cache.page_size)
+    krows = cache.rows("key") if rerank is not None else None
+    sel = _fp8_select(q, copy.rows("key"), ksrows, krows, kh, dm, None, cache.seq_lens, rho, k_min, tile, scale, rerank)
+    return _with_pool(sel, cache)

@@ -103,9 +103,9 @@ def _topk_rows_kernel(
     ssb, ssh, ssu,
     u0, Q_LEN, N_CACHE,
     TILE: tl.constexpr, CAP: tl.constexpr, SAMPLE: tl.constexpr, NT: tl.constexpr,
-    BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, HAS_END: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, HAS_END: tl.constexpr, OUT_U0=0,
 ):
-    """INDICES[b, h, u, :counts[b, u]] = top positions of POOLED[b, h, u - u0, :tT] (absolute, + kv_start[b])."""
+    """INDICES[b, h, u - OUT_U0, :counts[b, u]] = top positions of POOLED[b, h, u - u0, :tT] (absolute, + kv_start[b])."""
     tl.static_assert(SAMPLE <= CAP)
     uu = tl.program_id(0)
     h = tl.program_id(1)
@@ -116,7 +116,7 @@ def _topk_rows_kernel(
     t = p0 // TILE + u
     n = t * TILE
     kk = tl.load(COUNTS + b * scb + u)
-    OUT = INDICES + b.to(tl.int64) * sib + h.to(tl.int64) * sih + u.to(tl.int64) * siu
+    OUT = INDICES + b.to(tl.int64) * sib + h.to(tl.int64) * sih + (u - OUT_U0).to(tl.int64) * siu
     ROW = POOLED + b.to(tl.int64) * spb + h.to(tl.int64) * sph + uu.to(tl.int64) * spu
     if n < n_seq:  # the tile exists in this sequence
         if kk >= n:
@@ -198,13 +198,15 @@ def topk_rows_scratch(bsz: int, hkv: int, chunk: int, device, cap: int = CAP) ->
 
 def topk_rows_chunk(pooled, indices, counts, kv_start_i32, scratch, u0: int, n_tiles: int, tile: int,
                     q_len: int, n_cache: int, n_max: int, *, cap: int = CAP, sample: int | None = None,
-                    nt: int = NT, block: int = 1024, block_c: int = 512, num_warps: int = 8, kv_end_i32=None):
+                    nt: int = NT, block: int = 1024, block_c: int = 512, num_warps: int = 8, kv_end_i32=None,
+                    out_u0: int = 0):
     """indices[:, :, u0:u0+n_tiles, :k] from pooled[:, :, :n_tiles] (float32, read as int32 bits).
 
     pooled [B, Hkv, C, >= n_max] float32 >= 0, indices [B, Hkv, U, Kmax] int32, counts [B, U] int32,
     kv_start_i32 [B], scratch from topk_rows_scratch(cap=cap). n_cache: the cache length N;
     kv_end_i32 [B] or None: each sequence's end of keys (N when None; a paged cache's seq_lens);
     n_max: the longest row of the chunk (sizes the threshold sample unless sample is given).
+    out_u0: local tile u is written to indices[:, :, u - out_u0] (a buffer of the chunk's tiles only).
     """
     bsz, hkv = pooled.shape[0], pooled.shape[1]
     bits = pooled.view(torch.int32)
@@ -220,5 +222,5 @@ def topk_rows_chunk(pooled, indices, counts, kv_start_i32, scratch, u0: int, n_t
         scratch.stride(0), scratch.stride(1), scratch.stride(2),
         u0, q_len, n_cache,
         TILE=tile, CAP=cap, SAMPLE=sample, NT=nt, BLOCK=block, BLOCK_C=min(block, block_c),
-        HAS_END=kv_end_i32 is not None, num_warps=num_warps,
+        HAS_END=kv_end_i32 is not None, OUT_U0=out_u0, num_warps=num_warps,
     )
