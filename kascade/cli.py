@@ -75,8 +75,8 @@ def cmd_calibrate(args) -> int:
         formats = formats_without(args.leave_out, formats)
     if recipe == "paper":
         print("kascade calibrate: the paper's recipe judges plans by attention mass, which on SmolLM2-135M kept "
-              "85-94% of it while losing half the needles (README); --recipe output-aware judges them by the "
-              "model's own outputs", file=sys.stderr)
+              "85-94% of it while losing half the needles (docs/calibration.md); --recipe output-aware judges them "
+              "by the model's own outputs", file=sys.stderr)
     model, tok = load_model(args.model_dir, args.device, args.dtype)
     settings = {"recipe": recipe, "length": args.length, "num_prompts": args.num_prompts, "rho": args.rho,
                 "k_min": args.k_min, "tile": args.tile, "topk": args.topk, "anchors": args.anchors}
