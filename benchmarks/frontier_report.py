@@ -122,7 +122,8 @@ def plan_rows(work: Path, cells: dict, heads: list[str], lengths, default_plan: 
         row["calibration_kl"] = kl.get("worst_family")
         row["heldout_kl"] = held.get("plans", {}).get(name, {}).get("worst_family")
         rows.append(row)
-    return rows
+    order = list(SERIES)
+    return sorted(rows, key=lambda r: (order.index(r["series"]), r["cost"], r["rho"] != RHO, r["rho"]))
 
 
 def _relative(path) -> str:

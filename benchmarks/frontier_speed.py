@@ -195,6 +195,7 @@ class _Decode:
         import decode as DB
 
         self.DB, self.fp, self.n = DB, fp, n
+        self.device = torch.cuda.get_device_name()
         hq, hkv, d, L = fp["num_q_heads"], fp["num_kv_heads"], fp["head_dim"], fp["num_layers"]
         per_layer = 2 * hkv * n * d * 2
         self.nbuf = int(max(2, min(L, DB.KV_BUDGET_BYTES // per_layer)))
@@ -258,6 +259,7 @@ class _Prefill:
         import prefill as PB
 
         self.PB, self.fp, self.n = PB, fp, n
+        self.device = torch.cuda.get_device_name()
         hq, hkv, d = fp["num_q_heads"], fp["num_kv_heads"], fp["head_dim"]
         g = torch.Generator(device="cuda").manual_seed(n)
         self.q = torch.randn(1, hq, n, d, device="cuda", dtype=torch.bfloat16, generator=g)
@@ -302,9 +304,10 @@ class _Prefill:
         return {"ms": med, "p20": p20, "p80": p80}
 
 
-def measure(plans: dict, shape_name: str, phase: str, n: int, out: Path, budget_s: float) -> bool:
+def measure(plans: dict, shape_name: str, phase: str, n: int, out: Path, budget_s: float, runner=None) -> bool:
     """Measure every plan of `plans` (name -> Plan) missing from `out` on the shape at N = n, with dense
-    measured in this process first; False when the budget stopped it before the last plan."""
+    measured in this process first; False when the budget stopped it before the last plan. runner: the class
+    that measures (default _Decode or _Prefill by the phase)."""
     import datetime
 
     import torch
@@ -323,9 +326,9 @@ def measure(plans: dict, shape_name: str, phase: str, n: int, out: Path, budget_
     if budget_s <= 0:
         return False
     _log(f"{shape_name} {phase} N={n}: {len(todo)} plans to measure")
-    runner = (_Decode if phase == "decode" else _Prefill)(fp, n)
+    runner = (runner or (_Decode if phase == "decode" else _Prefill))(fp, n)
     dense = runner.dense()
-    run = {"index": len(doc["runs"]), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+    run = {"index": len(doc["runs"]), "device": runner.device, "torch": torch.__version__,
            "triton": triton.__version__, "date": datetime.date.today().isoformat(), "dense": dense}
     doc["runs"].append(run)
     base = dense["model"][dense["baseline"]]["ms"]

@@ -57,6 +57,8 @@ def test_jobs_list_every_plan_task_set_and_length(tmp_path):
         "--strategies kascade --out /ev/head-4/families-8064")
     assert f"--budgets 0.05 --plan {F.DEFAULT_PLAN} --strategies kascade" in line["default-rho0.05/tasks-8064"]
     assert "--budgets 0.2 " in line["default-rho0.2/families-4096"]
+    missing = F.speed_missing(work)  # what the speed stage has left: every plan in 6 measurements
+    assert len(missing) == 6 * (len(runs) - 1) and missing[0] == "smollm2-decode-8192 default"
     # the headline tasks are those of the committed SmolLM2 evaluation
     ev = json.loads((F.ROOT / "benchmarks" / "results" / "eval_smollm2.json").read_text())
     assert list(F.HEADLINE_TASKS) == ev["headline_tasks"]
@@ -195,3 +197,41 @@ def test_a_pass_that_drops_read_selections_attends_as_one_that_keeps_them():
     again = FS.forward(freed, 10, lambda _: q, lambda _: (k, v), FS.last_readers(plan, 2))
     assert torch.equal(again, out)
     assert max(live) < len(kept.state) and not freed.state
+
+
+def test_speed_measurements_resume_and_keep_each_plan_against_its_own_dense(tmp_path):
+    """measure() with a stand-in for the GPU runner: dense first in every process, one entry per plan with its
+    speedup against that dense, the 8B shape's mapped cost and the cost model's prediction, failures kept
+    as errors and measured again by the next process."""
+    calls, failed = [], []
+
+    class Fake:
+        device = "stand-in"
+
+        def __init__(self, fp, n):
+            self.fp = fp
+
+        def dense(self):
+            calls.append("dense")
+            return {"baseline": "fa3", "best": "sdpa_cudnn", "model": {"fa3": {"ms": 8.0}, "sdpa_cudnn": {"ms": 6.0}}}
+
+        def plan(self, plan):
+            calls.append(plan.selecting_layers_equivalent)
+            if plan.selecting_layers_equivalent == 6 and not failed:
+                failed.append(6)
+                raise RuntimeError("out of memory")
+            return {"ms": plan.selecting_layers_equivalent / 2, "p20": 0.0, "p80": 0.0}
+
+    plans = {"head-4": _head_plan(4), "head-6": _head_plan(6)}
+    out = tmp_path / "speed" / "8b-decode-131072.json"
+    assert FS.measure(plans, "8b", "decode", 131072, out, 60.0, runner=Fake)
+    doc = json.loads(out.read_text())
+    four = doc["plans"]["head-4"]
+    assert (four["speedup"], four["speedup_vs_best_dense"], four["selecting_layers_equivalent"]) == (4.0, 3.0, 4.0)
+    assert four["predicted_speedup"] > 1 and four["dense"] == "fa3" and four["run"] == 0
+    assert "error" in doc["plans"]["head-6"] and doc["runs"][0]["device"] == "stand-in"
+    calls.clear()
+    assert FS.measure(plans, "8b", "decode", 131072, out, 60.0, runner=Fake)
+    doc = json.loads(out.read_text())
+    assert calls == ["dense", 6.0] and doc["plans"]["head-6"]["run"] == 1 and doc["plans"]["head-6"]["speedup"] == 8 / 3
+    assert FS.measure(plans, "8b", "decode", 131072, out, 60.0, runner=Fake) and calls == ["dense", 6.0]
