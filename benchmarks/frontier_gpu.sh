@@ -29,9 +29,9 @@
 # generalization runs): 23 evaluations of 60 samples x 12 tasks x 2 lengths (dense and oracle, the default
 # plan at rho 0.05, 0.1 and 0.2, 18 frontier plans at rho 0.1) = 33,120 samples; the plan runs take the
 # baselines' dense rows (`frontier.py seed`), so dense runs once: 33,120 x 0.3 s / 6 = 28 min, plus about 5 min
-# of process starts (92 runs, each loading the model and its prompt workers) and the calibration sharing the
+# of process starts (88 runs, each loading the model and its prompt workers) and the calibration sharing the
 # GPU (about 12 min of searches in the background of the first two calls): 4 to 5 eval calls. Speed: decode
-# about 3 min, prefill on SmolLM2's shape about 2 min, on the 8B shape about 6 min (19 plans x 4 passes of
+# about 3 min, prefill on SmolLM2's shape about 2 min, on the 8B shape about 6 min (21 plans x 4 passes of
 # 3-7 s at 128K): 2 calls. With the 3 copy calls: about 10 calls, 70 to 80 device minutes.
 #
 # Settings: WORK (/tmp/frontier) and EVAL (/tmp/frontier-eval), the folders of the work and of the eval runs
