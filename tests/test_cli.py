@@ -113,6 +113,12 @@ def test_calibrate_refuses_a_search_step_below_two(model_dir, tmp_path, capsys):
     assert "--search-step: expected an integer >= 2" in capsys.readouterr().err
 
 
+def test_calibrate_refuses_granularity_without_the_output_aware_recipe(model_dir, tmp_path, capsys):
+    assert main(["calibrate", str(model_dir), "--data", str(model_dir / "data.txt"), "--granularity", "layer",
+                 "--anchors", "2", "-o", str(tmp_path / "p.json"), "--device", "cpu"]) == 2
+    assert "--granularity: needs --recipe output-aware" in capsys.readouterr().err
+
+
 def test_demo_refuses_a_model_without_a_plan(model_dir, capsys):
     assert main(["demo", "--model", str(model_dir), "--device", "cpu"]) == 2
     assert "--plan: no shipped plan for the model at" in capsys.readouterr().err

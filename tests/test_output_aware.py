@@ -127,3 +127,43 @@ def test_cost_model_charges_the_views_of_unevenly_spaced_heads():
     assert even == pytest.approx(t["reuse"] + 0.5 * t["select"])
     assert uneven == pytest.approx(t["reuse"] + 3 / 8 * t["select"] + t["extra_slice"])
     assert t["extra_slice"] > 0
+
+
+def test_greedy_search_passes_through_its_stops():
+    """With stops, no step jumps over a stop's cost, so the history holds a plan at each; without them the
+    same search may skip it."""
+    cfg = {"num_layers": 8, "num_kv_heads": 3}
+    weight = {(layer, h): 0.01 * (layer * 3 + h) for layer in range(1, 8) for h in range(3)}
+    score = lambda sel: sum(w for u, w in weight.items() if u not in sel)  # noqa: E731  (additive toy)
+    sel, hist = OA.greedy_search(score, cfg, target=2.0, shrink=2, progress=False, stops=(6.0, 4.0, 3.0))
+    costs = [h["cost"] for h in hist]
+    assert OA.units_cost(sel, 3) == 2.0 and {6.0, 4.0, 3.0} <= set(costs)
+    _, free = OA.greedy_search(score, cfg, target=2.0, shrink=2, progress=False)
+    assert not {6.0, 4.0, 3.0} <= {h["cost"] for h in free}  # halving 21 units: 11, 6, 3, ... (no stop at 6.0)
+    with pytest.raises(ValueError, match="stops"):
+        OA.greedy_search(score, cfg, target=2.0, progress=False, stops=(9.0,))
+
+
+def test_layer_granular_search_picks_whole_layers(setup):
+    """granularity="layer": every plan on the path is anchors and the paper's head map (whole layers, layer 0
+    first), at the target cost and at each stop."""
+    from kascade.calibrate import head_map_for
+
+    model = setup[0]
+    calib = OA.calibration_set(model, ByteTokenizer(), TEXT, ("passkey",), length=300, num_prompts=2,
+                               answer_tokens=2, batch_size=2, topk=16, tile=16, backend="reference", progress=False)
+    kw = dict(k_min=16, tile=16, topk=16, backend="reference", progress=False, calib=calib)
+    plan, report = OA.calibrate_output_aware(model, ByteTokenizer(), TEXT, num_anchors=2, granularity="layer",
+                                             stops=(3,), **kw)
+    assert not plan.head_granular and plan.anchors[0] == 0 and len(plan.anchors) == 2
+    assert plan.selecting_layers_equivalent == 2.0 and plan.recipe == "output-aware"
+    assert plan.provenance["granularity"] == "layer" and report["granularity"] == "layer"
+    sim = report["similarity"]
+    assert sorted(report["plans_along"]) == [2, 3, 4] == sorted(report["paper_plans_along"])
+    for cost, p in report["plans_along"].items():
+        assert p.head_sources is None and len(p.anchors) == cost == p.selecting_layers_equivalent
+        assert p.head_map == head_map_for(sim, p.anchors)
+    removed = [layer for step in report["history"] for layer in step["removed"]]
+    assert all(isinstance(layer, int) for layer in removed) and set(plan.anchors).isdisjoint(removed)
+    with pytest.raises(ValueError, match="granularity"):
+        OA.calibrate_output_aware(model, ByteTokenizer(), TEXT, num_anchors=2, granularity="unit", **kw)

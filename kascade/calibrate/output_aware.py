@@ -24,6 +24,12 @@ lose the one far-away key that answers the question. This recipe measures the an
    search stops at the target cost (`selecting_layers_equivalent`) or, with a tolerance, at the
    cheapest plan whose objective stays under it.
 
+Layer granularity (`granularity="layer"`): the units are whole layers (layer 0 always an anchor), a plan is
+the paper's (anchors and `head_map_for`), and the same search, objective and memo choose the anchors
+greedily by the model's outputs instead of by attention mass. Such a plan runs the plain anchor and
+reuse kernels, with no part-selecting layer (at the same cost it decodes faster than a head-granular one:
+benchmarks/results/head_granular_decode_h200.md), and it is what a path without head granularity can run.
+
 Leave-one-family-out validation (`leave_out=FAMILY`) runs the same search on the prompts whose formats
 are not of that evaluation family's kind (`retrieval.LEAVE_OUT`), statistics included. A
 `CalibrationSet` holds the prompts, dense continuations and per-prompt divergences of every plan
@@ -157,13 +163,25 @@ def plan_of_units(selecting: set, sim: np.ndarray, cfg: dict, tp_degree: int = 1
                 **plan_kw)
 
 
+def plan_of_layers(layers, sim: np.ndarray, cfg: dict, tp_degree: int = 1, **plan_kw) -> Plan:
+    """The layer-granular plan whose anchors are `layers` plus layer 0, with the paper's head map
+    (`kascade.calibrate.head_map_for`: each reuse head reads the anchor head of highest sim); the plan a
+    path without head granularity can run."""
+    from kascade.calibrate import head_map_for
+
+    anchors = sorted({int(x) for x in layers} | {0})
+    return Plan(anchors=anchors, head_map=head_map_for(sim, anchors, tp_degree), model=dict(cfg),
+                recipe="output-aware", tp_degree=tp_degree, **plan_kw)
+
+
 def units_cost(selecting: set, num_kv_heads: int) -> float:
     """selecting_layers_equivalent of a unit set (layer 0 counts as one selecting layer)."""
     return 1.0 + len({u for u in selecting if u[0] != 0}) / num_kv_heads
 
 
 def greedy_search(score, cfg: dict, target: float | None = None, tolerance: float | None = None,
-                  shrink: int = 10, progress: bool = True, candidates: int | None = None) -> tuple[set, list[dict]]:
+                  shrink: int = 10, progress: bool = True, candidates: int | None = None,
+                  stops=()) -> tuple[set, list[dict]]:
     """Greedy removal of units (see the module docstring).
 
     score(selecting) -> divergence of the plan of that unit set. target: stop once the cost is at most
@@ -171,7 +189,9 @@ def greedy_search(score, cfg: dict, target: float | None = None, tolerance: floa
     (stop when every removal would). candidates: after the first step, measure only this many units per
     step, those whose removal raised the score least when last measured (a unit's harm rarely falls as
     others go; every unit is measured again before the search gives up under a tolerance). None measures every unit
-    at every step. Returns (selecting units, history of {cost, divergence, removed})."""
+    at every step. stops: costs (selecting-layer equivalents) the path must pass through on its way down (a step
+    removes no more units than takes it to the next stop), so that the history holds a plan at each.
+    Returns (selecting units, history of {cost, divergence, removed})."""
     if candidates is not None and (isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1):
         raise ValueError(f"candidates: expected an integer >= 1 or None, got {candidates!r}")
     if target is None and tolerance is None:
@@ -181,6 +201,14 @@ def greedy_search(score, cfg: dict, target: float | None = None, tolerance: floa
         raise ValueError(f"target: expected selecting-layer equivalents in [1, {L}], got {target}")
     if tolerance is not None and not tolerance >= 0:
         raise ValueError(f"tolerance: expected a divergence >= 0 (nats), got {tolerance}")
+    bad = [c for c in stops if not 1.0 <= c <= L]
+    if bad:
+        raise ValueError(f"stops: expected selecting-layer equivalents in [1, {L}], got {bad}")
+
+    def kept(cost):  # units a plan of at most this cost keeps
+        return math.floor(round((cost - 1.0) * H, 9))
+
+    floors = sorted({kept(c) for c in stops})
     selecting = {(layer, h) for layer in range(1, L) for h in range(H)}
     current = score(selecting)
     history = [{"cost": units_cost(selecting, H), "divergence": current, "removed": []}]
@@ -197,7 +225,7 @@ def greedy_search(score, cfg: dict, target: float | None = None, tolerance: floa
         return sorted(out)
 
     while selecting:
-        over = len(selecting) - (math.floor(round((target - 1.0) * H, 9)) if target is not None else 0)
+        over = len(selecting) - (kept(target) if target is not None else 0)
         if over <= 0:
             break
         pool = sorted(selecting)
@@ -211,7 +239,8 @@ def greedy_search(score, cfg: dict, target: float | None = None, tolerance: floa
             ok = [t for t in trials if tolerance is None or t[0] <= tolerance]
         if not ok:
             break
-        r = min(max(1, len(selecting) // shrink), len(ok), over)
+        room = min([len(selecting) - f for f in floors if f < len(selecting)], default=over)
+        r = min(max(1, len(selecting) // shrink), len(ok), over, room)
         removed = [u for _, u in ok[:r]]
         new = score(selecting - set(removed)) if r > 1 else ok[0][0]
         if r > 1 and tolerance is not None and new > tolerance:
@@ -229,6 +258,7 @@ def greedy_search(score, cfg: dict, target: float | None = None, tolerance: floa
 
 
 OBJECTIVES = ("worst-family", "mean")
+GRANULARITIES = ("head", "layer")
 
 
 @dataclasses.dataclass
@@ -355,7 +385,8 @@ def calibrate_output_aware(model, tokenizer, text: str, num_anchors: float | Non
                            tile: int = 32, topk: int = 64, backend: str = "auto", progress: bool = True,
                            data_name: str = "", formats=None, shrink: int = 10, objective: str = "worst-family",
                            leave_out: str | None = None, candidates: int | None = None,
-                           calib: CalibrationSet | None = None, tp_degree: int = 1) -> tuple[Plan, dict]:
+                           calib: CalibrationSet | None = None, tp_degree: int = 1, granularity: str = "head",
+                           stops=()) -> tuple[Plan, dict]:
     """An output-aware plan (see the module docstring) and a report: the search history, the objective, the
     divergence per format family and the answer agreement of the chosen plan and of the paper's plan of
     the same cost on the same prompts.
@@ -367,7 +398,11 @@ def calibrate_output_aware(model, tokenizer, text: str, num_anchors: float | Non
     many units per step, those whose removal cost least when last measured (None: every unit).
     calib: a CalibrationSet to share (its prompts replace length/num_prompts/formats).
     tp_degree: every source stays inside its head's tensor-parallel shard (the plan runs sharded); the
-    paper's plan of the same cost is constrained alike."""
+    paper's plan of the same cost is constrained alike.
+    granularity: "head" (default: units are (layer, KV head) pairs) or "layer" (units are whole layers; a plan
+    is anchors and the paper's head map, `plan_of_layers`, which every path runs; the same objective and memo).
+    stops: costs the search path must pass through (greedy_search); report["plans_along"] holds the path's plan
+    at every whole cost it reached, report["paper_plans_along"] the paper's recipe at the same costs."""
     import datetime as _dt
 
     import kascade
@@ -377,6 +412,8 @@ def calibrate_output_aware(model, tokenizer, text: str, num_anchors: float | Non
 
     if objective not in OBJECTIVES:
         raise ValueError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity: expected one of {GRANULARITIES}, got {granularity!r}")
     cfg = model_fingerprint(model.config)
     L, H = cfg["num_layers"], cfg["num_kv_heads"]
     if calib is None:
@@ -392,22 +429,33 @@ def calibrate_output_aware(model, tokenizer, text: str, num_anchors: float | Non
 
     _check_tp_degree(tp_degree, H)
     plan_kw = dict(rho=rho, k_min=k_min, tile=tile, tp_degree=tp_degree)
+    if granularity == "layer":  # a unit is a whole layer: (layer, 0) of a model with one "head"
+        hu, unit_cfg = 1, {"num_layers": L, "num_kv_heads": 1}
+
+        def build(units):
+            return plan_of_layers({u[0] for u in units}, sim, cfg, **plan_kw)
+    else:
+        hu, unit_cfg = H, cfg
+
+        def build(units):
+            return plan_of_units(units, sim, cfg, **plan_kw)
 
     def score(selecting):
-        values = calib.per_prompt(plan_of_units(selecting, sim, cfg, **plan_kw))
-        return objective_value(values, kinds, idx, objective)
+        return objective_value(calib.per_prompt(build(selecting)), kinds, idx, objective)
 
     before = len(calib.memo)
-    selecting, history = greedy_search(score, cfg, target=num_anchors, tolerance=tolerance, shrink=shrink,
-                                       progress=progress, candidates=candidates)
-    plan = plan_of_units(selecting, sim, cfg, **plan_kw)
+    selecting, history = greedy_search(score, unit_cfg, target=num_anchors, tolerance=tolerance, shrink=shrink,
+                                       progress=progress, candidates=candidates, stops=stops)
+    plan = build(selecting)
     along = {}  # the search path's plans at whole costs, and the paper's recipe at the same costs
-    units = {(layer, h) for layer in range(1, L) for h in range(H)}
+    units = {(layer, h) for layer in range(1, L) for h in range(hu)}
     for step in history:
         units -= {tuple(u) for u in step["removed"]}
-        cost = units_cost(units, H)
+        cost = units_cost(units, hu)
         if cost == int(cost) and int(cost) not in along:
-            along[int(cost)] = plan_of_units(units, sim, cfg, **plan_kw)
+            along[int(cost)] = build(units)
+    if granularity == "layer":  # the history names layers
+        history = [dict(step, removed=[u[0] for u in step["removed"]]) for step in history]
     paper_along = {}
     for k in along:
         a, _ = best_anchors(layer_scores(sim, importance, tp_degree), k)
@@ -422,14 +470,15 @@ def calibrate_output_aware(model, tokenizer, text: str, num_anchors: float | Non
         "data": data_name, "num_prompts": len(idx), "prompt_tokens": len(calib.prompts[0].ids),
         "formats": sorted({kinds[i] for i in idx}), "answer_tokens": int(calib.batches[0].continuation.shape[1]),
         "calibration_topk": calib.topk, "target": num_anchors, "tolerance": tolerance, "search_step": shrink,
-        "search_candidates": candidates, "objective": objective, "leave_out": leave_out,
+        "search_candidates": candidates, "objective": objective, "leave_out": leave_out, "granularity": granularity,
         "divergence": ours_div, "divergence_by_family": ours_fam,
         "paper_plan_same_cost": {"anchors": anchors, "divergence": paper_div},
         "plans_measured": len(calib.memo) - before, "date": _dt.date.today().isoformat(),
         "kascade_version": kascade.__version__,
     }
     report = {"history": history, "similarity": sim, "importance": importance, "divergence": ours_div,
-              "objective": objective, "leave_out": leave_out, "divergence_by_family": ours_fam,
+              "objective": objective, "leave_out": leave_out, "granularity": granularity,
+              "divergence_by_family": ours_fam,
               "paper_anchors": anchors, "paper_divergence": paper_div, "paper_divergence_by_family": paper_fam,
               "agreement": agreement(model, KascadeStrategy(plan, backend=backend), calib.batches, idx),
               "paper_agreement": agreement(model, KascadeStrategy(paper, backend=backend), calib.batches, idx),
