@@ -14,6 +14,8 @@ the same constrained best head; `report["tp"]` gives what the constraint costs.
 from __future__ import annotations
 
 import datetime as _dt
+import sys as _sys
+import types as _types
 
 import numpy as np
 import torch
@@ -194,3 +196,15 @@ def save_plots(report: dict, out_dir) -> list[str]:
     fig.savefig(p2, dpi=120)
     plt.close(fig)
     return [str(p1), str(p2)]
+
+
+class _CallablePackage(_types.ModuleType):
+    """Calling the package calls `calibrate`: importing any `kascade.calibrate.*` module binds the name
+    `kascade.calibrate` to this package (Python's import system), and `kascade.calibrate(model, texts, ...)`
+    must keep working after it."""
+
+    def __call__(self, model, texts, num_anchors: int, **kwargs) -> Plan:
+        return calibrate(model, texts, num_anchors, **kwargs)
+
+
+_sys.modules[__name__].__class__ = _CallablePackage
