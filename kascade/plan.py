@@ -115,7 +115,8 @@ class Plan:
         if self.head_granular:
             raise ValueError(f"plan: {what} supports plans of layer granularity only (anchors and a head map); this "
                              "plan has head_sources (finer-grained anchors). Use the transformers integration "
-                             "(kascade.enable), or calibrate with `kascade calibrate --recipe paper`")
+                             "(kascade.enable), or calibrate a layer-granular plan (`kascade calibrate --recipe output-aware "
+                             "--granularity layer`, or `--recipe paper`)")
 
     def sources(self, layer: int, num_kv_heads: int, tp_rank: int | None = None) -> list[tuple[int, int]]:
         """Per KV head of `layer`, the (layer, head) whose selection it attends to; (layer, h) itself
@@ -356,8 +357,8 @@ def shard_of(head: int, num_kv_heads: int, tp_degree: int) -> int:
     return head // (num_kv_heads // tp_degree)
 
 
-# the output-aware recipe makes head-granular plans for one rank only (kascade.cli refuses --tp-degree with it)
-_TP_FIX = ("use a plan whose sources stay inside the shards, e.g. `kascade calibrate --recipe paper --tp-degree {tp}`, "
+# both recipes calibrate for a TP degree (their sources then stay inside the shards)
+_TP_FIX = ("use a plan whose sources stay inside the shards: `kascade calibrate --tp-degree {tp}` (either recipe), "
            "or run without tensor parallelism")
 
 
