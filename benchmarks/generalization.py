@@ -14,6 +14,12 @@ Three stages (the GPU recipe is benchmarks/generalization_gpu.sh):
         plan and the new full-mixture plans on every family, each leave-one-out plan on its own family.
     python benchmarks/generalization.py report --work DIR --eval EVALDIR -o benchmarks/results/generalization_smollm2
         Reads every DIR/EVALDIR/*/results.jsonl and writes the .json, .md and .png of the results.
+    python benchmarks/generalization.py seed --work DIR --eval EVALDIR [--plans P] [--rows R] [--searches S]
+        Puts committed plans (P, default benchmarks/results/generalization_smollm2_plans) into DIR/plans, their
+        search reports (S, default benchmarks/results/generalization_smollm2_searches) into DIR/reports, and
+        committed eval rows (R, default benchmarks/results/generalization_smollm2_results.jsonl, each row
+        naming its run) back into EVALDIR/RUN/TASK-LENGTH/results.jsonl, so that a later run evaluates the
+        same plans and only the samples not yet scored (e.g. more samples per cell).
 """
 
 from __future__ import annotations
@@ -109,6 +115,47 @@ def cmd_jobs(args) -> int:
     return 0
 
 
+def cmd_seed(args) -> int:
+    import shutil
+
+    work, ev = Path(args.work), Path(args.eval)
+    (work / "plans").mkdir(parents=True, exist_ok=True)
+    plans = sorted(Path(args.plans).glob("*.json"))
+    if not plans:
+        raise SystemExit(f"--plans: no plan files in {args.plans}")
+    for plan in plans:
+        shutil.copyfile(plan, work / "plans" / plan.name)
+    (work / "reports").mkdir(parents=True, exist_ok=True)
+    for report in sorted(Path(args.searches).glob("*.json")):
+        shutil.copyfile(report, work / "reports" / report.name)
+    cells: dict = {}
+    with open(args.rows, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                run = row.pop("run", None)
+                if run is None:
+                    raise SystemExit(f"--rows: {args.rows} has a row without its run: {line[:120]}")
+                cells.setdefault((run, row["task"], int(row["length"])), []).append(row)
+    for (run, task, length), rows in sorted(cells.items()):
+        path = ev / run / f"{task}-{length}" / "results.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        done = {(r["strategy"], r["budget"], r["sample"]) for r in _read(path)}
+        with open(path, "a", encoding="utf-8") as f:
+            for row in rows:
+                if (row["strategy"], row["budget"], row["sample"]) not in done:
+                    f.write(json.dumps(row) + "\n")
+    print(f"seeded {len(plans)} plans into {work / 'plans'} and {sum(map(len, cells.values()))} rows of "
+          f"{len(cells)} cells into {ev}")
+    return 0
+
+
+def _read(path: Path) -> list[dict]:
+    from kascade.eval.command import read_results
+
+    return read_results(path)
+
+
 def cmd_report(args) -> int:
     from generalization_report import write_report
 
@@ -146,6 +193,14 @@ def main(argv=None) -> int:
     p.add_argument("--lengths", default="4096,8064")
     p.add_argument("--samples", type=int, default=40)
     p.set_defaults(func=cmd_jobs)
+    p = sub.add_parser("seed")
+    p.add_argument("--work", required=True)
+    p.add_argument("--eval", required=True)
+    p.add_argument("--plans", default=str(ROOT / "benchmarks" / "results" / "generalization_smollm2_plans"))
+    p.add_argument("--rows", default=str(ROOT / "benchmarks" / "results" / "generalization_smollm2_results.jsonl"))
+    p.add_argument("--searches", default=str(ROOT / "benchmarks" / "results" / "generalization_smollm2_searches"),
+                   help="the searches' reports (time, divergences), for the report's table")
+    p.set_defaults(func=cmd_seed)
     p = sub.add_parser("report")
     p.add_argument("--work", required=True)
     p.add_argument("--eval", required=True)

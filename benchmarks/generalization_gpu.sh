@@ -10,6 +10,9 @@
 #           (dense, oracle, shipped plan, paper plan on every family) side by side until LIMIT seconds
 #   plans   wait for the searches (at most WAIT seconds), diagnose the new plan, evaluate the new plans
 #   all     both in one call (FIRST seconds of baselines, then the plans found, BUDGET seconds in all)
+#   more    the committed plans and eval rows (benchmarks/results/generalization_smollm2_*) seeded into /tmp, then
+#           the eval jobs of those plans for BUDGET seconds: with a larger SAMPLES only the new samples run, e.g.
+#           SAMPLES=200 FAMILIES=code,json_records,records,multi_doc (the families where dense scores >= 20)
 #   cost    benchmarks/calibrate_cost.py: the calibration's time and memory on the Llama-3.1-8B shape (random
 #           weights, 16 prompts of 8K), into $OUT/calibrate_cost.{json,md}
 # Both stages resume what is done and copy everything (plans, reports, eval rows, logs) to $OUT as one tar.
@@ -19,7 +22,7 @@
 # stage's evaluations, 420), BUDGET (seconds of the plans stage, 540, of which
 # at most WAIT, 240, waiting for the searches).
 set -euo pipefail
-stage=${1:?stage: start, plans, all or cost}
+stage=${1:?stage: start, plans, all, more or cost}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" /tmp/gen /tmp/geneval
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TQDM_DISABLE=1
@@ -100,8 +103,15 @@ all)  # one call: start, baselines for FIRST seconds, then whatever plans exist 
   run_jobs "baselines|mixture|lofo" "$(( ${BUDGET:-540} - ($(date +%s) - begin) ))"
   collect
   ;;
+more)
+  begin=$(date +%s)
+  bash benchmarks/smollm2_gpu.sh prepare > /tmp/gen/prepare.log 2>&1 || { tail -n 20 /tmp/gen/prepare.log; exit 1; }
+  [ -f /tmp/gen/seeded ] || { python3 benchmarks/generalization.py seed --work /tmp/gen --eval /tmp/geneval && touch /tmp/gen/seeded; }
+  run_jobs "baselines|mixture|lofo" "$(( ${BUDGET:-540} - ($(date +%s) - begin) ))"
+  collect
+  ;;
 cost)
   python3 benchmarks/calibrate_cost.py -o "$OUT/calibrate_cost"
   ;;
-*) echo "stage: expected start, plans, all or cost, got $stage" >&2; exit 2 ;;
+*) echo "stage: expected start, plans, all, more or cost, got $stage" >&2; exit 2 ;;
 esac

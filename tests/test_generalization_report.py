@@ -54,3 +54,28 @@ def test_rows_and_targets(tmp_path):
     assert "| records | 4096 | 40 | 50.0 ± 7.9 | 55.0 | 52.5 | 20.0 | 5.0 | 47.5 | +2.5 ± 2.5 | yes / no |" in \
         (tmp_path / "out.md").read_text()
     assert (tmp_path / "out.png").stat().st_size > 0
+
+
+def test_seed_puts_plans_and_rows_back_and_skips_what_is_there(tmp_path):
+    import subprocess
+
+    plans, searches = tmp_path / "plans", tmp_path / "searches"
+    plans.mkdir()
+    searches.mkdir()
+    (plans / "lofo-records-10.json").write_text(json.dumps(PLAN))
+    (searches / "lofo-records-10.json").write_text(json.dumps(REPORT))
+    rows = tmp_path / "rows.jsonl"
+    with open(rows, "w") as f:
+        for i in range(3):
+            f.write(json.dumps({"run": "lofo-records-10", "task": "records", "length": 4096, "budget": 0.1,
+                                "strategy": "kascade", "sample": i, "seed": i, "score": 1.0}) + "\n")
+    args = [sys.executable, os.path.join(os.path.dirname(__file__), "..", "benchmarks", "generalization.py"), "seed",
+            "--work", str(tmp_path / "gen"), "--eval", str(tmp_path / "ev"), "--plans", str(plans), "--rows", str(rows),
+            "--searches", str(searches)]
+    for _ in range(2):  # a second seeding adds nothing
+        out = subprocess.run(args, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+    got = [json.loads(x) for x in (tmp_path / "ev" / "lofo-records-10" / "records-4096" / "results.jsonl").read_text().split("\n") if x]
+    assert [r["sample"] for r in got] == [0, 1, 2] and all("run" not in r for r in got)
+    assert (tmp_path / "gen" / "plans" / "lofo-records-10.json").is_file()
+    assert (tmp_path / "gen" / "reports" / "lofo-records-10.json").is_file()
