@@ -98,6 +98,46 @@ def dequantize(x8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x8.float() * scale[..., None]
 
 
+def check_select_args(q, key_copy, rerank, k, kv_heads, paged: bool = False):
+    """(k8, k_scale, kv_heads as an int32 tensor on q's device or None) after the argument checks shared by the
+    FP8 selection kernels (decode and prefill, contiguous or paged): key_copy = (keys, scales) of the copy with
+    S heads (axis 1, or 2 when `paged`), q [B, S * G, Q, D] float, and with rerank the exact keys k and, when
+    given, the KV head of k each copy head reads. A device tensor kv_heads (a route's cached one) is taken as
+    it is, not read back."""
+    if not isinstance(key_copy, (tuple, list)) or len(key_copy) != 2:
+        raise ValueError(f"key_copy: expected (keys, scales) of the FP8 copy, got {type(key_copy).__name__}")
+    k8, ks = key_copy
+    check_copy(k8, ks)
+    check_options("fp8", rerank)
+    if not isinstance(q, torch.Tensor) or q.dim() != 4 or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"q: expected a float [batch, heads, queries, head_dim] tensor, got "
+                         f"{tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}")
+    s = k8.shape[2] if paged else k8.shape[1]
+    if q.shape[1] % s or q.shape[-1] != k8.shape[-1] or q.device != k8.device:
+        raise ValueError(f"key_copy: expected {q.shape[1]} query heads to be a multiple of the copy's KV heads and "
+                         f"head dim {q.shape[-1]} on {q.device}, got keys of shape {tuple(k8.shape)} on {k8.device}")
+    if rerank is None:
+        return k8, ks, None
+    if k is None:
+        raise ValueError("k: rerank re-scores the candidates with the exact keys; pass the key cache")
+    if kv_heads is None:
+        return k8, ks, None
+    if isinstance(kv_heads, torch.Tensor) and kv_heads.device == q.device:
+        return k8, ks, kv_heads
+    hkv = k.shape[2] if paged else k.shape[1]
+    heads = [int(h) for h in (kv_heads.tolist() if isinstance(kv_heads, torch.Tensor) else kv_heads)]
+    if len(heads) != s or any(not 0 <= h < hkv for h in heads):
+        raise ValueError(f"kv_heads: expected {s} KV heads of k (< {hkv}), one per copy head, got {heads}")
+    return k8, ks, torch.tensor(heads, dtype=torch.int32, device=q.device)
+
+
+def check_rerank_keys(k, k8, q) -> None:
+    """ValueError unless the exact keys k [B, Hkv, N, D] match a contiguous copy k8 [B, S, N, D] and q's dtype."""
+    if k.shape[0] != k8.shape[0] or k.shape[2] != k8.shape[2] or k.dtype != q.dtype:
+        raise ValueError(f"k: expected [{k8.shape[0]}, Hkv, {k8.shape[2]}, {k8.shape[3]}] keys of q's dtype "
+                         f"{q.dtype}, got {tuple(k.shape)} {k.dtype}")
+
+
 def check_copy(k8, k_scale, shape=None, name: str = "key_copy") -> None:
     """ValueError unless k8 is float8_e4m3fn [..., D] and k_scale float32 [...] of the same leading shape."""
     if not isinstance(k8, torch.Tensor) or k8.dtype != E4M3:

@@ -417,3 +417,18 @@ def test_gpu_static_generator_graph_with_fp8_copies():
         got = graph.generate(ids, max_new_tokens=8)
         assert F.key_copies(graph.cache).nbytes > 0
     assert got.tolist() == eager.tolist()
+
+
+@pytest.mark.parametrize("select", [KD.select_fp8, KP8.select_fp8], ids=["decode", "prefill"])
+def test_select_kernels_refuse_bad_copies_and_heads_by_name(select):
+    q = torch.randn(1, 4, 1 if select is KD.select_fp8 else 64, 16, dtype=torch.bfloat16)
+    k = torch.randn(1, 2, 300, 16, dtype=torch.bfloat16)
+    k8, ks = F.quantize(k)
+    with pytest.raises(ValueError, match="key_copy: expected"):
+        select(q, k8, rerank=None)
+    with pytest.raises(ValueError, match="k: rerank"):
+        select(q, (k8, ks), rerank=2.0)
+    with pytest.raises(ValueError, match="kv_heads: expected 2 KV heads"):
+        select(q, (k8, ks), rerank=2.0, k=k, kv_heads=[0, 5])
+    with pytest.raises(ValueError, match="k: expected"):
+        select(q, (k8, ks), rerank=2.0, k=k.float())

@@ -916,35 +916,6 @@ def _fp8_select(q, k8rows: KVRows, ksrows: KVRows, krows: KVRows | None, kv_head
     return Selection(idx.view(B, HKV, 1, kmax), counts, cand.first_tile, tile, True)
 
 
-def _check_fp8_args(q, key_copy, rerank, k, kv_heads, copy_shape=None):
-    """(k8, k_scale, kv_heads as an int32 device tensor or None) after the argument checks of select_fp8."""
-    if not isinstance(key_copy, (tuple, list)) or len(key_copy) != 2:
-        raise ValueError(f"key_copy: expected (keys, scales) of the FP8 copy, got {type(key_copy).__name__}")
-    k8, ks = key_copy
-    fp8keys.check_copy(k8, ks)
-    fp8keys.check_options("fp8", rerank)
-    if not isinstance(q, torch.Tensor) or q.dim() != 4 or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"q: expected a float [batch, heads, 1, head_dim] tensor, got "
-                         f"{tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}")
-    s = k8.shape[2] if copy_shape == "paged" else k8.shape[1]
-    if q.shape[1] % s or q.shape[-1] != k8.shape[-1] or q.device != k8.device:
-        raise ValueError(f"key_copy: expected {q.shape[1]} query heads to be a multiple of the copy's KV heads and "
-                         f"head dim {q.shape[-1]} on {q.device}, got keys of shape {tuple(k8.shape)} on {k8.device}")
-    if rerank is None:
-        return k8, ks, None
-    if k is None:
-        raise ValueError("k: rerank re-scores the candidates with the exact keys; pass the key cache")
-    if kv_heads is None:
-        return k8, ks, None
-    if isinstance(kv_heads, torch.Tensor) and kv_heads.device == q.device:  # a route's cached tensor: not read back
-        return k8, ks, kv_heads
-    hkv = k.shape[2] if copy_shape == "paged" else k.shape[1]
-    heads = [int(h) for h in (kv_heads.tolist() if isinstance(kv_heads, torch.Tensor) else kv_heads)]
-    if len(heads) != s or any(not 0 <= h < hkv for h in heads):
-        raise ValueError(f"kv_heads: expected {s} KV heads of k (< {hkv}), one per copy head, got {heads}")
-    return k8, ks, torch.tensor(heads, dtype=torch.int32, device=q.device)
-
-
 def select_fp8(q, key_copy, rho: float = 0.1, k_min: int = 128, tile: int = 32, kv_start=None, scale=None,
                kv_len=None, *, rerank: float | None = None, k=None, kv_heads=None) -> Selection:
     """`select` scored from an FP8 copy of the keys (kascade.fp8keys.select is the reference).
@@ -953,16 +924,14 @@ def select_fp8(q, key_copy, rho: float = 0.1, k_min: int = 128, tile: int = 32, 
     kv_len as in `select`. rerank c >= 1: the FP8 scores choose k(n; c rho, c k_min) candidates, whose
     exact logits come from k [B, Hkv, N, D] (KV head kv_heads[h] for copy head h, default h), and the top
     k(n) by exact pooled score are kept. Same Selection layout as `select` (slots past k(n) hold -1)."""
-    k8, ks, kh = _check_fp8_args(q, key_copy, rerank, k, kv_heads)
+    k8, ks, kh = fp8keys.check_select_args(q, key_copy, rerank, k, kv_heads)
     _check_anchor_args(q, rho, k_min, tile)
     (q,) = _last_dim_contiguous(q)
     start = _kv_start(kv_start, q, k8)
     end = _kv_len(kv_len, q, k8, start)
     krows = None
     if rerank is not None:
-        if k.shape[0] != k8.shape[0] or k.shape[2] != k8.shape[2] or k.dtype != q.dtype:
-            raise ValueError(f"k: expected [{k8.shape[0]}, Hkv, {k8.shape[2]}, {k8.shape[3]}] keys of q's dtype "
-                             f"{q.dtype}, got {tuple(k.shape)} {k.dtype}")
+        fp8keys.check_rerank_keys(k, k8, q)
         krows = contiguous_rows(k)
     dm = _dims(q, k8, None)
     return _fp8_select(q, contiguous_rows(k8), KVRows(ks, ks.stride(0), ks.stride(1), ks.stride(2)), krows, kh, dm,
@@ -1068,7 +1037,7 @@ def select_fp8_paged(q, cache: PagedKV, key_copy, rho: float = 0.1, k_min: int =
     """`select_fp8` over a paged cache: key_copy (keys [num_pages, page_size, S, D] float8_e4m3fn, scales
     [num_pages, page_size, S] float32) shares the cache's pages (cache.block_table, cache.seq_lens); with
     rerank the candidates' exact logits read cache.key_cache (KV head kv_heads[h] for copy head h)."""
-    k8, ks, kh = _check_fp8_args(q, key_copy, rerank, cache.key_cache, kv_heads, copy_shape="paged")
+    k8, ks, kh = fp8keys.check_select_args(q, key_copy, rerank, cache.key_cache, kv_heads, paged=True)
     _check_anchor_args(q, rho, k_min, tile)
     kc = cache.key_cache
     if k8.shape[:2] != kc.shape[:2] or q.dtype != kc.dtype or q.shape[0] != cache.block_table.shape[0]:

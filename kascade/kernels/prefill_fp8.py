@@ -175,30 +175,6 @@ def _supported(q, tile) -> bool:
             and tile <= MAX_TILE and q.shape[-1] <= MAX_HEAD_DIM and q.shape[2] > 1)
 
 
-def _check(q, key_copy, rerank, k, kv_heads, paged: bool):
-    if not isinstance(key_copy, (tuple, list)) or len(key_copy) != 2:
-        raise ValueError(f"key_copy: expected (keys, scales) of the FP8 copy, got {type(key_copy).__name__}")
-    k8, ks = key_copy
-    fp8keys.check_copy(k8, ks)
-    fp8keys.check_options("fp8", rerank)
-    s = k8.shape[2] if paged else k8.shape[1]
-    if q.dim() != 4 or q.shape[1] % s or q.shape[-1] != k8.shape[-1]:
-        raise ValueError(f"key_copy: expected the {q.shape[1]} query heads of q {tuple(q.shape)} to be a multiple of "
-                         f"the copy's KV heads and its head dim {q.shape[-1]}, got keys {tuple(k8.shape)}")
-    if rerank is not None and k is None:
-        raise ValueError("k: rerank re-scores the candidates with the exact keys; pass the key cache")
-    kh = None
-    if rerank is not None and isinstance(kv_heads, torch.Tensor) and kv_heads.device == q.device:
-        kh = kv_heads  # a route's cached tensor: not read back
-    elif rerank is not None and kv_heads is not None:
-        hkv = k.shape[2] if paged else k.shape[1]
-        heads = [int(x) for x in (kv_heads.tolist() if isinstance(kv_heads, torch.Tensor) else kv_heads)]
-        if len(heads) != s or any(not 0 <= x < hkv for x in heads):
-            raise ValueError(f"kv_heads: expected {s} KV heads of k (< {hkv}), one per copy head, got {heads}")
-        kh = torch.tensor(heads, dtype=torch.int32, device=q.device)
-    return k8, ks, kh
-
-
 def select_fp8(q, key_copy, rho: float = 0.1, k_min: int = 128, tile: int = 32, kv_start=None, scale=None, *,
                kv_len=None, rerank: float | None = None, k=None, kv_heads=None,
                chunk_bytes: int = DEFAULT_POOL_BYTES, pool_cfg: dict | None = None):
@@ -208,7 +184,7 @@ def select_fp8(q, key_copy, rho: float = 0.1, k_min: int = 128, tile: int = 32, 
     kv_start / kv_len as in kascade.kernels.prefill.select; rerank c >= 1 with k [B, Hkv, N, D], the exact
     keys (KV head kv_heads[h] for copy head h, default h). Falls back to the reference where the kernels do
     not apply (float32, Q == 1, tiles above 128, head dims above 256)."""
-    k8, ks, kh = _check(q, key_copy, rerank, k, kv_heads, paged=False)
+    k8, ks, kh = fp8keys.check_select_args(q, key_copy, rerank, k, kv_heads)
     if not _supported(q, tile):
         extra = {} if kv_len is None else {"kv_len": kv_len}
         return fp8keys.select(q, k8, ks, rho, k_min, tile, kv_start=kv_start, scale=scale, rerank=rerank, k=k,
@@ -217,9 +193,7 @@ def select_fp8(q, key_copy, rho: float = 0.1, k_min: int = 128, tile: int = 32, 
     kv_i32, kv_end, starts, lengths = _contiguous_spans(q, k8, kv_start, kv_len)
     krows = None
     if rerank is not None:
-        if k.shape[0] != k8.shape[0] or k.shape[2] != k8.shape[2] or k.dtype != q.dtype:
-            raise ValueError(f"k: expected [{k8.shape[0]}, Hkv, {k8.shape[2]}, {k8.shape[3]}] keys of q's dtype "
-                             f"{q.dtype}, got {tuple(k.shape)} {k.dtype}")
+        fp8keys.check_rerank_keys(k, k8, q)
         krows = contiguous_rows(k)
     return _select(q, contiguous_rows(k8), _scale_rows(ks), krows, kh, kv_i32, kv_end, starts, lengths, rho, k_min,
                    tile, scale, chunk_bytes, rerank, pool_cfg)
@@ -232,7 +206,7 @@ def select_fp8_paged(q, cache: PagedKV, key_copy, rho: float = 0.1, k_min: int =
     [num_pages, page_size, S]) shares the cache's pages; a re-rank reads cache.key_cache at the candidates
     (pages resolved in the kernel). gather_keys (default) copies the sequences' FP8 keys and scales into a
     contiguous scratch first, as kascade.kernels.prefill.select_paged does with the keys."""
-    k8, ks, kh = _check(q, key_copy, rerank, cache.key_cache, kv_heads, paged=True)
+    k8, ks, kh = fp8keys.check_select_args(q, key_copy, rerank, cache.key_cache, kv_heads, paged=True)
     if k8.shape[:2] != cache.key_cache.shape[:2] or q.dtype != cache.key_cache.dtype:
         raise ValueError(f"key_copy: expected pages {tuple(cache.key_cache.shape[:2])} like the cache and q of its "
                          f"dtype {cache.key_cache.dtype}, got keys {tuple(k8.shape)} and q {q.dtype}")
