@@ -97,14 +97,6 @@ def load_plans(work: Path, default_plan: Path = DEFAULT_PLAN) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def _save_state(calib, path: Path) -> None:
-    import torch
-
-    tmp = path.with_suffix(".tmp")
-    torch.save(calib.state(), tmp)
-    os.replace(tmp, path)
-
-
 def _checkpointed(calib, path: Path, every_s: float):
     """Save the calibration set (with its memo of measured plans) at most every `every_s` seconds while a
     search measures new plans, so that a search cut short resumes where it was."""
@@ -114,7 +106,7 @@ def _checkpointed(calib, path: Path, every_s: float):
         before = len(calib.memo)
         out = measure(plan)
         if len(calib.memo) > before and time.time() - last[0] > every_s:
-            _save_state(calib, path)
+            calib.save(path)
             last[0] = time.time()
         return out
 
@@ -134,20 +126,17 @@ def _divergences(calib, plan, idx=None) -> dict:
 
 
 def _load_set(model, tok, text, path: Path, args, first_seed: int, count: int, label: str):
-    import torch
-
     from kascade.calibrate.output_aware import CalibrationSet, calibration_set
 
-    if path.is_file():
-        calib = CalibrationSet.from_state(model, torch.load(path, weights_only=False))
-        print(f"{label}: {len(calib.prompts)} prompts, {len(calib.memo)} plans measured (from {path})", flush=True)
-        return calib
     t = time.time()
-    calib = calibration_set(model, tok, text, length=args.length, num_prompts=count, answer_tokens=args.answer_tokens,
-                            batch_size=args.batch_size, progress=False, first_seed=first_seed)
-    _save_state(calib, path)
-    print(f"{label}: {len(calib.prompts)} prompts of {args.length} tokens ({', '.join(sorted(set(calib.kinds)))}) "
-          f"in {time.time() - t:.0f} s", flush=True)
+    calib, loaded = CalibrationSet.cached(path, model, lambda: calibration_set(
+        model, tok, text, length=args.length, num_prompts=count, answer_tokens=args.answer_tokens,
+        batch_size=args.batch_size, progress=False, first_seed=first_seed))
+    if loaded:
+        print(f"{label}: {len(calib.prompts)} prompts, {len(calib.memo)} plans measured (from {path})", flush=True)
+    else:
+        print(f"{label}: {len(calib.prompts)} prompts of {args.length} tokens ({', '.join(sorted(set(calib.kinds)))}) "
+              f"in {time.time() - t:.0f} s", flush=True)
     return calib
 
 
@@ -208,7 +197,7 @@ def cmd_calibrate(args) -> int:
                              "num_prompts": len(calib.prompts), "length": args.length},
                 "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None}
         (work / "reports" / f"{name}.json").write_text(json.dumps(keep, indent=1))
-        _save_state(calib, cache)
+        calib.save(cache)
         for key, r in rows.items():
             print(f"{key}: cost {r['cost']:.2f}, anchors {r['anchors']}, mean KL {r['mean']:.4f}, worst family "
                   f"{r['worst_family']:.4f}", flush=True)
@@ -232,8 +221,8 @@ def cmd_calibrate(args) -> int:
         doc = {"num_prompts": len(held.prompts), "first_seed": HELDOUT_SEED,
                "plans": {name: _divergences(held, plan) for name, plan in plans.items()},
                "calibration": {name: _divergences(calib, plan) for name, plan in plans.items()}}
-        _save_state(held, work / "heldout.pt")
-        _save_state(calib, cache)
+        held.save(work / "heldout.pt")
+        calib.save(cache)
         heldout.write_text(json.dumps(doc, indent=1))
         for name, d in doc["plans"].items():
             print(f"held out, {name}: mean KL {d['mean']:.4f}, worst family {d['worst_family']:.4f} (calibration "

@@ -51,14 +51,13 @@ def cmd_calibrate(args) -> int:
     cache = work / "calib.pt"
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    if cache.is_file():
-        calib = CalibrationSet.from_state(model, torch.load(cache, weights_only=False))
+    t = time.time()
+    calib, loaded = CalibrationSet.cached(cache, model, lambda: calibration_set(
+        model, tok, text, length=args.length, num_prompts=args.num_prompts, answer_tokens=args.answer_tokens,
+        batch_size=args.batch_size))
+    if loaded:
         print(f"calibration set: {len(calib.prompts)} prompts, {len(calib.memo)} plans measured (from {cache})")
     else:
-        t = time.time()
-        calib = calibration_set(model, tok, text, length=args.length, num_prompts=args.num_prompts,
-                                answer_tokens=args.answer_tokens, batch_size=args.batch_size)
-        torch.save(calib.state(), cache)
         print(f"calibration set: {len(calib.prompts)} prompts of {args.length} tokens "
               f"({', '.join(sorted(set(calib.kinds)))}) in {time.time() - t:.0f} s")
     jobs = [(f"mixture-{args.target:g}", None, args.target)] + [(f"lofo-{f}-{args.target:g}", f, args.target)
@@ -83,7 +82,7 @@ def cmd_calibrate(args) -> int:
         keep.update(seconds=seconds, plans_measured=len(calib.memo) - before,
                     peak_gpu_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None)
         (work / "reports" / f"{name}.json").write_text(json.dumps(keep, indent=1))
-        torch.save(calib.state(), cache)
+        calib.save(cache)
         worst = max(report["divergence_by_family"].items(), key=lambda kv: kv[1])
         print(f"{name}: cost {plan.selecting_layers_equivalent:.2f}, anchors {plan.anchors}, mean KL "
               f"{report['divergence']:.4f}, worst family {worst[0]} {worst[1]:.4f} (paper recipe "

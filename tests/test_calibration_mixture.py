@@ -132,7 +132,7 @@ def test_candidate_search_finds_the_full_search_plan_with_fewer_measurements():
         OA.greedy_search(scorer("full"), cfg, target=4.0, candidates=0)
 
 
-def test_folds_share_the_calibration_set_and_leave_their_family_out():
+def test_folds_share_the_calibration_set_and_leave_their_family_out(tmp_path):
     model = tiny_model("llama", num_hidden_layers=3)
     tok = ByteChatTokenizer()
     formats = ("passkey", "telemetry", "manifest", "long_chat")
@@ -150,6 +150,11 @@ def test_folds_share_the_calibration_set_and_leave_their_family_out():
     again = OA.CalibrationSet.from_state(model, state, backend="reference")
     assert again.kinds == calib.kinds and len(again.memo) == len(calib.memo)
     np.testing.assert_allclose(again.similarity(range(4)), calib.similarity(range(4)))
+    path = tmp_path / "calib.pt"
+    built, loaded = OA.CalibrationSet.cached(path, model, lambda: calib, backend="reference")
+    assert built is calib and not loaded and path.is_file()
+    resumed, loaded = OA.CalibrationSet.cached(path, model, lambda: pytest.fail("built again"), backend="reference")
+    assert loaded and len(resumed.memo) == len(calib.memo) and resumed.kinds == calib.kinds
 
 
 def test_sources_stay_inside_tensor_parallel_shards():

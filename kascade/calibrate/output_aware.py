@@ -303,6 +303,27 @@ class CalibrationSet:
         return cls(model, [CalibrationPrompt(**p) for p in state["prompts"]], batches, state["sims"],
                    state["importance_calls"], state["topk"], backend, state["memo"])
 
+    def save(self, path) -> None:
+        """`state()` to `path` through a temporary file, so that a run cut short leaves the last whole one."""
+        import os
+        from pathlib import Path
+
+        path = Path(path)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        torch.save(self.state(), tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def cached(cls, path, model, build, backend: str = "auto") -> tuple[CalibrationSet, bool]:
+        """(the set saved at `path`, with its memo of measured plans, True), else (`build()`, saved there, False)."""
+        from pathlib import Path
+
+        if Path(path).is_file():
+            return cls.from_state(model, torch.load(path, weights_only=False), backend), True
+        calib = build()
+        calib.save(path)
+        return calib, False
+
     def indices(self, formats) -> list[int]:
         return [i for i, p in enumerate(self.prompts) if p.kind in set(formats)]
 
