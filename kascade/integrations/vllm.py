@@ -162,6 +162,21 @@ def layer_strategy(vllm_config, refused: dict) -> tuple[PagedKascadeStrategy | N
     return strategy, adapter.tp_rank() if tp > 1 else 0
 
 
+def setup_layer(impl, vllm_config, logger, backend: str, sliding_window, alibi_slopes, logits_soft_cap, sinks,
+                kv_cache_dtype, attn_type, decoder) -> None:
+    """What every Kascade attention Impl (the CPU and the FlashAttention backend) sets at construction:
+    impl.kascade (the layer's strategy or None), impl.tp_rank, impl.layer_index (found at the first forward);
+    the plan is logged once per process."""
+    impl.kascade, impl.tp_rank = layer_strategy(vllm_config, refused_settings(
+        sliding_window, alibi_slopes, logits_soft_cap, sinks, kv_cache_dtype, attn_type, decoder))
+    impl.layer_index = None
+    if impl.kascade is not None:
+        plan = impl.kascade.plan
+        kind = "head sources" if plan.head_granular else "head map"
+        logger.info_once(f"kascade: Kascade attention{backend} with plan {plan_options(vllm_config)[0]} "
+                         f"(anchors {plan.anchors}, {kind}, rho {plan.rho})")
+
+
 # ----------------------------------------------------------------------------------------------
 # reading vLLM's CPU cache blocks
 # ----------------------------------------------------------------------------------------------
@@ -242,16 +257,8 @@ def _backend_classes():
                      sinks=None, **kwargs):
             super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
                              logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks, **kwargs)
-            cfg = v.get_current_vllm_config()
-            self.kascade, self.tp_rank = layer_strategy(cfg, refused_settings(
-                sliding_window, alibi_slopes, logits_soft_cap, sinks, kv_cache_dtype, attn_type,
-                v.AttentionType.DECODER))
-            self.layer_index = None
-            if self.kascade is not None:
-                plan = self.kascade.plan
-                kind = "head sources" if plan.head_granular else "head map"
-                logger.info_once(f"kascade: Kascade attention with plan {plan_options(cfg)[0]} "
-                                 f"(anchors {plan.anchors}, {kind}, rho {plan.rho})")
+            setup_layer(self, v.get_current_vllm_config(), logger, "", sliding_window, alibi_slopes, logits_soft_cap,
+                        sinks, kv_cache_dtype, attn_type, v.AttentionType.DECODER)
 
         def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                     output_block_scale=None):

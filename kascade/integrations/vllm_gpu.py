@@ -52,7 +52,7 @@ import os
 import torch
 
 from kascade.integrations import vllm_adapter as adapter
-from kascade.integrations.vllm import SELECT_KEYS_KEY, layer_strategy, plan_options, refused_settings
+from kascade.integrations.vllm import SELECT_KEYS_KEY, plan_options, setup_layer
 
 CHECK_LENS_ENV = "KASCADE_VLLM_CHECK_LENS"
 HOST_ATTR = "kascade_host_lens"  # the (seq_lens, query_start_loc) host tuples attached to a step's metadata
@@ -136,22 +136,14 @@ def _backend_classes():
                      sinks=None, **kwargs):
             super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
                              logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks, **kwargs)
-            cfg = v.get_current_vllm_config()
-            self.kascade, self.tp_rank = layer_strategy(cfg, refused_settings(
-                sliding_window, alibi_slopes, logits_soft_cap, sinks, kv_cache_dtype, attn_type,
-                v.AttentionType.DECODER))
-            self.layer_index = None
+            setup_layer(self, v.get_current_vllm_config(), logger, " (FlashAttention backend)", sliding_window,
+                        alibi_slopes, logits_soft_cap, sinks, kv_cache_dtype, attn_type, v.AttentionType.DECODER)
             if self.kascade is not None and self.kascade.select_keys != "exact":
                 raise ValueError(f"{SELECT_KEYS_KEY}: kascade's vLLM FlashAttention backend selects from the exact keys "
                                  f"only for now, got {self.kascade.select_keys!r}: the FP8 copy of the keys needs a "
                                  "cache of its own in vLLM's KV-cache memory and a write beside vLLM's own cache "
                                  "write, and made per step from the pages it would read every key. Serve without "
                                  f"{SELECT_KEYS_KEY}, or use kascade.enable / kascade.paged (PagedKeyCopies)")
-            if self.kascade is not None:
-                plan = self.kascade.plan
-                kind = "head sources" if plan.head_granular else "head map"
-                logger.info_once(f"kascade: Kascade attention (FlashAttention backend) with plan "
-                                 f"{plan_options(cfg)[0]} (anchors {plan.anchors}, {kind}, rho {plan.rho})")
 
         def _flash(self, layer, query, key, value, kv_cache, attn_metadata, output):
             """vLLM's own FlashAttention forward (the test seam: tests replace it by a reference)."""
