@@ -71,6 +71,17 @@ def sample_counts(summary: dict) -> str:
     return "; ".join(parts)
 
 
+def headline_table(summary: dict) -> list[str]:
+    """Markdown rows: per budget and strategy, the headline of each length (headline_per_length)."""
+    lines = ["| rho | strategy | " + " | ".join(f"{n}" for n in summary["lengths"]) + " |",
+             "|---|---|" + "---|" * len(summary["lengths"])]
+    for b, table in headline_per_length(summary).items():
+        for st, per in table.items():
+            lines.append(f"| {b} | {st} | " + " | ".join(f"{per[n]:.1f}" if n in per else "-"
+                                                       for n in summary["lengths"]) + " |")
+    return lines
+
+
 def headline_per_length(summary: dict) -> dict:
     """budget -> strategy -> length -> mean over the headline tasks' cells of that length (a length with an
     empty headline cell is left out)."""
@@ -151,13 +162,8 @@ def decode_only_markdown(summary: dict) -> list[str]:
              "as their authors run them, at Kascade's budget k(n) (`kascade/eval/strategies.py` says what follows "
              "each paper and what is adapted). `copy` and `sequence` are decode-heavy (scored per generated token). "
              f"{sample_counts(summary)}.", "",
-             "Headline per length (mean over the headline tasks' cells of that length):", "",
-             "| rho | strategy | " + " | ".join(f"{n}" for n in summary["lengths"]) + " |",
-             "|---|---|" + "---|" * len(summary["lengths"])]
-    for b, table in headline_per_length(summary).items():
-        for st, per in table.items():
-            lines.append(f"| {b} | {st} | " + " | ".join(f"{per[n]:.1f}" if n in per else "-"
-                                                       for n in summary["lengths"]) + " |")
+             "Headline per length (mean over the headline tasks' cells of that length):", ""]
+    lines += headline_table(summary)
     tables = report.markdown(summary).split("\n", 2)[2].splitlines()  # without its title
     return lines + [""] + [("#" + x if x.startswith("## rho") else x) for x in tables]
 
@@ -260,13 +266,8 @@ def main(argv=None) -> int:
     if empty:
         lines += ["", f"Cells not run in this session (device time ran out): {', '.join(empty[:12])}"
                       f"{' ...' if len(empty) > 12 else ''} ({len(empty)} columns without samples)."]
-    lines += ["", "## Headline per length (mean over the headline tasks' cells of that length)", "",
-              "| rho | strategy | " + " | ".join(f"{n}" for n in summary["lengths"]) + " |",
-              "|---|---|" + "---|" * len(summary["lengths"])]
-    for b, table in headline_per_length(summary).items():
-        for st, per in table.items():
-            lines.append(f"| {b} | {st} | " + " | ".join(f"{per[n]:.1f}" if n in per else "-"
-                                                       for n in summary["lengths"]) + " |")
+    lines += ["", "## Headline per length (mean over the headline tasks' cells of that length)", ""]
+    lines += headline_table(summary)
     same = headline_on_first_samples(args.eval / "eval_results.jsonl", summary["headline_tasks"], summary["lengths"])
     summary["headline_first_20_rho_0.1"] = same
     out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")

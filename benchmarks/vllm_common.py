@@ -122,5 +122,20 @@ def write_json(path, data) -> None:
     Path(path).write_text(json.dumps(data, indent=1))
 
 
+def write_report(stem: Path, data: dict, lines: list[str]) -> None:
+    """A report's files: stem.json (data) and stem.md (lines); the table is printed too."""
+    write_json(Path(stem).with_suffix(".json"), data)
+    Path(stem).with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def add_budget_arguments(parser, min_left_s: float) -> None:
+    """The `run` stage's arguments shared by the cell scripts: --budget-s, --min-left-s, --copy-to."""
+    parser.add_argument("--budget-s", type=float, default=540, help="stop starting cells after this (default %(default)s)")
+    parser.add_argument("--min-left-s", type=float, default=min_left_s,
+                        help="start a cell only with this much left (default %(default)s)")
+    parser.add_argument("--copy-to", default=os.environ.get("OUT"), help="copy each cell's files here ($OUT)")
+
+
 def load_cells(work: Path) -> dict:
     return {p.stem: json.loads(p.read_text()) for p in sorted(Path(work).glob("*.json"))}

@@ -121,9 +121,7 @@ def report(args) -> None:
         lines += ["", f"Target: Kascade within {TARGET_POINTS:g} points of vLLM dense in every cell: "
                       f"{'holds' if out['target_holds'] else 'does not hold'} (worst {worst:+.1f})."]
     stem = Path(args.o) if args.o else ROOT / "benchmarks" / "results" / f"vllm_eval_{first['device_short']}"
-    VC.write_json(stem.with_suffix(".json"), out)
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    VC.write_report(stem, out, lines)
 
 
 def main(argv=None) -> None:
@@ -132,9 +130,7 @@ def main(argv=None) -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run the missing cells within a time budget")
     r.add_argument("--work", default="/tmp/vllm_eval")
-    r.add_argument("--budget-s", type=float, default=540)
-    r.add_argument("--min-left-s", type=float, default=90)
-    r.add_argument("--copy-to", default=os.environ.get("OUT"))
+    VC.add_budget_arguments(r, min_left_s=90)
     e = sub.add_parser("engine", help="one plan's generations and scores")
     e.add_argument("--plan", choices=PLANS, required=True)
     e.add_argument("--out", required=True)

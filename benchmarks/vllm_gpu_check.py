@@ -183,9 +183,7 @@ def report(args) -> None:
     lines += ["", "Attention layers running Kascade per engine: " +
               "; ".join(f"{m}: {r['kascade_layers']}" for m, r in out["models"].items())]
     stem = Path(args.o) if args.o else ROOT / "benchmarks" / "results" / f"vllm_check_{first['device_short']}"
-    VC.write_json(stem.with_suffix(".json"), {**out, "cells": cells})
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    VC.write_report(stem, {**out, "cells": cells}, lines)
 
 
 def main(argv=None) -> None:
@@ -196,9 +194,7 @@ def main(argv=None) -> None:
     r.add_argument("--work", default="/tmp/vllm_check")
     r.add_argument("--models", default="tiny,smol")
     r.add_argument("--modes", default="graph,eager")
-    r.add_argument("--budget-s", type=float, default=540)
-    r.add_argument("--min-left-s", type=float, default=120)
-    r.add_argument("--copy-to", default=os.environ.get("OUT"))
+    VC.add_budget_arguments(r, min_left_s=120)
     for name, helptext in (("engine", "one vLLM engine's greedy tokens"), ("reference", "transformers' greedy tokens")):
         e = sub.add_parser(name, help=helptext)
         e.add_argument("--model", choices=list(MODELS), required=True)
