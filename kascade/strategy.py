@@ -115,6 +115,11 @@ class KascadeStrategy(Strategy):
         p = self.plan
         kw = dict(kv_start=kv_start, scale=scale, backend=self.backend, kv_len=kv_len)
         if k.shape[2] <= p.k_min or self.dense_step(q):
+            if self.select_keys == "fp8" and self.key_copies is not None:  # later steps select from these rows
+                routing = self.routing(k.shape[1])
+                own = routing.layer(layer).own
+                if own and (layer != 0 or routing.used_by_later_layers(0)):
+                    self.key_copies.copy(layer, own, k, q.shape[2], kw.get("kv_len"))
             return ops.dense(q, k, v, **kw)
         routing = self.routing(k.shape[1])
         fp8 = self.select_keys == "fp8"

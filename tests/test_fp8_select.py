@@ -432,3 +432,16 @@ def test_select_kernels_refuse_bad_copies_and_heads_by_name(select):
         select(q, (k8, ks), rerank=2.0, k=k, kv_heads=[0, 5])
     with pytest.raises(ValueError, match="k: expected"):
         select(q, (k8, ks), rerank=2.0, k=k.float())
+
+
+def test_decode_only_mode_keeps_the_copies_of_the_dense_prefill():
+    """sparse_prefill=False: the prompt attends densely, yet its keys must be in the copy that decode selects from."""
+    model = tiny_model("llama", seed=13, num_key_value_heads=2)
+    ids = torch.randint(0, 256, (1, 150), generator=torch.Generator().manual_seed(14))
+    with torch.no_grad(), kascade.enable(model, _plan(model), select_keys="fp8", sparse_prefill=False):
+        out = model.generate(ids, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+        _check_copies(out.past_key_values, lambda layer: out.past_key_values.layers[layer].keys, ids.shape[1] + 4)
+        gen = StaticGenerator(model, batch_size=1, max_cache_len=200)
+        got = gen.generate(ids, max_new_tokens=5)
+        _check_copies(gen.cache, lambda layer: gen.cache.layers[layer].keys, ids.shape[1] + 4)
+    assert got.tolist() == out.sequences[:, ids.shape[1]:].tolist()
