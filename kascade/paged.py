@@ -415,9 +415,9 @@ class PagedKascadeStrategy:
     strided view of q's and the cache's heads, and the layer attends, per KV head, to the selection of
     its source (layer, head), assembled into one PagedSelection (paged_gather_heads); the routes come
     from kascade.routing, as in KascadeStrategy. The split into dense and Kascade requests depends on
-    seq_lens only, so every layer of a pass makes the same split. backend: "auto" runs the Triton
-    kernels for CUDA fp16/bf16 tensors (kascade.paged_kernels), "reference" the PyTorch path, "triton"
-    forces the kernels.
+    seq_lens (and, in decode-only mode, the query lengths) only, so every layer of a pass makes the same
+    split. backend: "auto" runs the Triton kernels for CUDA fp16/bf16 tensors (kascade.paged_kernels),
+    "reference" the PyTorch path, "triton" forces the kernels.
 
     A batch whose requests all have one new token may take `attend_decode` instead (a serving engine's
     decode step, captured in a CUDA graph): same plan, same state rules, no host synchronisation on the
@@ -427,14 +427,25 @@ class PagedKascadeStrategy:
     `rerank` c re-ranking c * k candidates exactly. Pass `key_copies=` (a kascade.fp8keys.PagedKeyCopies the
     caller writes beside its cache) to attend / attend_decode; without it the copy is made from the cache
     at each selecting layer (the same selections, none of the bytes saved).
+
+    sparse_prefill=False (decode-only mode, as on kascade.strategy's strategies): in `attend`, every request
+    with more than one new token (a prompt or a prefill chunk) attends densely in every layer, with the
+    requests of at most k_min keys (through `dense` when given); requests with one new token run Kascade
+    exactly as they would in a decode-only batch, so a request's decode tokens do not depend on what the
+    step batched beside them. `attend_decode` is unchanged. No state crosses steps: layer 0 of every step
+    clears `state` and selects, anchors select at every step, so a decode step selects the same after a
+    dense prefill as after a sparse one. `dense_step(query_start_loc)` tells an engine when a whole step is
+    dense (it can then call its own attention for the step and skip this class).
     """
 
     def __init__(self, plan, dense_anchor_output: bool = False, backend: str = "auto", select_keys: str = "exact",
-                 rerank: float | None = None):
+                 rerank: float | None = None, sparse_prefill: bool = True):
         from kascade import fp8keys
+        from kascade.strategy import check_sparse_prefill
 
         ops.check_backend(backend)
         fp8keys.check_options(select_keys, rerank)
+        self.sparse_prefill = check_sparse_prefill(sparse_prefill)
         self.backend = backend
         self.plan = plan
         self.dense_anchor_output = dense_anchor_output
@@ -447,6 +458,18 @@ class PagedKascadeStrategy:
     def begin_forward(self) -> None:
         self.state.clear()
         self._decode_step = None
+
+    def dense_step(self, query_start_loc) -> bool:
+        """True when a whole step attends densely because of the mode: decode-only (sparse_prefill=False) and
+        no request with exactly one new token. query_start_loc: the step's [R + 1] offsets on the host."""
+        qsl = list(query_start_loc)
+        return not self.sparse_prefill and all(b - a != 1 for a, b in zip(qsl, qsl[1:]))
+
+    def _sparse_requests(self, lens, qsl) -> list[int]:
+        """The requests that run Kascade: more than k_min keys, and (decode-only mode) at most one new token.
+        The split depends on the step's lengths only, so every layer of the step makes the same one."""
+        k_min, every = self.plan.k_min, self.sparse_prefill
+        return [r for r, n in enumerate(lens) if n > k_min and (every or qsl[r + 1] - qsl[r] <= 1)]
 
     def routing(self, num_kv_heads: int, tp_rank: int | None = None) -> Routing:
         """The plan's routes for `num_kv_heads` KV heads (fewer than the plan's: rank `tp_rank`'s shard)."""
@@ -476,16 +499,16 @@ class PagedKascadeStrategy:
         from the device tensors. dense: None, or a callable `dense(requests) -> [T_sub, Hq, Dv]` giving the
         causal dense attention of the tokens of `requests` (a list of request indices, each with new tokens,
         in order; their tokens concatenated) -- a serving engine's own attention kernel. It then serves layer
-        0 (one call for every request with new tokens) and the requests of at most k_min keys in the other
-        layers; without it they run paged_dense. key_copies: the FP8 copies of select_keys="fp8" (class
-        docstring)."""
+        0 (one call for every request with new tokens) and, in the other layers, the requests of at most k_min
+        keys and (decode-only mode) those with more than one new token; without it they run paged_dense.
+        key_copies: the FP8 copies of select_keys="fp8" (class docstring)."""
         p = self.plan
         fp8 = self.select_keys == "fp8"
         if layer == 0:
             self.begin_forward()
         lens, qsl = check_paged_inputs(q, key_cache, value_cache, block_table, seq_lens, query_start_loc, host_lens)
-        long_reqs = [r for r, n in enumerate(lens) if n > p.k_min]
-        short_reqs = [r for r, n in enumerate(lens) if n <= p.k_min]
+        long_reqs = self._sparse_requests(lens, qsl)  # Kascade; the others dense (short, or decode-only prefill)
+        short_reqs = sorted(set(range(len(lens))) - set(long_reqs))
         out = _out(q, value_cache)
         kw = dict(scale=scale, backend=self.backend)
 
