@@ -14,7 +14,10 @@ unchanged. The plan is given by either
 layers other than 0 attend densely, as `kascade.enable(..., dense_anchor_output=True)` does;
 `"kascade_select_keys": "fp8"` and `"kascade_rerank": 2.0` score selections from an FP8 copy of the keys as
 `kascade.enable(..., select_keys="fp8", rerank=2.0)` does (kascade.fp8keys). The CPU backend makes that copy
-per step from the pages the step reads (it gathers them anyway); the CUDA backend refuses it for now.)
+per step from the pages the step reads (it gathers them anyway); the CUDA backend refuses it for now.
+`"kascade_sparse_prefill": false`, or KASCADE_SPARSE_PREFILL=0, is decode-only mode, as
+`kascade.enable(..., sparse_prefill=False)`: prompts and prefill chunks attend densely, decode steps run
+Kascade (below).)
 
 How a forward step runs. vLLM writes the step's new keys and values into the paged cache, then calls
 each attention layer in order with the batch's tokens flattened (prefill chunks and decode steps of
@@ -30,6 +33,14 @@ layers attend to their anchor's selection through the plan's head map, or, with 
 indices. A request with one new
 token is a decode step; one with more is prefill, tiled from its first token whatever chunk it is
 in, so chunked prefill selects what a whole-prompt prefill would.
+
+Decode-only mode (kascade_sparse_prefill false; PagedKascadeStrategy(sparse_prefill=False)): a step
+with no decode request runs vLLM's own CPU attention for the whole step (no pages gathered); in a step
+mixing prefill chunks and decode requests, the prefill requests attend densely (paged_dense over their
+sub-batch) and the decode requests run Kascade as they would in a decode-only step, so a request's
+tokens do not depend on how the scheduler batched it. Decode steps never read state a dense prefill
+left: layer 0 and the anchors select at every step (the state lives within one step). A prefill chunk of
+one token cannot be told from a decode step and runs Kascade, as in every other path.
 
 Supported: decoder-only models with full attention (Llama, Qwen2/3, Mistral without a window),
 float32/bfloat16/float16 KV caches, layer- and head-granular plans, tensor parallelism with a plan whose
@@ -58,6 +69,9 @@ PLAN_KEY = "kascade_plan"
 DENSE_ANCHOR_KEY = "kascade_dense_anchor_output"
 SELECT_KEYS_KEY = "kascade_select_keys"  # "exact" (default) or "fp8" (kascade.fp8keys; the CPU backend only)
 RERANK_KEY = "kascade_rerank"  # None or c >= 1, with "fp8"
+SPARSE_PREFILL_KEY = "kascade_sparse_prefill"  # true (default) or false: dense prefill, sparse decode
+SPARSE_PREFILL_ENV = "KASCADE_SPARSE_PREFILL"  # the same by environment: 1 / true or 0 / false
+ENV_BOOLS = {"1": True, "true": True, "0": False, "false": False}
 BACKEND_PATH = "kascade.integrations.vllm.KascadeCPUBackend"
 GPU_BACKEND_PATH = "kascade.integrations.vllm_gpu.KascadeFlashAttentionBackend"
 QUANTIZED_FREE_KV = ("auto", "float16", "bfloat16", "float32", "half", "float")
@@ -84,11 +98,15 @@ def refused_settings(sliding_window, alibi_slopes, logits_soft_cap, sinks, kv_ca
     }
 
 
+def _additional(vllm_config) -> dict:
+    """The engine's additional_config as a dict ({} when unset)."""
+    extra = getattr(vllm_config, "additional_config", None) or {}
+    return extra if isinstance(extra, dict) else dict(extra)
+
+
 def plan_options(vllm_config) -> tuple[str | None, bool]:
     """(plan path or None, dense_anchor_output) from additional_config, else the KASCADE_PLAN variable."""
-    extra = getattr(vllm_config, "additional_config", None) or {}
-    if not isinstance(extra, dict):
-        extra = dict(extra)
+    extra = _additional(vllm_config)
     path = extra.get(PLAN_KEY) or os.environ.get(PLAN_ENV) or None
     dense_anchor = extra.get(DENSE_ANCHOR_KEY, False)
     if not isinstance(dense_anchor, bool):
@@ -100,9 +118,7 @@ def select_options(vllm_config) -> tuple[str, float | None]:
     """(select_keys, rerank) from additional_config (kascade_select_keys, kascade_rerank); ("exact", None) by default."""
     from kascade import fp8keys
 
-    extra = getattr(vllm_config, "additional_config", None) or {}
-    if not isinstance(extra, dict):
-        extra = dict(extra)
+    extra = _additional(vllm_config)
     select_keys, rerank = extra.get(SELECT_KEYS_KEY, "exact"), extra.get(RERANK_KEY)
     if select_keys not in fp8keys.SELECT_KEYS:
         raise ValueError(f"additional_config[{SELECT_KEYS_KEY!r}]: expected one of {fp8keys.SELECT_KEYS}, "
@@ -114,15 +130,34 @@ def select_options(vllm_config) -> tuple[str, float | None]:
     return select_keys, rerank
 
 
+def prefill_option(vllm_config) -> bool:
+    """sparse_prefill from additional_config["kascade_sparse_prefill"], else KASCADE_SPARSE_PREFILL; True by
+    default. False is decode-only mode (dense prefill, sparse decode; kascade.paged.PagedKascadeStrategy)."""
+    extra = _additional(vllm_config)
+    if SPARSE_PREFILL_KEY in extra:
+        value = extra[SPARSE_PREFILL_KEY]
+        if not isinstance(value, bool):
+            raise ValueError(f"additional_config[{SPARSE_PREFILL_KEY!r}]: expected true (sparse prefill and decode) "
+                             f"or false (dense prefill, sparse decode), got {value!r}")
+        return value
+    env = os.environ.get(SPARSE_PREFILL_ENV, "")
+    if env == "":
+        return True
+    if env.lower() not in ENV_BOOLS:
+        raise ValueError(f"{SPARSE_PREFILL_ENV}: expected 1 / true (sparse prefill and decode) or 0 / false (dense "
+                         f"prefill, sparse decode), got {env!r}")
+    return ENV_BOOLS[env.lower()]
+
+
 _STRATEGIES: dict = {}
 ACTIVE_LAYERS = [0]  # attention layers built with a plan in this process (the benchmarks check it)
 
 
 def shared_strategy(path: str, dense_anchor_output: bool, model_config, tp_degree: int, select_keys: str = "exact",
-                    rerank: float | None = None) -> PagedKascadeStrategy:
+                    rerank: float | None = None, sparse_prefill: bool = True) -> PagedKascadeStrategy:
     """One strategy per (plan file, options) in a process, shared by every layer so that anchors hand their
     selections to the reuse layers of the same step. The plan is checked against the model once."""
-    key = (os.path.abspath(path), dense_anchor_output, select_keys, rerank)
+    key = (os.path.abspath(path), dense_anchor_output, select_keys, rerank, sparse_prefill)
     if key not in _STRATEGIES:
         if not os.path.isfile(path):
             raise ValueError(f"{PLAN_KEY}: expected the path of a plan file (kascade calibrate -o plan.json), "
@@ -130,7 +165,7 @@ def shared_strategy(path: str, dense_anchor_output: bool, model_config, tp_degre
         plan = Plan.load(path)
         plan.validate(model_config, tp_degree=tp_degree)
         _STRATEGIES[key] = PagedKascadeStrategy(plan, dense_anchor_output=dense_anchor_output, select_keys=select_keys,
-                                                rerank=rerank)
+                                                rerank=rerank, sparse_prefill=sparse_prefill)
     return _STRATEGIES[key]
 
 
@@ -157,7 +192,8 @@ def layer_strategy(vllm_config, refused: dict) -> tuple[PagedKascadeStrategy | N
         raise ValueError(f"pipeline_parallel_size: kascade's vLLM backend needs all layers in one process "
                          f"(anchors hand their selections to the layers after them), got {pp}; use tensor "
                          "parallelism with a plan whose head map or head sources stay inside its shards")
-    strategy = shared_strategy(path, dense_anchor, adapter.hf_config(vllm_config), tp, *select_options(vllm_config))
+    strategy = shared_strategy(path, dense_anchor, adapter.hf_config(vllm_config), tp, *select_options(vllm_config),
+                               sparse_prefill=prefill_option(vllm_config))
     ACTIVE_LAYERS[0] += 1
     return strategy, adapter.tp_rank() if tp > 1 else 0
 
@@ -166,15 +202,16 @@ def setup_layer(impl, vllm_config, logger, backend: str, sliding_window, alibi_s
                 kv_cache_dtype, attn_type, decoder) -> None:
     """What every Kascade attention Impl (the CPU and the FlashAttention backend) sets at construction:
     impl.kascade (the layer's strategy or None), impl.tp_rank, impl.layer_index (found at the first forward);
-    the plan is logged once per process."""
+    the plan and the prefill mode are logged once per process."""
     impl.kascade, impl.tp_rank = layer_strategy(vllm_config, refused_settings(
         sliding_window, alibi_slopes, logits_soft_cap, sinks, kv_cache_dtype, attn_type, decoder))
     impl.layer_index = None
     if impl.kascade is not None:
         plan = impl.kascade.plan
         kind = "head sources" if plan.head_granular else "head map"
+        mode = "sparse prefill and decode" if impl.kascade.sparse_prefill else "dense prefill, sparse decode"
         logger.info_once(f"kascade: Kascade attention{backend} with plan {plan_options(vllm_config)[0]} "
-                         f"(anchors {plan.anchors}, {kind}, rho {plan.rho})")
+                         f"(anchors {plan.anchors}, {kind}, rho {plan.rho}, {mode})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,6 +307,8 @@ def _backend_classes():
             if self.layer_index is None:
                 self.layer_index = adapter.layer_index(layer)
             n_tok, seq_lens, query_start_loc, block_table = adapter.step_batch(attn_metadata)
+            if self.kascade.dense_step(query_start_loc.tolist()):  # decode-only mode and no decode request
+                return super().forward(layer, query, key, value, kv_cache, attn_metadata, output)
             key_cache, value_cache, table = compact_cache(kv_cache, block_table, seq_lens, adapter.cpu_isa(layer))
             out = self.kascade.attend(self.layer_index, query[:n_tok], key_cache, value_cache, table, seq_lens,
                                       query_start_loc, scale=self.scale, tp_rank=self.tp_rank)
