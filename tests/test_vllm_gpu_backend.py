@@ -314,3 +314,136 @@ def test_sub_batch_metadata_rebases_the_requests():
     assert sub.seq_lens.tolist() == [40, 90] and torch.equal(sub.block_table, b["block_table"][[1, 3]])
     assert (sub.num_actual_tokens, sub.max_query_len, sub.max_seq_len) == (41, 40, 90)
     assert sub.scheduler_metadata is None and sub.max_num_splits == 0 and md.scheduler_metadata is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# decode-only mode (kascade_sparse_prefill false)
+# ----------------------------------------------------------------------------------------------
+
+DECODE_ONLY = {"kascade_sparse_prefill": False}
+
+
+def _impls(cfg, extra, n):
+    """n Impls (one per layer, as in vLLM) built under cfg with additional_config `extra`."""
+    from vllm.config import set_current_vllm_config
+
+    import kascade.integrations.vllm_gpu as g
+
+    cfg = copy.deepcopy(cfg)
+    cfg.additional_config = dict(extra)
+    with set_current_vllm_config(cfg):
+        return [g.KascadeFlashAttentionImpl(**ARGS) for _ in range(n)]
+
+
+def _layer_forward(impl, layer, b, md, pad_tokens=0):
+    """impl.forward of one layer on batch b (make_batch) with metadata md; the real rows of the output [T, Hq, D]."""
+    n_tok = b["q"].shape[0]
+    query = torch.cat([b["q"], torch.randn(pad_tokens, 8, 64)])
+    output = torch.zeros(n_tok + pad_tokens, 8 * 64)
+    name = SimpleNamespace(layer_name=f"model.layers.{layer}.self_attn.attn")
+    got = impl.forward(name, query, None, None, _vllm_cache(b["key_cache"], b["value_cache"]), md, output)
+    return got.view(-1, 8, 64)[:n_tok]
+
+
+def _decode_reference(strategy, layer, b, reqs):
+    """PagedKascadeStrategy.attend_decode of the one-token requests `reqs` of batch b, alone: [len(reqs), Hq, D]."""
+    idx = torch.tensor(reqs)
+    rows = b["query_start_loc"][idx].long()
+    return strategy.attend_decode(layer, b["q"][rows], b["key_cache"], b["value_cache"], b["block_table"][idx],
+                                  b["seq_lens"][idx], scale=0.125)
+
+
+def test_decode_only_mixed_step(tiny_vllm_config, with_plan, monkeypatch):
+    """Decode-only mode on a mixed step (decode requests of 300 and 90 keys beside a whole prompt, a chunk on top
+    of a cache, a short prompt and a request without new tokens), layers 0-3 of plans/kascade-tiny.json: the
+    prefill requests get dense attention, the decode requests what attend_decode gives them in a decode-only
+    batch of their own. Layer 0 is one FlashAttention call for the whole step; layers 1-3 one call each for
+    the sub-batch of the prefill requests and the short decode request."""
+    import kascade.integrations.vllm_gpu as g
+
+    calls = []
+    monkeypatch.setattr(g.KascadeFlashAttentionImpl, "_flash", _fake_flash(calls))
+    impls = _impls(tiny_vllm_config, DECODE_ONLY, 4)
+    assert impls[0].kascade.sparse_prefill is False
+    mix = dict(seq_lens=[300, 257, 170, 40, 90, 200], q_lens=[1, 257, 64, 40, 1, 0])
+    decode, prefill = [0, 4], [1, 2, 3]
+    decode_alone = PagedKascadeStrategy(Plan.load(HEAD_PLAN), backend="reference")
+    for layer in range(4):
+        b, _ = make_batch(**mix, hq=8, hkv=4, d=64, seed=50 + layer)
+        qsl = b["query_start_loc"].tolist()
+        got = _layer_forward(impls[layer], layer, b, _metadata(b, qsl[-1], pad_tokens=2), pad_tokens=2)
+        dense = paged_dense(b["q"], b["key_cache"], b["value_cache"], b["block_table"], b["seq_lens"],
+                            b["query_start_loc"], scale=0.125, backend="reference")
+        rows = torch.cat([torch.arange(qsl[r], qsl[r + 1]) for r in prefill])
+        assert torch.equal(got[rows], dense[rows]), layer
+        want = _decode_reference(decode_alone, layer, b, decode)
+        assert torch.equal(got[[qsl[r] for r in decode]], want), layer
+    # not vacuous: the long decode request's Kascade output is not its dense one
+    assert not torch.allclose(got[0], dense[0], atol=1e-3)
+    assert calls == [("model.layers.0.self_attn.attn", 6, sum(mix["q_lens"]) + 2)] + \
+        [(f"model.layers.{i}.self_attn.attn", 4, 257 + 64 + 40 + 1) for i in (1, 2, 3)]
+
+
+def test_decode_only_step_without_decode_requests_is_vllms_call(tiny_vllm_config, with_plan, monkeypatch):
+    """Decode-only mode on a step of prefill chunks only: each layer is vLLM's FlashAttention call for the whole
+    step (the metadata as vLLM built it), nothing of Kascade runs."""
+    import kascade.integrations.vllm_gpu as g
+
+    calls = []
+    monkeypatch.setattr(g.KascadeFlashAttentionImpl, "_flash", _fake_flash(calls))
+    monkeypatch.setattr(PagedKascadeStrategy, "attend", None)  # would raise if called
+    impls = _impls(tiny_vllm_config, DECODE_ONLY, 3)
+    mix = dict(seq_lens=[257, 170, 40, 200], q_lens=[257, 64, 40, 0])
+    for layer in range(3):
+        b, _ = make_batch(**mix, hq=8, hkv=4, d=64, seed=70 + layer)
+        got = _layer_forward(impls[layer], layer, b, _metadata(b, 361))
+        dense = paged_dense(b["q"], b["key_cache"], b["value_cache"], b["block_table"], b["seq_lens"],
+                            b["query_start_loc"], scale=0.125, backend="reference")
+        assert torch.equal(got, dense), layer
+    assert calls == [(f"model.layers.{i}.self_attn.attn", 4, 361) for i in range(3)]
+
+
+def test_decode_step_is_unchanged_by_decode_only_mode(tiny_vllm_config, with_plan, monkeypatch):
+    """A padded decode step gives the same output and calls with kascade_sparse_prefill false as without, also
+    right after a dense prefill step of the same strategy (decode steps select at every step: no state of the
+    prefill is read)."""
+    import kascade.integrations.vllm_gpu as g
+
+    results = {}
+    for extra in ({}, DECODE_ONLY):
+        calls = []
+        monkeypatch.setattr(g.KascadeFlashAttentionImpl, "_flash", _fake_flash(calls))
+        impls = _impls(tiny_vllm_config, extra, 3)
+        for layer in range(3):  # a prefill step first: sparse in the default mode, dense in decode-only mode
+            b, _ = make_batch([300, 257], [300, 64], hq=8, hkv=4, d=64, seed=90 + layer)
+            _layer_forward(impls[layer], layer, b, _metadata(b, 364))
+        calls.clear()
+        outs = []
+        for layer in range(3):
+            b, _ = make_batch([300, 90, 257], [1, 1, 1], hq=8, hkv=4, d=64, seed=30 + layer)
+            pad_bt = torch.cat([b["block_table"], torch.zeros(2, b["block_table"].shape[1], dtype=torch.int32)])
+            md = _metadata(dict(query_start_loc=torch.tensor([0, 1, 2, 3, 3, 3], dtype=torch.int32),
+                                seq_lens=torch.tensor([300, 90, 257, 0, 0], dtype=torch.int32), block_table=pad_bt),
+                           3, pad_tokens=5)
+            outs.append(_layer_forward(impls[layer], layer, b, md, pad_tokens=5))
+        results[bool(extra)] = (outs, list(calls))
+    assert results[True][1] == results[False][1] == [("model.layers.0.self_attn.attn", 5, 8)]
+    assert all(torch.equal(a, b) for a, b in zip(results[True][0], results[False][0]))
+
+
+def test_bad_sparse_prefill_is_refused_naming_the_key(tiny_vllm_config, with_plan):
+    with pytest.raises(ValueError, match=r"additional_config\['kascade_sparse_prefill'\]: expected true .* got 'no'"):
+        _impls(tiny_vllm_config, {"kascade_sparse_prefill": "no"}, 1)
+
+
+def test_plan_log_names_the_prefill_mode(tiny_vllm_config, with_plan):
+    """The plan's log line at engine start says which mode runs."""
+    from kascade.integrations.vllm import setup_layer
+
+    for extra, mode in (({}, "sparse prefill and decode"), (DECODE_ONLY, "dense prefill, sparse decode")):
+        cfg = copy.deepcopy(tiny_vllm_config)
+        cfg.additional_config = extra
+        lines = []
+        setup_layer(SimpleNamespace(), cfg, SimpleNamespace(info_once=lines.append), "", None, None, None, None,
+                    "auto", "decoder", "decoder")
+        assert len(lines) == 1 and lines[0].endswith(f"rho {Plan.load(HEAD_PLAN).rho}, {mode})"), lines

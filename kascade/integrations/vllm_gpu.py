@@ -25,6 +25,13 @@ value_cache [num_blocks, block_size, Hkv, D] (strided views: no copy; vllm_adapt
   sub-batch of those requests with metadata re-based to it); the rest run the paged Triton kernels
   (decode requests in one launch, each prefill request tiled from its own first token).
 
+Decode-only mode (`additional_config["kascade_sparse_prefill"]` false or KASCADE_SPARSE_PREFILL=0, read by
+kascade.integrations.vllm): decode steps run as above; a step with no decode request goes whole through
+vLLM's FlashAttention call (`_flash`); in a step mixing prefill chunks and decode requests the prefill
+requests attend through that call (the sub-batch of them and the short requests, sub_batch_metadata) and
+the decode requests run Kascade as in a decode step. No selection outlives its step (layer 0 and the
+anchors select at every step), so a decode step never reads anything a dense prefill left.
+
 CUDA graphs: the builder declares AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE with a plan (FlashAttention
 3 alone declares ALWAYS): vLLM then captures full graphs for pure decode batches only and runs mixed
 batches piecewise (attention eager between the captured pieces; vLLM's default FULL_AND_PIECEWISE mode
@@ -176,6 +183,8 @@ def _backend_classes():
                     out3[:r].copy_(o)
                 return output
             lens, qsl = host_lens(md)
+            if self.kascade.dense_step(qsl):  # decode-only mode and no decode request: vLLM's call, whole step
+                return self._flash(layer, query, key, value, kv_cache, md, output)
             n_tok = qsl[-1]
             every = [i for i in range(r) if qsl[i + 1] > qsl[i]]
 
