@@ -13,7 +13,11 @@ same logical KV-cache shape; see kascade.integrations.vllm_adapter). What runs h
   request without new tokens) and on a padded decode batch, with vLLM's FlashAttention call replaced by
   a reference dense attention that reads only the metadata it is handed: equal to PagedKascadeStrategy on
   the same pages, so the sub-batch metadata (re-based query_start_loc, seq_lens and block-table rows) is
-  what FlashAttention needs, and layer 0 / short requests take that call.
+  what FlashAttention needs, and layer 0 / short requests take that call;
+- decode-only mode (kascade_sparse_prefill false): a mixed step's prefill requests equal dense attention
+  (through the replaced call), its decode requests attend_decode on them alone; a step without decode
+  requests is one call per layer; a decode step is unchanged by the mode, also after a dense prefill; a
+  non-bool value is refused naming the key; the plan's log line names the mode.
 What runs only on the GPU: benchmarks/vllm_gpu_check.py (vLLM 0.26.0 end to end).
 """
 
