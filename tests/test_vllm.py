@@ -9,7 +9,8 @@ layer-granular `kascade-tiny-paper.json` and the head-granular `kascade-tiny.jso
 Every engine is set up to exercise the scheduler: prompts of 60 to 1,000 tokens with different numbers
 of new tokens, at most 3 requests running at once (requests join and leave between steps), and at most
 256 tokens per step (prompts over 256 tokens are prefilled in chunks, next to other requests' decode
-steps). k_min is 128, so every prompt but the first runs Kascade.
+steps). k_min is 128, so every prompt but the first runs Kascade. Decode-only mode
+(`kascade_sparse_prefill` false) runs with the layer-granular plan.
 """
 
 from __future__ import annotations
@@ -99,12 +100,14 @@ def runs(tmp_path_factory):
             "full_budget": {"kascade_plan": str(tmp / "full.json")},
             "kascade": {"kascade_plan": str(PLAN)},
             "head_granular": {"kascade_plan": str(HEAD_PLAN)},
+            "decode_only": {"kascade_plan": str(PLAN), "kascade_sparse_prefill": False},
             "wrong_plan": {"kascade_plan": str(tmp / "wrong.json")},
         },
         "singles": {"kascade": True, "head_granular": True},
     }
     (tmp / "spec.json").write_text(json.dumps(spec))
-    env = {k: v for k, v in os.environ.items() if k not in ("KASCADE_PLAN", "TRITON_INTERPRET")}
+    unset = ("KASCADE_PLAN", "KASCADE_SPARSE_PREFILL", "TRITON_INTERPRET")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     proc = subprocess.run([sys.executable, __file__, str(tmp / "spec.json"), str(tmp / "out.json")], env=env,
                           capture_output=True, text=True, timeout=1200)
     if proc.returncode != 0:
@@ -132,6 +135,21 @@ def test_plan_gives_the_transformers_integration_tokens(runs, run, plan_path):
     assert runs[run]["batch"] == want
     # not vacuous: at this budget Kascade changes some tokens of the dense model
     assert runs[run]["batch"] != runs["dense"]["batch"]
+
+
+def test_decode_only_gives_the_transformers_decode_only_tokens(runs):
+    """kascade_sparse_prefill false in vLLM (prefill chunks dense beside sparse decode steps) gives the tokens of
+    kascade.enable(..., sparse_prefill=False) on the transformers model, each whole prompt prefilled alone."""
+    import kascade
+    from kascade.eval.generation import greedy
+    from kascade.models import load_model
+
+    model, _ = load_model(MODEL_DIR, device="cpu", dtype="float32")
+    with kascade.enable(model, kascade.Plan.load(PLAN), backend="reference", sparse_prefill=False):
+        want = [greedy(model, torch.tensor([ids]), m) for ids, m in zip(prompts(), NEW_TOKENS)]
+    assert runs["decode_only"]["batch"] == want
+    # not vacuous: sparse decode changes some tokens of the dense model, and sparse prefill others
+    assert want != runs["dense"]["batch"] and want != runs["kascade"]["batch"]
 
 
 @pytest.mark.parametrize("run", ["kascade", "head_granular"])
