@@ -108,6 +108,8 @@ def runs(tmp_path_factory):
     (tmp / "spec.json").write_text(json.dumps(spec))
     unset = ("KASCADE_PLAN", "KASCADE_SPARSE_PREFILL", "TRITON_INTERPRET")
     env = {k: v for k, v in os.environ.items() if k not in unset}
+    # the child imports kascade (and vLLM the plugin) from this tree, not from wherever it is installed
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
     proc = subprocess.run([sys.executable, __file__, str(tmp / "spec.json"), str(tmp / "out.json")], env=env,
                           capture_output=True, text=True, timeout=1200)
     if proc.returncode != 0:
