@@ -308,6 +308,7 @@ class LayerCopy:
         self.keys: torch.Tensor | None = None
         self.scales: torch.Tensor | None = None
         self.rows = 0
+        self._index: torch.Tensor | None = None  # heads as a device tensor, made outside any CUDA-graph capture
 
     @property
     def nbytes(self) -> int:
@@ -318,11 +319,17 @@ class LayerCopy:
     def _heads_of(self, k):
         if self.heads == tuple(range(k.shape[1])):
             return k
-        return k.index_select(1, torch.as_tensor(self.heads, device=k.device))
+        return k.index_select(1, self._index)
 
     def _reserve(self, k, rows: int, exact: bool, capturing: bool):
-        """Room for `rows` rows (exactly `rows` when exact: a preallocated cache's length)."""
+        """Room for `rows` rows (exactly `rows` when exact: a preallocated cache's length), and the heads' index
+        on k's device (a host-to-device copy, which a CUDA-graph capture forbids: made at the first, eager step)."""
         b, _, _, d = k.shape
+        if self._index is None or self._index.device != k.device:
+            if capturing:
+                raise ValueError("key copy: the FP8 copy was never written outside a CUDA graph capture; run one "
+                                 "step eagerly first (kascade.integrations.transformers.StaticGenerator does)")
+            self._index = torch.as_tensor(self.heads, device=k.device)
         s = len(self.heads)
         if self.keys is not None and self.keys.shape[0] == b and self.keys.shape[2] >= rows:
             return

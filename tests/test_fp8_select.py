@@ -445,3 +445,26 @@ def test_decode_only_mode_keeps_the_copies_of_the_dense_prefill():
         got = gen.generate(ids, max_new_tokens=5)
         _check_copies(gen.cache, lambda layer: gen.cache.layers[layer].keys, ids.shape[1] + 4)
     assert got.tolist() == out.sequences[:, ids.shape[1]:].tolist()
+
+
+def test_key_copy_steps_copy_nothing_from_the_host_once_written(monkeypatch):
+    """A decode step's write (what a CUDA graph captures) makes no host-to-device copy once the copy was written
+    eagerly: the heads' index is made at the first write; a copy first seen inside a capture is refused."""
+    k = torch.randn(2, 3, 32, 8)
+    with pytest.raises(ValueError, match="eagerly"):
+        F.LayerCopy((0, 2)).update(k, q_len=1, kv_len=torch.tensor([5, 9]), capturing=True, capacity=32)
+    copy = F.LayerCopy((0, 2))
+    copy.update(k[:, :, :20], q_len=20, capacity=32)
+    real = torch.as_tensor
+
+    def device_only(data, *args, **kwargs):
+        if not isinstance(data, torch.Tensor):
+            raise AssertionError(f"host data {data!r} copied to the device during a step")
+        return real(data, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "as_tensor", device_only)
+    keys, scales = copy.update(k, q_len=1, kv_len=torch.tensor([21, 25]), capturing=True, capacity=32)
+    want8, want_sc = F.quantize(k[:, [0, 2]])
+    for b, row in ((0, 20), (1, 24)):
+        assert torch.equal(keys[b, :, row].view(torch.uint8), want8[b, :, row].view(torch.uint8))
+        assert torch.equal(scales[b, :, row], want_sc[b, :, row])
