@@ -64,6 +64,12 @@ def test_graph_mode_captures_full_decode_graphs_at_the_batch_itself():
     assert SERVE.capture_sizes(16) == [1, 2, 4, 8, 16]
 
 
+def test_result_files_are_named_for_the_gpu_model():
+    assert VC.short_device_name("NVIDIA H100 80GB HBM3") == "h100"
+    assert VC.short_device_name("NVIDIA H200") == "h200"
+    assert VC.short_device_name("NVIDIA A100-SXM4-80GB") == "a100"
+
+
 def test_entry_point_is_found_by_importlib_metadata(tmp_path):
     VC.install_entry_point(tmp_path)
     eps = [ep for dist in importlib.metadata.distributions(path=[str(tmp_path)])
