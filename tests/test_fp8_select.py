@@ -185,10 +185,9 @@ def test_prefill_kernel_matches_reference(B, S, G, N, Q, D, kv_start):
 def _paged_copy(cache_keys, heads):
     """The copy of `heads` of a paged key cache [blocks, block_size, Hkv, D] written slot by slot."""
     nb, bs, _, d = cache_keys.shape
-    copies = F.PagedKeyCopies({0: tuple(heads)}, {0: (torch.zeros(nb, bs, len(heads), d, dtype=F.E4M3, device=DEV),
-                                                      torch.ones(nb, bs, len(heads), device=DEV))})
+    copies = F.PagedKeyCopies({0: tuple(heads)}, nb, bs, d, device=DEV)
     slots = torch.arange(nb * bs, device=DEV)
-    slots[5] = -1  # a padding token of the engine's batch: skipped
+    slots[5] = -1  # a padding token of the engine's batch: skipped (written to the scratch row)
     copies.write(0, cache_keys.reshape(nb * bs, *cache_keys.shape[2:]), slots)
     return copies
 
@@ -325,7 +324,8 @@ def test_paged_strategy_with_copies_equals_copies_made_per_layer(backend):
             a = with_copies.attend_decode(layer, *args, scale=0.2, key_copies=copies)
             c = per_layer.attend_decode(layer, *args, scale=0.2)
         assert torch.equal(a, c), layer
-    assert copies.nbytes == sum(k.numel() + 4 * s.numel() for k, s in copies.layers.values())
+    # every slot of the selecting heads and one scratch row per layer: D FP8 bytes and a float32 scale a head
+    assert copies.nbytes == sum((nb * bs + 1) * F.PagedKeyCopies.bytes_per_slot(len(h), 32) for h in SELECTING.values())
 
 
 # ----------------------------------------------------------------------------------------------
