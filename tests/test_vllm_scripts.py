@@ -89,7 +89,8 @@ def test_cell_lists():
     assert profiled[0][1][-1] == "--profile"
     checks = CHECK.cell_list(Namespace(models="tiny", modes="graph,eager", work="/w"))
     assert [c[0] for c in checks][:2] == ["tiny-vllm-shipped-graph", "tiny-vllm-dense-graph"]
-    assert len(checks) == 8 and checks[-1][0] == "tiny-transformers-shipped"
+    assert len(checks) == 11 and checks[7][0] == "tiny-transformers-shipped"
+    assert [c[0] for c in checks][8:] == ["tiny-vllm-fp8-graph", "tiny-vllm-fp8-eager", "tiny-transformers-fp8"]
 
 
 def _cell(workload, mode, provider, tps, ttft=None, batch=None):
