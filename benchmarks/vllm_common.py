@@ -59,6 +59,14 @@ def kascade_layers() -> int:
     return kv.ACTIVE_LAYERS[0]
 
 
+def short_device_name(name: str) -> str:
+    """The model in a CUDA device name, for file names: "NVIDIA H100 80GB HBM3" -> "h100", "NVIDIA H200" -> "h200"."""
+    import re
+
+    m = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Z]?)\b", name)
+    return (m.group(1) if m else name.split()[-1]).lower()
+
+
 def device_info() -> dict:
     import datetime
 
@@ -67,7 +75,7 @@ def device_info() -> dict:
     info = {"date": datetime.date.today().isoformat(), "torch": torch.__version__}
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
-        info.update(device=name, device_short=name.split()[-1].lower(),
+        info.update(device=name, device_short=short_device_name(name),
                     memory_gib=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1))
     else:
         info.update(device="cpu", device_short="cpu", memory_gib=None)

@@ -15,7 +15,8 @@
 #                                          8064 tokens through vLLM, dense and the shipped plan (needs /tmp/smol)
 #   bash benchmarks/vllm_gpu.sh bench      benchmarks/vllm_serving.py run: 12 cells (3 providers x graph/eager x
 #                                          long/mid, 2-4 minutes each); repeat until "missing cells: none"
-#                                          (PROVIDERS, MODES, WORKLOADS narrow it, e.g. MODES=graph first)
+#                                          (PROVIDERS, MODES, WORKLOADS narrow it, e.g. MODES=graph first;
+#                                          PROFILE=1 adds each cell's kernel breakdown: benchmarks/vllm_profile.py)
 #   bash benchmarks/vllm_gpu.sh serve      benchmarks/vllm_serving.py serve: vllm serve + 16 concurrent requests
 #   bash benchmarks/vllm_gpu.sh report     both reports from the cells in /tmp (they also run on this machine:
 #                                          python benchmarks/vllm_serving.py report --work DIR; same for the check)
@@ -57,7 +58,8 @@ eval)
   ;;
 bench)
   python3 benchmarks/vllm_serving.py run --work /tmp/vllm_bench --providers "${PROVIDERS:-flash,anchors5,selecting10}" \
-    --modes "${MODES:-graph,eager}" --workloads "${WORKLOADS:-long,mid}" --budget-s "${BUDGET:-540}" --copy-to "$OUT/bench"
+    --modes "${MODES:-graph,eager}" --workloads "${WORKLOADS:-long,mid}" --budget-s "${BUDGET:-540}" --copy-to "$OUT/bench" \
+    ${PROFILE:+--profile}
   ;;
 serve)
   python3 benchmarks/vllm_serving.py serve --out /tmp/vllm_bench/serve.json

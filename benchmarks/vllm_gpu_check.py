@@ -14,6 +14,9 @@ Cells (each its own process; `run` executes the missing ones within a time budge
   KASCADE_VLLM_CHECK_LENS=1 (the host lengths the backend uses are compared with the device's every step).
 - transformers references on the same GPU: dense (sdpa) and `kascade.enable(model, plan)` (Triton kernels),
   each prompt alone, greedy.
+- last, selection from an FP8 copy of the keys (kascade.fp8keys): vLLM engines with the shipped plan and
+  `kascade_select_keys: "fp8"` (graphs and eager; the copy written beside vLLM's cache writes), and
+  `kascade.enable(model, plan, select_keys="fp8")` on transformers.
 `report` compares (any machine): rho = 1 against vLLM dense (the same tokens expected, up to bf16 rounding of
 a different summation order); vLLM Kascade against kascade.enable on transformers, next to vLLM dense against
 transformers dense (how closely two dense implementations agree: the yardstick, issue 29 item 4); graphs
@@ -42,7 +45,7 @@ MODELS = {
     "smol": dict(dir=Path(os.environ.get("SMOL_DIR", "/tmp/smol")), plan=ROOT / "plans" / "smollm2-135m-instruct.json",
                  lengths=(1000, 6000)),
 }
-PLANS = ("dense", "full", "shipped")
+PLANS = ("dense", "full", "shipped", "fp8")  # fp8: the shipped plan selecting from an FP8 copy of the keys
 NUM_PROMPTS, NEW_TOKENS = 20, 24
 ENGINE = dict(dtype="bfloat16", max_model_len=6144, max_num_seqs=4, max_num_batched_tokens=512, seed=0,
               gpu_memory_utilization=0.5)
@@ -67,7 +70,7 @@ def plan_path(model: str, plan: str, work: Path) -> Path | None:
     if plan == "dense":
         return None
     src = MODELS[model]["plan"]
-    if plan == "shipped":
+    if plan in ("shipped", "fp8"):
         return src
     from kascade.plan import Plan
 
@@ -89,8 +92,10 @@ def run_engine(args) -> dict:
 
     ps = prompts(args.model)
     t0 = time.perf_counter()
-    llm = LLM(str(MODELS[args.model]["dir"]), enforce_eager=args.mode == "eager",
-              additional_config={"kascade_plan": str(plan)} if plan else {}, **ENGINE)
+    extra = {"kascade_plan": str(plan)} if plan else {}
+    if args.plan == "fp8":
+        extra["kascade_select_keys"] = "fp8"
+    llm = LLM(str(MODELS[args.model]["dir"]), enforce_eager=args.mode == "eager", additional_config=extra, **ENGINE)
     start = time.perf_counter() - t0
     layers = VC.kascade_layers()
     sp = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
@@ -114,7 +119,8 @@ def run_reference(args) -> dict:
     if args.plan == "dense":
         toks = [greedy(model, torch.tensor([p]), NEW_TOKENS) for p in ps]
     else:
-        with kascade.enable(model, kascade.Plan.load(MODELS[args.model]["plan"])):
+        options = {"select_keys": "fp8"} if args.plan == "fp8" else {}
+        with kascade.enable(model, kascade.Plan.load(MODELS[args.model]["plan"]), **options):
             toks = [greedy(model, torch.tensor([p]), NEW_TOKENS) for p in ps]
     return dict(kind="transformers", model=args.model, plan=args.plan, generate_s=time.perf_counter() - t0,
                 lengths=[len(p) for p in ps], tokens=toks, **VC.device_info())
@@ -129,11 +135,15 @@ def agreement(a: list, b: list) -> dict:
 
 
 def cell_list(args) -> list:
-    cells = []
+    """Every model's exact-selection cells first, then every model's FP8-selection cells."""
+    models = []
     for model in args.models.split(","):
         if not MODELS[model]["dir"].is_dir():
             print(f"[check] {model}: {MODELS[model]['dir']} is missing; skipped", flush=True)
             continue
+        models.append(model)
+    cells = []
+    for model in models:
         for mode in args.modes.split(","):  # the shipped plan with graphs first: it exercises the most
             for plan in ("shipped", "dense", "full"):
                 cells.append((f"{model}-vllm-{plan}-{mode}", ["engine", "--model", model, "--plan", plan, "--mode",
@@ -141,6 +151,12 @@ def cell_list(args) -> list:
         for plan in ("dense", "shipped"):
             cells.append((f"{model}-transformers-{plan}", ["reference", "--model", model, "--plan", plan,
                                                            "--work", args.work]))
+    for model in models:  # selection from an FP8 copy of the keys
+        for mode in args.modes.split(","):
+            cells.append((f"{model}-vllm-fp8-{mode}", ["engine", "--model", model, "--plan", "fp8", "--mode", mode,
+                                                       "--work", args.work]))
+        cells.append((f"{model}-transformers-fp8", ["reference", "--model", model, "--plan", "fp8",
+                                                    "--work", args.work]))
     return cells
 
 
@@ -164,7 +180,9 @@ def report(args) -> None:
             pairs = {"full_vs_dense": ("vllm-full-" + mode, "vllm-dense-" + mode),
                      "kascade_vs_transformers_kascade": ("vllm-shipped-" + mode, "transformers-shipped"),
                      "dense_vs_transformers_dense": ("vllm-dense-" + mode, "transformers-dense"),
-                     "kascade_vs_vllm_dense": ("vllm-shipped-" + mode, "vllm-dense-" + mode)}
+                     "kascade_vs_vllm_dense": ("vllm-shipped-" + mode, "vllm-dense-" + mode),
+                     "fp8_vs_transformers_fp8": ("vllm-fp8-" + mode, "transformers-fp8"),
+                     "fp8_vs_exact": ("vllm-fp8-" + mode, "vllm-shipped-" + mode)}
             for name, (x, y) in pairs.items():
                 if x in c and y in c:
                     res[f"{name}_{mode}"] = agreement(c[x]["tokens"], c[y]["tokens"])
@@ -198,7 +216,7 @@ def main(argv=None) -> None:
     for name, helptext in (("engine", "one vLLM engine's greedy tokens"), ("reference", "transformers' greedy tokens")):
         e = sub.add_parser(name, help=helptext)
         e.add_argument("--model", choices=list(MODELS), required=True)
-        e.add_argument("--plan", choices=PLANS if name == "engine" else ("dense", "shipped"), required=True)
+        e.add_argument("--plan", choices=PLANS if name == "engine" else ("dense", "shipped", "fp8"), required=True)
         if name == "engine":
             e.add_argument("--mode", choices=["graph", "eager"], required=True)
         e.add_argument("--work", default="/tmp/vllm_check")

@@ -13,7 +13,15 @@ steps in full graphs) and `eager` (enforce_eager).
 Workloads (one cell = one provider x mode x workload, one engine in its own process):
 - `long`: B x 131072-token prompts, B = 4 on a GPU with more than 100 GiB, else 3 (80 GB: the KV cache of
   4 x 128K does not fit beside the weights); plus the time to first token of one fresh 131072-token prompt.
-- `mid`: 16 x 32768-token prompts.
+- `mid`: B x 32768-token prompts, B = 16 on a GPU with more than 100 GiB, else 12 (80 GB: 16 x 32K of KV cache
+  is 64 GiB).
+Graph mode captures full decode graphs at the batch size itself (cudagraph_capture_sizes includes B, for every
+provider): vLLM captures full decode graphs only up to max_num_seqs = B, so with its default sizes (1, 2, 4, 8,
+...) a batch of 3 would be padded to 4 and run piecewise (attention eager) for every provider.
+Warm-up, outside every timing: a prompt of two chunks and a half (chunked prefill on top of a cache), the same
+prompt again (a prefix-cache hit), B short prompts decoding together, then one untimed round of the decode
+timing; the first TTFT is also untimed (Triton compiles the kernels' variants at their first call), reported
+as `ttft_cold_s`.
 How decode is timed: the batch's prompts are prefilled once (prefix caching on; that wall time is reported
 as the batch prefill), then generated again from their cached prefixes, once with 1 new token and once with
 NEW_TOKENS (256): the difference is NEW_TOKENS - 1 decode steps of the whole batch and nothing else (the
@@ -27,6 +35,9 @@ Commands (run from the repository root with vLLM importable; benchmarks/vllm_gpu
     python benchmarks/vllm_serving.py cell --provider anchors5 --mode graph --workload long --out X.json
     python benchmarks/vllm_serving.py serve --out /tmp/vllm_bench/serve.json
     python benchmarks/vllm_serving.py report --work DIR [-o benchmarks/results/vllm_h200]
+`cell --profile` adds a kernel breakdown (benchmarks/vllm_profile.py): the CUDA time by kind of kernel
+(FlashAttention, Kascade's Triton kernels, GEMMs, the rest) and the GPU's idle share, over a few decode steps
+of the batch and over one 128K prefill, so that a ratio below its target shows where the step's time goes.
 `run` executes the missing cells within its budget (resumable); `report` (any machine, no GPU) writes
 vllm_<device>.{json,md,png}: every cell, and a top-level `ratios` object (Kascade over FlashAttention, same
 run, graph mode): decode_<B>x131072_anchors5, decode_<B>x131072_selecting10, decode_16x32768_anchors5,
@@ -61,6 +72,7 @@ PROVIDERS = {"flash": None, "anchors5": [0, 2, 8, 13, 14], "selecting10": [0, 2,
 WORKLOADS = {"long": 131072, "mid": 32768}
 NEW_TOKENS = 256
 MID_BATCH = 16
+PROFILE_STEPS = 16  # decode steps under the profiler (cell --profile)
 KV_BYTES_PER_TOKEN = 2 * 8 * 128 * 2 * 32  # K and V, 8 KV heads, head dim 128, bf16, 32 layers: 128 KiB
 BLOCK = 16
 
@@ -68,6 +80,17 @@ BLOCK = 16
 def long_batch(memory_gib: float | None) -> int:
     """4 x 128K where the GPU has more than 100 GiB (H200), else 3 (the KV cache of 4 x 128K is 64 GiB)."""
     return 4 if (memory_gib or 0) > 100 else 3
+
+
+def mid_batch(memory_gib: float | None) -> int:
+    """16 x 32K where the GPU has more than 100 GiB (H200), else 12 (the KV cache of 16 x 32K is 64 GiB)."""
+    return MID_BATCH if (memory_gib or 0) > 100 else 12
+
+
+def capture_sizes(batch: int) -> list[int]:
+    """CUDA-graph batch sizes up to `batch`, `batch` itself included (vLLM's full decode graphs stop at
+    max_num_seqs = batch, and a batch between two captured sizes would be padded past it)."""
+    return sorted({x for x in (1, 2, 4, 8, 16, 24, 32) if x < batch} | {batch})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,7 +149,7 @@ def run_cell(args) -> dict:
     info = VC.device_info()
     work = Path(args.work)
     length = WORKLOADS[args.workload]
-    batch = long_batch(info["memory_gib"]) if args.workload == "long" else MID_BATCH
+    batch = (long_batch if args.workload == "long" else mid_batch)(info["memory_gib"])
     max_len = -(-(length + NEW_TOKENS + 2 * BLOCK) // BLOCK) * BLOCK
     kv_bytes = batch * max_len * KV_BYTES_PER_TOKEN
     plan = plan_file(work, args.provider)
@@ -135,6 +158,8 @@ def run_cell(args) -> dict:
                   enforce_eager=args.mode == "eager", kv_cache_memory_bytes=kv_bytes, seed=0,
                   attention_config={"backend": "FLASH_ATTN"},
                   additional_config={"kascade_plan": str(plan)} if plan else {})
+    if args.mode == "graph":
+        engine["compilation_config"] = {"cudagraph_capture_sizes": capture_sizes(batch)}
     t0 = time.perf_counter()
     llm = LLM(str(model_dir(work, max_len)), **engine)
     start_s = time.perf_counter() - t0
@@ -145,15 +170,17 @@ def run_cell(args) -> dict:
                            "and FLASH_ATTN the backend?")
     one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, detokenize=False)
     many = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True, detokenize=False)
-    _timed(llm, _prompts(1, 2048, seed=99), one)  # first-call overheads outside every timing
+    warm_up(llm, args.chunk, batch, SamplingParams)
     res = dict(provider=args.provider, mode=args.mode, workload=args.workload, batch=batch, prompt_len=length,
                new_tokens=NEW_TOKENS, anchors=PROVIDERS[args.provider], engine_start_s=start_s, kascade_layers=layers,
                engine={k: v for k, v in engine.items() if k != "additional_config"}, **info)
     if args.workload == "long":
-        ttft = [_timed(llm, _prompts(1, length, seed=1000 + i), one)[0] for i in range(args.ttft_repeats)]
-        res.update(ttft_s=ttft, ttft_median_s=statistics.median(ttft))
+        ttft = [_timed(llm, _prompts(1, length, seed=1000 + i), one)[0] for i in range(args.ttft_repeats + 1)]
+        res.update(ttft_cold_s=ttft[0], ttft_s=ttft[1:], ttft_median_s=statistics.median(ttft[1:]))
     prompts = _prompts(batch, length, seed=7)
     res["batch_prefill_s"], _ = _timed(llm, prompts, one)
+    _timed(llm, prompts, one)  # one untimed round of the decode timing
+    _timed(llm, prompts, many)
     t1s, tns = [], []
     for _ in range(args.repeats):
         t1, outs1 = _timed(llm, prompts, one)
@@ -170,7 +197,25 @@ def run_cell(args) -> dict:
     res.update(decode_t1_s=t1s, decode_tn_s=tns, decode_s=d, itl_ms=1000 * d / (NEW_TOKENS - 1),
                decode_tokens_per_s=batch * (NEW_TOKENS - 1) / d,
                decode_tokens_per_s_all=[batch * (NEW_TOKENS - 1) / x for x in diffs])
+    if args.profile:
+        import vllm_profile
+
+        res["profile"] = {
+            "decode": vllm_profile.profile(lambda: _timed(llm, prompts, SamplingParams(
+                max_tokens=PROFILE_STEPS + 1, temperature=0.0, ignore_eos=True, detokenize=False))),
+            "prefill": vllm_profile.profile(lambda: _timed(llm, _prompts(1, length, seed=2000), one)),
+            "decode_steps": PROFILE_STEPS, "prefill_tokens": length}
     return res
+
+
+def warm_up(llm, chunk: int, batch: int, sampling_params) -> None:
+    """Every path a timing takes, once, untimed (module docstring): chunked prefill on top of a cache, a
+    prefix-cache hit, and a decode batch of `batch` requests."""
+    few = sampling_params(max_tokens=4, temperature=0.0, ignore_eos=True, detokenize=False)
+    long = _prompts(1, 2 * chunk + chunk // 2, seed=97)
+    _timed(llm, long, few)
+    _timed(llm, long, few)
+    _timed(llm, _prompts(batch, 2048, seed=98), few)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,7 +350,7 @@ def cell_list(args) -> list:
         for mode in args.modes.split(","):
             for provider in args.providers.split(","):
                 argv = ["cell", "--provider", provider, "--mode", mode, "--workload", workload, "--work", args.work,
-                        "--repeats", str(args.repeats), "--chunk", str(args.chunk)]
+                        "--repeats", str(args.repeats), "--chunk", str(args.chunk)] + (["--profile"] if args.profile else [])
                 cells.append((f"{workload}-{mode}-{provider}", argv))
     return cells
 
@@ -360,9 +405,23 @@ def report(args) -> None:
               "batch prefill (s) | TTFT 128K (s) | engine start (s) |", "|---|---|---|---|---|---|---|---|---|"]
     for name, c in sorted(cells.items()):
         ttft = f"{c['ttft_median_s']:.2f}" if "ttft_median_s" in c else ""
+        if "ttft_cold_s" in c:
+            ttft += f" (cold {c['ttft_cold_s']:.1f})"
         lines.append(f"| {c['workload']} | {c['mode']} | {c['provider']} | {c['batch']} x {c['prompt_len']} | "
                      f"{c['decode_tokens_per_s']:.1f} | {c['itl_ms']:.2f} | {c['batch_prefill_s']:.2f} | {ttft} | "
                      f"{c['engine_start_s']:.0f} |")
+    profiled = {name: c["profile"] for name, c in sorted(cells.items()) if "profile" in c}
+    if profiled:
+        import vllm_profile
+
+        lines += ["", "## Where the time goes (cell --profile)", "",
+                  f"CUDA time by kind of kernel (benchmarks/vllm_profile.py) over {PROFILE_STEPS} decode steps of the "
+                  "batch (with the recomputed last block of each cached prompt) and over one prefill of the "
+                  "workload's prompt length; idle: wall time not covered by kernels.", ""]
+        lines += vllm_profile.markdown_header()
+        for name, prof in profiled.items():
+            for phase in ("decode", "prefill"):
+                lines += vllm_profile.markdown(f"{name}, {phase}", prof[phase])
     if serve:
         lines += ["", "## vllm serve with preemption", "",
                   f"{len(serve['lengths'])} concurrent requests of {min(serve['lengths'])}-{max(serve['lengths'])} tokens "
@@ -410,6 +469,8 @@ def main(argv=None) -> None:
     common.add_argument("--work", default="/tmp/vllm_bench", help="folder of the cells' files (default %(default)s)")
     common.add_argument("--repeats", type=int, default=3, help="decode timings per cell (median; default %(default)s)")
     common.add_argument("--chunk", type=int, default=16384, help="max_num_batched_tokens (default %(default)s)")
+    common.add_argument("--profile", action="store_true",
+                        help="add a kernel breakdown of a few decode steps and one prefill (benchmarks/vllm_profile.py)")
     r = sub.add_parser("run", parents=[common], help="run the missing cells within a time budget")
     r.add_argument("--providers", default="flash,anchors5,selecting10")
     r.add_argument("--modes", default="graph,eager")
@@ -419,7 +480,7 @@ def main(argv=None) -> None:
     c.add_argument("--provider", choices=list(PROVIDERS), required=True)
     c.add_argument("--mode", choices=["graph", "eager"], required=True)
     c.add_argument("--workload", choices=list(WORKLOADS), required=True)
-    c.add_argument("--ttft-repeats", type=int, default=2)
+    c.add_argument("--ttft-repeats", type=int, default=2, help="timed TTFTs after the cold one (default %(default)s)")
     c.add_argument("--out", required=True)
     s = sub.add_parser("serve", help="vllm serve with the plugin, 16 concurrent requests, preemption")
     s.add_argument("--model", default=str(ROOT / "models" / "kascade-tiny"))

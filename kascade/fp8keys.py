@@ -32,7 +32,9 @@ Storage:
   are written whenever the layer's keys are (kascade.integrations.transformers attaches one to the cache
   object, so it is freed with the cache). `nbytes` reports its memory.
 - `PagedKeyCopies` (kascade.paged, serving engines): per layer [num_blocks, block_size, S, D] and
-  [num_blocks, block_size, S], written by slot like the engine's own cache write (`write`).
+  [num_blocks, block_size, S], written by slot like the engine's own cache write (`write`: tensor operations
+  only, padding slots sent to a scratch row, so it runs inside a CUDA graph; kascade.integrations.vllm_gpu
+  writes one per layer beside vLLM's cache).
 - without either, `transient` quantizes the selecting heads' keys at each call (same scores, no bytes
   saved): what the strategies fall back to when called directly.
 """
@@ -308,6 +310,7 @@ class LayerCopy:
         self.keys: torch.Tensor | None = None
         self.scales: torch.Tensor | None = None
         self.rows = 0
+        self._index: torch.Tensor | None = None  # heads as a device tensor, made outside any CUDA-graph capture
 
     @property
     def nbytes(self) -> int:
@@ -318,11 +321,17 @@ class LayerCopy:
     def _heads_of(self, k):
         if self.heads == tuple(range(k.shape[1])):
             return k
-        return k.index_select(1, torch.as_tensor(self.heads, device=k.device))
+        return k.index_select(1, self._index)
 
     def _reserve(self, k, rows: int, exact: bool, capturing: bool):
-        """Room for `rows` rows (exactly `rows` when exact: a preallocated cache's length)."""
+        """Room for `rows` rows (exactly `rows` when exact: a preallocated cache's length), and the heads' index
+        on k's device (a host-to-device copy, which a CUDA-graph capture forbids: made at the first, eager step)."""
         b, _, _, d = k.shape
+        if self._index is None or self._index.device != k.device:
+            if capturing:
+                raise ValueError("key copy: the FP8 copy was never written outside a CUDA graph capture; run one "
+                                 "step eagerly first (kascade.integrations.transformers.StaticGenerator does)")
+            self._index = torch.as_tensor(self.heads, device=k.device)
         s = len(self.heads)
         if self.keys is not None and self.keys.shape[0] == b and self.keys.shape[2] >= rows:
             return
@@ -438,34 +447,61 @@ class PagedKeyCopies:
         copies.write(layer, key, slot_mapping)        # where the engine writes key [T, Hkv, D] into its cache
         strategy.attend(..., key_copies=copies)       # PagedKascadeStrategy(plan, select_keys="fp8")
 
+    PagedKeyCopies(heads, num_blocks, block_size, head_dim, device) allocates the layers of `heads` ({layer:
+    its selecting KV heads, ascending}; layers without heads are left out); `allocate` takes them from a plan.
     layers[l] = (keys [num_blocks, block_size, S_l, D] float8_e4m3fn, scales [num_blocks, block_size, S_l]
-    float32) for the layers with selecting heads (heads[l], ascending); slot = block * block_size + offset,
-    as in vLLM's slot_mapping (negative slots, padding tokens, are skipped: one host synchronisation)."""
+    float32) for those layers, zero keys and unit scales until written; slot = block * block_size + offset, as
+    in vLLM's slot_mapping. Each layer's buffers hold one row more than its num_blocks * block_size slots, a
+    scratch row that the padding tokens of an engine's batch (negative slots) are written to, so that `write`
+    reads no device value (it can run inside a CUDA graph)."""
 
-    def __init__(self, heads: dict, layers: dict):
-        self.heads = {int(l): tuple(h) for l, h in heads.items()}
-        self.layers = layers
+    def __init__(self, heads: dict, num_blocks: int, block_size: int, head_dim: int, device=None):
+        self.heads = {int(l): tuple(int(h) for h in hs) for l, hs in heads.items() if len(hs)}
+        self.num_blocks, self.block_size, self.head_dim = int(num_blocks), int(block_size), int(head_dim)
+        n = self.num_blocks * self.block_size
+        self._rows: dict = {}  # layer -> (keys [n + 1, S, D], scales [n + 1, S]): the slots, then the scratch row
+        self._head_index: dict = {}  # layer -> its heads as an int64 device tensor, None for every head
+        self.layers: dict = {}
+        for layer, hs in self.heads.items():
+            keys = torch.zeros(n + 1, len(hs), self.head_dim, dtype=E4M3, device=device)
+            scales = torch.ones(n + 1, len(hs), dtype=torch.float32, device=device)
+            self._rows[layer] = (keys, scales)
+            self._head_index[layer] = torch.tensor(hs, dtype=torch.long, device=device)
+            self.layers[layer] = (keys[:n].view(self.num_blocks, self.block_size, len(hs), self.head_dim),
+                                  scales[:n].view(self.num_blocks, self.block_size, len(hs)))
 
-    @classmethod
-    def allocate(cls, plan, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, device=None,
-                 tp_rank: int | None = None) -> PagedKeyCopies:
+    @staticmethod
+    def selecting_heads(plan, num_kv_heads: int, tp_rank: int | None = None) -> dict:
+        """{layer: its selecting KV heads (local to rank `tp_rank`'s shard), ascending} for the layers of `plan`
+        that select from the copy: anchors, layer 0 when a later layer reads it, part-selecting layers."""
         from kascade.routing import Routing
 
         routing = Routing(plan, num_kv_heads, tp_rank)
-        heads, layers = {}, {}
+        heads = {}
         for layer in range(plan.num_layers):
             own = routing.layer(layer).own
             if layer == 0 and not routing.used_by_later_layers(0):
                 own = []
             if own:
                 heads[layer] = tuple(own)
-                layers[layer] = (torch.zeros(num_blocks, block_size, len(own), head_dim, dtype=E4M3, device=device),
-                                 torch.ones(num_blocks, block_size, len(own), dtype=torch.float32, device=device))
-        return cls(heads, layers)
+        return heads
+
+    @classmethod
+    def allocate(cls, plan, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, device=None,
+                 tp_rank: int | None = None) -> PagedKeyCopies:
+        """The copies of every selecting (layer, KV head) of `plan` (selecting_heads) for a cache of num_blocks
+        pages of block_size tokens."""
+        return cls(cls.selecting_heads(plan, num_kv_heads, tp_rank), num_blocks, block_size, head_dim, device)
+
+    @staticmethod
+    def bytes_per_slot(num_heads: int, head_dim: int) -> int:
+        """Bytes of the copy of one token of `num_heads` KV heads: head_dim FP8 values and a float32 scale each."""
+        return num_heads * (head_dim + 4)
 
     @property
     def nbytes(self) -> int:
-        return sum(k.numel() * k.element_size() + s.numel() * s.element_size() for k, s in self.layers.values())
+        """Bytes allocated by the copies (keys, scales and scratch rows of every layer)."""
+        return sum(k.numel() * k.element_size() + s.numel() * s.element_size() for k, s in self._rows.values())
 
     def layer(self, layer: int):
         """(keys, scales) of `layer`; ValueError for a layer without selecting heads."""
@@ -475,17 +511,20 @@ class PagedKeyCopies:
         return self.layers[layer]
 
     def write(self, layer: int, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        """Quantize the selecting heads of key [T, Hkv, D] into their slots (no host synchronisation)."""
-        if layer not in self.layers:
+        """Quantize the selecting heads of key [T', Hkv, D] into their slots: token i < T goes to slot_mapping[i]
+        ([T] int, T <= T'; the rows of key after T are padding, as vLLM passes them). Negative slots (padding
+        tokens) go to the scratch row. Pure tensor operations: nothing is read back to the host."""
+        if layer not in self._rows:
             return
-        keys, scales = self.layers[layer]
-        heads = self.heads[layer]
-        src = key if heads == tuple(range(key.shape[1])) else key[:, list(heads)]
+        keys, scales = self._rows[layer]
+        t = slot_mapping.shape[0]
+        if key.dim() != 3 or key.shape[0] < t or key.shape[2] != self.head_dim:
+            raise ValueError(f"key: expected [at least {t} tokens (slot_mapping), num_kv_heads, {self.head_dim}], "
+                             f"got shape {tuple(key.shape)}")
+        heads, idx = self.heads[layer], self._head_index[layer]
+        src = key[:t] if heads == tuple(range(key.shape[1])) else key[:t].index_select(1, idx.to(key.device))
         slots = slot_mapping.to(keys.device).long()
-        ok = slots >= 0
-        if not bool(ok.all()):  # padding tokens of the engine's batch
-            src, slots = src[ok.to(src.device)], slots[ok]
+        slots = torch.where(slots >= 0, slots, keys.shape[0] - 1)  # padding tokens -> the scratch row
         x8, sc = quantize(src)  # [T, S, D], [T, S]
-        flat_k = keys.view(torch.uint8).view(-1, keys.shape[2], keys.shape[3])  # [blocks * block_size, S, D]
-        flat_k.index_copy_(0, slots, x8.view(torch.uint8))
-        scales.view(-1, scales.shape[2]).index_copy_(0, slots, sc)
+        keys.view(torch.uint8).index_copy_(0, slots, x8.view(torch.uint8))
+        scales.index_copy_(0, slots, sc)

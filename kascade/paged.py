@@ -53,6 +53,7 @@ them (that would read them).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +77,10 @@ class PagedSelection:
                a decode request.
     decode     [R] bool, True for a request with one new token (its selection is in local tile 0).
     tile       the prefill tile T.
+    pool_rows  None, or [R, Hkv, U, Kmax] int32: the valid slots resolved to rows of the page pool (page *
+               block_size + offset, kascade.kernels.paging.resolve_rows) by the kernels, so that reuse layers
+               gather K/V rows by one index instead of looking each position's page up again; valid for
+               the block table `pool_table` (that tensor object: every layer of one step passes the same).
     """
 
     indices: torch.Tensor
@@ -83,6 +88,8 @@ class PagedSelection:
     first_tile: torch.Tensor
     decode: torch.Tensor
     tile: int
+    pool_rows: torch.Tensor | None = None
+    pool_table: torch.Tensor | None = None
 
     @property
     def num_requests(self) -> int:
@@ -233,7 +240,7 @@ def paged_select(q, key_cache, block_table, seq_lens, query_start_loc, rho: floa
     if use_kernels(q, backend):
         lens, qsl = check_paged_inputs(q, key_cache, None, block_table, seq_lens, query_start_loc, host_lens)
         per_req = paged_kernels.select(q, key_cache, block_table, seq_lens, lens, qsl, rho, k_min, tile, sc)
-        return _stack(per_req, seq_lens.shape[0], key_cache.shape[2], tile, q.device)
+        return _stack(per_req, seq_lens.shape[0], key_cache.shape[2], tile, q.device, block_table)
     per_req = {}
     for r, qr, k, _, _ in _requests(q, key_cache, None, block_table, seq_lens, query_start_loc, host_lens):
         per_req[r] = reference.select(qr, k, rho=rho, k_min=k_min, tile=tile, scale=sc)
@@ -271,7 +278,7 @@ def paged_select_fp8(q, key_cache, block_table, seq_lens, query_start_loc, key_c
     if use_kernels(q, backend):
         per_req = paged_kernels.select_fp8(q, key_cache, (k8, ks), block_table, seq_lens, lens, qsl, rho, k_min, tile,
                                            sc, rerank, kv_heads)
-        return _stack(per_req, seq_lens.shape[0], s, tile, q.device)
+        return _stack(per_req, seq_lens.shape[0], s, tile, q.device, block_table)
     per_req = {}
     for r, n in enumerate(lens):
         a, b = qsl[r], qsl[r + 1]
@@ -286,21 +293,29 @@ def paged_select_fp8(q, key_cache, block_table, seq_lens, query_start_loc, key_c
     return _stack(per_req, seq_lens.shape[0], s, tile, q.device)
 
 
-def _stack(per_req: dict, r_total: int, hkv: int, tile: int, device) -> PagedSelection:
-    """One PagedSelection from per-request batch-1 reference Selections (requests without tokens: empty)."""
+def _stack(per_req: dict, r_total: int, hkv: int, tile: int, device, block_table=None) -> PagedSelection:
+    """One PagedSelection from per-request batch-1 reference Selections (requests without tokens: empty).
+
+    When every one of them holds pool rows (the kernels' selections over a linear page pool, attribute
+    `pool`), they are stacked too, valid for `block_table` (the step's, whose rows the requests' are)."""
     u_max = max([s.indices.shape[2] for s in per_req.values()] + [1])
     k_max = max([s.indices.shape[3] for s in per_req.values()] + [1])
     indices = torch.full((r_total, hkv, u_max, k_max), -1, dtype=torch.int32, device=device)
     counts = torch.zeros(r_total, u_max, dtype=torch.int32, device=device)
     first_tile = torch.zeros(r_total, dtype=torch.int64, device=device)
     decode = torch.zeros(r_total, dtype=torch.bool, device=device)
+    pooled = block_table is not None and bool(per_req) and all(
+        getattr(s, "pool", None) is not None for s in per_req.values())
+    rows = torch.full_like(indices, -1) if pooled else None
     for r, s in per_req.items():
         u, kk = s.indices.shape[2], s.indices.shape[3]
         indices[r, :, :u, :kk] = s.indices[0]
         counts[r, :u] = s.counts[0]
         first_tile[r] = s.first_tile[0]
         decode[r] = s.decode
-    return PagedSelection(indices, counts, first_tile, decode, tile)
+        if pooled:
+            rows[r, :, :u, :kk] = s.pool.rows[0]
+    return PagedSelection(indices, counts, first_tile, decode, tile, rows, block_table if pooled else None)
 
 
 def paged_gather_heads(selections: list, rows: torch.Tensor | None) -> PagedSelection:
@@ -319,7 +334,19 @@ def paged_gather_heads(selections: list, rows: torch.Tensor | None) -> PagedSele
             raise ValueError(f"selections: expected selections of one step (the same requests, tiles and budgets: "
                              f"equal counts, first_tile, decode and tile), but selection {i} differs from selection "
                              "0; select them over the same batch")
-    return reference.gather_heads(selections, rows)
+    out = reference.gather_heads(selections, rows)
+    if rows is None:
+        return out
+    pooled = all(s.pool_rows is not None and s.pool_table is first.pool_table for s in selections)
+    pool_rows = _gather_rows([s.pool_rows for s in selections], rows) if pooled else None
+    return dataclasses.replace(out, pool_rows=pool_rows, pool_table=first.pool_table if pooled else None)
+
+
+def _gather_rows(parts: list, rows: torch.Tensor) -> torch.Tensor:
+    """Pool rows [.., S_i, U, K_i] of selections stacked along the head axis, then row rows[h] for KV head h:
+    what reference.gather_heads does to their indices (narrower parts padded with -1)."""
+    plain = [reference.Selection(x, None, None, 0, False) for x in parts]
+    return reference.gather_heads(plain, rows).indices
 
 
 def paged_reuse(q, key_cache, value_cache, block_table, seq_lens, query_start_loc, selection: PagedSelection,
@@ -372,18 +399,29 @@ def paged_anchor(q, key_cache, value_cache, block_table, seq_lens, query_start_l
 # ----------------------------------------------------------------------------------------------
 
 
+def _tensor_key(t: torch.Tensor) -> tuple:
+    """What identifies a tensor's data within one step (views made anew of the same memory compare equal)."""
+    return t.data_ptr(), tuple(t.shape), t.stride(), t.dtype
+
+
 def _sub_batch(keep: list[int], q, block_table, seq_lens, query_start_loc, lens: list[int], qsl: list[int]):
     """(token rows, q, block_table, seq_lens, query_start_loc, host_lens) of the requests in `keep`.
 
     lens / qsl: the batch's seq_lens and query_start_loc on the host (nothing is read back from the device)."""
-    rows = [torch.arange(qsl[r], qsl[r + 1], device=q.device) for r in keep]
-    rows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64, device=q.device)
+    rows, *rest = _sub_index(keep, q.device, block_table, seq_lens, query_start_loc, lens, qsl)
+    return (rows, q[rows], *rest)
+
+
+def _sub_index(keep: list[int], device, block_table, seq_lens, query_start_loc, lens: list[int], qsl: list[int]):
+    """_sub_batch without q: (token rows, block_table, seq_lens, query_start_loc, host_lens) of `keep`."""
+    rows = [torch.arange(qsl[r], qsl[r + 1], device=device) for r in keep]
+    rows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64, device=device)
     sub_qsl = [0]
     for r in keep:
         sub_qsl.append(sub_qsl[-1] + qsl[r + 1] - qsl[r])
     idx = torch.tensor(keep, dtype=torch.int64, device=seq_lens.device)
     sub_qsl_t = torch.tensor(sub_qsl, dtype=query_start_loc.dtype, device=query_start_loc.device)
-    return (rows, q[rows], block_table[idx.to(block_table.device)], seq_lens[idx], sub_qsl_t,
+    return (rows, block_table[idx.to(block_table.device)], seq_lens[idx], sub_qsl_t,
             ([lens[r] for r in keep], sub_qsl))
 
 
@@ -395,11 +433,20 @@ def _plain(sel):
 def _gather_decode(selections: list, rows: torch.Tensor | None):
     """reference.gather_heads for the decode path, without reading any device value.
 
-    The selections of one decode step share counts (k(n_r) for every head), so nothing needs comparing;
-    a stacked selection drops the pool rows of its first part (they address that part's heads only)."""
+    The selections of one decode step share counts (k(n_r) for every head), so nothing needs comparing.
+    Pool rows (kascade.kernels.decode.PagedDecodeSelection.pool) are gathered like the indices when every
+    part holds them for the same block table (pool rows depend on positions and pages, not on heads)."""
     if rows is None:
         return selections[0]
-    return reference.gather_heads([_plain(s) for s in selections], rows)
+    out = reference.gather_heads([_plain(s) for s in selections], rows)
+    pools = [getattr(s, "pool", None) for s in selections]
+    if not all(p is not None and p.block_table is pools[0].block_table for p in pools):
+        return out
+    from kascade.kernels.decode import PagedDecodeSelection
+    from kascade.kernels.paging import PoolRows
+
+    pool = PoolRows(_gather_rows([p.rows for p in pools], rows), pools[0].block_table)
+    return PagedDecodeSelection(out.indices, out.counts, out.first_tile, out.tile, out.decode, pool=pool)
 
 
 class PagedKascadeStrategy:
@@ -454,10 +501,21 @@ class PagedKascadeStrategy:
         self.state: dict = {}  # layer -> (requests of the batch it selected over, selection)
         self._routings: dict = {}  # (Hkv, tp_rank) -> Routing
         self._decode_step = None  # (block_table, seq_lens) as passed, and the int32 / clamped copies of this step
+        self._long_step = None  # (key, the sub-batch of the requests above k_min) of this step: _long_batch
 
     def begin_forward(self) -> None:
         self.state.clear()
         self._decode_step = None
+        self._long_step = None
+
+    def _long_batch(self, keep, q, block_table, seq_lens, query_start_loc, lens, qsl):
+        """_sub_batch's (token rows, block_table, seq_lens, query_start_loc, host_lens) of the requests `keep`, made
+        once per step: every layer of a step passes the same batch (as views that may be new objects), and the
+        one sub-batch block table lets reuse layers take the pool rows their anchor resolved (PagedSelection)."""
+        key = (tuple(keep), _tensor_key(block_table), _tensor_key(seq_lens), _tensor_key(query_start_loc))
+        if self._long_step is None or self._long_step[0] != key:
+            self._long_step = (key, _sub_index(keep, q.device, block_table, seq_lens, query_start_loc, lens, qsl))
+        return self._long_step[1]
 
     def dense_step(self, query_start_loc) -> bool:
         """True when a whole step attends densely because of the mode: decode-only (sparse_prefill=False) and
@@ -528,7 +586,8 @@ class PagedKascadeStrategy:
             dense_part(short_reqs)
         if not long_reqs:
             return out
-        rows, sq, sbt, slens, sqsl, host = _sub_batch(long_reqs, q, block_table, seq_lens, query_start_loc, lens, qsl)
+        rows, sbt, slens, sqsl, host = self._long_batch(long_reqs, q, block_table, seq_lens, query_start_loc, lens, qsl)
+        sq = q[rows]
         kw["host_lens"] = host
         routing = self.routing(key_cache.shape[2], tp_rank)
         budget = dict(rho=p.rho, k_min=p.k_min, tile=p.tile)
@@ -587,13 +646,14 @@ class PagedKascadeStrategy:
         """(block_table int32, seq_lens int32 with every entry at least 1) of this step, made once per step
         (layer 0) and shared by its layers, so that an anchor's pool rows serve the layers after it."""
         s = self._decode_step
-        if s is not None and s[0] is block_table and s[1] is seq_lens:
-            return s[2], s[3]
+        key = (_tensor_key(block_table), _tensor_key(seq_lens))
+        if s is not None and s[0] == key:
+            return s[1], s[2]
         bt = block_table
         if bt.dtype != torch.int32 or bt.stride(-1) != 1:
             bt = bt.to(torch.int32).contiguous()
         lens = torch.clamp(seq_lens, min=1).to(torch.int32)  # a copy: padding requests (0 keys) read one key
-        self._decode_step = (block_table, seq_lens, bt, lens)
+        self._decode_step = (key, bt, lens)
         return bt, lens
 
     def attend_decode(self, layer: int, q, key_cache, value_cache, block_table, seq_lens, scale=None,

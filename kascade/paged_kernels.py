@@ -68,8 +68,19 @@ def _masked(indices: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return torch.where(slot[None, None, None, :] < counts[:, None, : indices.shape[2], None], indices, -1)
 
 
+def _per_request(sel, idx, i: int, decode: bool):
+    """Request i of a kernel selection (indices masked: `idx`) as a batch-1 selection; it keeps the selection's
+    pool rows (attribute `pool`, a kascade.kernels.paging.PoolRows, or None) for kascade.paged._stack."""
+    from kascade.kernels.decode import PagedDecodeSelection
+    from kascade.kernels.paging import PoolRows
+
+    pool = getattr(sel, "pool", None)
+    pool = None if pool is None else PoolRows(pool.rows[i:i + 1], pool.block_table)
+    return PagedDecodeSelection(idx[i:i + 1], sel.counts[i:i + 1], sel.first_tile[i:i + 1], sel.tile, decode, pool)
+
+
 def select(q, key_cache, block_table, seq_lens, lens, qsl, rho, k_min, tile, scale):
-    """Per-request Selections (batch 1 each, positions inside the request) keyed by request id."""
+    """Per-request Selections (batch 1 each, positions inside the request, pool rows kept) keyed by request id."""
     from kascade.kernels import decode as KD, prefill as KP
 
     dec, pre = _split(lens, qsl)
@@ -79,11 +90,11 @@ def select(q, key_cache, block_table, seq_lens, lens, qsl, rho, k_min, tile, sca
         sel = KD.select_paged(qd, _cache(key_cache, None, block_table, seq_lens, dec), rho, k_min, tile, scale)
         idx = _masked(sel.indices, sel.counts)
         for i, r in enumerate(dec):
-            out[r] = reference.Selection(idx[i:i + 1], sel.counts[i:i + 1], sel.first_tile[i:i + 1], tile, True)
+            out[r] = _per_request(sel, idx, i, True)
     for r in pre:
         qr, _ = _prefill_q(q, qsl, r)
         sel = KP.select_paged(qr, _cache(key_cache, None, block_table, seq_lens, [r]), rho, k_min, tile, scale)
-        out[r] = reference.Selection(_masked(sel.indices, sel.counts), sel.counts, sel.first_tile, tile, False)
+        out[r] = _per_request(sel, _masked(sel.indices, sel.counts), 0, False)
     return out
 
 
@@ -100,32 +111,41 @@ def select_fp8(q, key_cache, key_copy, block_table, seq_lens, lens, qsl, rho, k_
                                   scale, rerank=rerank, kv_heads=kv_heads)
         idx = _masked(sel.indices, sel.counts)
         for i, r in enumerate(dec):
-            out[r] = reference.Selection(idx[i:i + 1], sel.counts[i:i + 1], sel.first_tile[i:i + 1], tile, True)
+            out[r] = _per_request(sel, idx, i, True)
     for r in pre:
         qr, _ = _prefill_q(q, qsl, r)
         sel = KP8.select_fp8_paged(qr, _cache(key_cache, None, block_table, seq_lens, [r]), key_copy, rho, k_min, tile,
                                    scale, rerank=rerank, kv_heads=kv_heads)
-        out[r] = reference.Selection(_masked(sel.indices, sel.counts), sel.counts, sel.first_tile, tile, False)
+        out[r] = _per_request(sel, _masked(sel.indices, sel.counts), 0, False)
     return out
 
 
 def reuse(out, q, key_cache, value_cache, block_table, seq_lens, lens, qsl, selection, head_map, scale):
-    """out[tokens] = attention of every request over its selection (a kascade.paged.PagedSelection)."""
+    """out[tokens] = attention of every request over its selection (a kascade.paged.PagedSelection).
+
+    The selection's pool rows serve when they were resolved for this block table (selection.pool_table is
+    block_table: the same step), so the kernels gather K/V rows by one index."""
     from kascade.kernels import decode as KD, prefill as KP
+    from kascade.kernels.paging import PoolRows
 
     dec, pre = _split(lens, qsl)
+    rows_ok = selection.pool_rows is not None and selection.pool_table is block_table
     if dec:
         qd, rows = _decode_q(q, qsl, dec)
         idx = torch.tensor(dec, dtype=torch.long, device=selection.indices.device)
-        sel = reference.Selection(selection.indices[idx, :, :1], selection.counts[idx, :1],
-                                  selection.first_tile[idx], selection.tile, True)
-        o = KD.sparse_attention_paged(qd, _cache(key_cache, value_cache, block_table, seq_lens, dec), sel,
-                                      head_map=head_map, scale=scale)
+        cache = _cache(key_cache, value_cache, block_table, seq_lens, dec)
+        pool = PoolRows(selection.pool_rows[idx, :, :1], cache.block_table) if rows_ok else None
+        sel = KD.PagedDecodeSelection(selection.indices[idx, :, :1], selection.counts[idx, :1],
+                                      selection.first_tile[idx], selection.tile, True, pool)
+        o = KD.sparse_attention_paged(qd, cache, sel, head_map=head_map, scale=scale)
         out[rows] = o[:, :, 0]
     for r in pre:
         qr, sl = _prefill_q(q, qsl, r)
-        o = KP.sparse_attention_paged(qr, _cache(key_cache, value_cache, block_table, seq_lens, [r]),
-                                      selection.request(r), head_map=head_map, scale=scale)
+        cache = _cache(key_cache, value_cache, block_table, seq_lens, [r])
+        req = selection.request(r)
+        pool = PoolRows(selection.pool_rows[r:r + 1], cache.block_table) if rows_ok else None
+        sel = KP.PrefillSelection(req.indices, req.counts, req.first_tile, req.tile, False, pool=pool)
+        o = KP.sparse_attention_paged(qr, cache, sel, head_map=head_map, scale=scale)
         out[sl] = o[0].transpose(0, 1)
     return out
 

@@ -185,10 +185,9 @@ def test_prefill_kernel_matches_reference(B, S, G, N, Q, D, kv_start):
 def _paged_copy(cache_keys, heads):
     """The copy of `heads` of a paged key cache [blocks, block_size, Hkv, D] written slot by slot."""
     nb, bs, _, d = cache_keys.shape
-    copies = F.PagedKeyCopies({0: tuple(heads)}, {0: (torch.zeros(nb, bs, len(heads), d, dtype=F.E4M3, device=DEV),
-                                                      torch.ones(nb, bs, len(heads), device=DEV))})
+    copies = F.PagedKeyCopies({0: tuple(heads)}, nb, bs, d, device=DEV)
     slots = torch.arange(nb * bs, device=DEV)
-    slots[5] = -1  # a padding token of the engine's batch: skipped
+    slots[5] = -1  # a padding token of the engine's batch: skipped (written to the scratch row)
     copies.write(0, cache_keys.reshape(nb * bs, *cache_keys.shape[2:]), slots)
     return copies
 
@@ -325,7 +324,8 @@ def test_paged_strategy_with_copies_equals_copies_made_per_layer(backend):
             a = with_copies.attend_decode(layer, *args, scale=0.2, key_copies=copies)
             c = per_layer.attend_decode(layer, *args, scale=0.2)
         assert torch.equal(a, c), layer
-    assert copies.nbytes == sum(k.numel() + 4 * s.numel() for k, s in copies.layers.values())
+    # every slot of the selecting heads and one scratch row per layer: D FP8 bytes and a float32 scale a head
+    assert copies.nbytes == sum((nb * bs + 1) * F.PagedKeyCopies.bytes_per_slot(len(h), 32) for h in SELECTING.values())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -445,3 +445,26 @@ def test_decode_only_mode_keeps_the_copies_of_the_dense_prefill():
         got = gen.generate(ids, max_new_tokens=5)
         _check_copies(gen.cache, lambda layer: gen.cache.layers[layer].keys, ids.shape[1] + 4)
     assert got.tolist() == out.sequences[:, ids.shape[1]:].tolist()
+
+
+def test_key_copy_steps_copy_nothing_from_the_host_once_written(monkeypatch):
+    """A decode step's write (what a CUDA graph captures) makes no host-to-device copy once the copy was written
+    eagerly: the heads' index is made at the first write; a copy first seen inside a capture is refused."""
+    k = torch.randn(2, 3, 32, 8)
+    with pytest.raises(ValueError, match="eagerly"):
+        F.LayerCopy((0, 2)).update(k, q_len=1, kv_len=torch.tensor([5, 9]), capturing=True, capacity=32)
+    copy = F.LayerCopy((0, 2))
+    copy.update(k[:, :, :20], q_len=20, capacity=32)
+    real = torch.as_tensor
+
+    def device_only(data, *args, **kwargs):
+        if not isinstance(data, torch.Tensor):
+            raise AssertionError(f"host data {data!r} copied to the device during a step")
+        return real(data, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "as_tensor", device_only)
+    keys, scales = copy.update(k, q_len=1, kv_len=torch.tensor([21, 25]), capturing=True, capacity=32)
+    want8, want_sc = F.quantize(k[:, [0, 2]])
+    for b, row in ((0, 20), (1, 24)):
+        assert torch.equal(keys[b, :, row].view(torch.uint8), want8[b, :, row].view(torch.uint8))
+        assert torch.equal(scales[b, :, row], want_sc[b, :, row])

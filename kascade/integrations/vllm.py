@@ -14,7 +14,8 @@ unchanged. The plan is given by either
 layers other than 0 attend densely, as `kascade.enable(..., dense_anchor_output=True)` does;
 `"kascade_select_keys": "fp8"` and `"kascade_rerank": 2.0` score selections from an FP8 copy of the keys as
 `kascade.enable(..., select_keys="fp8", rerank=2.0)` does (kascade.fp8keys). The CPU backend makes that copy
-per step from the pages the step reads (it gathers them anyway); the CUDA backend refuses it for now.
+per step from the pages the step reads (it gathers them anyway); the CUDA backend keeps a persistent copy per
+selecting layer beside vLLM's cache, written with it (kascade.integrations.vllm_gpu).
 `"kascade_sparse_prefill": false`, or KASCADE_SPARSE_PREFILL=0, is decode-only mode, as
 `kascade.enable(..., sparse_prefill=False)`: prompts and prefill chunks attend densely, decode steps run
 Kascade (below).)
@@ -67,7 +68,7 @@ from kascade.plan import Plan
 PLAN_ENV = "KASCADE_PLAN"
 PLAN_KEY = "kascade_plan"
 DENSE_ANCHOR_KEY = "kascade_dense_anchor_output"
-SELECT_KEYS_KEY = "kascade_select_keys"  # "exact" (default) or "fp8" (kascade.fp8keys; the CPU backend only)
+SELECT_KEYS_KEY = "kascade_select_keys"  # "exact" (default) or "fp8" (kascade.fp8keys; both backends)
 RERANK_KEY = "kascade_rerank"  # None or c >= 1, with "fp8"
 SPARSE_PREFILL_KEY = "kascade_sparse_prefill"  # true (default) or false: dense prefill, sparse decode
 SPARSE_PREFILL_ENV = "KASCADE_SPARSE_PREFILL"  # the same by environment: 1 / true or 0 / false

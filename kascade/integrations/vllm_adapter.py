@@ -18,8 +18,9 @@ What differs between the two, as far as the plugin is concerned (read from their
 - CommonAttentionMetadata: both keep query_start_loc_cpu and seq_lens_cpu_upper_bound (exact unless
   speculative decoding, which the plugin refuses); 0.26.0's first model runner also `_seq_lens_cpu`.
 - Everything else the plugin uses (register_backend / AttentionBackendEnum, AttentionCGSupport, the
-  Impl's constructor and forward signatures, extract_layer_index, get_current_vllm_config) has the same
-  name and meaning in both.
+  Impl's constructor and forward signatures, FlashAttentionImpl.do_kv_cache_update(layer, key, value,
+  kv_cache, slot_mapping) writing the cache with reshape_and_cache_flash, extract_layer_index,
+  get_current_vllm_config) has the same name and meaning in both.
 
 Nothing here imports vLLM at module import time: kascade imports without vLLM installed.
 """

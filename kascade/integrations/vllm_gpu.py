@@ -4,7 +4,8 @@ replaced when a plan is configured (written for vLLM 0.26.0, the last release bu
 `kascade.integrations.vllm.register` (the plugin's entry point) makes `KascadeFlashAttentionBackend` the
 class behind vLLM's FLASH_ATTN backend on CUDA. It subclasses vLLM's FlashAttentionBackend and keeps
 everything but two methods: the name, dtypes, head sizes, KV-cache shape and stride order, the cache
-writes (do_kv_cache_update, vLLM's reshape_and_cache_flash) and the metadata. The plan comes from
+writes (do_kv_cache_update, vLLM's reshape_and_cache_flash; with select_keys "fp8" followed by the write
+of the FP8 key copy, below) and the metadata. The plan comes from
 `additional_config["kascade_plan"]` or KASCADE_PLAN, with the options, refused settings and the shared
 PagedKascadeStrategy of kascade.integrations.vllm. Without a plan every method is vLLM's own.
 
@@ -30,7 +31,8 @@ kascade.integrations.vllm): decode steps run as above; a step with no decode req
 vLLM's FlashAttention call (`_flash`); in a step mixing prefill chunks and decode requests the prefill
 requests attend through that call (the sub-batch of them and the short requests, sub_batch_metadata) and
 the decode requests run Kascade as in a decode step. No selection outlives its step (layer 0 and the
-anchors select at every step), so a decode step never reads anything a dense prefill left.
+anchors select at every step), so a decode step never reads anything a dense prefill left; the FP8 key
+copies (below) are written by do_kv_cache_update at every step, dense or not, so they stay current.
 
 CUDA graphs: the builder declares AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE with a plan (FlashAttention
 3 alone declares ALWAYS): vLLM then captures full graphs for pure decode batches only and runs mixed
@@ -43,13 +45,25 @@ lengths. Padding requests of a graph batch (seq_len 0, block table row of vLLM's
 one key of that block; their rows are discarded by vLLM. Cascade attention (vLLM's shared-prefix split)
 is switched off with a plan; it is never used in graphs anyway.
 
+Selection from an FP8 copy of the keys (`additional_config["kascade_select_keys"] = "fp8"`, optionally
+`"kascade_rerank": c`; kascade.fp8keys): each layer with selecting (layer, KV head)s keeps a persistent
+kascade.fp8keys.PagedKeyCopies of those heads, keys [num_blocks, block_size, S, D] float8_e4m3fn and scales
+[num_blocks, block_size, S] float32 sharing the pages of the layer's cache (plus one scratch row). It is
+allocated when the layer's cache is first seen (its first cache write or forward with metadata: vLLM's eager
+warm-up, never inside a CUDA graph capture, which raises RuntimeError) and written by do_kv_cache_update right
+after vLLM's reshape_and_cache_flash: the new keys of the selecting heads quantized by fp8keys.quantize into
+the same slots, padding slots (negative) sent to the scratch row, tensor operations only (it is part of the
+captured decode graphs). forward hands it to attend / attend_decode (key_copies=). The copies' bytes, over all
+layers and as a share of the KV cache, are logged once per engine: (selecting heads / all heads) x (D + 4) /
+(4 D) of a bf16 / fp16 cache. vLLM sizes its KV cache before the copies exist, so they come out of the memory
+gpu_memory_utilization leaves free (lower it by about that share of the KV cache if memory runs short).
+
 Refused with a plan (ValueError at engine start, naming the setting): sliding windows, ALiBi, logit
 soft-capping, attention sinks, quantized (fp8) KV caches, encoder and cross attention, pipeline and
-context parallelism, speculative decoding, and selection from an FP8 copy of the keys
-(`kascade_select_keys: "fp8"`): that copy would need a KV-cache spec of its own (vLLM sizes and allocates
-the cache from the layers' specs before the first step) and a write beside reshape_and_cache_flash; made
-per step from the pages instead, it would read every key it is meant to spare. KASCADE_VLLM_CHECK_LENS=1 compares the host lengths with the
-device's at every mixed step (one device-to-host copy each; for checks, not for timing).
+context parallelism, speculative decoding, and, with select_keys "fp8", a layer sharing another layer's
+cache (kv_sharing_target_layer_name: vLLM never writes its cache, so its copy would never be written).
+KASCADE_VLLM_CHECK_LENS=1 compares the host lengths with the device's at every mixed step (one
+device-to-host copy each; for checks, not for timing).
 """
 
 from __future__ import annotations
@@ -58,6 +72,7 @@ import os
 
 import torch
 
+from kascade.fp8keys import PagedKeyCopies
 from kascade.integrations import vllm_adapter as adapter
 from kascade.integrations.vllm import SELECT_KEYS_KEY, plan_options, setup_layer
 
@@ -99,6 +114,47 @@ def sub_batch_metadata(attn_metadata, reqs: list[int], lens, qsl):
         max_seq_len=max(lens[r] for r in reqs), seq_lens=attn_metadata.seq_lens[idx],
         block_table=attn_metadata.block_table[idx])
     return md, rows
+
+
+def capturing(t: torch.Tensor) -> bool:
+    """True while the current CUDA stream captures a graph (False for a tensor off CUDA)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def cache_pages(kv_cache: torch.Tensor, head_size: int) -> tuple[int, int]:
+    """(num_blocks, block_size) of one FlashAttention layer's cache, logically [num_blocks, Hkv, block_size,
+    2 * head_size]."""
+    key_cache, _ = adapter.flash_kv_views(kv_cache, head_size)
+    return key_cache.shape[0], key_cache.shape[1]
+
+
+def layer_key_copies(plan, layer: int, num_kv_heads: int, tp_rank: int, kv_cache: torch.Tensor,
+                     head_size: int) -> PagedKeyCopies:
+    """The FP8 copy of layer `layer`'s selecting KV heads (none: an empty PagedKeyCopies), with the pages of its
+    cache kv_cache (num_blocks x block_size slots, on its device). RuntimeError during a CUDA graph capture:
+    the copy must outlive the graph's memory pool, so it is allocated in an eager step."""
+    nb, bs = cache_pages(kv_cache, head_size)
+    if capturing(kv_cache):
+        raise RuntimeError(f"{SELECT_KEYS_KEY}: layer {layer}'s FP8 key copy ({nb} blocks of {bs} tokens) is first "
+                           "needed inside a CUDA graph capture, where it cannot be allocated; expected an eager step "
+                           "(vLLM's warm-up) to write or read the layer's cache first. Serve with --enforce-eager, "
+                           f"or without {SELECT_KEYS_KEY}")
+    heads = PagedKeyCopies.selecting_heads(plan, num_kv_heads, tp_rank)
+    return PagedKeyCopies({layer: heads[layer]} if layer in heads else {}, nb, bs, head_size, kv_cache.device)
+
+
+def key_copy_summary(plan, num_kv_heads: int, tp_rank: int, kv_cache: torch.Tensor, head_size: int) -> str:
+    """One line on the FP8 key copies of every layer of this rank: their bytes, and their share of the KV cache
+    (plan.num_layers caches like kv_cache, [num_blocks, Hkv, block_size, 2 * head_size])."""
+    nb, bs = cache_pages(kv_cache, head_size)
+    heads = PagedKeyCopies.selecting_heads(plan, num_kv_heads, tp_rank)
+    copy = sum((nb * bs + 1) * PagedKeyCopies.bytes_per_slot(len(h), head_size) for h in heads.values())
+    kv = plan.num_layers * kv_cache.numel() * kv_cache.element_size()
+    mib = 2 ** 20
+    return (f"kascade: FP8 key copies of {sum(len(h) for h in heads.values())} selecting (layer, KV head)s of "
+            f"{plan.num_layers * num_kv_heads}: {copy / mib:.1f} MiB on this rank, {copy / kv:.2%} of its KV cache "
+            f"({kv / mib:.1f} MiB, {plan.num_layers} layers of {nb} blocks x {bs} tokens), allocated outside vLLM's "
+            "KV-cache accounting (lower gpu_memory_utilization by that share of the KV cache if memory runs short)")
 
 
 def _backend_classes():
@@ -145,12 +201,38 @@ def _backend_classes():
                              logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks, **kwargs)
             setup_layer(self, v.get_current_vllm_config(), logger, " (FlashAttention backend)", sliding_window,
                         alibi_slopes, logits_soft_cap, sinks, kv_cache_dtype, attn_type, v.AttentionType.DECODER)
-            if self.kascade is not None and self.kascade.select_keys != "exact":
-                raise ValueError(f"{SELECT_KEYS_KEY}: kascade's vLLM FlashAttention backend selects from the exact keys "
-                                 f"only for now, got {self.kascade.select_keys!r}: the FP8 copy of the keys needs a "
-                                 "cache of its own in vLLM's KV-cache memory and a write beside vLLM's own cache "
-                                 "write, and made per step from the pages it would read every key. Serve without "
-                                 f"{SELECT_KEYS_KEY}, or use kascade.enable / kascade.paged (PagedKeyCopies)")
+            self.key_copies = None  # this layer's PagedKeyCopies (select_keys "fp8"), made when its cache is first seen
+            fp8 = self.kascade is not None and self.kascade.select_keys == "fp8"
+            if fp8 and kv_sharing_target_layer_name is not None:
+                raise ValueError(f"kv_sharing_target_layer_name: with {SELECT_KEYS_KEY} 'fp8' every selecting layer "
+                                 "needs its own cache writes (the FP8 key copy is written beside them), expected None, "
+                                 f"got {kv_sharing_target_layer_name!r} (a layer reading another's cache, which vLLM "
+                                 f"never writes for it); serve this model without {SELECT_KEYS_KEY}")
+
+        def _key_copies(self, layer, kv_cache):
+            """This layer's FP8 key copy (PagedKeyCopies), allocated the first time its cache is seen (a cache
+            write or a forward with metadata; never inside a CUDA graph capture) and logged once per engine;
+            None without select_keys "fp8" or before vLLM allocated the cache."""
+            if self.kascade is None or self.kascade.select_keys != "fp8" or kv_cache.numel() == 0:
+                return None
+            if self.layer_index is None:
+                self.layer_index = adapter.layer_index(layer)
+            c = self.key_copies
+            if c is None or (c.num_blocks, c.block_size) != cache_pages(kv_cache, self.head_size):
+                args = (self.num_kv_heads, self.tp_rank, kv_cache, self.head_size)
+                self.key_copies = layer_key_copies(self.kascade.plan, self.layer_index, *args)
+                logger.info_once(key_copy_summary(self.kascade.plan, *args))
+            return self.key_copies
+
+        def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
+            """vLLM's cache write (reshape_and_cache_flash), then, with select_keys "fp8", the FP8 copy of the new
+            keys' selecting heads at the same slots. key / value [T', Hkv, D] (rows after T are padding), kv_cache
+            [num_blocks, Hkv, block_size, 2 * D] (logical), slot_mapping [T] (slot = block * block_size + offset;
+            negative: a padding token, skipped). Tensor operations only: it runs inside vLLM's CUDA graphs."""
+            super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+            copies = self._key_copies(layer, kv_cache)
+            if copies is not None:
+                copies.write(self.layer_index, key, slot_mapping)
 
         def _flash(self, layer, query, key, value, kv_cache, attn_metadata, output):
             """vLLM's own FlashAttention forward (the test seam: tests replace it by a reference)."""
@@ -167,6 +249,7 @@ def _backend_classes():
             if self.layer_index is None:
                 self.layer_index = adapter.layer_index(layer)
             key_cache, value_cache = adapter.flash_kv_views(kv_cache, self.head_size)
+            copies = self._key_copies(layer, kv_cache)
             md = attn_metadata
             r = md.seq_lens.shape[0]
             out3 = output.view(output.shape[0], self.num_heads, -1)  # [T, Hq, Dv]
@@ -178,7 +261,7 @@ def _backend_classes():
                     return out3[:r]
 
                 o = self.kascade.attend_decode(self.layer_index, query[:r], key_cache, value_cache, bt, md.seq_lens,
-                                               scale=self.scale, tp_rank=self.tp_rank, dense=dense)
+                                               scale=self.scale, tp_rank=self.tp_rank, dense=dense, key_copies=copies)
                 if o.data_ptr() != out3.data_ptr():
                     out3[:r].copy_(o)
                 return output
@@ -201,7 +284,7 @@ def _backend_classes():
 
             o = self.kascade.attend(self.layer_index, query[:n_tok], key_cache, value_cache, md.block_table[:r],
                                     md.seq_lens[:r], md.query_start_loc[: r + 1], scale=self.scale,
-                                    tp_rank=self.tp_rank, host_lens=(lens, qsl), dense=dense)
+                                    tp_rank=self.tp_rank, host_lens=(lens, qsl), dense=dense, key_copies=copies)
             out3[:n_tok].copy_(o)
             return output
 
