@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from kascade import ops, reference
+from kascade import ops
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -152,7 +152,7 @@ def reuse(out, q, key_cache, value_cache, block_table, seq_lens, lens, qsl, sele
 
 def dense(out, q, key_cache, value_cache, block_table, seq_lens, lens, qsl, scale, gather_kv):
     """out[tokens] = causal dense attention of every request over its pages."""
-    from kascade.kernels import decode as KD, prefill as KP
+    from kascade.kernels import decode as KD
 
     dec, pre = _split(lens, qsl)
     if dec:
