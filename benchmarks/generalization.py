@@ -11,7 +11,8 @@ Three stages (the GPU recipe is benchmarks/generalization_gpu.sh):
         resumes, and a search is skipped when its plan exists. Stops starting searches after --budget-s.
     python benchmarks/generalization.py jobs --work DIR --families F,... --lengths 4096,8064 --samples 40
         Prints one `kascade eval` command line per (plan, family): dense, oracle, the shipped plan, the paper
-        plan and the new full-mixture plans on every family, each leave-one-out plan on its own family.
+        plan and the new full-mixture plans on every family, each leave-one-out plan on the tasks of the family it
+        left out (the records fold's plan on records and log_lookup).
     python benchmarks/generalization.py report --work DIR --eval EVALDIR -o benchmarks/results/generalization_smollm2
         Reads every DIR/EVALDIR/*/results.jsonl and writes the .json, .md and .png of the results.
     python benchmarks/generalization.py seed --work DIR --eval EVALDIR [--plans P] [--rows R] [--searches S]
@@ -31,7 +32,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-FAMILIES = ("records", "json_records", "table", "code", "multi_doc", "chat_history")
+FOLDS = ("records", "json_records", "table", "code", "multi_doc", "chat_history")  # leave-one-family-out folds
+# evaluated tasks: each fold's own task, and log_lookup (family "records": run with the records fold's plan)
+FAMILIES = FOLDS + ("log_lookup",)
 SHIPPED = ROOT / "plans" / "smollm2-135m-instruct.json"
 PAPER = ROOT / "plans" / "smollm2-135m-instruct-paper.json"
 
@@ -100,10 +103,14 @@ def eval_jobs(work: Path, model_dir: str, families, lengths: str, samples: int, 
                           f"--strategies dense,oracle,kascade,kascade-paper --out {out}/baselines")]
     for plan in sorted((work / "plans").glob("mixture-*.json")):
         jobs.append((plan.stem, f"{base} --tasks {fams} --plan {plan} --strategies kascade --out {out}/{plan.stem}"))
+    from kascade.eval.families import FAMILY
+
     for plan in sorted((work / "plans").glob("lofo-*.json")):
-        fam = next(f for f in FAMILIES if plan.stem.startswith(f"lofo-{f}-"))
-        if fam in families:
-            jobs.append((plan.stem, f"{base} --tasks {fam} --plan {plan} --strategies kascade --out {out}/{plan.stem}"))
+        fold = next(f for f in FOLDS if plan.stem.startswith(f"lofo-{f}-"))
+        tasks = [t for t in families if FAMILY.get(t, t) == fold]  # the tasks of the family it left out
+        if tasks:
+            jobs.append((plan.stem, f"{base} --tasks {','.join(tasks)} --plan {plan} --strategies kascade "
+                                    f"--out {out}/{plan.stem}"))
     return jobs
 
 
@@ -175,7 +182,7 @@ def main(argv=None) -> int:
     p.add_argument("--answer-tokens", type=int, default=8)
     p.add_argument("--target", type=float, default=10.0)
     p.add_argument("--also", type=lambda s: [float(x) for x in s.split(",") if x], default=[6.0])
-    p.add_argument("--folds", type=lambda s: [x for x in s.split(",") if x], default=list(FAMILIES))
+    p.add_argument("--folds", type=lambda s: [x for x in s.split(",") if x], default=list(FOLDS))
     p.add_argument("--rho", type=float, default=0.1)
     p.add_argument("--search-step", type=int, default=10)
     p.add_argument("--candidates", type=int, default=None)

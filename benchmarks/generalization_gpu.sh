@@ -16,11 +16,11 @@
 #   cost    benchmarks/calibrate_cost.py: the calibration's time and memory on the Llama-3.1-8B shape (random
 #           weights, 16 prompts of 8K), into $OUT/calibrate_cost.{json,md}
 # Both stages resume what is done and copy everything (plans, reports, eval rows, logs) to $OUT as one tar.
-# Settings: SAMPLES (40), LENGTHS (4096,8064), FAMILIES (all six), PAR (eval processes side by side, 6),
-# CAL_ARGS (arguments of the calibrate stage, default a lazy search: --search-step 5 --candidates 16),
-# CALIBRATE (0: the start stage runs the baselines and the diagnosis only), LIMIT (seconds of the start
-# stage's evaluations, 420), BUDGET (seconds of the plans stage, 540, of which
-# at most WAIT, 240, waiting for the searches).
+# Settings: SAMPLES (40), LENGTHS (4096,8064), FAMILIES (the six families' tasks and log_lookup, a records task
+# run with the records fold's plan), PAR (eval processes side by side, 6), CAL_ARGS (arguments of the calibrate
+# stage, default a lazy search: --search-step 5 --candidates 16), CALIBRATE (0: the start stage runs the baselines
+# and the diagnosis only), LIMIT (seconds of the start stage's evaluations, 420), BUDGET (seconds of the plans
+# stage, 540, of which at most WAIT, 240, waiting for the searches).
 set -euo pipefail
 stage=${1:?stage: start, plans, all, more or cost}
 OUT=${OUT:-/tmp/out}
@@ -29,7 +29,7 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 MODEL=${MODEL:-/tmp/smol}
 SAMPLES=${SAMPLES:-40}
 LENGTHS=${LENGTHS:-4096,8064}
-FAMILIES=${FAMILIES:-records,json_records,table,code,multi_doc,chat_history}
+FAMILIES=${FAMILIES:-records,json_records,table,code,multi_doc,chat_history,log_lookup}
 PAR=${PAR:-6}
 
 run_jobs() {  # run_jobs PATTERN LIMIT: the eval jobs whose names match, PAR side by side, until LIMIT seconds

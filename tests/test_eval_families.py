@@ -51,7 +51,10 @@ def _check(s, tok, task, length):
     (a, b), = s.spans
     item = s.prompt[a:b]
     assert s.prompt.count(answer) == 1 and answer in item  # the answer: once, in the queried item
-    assert CARRIERS[0] <= s.meta["carriers"] <= CARRIERS[1]
+    if task == "log_lookup":
+        assert s.meta["carriers"] == 1  # the queried line alone carries the field
+    else:
+        assert CARRIERS[0] <= s.meta["carriers"] <= CARRIERS[1]
     if task in TK.CHAT_TASKS:
         assert s.prompt.endswith("<|im_start|>assistant\n")
         history = s.prompt[: s.prompt.rindex("<|im_start|>user")]
@@ -92,7 +95,8 @@ def test_exact_lengths_with_smollm2(task):
 
 def test_registered_like_the_retrieval_tasks():
     assert set(F.FAMILY) == set(F.FAMILY_TASKS) and set(F.FAMILY_TASKS) <= set(TK.TASKS)
-    assert set(F.FAMILY.values()) == set(F.FAMILY_TASKS)  # each task is its own family
+    assert set(F.FAMILY.values()) == set(F.FAMILY_TASKS) - {"log_lookup"}  # each task is its own family,
+    assert F.FAMILY["log_lookup"] == "records"  # but log_lookup, a records task (the records fold of calibration)
     assert "chat_history" in TK.CHAT_TASKS and not set(F.FAMILY_TASKS) & set(TK.DECODE_TASKS)
     assert TK.canonical_task("json_records") == "json_records"
 
@@ -105,13 +109,35 @@ def test_wording_varies_with_the_seed():
         assert len({s.meta["head"] for s in samples}) >= 2, task  # surrounding wording
         names = {s.meta.get("field") or s.meta.get("attr") or s.meta.get("const") or s.meta["key"] for s in samples}
         assert len(names) >= 3, (task, names)  # field / column / constant / fact names, or the chat's kinds
-        assert len({s.meta["carriers"] for s in samples}) >= 2, task
+        assert len({s.meta["carriers"] for s in samples}) >= 2 or task == "log_lookup", task
         depths = [s.meta["depths"][0] for s in samples]
         assert min(depths) < 0.3 and max(depths) > 0.6, (task, depths)  # early and late
         assert len({s.prompt for s in samples}) == len(samples)
     formats = {TK.make_task(t, 1024, tiny(), seed).meta["format"]
                for t in ("json_records", "table") for seed in range(16)}
     assert formats == {"array", "lines", "indented", "csv", "markdown"}
+
+
+def test_log_lookup_one_line_carries_the_token():
+    """Near-identical lines (the same field names in the same order), the queried one alone with the token
+    field right after its request id; the head names the field; the token is a pronounceable word; depths
+    uniform over the lines."""
+    depths = []
+    for seed in range(16):
+        s = TK.make_task("log_lookup", 1024, tiny(), seed)
+        field, key_name, answer = s.meta["field"], s.meta["key_name"], s.answers[0]
+        assert s.meta["family"] == "records" and s.target == answer
+        assert re.fullmatch(r"([bdfgklmnprstvz][aeiou]){3}", answer), answer
+        head, data = s.prompt.split("\n\n", 2)[:2]
+        assert f" {field}." in head or f" {field} as well" in head  # the head says one line carries it
+        lines = [x for x in data.split("\n") if f" {key_name}=" in x]
+        assert len(lines) == s.meta["n_items"] >= 10
+        carriers = [x for x in lines if f" {field}=" in x]
+        assert len(carriers) == 1 and f"{key_name}={s.meta['key']} {field}={answer}" in carriers[0]
+        names = {tuple(n for n in re.findall(r" (\w+)=", x) if n != field) for x in lines}
+        assert len(names) == 1, names  # every line: the same fields in the same order
+        depths.append(s.meta["index"] / (s.meta["n_items"] - 1))
+    assert min(depths) < 0.1 and max(depths) > 0.9, depths  # first lines and last lines
 
 
 def test_deterministic():

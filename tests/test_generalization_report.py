@@ -79,3 +79,19 @@ def test_seed_puts_plans_and_rows_back_and_skips_what_is_there(tmp_path):
     assert [r["sample"] for r in got] == [0, 1, 2] and all("run" not in r for r in got)
     assert (tmp_path / "gen" / "plans" / "lofo-records-10.json").is_file()
     assert (tmp_path / "gen" / "reports" / "lofo-records-10.json").is_file()
+
+
+def test_jobs_run_log_lookup_with_the_records_fold(tmp_path, capsys):
+    """log_lookup (a records task) is evaluated by default, and the records fold's plan runs on it too."""
+    import generalization as G
+
+    assert "log_lookup" in G.FAMILIES and "log_lookup" not in G.FOLDS  # evaluated, not a calibration fold
+    (tmp_path / "plans").mkdir()
+    for name in ("lofo-records-10", "lofo-table-10", "mixture-10"):
+        (tmp_path / "plans" / f"{name}.json").write_text(json.dumps(PLAN))
+    assert G.main(["jobs", "MODEL", "--work", str(tmp_path), "--eval", "EV"]) == 0
+    jobs = dict(line.split("\t") for line in capsys.readouterr().out.splitlines())
+    assert "--tasks records,json_records,table,code,multi_doc,chat_history,log_lookup " in jobs["baselines"]
+    assert "--tasks records,log_lookup " in jobs["lofo-records-10"] and "--tasks table " in jobs["lofo-table-10"]
+    only = dict(G.eval_jobs(tmp_path, "MODEL", ["log_lookup"], "4096", 40, "EV"))
+    assert "--tasks log_lookup " in only["lofo-records-10"] and "lofo-table-10" not in only

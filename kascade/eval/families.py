@@ -7,6 +7,8 @@ answer string (a number, a code, a date, a name), scored by the string match of 
 retrieval tasks:
 
     records       key=value server-log lines; the value of one field of the line with a given request id
+    log_lookup    key=value server-log lines, near-identical; the short token (a pronounceable word) that one
+                  line, the one with a given request id, carries right after its id (family "records")
     json_records  JSON objects of one schema (array, JSON lines or indented); one field of the object with an id
     table         a CSV or markdown table; the cell found by a row key and a column name
     code          a Python file of generated classes; the value one named class gives a class attribute
@@ -16,16 +18,23 @@ retrieval tasks:
 
 Layout. Every item has a key (request id, object id, row key, class name, document title) and shares
 most of its other values with the rest. The asked field (column, constant, fact kind) is carried by a few
-items only, `CARRIERS` (4 to 8, seeded) whatever the length, at seeded depths over the whole context; the
-queried item is one of them. The answer follows the key in the queried item (the asked field comes right
-after the key field, the row key's cell, the class line, the fact names its subject). The queried
-key and the answer occur exactly once in the data (filler items that would hold either are drawn again;
-the question names the key once more).
+items only, `CARRIERS` (3 to 6, seeded) whatever the length, at seeded depths over the whole context; the
+queried item is one of them. log_lookup has one carrier, the queried line (its head says that one line
+carries the field), so that the model it is meant for retrieves it densely (below). The answer follows the
+key in the queried item (the asked field comes right after the key field, the row key's cell, the class
+line, the fact names its subject). The queried key and the answer occur exactly once in the data (filler
+items that would hold either are drawn again; the question names the key once more).
 
 Why so: SmolLM2-135M-Instruct, dense, retrieves a value among near-identical lines only by copying what
 follows the key; on dev seeds (>= 900_000), 40 log lines: 5/6 with 8 lines carrying the asked field right
 after the key and the answer prefix restating "req=<id> session=", 0-1/6 when all lines carry it, when the
 field is two fields away, or with an answer prefix "The session of ... is".
+log_lookup (dev seeds, 4096 tokens, about 60 lines; some first variants at 2048): with every line carrying
+a token after its id, 0-2/8 whatever the id (hex, pronounceable), the token (codes, words) or the answer
+prefix (the key, the line's fields, the whole line); with the queried line alone carrying it, 5/8 for codes
+("AA-Dd", hex), 8/8 then 7/12 for two-syllable words, 4/8 with 3-6 other lines carrying other fields; with
+the head naming the field, 20/24; with three-syllable words (fewer English look-alikes: "dupu" came back as
+"dupe"), 22/24.
 
 Prompts end with the question and an answer prefix that restates the data's own text up to the answer
 ("... Answer: the line reads rid=0c9e51f2 session="); the target is what the data writes after it (" 48213"
@@ -59,9 +68,9 @@ from typing import Callable
 
 from kascade.eval.generators import Draft, Shape, _WordPool
 
-#: task -> family (the calibration side maps its own formats onto these names)
-FAMILY = {"records": "records", "json_records": "json_records", "table": "table", "code": "code",
-          "multi_doc": "multi_doc", "chat_history": "chat_history"}
+#: task -> family (the calibration side maps its own formats onto these names; log_lookup is a records task)
+FAMILY = {"records": "records", "log_lookup": "records", "json_records": "json_records", "table": "table",
+          "code": "code", "multi_doc": "multi_doc", "chat_history": "chat_history"}
 FAMILY_TASKS = tuple(FAMILY)
 CHAT_FAMILY_TASKS = ("chat_history",)
 #: how many items carry the asked field, the queried one included (seeded, whatever the length)
@@ -174,6 +183,29 @@ def _cut(text: str, fine: int) -> str:
     return text[:fine].rstrip(" ,;")
 
 
+class _Clock:
+    """Log timestamps: clock(p) is the time of line p, a seeded start in `year` plus seeded gaps of 0.01-4 s,
+    in one of three styles (0: ISO 8601 with milliseconds, 1: "YYYY-MM-DD hh:mm:ss,mmm", 2: an access log's
+    "[dd/Mon/YYYY:hh:mm:ss +0000]")."""
+
+    def __init__(self, rng, style: int, year: int):
+        self.style = style
+        self.base = datetime.datetime(year, rng.randint(1, 12), rng.randint(1, 28), rng.randint(0, 23),
+                                      rng.randint(0, 59))
+        self.gaps_rng, self.offsets = random.Random(rng.getrandbits(64)), [0.0]
+
+    def __call__(self, p: int) -> str:
+        while len(self.offsets) <= p:
+            self.offsets.append(self.offsets[-1] + self.gaps_rng.uniform(0.01, 4.0))
+        t = self.base + datetime.timedelta(seconds=self.offsets[p])
+        ms = t.microsecond // 1000
+        if self.style == 0:
+            return f"{t:%Y-%m-%dT%H:%M:%S}.{ms:03d}Z"
+        if self.style == 1:
+            return f"{t:%Y-%m-%d %H:%M:%S},{ms:03d}"
+        return f"[{t.day:02d}/{_MONTHS[t.month - 1]}/{t.year}:{t:%H:%M:%S} +0000]"
+
+
 def _check_once(prompt: str, data: str, key: str, answer: str, task: str):
     if data.count(key) != 1 or prompt.count(answer) != 1:  # pragma: no cover - guarded by _Stream
         raise RuntimeError(f"{task}: the key or the answer does not occur exactly once; please report it")
@@ -276,21 +308,9 @@ def records_shape(rng) -> Shape:
     banned = [key, answer]
     layout = _Layout(rng, query, _Stream(rng, lambda r: make(r, True), fields_text, banned),
                      _Stream(rng, make, fields_text, banned))
-    base = datetime.datetime(year, rng.randint(1, 12), rng.randint(1, 28), rng.randint(0, 23), rng.randint(0, 59))
-    gaps_rng, offsets = random.Random(rng.getrandbits(64)), [0.0]
+    ts = _Clock(rng, ts_style, year)
     tail_svc, tail_msg = rng.choice(REC_TAIL_SERVICES), rng.choice(REC_MSG_NAMES)
     tail = _tail_text(rng, REC_TAIL_PHRASES, "; ")
-
-    def ts(p):
-        while len(offsets) <= p:
-            offsets.append(offsets[-1] + gaps_rng.uniform(0.01, 4.0))
-        t = base + datetime.timedelta(seconds=offsets[p])
-        ms = t.microsecond // 1000
-        if ts_style == 0:
-            return f"{t:%Y-%m-%dT%H:%M:%S}.{ms:03d}Z"
-        if ts_style == 1:
-            return f"{t:%Y-%m-%d %H:%M:%S},{ms:03d}"
-        return f"[{t.day:02d}/{_MONTHS[t.month - 1]}/{t.year}:{t:%H:%M:%S} +0000]"
 
     def line(p, rec):
         lvl = f"{level_name}={rec['level']}" if level_kv else rec["level"]
@@ -311,6 +331,99 @@ def records_shape(rng) -> Shape:
                       head=head_i)
 
     return Shape(build, size_min=0, fine_max=len(tail), chars_per_step=150.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# log_lookup: one short token in one of many near-identical server-log lines
+# ----------------------------------------------------------------------------------------------
+
+LOG_HEADS = (
+    "Below is an excerpt of the {system} service log, one request per line. One of the requests also carries a "
+    "{field}.",
+    "The {system} gateway wrote the following lines, each for a single request; one of them has a {field} as well.",
+    "Log of the {system} deployment follows: one handled request per line, in key=value fields. A single line adds "
+    "a {field}.",
+    "Here are request lines of the {system} cluster, copied from its log files. Exactly one line also holds a {field}.",
+)
+LOG_QUESTIONS = (
+    "Question: Which {field} does the line with {key_name}={key} carry?",
+    "Search the log for {key_name}={key}. What {field} is written on that line?",
+    "What {field} was logged for the request {key}?",
+    "Give the {field} of request {key} as it appears in the log.",
+)
+LOG_ANSWERS = ("Answer: the line reads {line}", "Answer: {line}", "Answer: That line is {line}")
+LOG_TOKEN_NAMES = ("tag", "label", "marker", "alias", "codename", "nickname", "handle", "keyword")
+
+
+def log_lookup_shape(rng) -> Shape:
+    """Near-identical server-log lines of key=value fields, each with its own request id; one line (the
+    queried one, at a uniform depth) also carries a short token (a pronounceable word) right after its
+    request id. Asks for that token by the line's request id; the answer prefix restates the line from its
+    level up to the token."""
+    system = _names(rng, 1, (3,))[0]
+    field = rng.choice(LOG_TOKEN_NAMES)
+    head_i, q_i, a_i = _pick(rng, LOG_HEADS, LOG_QUESTIONS, LOG_ANSWERS)
+    head = LOG_HEADS[head_i].format(system=system, field=field) + "\n\n"
+    key_name = rng.choice(REC_KEY_NAMES)
+    services = rng.sample(REC_SERVICES, rng.randint(2, 4))
+    hosts = [f"{s}-{rng.randint(1, 12):02d}" for s in rng.sample(REC_HOST_STEMS, 2) for _ in range(2)]
+    paths = rng.sample(REC_PATHS, rng.randint(3, 6))
+    service_name = rng.choice(REC_SERVICE_NAMES)
+    shared = [(service_name, "service"), (rng.choice(REC_HOST_NAMES), "host"),
+              (rng.choice(REC_METHOD_NAMES), "method"), (rng.choice(REC_PATH_NAMES), "path"),
+              (rng.choice(REC_STATUS_NAMES), "status"), (rng.choice(REC_LATENCY_NAMES), "latency")]
+    shared = rng.sample(shared, 4)
+    n_after = rng.randint(0, 1)  # shared fields after the request id (and the token)
+    before, after = shared[: 4 - n_after], shared[4 - n_after:]
+    level_kv, level_name = rng.random() < 0.5, rng.choice(REC_LEVEL_NAMES)
+    clock = _Clock(rng, rng.randrange(3), rng.randint(2022, 2025))
+    tail_svc, tail_msg = rng.choice(REC_TAIL_SERVICES), rng.choice(REC_MSG_NAMES)
+    tail = _tail_text(rng, REC_TAIL_PHRASES, "; ")
+    taken: set = set()
+
+    def make(r, token=None):
+        return {"level": _weighted(r, _LEVELS), "service": r.choice(services), "host": r.choice(hosts),
+                "key": _fresh(lambda: _pattern(r, "xxxxxxxx"), taken), "method": _weighted(r, _METHODS),
+                "path": r.choice(paths), "status": _weighted(r, _STATUSES), "latency": str(r.randint(3, 2400)),
+                "token": token}
+
+    def fields_text(rec, upto=False):  # the line after its timestamp; upto: up to the token
+        lvl = f"{level_name}={rec['level']}" if level_kv else rec["level"]
+        parts = [lvl] + [f"{n}={rec[k]}" for n, k in before] + [f"{key_name}={rec['key']}"]
+        if upto:
+            return " ".join(parts) + f" {field}="
+        if rec["token"] is not None:
+            parts.append(f"{field}={rec['token']}")
+        return " ".join(parts + [f"{n}={rec[k]}" for n, k in after])
+
+    # every fixed string of the sample: the answer must not be part of any of them
+    fixed = " ".join([head, tail, service_name, tail_svc, tail_msg, level_name, key_name, field, *services, *hosts,
+                      *paths, *(n for n, _ in shared), *CONVENTIONS])
+    while True:  # the answer occurs once in its line and nowhere in the fixed text or the question
+        query = make(rng, _WordPool(rng, (3,))[0])
+        key, answer = query["key"], query["token"]
+        question = LOG_QUESTIONS[q_i].format(field=field, key_name=key_name, key=key) + "\n" + \
+            LOG_ANSWERS[a_i].format(line=fields_text(query, upto=True))
+        if fields_text(query).count(answer) == 1 and answer not in question + fixed:
+            break
+    banned = [key, answer]
+    # n=1: the queried line is the only carrier (the first stream, of carriers, is never read)
+    layout = _Layout(rng, query, _Stream(rng, make, fields_text, banned), _Stream(rng, make, fields_text, banned), n=1)
+
+    def build(size, fine):
+        items, qi = layout.place(size)
+        lines = [f"{clock(p)} {fields_text(rec)}" for p, rec in enumerate(items)]
+        if fine:
+            lvl = f"{level_name}=INFO" if level_kv else "INFO"
+            lines.append(f'{clock(len(items))} {lvl} {service_name}={tail_svc} {tail_msg}="{_cut(tail, fine)}"')
+        body = "\n".join(lines)
+        prompt = head + body + "\n\n" + question
+        _check_once(prompt, body, key, answer, "log_lookup")
+        a = len(head) + sum(len(x) + 1 for x in lines[:qi])
+        return _draft("log_lookup", prompt, answer, answer, key, (a, a + len(lines[qi])), size, qi, 1,
+                      field=field, key_name=key_name, template=q_i, answer_template=a_i, head=head_i)
+
+    return Shape(build, size_min=0, fine_max=len(tail), chars_per_step=110.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -931,8 +1044,8 @@ def chat_history_shape(rng, render: Callable[[list], str]) -> Shape:
 # registry and wording
 # ----------------------------------------------------------------------------------------------
 
-SHAPES = {"records": records_shape, "json_records": json_records_shape, "table": table_shape, "code": code_shape,
-          "multi_doc": multi_doc_shape}
+SHAPES = {"records": records_shape, "log_lookup": log_lookup_shape, "json_records": json_records_shape,
+          "table": table_shape, "code": code_shape, "multi_doc": multi_doc_shape}
 
 
 def family_shape(task: str, rng, render: Callable[[list], str] | None = None) -> Shape:
@@ -949,6 +1062,7 @@ def family_shape(task: str, rng, render: Callable[[list], str] | None = None) ->
 _WORDING = (REC_HEADS, REC_QUESTIONS, REC_ANSWERS, REC_KEY_NAMES, REC_LEVEL_NAMES, REC_SERVICE_NAMES, REC_SERVICES,
             REC_HOST_NAMES, REC_HOST_STEMS, REC_METHOD_NAMES, REC_PATH_NAMES, REC_PATHS, REC_STATUS_NAMES,
             REC_LATENCY_NAMES, REC_ASKED, REC_MSG_NAMES, REC_TAIL_SERVICES, REC_TAIL_PHRASES,
+            LOG_HEADS, LOG_QUESTIONS, LOG_ANSWERS, LOG_TOKEN_NAMES,
             JSON_SCHEMAS, JSON_HEADS, JSON_QUESTIONS, JSON_ANSWERS, JSON_NOTE_NAMES, JSON_NOTE_PHRASES,
             TABLE_SCHEMAS, TABLE_HEADS, TABLE_QUESTIONS, TABLE_ANSWERS, TABLE_NOTE_HEADS, TABLE_NOTE_PHRASES,
             CODE_HEADS, CODE_AREAS, CODE_IMPORTS, CODE_BASES, CODE_NOUNS, CODE_METHODS, CODE_ARGS, CODE_CONSTS,

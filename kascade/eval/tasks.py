@@ -28,6 +28,8 @@ Families beyond prose needles (`kascade.eval.families`; `FAMILY` names each task
 near-identical items, one queried by a key that occurs once; the answer is one short string that occurs once.
 
     records          key=value server-log lines; one field of the line with a given request id
+    log_lookup       near-identical key=value server-log lines; the short token one line carries right after
+                     its request id, asked for by that id (a records task)
     json_records     JSON objects of one schema (array, JSON lines or indented); one field of the object with an id
     table            a CSV or markdown table; the cell of a row key and a column name
     code             a Python file of generated classes; the value one named class gives a class attribute
