@@ -61,6 +61,25 @@ def native_dot(q: torch.Tensor, head_dim: int) -> bool:
 
 
 @triton.jit
+def _mass_terms(K, K8, K_S, q, q8, qs, lse8, b, h, kh, cpos, valid, mask, d, dmask, skb, skh, skn, sk8b, sk8h, sk8n,
+                sksb, sksh, sksn, BT, s_bt, PAGE: tl.constexpr, PAGED_K: tl.constexpr, PAGED_C: tl.constexpr,
+                qk_scale, UPCAST: tl.constexpr, NATIVE: tl.constexpr):
+    """The exact and the FP8 attention-mass terms [ROWS] of a block of keys at cache positions cpos [BLOCK]
+    (loaded where `valid`; counted where `mask` [BLOCK, ROWS] or [BLOCK, 1]), each normalised by lse8 [ROWS]:
+    sum over the block of 2^(logit - lse8), with exact keys K (head kh) and with the copy K8, K_S (head h)."""
+    koff = row_offsets(b, kh, cpos, valid, skb, skh, skn, BT, s_bt, PAGE, PAGED_K)
+    kb = tl.load(K + koff[:, None] + d[None, :], mask=valid[:, None] & dmask, other=0.0)
+    c8 = row_offsets(b, h, cpos, valid, sk8b, sk8h, sk8n, BT, s_bt, PAGE, PAGED_C)
+    k8 = tl.load(K8 + c8[:, None] + d[None, :], mask=valid[:, None] & dmask, other=0.0)
+    ks = tl.load(K_S + row_offsets(b, h, cpos, valid, sksb, sksh, sksn, BT, s_bt, PAGE, PAGED_C), mask=valid,
+                 other=0.0)
+    st = mma(kb, tl.trans(q), None, UPCAST) * qk_scale  # [BLOCK, ROWS]
+    st8 = mma8(k8, tl.trans(q8), UPCAST, NATIVE) * (ks * qk_scale)[:, None] * qs[None, :]
+    return (tl.sum(tl.where(mask, tl.exp2(st - lse8[None, :]), 0.0), 0),
+            tl.sum(tl.where(mask, tl.exp2(st8 - lse8[None, :]), 0.0), 0))
+
+
+@triton.jit
 def _rerank_kernel(
     Q, Q8, QS, K, K8, K_S, KH, KV_START, KV_END, CAND, CNT_C, COUNTS, LSE_BUF, VALS, INDICES,
     sqb, sqh, sqm, s8b, s8h, s8m, sqsb, sqsh, sqsm,
@@ -113,30 +132,20 @@ def _rerank_kernel(
                     jj = j0 + tl.arange(0, BLOCK_N)
                     jm = jj < kc
                     kpos = tl.load(C_row + jj, mask=jm, other=0)
-                    koff = row_offsets(b, kh, kpos, jm, skb, skh, skn, BT, s_bt, PAGE, PAGED_K)
-                    kb = tl.load(K + koff[:, None] + d[None, :], mask=jm[:, None] & dmask, other=0.0)
-                    c8 = row_offsets(b, h, kpos, jm, sk8b, sk8h, sk8n, BT, s_bt, PAGE, PAGED_C)
-                    k8 = tl.load(K8 + c8[:, None] + d[None, :], mask=jm[:, None] & dmask, other=0.0)
-                    ks = tl.load(K_S + row_offsets(b, h, kpos, jm, sksb, sksh, sksn, BT, s_bt, PAGE, PAGED_C),
-                                 mask=jm, other=0.0)
-                    st = mma(kb, tl.trans(q), None, UPCAST) * qk_scale  # [BLOCK_N, ROWS]
-                    st8 = mma8(k8, tl.trans(q8), UPCAST, NATIVE) * (ks * qk_scale)[:, None] * qs[None, :]
-                    a_ex += tl.sum(tl.where(jm[:, None], tl.exp2(st - lse8[None, :]), 0.0), 0)
-                    a_8 += tl.sum(tl.where(jm[:, None], tl.exp2(st8 - lse8[None, :]), 0.0), 0)
+                    e, e8 = _mass_terms(K, K8, K_S, q, q8, qs, lse8, b, h, kh, kpos, jm, jm[:, None], d, dmask,
+                                        skb, skh, skn, sk8b, sk8h, sk8n, sksb, sksh, sksn, BT, s_bt, PAGE,
+                                        PAGED_K, PAGED_C, qk_scale, UPCAST, NATIVE)
+                    a_ex += e
+                    a_8 += e8
                 # the diagonal tile's keys, causally: exact terms replace their FP8 ones too
                 kpos = n_before + tl.arange(0, T_PAD)
                 kok = (tl.arange(0, T_PAD) < TILE) & (kpos < n)
-                koff = row_offsets(b, kh, s + kpos, kok, skb, skh, skn, BT, s_bt, PAGE, PAGED_K)
-                kb = tl.load(K + koff[:, None] + d[None, :], mask=kok[:, None] & dmask, other=0.0)
-                c8 = row_offsets(b, h, s + kpos, kok, sk8b, sk8h, sk8n, BT, s_bt, PAGE, PAGED_C)
-                k8 = tl.load(K8 + c8[:, None] + d[None, :], mask=kok[:, None] & dmask, other=0.0)
-                ks = tl.load(K_S + row_offsets(b, h, s + kpos, kok, sksb, sksh, sksn, BT, s_bt, PAGE, PAGED_C),
-                             mask=kok, other=0.0)
                 causal = kok[:, None] & (kpos[:, None] <= pos[None, :])
-                st = mma(kb, tl.trans(q), None, UPCAST) * qk_scale
-                st8 = mma8(k8, tl.trans(q8), UPCAST, NATIVE) * (ks * qk_scale)[:, None] * qs[None, :]
-                a_ex += tl.sum(tl.where(causal, tl.exp2(st - lse8[None, :]), 0.0), 0)
-                a_8 += tl.sum(tl.where(causal, tl.exp2(st8 - lse8[None, :]), 0.0), 0)
+                e, e8 = _mass_terms(K, K8, K_S, q, q8, qs, lse8, b, h, kh, s + kpos, kok, causal, d, dmask,
+                                    skb, skh, skn, sk8b, sk8h, sk8n, sksb, sksh, sksn, BT, s_bt, PAGE,
+                                    PAGED_K, PAGED_C, qk_scale, UPCAST, NATIVE)
+                a_ex += e
+                a_8 += e8
                 lmix = lse8 + tl.log2(tl.maximum(1.0 - a_8, 0.0) + a_ex)
                 tl.store(L_row + hg * ROWS + r, lmix)
             tl.debug_barrier()
