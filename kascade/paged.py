@@ -338,15 +338,8 @@ def paged_gather_heads(selections: list, rows: torch.Tensor | None) -> PagedSele
     if rows is None:
         return out
     pooled = all(s.pool_rows is not None and s.pool_table is first.pool_table for s in selections)
-    pool_rows = _gather_rows([s.pool_rows for s in selections], rows) if pooled else None
+    pool_rows = reference.stack_heads([s.pool_rows for s in selections], rows) if pooled else None
     return dataclasses.replace(out, pool_rows=pool_rows, pool_table=first.pool_table if pooled else None)
-
-
-def _gather_rows(parts: list, rows: torch.Tensor) -> torch.Tensor:
-    """Pool rows [.., S_i, U, K_i] of selections stacked along the head axis, then row rows[h] for KV head h:
-    what reference.gather_heads does to their indices (narrower parts padded with -1)."""
-    plain = [reference.Selection(x, None, None, 0, False) for x in parts]
-    return reference.gather_heads(plain, rows).indices
 
 
 def paged_reuse(q, key_cache, value_cache, block_table, seq_lens, query_start_loc, selection: PagedSelection,
@@ -445,7 +438,7 @@ def _gather_decode(selections: list, rows: torch.Tensor | None):
     from kascade.kernels.decode import PagedDecodeSelection
     from kascade.kernels.paging import PoolRows
 
-    pool = PoolRows(_gather_rows([p.rows for p in pools], rows), pools[0].block_table)
+    pool = PoolRows(reference.stack_heads([p.rows for p in pools], rows), pools[0].block_table)
     return PagedDecodeSelection(out.indices, out.counts, out.first_tile, out.tile, out.decode, pool=pool)
 
 

@@ -328,8 +328,13 @@ def gather_heads(selections, rows: torch.Tensor | None):
     first = selections[0]
     if rows is None:
         return first
-    width = max(s.indices.shape[-1] for s in selections)
-    stacked = torch.cat([s.indices if s.indices.shape[-1] == width else
-                         torch.nn.functional.pad(s.indices, (0, width - s.indices.shape[-1]), value=-1)
-                         for s in selections], dim=1)  # pads only the narrower ones (no copy of the others)
-    return dataclasses.replace(first, indices=stacked.index_select(1, rows))
+    return dataclasses.replace(first, indices=stack_heads([s.indices for s in selections], rows))
+
+
+def stack_heads(parts: list, rows: torch.Tensor) -> torch.Tensor:
+    """parts [B, S_i, U, K_i] stacked along the head axis (narrower ones padded with -1 to the widest K), then
+    row rows[h] for head h: [B, len(rows), U, max K_i]. gather_heads' indices; also the pool rows beside them."""
+    width = max(x.shape[-1] for x in parts)
+    stacked = torch.cat([x if x.shape[-1] == width else torch.nn.functional.pad(x, (0, width - x.shape[-1]), value=-1)
+                         for x in parts], dim=1)  # pads only the narrower ones (no copy of the others)
+    return stacked.index_select(1, rows)
