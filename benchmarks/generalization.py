@@ -15,6 +15,10 @@ Three stages (the GPU recipe is benchmarks/generalization_gpu.sh):
         left out (the records fold's plan on records and log_lookup).
     python benchmarks/generalization.py report --work DIR --eval EVALDIR -o benchmarks/results/generalization_smollm2
         Reads every DIR/EVALDIR/*/results.jsonl and writes the .json, .md and .png of the results.
+    python benchmarks/generalization.py export --work DIR --eval EVALDIR [--prefix RECIPE] [--append]
+        The reverse of seed: every row of EVALDIR/RUN/*/results.jsonl, named by its run, into --rows, and
+        DIR's plans and search reports into --plans and --searches; with --prefix the runs, plans and reports
+        are named RECIPE-NAME (another calibration recipe, reported in its own table).
     python benchmarks/generalization.py seed --work DIR --eval EVALDIR [--plans P] [--rows R] [--searches S]
         Puts committed plans (P, default benchmarks/results/generalization_smollm2_plans) into DIR/plans, their
         search reports (S, default benchmarks/results/generalization_smollm2_searches) into DIR/reports, and
@@ -156,6 +160,32 @@ def cmd_seed(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    import shutil
+
+    import re
+
+    if args.prefix is not None and not re.fullmatch(r"[a-z0-9]+", args.prefix):
+        raise SystemExit(f"--prefix: expected lowercase letters and digits (a recipe's name), got {args.prefix!r}")
+    work, ev = Path(args.work), Path(args.eval)
+    name = (lambda n: f"{args.prefix}-{n}") if args.prefix else (lambda n: n)
+    runs = sorted(ev.glob("*/*/results.jsonl"))
+    if not runs:
+        raise SystemExit(f"--eval: no RUN/CELL/results.jsonl under {ev}")
+    count = 0
+    with open(args.rows, "a" if args.append else "w", encoding="utf-8") as f:
+        for path in runs:
+            for row in _read(path):
+                f.write(json.dumps({"run": name(path.parent.parent.name), **row}) + "\n")
+                count += 1
+    for sub, dest in (("plans", args.plans), ("reports", args.searches)):
+        Path(dest).mkdir(parents=True, exist_ok=True)
+        for src in sorted((work / sub).glob("*.json")):
+            shutil.copyfile(src, Path(dest) / f"{name(src.stem)}.json")
+    print(f"{count} rows of {len(runs)} cells into {args.rows}")
+    return 0
+
+
 def _read(path: Path) -> list[dict]:
     from kascade.eval.command import read_results
 
@@ -207,6 +237,15 @@ def main(argv=None) -> int:
     p.add_argument("--searches", default=str(ROOT / "benchmarks" / "results" / "generalization_smollm2_searches"),
                    help="the searches' reports (time, divergences), for the report's table")
     p.set_defaults(func=cmd_seed)
+    p = sub.add_parser("export")
+    p.add_argument("--work", required=True)
+    p.add_argument("--eval", required=True)
+    p.add_argument("--prefix", default=None, help="another recipe's name (lowercase letters and digits)")
+    p.add_argument("--append", action="store_true", help="add to --rows instead of replacing it")
+    p.add_argument("--plans", default=str(ROOT / "benchmarks" / "results" / "generalization_smollm2_plans"))
+    p.add_argument("--rows", default=str(ROOT / "benchmarks" / "results" / "generalization_smollm2_results.jsonl"))
+    p.add_argument("--searches", default=str(ROOT / "benchmarks" / "results" / "generalization_smollm2_searches"))
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("report")
     p.add_argument("--work", required=True)
     p.add_argument("--eval", required=True)

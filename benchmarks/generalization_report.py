@@ -3,13 +3,15 @@
 the paired difference of the leave-one-out plan against dense (mean and standard error over the same samples);
 JSON + markdown + plot.
 
-Eval runs live in EVAL/RUN/FAMILY-LENGTH/results.jsonl (RUN: baselines, mixture-COST, lofo-FAMILY-COST);
-plans and search reports in WORK/plans and WORK/reports.
+Eval runs live in EVAL/RUN/FAMILY-LENGTH/results.jsonl (RUN: baselines, mixture-COST, lofo-FAMILY-COST, and
+RECIPE-mixture-COST, RECIPE-lofo-FAMILY-COST for the plans of another calibration recipe, e.g. p66 for 66
+calibration prompts); plans and search reports in WORK/plans and WORK/reports under the same names.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +22,20 @@ HEADLINE_MIN = 20.0  # a family counts where dense scores at least this
 TARGET_DENSE, TARGET_ORACLE = 3.0, 5.0  # points: a plan within these of dense and of per-layer top-k
 
 
+def recipe_of(run: str) -> tuple[str, str]:
+    """(recipe, run within it): ("p66", "mixture-10") for "p66-mixture-10"; ("", run) for the main recipe."""
+    m = re.fullmatch(r"([a-z0-9]+)-((?:mixture|lofo)-.+)", run)
+    return (m.group(1), m.group(2)) if m else ("", run)
+
+
 def collect(eval_dir: Path) -> dict:
     """{(column, family, length): {seed: score}} with column one of dense, oracle, shipped (the plan in
     plans/, run as `kascade` in the baselines), paper, mixture-COST, lofo-COST (each family's leave-one-out
-    plan, run on that family only)."""
+    plan, run on that family only), and RECIPE:mixture-COST, RECIPE:lofo-COST for another recipe's plans."""
     cells: dict = {}
     for path in sorted(eval_dir.glob("*/*/results.jsonl")):
-        run = path.parent.parent.name
+        recipe, run = recipe_of(path.parent.parent.name)
+        prefix = f"{recipe}:" if recipe else ""
         for row in read_results(path):
             strategy = row["strategy"]
             if run == "baselines":
@@ -34,9 +43,9 @@ def collect(eval_dir: Path) -> dict:
             elif strategy != "kascade":  # a plan's run also scores dense: the baselines' dense is the one reported
                 continue
             elif run.startswith("lofo-"):
-                column = "lofo-" + run.rsplit("-", 1)[1]
+                column = prefix + "lofo-" + run.rsplit("-", 1)[1]
             else:
-                column = run
+                column = prefix + run
             cells.setdefault((column, row["task"], row["length"]), {})[row["seed"]] = float(row["score"])
     return cells
 
@@ -73,6 +82,13 @@ def rows_of(cells: dict, shipped_cost, loo_cost: str) -> list[dict]:
                                   (("kascade_leave_one_out", f"lofo-{loo_cost}"), ("kascade_shipped", "shipped"))}
         row["headline"] = row["dense"] is not None and row["dense"] >= HEADLINE_MIN
         row["holds"] = {k: _holds(row, k) for k in HOLDS} if row["headline"] else {}
+        row["recipes"] = {}
+        for recipe in sorted({k[0].split(":")[0] for k in cells if ":" in k[0]}):
+            plans = {c.split(":")[1]: cells[(c, fam, length)] for c in {k[0] for k in cells}
+                     if c.startswith(recipe + ":") and (c, fam, length) in cells}
+            got = {name: {"score": _mean(v), "paired_vs_dense": _paired(v, dense)} for name, v in sorted(plans.items())}
+            if got:
+                row["recipes"][recipe] = got
         out.append(row)
     return out
 
@@ -137,7 +153,7 @@ def markdown(doc: dict) -> str:
                       key=lambda k: -float(k.rsplit("_", 1)[1]))
     head = (["family", "length", "samples", "dense", "oracle", "leave-one-out", "shipped plan", "paper recipe"]
             + [k.replace("kascade_", "").replace("_", "-") for k in mixtures]
-            + ["leave-one-out - dense (paired)", "holds (loo / shipped)"])
+            + ["leave-one-out - dense (paired)", "shipped - dense (paired)", "holds (loo / shipped)"])
     lines = [f"# Generalization to formats unlike calibration: SmolLM2-135M-Instruct, {m.get('device', '?')}, "
              f"{m.get('date', '?')}", "",
              f"torch {m.get('torch', '?')}, triton {m.get('triton', '?')}, transformers {m.get('transformers', '?')}; "
@@ -153,18 +169,48 @@ def markdown(doc: dict) -> str:
             if r["headline"] else "(dense < 20)"
         vals = ([r["name"], str(r["length"]), str(r["samples"]), f"{_f(r['dense'])} ± {r['dense_se']:.1f}",
                  _f(r["oracle"]), _f(r["kascade_leave_one_out"]), _f(r["kascade_shipped"]), _f(r["kascade_paper"])]
-                + [_f(r.get(k)) for k in mixtures] + [_pair(r["paired_vs_dense"]["kascade_leave_one_out"]), holds])
+                + [_f(r.get(k)) for k in mixtures] + [_pair(r["paired_vs_dense"]["kascade_leave_one_out"]),
+                                                      _pair(r["paired_vs_dense"]["kascade_shipped"]), holds])
         lines.append("| " + " | ".join(vals) + " |")
-    lines += ["", "## Calibration searches", "", "| search | cost | anchors | mean KL | worst family KL | paper recipe KL "
-              "| plans measured | seconds | peak GPU GiB |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += _recipe_tables(rows)
+    lines += ["", "## Calibration searches", "", "| search | prompts | cost | anchors | mean KL | worst family KL | "
+              "paper recipe KL | plans measured | seconds | peak GPU GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in doc["searches"].items():
         fam = s.get("divergence_by_family") or {}
         worst = max(fam.items(), key=lambda kv: kv[1]) if fam else ("-", float("nan"))
         peak = s.get("peak_gpu_bytes")
-        lines.append(f"| {name} | {s['cost']:.2f} | {s['anchors']} | {s['divergence']:.4f} | {worst[0]} {worst[1]:.4f} | "
+        prompts = (s.get("settings") or {}).get("num_prompts")
+        lines.append(f"| {name} | {prompts or '-'} | {s['cost']:.2f} | {s['anchors']} | {s['divergence']:.4f} | {worst[0]} {worst[1]:.4f} | "
                      f"{s['paper_divergence']:.4f} | {s['plans_measured']} | {s['seconds']:.0f} | "
                      f"{'-' if peak is None else f'{peak / 2**30:.1f}'} |")
     return "\n".join(lines) + "\n"
+
+
+def _recipe_tables(rows: list[dict]) -> list[str]:
+    """One table per other recipe, on the cells where dense counts: its plans beside dense, oracle and the
+    shipped plan, each with its paired difference against dense, and the mean over the cells every plan ran."""
+    out = []
+    for recipe in sorted({k for r in rows for k in r.get("recipes", {})}):
+        names = sorted({n for r in rows for n in r["recipes"].get(recipe, {})})
+        cells = [r for r in rows if r["headline"] and recipe in r["recipes"]]
+        head = ["family", "length", "samples", "dense", "oracle", "shipped plan"] + [f"{recipe} {n}" for n in names]
+        out += ["", f"## Calibration recipe {recipe}", "", "Scores, and in brackets the paired difference against "
+                "dense (mean ± standard error), on the cells where dense >= 20 that the recipe's plans ran.", "",
+                "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in cells:
+            got = r["recipes"][recipe]
+            vals = [r["name"], str(r["length"]), str(r["samples"]), _f(r["dense"]), _f(r["oracle"]),
+                    f"{_f(r['kascade_shipped'])} ({_pair(r['paired_vs_dense']['kascade_shipped'])})"]
+            vals += [f"{_f(got[n]['score'])} ({_pair(got[n]['paired_vs_dense'])})" if n in got else "-" for n in names]
+            out.append("| " + " | ".join(vals) + " |")
+        every = [n for n in names if all(n in r["recipes"][recipe] for r in cells)]  # plans run on every cell
+        if cells and every:
+            mean = lambda xs: f"{np.mean(xs):.1f}"  # noqa: E731
+            out.append(f"| mean of the {len(cells)} cells | | | {mean([r['dense'] for r in cells])} | "
+                       f"{mean([r['oracle'] for r in cells])} | {mean([r['kascade_shipped'] for r in cells])} | "
+                       + " | ".join(mean([r["recipes"][recipe][n]["score"] for r in cells]) if n in every else "-"
+                                    for n in names) + " |")
+    return out
 
 
 def plot(doc: dict, path: str) -> None:

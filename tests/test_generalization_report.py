@@ -36,6 +36,8 @@ def test_rows_and_targets(tmp_path):
     _rows(ev / "lofo-records-10" / "records-4096", "records", 4096, "kascade", 21)  # 52.5: holds
     _rows(ev / "lofo-records-10" / "records-4096", "records", 4096, "dense", 0)  # a plan run's own dense: not its score
     _rows(ev / "baselines" / "code-4096", "code", 4096, "dense", 4)  # dense 10: not a headline family
+    _rows(ev / "p66-mixture-10" / "records-4096", "records", 4096, "kascade", 18)  # another recipe's plans
+    _rows(ev / "p66-lofo-records-10" / "records-4096", "records", 4096, "kascade", 20)
     shipped = tmp_path / "shipped.json"
     shipped.write_text(json.dumps({**PLAN, "selecting_layers_equivalent": 9.5}))
     GR.write_report(work, ev, str(tmp_path / "out"), None, shipped)
@@ -51,8 +53,15 @@ def test_rows_and_targets(tmp_path):
     assert rec["dense_se"] == 7.91
     code = next(r for r in doc["families"] if r["name"] == "code")
     assert not code["headline"] and code["holds"] == {}
-    assert "| records | 4096 | 40 | 50.0 ± 7.9 | 55.0 | 52.5 | 20.0 | 5.0 | 47.5 | +2.5 ± 2.5 | yes / no |" in \
-        (tmp_path / "out.md").read_text()
+    # the other recipe's plans are their own columns, not the main recipe's
+    assert rec["recipes"]["p66"]["mixture-10"]["score"] == 45.0 and rec["recipes"]["p66"]["lofo-10"]["score"] == 50.0
+    assert rec["recipes"]["p66"]["mixture-10"]["paired_vs_dense"]["mean"] == -5.0
+    assert GR.recipe_of("p66-lofo-records-10") == ("p66", "lofo-records-10")
+    assert GR.recipe_of("lofo-records-10") == ("", "lofo-records-10") and GR.recipe_of("mixture-6") == ("", "mixture-6")
+    md = (tmp_path / "out.md").read_text()
+    assert "| records | 4096 | 40 | 50.0 ± 7.9 | 55.0 | 52.5 | 20.0 | 5.0 | 47.5 | +2.5 ± 2.5 | -30.0 ± 7.3 | yes / no |" in md
+    assert "## Calibration recipe p66" in md and "| records | 4096 | 40 | 50.0 | 55.0 | 20.0 (-30.0 ± 7.3) | " \
+        "50.0 (+0.0 ± 0.0) | 45.0 (-5.0 ± 3.5) |" in md
     assert (tmp_path / "out.png").stat().st_size > 0
 
 
@@ -95,3 +104,31 @@ def test_jobs_run_log_lookup_with_the_records_fold(tmp_path, capsys):
     assert "--tasks records,log_lookup " in jobs["lofo-records-10"] and "--tasks table " in jobs["lofo-table-10"]
     only = dict(G.eval_jobs(tmp_path, "MODEL", ["log_lookup"], "4096", 40, "EV"))
     assert "--tasks log_lookup " in only["lofo-records-10"] and "lofo-table-10" not in only
+
+
+def test_export_names_another_recipe_and_seed_reads_it_back(tmp_path):
+    """export writes runs, plans and search reports under RECIPE-NAME; seeding them back gives the report the
+    recipe's own columns."""
+    import generalization as G
+
+    work, ev = tmp_path / "gen", tmp_path / "ev"
+    for sub in ("plans", "reports"):
+        (work / sub).mkdir(parents=True)
+    (work / "plans" / "mixture-10.json").write_text(json.dumps(PLAN))
+    (work / "reports" / "mixture-10.json").write_text(json.dumps(REPORT))
+    _rows(ev / "mixture-10" / "records-4096", "records", 4096, "kascade", 5, n=4)
+    rows, plans, searches = tmp_path / "rows.jsonl", tmp_path / "plans", tmp_path / "searches"
+    rows.write_text(json.dumps({"run": "baselines", "task": "records", "length": 4096, "budget": None,
+                                "strategy": "dense", "sample": 0, "seed": 0, "score": 1.0}) + "\n")
+    out = ["--rows", str(rows), "--plans", str(plans), "--searches", str(searches)]
+    assert G.main(["export", "--work", str(work), "--eval", str(ev), "--prefix", "p66", "--append", *out]) == 0
+    got = [json.loads(x) for x in rows.read_text().splitlines()]
+    assert [r["run"] for r in got] == ["baselines"] + ["p66-mixture-10"] * 4
+    assert (plans / "p66-mixture-10.json").is_file() and (searches / "p66-mixture-10.json").is_file()
+    import pytest
+
+    with pytest.raises(SystemExit, match="--prefix: expected lowercase letters and digits"):
+        G.main(["export", "--work", str(work), "--eval", str(ev), "--prefix", "P-6", *out])
+    assert G.main(["seed", "--work", str(tmp_path / "w2"), "--eval", str(tmp_path / "e2"), *out]) == 0
+    cells = GR.collect(tmp_path / "e2")
+    assert set(cells) == {("dense", "records", 4096), ("p66:mixture-10", "records", 4096)}
