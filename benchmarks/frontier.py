@@ -17,7 +17,7 @@ Stages (the GPU recipe is benchmarks/frontier_gpu.sh):
     python benchmarks/frontier.py jobs MODEL_DIR --work DIR --eval EVALDIR [--samples 60] [--pending]
         Prints one `kascade eval` command line per (plan, task set, length), tab-separated after its name
         RUN/SET-LENGTH: the task sets are the headline tasks of benchmarks/results/eval_smollm2.json
-        (HEADLINE_TASKS) and the six families of the generalization benchmark (FAMILIES), at 4096 and 8064
+        (HEADLINE_TASKS) and the families of the generalization benchmark (FAMILIES), at 4096 and 8064
         tokens, rho 0.1; dense and oracle once ("baselines"), the default plan (--default-plan) at rho 0.1,
         0.05 and 0.2, and every plan of DIR/plans at rho 0.1 (--pending: only the runs not complete in EVALDIR).
     python benchmarks/frontier.py seed --work DIR --eval EVALDIR
@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 COSTS = (4, 6, 8, 10, 12, 15)  # selecting-layer equivalents on the frontier
 ORDER = (6, 4, 8, 10, 12, 15)  # evaluation order: the paper's cost first, so a cut run keeps the goal's points
 HEADLINE_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "fwe", "doc_qa_chat")
-FAMILIES = ("records", "json_records", "table", "code", "multi_doc", "chat_history")
+FAMILIES = ("records", "json_records", "table", "code", "multi_doc", "chat_history", "log_lookup")  # as generalization.py
 TASK_SETS = {"tasks": HEADLINE_TASKS, "families": FAMILIES}
 LENGTHS = (4096, 8064)
 RHO = 0.1

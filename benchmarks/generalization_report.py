@@ -79,7 +79,11 @@ def rows_of(cells: dict, shipped_cost, loo_cost: str) -> list[dict]:
         p = row["dense"] / 100.0
         row["dense_se"] = round(100.0 * float(np.sqrt(p * (1 - p) / len(dense))), 2)
         row["paired_vs_dense"] = {k: _paired(cell(c), dense) for k, c in
-                                  (("kascade_leave_one_out", f"lofo-{loo_cost}"), ("kascade_shipped", "shipped"))}
+                                  (("kascade_leave_one_out", f"lofo-{loo_cost}"), ("kascade_shipped", "shipped"),
+                                   ("oracle", "oracle"))}
+        # the loss of reuse alone: a plan against per-layer top-k at the same budget, sample by sample
+        row["paired_vs_oracle"] = {k: _paired(cell(c), cell("oracle")) for k, c in
+                                   (("kascade_leave_one_out", f"lofo-{loo_cost}"), ("kascade_shipped", "shipped"))}
         row["headline"] = row["dense"] is not None and row["dense"] >= HEADLINE_MIN
         row["holds"] = {k: _holds(row, k) for k in HOLDS} if row["headline"] else {}
         row["recipes"] = {}
@@ -172,6 +176,7 @@ def markdown(doc: dict) -> str:
                 + [_f(r.get(k)) for k in mixtures] + [_pair(r["paired_vs_dense"]["kascade_leave_one_out"]),
                                                       _pair(r["paired_vs_dense"]["kascade_shipped"]), holds])
         lines.append("| " + " | ".join(vals) + " |")
+    lines += _sources_table(rows)
     lines += _recipe_tables(rows)
     lines += ["", "## Calibration searches", "", "| search | prompts | cost | anchors | mean KL | worst family KL | "
               "paper recipe KL | plans measured | seconds | peak GPU GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -184,6 +189,24 @@ def markdown(doc: dict) -> str:
                      f"{s['paper_divergence']:.4f} | {s['plans_measured']} | {s['seconds']:.0f} | "
                      f"{'-' if peak is None else f'{peak / 2**30:.1f}'} |")
     return "\n".join(lines) + "\n"
+
+
+def _sources_table(rows: list[dict]) -> list[str]:
+    """The loss split in two, on the cells where dense counts: the budget's (per-layer top-k against dense)
+    and the reuse's (a plan against per-layer top-k), each paired over the same samples."""
+    cells = [r for r in rows if r["headline"] and r.get("paired_vs_oracle")]
+    if not cells:
+        return []
+    out = ["", "## Where the loss comes from", "",
+           "Paired differences in points (mean ± standard error over the same samples): the budget's loss is "
+           "per-layer top-k (oracle) against dense; the reuse's loss is a plan against per-layer top-k.", "",
+           "| family | length | budget: oracle - dense | reuse: shipped - oracle | reuse: leave-one-out - oracle |",
+           "|---|---|---|---|---|"]
+    for r in cells:
+        out.append(f"| {r['name']} | {r['length']} | {_pair(r['paired_vs_dense']['oracle'])} | "
+                   f"{_pair(r['paired_vs_oracle']['kascade_shipped'])} | "
+                   f"{_pair(r['paired_vs_oracle']['kascade_leave_one_out'])} |")
+    return out
 
 
 def _recipe_tables(rows: list[dict]) -> list[str]:

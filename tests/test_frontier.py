@@ -53,7 +53,7 @@ def test_jobs_list_every_plan_task_set_and_length(tmp_path):
         "--out /ev/baselines/tasks-4096")
     assert line["head-4/families-8064"] == (
         f"python3 -m kascade.cli eval /m --samples 60 --no-coverage --workers 2 --tasks records,json_records,table,"
-        f"code,multi_doc,chat_history --lengths 8064 --budgets 0.1 --plan {work / 'plans' / 'head-4.json'} "
+        f"code,multi_doc,chat_history,log_lookup --lengths 8064 --budgets 0.1 --plan {work / 'plans' / 'head-4.json'} "
         "--strategies kascade --out /ev/head-4/families-8064")
     assert f"--budgets 0.05 --plan {F.DEFAULT_PLAN} --strategies kascade" in line["default-rho0.05/tasks-8064"]
     assert "--budgets 0.2 " in line["default-rho0.2/families-4096"]
@@ -156,7 +156,7 @@ def test_report_writes_the_issue_keys_from_made_up_rows(tmp_path):
     _speed(work, "8b-prefill-131072", {"head-6": 1.5})
     doc = FR.write_report(work, ev, str(tmp_path / "out"))
     assert doc["dense_headline"] == 50.0 and doc["oracle_headline"] is None  # oracle ran on the tasks only
-    assert "table" not in doc["headline_tasks"] and len(doc["headline_tasks"]) == 11
+    assert "table" not in doc["headline_tasks"] and len(doc["headline_tasks"]) == len(F.HEADLINE_TASKS) + len(F.FAMILIES) - 1
     plans = {p["name"]: p for p in doc["plans"]}
     head = plans["head-6"]
     for key in ("name", "recipe", "granularity", "cost", "headline", "samples", "decode_speedup_8b",

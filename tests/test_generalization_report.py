@@ -51,6 +51,10 @@ def test_rows_and_targets(tmp_path):
     assert rec["paired_vs_dense"]["kascade_leave_one_out"]["mean"] == 2.5
     assert rec["paired_vs_dense"]["kascade_shipped"]["mean"] == -30.0
     assert rec["dense_se"] == 7.91
+    # the reuse's loss alone: against per-layer top-k (oracle hits 0..21)
+    assert rec["paired_vs_oracle"]["kascade_leave_one_out"]["mean"] == -2.5
+    assert rec["paired_vs_oracle"]["kascade_shipped"]["mean"] == -35.0
+    assert rec["paired_vs_dense"]["oracle"]["mean"] == 5.0
     code = next(r for r in doc["families"] if r["name"] == "code")
     assert not code["headline"] and code["holds"] == {}
     # the other recipe's plans are their own columns, not the main recipe's
@@ -60,6 +64,7 @@ def test_rows_and_targets(tmp_path):
     assert GR.recipe_of("lofo-records-10") == ("", "lofo-records-10") and GR.recipe_of("mixture-6") == ("", "mixture-6")
     md = (tmp_path / "out.md").read_text()
     assert "| records | 4096 | 40 | 50.0 ± 7.9 | 55.0 | 52.5 | 20.0 | 5.0 | 47.5 | +2.5 ± 2.5 | -30.0 ± 7.3 | yes / no |" in md
+    assert "| records | 4096 | +5.0 ± 3.5 | -35.0 ± 7.6 | -2.5 ± 2.5 |" in md
     assert "## Calibration recipe p66" in md and "| records | 4096 | 40 | 50.0 | 55.0 | 20.0 (-30.0 ± 7.3) | " \
         "50.0 (+0.0 ± 0.0) | 45.0 (-5.0 ± 3.5) |" in md
     assert (tmp_path / "out.png").stat().st_size > 0
