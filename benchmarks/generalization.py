@@ -79,7 +79,7 @@ def cmd_calibrate(args) -> int:
         t, before = time.time(), len(calib.memo)
         plan, report = calibrate_output_aware(model, tok, text, num_anchors=target, rho=args.rho, shrink=args.search_step,
                                               candidates=args.candidates, objective=args.objective,
-                                              leave_out=leave_out, calib=calib, progress=False,
+                                              leave_out=leave_out, calib=calib, progress=False, sources=args.sources,
                                               data_name={"name": Path(args.data).name})
         seconds = time.time() - t
         plan.save(work / "plans" / f"{name}.json")
@@ -217,6 +217,7 @@ def main(argv=None) -> int:
     p.add_argument("--search-step", type=int, default=10)
     p.add_argument("--candidates", type=int, default=None)
     p.add_argument("--objective", default="worst-family")
+    p.add_argument("--sources", default="mean", help="how reusing heads pick their source: mean or worst-family")
     p.add_argument("--budget-s", type=float, default=540.0)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")

@@ -167,3 +167,35 @@ def test_layer_granular_search_picks_whole_layers(setup):
     assert all(isinstance(layer, int) for layer in removed) and set(plan.anchors).isdisjoint(removed)
     with pytest.raises(ValueError, match="granularity"):
         OA.calibrate_output_aware(model, ByteTokenizer(), TEXT, num_anchors=2, granularity="unit", **kw)
+
+
+def test_worst_family_sources_pick_the_head_that_serves_every_family():
+    """A reusing unit's source by the mean similarity can serve one format family well and another badly; the
+    worst-family rule picks the source whose lowest family mean is highest."""
+    from types import SimpleNamespace
+
+    cfg = {"model_type": "llama", "num_layers": 3, "num_q_heads": 2, "num_kv_heads": 1, "head_dim": 16}
+
+    def sim(a1, a2):  # layer 2 head 0 served by layer 0 (a1) or layer 1 (a2)
+        s = np.zeros((3, 3, 1, 1))
+        s[0, 2, 0, 0], s[1, 2, 0, 0] = a1, a2
+        return s
+
+    prompts = [SimpleNamespace(kind=k) for k in ("passkey", "passkey", "telemetry")]  # needle, needle, records
+    sims = [sim(0.9, 0.6), sim(0.9, 0.6), sim(0.1, 0.5)]  # mean: layer 0 (0.63 > 0.57); records: layer 1
+    calib = OA.CalibrationSet(None, prompts, [], sims, [])
+    mean, worst = calib.similarity([0, 1, 2]), calib.similarity([0, 1, 2], "worst-family")
+    assert mean[0, 2, 0, 0] == pytest.approx(1.9 / 3) and worst[0, 2, 0, 0] == pytest.approx(0.1)
+    assert worst[1, 2, 0, 0] == pytest.approx(0.5)
+    units = {(1, 0)}  # layers 0 and 1 select, layer 2 reuses
+    assert OA.plan_of_units(units, mean, cfg).head_sources[2] == [[0, 0]]
+    assert OA.plan_of_units(units, worst, cfg).head_sources[2] == [[1, 0]]
+    with pytest.raises(ValueError, match="sources: expected one of"):
+        calib.similarity([0, 1, 2], "median")
+
+
+def test_calibrate_output_aware_refuses_an_unknown_source_rule(setup):
+    with pytest.raises(ValueError, match="sources: expected one of"):
+        OA.calibrate_output_aware(setup[0], ByteTokenizer(), TEXT, num_anchors=2.5, length=500, num_prompts=3,
+                                  answer_tokens=2, batch_size=3, k_min=16, tile=16, topk=16, backend="reference",
+                                  progress=False, sources="median")

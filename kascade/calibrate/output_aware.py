@@ -258,6 +258,7 @@ def greedy_search(score, cfg: dict, target: float | None = None, tolerance: floa
 
 
 OBJECTIVES = ("worst-family", "mean")
+SOURCE_RULES = ("mean", "worst-family")  # how a reusing unit's source is ranked over the calibration families
 GRANULARITIES = ("head", "layer")
 
 
@@ -282,8 +283,19 @@ class CalibrationSet:
     def kinds(self) -> list[str]:
         return [p.kind for p in self.prompts]
 
-    def similarity(self, indices) -> np.ndarray:
-        return np.mean([self.sims[i] for i in indices], axis=0)
+    def similarity(self, indices, rule: str = "mean") -> np.ndarray:
+        """sim [L, L, H, H] over the prompts `indices`: their mean ("mean"), or, element by element, the lowest
+        of the format families' means ("worst-family": a source is as good as on the family it serves worst)."""
+        if rule == "mean":
+            return np.mean([self.sims[i] for i in indices], axis=0)
+        if rule == "worst-family":
+            from kascade.calibrate.retrieval import FAMILY
+
+            groups: dict[str, list[int]] = {}
+            for i in indices:
+                groups.setdefault(FAMILY[self.prompts[i].kind], []).append(i)
+            return np.min([np.mean([self.sims[i] for i in g], axis=0) for g in groups.values()], axis=0)
+        raise ValueError(f"sources: expected one of {SOURCE_RULES}, got {rule!r}")
 
     def importance(self, indices) -> np.ndarray:
         return np.array([float(np.mean([calls[i] for i in indices])) for calls in self.importance_calls])
@@ -407,7 +419,7 @@ def calibrate_output_aware(model, tokenizer, text: str, num_anchors: float | Non
                            data_name: str = "", formats=None, shrink: int = 10, objective: str = "worst-family",
                            leave_out: str | None = None, candidates: int | None = None,
                            calib: CalibrationSet | None = None, tp_degree: int = 1, granularity: str = "head",
-                           stops=()) -> tuple[Plan, dict]:
+                           stops=(), sources: str = "mean") -> tuple[Plan, dict]:
     """An output-aware plan (see the module docstring) and a report: the search history, the objective, the
     divergence per format family and the answer agreement of the chosen plan and of the paper's plan of
     the same cost on the same prompts.
@@ -423,7 +435,10 @@ def calibrate_output_aware(model, tokenizer, text: str, num_anchors: float | Non
     granularity: "head" (default: units are (layer, KV head) pairs) or "layer" (units are whole layers; a plan
     is anchors and the paper's head map, `plan_of_layers`, which every path runs; the same objective and memo).
     stops: costs the search path must pass through (greedy_search); report["plans_along"] holds the path's plan
-    at every whole cost it reached, report["paper_plans_along"] the paper's recipe at the same costs."""
+    at every whole cost it reached, report["paper_plans_along"] the paper's recipe at the same costs.
+    sources: how each reusing unit picks its source among the selecting units: the highest similarity averaged
+    over the prompts ("mean", default) or the highest of its lowest family mean ("worst-family"). The paper's
+    plans of the report keep the mean."""
     import datetime as _dt
 
     import kascade
@@ -435,6 +450,8 @@ def calibrate_output_aware(model, tokenizer, text: str, num_anchors: float | Non
         raise ValueError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity: expected one of {GRANULARITIES}, got {granularity!r}")
+    if sources not in SOURCE_RULES:
+        raise ValueError(f"sources: expected one of {SOURCE_RULES}, got {sources!r}")
     cfg = model_fingerprint(model.config)
     L, H = cfg["num_layers"], cfg["num_kv_heads"]
     if calib is None:
@@ -446,6 +463,7 @@ def calibrate_output_aware(model, tokenizer, text: str, num_anchors: float | Non
         raise ValueError(f"leave_out: leaving out {leave_out!r} leaves no calibration prompt")
     kinds = calib.kinds
     sim, importance = calib.similarity(idx), calib.importance(idx)
+    source_sim = calib.similarity(idx, sources)  # what a plan's reusing units are routed by
     from kascade.calibrate import _check_tp_degree
 
     _check_tp_degree(tp_degree, H)
@@ -454,12 +472,12 @@ def calibrate_output_aware(model, tokenizer, text: str, num_anchors: float | Non
         hu, unit_cfg = 1, {"num_layers": L, "num_kv_heads": 1}
 
         def build(units):
-            return plan_of_layers({u[0] for u in units}, sim, cfg, **plan_kw)
+            return plan_of_layers({u[0] for u in units}, source_sim, cfg, **plan_kw)
     else:
         hu, unit_cfg = H, cfg
 
         def build(units):
-            return plan_of_units(units, sim, cfg, **plan_kw)
+            return plan_of_units(units, source_sim, cfg, **plan_kw)
 
     def score(selecting):
         return objective_value(calib.per_prompt(build(selecting)), kinds, idx, objective)
@@ -492,13 +510,14 @@ def calibrate_output_aware(model, tokenizer, text: str, num_anchors: float | Non
         "formats": sorted({kinds[i] for i in idx}), "answer_tokens": int(calib.batches[0].continuation.shape[1]),
         "calibration_topk": calib.topk, "target": num_anchors, "tolerance": tolerance, "search_step": shrink,
         "search_candidates": candidates, "objective": objective, "leave_out": leave_out, "granularity": granularity,
+        "sources": sources,
         "divergence": ours_div, "divergence_by_family": ours_fam,
         "paper_plan_same_cost": {"anchors": anchors, "divergence": paper_div},
         "plans_measured": len(calib.memo) - before, "date": _dt.date.today().isoformat(),
         "kascade_version": kascade.__version__,
     }
     report = {"history": history, "similarity": sim, "importance": importance, "divergence": ours_div,
-              "objective": objective, "leave_out": leave_out, "granularity": granularity,
+              "objective": objective, "leave_out": leave_out, "granularity": granularity, "sources": sources,
               "divergence_by_family": ours_fam,
               "paper_anchors": anchors, "paper_divergence": paper_div, "paper_divergence_by_family": paper_fam,
               "agreement": agreement(model, KascadeStrategy(plan, backend=backend), calib.batches, idx),
