@@ -61,7 +61,10 @@ def cmd_calibrate(args) -> int:
     t = time.time()
     calib, loaded = CalibrationSet.cached(cache, model, lambda: calibration_set(
         model, tok, text, length=args.length, num_prompts=args.num_prompts, answer_tokens=args.answer_tokens,
-        batch_size=args.batch_size))
+        batch_size=args.batch_size, statistics=args.statistics))
+    if calib.statistics != args.statistics:
+        raise SystemExit(f"--statistics: {cache} holds {calib.statistics!r} statistics, not {args.statistics!r}; "
+                         "use another --work")
     if loaded:
         print(f"calibration set: {len(calib.prompts)} prompts, {len(calib.memo)} plans measured (from {cache})")
     else:
@@ -218,6 +221,7 @@ def main(argv=None) -> int:
     p.add_argument("--candidates", type=int, default=None)
     p.add_argument("--objective", default="worst-family")
     p.add_argument("--sources", default="mean", help="how reusing heads pick their source: mean or worst-family")
+    p.add_argument("--statistics", default="prompt", help="where head similarity is measured: prompt or answer")
     p.add_argument("--budget-s", type=float, default=540.0)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")

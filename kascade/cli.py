@@ -95,7 +95,7 @@ def cmd_calibrate(args) -> int:
         settings.update(tolerance=args.tolerance, answer_tokens=args.answer_tokens, batch_size=args.batch_size,
                         search_step=args.search_step, search_candidates=args.search_candidates, formats=list(formats),
                         objective=args.objective, leave_out=args.leave_out, granularity=args.granularity or "head",
-                        sources=args.sources)
+                        sources=args.sources, statistics=args.statistics)
         plan, report = calibrate_output_aware(model, tok, data.read_text(encoding="utf-8", errors="replace"),
                                               num_anchors=args.anchors, tolerance=args.tolerance, length=args.length,
                                               num_prompts=args.num_prompts, answer_tokens=args.answer_tokens,
@@ -104,7 +104,7 @@ def cmd_calibrate(args) -> int:
                                               shrink=args.search_step, formats=formats, objective=args.objective,
                                               candidates=args.search_candidates, leave_out=args.leave_out,
                                               tp_degree=args.tp_degree, granularity=args.granularity or "head",
-                                              sources=args.sources)
+                                              sources=args.sources, statistics=args.statistics)
         folder = Path(args.plots or Path(args.output).with_suffix(""))
         folder.mkdir(parents=True, exist_ok=True)
         plots = [save_search_plot(report, folder / "divergence_vs_cost.png")]
@@ -264,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sources", default="mean", choices=["mean", "worst-family"],
                    help="output-aware: how a reusing head picks the selecting head it reads: highest similarity "
                         "averaged over the prompts (default) or highest on the format family it serves worst")
+    p.add_argument("--statistics", default="prompt", choices=["prompt", "answer"],
+                   help="output-aware: where the similarity between heads is measured: every tile of the prompt "
+                        "(default, the paper's) or the question's end and the dense answer (the retrieving queries)")
     p.add_argument("--leave-out", default=None,
                    help="output-aware: calibrate without the formats of this evaluation family (leave-one-family-out "
                         "validation): records, json_records, table, code, multi_doc, chat_history")

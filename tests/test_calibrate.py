@@ -30,8 +30,9 @@ def test_dp_rejects_bad_counts():
         best_anchors(np.zeros((4, 3)), 2)
 
 
-def _naive_min_cov(qs, ks, tile, topk):
-    """min over tiles of cov[a, b, ha, hb] from full attention matrices (one prompt, all layers)."""
+def _naive_min_cov(qs, ks, tile, topk, last_tiles=None):
+    """min over tiles (the last `last_tiles` only, if given) of cov[a, b, ha, hb] from full attention matrices
+    (one prompt, all layers)."""
     L = len(qs)
     Hq, N, D = qs[0].shape
     H = ks[0].shape[0]
@@ -43,7 +44,8 @@ def _naive_min_cov(qs, ks, tile, topk):
         p = torch.softmax(s, -1).sum(1)  # [H, N, N]
         pooled.append(torch.stack([p[:, t * tile:(t + 1) * tile].sum(1) for t in range(N // tile)], 1))  # [H, T, N]
     cov = np.ones((L, L, H, H))
-    for t in range(topk // tile + 1, N // tile):
+    first = topk // tile + 1 if last_tiles is None else max(topk // tile + 1, N // tile - last_tiles)
+    for t in range(first, N // tile):
         n = t * tile
         idx = [torch.topk(pl[:, t, :n], topk).indices for pl in pooled]
         for b in range(L):
@@ -74,6 +76,27 @@ def test_statistics_match_naive_computation():
     np.testing.assert_allclose(sim, _naive_min_cov(qs, ks, tile, topk), rtol=1e-5, atol=1e-6)
     assert sim[1, 2, 0, 0] == pytest.approx(1.0) and sim[1, 2, 1, 1] == pytest.approx(1.0)
     assert sim[0, 1].max() < 1.0
+
+
+@pytest.mark.parametrize("last_tiles", [1, 3, 50])
+def test_statistics_of_the_last_tiles_match_naive_computation(last_tiles):
+    """last_tiles: only the prompt's last tiles count (the answer's queries); more tiles than the prompt has
+    is the whole prompt."""
+    L, Hq, H, N, D, tile, topk = 3, 4, 2, 160, 8, 16, 20
+    g = torch.Generator().manual_seed(1)
+    qs = [torch.randn(Hq, N, D, generator=g) * 2 for _ in range(L)]
+    ks = [torch.randn(H, N, D, generator=g) * 2 for _ in range(L)]
+    strat = CalibrationStrategy(L, H, topk=topk, tile=tile, backend="reference", last_tiles=last_tiles)
+    strat.begin_forward()
+    for layer in range(L):
+        strat.attend(layer, qs[layer][None], ks[layer][None], torch.randn(1, H, N, D, generator=g), None, None)
+    want = _naive_min_cov(qs, ks, tile, topk, last_tiles)
+    np.testing.assert_allclose(strat.similarity(), want, rtol=1e-5, atol=1e-6)
+    if last_tiles == 1:  # a minimum over fewer tiles: never lower than over all of them, and higher somewhere
+        every = _naive_min_cov(qs, ks, tile, topk)
+        assert np.all(want >= every - 1e-12) and np.any(want > every + 1e-6)
+    with pytest.raises(ValueError, match="last_tiles: expected None or an integer >= 1"):
+        CalibrationStrategy(L, H, last_tiles=0)
 
 
 def test_layer_scores_and_head_map():

@@ -199,3 +199,20 @@ def test_calibrate_output_aware_refuses_an_unknown_source_rule(setup):
         OA.calibrate_output_aware(setup[0], ByteTokenizer(), TEXT, num_anchors=2.5, length=500, num_prompts=3,
                                   answer_tokens=2, batch_size=3, k_min=16, tile=16, topk=16, backend="reference",
                                   progress=False, sources="median")
+
+
+def test_answer_statistics_come_from_the_prompt_and_its_dense_answer(setup):
+    """statistics="answer": the similarity is measured on each prompt followed by its dense continuation, over
+    the last tiles only; the prompts, continuations and divergences are those of the prompt statistics."""
+    model = setup[0]
+    kw = dict(length=500, num_prompts=2, answer_tokens=3, batch_size=2, topk=16, tile=16, backend="reference",
+              progress=False)
+    prompt = OA.calibration_set(model, ByteTokenizer(), TEXT, **kw)
+    answer = OA.calibration_set(model, ByteTokenizer(), TEXT, statistics="answer", **kw)
+    assert (prompt.statistics, answer.statistics) == ("prompt", "answer")
+    assert torch.equal(prompt.batches[0].continuation, answer.batches[0].continuation)
+    assert len(answer.sims) == 2 and answer.sims[0].shape == prompt.sims[0].shape
+    assert not np.allclose(answer.sims[0], prompt.sims[0])  # other queries, other coverage
+    assert OA.CalibrationSet.from_state(model, answer.state()).statistics == "answer"
+    with pytest.raises(ValueError, match="statistics: expected one of"):
+        OA.calibration_set(model, ByteTokenizer(), TEXT, statistics="decode", **kw)

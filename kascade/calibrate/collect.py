@@ -7,7 +7,8 @@ matrix) and reduced at once to:
     cov[a, b, ha, hb, t] = (s^b_{hb,t}[I^a_{ha,t}] + diag) / (s^b_{hb,t}[I^b_{hb,t}] + diag)
 for every earlier layer a, where diag is the mass on the tile's own keys. The minimum over the
 tiles of a prompt is kept and averaged over prompts: sim[a, b, ha, hb]. Tiles with no more than
-`topk` prior keys are skipped (their coverage is 1 by construction).
+`topk` prior keys are skipped (their coverage is 1 by construction). With `last_tiles` only a prompt's last
+tiles count (those of a question and its answer: the queries that retrieve, as decode steps do).
 
 Layer importance w_b = 1 - cos(x_b, x_b + attn_out_b) is measured by hooks on each decoder layer:
 x_b is the residual stream entering layer b, attn_out_b the attention block's output.
@@ -28,8 +29,12 @@ class CalibrationStrategy(Strategy):
     name = "calibration"
 
     def __init__(self, num_layers: int, num_kv_heads: int, topk: int = 64, tile: int = 32, backend: str = "auto",
-                 on_layer=None):
+                 on_layer=None, last_tiles: int | None = None):
         super().__init__(backend)
+        if last_tiles is not None and (isinstance(last_tiles, bool) or not isinstance(last_tiles, int)
+                                       or last_tiles < 1):
+            raise ValueError(f"last_tiles: expected None or an integer >= 1, got {last_tiles!r}")
+        self.last_tiles = last_tiles
         self.L, self.H, self.topk, self.tile = num_layers, num_kv_heads, topk, tile
         self.per_prompt: list[np.ndarray] = []  # one [L, L, H, H] array of worst-tile coverages per prompt
         self.on_layer = on_layer  # called with the layer index after each layer (progress)
@@ -54,6 +59,8 @@ class CalibrationStrategy(Strategy):
 
     def _record(self, layer, q, k, scale):
         first = self.topk // self.tile + 1  # the first tile with more than topk prior keys
+        if self.last_tiles is not None:  # only the prompt's last tiles count
+            first = max(first, -(-q.shape[1] // self.tile) - self.last_tiles)
         own_idx = []
         for ta, pooled in reference.pooled_tile_scores(q, k, 0, self.tile, scale):
             for u in range(pooled.shape[1]):

@@ -278,6 +278,7 @@ class CalibrationSet:
     topk: int = 64
     backend: str = "auto"
     memo: dict = dataclasses.field(default_factory=dict)  # plan key -> per-prompt divergence [P]
+    statistics: str = "prompt"  # where `sims` came from (calibration_set's STATISTICS)
 
     @property
     def kinds(self) -> list[str]:
@@ -304,7 +305,8 @@ class CalibrationSet:
         """Everything but the model, for torch.save (a later run resumes with `from_state`)."""
         return {"prompts": [dataclasses.asdict(p) for p in self.prompts],
                 "batches": [dataclasses.asdict(b) for b in self.batches], "sims": self.sims,
-                "importance_calls": self.importance_calls, "topk": self.topk, "memo": self.memo}
+                "importance_calls": self.importance_calls, "topk": self.topk, "memo": self.memo,
+                "statistics": self.statistics}
 
     @classmethod
     def from_state(cls, model, state: dict, backend: str = "auto") -> CalibrationSet:
@@ -313,7 +315,7 @@ class CalibrationSet:
         device = next(model.parameters()).device
         batches = [Trajectories(**{k: v.to(device) for k, v in b.items()}) for b in state["batches"]]
         return cls(model, [CalibrationPrompt(**p) for p in state["prompts"]], batches, state["sims"],
-                   state["importance_calls"], state["topk"], backend, state["memo"])
+                   state["importance_calls"], state["topk"], backend, state["memo"], state.get("statistics", "prompt"))
 
     def save(self, path) -> None:
         """`state()` to `path` through a temporary file, so that a run cut short leaves the last whole one."""
@@ -383,11 +385,20 @@ def objective_value(values: np.ndarray, kinds: list[str], indices: list[int], ob
     raise ValueError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
 
 
+STATISTICS = ("prompt", "answer")  # which queries the similarity statistics come from
+
+
 def calibration_set(model, tokenizer, text: str, formats=None, length: int = 4096, num_prompts: int = 16,
                     answer_tokens: int = 8, batch_size: int = 8, topk: int = 64, tile: int = 32,
-                    backend: str = "auto", progress: bool = True, first_seed: int = 0) -> CalibrationSet:
+                    backend: str = "auto", progress: bool = True, first_seed: int = 0,
+                    statistics: str = "prompt") -> CalibrationSet:
     """Build the prompts (cycling `formats`, default the whole mixture), run the dense model for the
-    paper's statistics and the dense continuations."""
+    paper's statistics and the dense continuations.
+
+    statistics: the similarity between heads (kascade.calibrate.collect) over every tile of the prompt
+    ("prompt", the paper's), or over the tiles of the question's end and the dense answer only ("answer":
+    the prompt with its dense continuation appended, the last ceil(answer_tokens / tile) + 1 tiles), the
+    queries that retrieve the fact as decode steps do."""
     import kascade
     from kascade.calibrate import ImportanceHooks, _decoder_layers
     from kascade.calibrate.collect import CalibrationStrategy
@@ -398,18 +409,27 @@ def calibration_set(model, tokenizer, text: str, formats=None, length: int = 409
         raise ValueError(f"answer_tokens: expected an integer >= 1, got {answer_tokens!r}")
     if isinstance(num_prompts, bool) or not isinstance(num_prompts, int) or num_prompts < 1:
         raise ValueError(f"num_prompts: expected an integer >= 1, got {num_prompts!r}")
+    if statistics not in STATISTICS:
+        raise ValueError(f"statistics: expected one of {STATISTICS}, got {statistics!r}")
     prompts = calibration_prompts(tokenizer, text, length, num_prompts, formats or MIXTURE, first_seed=first_seed)
     device = next(model.parameters()).device
-    stats = CalibrationStrategy(cfg["num_layers"], cfg["num_kv_heads"], topk=topk, tile=tile, backend=backend)
+    batches = dense_trajectories(model, prompts, answer_tokens, batch_size, backend)
+    if statistics == "answer":  # each prompt followed by its dense answer; only the last tiles count
+        answers = [row.tolist() for b in batches for row in b.continuation]
+        inputs = [p.ids + a for p, a in zip(prompts, answers)]
+        last = -(-answer_tokens // tile) + 1
+    else:
+        inputs, last = [p.ids for p in prompts], None
+    stats = CalibrationStrategy(cfg["num_layers"], cfg["num_kv_heads"], topk=topk, tile=tile, backend=backend,
+                                last_tiles=last)
     hooks = ImportanceHooks(_decoder_layers(model))
     try:
         with torch.no_grad(), kascade.enable(model, strategy=stats):
-            for p in tqdm(prompts, desc="dense statistics", unit="prompt", disable=not progress):
-                model(torch.tensor([p.ids], device=device), use_cache=False)
+            for ids in tqdm(inputs, desc="dense statistics", unit="prompt", disable=not progress):
+                model(torch.tensor([ids], device=device), use_cache=False)
     finally:
         hooks.remove()
-    batches = dense_trajectories(model, prompts, answer_tokens, batch_size, backend)
-    return CalibrationSet(model, prompts, batches, stats.per_prompt, hooks.calls, topk, backend)
+    return CalibrationSet(model, prompts, batches, stats.per_prompt, hooks.calls, topk, backend, statistics=statistics)
 
 
 def calibrate_output_aware(model, tokenizer, text: str, num_anchors: float | None = None,
@@ -419,7 +439,7 @@ def calibrate_output_aware(model, tokenizer, text: str, num_anchors: float | Non
                            data_name: str = "", formats=None, shrink: int = 10, objective: str = "worst-family",
                            leave_out: str | None = None, candidates: int | None = None,
                            calib: CalibrationSet | None = None, tp_degree: int = 1, granularity: str = "head",
-                           stops=(), sources: str = "mean") -> tuple[Plan, dict]:
+                           stops=(), sources: str = "mean", statistics: str = "prompt") -> tuple[Plan, dict]:
     """An output-aware plan (see the module docstring) and a report: the search history, the objective, the
     divergence per format family and the answer agreement of the chosen plan and of the paper's plan of
     the same cost on the same prompts.
@@ -438,7 +458,9 @@ def calibrate_output_aware(model, tokenizer, text: str, num_anchors: float | Non
     at every whole cost it reached, report["paper_plans_along"] the paper's recipe at the same costs.
     sources: how each reusing unit picks its source among the selecting units: the highest similarity averaged
     over the prompts ("mean", default) or the highest of its lowest family mean ("worst-family"). The paper's
-    plans of the report keep the mean."""
+    plans of the report keep the mean.
+    statistics: where the similarity comes from (calibration_set): every prompt tile ("prompt", default) or the
+    question's end and the dense answer ("answer"); ignored with `calib`, which has its own."""
     import datetime as _dt
 
     import kascade
@@ -456,7 +478,7 @@ def calibrate_output_aware(model, tokenizer, text: str, num_anchors: float | Non
     L, H = cfg["num_layers"], cfg["num_kv_heads"]
     if calib is None:
         calib = calibration_set(model, tokenizer, text, formats, length, num_prompts, answer_tokens, batch_size, topk,
-                                tile, backend, progress)
+                                tile, backend, progress, statistics=statistics)
     seen = formats_without(leave_out, tuple(dict.fromkeys(calib.kinds))) if leave_out else tuple(calib.kinds)
     idx = calib.indices(seen)
     if not idx:
@@ -510,7 +532,7 @@ def calibrate_output_aware(model, tokenizer, text: str, num_anchors: float | Non
         "formats": sorted({kinds[i] for i in idx}), "answer_tokens": int(calib.batches[0].continuation.shape[1]),
         "calibration_topk": calib.topk, "target": num_anchors, "tolerance": tolerance, "search_step": shrink,
         "search_candidates": candidates, "objective": objective, "leave_out": leave_out, "granularity": granularity,
-        "sources": sources,
+        "sources": sources, "statistics": calib.statistics,
         "divergence": ours_div, "divergence_by_family": ours_fam,
         "paper_plan_same_cost": {"anchors": anchors, "divergence": paper_div},
         "plans_measured": len(calib.memo) - before, "date": _dt.date.today().isoformat(),
