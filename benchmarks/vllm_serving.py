@@ -270,6 +270,15 @@ def preemptions(metrics: str) -> float:
                if line.startswith("vllm:num_preemptions") and not line.startswith("#"))
 
 
+def kascade_backend(server_log: str) -> str | None:
+    """Which Kascade attention the server logged: "FlashAttention backend" (the GPU), "CPU" (the CPU build's
+    reference path), or None when no layer ran a plan."""
+    import re
+
+    m = re.search(r"kascade: Kascade attention( \(([^)]*)\))? with plan", server_log)
+    return None if m is None else (m.group(2) or "CPU")
+
+
 def run_serve(args) -> dict:
     import random
     import subprocess
@@ -317,14 +326,21 @@ def run_serve(args) -> dict:
             server.kill()
         log.close()
     server_log = Path(args.out).with_suffix(".server.log").read_text()
-    res["kascade_in_server_log"] = "kascade: Kascade attention (FlashAttention backend)" in server_log
-    # offline: the same engine settings with room for every request at once
+    res["kascade_backend"] = kascade_backend(server_log)
+    res["kascade_in_server_log"] = res["kascade_backend"] is not None
+    VC.write_json(args.out, res)  # the server's half, kept if the offline half fails
+    # offline: the same engine settings with room for every request at once (a KV cache of 1.5 times their
+    # tokens, given in bytes: the CPU build then reserves no fraction of the machine's memory)
     VC.register_plugin()
     from vllm import LLM, SamplingParams
 
+    cfg = json.loads((Path(args.model) / "config.json").read_text())
+    per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * cfg.get(
+        "head_dim", cfg["hidden_size"] // cfg["num_attention_heads"]) * 2  # K and V, bf16
+    room = int(1.5 * per_token * sum(n + args.new_tokens + BLOCK for n in lengths))
     llm = LLM(str(args.model), dtype="bfloat16", max_model_len=max_len, max_num_seqs=args.requests,
               max_num_batched_tokens=args.chunk, enable_prefix_caching=False, seed=0,
-              additional_config={"kascade_plan": str(Path(args.plan).resolve())})
+              kv_cache_memory_bytes=max(room, args.kv_bytes), additional_config={"kascade_plan": str(Path(args.plan).resolve())})
     sp = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
     offline = [list(o.outputs[0].token_ids) for o in llm.generate([{"prompt_token_ids": p} for p in prompts], sp,
                                                                    use_tqdm=False)]
@@ -428,7 +444,7 @@ def report(args) -> None:
                   f"({serve['model']}, plan {serve['plan']}), {serve['new_tokens']} new tokens each, KV cache "
                   f"{serve['kv_cache_memory_bytes'] / 2**20:.0f} MiB: {serve['answered']} answered in full, "
                   f"{serve['tokens_equal']} with the offline greedy tokens, {serve['preemptions']:.0f} preemptions, "
-                  f"Kascade in the server: {serve['kascade_in_server_log']}; ok: {serve['ok']}."]
+                  f"Kascade in the server: {serve.get('kascade_backend') or serve['kascade_in_server_log']}; ok: {serve['ok']}."]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     _plot(cells, stem.with_suffix(".png"))
     print("\n".join(lines))

@@ -223,3 +223,11 @@ def test_profile_kinds_and_idle_share():
     row = PROF.markdown("long-graph-anchors5, decode", p)[0]
     assert "| 80.0 |" in row and "30.0 (38%)" in row and row.endswith("17.0 (21%) |")
     assert len(PROF.markdown_header()[1].split("|")) == len(PROF.markdown_header()[0].split("|"))
+
+
+def test_serve_run_reads_which_kascade_attention_the_server_logged():
+    gpu = "INFO [vllm.py:214] kascade: Kascade attention (FlashAttention backend) with plan /p.json (anchors [0])"
+    cpu = "INFO [vllm.py:214] kascade: Kascade attention with plan /p.json (anchors [0], head sources)"
+    assert SERVE.kascade_backend("x\n" + gpu + "\ny") == "FlashAttention backend"
+    assert SERVE.kascade_backend(cpu) == "CPU"
+    assert SERVE.kascade_backend("INFO engine up") is None
