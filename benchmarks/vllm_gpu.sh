@@ -17,7 +17,8 @@
 #                                          long/mid, 2-4 minutes each); repeat until "missing cells: none"
 #                                          (PROVIDERS, MODES, WORKLOADS narrow it, e.g. MODES=graph first;
 #                                          PROFILE=1 adds each cell's kernel breakdown: benchmarks/vllm_profile.py)
-#   bash benchmarks/vllm_gpu.sh serve      benchmarks/vllm_serving.py serve: vllm serve + 16 concurrent requests
+#   bash benchmarks/vllm_gpu.sh serve      benchmarks/vllm_serving.py serve: vllm serve + 16 concurrent requests,
+#                                          with the plan and on vLLM dense (the control)
 #   bash benchmarks/vllm_gpu.sh report     both reports from the cells in /tmp (they also run on this machine:
 #                                          python benchmarks/vllm_serving.py report --work DIR; same for the check)
 # Every stage copies what it makes to $OUT (cell JSON files and logs). SEED=DIR (default .vllm_cells, if carried)
@@ -61,9 +62,11 @@ bench)
     --modes "${MODES:-graph,eager}" --workloads "${WORKLOADS:-long,mid}" --budget-s "${BUDGET:-540}" --copy-to "$OUT/bench" \
     ${PROFILE:+--profile}
   ;;
-serve)
-  python3 benchmarks/vllm_serving.py serve --out /tmp/vllm_bench/serve.json
-  mkdir -p "$OUT/bench" && cp /tmp/vllm_bench/serve.json /tmp/vllm_bench/serve.server.log "$OUT/bench/"
+serve)  # with the plan, then the same run on vLLM dense (the control: what preemption does without Kascade)
+  mkdir -p "$OUT/bench"
+  python3 benchmarks/vllm_serving.py serve --out /tmp/vllm_bench/serve.json || true
+  python3 benchmarks/vllm_serving.py serve --plan none --out /tmp/vllm_bench/serve_dense.json || true
+  cp /tmp/vllm_bench/serve*.json /tmp/vllm_bench/serve*.server.log "$OUT/bench/"
   ;;
 report)
   python3 benchmarks/vllm_gpu_check.py report --work /tmp/vllm_check -o "$OUT/vllm_check" || true

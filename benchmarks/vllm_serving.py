@@ -265,9 +265,11 @@ def ask_all(base: str, model: str, prompts: list, new_tokens: int, timeout: floa
 
 
 def preemptions(metrics: str) -> float:
-    """vLLM's preemption counter from its Prometheus /metrics text (summed over its label sets)."""
+    """vLLM's preemption counter from its Prometheus /metrics text (summed over its label sets). Only the
+    counter's own samples count: its `_created` companion holds a Unix time, not a count."""
+    names = ("vllm:num_preemptions_total", "vllm:num_preemptions")
     return sum(float(line.split()[-1]) for line in metrics.splitlines()
-               if line.startswith("vllm:num_preemptions") and not line.startswith("#"))
+               if not line.startswith("#") and line.split("{")[0].split(" ")[0] in names)
 
 
 def kascade_backend(server_log: str) -> str | None:
@@ -292,7 +294,8 @@ def run_serve(args) -> dict:
     vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
     prompts = [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
     max_len = -(-(max(lengths) + args.new_tokens + BLOCK) // BLOCK) * BLOCK
-    extra = json.dumps({"kascade_plan": str(Path(args.plan).resolve())})
+    plan = None if args.plan == "none" else str(Path(args.plan).resolve())  # none: vLLM dense, the control
+    extra = json.dumps({"kascade_plan": plan} if plan else {})
     port = args.port
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(args.model), "--host",
            "127.0.0.1", "--port", str(port), "--dtype", "bfloat16", "--max-model-len", str(max_len),
@@ -303,7 +306,7 @@ def run_serve(args) -> dict:
     log = open(Path(args.out).with_suffix(".server.log"), "w")
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     base = f"http://127.0.0.1:{port}"
-    res = dict(model=str(args.model), plan=str(args.plan), lengths=lengths, new_tokens=args.new_tokens,
+    res = dict(model=str(args.model), plan=plan or "none (vLLM dense)", lengths=lengths, new_tokens=args.new_tokens,
                kv_cache_memory_bytes=args.kv_bytes, **info)
     try:
         t0 = time.monotonic()
@@ -317,7 +320,9 @@ def run_serve(args) -> dict:
                 time.sleep(2)
         res["server_start_s"] = time.monotonic() - t0
         res["answers"], res["wall_s"] = ask_all(base, "m", prompts, args.new_tokens, args.request_timeout)
-        res["preemptions"] = preemptions(_get(base + "/metrics"))
+        metrics = _get(base + "/metrics")
+        res["preemptions"] = preemptions(metrics)
+        res["preemption_metrics"] = [line for line in metrics.splitlines() if "preemption" in line]  # to audit
     finally:
         server.terminate()
         try:
@@ -340,7 +345,7 @@ def run_serve(args) -> dict:
     room = int(1.5 * per_token * sum(n + args.new_tokens + BLOCK for n in lengths))
     llm = LLM(str(args.model), dtype="bfloat16", max_model_len=max_len, max_num_seqs=args.requests,
               max_num_batched_tokens=args.chunk, enable_prefix_caching=False, seed=0,
-              kv_cache_memory_bytes=max(room, args.kv_bytes), additional_config={"kascade_plan": str(Path(args.plan).resolve())})
+              kv_cache_memory_bytes=max(room, args.kv_bytes), additional_config={"kascade_plan": plan} if plan else {})
     sp = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
     offline = [list(o.outputs[0].token_ids) for o in llm.generate([{"prompt_token_ids": p} for p in prompts], sp,
                                                                    use_tqdm=False)]
@@ -351,7 +356,7 @@ def run_serve(args) -> dict:
     res["first_difference"] = [next((j for j, (x, y) in enumerate(zip(t, o)) if x != y), None) if t else None
                                for t, o in zip(got, offline)]
     res["ok"] = (res["answered"] == len(prompts) and res["tokens_equal"] == len(prompts) and res["preemptions"] > 0
-                 and res["kascade_in_server_log"])
+                 and res["kascade_in_server_log"] == bool(plan))
     return res
 
 
@@ -392,10 +397,24 @@ def ratios(cells: dict, mode: str) -> dict:
     return out
 
 
+SERVE_RUNS = ("serve", "serve_dense")  # the serve run with the plan, and the same run on vLLM dense (control)
+
+
+def serve_line(serve: dict) -> str:
+    """One serve run in a sentence of the report."""
+    return (f"- {len(serve['lengths'])} concurrent requests of {min(serve['lengths'])}-{max(serve['lengths'])} "
+            f"tokens ({serve['model']}, plan {serve['plan']}), {serve['new_tokens']} new tokens each, KV cache "
+            f"{serve['kv_cache_memory_bytes'] / 2**20:.0f} MiB: {serve['answered']} answered in full, "
+            f"{serve['tokens_equal']} with the offline greedy tokens, {serve['preemptions']:.0f} preemptions, "
+            f"Kascade in the server: {serve.get('kascade_backend') or serve['kascade_in_server_log']}; "
+            f"ok: {serve['ok']}.")
+
+
 def report(args) -> None:
     work = Path(args.work)
-    cells = {k: v for k, v in VC.load_cells(work).items() if k != "serve"}
-    serve = json.loads((work / "serve.json").read_text()) if (work / "serve.json").exists() else None
+    cells = {k: v for k, v in VC.load_cells(work).items() if k not in SERVE_RUNS}
+    serves = {k: json.loads((work / f"{k}.json").read_text()) for k in SERVE_RUNS if (work / f"{k}.json").exists()}
+    serve = serves.get("serve")
     if not cells:
         raise SystemExit(f"--work: no cell files in {work}")
     devices = {c["device"] for c in cells.values()}
@@ -407,7 +426,7 @@ def report(args) -> None:
             "versions": {k: first.get(k) for k in ("vllm", "torch", "triton", "transformers")},
             "ratios": ratios(cells, "graph"), "ratios_eager": ratios(cells, "eager"),
             "targets": {"decode_long_anchors5": 2.5, "decode_long_selecting10": 1.8, "ttft_131072": 1.5},
-            "cells": cells, "serve": serve}
+            "cells": cells, "serve": serve, "serve_dense": serves.get("serve_dense")}
     VC.write_json(stem.with_suffix(".json"), data)
     lines = [f"# vLLM serving: Kascade against vLLM's FlashAttention backend ({data['device']}, {data['date']})", "",
              f"vLLM {data['versions']['vllm']}, torch {data['versions']['torch']}, triton {data['versions']['triton']}; "
@@ -438,13 +457,8 @@ def report(args) -> None:
         for name, prof in profiled.items():
             for phase in ("decode", "prefill"):
                 lines += vllm_profile.markdown(f"{name}, {phase}", prof[phase])
-    if serve:
-        lines += ["", "## vllm serve with preemption", "",
-                  f"{len(serve['lengths'])} concurrent requests of {min(serve['lengths'])}-{max(serve['lengths'])} tokens "
-                  f"({serve['model']}, plan {serve['plan']}), {serve['new_tokens']} new tokens each, KV cache "
-                  f"{serve['kv_cache_memory_bytes'] / 2**20:.0f} MiB: {serve['answered']} answered in full, "
-                  f"{serve['tokens_equal']} with the offline greedy tokens, {serve['preemptions']:.0f} preemptions, "
-                  f"Kascade in the server: {serve.get('kascade_backend') or serve['kascade_in_server_log']}; ok: {serve['ok']}."]
+    if serves:
+        lines += ["", "## vllm serve with preemption", ""] + [serve_line(v) for v in serves.values()]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     _plot(cells, stem.with_suffix(".png"))
     print("\n".join(lines))
@@ -500,7 +514,8 @@ def main(argv=None) -> None:
     c.add_argument("--out", required=True)
     s = sub.add_parser("serve", help="vllm serve with the plugin, 16 concurrent requests, preemption")
     s.add_argument("--model", default=str(ROOT / "models" / "kascade-tiny"))
-    s.add_argument("--plan", default=str(ROOT / "plans" / "kascade-tiny.json"))
+    s.add_argument("--plan", default=str(ROOT / "plans" / "kascade-tiny.json"),
+                   help="the plan the server runs, or none: vLLM dense, the control (default %(default)s)")
     s.add_argument("--lengths", default="1024-8000", help="LO-HI (random) or a comma list (default %(default)s)")
     s.add_argument("--requests", type=int, default=16)
     s.add_argument("--new-tokens", type=int, default=32)

