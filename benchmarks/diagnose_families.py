@@ -49,8 +49,8 @@ def main(argv=None) -> int:
 
     model, tok = load_model(args.model_dir, args.device, args.dtype)
     plans = dict(spec.split("=", 1) for spec in args.plan)
-    result: dict = {"length": args.length, "samples": args.samples, "rho": args.rho, "plans": dict(plans),
-                    "families": {}}
+    result: dict = {"length": args.length, "samples": args.samples, "rho": args.rho, "gap": args.gap,
+                    "plans": dict(plans), "families": {}}
     for fam in args.families.split(","):
         sums: dict = {}
         for i in range(args.samples):
@@ -88,7 +88,8 @@ def main(argv=None) -> int:
 def markdown(result: dict) -> str:
     lines = [f"# Decode-time coverage of the dense attention mass per (layer, KV head), {result['length']} tokens, "
              f"rho {result['rho']}, {result['samples']} prompts per family", "",
-             "Units whose coverage falls at least 0.2 below per-layer top-k (oracle) while the answer is generated; "
+             f"Units whose coverage falls at least {result.get('gap', 0.2):g} below per-layer top-k (oracle) while the "
+             "answer is generated; "
              "`source` is the (layer, head) whose keys the unit reads.", ""]
     for fam, r in result["families"].items():
         lines += [f"## {fam}", ""]
