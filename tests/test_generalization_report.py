@@ -137,3 +137,14 @@ def test_export_names_another_recipe_and_seed_reads_it_back(tmp_path):
     assert G.main(["seed", "--work", str(tmp_path / "w2"), "--eval", str(tmp_path / "e2"), *out]) == 0
     cells = GR.collect(tmp_path / "e2")
     assert set(cells) == {("dense", "records", 4096), ("p66:mixture-10", "records", 4096)}
+
+
+def test_diagnosis_report_names_its_gap():
+    import diagnose_families as D
+
+    r = {"length": 4096, "samples": 2, "rho": 0.1, "gap": 0.1, "plans": {},
+         "families": {"log_lookup": {"coverage": {"oracle": [[1.0, 0.9]], "p": [[1.0, 0.7]]},
+                                     "gaps": {"p": [{"layer": 0, "head": 1, "gap": 0.2, "coverage": 0.7,
+                                                     "oracle": 0.9, "source": [0, 0]}]}}}}
+    md = D.markdown(r)
+    assert "at least 0.1 below per-layer top-k" in md and "L0h1 0.70/0.90 from L0h0" in md
