@@ -17,6 +17,8 @@
 #           /tmp, e.g. gen66), its searches in the background, then its plans' evaluations only (no baselines; the
 #           report takes them from the `more` folders), e.g. GEN=gen66 GENEVAL=gen66eval LENGTHS=4096
 #           CAL_ARGS="--num-prompts 66 --search-step 5 --candidates 16 --folds json_records,records --also="
+#           (CALIB_FROM=gen66 starts from that folder's calibration set and measured plans: same prompts and
+#           statistics, e.g. for --sources worst-family; not for --statistics answer, which measures its own)
 #   cost    benchmarks/calibrate_cost.py: the calibration's time and memory on the Llama-3.1-8B shape (random
 #           weights, 16 prompts of 8K), into $OUT/calibrate_cost.{json,md}
 # Both stages resume what is done and copy everything (plans, reports, eval rows, logs) to $OUT as one tar.
@@ -119,6 +121,10 @@ recipe)  # another calibration recipe (CAL_ARGS) in its own folders (GEN, GENEVA
   # background, at most WAIT seconds waiting for them, then its new plans' evaluations (no baselines) until BUDGET
   begin=$(date +%s)
   bash benchmarks/smollm2_gpu.sh prepare > /tmp/$GEN/prepare.log 2>&1 || { tail -n 20 /tmp/$GEN/prepare.log; exit 1; }
+  # CALIB_FROM: another recipe's folder whose calibration set (prompts, statistics, measured plans) this one shares
+  if [ -n "${CALIB_FROM:-}" ] && [ ! -f /tmp/$GEN/calib.pt ] && [ -f /tmp/$CALIB_FROM/calib.pt ]; then
+    cp /tmp/$CALIB_FROM/calib.pt /tmp/$GEN/calib.pt
+  fi
   [ -f /tmp/$GEN/searches-done ] || pgrep -f "generalization.py calibrate.*/tmp/$GEN " > /dev/null || {
     setsid nohup sh -c "python3 benchmarks/generalization.py calibrate $MODEL --work /tmp/$GEN --budget-s 1500 \
       ${CAL_ARGS:?CAL_ARGS: arguments of generalization.py calibrate} && touch /tmp/$GEN/searches-done" \
