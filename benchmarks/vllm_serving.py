@@ -397,9 +397,6 @@ def ratios(cells: dict, mode: str) -> dict:
     return out
 
 
-SERVE_RUNS = ("serve", "serve_dense")  # the serve run with the plan, and the same run on vLLM dense (control)
-
-
 def serve_line(serve: dict) -> str:
     """One serve run in a sentence of the report."""
     return (f"- {len(serve['lengths'])} concurrent requests of {min(serve['lengths'])}-{max(serve['lengths'])} "
@@ -410,13 +407,30 @@ def serve_line(serve: dict) -> str:
             f"ok: {serve['ok']}.")
 
 
+def serve_report(serves: dict, stem: Path) -> None:
+    """The serve runs alone (`NAME.json` for every serve*.json of the work folder) into stem.{json,md}."""
+    first = next(iter(serves.values()))
+    VC.write_json(stem.with_suffix(".json"), {"device": first["device"], "date": max(v["date"] for v in serves.values()),
+                                              "runs": serves})
+    lines = [f"# vllm serve with the Kascade plugin ({first['device']}, {first['date']})", "",
+             f"vLLM {first.get('vllm')}, torch {first.get('torch')}; `python benchmarks/vllm_serving.py serve` (method in "
+             "its docstring); one line per run, by its file name.", ""]
+    lines += [f"{name}: " + serve_line(v)[2:] for name, v in serves.items()]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def report(args) -> None:
     work = Path(args.work)
-    cells = {k: v for k, v in VC.load_cells(work).items() if k not in SERVE_RUNS}
-    serves = {k: json.loads((work / f"{k}.json").read_text()) for k in SERVE_RUNS if (work / f"{k}.json").exists()}
+    serves = {p.stem: json.loads(p.read_text()) for p in sorted(work.glob("serve*.json"))}
+    cells = {k: v for k, v in VC.load_cells(work).items() if k not in serves}
     serve = serves.get("serve")
+    if not cells and serves:  # serve runs alone (e.g. the CPU build's): their own report
+        serve_report(serves, Path(args.o) if args.o else
+                     ROOT / "benchmarks" / "results" / f"vllm_serve_{next(iter(serves.values()))['device_short']}")
+        return
     if not cells:
-        raise SystemExit(f"--work: no cell files in {work}")
+        raise SystemExit(f"--work: no cell files or serve runs in {work}")
     devices = {c["device"] for c in cells.values()}
     if len(devices) != 1:
         raise SystemExit(f"cells from several devices {sorted(devices)}: compare only one run's cells")

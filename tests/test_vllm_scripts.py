@@ -234,3 +234,20 @@ def test_serve_run_reads_which_kascade_attention_the_server_logged():
     assert SERVE.kascade_backend("x\n" + gpu + "\ny") == "FlashAttention backend"
     assert SERVE.kascade_backend(cpu) == "CPU"
     assert SERVE.kascade_backend("INFO engine up") is None
+
+
+def test_serve_runs_alone_get_their_own_report(tmp_path):
+    """A work folder of serve runs only (no bench cells): one line per run, by file name, JSON beside."""
+    run = dict(model="tiny", plan="p.json", lengths=[300, 1500], new_tokens=16, kv_cache_memory_bytes=24 * 2**20,
+               answered=2, tokens_equal=1, preemptions=0.0, kascade_backend="CPU", kascade_in_server_log=True,
+               ok=False, device="cpu", device_short="cpu", date="2026-12-06", vllm="0.32.0", torch="2.13.0+cpu")
+    (tmp_path / "serve.json").write_text(json.dumps(run))
+    (tmp_path / "serve_dense.json").write_text(json.dumps({**run, "plan": "none (vLLM dense)",
+                                                           "kascade_backend": None, "kascade_in_server_log": False}))
+    SERVE.report(Namespace(work=str(tmp_path), o=str(tmp_path / "out")))
+    md = (tmp_path / "out.md").read_text()
+    assert "serve: 2 concurrent requests of 300-1500 tokens (tiny, plan p.json)" in md
+    assert "serve_dense: 2 concurrent requests" in md and "Kascade in the server: False" in md
+    assert set(json.loads((tmp_path / "out.json").read_text())["runs"]) == {"serve", "serve_dense"}
+    with pytest.raises(SystemExit, match="no cell files or serve runs"):
+        SERVE.report(Namespace(work=str(tmp_path / "empty"), o=None))
