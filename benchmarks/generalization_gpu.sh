@@ -22,13 +22,17 @@
 #   cost    benchmarks/calibrate_cost.py: the calibration's time and memory on the Llama-3.1-8B shape (random
 #           weights, 16 prompts of 8K), into $OUT/calibrate_cost.{json,md}
 # Both stages resume what is done and copy everything (plans, reports, eval rows, logs) to $OUT as one tar.
-# Settings: GEN and GENEVAL (work and eval folder names under /tmp: gen, geneval), SAMPLES (40), LENGTHS (4096,8064), FAMILIES (the six families' tasks and log_lookup, a records task
-# run with the records fold's plan), PAR (eval processes side by side, 6), CAL_ARGS (arguments of the calibrate
+# Settings: GEN and GENEVAL (work and eval folder names under /tmp: gen, geneval), SAMPLES (40), LENGTHS
+# (4096,8064), FAMILIES (the six families' tasks and log_lookup, a records task run with the records fold's plan), PAR (eval processes side by side, 6), CAL_ARGS (arguments of the calibrate
 # stage, default a lazy search: --search-step 5 --candidates 16), CALIBRATE (0: the start stage runs the baselines
 # and the diagnosis only), LIMIT (seconds of the start stage's evaluations, 420), BUDGET (seconds of the plans
 # stage, 540, of which at most WAIT, 240, waiting for the searches).
 set -euo pipefail
 stage=${1:?stage: start, plans, all, more, recipe or cost}
+case "$stage" in
+start|plans|all|more|recipe|cost) ;;
+*) echo "stage: expected start, plans, all, more, recipe or cost, got $stage" >&2; exit 2 ;;
+esac
 OUT=${OUT:-/tmp/out}
 GEN=${GEN:-gen} GENEVAL=${GENEVAL:-geneval}  # work and eval folders under /tmp
 mkdir -p "$OUT" /tmp/$GEN /tmp/$GENEVAL
@@ -137,5 +141,4 @@ recipe)  # another calibration recipe (CAL_ARGS) in its own folders (GEN, GENEVA
 cost)
   python3 benchmarks/calibrate_cost.py -o "$OUT/calibrate_cost"
   ;;
-*) echo "stage: expected start, plans, all, more, recipe or cost, got $stage" >&2; exit 2 ;;
 esac
