@@ -23,10 +23,11 @@
 #           weights, 16 prompts of 8K), into $OUT/calibrate_cost.{json,md}
 # Both stages resume what is done and copy everything (plans, reports, eval rows, logs) to $OUT as one tar.
 # Settings: GEN and GENEVAL (work and eval folder names under /tmp: gen, geneval), SAMPLES (40), LENGTHS
-# (4096,8064), FAMILIES (the six families' tasks and log_lookup, a records task run with the records fold's plan), PAR (eval processes side by side, 6), CAL_ARGS (arguments of the calibrate
-# stage, default a lazy search: --search-step 5 --candidates 16), CALIBRATE (0: the start stage runs the baselines
-# and the diagnosis only), LIMIT (seconds of the start stage's evaluations, 420), BUDGET (seconds of the plans
-# stage, 540, of which at most WAIT, 240, waiting for the searches).
+# (4096,8064), FAMILIES (the six families' tasks and log_lookup, a records task run with the records fold's
+# plan), PAR (eval processes side by side, 6), CAL_ARGS (arguments of the calibrate stage, default a lazy search:
+# --search-step 5 --candidates 16), CALIBRATE (0: the start stage runs the baselines and the diagnosis only),
+# LIMIT (seconds of the start stage's evaluations, 420), BUDGET (seconds of the plans stage, 540, of which at
+# most WAIT, 240, waiting for the searches), CALIB_FROM (recipe stage).
 set -euo pipefail
 stage=${1:?stage: start, plans, all, more, recipe or cost}
 case "$stage" in
