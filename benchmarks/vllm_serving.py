@@ -400,7 +400,8 @@ def ratios(cells: dict, mode: str) -> dict:
 def serve_line(serve: dict) -> str:
     """One serve run in a sentence of the report."""
     return (f"- {len(serve['lengths'])} concurrent requests of {min(serve['lengths'])}-{max(serve['lengths'])} "
-            f"tokens ({serve['model']}, plan {serve['plan']}), {serve['new_tokens']} new tokens each, KV cache "
+            f"tokens ({Path(serve['model']).name}, plan {Path(serve['plan']).name}), {serve['new_tokens']} new tokens "
+            f"each, KV cache "
             f"{serve['kv_cache_memory_bytes'] / 2**20:.0f} MiB: {serve['answered']} answered in full, "
             f"{serve['tokens_equal']} with the offline greedy tokens, {serve['preemptions']:.0f} preemptions, "
             f"Kascade in the server: {serve.get('kascade_backend') or serve['kascade_in_server_log']}; "
