@@ -53,8 +53,9 @@ def test_jobs_list_every_plan_task_set_and_length(tmp_path):
         "--out /ev/baselines/tasks-4096")
     assert line["head-4/families-8064"] == (
         f"python3 -m kascade.cli eval /m --samples 60 --no-coverage --workers 2 --tasks records,json_records,table,"
-        f"code,multi_doc,chat_history,log_lookup --lengths 8064 --budgets 0.1 --plan {work / 'plans' / 'head-4.json'} "
+        f"code,multi_doc,chat_history --lengths 8064 --budgets 0.1 --plan {work / 'plans' / 'head-4.json'} "
         "--strategies kascade --out /ev/head-4/families-8064")
+    assert "chat_history,log_lookup --lengths 4096" in line["head-4/families-4096"]  # log_lookup at 4096 only
     assert f"--budgets 0.05 --plan {F.DEFAULT_PLAN} --strategies kascade" in line["default-rho0.05/tasks-8064"]
     assert "--budgets 0.2 " in line["default-rho0.2/families-4096"]
     missing = F.speed_missing(work)  # what the speed stage has left: every plan in 6 measurements
