@@ -104,11 +104,20 @@ def test_jobs_run_log_lookup_with_the_records_fold(tmp_path, capsys):
     for name in ("lofo-records-10", "lofo-table-10", "mixture-10"):
         (tmp_path / "plans" / f"{name}.json").write_text(json.dumps(PLAN))
     assert G.main(["jobs", "MODEL", "--work", str(tmp_path), "--eval", "EV"]) == 0
-    jobs = dict(line.split("\t") for line in capsys.readouterr().out.splitlines())
-    assert "--tasks records,json_records,table,code,multi_doc,chat_history,log_lookup " in jobs["baselines"]
-    assert "--tasks records,log_lookup " in jobs["lofo-records-10"] and "--tasks table " in jobs["lofo-table-10"]
+    jobs: dict = {}
+    for line in capsys.readouterr().out.splitlines():
+        name, command = line.split("\t")
+        jobs.setdefault(name, []).append(command)
+    assert len(jobs["baselines"]) == 2  # one per length
+    assert "--lengths 4096 --budgets 0.1 --samples 40 --no-coverage --workers 2 --tasks records,json_records,table," \
+        "code,multi_doc,chat_history,log_lookup " in jobs["baselines"][0]
+    # log_lookup at 4096 only: dense finds 3 of 20 at 8064
+    assert "--lengths 8064 " in jobs["baselines"][1] and "log_lookup" not in jobs["baselines"][1]
+    assert "--tasks records,log_lookup " in jobs["lofo-records-10"][0] and "--tasks records " in jobs["lofo-records-10"][1]
+    assert "--tasks table " in jobs["lofo-table-10"][0]
     only = dict(G.eval_jobs(tmp_path, "MODEL", ["log_lookup"], "4096", 40, "EV"))
     assert "--tasks log_lookup " in only["lofo-records-10"] and "lofo-table-10" not in only
+    assert G.eval_jobs(tmp_path, "MODEL", ["log_lookup"], "8064", 40, "EV") == []
 
 
 def test_export_names_another_recipe_and_seed_reads_it_back(tmp_path):
