@@ -211,6 +211,26 @@ def _check_once(prompt: str, data: str, key: str, answer: str, task: str):
         raise RuntimeError(f"{task}: the key or the answer does not occur exactly once; please report it")
 
 
+def _filler_line(stamp: str, level_kv: bool, level_name: str, service_name: str, service: str, msg_name: str,
+                 text: str, fine: int) -> str | None:
+    """The last log line, an INFO message cut to `fine` characters that sets the prompt's exact length (None
+    when `fine` is 0: no such line)."""
+    if not fine:
+        return None
+    lvl = f"{level_name}=INFO" if level_kv else "INFO"
+    return f'{stamp} {lvl} {service_name}={service} {msg_name}="{_cut(text, fine)}"'
+
+
+def _log_prompt(task, head, lines, qi, question, key, answer, filler):
+    """(prompt, character span of line `qi`) of a log: head, the lines (and the filler line, if any), the
+    question; the answer checked to occur once, in its line."""
+    body = "\n".join(lines + ([filler] if filler else []))
+    prompt = head + body + "\n\n" + question
+    _check_once(prompt, body, key, answer, task)
+    a = len(head) + sum(len(x) + 1 for x in lines[:qi])
+    return prompt, (a, a + len(lines[qi]))
+
+
 def _draft(task, prompt, target, answer, key, span, size, qi, n_carriers, **meta):
     meta = dict({"family": FAMILY[task], "n_items": size + n_carriers, "index": qi, "carriers": n_carriers,
                  "key": key, "answer": answer, "depths": [round(span[0] / len(prompt), 4)]}, **meta)
@@ -319,16 +339,10 @@ def records_shape(rng) -> Shape:
     def build(size, fine):
         items, qi = layout.place(size)
         lines = [line(p, rec) for p, rec in enumerate(items)]
-        if fine:
-            lvl = f"{level_name}=INFO" if level_kv else "INFO"
-            lines.append(f'{ts(len(items))} {lvl} {service_name}={tail_svc} {tail_msg}="{_cut(tail, fine)}"')
-        body = "\n".join(lines)
-        prompt = head + body + "\n\n" + question
-        _check_once(prompt, body, key, answer, "records")
-        a = len(head) + sum(len(x) + 1 for x in lines[:qi])
-        return _draft("records", prompt, answer, answer, key, (a, a + len(lines[qi])), size, qi,
-                      len(layout.depths), field=field, key_name=key_name, template=q_i, answer_template=a_i,
-                      head=head_i)
+        filler = _filler_line(ts(len(items)), level_kv, level_name, service_name, tail_svc, tail_msg, tail, fine)
+        prompt, span = _log_prompt("records", head, lines, qi, question, key, answer, filler)
+        return _draft("records", prompt, answer, answer, key, span, size, qi, len(layout.depths), field=field,
+                      key_name=key_name, template=q_i, answer_template=a_i, head=head_i)
 
     return Shape(build, size_min=0, fine_max=len(tail), chars_per_step=150.0)
 
@@ -413,15 +427,10 @@ def log_lookup_shape(rng) -> Shape:
     def build(size, fine):
         items, qi = layout.place(size)
         lines = [f"{clock(p)} {fields_text(rec)}" for p, rec in enumerate(items)]
-        if fine:
-            lvl = f"{level_name}=INFO" if level_kv else "INFO"
-            lines.append(f'{clock(len(items))} {lvl} {service_name}={tail_svc} {tail_msg}="{_cut(tail, fine)}"')
-        body = "\n".join(lines)
-        prompt = head + body + "\n\n" + question
-        _check_once(prompt, body, key, answer, "log_lookup")
-        a = len(head) + sum(len(x) + 1 for x in lines[:qi])
-        return _draft("log_lookup", prompt, answer, answer, key, (a, a + len(lines[qi])), size, qi, 1,
-                      field=field, key_name=key_name, template=q_i, answer_template=a_i, head=head_i)
+        filler = _filler_line(clock(len(items)), level_kv, level_name, service_name, tail_svc, tail_msg, tail, fine)
+        prompt, span = _log_prompt("log_lookup", head, lines, qi, question, key, answer, filler)
+        return _draft("log_lookup", prompt, answer, answer, key, span, size, qi, 1, field=field, key_name=key_name,
+                      template=q_i, answer_template=a_i, head=head_i)
 
     return Shape(build, size_min=0, fine_max=len(tail), chars_per_step=110.0)
 
