@@ -290,11 +290,7 @@ class CalibrationSet:
         if rule == "mean":
             return np.mean([self.sims[i] for i in indices], axis=0)
         if rule == "worst-family":
-            from kascade.calibrate.retrieval import FAMILY
-
-            groups: dict[str, list[int]] = {}
-            for i in indices:
-                groups.setdefault(FAMILY[self.prompts[i].kind], []).append(i)
+            groups = family_groups(self.kinds, indices)
             return np.min([np.mean([self.sims[i] for i in g], axis=0) for g in groups.values()], axis=0)
         raise ValueError(f"sources: expected one of {SOURCE_RULES}, got {rule!r}")
 
@@ -365,14 +361,19 @@ def divergence_per_prompt(model, strategy, batches: list[Trajectories]) -> np.nd
     return np.concatenate(out)
 
 
-def family_divergences(values: np.ndarray, kinds: list[str], indices: list[int]) -> dict[str, float]:
-    """Mean divergence per format family (kascade.calibrate.retrieval.FAMILY) over the prompts `indices`."""
+def family_groups(kinds: list[str], indices) -> dict[str, list[int]]:
+    """The prompts `indices` by format family (kascade.calibrate.retrieval.FAMILY of each prompt's kind)."""
     from kascade.calibrate.retrieval import FAMILY
 
-    groups: dict[str, list[float]] = {}
+    groups: dict[str, list[int]] = {}
     for i in indices:
-        groups.setdefault(FAMILY[kinds[i]], []).append(float(values[i]))
-    return {f: float(np.mean(v)) for f, v in sorted(groups.items())}
+        groups.setdefault(FAMILY[kinds[i]], []).append(i)
+    return groups
+
+
+def family_divergences(values: np.ndarray, kinds: list[str], indices: list[int]) -> dict[str, float]:
+    """Mean divergence per format family (kascade.calibrate.retrieval.FAMILY) over the prompts `indices`."""
+    return {f: float(np.mean([float(values[i]) for i in g])) for f, g in sorted(family_groups(kinds, indices).items())}
 
 
 def objective_value(values: np.ndarray, kinds: list[str], indices: list[int], objective: str) -> float:
