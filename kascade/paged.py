@@ -40,7 +40,7 @@ no new token (Q_r == 0) has no output rows and an empty selection.
     paged_gather_heads(selections, rows) -> PagedSelection       (one selection from rows of several)
     PagedKascadeStrategy(plan).attend(layer, q, key_cache, value_cache, block_table, seq_lens,
                                       query_start_loc, scale=None, tp_rank=None, host_lens=None,
-                                      dense=None) -> out   (a whole layer)
+                                      dense=None, decode_from=None) -> out   (a whole layer)
     PagedKascadeStrategy(plan).attend_decode(layer, q, key_cache, value_cache, block_table, seq_lens,
                                              scale=None, tp_rank=None, dense=None) -> out
                                              (a decode-only batch: no host synchronisation on the kernels)
@@ -63,6 +63,7 @@ from kascade.budget import check_budget
 from kascade.checks import FLOAT_DTYPES, check_head_map
 from kascade import ops, paged_kernels
 from kascade.paged_kernels import use_kernels
+from kascade.resume import split_generated
 from kascade.routing import Routing
 
 
@@ -442,6 +443,28 @@ def _gather_decode(selections: list, rows: torch.Tensor | None):
     return PagedDecodeSelection(out.indices, out.counts, out.first_tile, out.tile, out.decode, pool=pool)
 
 
+def _dense_of_pieces(dense, split, qsl):
+    """The `dense(requests)` callback of a batch rewritten by split_generated, in terms of its pieces: it runs
+    the engine's callback on the pieces' requests (dense attention does not depend on how a request's tokens
+    are grouped) and keeps the pieces' rows. qsl: the step's query_start_loc before the rewrite (host)."""
+    if dense is None:
+        return None
+
+    def run(pieces):
+        reqs = sorted({split.origin[e] for e in pieces})
+        out = dense(reqs)
+        start, at = {}, 0
+        for r in reqs:  # where request r's tokens begin in `out`
+            start[r], at = at, at + qsl[r + 1] - qsl[r]
+        rows = [start[split.origin[e]] + t - qsl[split.origin[e]] for e in pieces
+                for t in range(split.query_start_loc[e], split.query_start_loc[e + 1])]
+        if rows == list(range(out.shape[0])):
+            return out
+        return out[torch.tensor(rows, dtype=torch.int64, device=out.device)]
+
+    return run
+
+
 class PagedKascadeStrategy:
     """Kascade layer by layer over a paged batch: what KascadeStrategy does on a contiguous cache.
 
@@ -495,11 +518,13 @@ class PagedKascadeStrategy:
         self._routings: dict = {}  # (Hkv, tp_rank) -> Routing
         self._decode_step = None  # (block_table, seq_lens) as passed, and the int32 / clamped copies of this step
         self._long_step = None  # (key, the sub-batch of the requests above k_min) of this step: _long_batch
+        self._resumed_step = None  # (key, Resumed or None, its device tensors) of this step: _resumed_batch
 
     def begin_forward(self) -> None:
         self.state.clear()
         self._decode_step = None
         self._long_step = None
+        self._resumed_step = None
 
     def _long_batch(self, keep, q, block_table, seq_lens, query_start_loc, lens, qsl):
         """_sub_batch's (token rows, block_table, seq_lens, query_start_loc, host_lens) of the requests `keep`, made
@@ -510,11 +535,34 @@ class PagedKascadeStrategy:
             self._long_step = (key, _sub_index(keep, q.device, block_table, seq_lens, query_start_loc, lens, qsl))
         return self._long_step[1]
 
-    def dense_step(self, query_start_loc) -> bool:
+    def dense_step(self, query_start_loc, seq_lens=None, decode_from=None) -> bool:
         """True when a whole step attends densely because of the mode: decode-only (sparse_prefill=False) and
-        no request with exactly one new token. query_start_loc: the step's [R + 1] offsets on the host."""
+        no request with exactly one new token. query_start_loc: the step's [R + 1] offsets on the host; with
+        seq_lens and decode_from (host, as `attend` takes them) a resumed request's generated tokens count as
+        the decode steps they are (kascade.resume)."""
         qsl = list(query_start_loc)
-        return not self.sparse_prefill and all(b - a != 1 for a, b in zip(qsl, qsl[1:]))
+        if self.sparse_prefill:
+            return False
+        if decode_from is not None:
+            split = split_generated(seq_lens, qsl, decode_from)
+            qsl = list(split.query_start_loc) if split is not None else qsl
+        return all(b - a != 1 for a, b in zip(qsl, qsl[1:]))
+
+    def _resumed_batch(self, block_table, seq_lens, query_start_loc, lens, qsl, decode_from):
+        """(Resumed or None, (block_table, seq_lens, query_start_loc) of the pieces on the device) of this step,
+        made once per step (every layer passes the same batch; begin_forward forgets it, as vLLM reuses the
+        memory of its block table from step to step)."""
+        key = (tuple(lens), tuple(qsl), tuple(decode_from), _tensor_key(block_table))
+        if self._resumed_step is None or self._resumed_step[0] != key:
+            split, tensors = split_generated(lens, qsl, decode_from), None
+            if split is not None:
+                origin = torch.tensor(split.origin, dtype=torch.int64, device=block_table.device)
+                tensors = (block_table.index_select(0, origin),
+                           torch.tensor(split.seq_lens, dtype=seq_lens.dtype, device=seq_lens.device),
+                           torch.tensor(split.query_start_loc, dtype=query_start_loc.dtype,
+                                        device=query_start_loc.device))
+            self._resumed_step = (key, split, tensors)
+        return self._resumed_step[1:]
 
     def _sparse_requests(self, lens, qsl) -> list[int]:
         """The requests that run Kascade: more than k_min keys, and (decode-only mode) at most one new token.
@@ -541,7 +589,8 @@ class PagedKascadeStrategy:
                                 heads=None if every else own, rerank=self.rerank, **budget, **kw)
 
     def attend(self, layer: int, q, key_cache, value_cache, block_table, seq_lens, query_start_loc,
-               scale=None, tp_rank: int | None = None, host_lens=None, dense=None, key_copies=None) -> torch.Tensor:
+               scale=None, tp_rank: int | None = None, host_lens=None, dense=None, key_copies=None,
+               decode_from=None) -> torch.Tensor:
         """out [T, Hq, Dv] for the batch's tokens q [T, Hq, D] (layout of the module docstring).
 
         With tensor parallelism the caches hold this rank's KV heads only; `tp_rank` picks the rank's
@@ -552,12 +601,27 @@ class PagedKascadeStrategy:
         in order; their tokens concatenated) -- a serving engine's own attention kernel. It then serves layer
         0 (one call for every request with new tokens) and, in the other layers, the requests of at most k_min
         keys and (decode-only mode) those with more than one new token; without it they run paged_dense.
-        key_copies: the FP8 copies of select_keys="fp8" (class docstring)."""
-        p = self.plan
-        fp8 = self.select_keys == "fp8"
+        key_copies: the FP8 copies of select_keys="fp8" (class docstring).
+        decode_from: None, or each request's prompt length on the host ([R] ints): a request resumed after
+        preemption re-attends the tokens it generated (positions from its decode_from on) as the decode steps
+        they were, not as a prefill chunk (kascade.resume), so it continues as if never interrupted."""
         if layer == 0:
             self.begin_forward()
         lens, qsl = check_paged_inputs(q, key_cache, value_cache, block_table, seq_lens, query_start_loc, host_lens)
+        if decode_from is not None:
+            split, pieces = self._resumed_batch(block_table, seq_lens, query_start_loc, lens, qsl, decode_from)
+            if split is not None:
+                return self._attend(layer, q, key_cache, value_cache, *pieces, scale, tp_rank,
+                                    list(split.seq_lens), list(split.query_start_loc),
+                                    _dense_of_pieces(dense, split, qsl), key_copies)
+        return self._attend(layer, q, key_cache, value_cache, block_table, seq_lens, query_start_loc, scale, tp_rank,
+                            lens, qsl, dense, key_copies)
+
+    def _attend(self, layer, q, key_cache, value_cache, block_table, seq_lens, query_start_loc, scale, tp_rank,
+                lens, qsl, dense, key_copies) -> torch.Tensor:
+        """attend on a checked batch whose host lengths are lens / qsl."""
+        p = self.plan
+        fp8 = self.select_keys == "fp8"
         long_reqs = self._sparse_requests(lens, qsl)  # Kascade; the others dense (short, or decode-only prefill)
         short_reqs = sorted(set(range(len(lens))) - set(long_reqs))
         out = _out(q, value_cache)

@@ -54,6 +54,23 @@ def prompts() -> list[list[int]]:
 # ----------------------------------------------------------------------------------------------
 
 
+def _spy_on_resumed_requests() -> list:
+    """The (seq_lens, query_start_loc, prompt lengths) of every step in which kascade.paged split a resumed
+    request's generated tokens into decode steps (kascade.resume), as the backend saw them."""
+    import kascade.paged as paged
+
+    seen, split = [], paged.split_generated
+
+    def spy(seq_lens, query_start_loc, decode_from):
+        out = split(seq_lens, query_start_loc, decode_from)
+        if out is not None:
+            seen.append((list(seq_lens), list(query_start_loc), list(decode_from)))
+        return out
+
+    paged.split_generated = spy
+    return seen
+
+
 def _child(spec_path: str, out_path: str) -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     import gc
@@ -61,17 +78,23 @@ def _child(spec_path: str, out_path: str) -> None:
     from vllm import LLM, SamplingParams
 
     spec = json.loads(Path(spec_path).read_text())
-    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in NEW_TOKENS]
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in spec.get("new_tokens", NEW_TOKENS)]
     reqs = [{"prompt_token_ids": p} for p in spec["prompts"]]
+    engine = {**ENGINE, **spec.get("engine", {})}
+    splits = _spy_on_resumed_requests()
     result = {}
     for name, extra in spec["runs"].items():
         try:
-            llm = LLM(str(MODEL_DIR), additional_config=extra, **ENGINE)
+            llm = LLM(str(MODEL_DIR), additional_config=extra, **{**engine, **spec.get("engine_of", {}).get(name, {})})
         except Exception as e:  # noqa: BLE001 - the error message is what a test checks
             result[name] = {"error": f"{type(e).__name__}: {e}"}
             continue
+        splits.clear()
         outs = llm.generate(reqs, params, use_tqdm=False)
-        result[name] = {"batch": [list(o.outputs[0].token_ids) for o in outs]}
+        result[name] = {"batch": [list(o.outputs[0].token_ids) for o in outs], "splits": list(splits)}
+        if not engine.get("disable_log_stats", True):
+            metrics = {m.name: getattr(m, "value", None) for m in llm.get_metrics()}
+            result[name]["preemptions"] = metrics.get("vllm:num_preemptions")
         if spec["singles"].get(name):  # each prompt again, alone: its prefix is now in vLLM's prefix cache
             singles = [llm.generate([r], [sp], use_tqdm=False)[0] for r, sp in zip(reqs, params)]
             result[name]["singles"] = [list(o.outputs[0].token_ids) for o in singles]
@@ -105,6 +128,10 @@ def runs(tmp_path_factory):
         },
         "singles": {"kascade": True, "head_granular": True},
     }
+    return _run_child(tmp, spec)
+
+
+def _run_child(tmp: Path, spec: dict) -> dict:
     (tmp / "spec.json").write_text(json.dumps(spec))
     unset = ("KASCADE_PLAN", "KASCADE_SPARSE_PREFILL", "TRITON_INTERPRET")
     env = {k: v for k, v in os.environ.items() if k not in unset}
@@ -170,3 +197,46 @@ def test_plan_for_another_model_is_refused(runs):
 
 if __name__ == "__main__":
     _child(sys.argv[1], sys.argv[2])
+
+
+# ----------------------------------------------------------------------------------------------
+# preemption: a request resumed by recomputation continues as if never interrupted
+# ----------------------------------------------------------------------------------------------
+
+RESUMED_LENGTHS = [300, 500, 400, 600]
+RESUMED_NEW = 200
+
+
+@pytest.fixture(scope="module")
+def preempted(tmp_path_factory):
+    """The head-granular plan on 4 requests of 200 new tokens: with a KV cache of 1,152 tokens (vLLM must preempt
+    a running request and later prefill it again, generated tokens included) and with one that holds them all."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(MODEL_DIR, local_files_only=True)
+    ids = tok((ROOT / "tests" / "fixtures" / "essay.txt").read_text())["input_ids"]
+    plan = {"kascade_plan": str(HEAD_PLAN)}
+    spec = {
+        "prompts": [ids[i * 11 : i * 11 + n] for i, n in enumerate(RESUMED_LENGTHS)],
+        "new_tokens": [RESUMED_NEW] * len(RESUMED_LENGTHS),
+        "engine": dict(max_model_len=1024, max_num_seqs=4, disable_log_stats=False),
+        "engine_of": {"small_cache": dict(kv_cache_memory_bytes=28 * 2**20)},
+        "runs": {"small_cache": plan, "large_cache": plan},
+        "singles": {},
+    }
+    return _run_child(tmp_path_factory.mktemp("vllm_preempted"), spec)
+
+
+def test_preempted_request_gets_the_tokens_of_an_uninterrupted_run(preempted):
+    small, large = preempted["small_cache"], preempted["large_cache"]
+    assert small["preemptions"] >= 1 and large["preemptions"] == 0, (small["preemptions"], large["preemptions"])
+    # a resumed request re-attended tokens it had generated: the backend split them off at the true prompt length
+    generated = 0
+    for seq_lens, qsl, decode_from in small["splits"]:
+        for r, n in enumerate(seq_lens):
+            if qsl[r + 1] - qsl[r] > 1:
+                assert decode_from[r] in RESUMED_LENGTHS and 0 < n - decode_from[r] <= RESUMED_NEW, decode_from
+                generated += max(0, n - max(decode_from[r], n - (qsl[r + 1] - qsl[r])))
+    assert generated >= 20, small["splits"]
+    assert not large["splits"]
+    assert small["batch"] == large["batch"]

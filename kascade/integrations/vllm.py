@@ -213,6 +213,10 @@ def setup_layer(impl, vllm_config, logger, backend: str, sliding_window, alibi_s
         mode = "sparse prefill and decode" if impl.kascade.sparse_prefill else "dense prefill, sparse decode"
         logger.info_once(f"kascade: Kascade attention{backend} with plan {plan_options(vllm_config)[0]} "
                          f"(anchors {plan.anchors}, {kind}, rho {plan.rho}, {mode})")
+        if not adapter.track_prompt_lengths():
+            logger.warning_once("kascade: this vLLM's model runners have no method to read prompt lengths from: a "
+                                "request preempted and resumed by recomputation re-attends its generated tokens as "
+                                "prefill and may continue unlike an uninterrupted one")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -308,11 +312,14 @@ def _backend_classes():
             if self.layer_index is None:
                 self.layer_index = adapter.layer_index(layer)
             n_tok, seq_lens, query_start_loc, block_table = adapter.step_batch(attn_metadata)
-            if self.kascade.dense_step(query_start_loc.tolist()):  # decode-only mode and no decode request
+            qsl = query_start_loc.tolist()
+            decode_from = adapter.prompt_lens(qsl)  # resumed requests: generated tokens as decode steps
+            if self.kascade.dense_step(qsl, seq_lens.tolist(), decode_from):  # decode-only mode, no decode step
                 return super().forward(layer, query, key, value, kv_cache, attn_metadata, output)
             key_cache, value_cache, table = compact_cache(kv_cache, block_table, seq_lens, adapter.cpu_isa(layer))
             out = self.kascade.attend(self.layer_index, query[:n_tok], key_cache, value_cache, table, seq_lens,
-                                      query_start_loc, scale=self.scale, tp_rank=self.tp_rank)
+                                      query_start_loc, scale=self.scale, tp_rank=self.tp_rank,
+                                      decode_from=decode_from)
             output[:n_tok].copy_(out.reshape(output[:n_tok].shape))
             return output
 

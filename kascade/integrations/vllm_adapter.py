@@ -17,6 +17,9 @@ What differs between the two, as far as the plugin is concerned (read from their
   heads, tokens), the last dim contiguous (flash_kv_views).
 - CommonAttentionMetadata: both keep query_start_loc_cpu and seq_lens_cpu_upper_bound (exact unless
   speculative decoding, which the plugin refuses); 0.26.0's first model runner also `_seq_lens_cpu`.
+- Both have two model runners (vllm.v1.worker.gpu_model_runner, "V1", and vllm.v1.worker.gpu.model_runner,
+  "V2"; 0.26.0 runs Llama-like models on V2 by default on CUDA). Each request's prompt length, which no
+  attention metadata carries, is read where each prepares a step's inputs (track_prompt_lengths).
 - Everything else the plugin uses (register_backend / AttentionBackendEnum, AttentionCGSupport, the
   Impl's constructor and forward signatures, FlashAttentionImpl.do_kv_cache_update(layer, key, value,
   kv_cache, slot_mapping) writing the cache with reshape_and_cache_flash, extract_layer_index,
@@ -111,6 +114,79 @@ def step_batch(attn_metadata):
     r = attn_metadata.seq_lens.shape[0]
     return (attn_metadata.num_actual_tokens, attn_metadata.seq_lens, attn_metadata.query_start_loc[: r + 1],
             attn_metadata.block_table[:r])
+
+
+# ----------------------------------------------------------------------------------------------
+# each request's prompt length, recorded when the model runner prepares a step
+# ----------------------------------------------------------------------------------------------
+
+_STEP = {"record": None}  # (prompt lengths, new tokens) of the last step a runner prepared, in batch order
+
+
+def _record(prompt_lens, new_tokens) -> None:
+    _STEP["record"] = ([int(x) for x in prompt_lens], [int(x) for x in new_tokens])
+
+
+def _wrap_v1(cls) -> None:
+    """V1 runner: `_prepare_inputs(scheduler_output, num_scheduled_tokens, ...)` (batch order, input_batch rows)."""
+    prepare = cls._prepare_inputs
+
+    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
+        n = len(num_scheduled_tokens)
+        _record(self.input_batch.num_prompt_tokens[:n], num_scheduled_tokens)
+        return prepare(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
+
+    cls._prepare_inputs = _prepare_inputs
+
+
+def _wrap_v2(cls) -> None:
+    """V2 runner: `prepare_inputs(...)` returns the step's InputBatch (idx_mapping_np: batch -> request state)."""
+    prepare = cls.prepare_inputs
+
+    def prepare_inputs(self, *args, **kwargs):
+        batch = prepare(self, *args, **kwargs)
+        _record(self.req_states.prompt_len.np[batch.idx_mapping_np], batch.num_scheduled_tokens)
+        return batch
+
+    cls.prepare_inputs = prepare_inputs
+
+
+def track_prompt_lengths() -> bool:
+    """Record every step's prompt lengths from the model runners this vLLM has (once per process); False when
+    neither runner has the method read (then `prompt_lens` always answers None)."""
+    import importlib
+
+    found = False
+    for module, name, method, wrap in (("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_prepare_inputs",
+                                        _wrap_v1),
+                                       ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner", "prepare_inputs",
+                                        _wrap_v2)):
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            continue
+        if not hasattr(cls, method):
+            continue
+        found = True
+        if not getattr(getattr(cls, method), "_kascade_tracks", False):
+            wrap(cls)
+            getattr(cls, method).__dict__["_kascade_tracks"] = True
+    return found
+
+
+def prompt_lens(query_start_loc) -> list[int] | None:
+    """Each request's prompt length for the step whose host query_start_loc [R + 1] is given, as its runner
+    recorded it; requests past the recorded ones (padding, without new tokens) get no limit. None when the
+    last record is of another batch (a dummy or profiling run) or there is none."""
+    rec = _STEP["record"]
+    if rec is None:
+        return None
+    prompt, new = rec
+    qsl = list(query_start_loc)
+    got = [b - a for a, b in zip(qsl, qsl[1:])]
+    if got[: len(new)] != new or any(got[len(new) :]):
+        return None
+    return prompt[: len(got)] + [2**62] * (len(got) - len(new))
 
 
 def cpu_isa(layer) -> str:

@@ -266,7 +266,8 @@ def _backend_classes():
                     out3[:r].copy_(o)
                 return output
             lens, qsl = host_lens(md)
-            if self.kascade.dense_step(qsl):  # decode-only mode and no decode request: vLLM's call, whole step
+            decode_from = adapter.prompt_lens(qsl)  # resumed requests: generated tokens as decode steps
+            if self.kascade.dense_step(qsl, lens, decode_from):  # decode-only mode, no decode step: vLLM's call
                 return self._flash(layer, query, key, value, kv_cache, md, output)
             n_tok = qsl[-1]
             every = [i for i in range(r) if qsl[i + 1] > qsl[i]]
@@ -284,7 +285,8 @@ def _backend_classes():
 
             o = self.kascade.attend(self.layer_index, query[:n_tok], key_cache, value_cache, md.block_table[:r],
                                     md.seq_lens[:r], md.query_start_loc[: r + 1], scale=self.scale,
-                                    tp_rank=self.tp_rank, host_lens=(lens, qsl), dense=dense, key_copies=copies)
+                                    tp_rank=self.tp_rank, host_lens=(lens, qsl), dense=dense, key_copies=copies,
+                                    decode_from=decode_from)
             out3[:n_tok].copy_(o)
             return output
 
