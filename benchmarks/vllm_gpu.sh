@@ -18,7 +18,9 @@
 #                                          (PROVIDERS, MODES, WORKLOADS narrow it, e.g. MODES=graph first;
 #                                          PROFILE=1 adds each cell's kernel breakdown: benchmarks/vllm_profile.py)
 #   bash benchmarks/vllm_gpu.sh serve      benchmarks/vllm_serving.py serve: vllm serve + 16 concurrent requests,
-#                                          with the plan and on vLLM dense (the control)
+#                                          with the plan and on vLLM dense (the control); the server needs uvicorn,
+#                                          uvloop, aiohttp, ...: run `bash benchmarks/vllm_serve_deps.sh download`
+#                                          here once and also carry ".vllm/serve_whl"
 #   bash benchmarks/vllm_gpu.sh report     both reports from the cells in /tmp (they also run on this machine:
 #                                          python benchmarks/vllm_serving.py report --work DIR; same for the check)
 # Every stage copies what it makes to $OUT (cell JSON files and logs). SEED=DIR (default .vllm_cells, if carried)
@@ -63,6 +65,8 @@ bench)
     ${PROFILE:+--profile}
   ;;
 serve)  # with the plan, then the same run on vLLM dense (the control: what preemption does without Kascade)
+  # vLLM's OpenAI server needs modules the parts leave out (benchmarks/vllm_serve_deps.sh; carry .vllm/serve_whl)
+  bash benchmarks/vllm_serve_deps.sh install
   mkdir -p "$OUT/bench"
   python3 benchmarks/vllm_serving.py serve --out /tmp/vllm_bench/serve.json || true
   python3 benchmarks/vllm_serving.py serve --plan none --out /tmp/vllm_bench/serve_dense.json || true

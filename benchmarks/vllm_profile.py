@@ -69,7 +69,21 @@ def breakdown(kernels: list[tuple[str, float, int]], wall_s: float, ours: set[st
     total = sum(by_kind.values())
     top = sorted(kernels, key=lambda x: -x[1])[:TOP]
     return {"wall_s": wall_s, "kernel_s": total, "idle_s": max(0.0, wall_s - total), "by_kind": by_kind,
-            "top": [{"name": n[:160], "kind": kind_of(n, ours), "s": s, "calls": c} for n, s, c in top]}
+            "top": [{"name": n[:160], "kind": kind_of(n, ours), "s": s, "calls": c} for n, s, c in top],
+            "kernels": [[n, s, c] for n, s, c in kernels]}
+
+
+def minus(a: dict, b: dict, ours: set[str] | None = None) -> dict:
+    """The breakdown of what call `a` ran beyond call `b` (per kernel name: time and calls of a less those of b),
+    e.g. N + 1 generated tokens less 1: the N decode steps without the prefill step that starts both."""
+    ours = kascade_kernel_names() if ours is None else ours
+    left = {n: [s, c] for n, s, c in a["kernels"]}
+    for n, s, c in b["kernels"]:
+        if n in left:
+            left[n][0] -= s
+            left[n][1] -= c
+    kernels = [(n, s, c) for n, (s, c) in left.items() if s > 0 and c > 0]
+    return breakdown(kernels, max(0.0, a["wall_s"] - b["wall_s"]), ours)
 
 
 def profile(fn) -> dict:

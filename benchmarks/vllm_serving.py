@@ -73,6 +73,7 @@ WORKLOADS = {"long": 131072, "mid": 32768}
 NEW_TOKENS = 256
 MID_BATCH = 16
 PROFILE_STEPS = 16  # decode steps under the profiler (cell --profile)
+DTYPE_BYTES = {"bfloat16": 2, "float32": 4}  # serve --dtype: bytes per KV element
 KV_BYTES_PER_TOKEN = 2 * 8 * 128 * 2 * 32  # K and V, 8 KV heads, head dim 128, bf16, 32 layers: 128 KiB
 BLOCK = 16
 
@@ -170,7 +171,7 @@ def run_cell(args) -> dict:
                            "and FLASH_ATTN the backend?")
     one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, detokenize=False)
     many = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True, detokenize=False)
-    warm_up(llm, args.chunk, batch, SamplingParams)
+    warm_up(llm, args.chunk, batch, max_len, SamplingParams)
     res = dict(provider=args.provider, mode=args.mode, workload=args.workload, batch=batch, prompt_len=length,
                new_tokens=NEW_TOKENS, anchors=PROVIDERS[args.provider], engine_start_s=start_s, kascade_layers=layers,
                engine={k: v for k, v in engine.items() if k != "additional_config"}, **info)
@@ -200,19 +201,22 @@ def run_cell(args) -> dict:
     if args.profile:
         import vllm_profile
 
+        steps = vllm_profile.profile(lambda: _timed(llm, prompts, SamplingParams(
+            max_tokens=PROFILE_STEPS + 1, temperature=0.0, ignore_eos=True, detokenize=False)))
+        first = vllm_profile.profile(lambda: _timed(llm, prompts, one))  # the prefill step alone
         res["profile"] = {
-            "decode": vllm_profile.profile(lambda: _timed(llm, prompts, SamplingParams(
-                max_tokens=PROFILE_STEPS + 1, temperature=0.0, ignore_eos=True, detokenize=False))),
+            "decode": vllm_profile.minus(steps, first), "decode_with_first_step": steps,
             "prefill": vllm_profile.profile(lambda: _timed(llm, _prompts(1, length, seed=2000), one)),
             "decode_steps": PROFILE_STEPS, "prefill_tokens": length}
     return res
 
 
-def warm_up(llm, chunk: int, batch: int, sampling_params) -> None:
+def warm_up(llm, chunk: int, batch: int, max_len: int, sampling_params) -> None:
     """Every path a timing takes, once, untimed (module docstring): chunked prefill on top of a cache, a
-    prefix-cache hit, and a decode batch of `batch` requests."""
+    prefix-cache hit, and a decode batch of `batch` requests. The long prompt spans two and a half chunks, or as
+    much of the engine's max_len as leaves room for its new tokens."""
     few = sampling_params(max_tokens=4, temperature=0.0, ignore_eos=True, detokenize=False)
-    long = _prompts(1, 2 * chunk + chunk // 2, seed=97)
+    long = _prompts(1, min(2 * chunk + chunk // 2, max_len - 8), seed=97)
     _timed(llm, long, few)
     _timed(llm, long, few)
     _timed(llm, _prompts(batch, 2048, seed=98), few)
@@ -298,7 +302,7 @@ def run_serve(args) -> dict:
     extra = json.dumps({"kascade_plan": plan} if plan else {})
     port = args.port
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(args.model), "--host",
-           "127.0.0.1", "--port", str(port), "--dtype", "bfloat16", "--max-model-len", str(max_len),
+           "127.0.0.1", "--port", str(port), "--dtype", args.dtype, "--max-model-len", str(max_len),
            "--max-num-seqs", str(args.requests), "--max-num-batched-tokens", str(args.chunk),
            "--no-enable-prefix-caching", "--kv-cache-memory-bytes", str(args.kv_bytes), "--additional-config", extra,
            "--served-model-name", "m", "--seed", "0"]
@@ -306,7 +310,8 @@ def run_serve(args) -> dict:
     log = open(Path(args.out).with_suffix(".server.log"), "w")
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     base = f"http://127.0.0.1:{port}"
-    res = dict(model=str(args.model), plan=plan or "none (vLLM dense)", lengths=lengths, new_tokens=args.new_tokens,
+    res = dict(model=str(args.model), dtype=args.dtype, plan=plan or "none (vLLM dense)", lengths=lengths,
+               new_tokens=args.new_tokens,
                kv_cache_memory_bytes=args.kv_bytes, **info)
     try:
         t0 = time.monotonic()
@@ -341,9 +346,9 @@ def run_serve(args) -> dict:
 
     cfg = json.loads((Path(args.model) / "config.json").read_text())
     per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * cfg.get(
-        "head_dim", cfg["hidden_size"] // cfg["num_attention_heads"]) * 2  # K and V, bf16
+        "head_dim", cfg["hidden_size"] // cfg["num_attention_heads"]) * DTYPE_BYTES[args.dtype]  # K and V
     room = int(1.5 * per_token * sum(n + args.new_tokens + BLOCK for n in lengths))
-    llm = LLM(str(args.model), dtype="bfloat16", max_model_len=max_len, max_num_seqs=args.requests,
+    llm = LLM(str(args.model), dtype=args.dtype, max_model_len=max_len, max_num_seqs=args.requests,
               max_num_batched_tokens=args.chunk, enable_prefix_caching=False, seed=0,
               kv_cache_memory_bytes=max(room, args.kv_bytes), additional_config={"kascade_plan": plan} if plan else {})
     sp = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
@@ -400,7 +405,8 @@ def ratios(cells: dict, mode: str) -> dict:
 def serve_line(serve: dict) -> str:
     """One serve run in a sentence of the report."""
     return (f"- {len(serve['lengths'])} concurrent requests of {min(serve['lengths'])}-{max(serve['lengths'])} "
-            f"tokens ({Path(serve['model']).name}, plan {Path(serve['plan']).name}), {serve['new_tokens']} new tokens "
+            f"tokens ({Path(serve['model']).name}, {serve.get('dtype', 'bfloat16')}, plan {Path(serve['plan']).name}), "
+            f"{serve['new_tokens']} new tokens "
             f"each, KV cache "
             f"{serve['kv_cache_memory_bytes'] / 2**20:.0f} MiB: {serve['answered']} answered in full, "
             f"{serve['tokens_equal']} with the offline greedy tokens, {serve['preemptions']:.0f} preemptions, "
@@ -466,8 +472,16 @@ def report(args) -> None:
 
         lines += ["", "## Where the time goes (cell --profile)", "",
                   f"CUDA time by kind of kernel (benchmarks/vllm_profile.py) over {PROFILE_STEPS} decode steps of the "
-                  "batch (with the recomputed last block of each cached prompt) and over one prefill of the "
-                  "workload's prompt length; idle: wall time not covered by kernels.", ""]
+                  f"batch ({PROFILE_STEPS + 1} generated tokens less 1: the step that prefills each cached prompt's "
+                  "recomputed last block is left out) and over one prefill of the workload's prompt length; idle: "
+                  "wall time not covered by kernels."]
+        older = [name for name, prof in profiled.items() if "decode_with_first_step" not in prof]
+        if older:
+            lines += ["", f"The decode rows of {', '.join(older)} include that first step (a profile of {PROFILE_STEPS + 1} "
+                      "tokens, made before the benchmark subtracted it): there the Kascade kernels of the chunked "
+                      "prefill on top of 128K keys (_pool_kernel, _sparse_prefill_kernel, _topk_rows_kernel) and its "
+                      "host work (idle) weigh in; the decode-only kernels are listed in the JSON's `top`."]
+        lines += [""]
         lines += vllm_profile.markdown_header()
         for name, prof in profiled.items():
             for phase in ("decode", "prefill"):
@@ -534,6 +548,9 @@ def main(argv=None) -> None:
     s.add_argument("--lengths", default="1024-8000", help="LO-HI (random) or a comma list (default %(default)s)")
     s.add_argument("--requests", type=int, default=16)
     s.add_argument("--new-tokens", type=int, default=32)
+    s.add_argument("--dtype", choices=list(DTYPE_BYTES), default="bfloat16",
+                   help="the model's dtype, server and offline alike (default %(default)s; float32 on the CPU shows "
+                        "what does not come from bf16 rounding)")
     s.add_argument("--kv-bytes", type=int, default=320 * 2**20,
                    help="KV cache of the server (default 320 MiB: about 27K tokens of kascade-tiny, a third of the "
                         "requests' total, so vLLM preempts)")

@@ -228,6 +228,23 @@ def test_profile_kinds_and_idle_share():
     assert len(PROF.markdown_header()[1].split("|")) == len(PROF.markdown_header()[0].split("|"))
 
 
+def test_profile_difference_leaves_out_the_first_step():
+    """N + 1 generated tokens less 1: the kernels and wall time of the prefill step that starts both are removed,
+    kernels only the first step ran drop out."""
+    import vllm_profile as PROF
+
+    ours = {"_pool_kernel", "_decode_logits_kernel"}
+    first = PROF.breakdown([("_pool_kernel", 0.004, 5), ("nvjet_tst_a", 0.001, 3)], wall_s=0.010, ours=ours)
+    steps = PROF.breakdown([("_pool_kernel", 0.004, 5), ("nvjet_tst_a", 0.017, 51), ("_decode_logits_kernel", 0.008, 80)],
+                           wall_s=0.050, ours=ours)
+    d = PROF.minus(steps, first, ours)
+    assert d["by_kind"] == pytest.approx({"flash_attention": 0.0, "kascade": 0.008, "gemm": 0.016,
+                                          "kv_cache_write": 0.0, "other": 0.0})
+    assert d["wall_s"] == pytest.approx(0.040) and d["idle_s"] == pytest.approx(0.016)
+    assert [k["name"] for k in d["top"]] == ["nvjet_tst_a", "_decode_logits_kernel"]
+    assert [k["calls"] for k in d["top"]] == [48, 80]
+
+
 def test_serve_run_reads_which_kascade_attention_the_server_logged():
     gpu = "INFO [vllm.py:214] kascade: Kascade attention (FlashAttention backend) with plan /p.json (anchors [0])"
     cpu = "INFO [vllm.py:214] kascade: Kascade attention with plan /p.json (anchors [0], head sources)"
@@ -246,7 +263,7 @@ def test_serve_runs_alone_get_their_own_report(tmp_path):
                                                            "kascade_backend": None, "kascade_in_server_log": False}))
     SERVE.report(Namespace(work=str(tmp_path), o=str(tmp_path / "out")))
     md = (tmp_path / "out.md").read_text()
-    assert "serve: 2 concurrent requests of 300-1500 tokens (tiny, plan p.json)" in md
+    assert "serve: 2 concurrent requests of 300-1500 tokens (tiny, bfloat16, plan p.json)" in md
     assert "serve_dense: 2 concurrent requests" in md and "Kascade in the server: False" in md
     assert set(json.loads((tmp_path / "out.json").read_text())["runs"]) == {"serve", "serve_dense"}
     with pytest.raises(SystemExit, match="no cell files or serve runs"):
