@@ -258,6 +258,15 @@ def test_select_paths_agree():
     check_select_paths(q, k, v, [0, 37, 260], 0.1, 16)
 
 
+def test_select_paths_agree_on_crowded_rows():
+    """Rows whose candidates exceed finish_max take the chunked finish: the same sets (every row at 0; constant keys
+    make every score a tie)."""
+    q, k, v = make(3, 2, 4, 300, 64, BF16, seed=12)
+    k[2] = 1.0
+    with kernel_config(select=dict(finish_max=0)):
+        check_select_paths(q, k, v, [0, 37, 260], 0.1, 16)
+
+
 def prefetching(on):
     """Both prefetch switches of the anchor (pool, selection) set to `on`."""
     return kernel_config(pool=dict(prefetch=on), select=dict(prefetch=on))

@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-from kascade.kernels.topk_select import topk_select  # noqa: E402
+from kascade.kernels.topk_select import FINISH_MAX, topk_select  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -26,7 +26,7 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 METHODS = ["levels", "candidates"]
 
 
-def expected(scores, k, start, rows_per_batch, kmax, method="levels"):
+def expected(scores, k, start, rows_per_batch, kmax, method="levels", finish_max=None):
     out = torch.full((scores.shape[0], kmax), -1, dtype=torch.int32)
     s = scores.cpu()
     for r in range(s.shape[0]):
@@ -36,19 +36,21 @@ def expected(scores, k, start, rows_per_batch, kmax, method="levels"):
         thr = torch.sort(row, descending=True).values[kk - 1]
         gt = torch.nonzero(row > thr).flatten() + st
         eq = torch.nonzero(row == thr).flatten()[: kk - gt.numel()] + st
-        if method == "candidates":  # keys above thr's 16-bit prefix first
+        p16 = int(thr.view(torch.int32)) >> 15
+        crowded = finish_max is not None and int(((row.view(torch.int32) >> 15) == p16).sum()) > finish_max
+        if method == "candidates" and not crowded:  # keys above thr's 16-bit prefix first
             high = (s[r].view(torch.int32) >> 15)[gt]
-            p16 = int(thr.view(torch.int32)) >> 15
             gt = torch.cat([gt[high > p16], gt[high == p16]])
         out[r, :kk] = torch.cat([gt, eq]).to(torch.int32)
     return out
 
 
-def run(scores, k, start, rows_per_batch, kmax, method="levels"):
+def run(scores, k, start, rows_per_batch, kmax, method="levels", finish_max=FINISH_MAX):
     k = torch.tensor(k, device=scores.device)
     start = torch.tensor(start, device=scores.device)
-    got = topk_select(scores, k, start, rows_per_batch=rows_per_batch, kmax=kmax, method=method)
-    want = expected(scores, k, start, rows_per_batch, kmax, method)
+    got = topk_select(scores, k, start, rows_per_batch=rows_per_batch, kmax=kmax, method=method,
+                      finish_max=finish_max)
+    want = expected(scores, k, start, rows_per_batch, kmax, method, finish_max)
     assert torch.equal(got.cpu(), want)
 
 
@@ -66,6 +68,21 @@ def test_softmax_rows(method):
     g = torch.Generator().manual_seed(4)
     scores = torch.softmax(torch.randn(6, 5000, generator=g) * 2, -1).to(DEV)
     run(scores, [500, 37, 4999], [0, 1, 0], rows_per_batch=2, kmax=5000, method=method)
+
+
+@pytest.mark.parametrize("finish_max", [0, 40, 10**9])
+def test_crowded_rows_take_the_chunked_finish(finish_max):
+    """Candidate path: rows where more than finish_max keys share the k-th value's 16-bit prefix (flat scores,
+    as near-uniform attention gives) are finished over the whole row, chunked, in the levels order; the other
+    rows of the same call keep the candidate order. 0: every row crowded; 10**9: none."""
+    g = torch.Generator().manual_seed(12)
+    n = 3000
+    scores = (torch.rand(4, n, generator=g) ** 3)
+    scores[1] = 1.0 / n + torch.rand(n, generator=g) * 1e-9  # one 16-bit bin: every key a candidate
+    scores[2, :] = 0.5  # constant: every key a candidate and a tie
+    scores[3] = torch.softmax(torch.randn(n, generator=g) * 1e-3, -1)  # near-uniform attention
+    run(scores.to(DEV), [300, 900, 1000, 2999], [0, 7, 0, 1], rows_per_batch=1, kmax=3000, method="candidates",
+        finish_max=finish_max)
 
 
 def test_method_error():

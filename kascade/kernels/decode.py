@@ -76,7 +76,7 @@ CONFIG = {
     # pool + radix kernels: chunks per row; candidates: finish levels 3-4 on the keys sharing the
     # threshold's 16-bit prefix only (kascade.kernels.topk_select.radix_candidates)
     # prefetch: the level-2 and split passes request each block of scores one block ahead
-    "select": dict(per_sm=4, candidates=True, prefetch=True),
+    "select": dict(per_sm=4, candidates=True, prefetch=True, finish_max=4096),  # finish_max: topk_select.FINISH_MAX
     # pool: prefetch keeps the next block of logits in flight (register double buffering)
     "pool": dict(BLOCK=512, num_warps=8, prefetch=True),
     # reuse layers (K and V rows gathered): "sparse" below sparse_large_from selected slots in all
@@ -665,7 +665,8 @@ def _anchor_core(q, krows: KVRows, vrows: KVRows, dm, start, end, rho, k_min, ti
     idx = torch.empty(R, kmax, dtype=torch.int32, device=dev)
     if CONFIG["select"]["candidates"]:
         ts.radix_candidates(scores, N, ws, counts, start32, HKV, nchunk, chunk, idx, end_b=end32,
-                            prefetch=CONFIG["select"]["prefetch"], pdl=pdl)
+                            prefetch=CONFIG["select"]["prefetch"], pdl=pdl,
+                            finish_max=CONFIG["select"]["finish_max"])
     else:
         ts.radix_levels(scores, N, ws, counts, start32, HKV, nchunk, chunk, idx, first_level=2, end_b=end32)
     sel = Selection(idx.view(B, HKV, 1, kmax), counts, first_tile, tile, True)

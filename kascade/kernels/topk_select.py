@@ -27,8 +27,12 @@ a few hundred keys, of which w are still wanted. One pass over the row writes th
 to the output (ascending position, slots [0, k - w)) and the candidates to a scratch row; one program
 per row then finishes levels 3-4 and the compaction over the candidates alone (slots [k - w, k): those
 above T ascending, then the ties at T ascending). This replaces two histogram passes and the compaction over every
-key by one pass; if nearly all keys share the threshold's 16-bit prefix (e.g. constant scores) the
-single finishing program walks them all: still exact, but slow.
+key by one pass. A row with more than `finish_max` candidates (nearly flat scores: constant ones, or
+the near-uniform attention of a model with tiny random weights, where one program would walk most of a
+128K row three times) is finished instead by levels 3-4 and the compaction over the whole row, chunked
+like the levels path (its slots then in the levels order); every program of either finish reads the
+candidate count from the level-2 histogram and leaves the other kind of row alone, so no value goes back
+to the host.
 
 Row r belongs to batch entry r // rows_per_batch; its valid keys are [start[b], end[b]) (end[b] = N
 unless a per-entry end is given: a preallocated cache) and it keeps k[b] of them
@@ -63,6 +67,7 @@ except ImportError:  # a Triton without it: the stubs are never traced (PDL is t
 HIST_BINS = 256
 LAST_BINS = 128
 BLOCK_SEL = 1024  # keys per step of the select kernels; chunks are multiples of it
+FINISH_MAX = 4 * BLOCK_SEL  # candidate path: rows with more candidates take the chunked finish
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,25 +162,47 @@ def _chunk_bounds(c, CHUNK, start, N, END, b, HAS_END: tl.constexpr):
     return lo, hi
 
 
+@triton.jit
+def _candidate_count(H_row, kk):
+    """Keys of a row sharing the k-th largest key's 16-bit prefix (levels 1-2 of H_row filled)."""
+    prefix1, want = _prefix(H_row, kk, 1)
+    bins = tl.arange(0, 256)
+    h2 = tl.load(H_row + 256 + bins)
+    d2, want = _descend(h2, want, 256)
+    return tl.sum(tl.where(bins == d2, h2, 0), 0)
+
+
+@triton.jit
+def _crowded_only(H_row, kk, lo, hi, FINISH_MAX, FALLBACK: tl.constexpr):
+    """A chunk's end hi; with FALLBACK, lo (nothing to do) for a row of at most FINISH_MAX candidates, which
+    the single-program finish took."""
+    if FALLBACK:
+        hi = tl.where(_candidate_count(H_row, kk) <= FINISH_MAX, lo, hi)
+    return hi
+
+
 # ----------------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["N", "CHUNK"])
+@triton.jit(do_not_specialize=["N", "CHUNK", "FINISH_MAX"])
 def _radix_hist_kernel(S, H, KB, START, END, N, stride_s, CHUNK, ROWS_PER_B,
-                       LEVEL: tl.constexpr, BLOCK: tl.constexpr, HAS_END: tl.constexpr):
-    """Levels 1-3: add this chunk's histogram of the level's digit into H[row, LEVEL - 1]."""
+                       LEVEL: tl.constexpr, BLOCK: tl.constexpr, HAS_END: tl.constexpr, FINISH_MAX=0,
+                       FALLBACK: tl.constexpr = False):
+    """Levels 1-3: add this chunk's histogram of the level's digit into H[row, LEVEL - 1].
+    FALLBACK: only rows with more than FINISH_MAX candidates (the candidate path's chunked finish)."""
     row = tl.program_id(0)
     c = tl.program_id(1)
     b = row // ROWS_PER_B
     want = tl.load(KB + b)
     start = tl.load(START + b)
     H_row = H + row * 1024
+    lo, hi = _chunk_bounds(c, CHUNK, start, N, END, b, HAS_END)
+    hi = _crowded_only(H_row, want, lo, hi, FINISH_MAX, FALLBACK)
     prefix = 0
     if LEVEL >= 2:
         prefix, want = _prefix(H_row, want, LEVEL - 1)
-    lo, hi = _chunk_bounds(c, CHUNK, start, N, END, b, HAS_END)
     s_row = S + row.to(tl.int64) * stride_s
     acc = tl.zeros([256], dtype=tl.int32)
     for n0 in range(lo, hi, BLOCK):
@@ -192,17 +219,18 @@ def _radix_hist_kernel(S, H, KB, START, END, N, stride_s, CHUNK, ROWS_PER_B,
     tl.atomic_add(H_row + (LEVEL - 1) * 256 + bins, acc, mask=acc > 0, sem="relaxed")
 
 
-@triton.jit(do_not_specialize=["N", "CHUNK"])
+@triton.jit(do_not_specialize=["N", "CHUNK", "FINISH_MAX"])
 def _radix_last_kernel(S, H, H4S, GT, KB, START, END, N, stride_s, CHUNK, ROWS_PER_B,
                        NCHUNK: tl.constexpr, BLOCK: tl.constexpr, HAS_END: tl.constexpr, LEVEL: tl.constexpr = 4,
-                       PREFETCH: tl.constexpr = False, PDL: tl.constexpr = 0):
+                       PREFETCH: tl.constexpr = False, PDL: tl.constexpr = 0, FINISH_MAX=0,
+                       FALLBACK: tl.constexpr = False):
     """A level whose chunk counts are kept: LEVEL 4 (bits 6..0, 128 bins, prefix of levels 1-3) or
     LEVEL 2 (bits 22..15, 256 bins, prefix of level 1; the candidate path).
 
     Adds the chunk histogram into H[row, LEVEL - 1]; stores per chunk its suffix sums
     H4S[row, c, d] = count of digits >= d and GT[row, c] = keys of the chunk above the prefix.
     PREFETCH: the chunk's first keys are requested before the prefix walk, and each block's keys one
-    block ahead (register double buffering).
+    block ahead (register double buffering). FALLBACK as in _radix_hist_kernel.
     """
     NB: tl.constexpr = 128 if LEVEL == 4 else 256
     SHIFT: tl.constexpr = 0 if LEVEL == 4 else 15
@@ -214,6 +242,7 @@ def _radix_last_kernel(S, H, H4S, GT, KB, START, END, N, stride_s, CHUNK, ROWS_P
     start = tl.load(START + b)
     H_row = H + row * 1024
     lo, hi = _chunk_bounds(c, CHUNK, start, N, END, b, HAS_END)
+    hi = _crowded_only(H_row, want, lo, hi, FINISH_MAX, FALLBACK)
     s_row = S + row.to(tl.int64) * stride_s
     if PREFETCH:
         key_next = _keys(s_row, lo, hi, BLOCK)
@@ -272,10 +301,12 @@ def _compact_block(key, offs, valid, thr, r, gt_base, eq_base, gt_total):
     return take, slot, tl.sum(gt, 0), tl.sum(eq, 0)
 
 
-@triton.jit(do_not_specialize=["N", "CHUNK", "KMAX"])
+@triton.jit(do_not_specialize=["N", "CHUNK", "KMAX", "FINISH_MAX"])
 def _radix_compact_kernel(S, H, H4S, GT, KB, START, END, IDX, N, stride_s, stride_i, CHUNK, ROWS_PER_B, KMAX,
-                          NCHUNK: tl.constexpr, BLOCK: tl.constexpr, HAS_END: tl.constexpr):
-    """Write the positions of the k largest keys of the row (see the module docstring for the order)."""
+                          NCHUNK: tl.constexpr, BLOCK: tl.constexpr, HAS_END: tl.constexpr, FINISH_MAX=0,
+                          FALLBACK: tl.constexpr = False):
+    """Write the positions of the k largest keys of the row (see the module docstring for the order).
+    FALLBACK as in _radix_hist_kernel."""
     row = tl.program_id(0)
     c = tl.program_id(1)
     b = row // ROWS_PER_B
@@ -284,6 +315,7 @@ def _radix_compact_kernel(S, H, H4S, GT, KB, START, END, IDX, N, stride_s, strid
     thr, r, gt_base, eq_base, gt_total = _compact_setup(H + row * 1024, H4S + row * NCHUNK * 128, GT + row * NCHUNK,
                                                         c, kk, NCHUNK)
     lo, hi = _chunk_bounds(c, CHUNK, start, N, END, b, HAS_END)
+    hi = _crowded_only(H + row * 1024, kk, lo, hi, FINISH_MAX, FALLBACK)
     s_row = S + row.to(tl.int64) * stride_s
     i_row = IDX + row.to(tl.int64) * stride_i
     for n0 in range(lo, hi, BLOCK):
@@ -339,13 +371,16 @@ def _radix_split_kernel(S, H, H2S, GT, KB, START, END, IDX, CAND, N, stride_s, s
 
 
 @triton.jit
-def _finish_row(H_row, kk, s_row, c_row, i_row, KMAX, BLOCK: tl.constexpr):
-    """Levels 3-4 over a row's candidates, then their slots [k - w, k), and -1 in [k, KMAX)."""
+def _finish_row(H_row, kk, s_row, c_row, i_row, KMAX, FINISH_MAX, BLOCK: tl.constexpr):
+    """Levels 3-4 over a row's candidates, then their slots [k - w, k), and -1 in [k, KMAX); nothing for a row
+    of more than FINISH_MAX candidates (the chunked finish takes it)."""
     prefix1, want = _prefix(H_row, kk, 1)
     bins = tl.arange(0, 256)
     h2 = tl.load(H_row + 256 + bins)
     d2, want = _descend(h2, want, 256)
     m = tl.sum(tl.where(bins == d2, h2, 0), 0)  # candidates
+    m = tl.where(m <= FINISH_MAX, m, 0)  # a crowded row: no walk, and its slots are left to the chunked finish
+    kk = tl.where(m > 0, kk, KMAX)
     above16 = kk - want  # keys above the 16-bit prefix: slots [0, above16) are written
     # The first BLOCK candidates (usually all of them) are read once and kept in registers for the
     # three walks; further blocks are read again by each walk.
@@ -376,15 +411,16 @@ def _finish_row(H_row, kk, s_row, c_row, i_row, KMAX, BLOCK: tl.constexpr):
         tl.store(i_row + offs, tl.full([BLOCK], -1, tl.int32), mask=offs < KMAX)
 
 
-@triton.jit(do_not_specialize=["KMAX"])
-def _radix_finish_kernel(S, H, KB, IDX, CAND, stride_s, stride_i, stride_c, ROWS_PER_B, KMAX, BLOCK: tl.constexpr,
-                         PDL: tl.constexpr = 0):
-    """Candidate path, one program per row: levels 3-4 over the candidates, then their slots [k - w, k)."""
+@triton.jit(do_not_specialize=["KMAX", "FINISH_MAX"])
+def _radix_finish_kernel(S, H, KB, IDX, CAND, stride_s, stride_i, stride_c, ROWS_PER_B, KMAX, FINISH_MAX,
+                         BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
+    """Candidate path, one program per row of at most FINISH_MAX candidates: levels 3-4 over the candidates,
+    then their slots [k - w, k)."""
     pdl_start(PDL)
     row = tl.program_id(0)
     b = row // ROWS_PER_B
     _finish_row(H + row * 1024, tl.load(KB + b), S + row.to(tl.int64) * stride_s, CAND + row.to(tl.int64) * stride_c,
-                IDX + row.to(tl.int64) * stride_i, KMAX, BLOCK)
+                IDX + row.to(tl.int64) * stride_i, KMAX, FINISH_MAX, BLOCK)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -445,13 +481,15 @@ def radix_levels(scores, n_keys, ws, k_b, start_b, rows_per_b, nchunk, chunk, ou
 
 
 def radix_candidates(scores, n_keys, ws, k_b, start_b, rows_per_b, nchunk, chunk, out, end_b=None,
-                     prefetch: bool = True, pdl: int = 0):
-    """Levels 2-4 and the compaction by the candidate path (module docstring), level 1 already in ws.hist.
+                     prefetch: bool = True, pdl: int = 0, finish_max: int = FINISH_MAX):
+    """Levels 2-4 and the compaction by the candidate path (module docstring), level 1 already in ws.hist
+    (levels 3-4 of ws.hist zero).
 
     Same arguments and the same selected set as radix_levels(first_level=2); slot order as the module
     docstring says. Scratch: the candidate positions, [R, n_keys] int32. prefetch: the level-2 and
     split passes request each block of scores one block ahead (same result). pdl: PDL_MODES value of
-    the launches (pdl_start; only where pdl_available).
+    the launches (pdl_start; only where pdl_available). finish_max: rows with more candidates are
+    finished by the chunked levels 3-4 and compaction (their slots in the levels order).
     """
     rows = scores.shape[0]
     grid = (rows, nchunk)
@@ -467,14 +505,22 @@ def radix_candidates(scores, n_keys, ws, k_b, start_b, rows_per_b, nchunk, chunk
                               BLOCK=BLOCK_SEL, HAS_END=has_end, PREFETCH=prefetch, PDL=pdl,
                               num_warps=4, **pdl_kwargs(pdl))
     _radix_finish_kernel[(rows,)](scores, ws.hist, k_b, out, cand, scores.stride(0), out.stride(0),
-                                  cand.stride(0), rows_per_b, out.shape[1], BLOCK=BLOCK_SEL, PDL=pdl, num_warps=8,
-                                  **pdl_kwargs(pdl))
+                                  cand.stride(0), rows_per_b, out.shape[1], finish_max, BLOCK=BLOCK_SEL, PDL=pdl,
+                                  num_warps=8, **pdl_kwargs(pdl))
+    # rows of more than finish_max candidates: levels 3-4 and the compaction over the whole row, chunked
+    fallback = dict(FINISH_MAX=finish_max, FALLBACK=True, HAS_END=has_end, BLOCK=BLOCK_SEL, num_warps=4)
+    _radix_hist_kernel[grid](scores, ws.hist, k_b, start_b, end, n_keys, scores.stride(0), chunk, rows_per_b,
+                             LEVEL=3, **fallback)
+    _radix_last_kernel[grid](scores, ws.hist, ws.h4, ws.gt, k_b, start_b, end, n_keys, scores.stride(0), chunk,
+                             rows_per_b, NCHUNK=nchunk, **fallback)
+    _radix_compact_kernel[grid](scores, ws.hist, ws.h4, ws.gt, k_b, start_b, end, out, n_keys, scores.stride(0),
+                                out.stride(0), chunk, rows_per_b, out.shape[1], NCHUNK=nchunk, **fallback)
     return out
 
 
 def topk_select(scores: torch.Tensor, k: torch.Tensor, start: torch.Tensor | None = None,
                 rows_per_batch: int = 1, kmax: int | None = None, end: torch.Tensor | None = None,
-                method: str = "levels") -> torch.Tensor:
+                method: str = "levels", finish_max: int = FINISH_MAX) -> torch.Tensor:
     """Positions of the k[b] largest of scores[r, start[b]:end[b]] for every row r (b = r // rows_per_batch).
 
     scores [R, N] float32, all >= 0 (e.g. probabilities); last dim contiguous.
@@ -486,8 +532,9 @@ def topk_select(scores: torch.Tensor, k: torch.Tensor, start: torch.Tensor | Non
     Returns [R, kmax] int32: per row the k[b] positions (absolute columns) of the largest scores;
     "levels": those strictly above the k-th value first in ascending position, then ties at the k-th
     value in ascending position; "candidates": those above the k-th value's 16-bit prefix, then the
-    rest of those above the k-th value, then the ties, each group in ascending position. Slots from
-    k[b] on hold -1. No host synchronisation.
+    rest of those above the k-th value, then the ties, each group in ascending position, except in rows
+    where more than finish_max keys share the k-th value's 16-bit prefix (they take the "levels" order).
+    Slots from k[b] on hold -1. No host synchronisation.
     """
     if method not in ("levels", "candidates"):
         raise ValueError(f"method: expected 'levels' or 'candidates', got {method!r}")
@@ -513,5 +560,6 @@ def topk_select(scores: torch.Tensor, k: torch.Tensor, start: torch.Tensor | Non
         _radix_hist_kernel[(rows, nchunk)](scores, ws.hist, k_b, start_b, end_b if has_end else start_b, n,
                                            scores.stride(0), chunk, rows_per_batch, LEVEL=1, BLOCK=BLOCK_SEL,
                                            HAS_END=has_end, num_warps=4)
-        return radix_candidates(scores, n, ws, k_b, start_b, rows_per_batch, nchunk, chunk, out, end_b=end_b)
+        return radix_candidates(scores, n, ws, k_b, start_b, rows_per_batch, nchunk, chunk, out, end_b=end_b,
+                                finish_max=finish_max)
     return radix_levels(scores, n, ws, k_b, start_b, rows_per_batch, nchunk, chunk, out, 1, end_b=end_b)
