@@ -134,3 +134,14 @@ def test_per_entry_end(method):
     cut = scores.clone()
     cut[0:2, 1500:] = -1.0  # below every valid score: the sort-based rule never reaches them
     assert torch.equal(got.cpu(), expected(cut, k, start, 2, 210, method))
+
+
+def test_flat_attention_benchmark_starts_without_a_gpu():
+    """benchmarks/flat_topk.py (GPU only) imports and explains itself on a machine without one."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "flat_topk.py"
+    out = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "finish" in out.stdout, out.stderr
