@@ -22,10 +22,10 @@ from kascade.kernels import decode as K  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=3)
-    ap.add_argument("--keys", type=int, default=131072)
-    ap.add_argument("-o", required=True)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=3, help="requests (default %(default)s)")
+    ap.add_argument("--keys", type=int, default=131072, help="keys per request (default %(default)s)")
+    ap.add_argument("-o", required=True, help="the JSON to write")
     a = ap.parse_args()
     torch.manual_seed(0)
     B, Hkv, G, N, D = a.batch, 8, 4, a.keys, 128
