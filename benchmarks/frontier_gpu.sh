@@ -6,16 +6,15 @@
 # $OUT/frontier.tar.gz.
 #
 # The command sequence, from the repository root (the model travels as in benchmarks/smollm2_gpu.sh):
-#   1. bash benchmarks/smollm2_gpu.sh copy part_00      carry .smol/p4/part_00
-#   2. bash benchmarks/smollm2_gpu.sh copy part_01      carry .smol/p4/part_01
-#   3. bash benchmarks/smollm2_gpu.sh copy part_02      carry .smol/p4/part_02
-#   4. bash benchmarks/frontier_gpu.sh eval             carry .smol/p4/part_03 and .smol/whl; repeat (same
+#   1-4. bash benchmarks/smollm2_gpu.sh copy part_0N   carry .smol/p4/part_0N, for N = 0 .. 3 (every part but
+#        the last, one call each)
+#   5. bash benchmarks/frontier_gpu.sh eval             carry .smol/p4/part_04 and .smol/whl; repeat (same
 #      carry) until it prints "0 eval runs pending" and "calibration: done". The first call joins and converts
 #      the model, starts the calibration in the background (setsid: the calibration set, the head- and
 #      layer-granular searches, the held-out divergences; log /tmp/frontier/calibrate.log) and runs the
 #      baselines (dense, oracle) and the default plan at three budgets while the searches run; later calls run
 #      the plans as they appear, PAR `kascade eval` processes side by side.
-#   5. bash benchmarks/frontier_gpu.sh speed            no carry; repeat until it prints "speed: done". Waits
+#   6. bash benchmarks/frontier_gpu.sh speed            no carry; repeat until it prints "speed: done". Waits
 #      for the evaluations and the calibration to stop (the GPU must be otherwise idle while it times), then
 #      measures decode on both shapes, prefill on SmolLM2's, then prefill on the 8B shape.
 #   On this machine: tar -xzf frontier.tar.gz -C /tmp (the last call's), then
@@ -23,7 +22,7 @@
 #        --meta /tmp/frontier/meta.json -o benchmarks/results/frontier_smollm2
 # If the machine went back between calls (/tmp is gone): `RESUME=.smol/frontier.tar.gz bash
 # benchmarks/frontier_gpu.sh restore` carrying the last returned tar as .smol/frontier.tar.gz (alone: the
-# call's 64 MiB hold the tree and one model part), then steps 1-3 again, then go on with step 4 or 5.
+# call's 64 MiB hold the tree and one model part), then steps 1-4 again, then go on with step 5 or 6.
 #
 # Estimate (H100; about 0.3 s per sample per process with 6 processes side by side, the rate of the
 # generalization runs): 23 evaluations of 60 samples x 12 tasks x 2 lengths (dense and oracle, the default

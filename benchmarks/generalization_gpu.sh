@@ -2,8 +2,8 @@
 # Plans that generalize, on the lent GPU machine (SmolLM2-135M-Instruct, bf16): calibration on the format
 # mixture with its leave-one-family-out folds, and the per-family evaluation, in calls of at most 10
 # minutes made back to back (the machine keeps /tmp, and processes started with setsid, between them).
-# The model travels as in benchmarks/smollm2_gpu.sh: `copy part_00`, `copy part_01`, `copy part_02` (that
-# script), then here, carrying .smol/p4/part_03 and .smol/whl:
+# The model travels as in benchmarks/smollm2_gpu.sh: `copy PART` of every part but the last (that script's
+# header), then here, carrying the last part (.smol/p4/part_04) and .smol/whl:
 #   start   join and convert the model; start the calibration searches in the background (setsid,
 #           benchmarks/generalization.py calibrate, log /tmp/$GEN/calibrate.log) and the coverage diagnosis of
 #           the shipped and paper plans (benchmarks/diagnose_families.py); run the baseline evaluations

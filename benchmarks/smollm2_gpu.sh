@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # SmolLM2-135M-Instruct on the lent GPU machine, in stages that fit its calls (10 minutes each; the
 # machine keeps /tmp between calls made while it is warm). A call carries at most 64 MiB with the
-# working tree (about 36 MB), so the 98 MB GGUF travels in four parts (`split -n 4 -d` of the file
-# into .smol/p4/part_00..03, ignored by git). Run from the repository root:
-#   copy PART  carry .smol/p4/PART (part_00, part_01, then part_02): copies it to /tmp/m
-#   calibrate  carry .smol/p4/part_03 and .smol/whl: joins and converts the model (scripts/smollm2-device.sh),
+# working tree (44.6 MB of tracked files on 2026-12-06), so the 98 MB GGUF travels in parts small enough to
+# ride beside it: `split -n 5 -d -a 2 FILE .smol/p4/part_` gives part_00..04 of 19.7 MB (ignored by git; FILE
+# is the GGUF that ../shared/tools/smollm2-parts unpacks, or its parts joined). Below, "the last part" is the
+# highest-numbered one and "the others" all before it. Run from the repository root:
+#   copy PART  carry .smol/p4/PART (each of the others, one call each): copies it to /tmp/m
+#   calibrate  carry the last part and .smol/whl: joins and converts the model (scripts/smollm2-device.sh),
 #              calibrates the output-aware plan (TARGET selecting-layer equivalents, default 10), then
 #              measures the plans along its search path and the paper recipe's at the same costs on a few
 #              cells (accuracy against cost)
-#   prepare    carry .smol/p4/part_03 and .smol/whl: joins and converts the model, takes the committed plan
+#   prepare    carry the last part and .smol/whl: joins and converts the model, takes the committed plan
 #   eval       the accuracy table into /tmp/eval (resumes; stops itself before the call's limit), in
 #              RUNS side by side (see the stage); SEED=results.jsonl skips the cells it holds
 #   decode     the same for the decode-only section (dense prefill, sparse decode): by default (RUNS unset)
