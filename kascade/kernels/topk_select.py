@@ -507,6 +507,8 @@ def radix_candidates(scores, n_keys, ws, k_b, start_b, rows_per_b, nchunk, chunk
     _radix_finish_kernel[(rows,)](scores, ws.hist, k_b, out, cand, scores.stride(0), out.stride(0),
                                   cand.stride(0), rows_per_b, out.shape[1], finish_max, BLOCK=BLOCK_SEL, PDL=pdl,
                                   num_warps=8, **pdl_kwargs(pdl))
+    if finish_max >= n_keys:  # no row can hold more candidates than keys: no chunked finish to launch
+        return out
     # rows of more than finish_max candidates: levels 3-4 and the compaction over the whole row, chunked
     fallback = dict(FINISH_MAX=finish_max, FALLBACK=True, HAS_END=has_end, BLOCK=BLOCK_SEL, num_warps=4)
     _radix_hist_kernel[grid](scores, ws.hist, k_b, start_b, end, n_keys, scores.stride(0), chunk, rows_per_b,
