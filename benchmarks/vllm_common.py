@@ -52,6 +52,48 @@ def register_plugin() -> None:
     register()
 
 
+INIT_LOAD_FORMAT = "kascade-init"
+
+
+def load_format(weights: str) -> str:
+    """vLLM's load_format for a benchmark's --weights: "dummy" (vLLM's own: uniform in +-1e-3) or "init"
+    (normal at the config's initializer_range, registered here under INIT_LOAD_FORMAT)."""
+    if weights == "dummy":
+        return "dummy"
+    if weights != "init":
+        raise ValueError(f"weights: expected 'dummy' or 'init', got {weights!r}")
+    register_init_loader()
+    return INIT_LOAD_FORMAT
+
+
+def register_init_loader() -> None:
+    """Register INIT_LOAD_FORMAT with vLLM (in this process): every weight matrix drawn from
+    N(0, initializer_range^2) as transformers initializes Llama, norm scales 1, biases 0,
+    nothing downloaded. vLLM's dummy weights (uniform in +-1e-3) make every query-key score nearly 0, so
+    attention is flat, the top-k selection's worst case; these give scores of standard deviation about 1.6 on
+    the 8B shape, which is what a freshly initialized model has (a trained one is more peaked still)."""
+    import torch
+    from vllm.model_executor.model_loader import register_model_loader
+    from vllm.model_executor.model_loader.dummy_loader import DummyModelLoader
+
+    if getattr(register_init_loader, "done", False):
+        return
+
+    @register_model_loader(INIT_LOAD_FORMAT)
+    class InitLoader(DummyModelLoader):
+        def load_weights(self, model, model_config) -> None:
+            std = float(getattr(model_config.hf_config, "initializer_range", 0.02))
+            gen = torch.Generator(device=next(model.parameters()).device).manual_seed(model_config.seed or 0)
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if p.dim() == 1:
+                        p.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
+                    else:
+                        p.normal_(0.0, std, generator=gen)
+
+    register_init_loader.done = True
+
+
 def kascade_layers() -> int:
     """Attention layers built with a plan in this process (KascadeFlashAttentionImpl / KascadeCPUImpl)."""
     import kascade.integrations.vllm as kv

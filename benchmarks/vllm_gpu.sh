@@ -16,7 +16,9 @@
 #   bash benchmarks/vllm_gpu.sh bench      benchmarks/vllm_serving.py run: 12 cells (3 providers x graph/eager x
 #                                          long/mid, 2-4 minutes each); repeat until "missing cells: none"
 #                                          (PROVIDERS, MODES, WORKLOADS narrow it, e.g. MODES=graph first;
-#                                          PROFILE=1 adds each cell's kernel breakdown: benchmarks/vllm_profile.py)
+#                                          PROFILE=1 adds each cell's kernel breakdown: benchmarks/vllm_profile.py;
+#                                          WEIGHTS=init draws the weights at the initializer's scale, not vLLM's
+#                                          near-zero dummy ones: cells named ...-init)
 #   bash benchmarks/vllm_gpu.sh serve      benchmarks/vllm_serving.py serve: vllm serve + 16 concurrent requests,
 #                                          with the plan and on vLLM dense (the control); the server needs uvicorn,
 #                                          uvloop, aiohttp, ...: run `bash benchmarks/vllm_serve_deps.sh download`
@@ -62,7 +64,7 @@ eval)
 bench)
   python3 benchmarks/vllm_serving.py run --work /tmp/vllm_bench --providers "${PROVIDERS:-flash,anchors5,selecting10}" \
     --modes "${MODES:-graph,eager}" --workloads "${WORKLOADS:-long,mid}" --budget-s "${BUDGET:-540}" --copy-to "$OUT/bench" \
-    ${PROFILE:+--profile}
+    --weights "${WEIGHTS:-dummy}" ${PROFILE:+--profile}
   ;;
 serve)  # with the plan, then the same run on vLLM dense (the control: what preemption does without Kascade)
   # vLLM's OpenAI server needs modules the parts leave out (benchmarks/vllm_serve_deps.sh; carry .vllm/serve_whl)

@@ -72,6 +72,11 @@ PROVIDERS = {"flash": None, "anchors5": [0, 2, 8, 13, 14], "selecting10": [0, 2,
 WORKLOADS = {"long": 131072, "mid": 32768}
 NEW_TOKENS = 256
 MID_BATCH = 16
+WEIGHTS = {  # --weights: how the random weights are drawn
+    "dummy": "vLLM's dummy load format (uniform in +-1e-3: every attention score nearly equal, the selection's "
+             "worst case)",
+    "init": "normal at the config's initializer_range (0.02), norms 1 (benchmarks/vllm_common.py "
+            "register_init_loader: attention scores spread as with a freshly initialized model)"}
 PROFILE_STEPS = 16  # decode steps under the profiler (cell --profile)
 DTYPE_BYTES = {"bfloat16": 2, "float32": 4}  # serve --dtype: bytes per KV element
 KV_BYTES_PER_TOKEN = 2 * 8 * 128 * 2 * 32  # K and V, 8 KV heads, head dim 128, bf16, 32 layers: 128 KiB
@@ -154,7 +159,7 @@ def run_cell(args) -> dict:
     max_len = -(-(length + NEW_TOKENS + 2 * BLOCK) // BLOCK) * BLOCK
     kv_bytes = batch * max_len * KV_BYTES_PER_TOKEN
     plan = plan_file(work, args.provider)
-    engine = dict(load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True, max_model_len=max_len,
+    engine = dict(load_format=VC.load_format(args.weights), dtype="bfloat16", skip_tokenizer_init=True, max_model_len=max_len,
                   max_num_seqs=batch, max_num_batched_tokens=args.chunk, enable_prefix_caching=True,
                   enforce_eager=args.mode == "eager", kv_cache_memory_bytes=kv_bytes, seed=0,
                   attention_config={"backend": "FLASH_ATTN"},
@@ -172,7 +177,8 @@ def run_cell(args) -> dict:
     one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, detokenize=False)
     many = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True, detokenize=False)
     warm_up(llm, args.chunk, batch, max_len, SamplingParams)
-    res = dict(provider=args.provider, mode=args.mode, workload=args.workload, batch=batch, prompt_len=length,
+    res = dict(provider=args.provider, mode=args.mode, workload=args.workload, weights=args.weights, batch=batch,
+               prompt_len=length,
                new_tokens=NEW_TOKENS, anchors=PROVIDERS[args.provider], engine_start_s=start_s, kascade_layers=layers,
                engine={k: v for k, v in engine.items() if k != "additional_config"}, **info)
     if args.workload == "long":
@@ -376,24 +382,30 @@ def cell_list(args) -> list:
         for mode in args.modes.split(","):
             for provider in args.providers.split(","):
                 argv = ["cell", "--provider", provider, "--mode", mode, "--workload", workload, "--work", args.work,
-                        "--repeats", str(args.repeats), "--chunk", str(args.chunk)] + (["--profile"] if args.profile else [])
-                cells.append((f"{workload}-{mode}-{provider}", argv))
+                        "--repeats", str(args.repeats), "--chunk", str(args.chunk), "--weights", args.weights]
+                cells.append((cell_name(workload, mode, provider, args.weights),
+                              argv + (["--profile"] if args.profile else [])))
     return cells
+
+
+def cell_name(workload: str, mode: str, provider: str, weights: str = "dummy") -> str:
+    """A cell's file stem: workload-mode-provider, with -init for --weights init."""
+    return f"{workload}-{mode}-{provider}" + ("" if weights == "dummy" else f"-{weights}")
 
 
 def ratio_name(kind: str, batch: int, length: int, provider: str) -> str:
     return f"{kind}_{batch}x{length}_{provider}" if kind == "decode" else f"{kind}_{length}_{provider}"
 
 
-def ratios(cells: dict, mode: str) -> dict:
+def ratios(cells: dict, mode: str, weights: str = "dummy") -> dict:
     """Kascade over FlashAttention in the same run: decode tokens/s ratio, TTFT speed-up (flash / kascade)."""
     out = {}
     for workload, length in WORKLOADS.items():
-        base = cells.get(f"{workload}-{mode}-flash")
+        base = cells.get(cell_name(workload, mode, "flash", weights))
         if base is None:
             continue
         for provider in ("anchors5", "selecting10"):
-            c = cells.get(f"{workload}-{mode}-{provider}")
+            c = cells.get(cell_name(workload, mode, provider, weights))
             if c is None:
                 continue
             out[ratio_name("decode", c["batch"], length, provider)] = c["decode_tokens_per_s"] / base["decode_tokens_per_s"]
@@ -446,24 +458,28 @@ def report(args) -> None:
     data = {"device": first["device"], "date": max(c["date"] for c in cells.values()),
             "versions": {k: first.get(k) for k in ("vllm", "torch", "triton", "transformers")},
             "ratios": ratios(cells, "graph"), "ratios_eager": ratios(cells, "eager"),
+            "ratios_init_weights": ratios(cells, "graph", "init"), "weights": WEIGHTS,
             "targets": {"decode_long_anchors5": 2.5, "decode_long_selecting10": 1.8, "ttft_131072": 1.5},
             "cells": cells, "serve": serve, "serve_dense": serves.get("serve_dense")}
     VC.write_json(stem.with_suffix(".json"), data)
     lines = [f"# vLLM serving: Kascade against vLLM's FlashAttention backend ({data['device']}, {data['date']})", "",
              f"vLLM {data['versions']['vllm']}, torch {data['versions']['torch']}, triton {data['versions']['triton']}; "
-             "Llama-3.1-8B shape, dummy weights, bf16, greedy, EOS ignored; `python benchmarks/vllm_serving.py` "
-             "(method in its docstring).", "", "## Ratios (Kascade / FlashAttention, same run)", "",
-             "| ratio | graphs | eager |", "|---|---|---|"]
-    for k in sorted(set(data["ratios"]) | set(data["ratios_eager"])):
-        g, e = data["ratios"].get(k), data["ratios_eager"].get(k)
-        lines.append(f"| {k} | {'' if g is None else f'{g:.2f}x'} | {'' if e is None else f'{e:.2f}x'} |")
-    lines += ["", "## Cells", "", "| workload | mode | provider | batch x prompt | decode tokens/s | ITL (ms) | "
-              "batch prefill (s) | TTFT 128K (s) | engine start (s) |", "|---|---|---|---|---|---|---|---|---|"]
+             "Llama-3.1-8B shape, random weights, bf16, greedy, EOS ignored; `python benchmarks/vllm_serving.py` "
+             "(method in its docstring). Weights: " + "; ".join(f"`{k}`, {v}" for k, v in WEIGHTS.items()) +
+             ". FlashAttention's time does not depend on the scores; the top-k selection's does.", "",
+             "## Ratios (Kascade / FlashAttention, same run)", "",
+             "| ratio | graphs, dummy weights | eager, dummy weights | graphs, init weights |", "|---|---|---|---|"]
+    tables = (data["ratios"], data["ratios_eager"], data["ratios_init_weights"])
+    for k in sorted(set().union(*tables)):
+        lines.append("| " + " | ".join([k] + [f"{t[k]:.2f}x" if k in t else "" for t in tables]) + " |")
+    lines += ["", "## Cells", "", "| workload | mode | weights | provider | batch x prompt | decode tokens/s | ITL (ms) | "
+              "batch prefill (s) | TTFT 128K (s) | engine start (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, c in sorted(cells.items()):
         ttft = f"{c['ttft_median_s']:.2f}" if "ttft_median_s" in c else ""
         if "ttft_cold_s" in c:
             ttft += f" (cold {c['ttft_cold_s']:.1f})"
-        lines.append(f"| {c['workload']} | {c['mode']} | {c['provider']} | {c['batch']} x {c['prompt_len']} | "
+        lines.append(f"| {c['workload']} | {c['mode']} | {c.get('weights', 'dummy')} | {c['provider']} | "
+                     f"{c['batch']} x {c['prompt_len']} | "
                      f"{c['decode_tokens_per_s']:.1f} | {c['itl_ms']:.2f} | {c['batch_prefill_s']:.2f} | {ttft} | "
                      f"{c['engine_start_s']:.0f} |")
     profiled = {name: c["profile"] for name, c in sorted(cells.items()) if "profile" in c}
@@ -528,6 +544,8 @@ def main(argv=None) -> None:
     common.add_argument("--work", default="/tmp/vllm_bench", help="folder of the cells' files (default %(default)s)")
     common.add_argument("--repeats", type=int, default=3, help="decode timings per cell (median; default %(default)s)")
     common.add_argument("--chunk", type=int, default=16384, help="max_num_batched_tokens (default %(default)s)")
+    common.add_argument("--weights", choices=list(WEIGHTS), default="dummy",
+                        help="how the random weights are drawn (default %(default)s; module docstring)")
     common.add_argument("--profile", action="store_true",
                         help="add a kernel breakdown of a few decode steps and one prefill (benchmarks/vllm_profile.py)")
     r = sub.add_parser("run", parents=[common], help="run the missing cells within a time budget")

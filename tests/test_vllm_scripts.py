@@ -80,21 +80,22 @@ def test_entry_point_is_found_by_importlib_metadata(tmp_path):
 
 def test_cell_lists():
     cells = SERVE.cell_list(Namespace(workloads="long,mid", modes="graph", providers="flash,anchors5", work="/w",
-                                      repeats=3, chunk=16384, profile=False))
+                                      repeats=3, chunk=16384, profile=False, weights="dummy"))
     assert [c[0] for c in cells] == ["long-graph-flash", "long-graph-anchors5", "mid-graph-flash", "mid-graph-anchors5"]
     assert cells[1][1][:7] == ["cell", "--provider", "anchors5", "--mode", "graph", "--workload", "long"]
     assert "--profile" not in cells[0][1]
     profiled = SERVE.cell_list(Namespace(workloads="long", modes="eager", providers="flash", work="/w", repeats=3,
-                                         chunk=16384, profile=True))
-    assert profiled[0][1][-1] == "--profile"
+                                         chunk=16384, profile=True, weights="init"))
+    assert profiled[0][1][-1] == "--profile" and profiled[0][0] == "long-eager-flash-init"
+    assert profiled[0][1][profiled[0][1].index("--weights") + 1] == "init"
     checks = CHECK.cell_list(Namespace(models="tiny", modes="graph,eager", work="/w"))
     assert [c[0] for c in checks][:2] == ["tiny-vllm-shipped-graph", "tiny-vllm-dense-graph"]
     assert len(checks) == 11 and checks[7][0] == "tiny-transformers-shipped"
     assert [c[0] for c in checks][8:] == ["tiny-vllm-fp8-graph", "tiny-vllm-fp8-eager", "tiny-transformers-fp8"]
 
 
-def _cell(workload, mode, provider, tps, ttft=None, batch=None):
-    c = dict(workload=workload, mode=mode, provider=provider, batch=batch or (4 if workload == "long" else 16),
+def _cell(workload, mode, provider, tps, ttft=None, batch=None, weights="dummy"):
+    c = dict(workload=workload, mode=mode, provider=provider, weights=weights, batch=batch or (4 if workload == "long" else 16),
              prompt_len=SERVE.WORKLOADS[workload], decode_tokens_per_s=tps, itl_ms=10.0, batch_prefill_s=30.0,
              engine_start_s=60.0, device="NVIDIA H200", device_short="h200", date="2026-12-06", vllm="0.26.0",
              torch="2.11.0", triton="3.6.0", transformers="5.19.0")
@@ -109,7 +110,9 @@ def test_serving_report_ratios(tmp_path):
              "long-graph-selecting10": _cell("long", "graph", "selecting10", 190.0, ttft=7.0),
              "mid-graph-flash": _cell("mid", "graph", "flash", 400.0),
              "mid-graph-anchors5": _cell("mid", "graph", "anchors5", 600.0),
-             "long-eager-flash": _cell("long", "eager", "flash", 80.0, ttft=10.5)}
+             "long-eager-flash": _cell("long", "eager", "flash", 80.0, ttft=10.5),
+             "long-graph-flash-init": _cell("long", "graph", "flash", 101.0, weights="init"),
+             "long-graph-anchors5-init": _cell("long", "graph", "anchors5", 303.0, weights="init")}
     import vllm_profile as PROF
 
     prof = PROF.breakdown([("_decode_combine_kernel", 0.01, 16)], wall_s=0.02, ours={"_decode_combine_kernel"})
@@ -122,8 +125,10 @@ def test_serving_report_ratios(tmp_path):
     assert r["decode_4x131072_anchors5"] == pytest.approx(2.6) and r["decode_4x131072_selecting10"] == pytest.approx(1.9)
     assert r["decode_16x32768_anchors5"] == pytest.approx(1.5) and r["ttft_131072_anchors5"] == pytest.approx(1.6)
     assert data["ratios_eager"] == {} and data["device"] == "NVIDIA H200" and data["versions"]["vllm"] == "0.26.0"
+    assert data["ratios_init_weights"] == {"decode_4x131072_anchors5": pytest.approx(3.0)}
     md = (tmp_path / "vllm_h200.md").read_text()
-    assert "decode_4x131072_anchors5 | 2.60x" in md and "6.25 (cold 39.1)" in md
+    assert "decode_4x131072_anchors5 | 2.60x |  | 3.00x |" in md and "6.25 (cold 39.1)" in md
+    assert "| long | graph | init | anchors5 | 4 x 131072 | 303.0 |" in md
     assert "## Where the time goes" in md and "| long-graph-anchors5, prefill | 20.0 |" in md
     assert (tmp_path / "vllm_h200.png").stat().st_size > 0
     # an 80 GB GPU runs 3 x 128K: the ratio is named for the batch as run
@@ -268,3 +273,22 @@ def test_serve_runs_alone_get_their_own_report(tmp_path):
     assert set(json.loads((tmp_path / "out.json").read_text())["runs"]) == {"serve", "serve_dense"}
     with pytest.raises(SystemExit, match="no cell files or serve runs"):
         SERVE.report(Namespace(work=str(tmp_path / "empty"), o=None))
+
+
+def test_init_weights_loader_draws_at_the_initializer_scale():
+    pytest.importorskip("vllm")
+    import torch
+    from types import SimpleNamespace
+    from vllm.config.load import LoadConfig
+    from vllm.model_executor.model_loader import get_model_loader
+
+    with pytest.raises(ValueError, match="weights: expected 'dummy' or 'init', got 'zeros'"):
+        VC.load_format("zeros")
+    assert VC.load_format("dummy") == "dummy"
+    loader = get_model_loader(LoadConfig(load_format=VC.load_format("init")))
+    model = torch.nn.ModuleDict({"proj": torch.nn.Linear(512, 256, bias=True), "input_layernorm": torch.nn.LayerNorm(512)})
+    loader.load_weights(model, SimpleNamespace(hf_config=SimpleNamespace(initializer_range=0.05), seed=0))
+    w = model["proj"].weight
+    assert abs(float(w.std()) - 0.05) < 0.002 and abs(float(w.mean())) < 0.002
+    assert torch.all(model["proj"].bias == 0) and torch.all(model["input_layernorm"].weight == 1)
+    assert torch.all(model["input_layernorm"].bias == 0)
