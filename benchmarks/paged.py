@@ -8,6 +8,8 @@ its median time (triton.testing.do_bench; decode steps captured in a CUDA graph)
     decode:  anchor (select + sparse output), reuse (sparse attention over a selection)
     prefill: select (pooled scores + top-k; pages resolved in the kernel, and keys gathered into a
              contiguous scratch first: "-gather"), reuse (sparse attention over a selection)
+    --chunk C: also the selection as vLLM's chunked prefill runs it, C queries at a time on top of the
+             cache of the chunks before (keys gathered; "paged-P-chunk-C", the sum of the chunks' medians)
 
     python benchmarks/paged.py --out benchmarks/results
 """
@@ -69,12 +71,29 @@ def timed(fn, graph: bool):
     return {"median_ms": float(med), "p20_ms": float(p20), "p80_ms": float(p80)}
 
 
+def chunked_select(q, cache: PagedKV, chunk: int) -> dict:
+    """select_paged of q's positions chunk by chunk, each on top of the cache of the chunks before (the cache
+    holding the keys up to the chunk's end, as vLLM's chunked prefill writes them): sums of the medians."""
+    n = q.shape[2]
+    total = {"median_ms": 0.0, "p20_ms": 0.0, "p80_ms": 0.0}
+    for start in range(0, n, chunk):
+        end = min(start + chunk, n)
+        part = PagedKV(cache.key_cache, cache.value_cache, cache.block_table,
+                       torch.tensor([end], dtype=torch.int32, device=q.device))
+        qc = q[:, :, start:end]
+        res = timed(lambda: KP.select_paged(qc, part, RHO, K_MIN, TILE), False)
+        for key in total:
+            total[key] += res[key]
+    return total
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=131072)
     ap.add_argument("--pages", type=int, nargs="*", default=[16, 128])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--no-prefill", action="store_true")
+    ap.add_argument("--chunk", type=int, default=0, help="also time chunked prefill selection, C queries a chunk")
     args = ap.parse_args()
     n = args.n
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -114,6 +133,8 @@ def main():
                    timed(lambda: KP.select_paged(q, cache, RHO, K_MIN, TILE, gather_keys=False), False))
             record("prefill", "select", f"paged-{p}-gather", timed(lambda: KP.select_paged(q, cache, RHO, K_MIN, TILE),
                                                                      False))
+            if args.chunk:
+                record("prefill", "select", f"paged-{p}-chunk-{args.chunk}", chunked_select(q, cache, args.chunk))
             sel_p = KP.select_paged(q, cache, RHO, K_MIN, TILE)
             record("prefill", "reuse", f"paged-{p}",
                    timed(lambda: KP.sparse_attention_paged(q, cache, sel_p, head_map=head_map), False))
