@@ -157,3 +157,15 @@ def test_diagnosis_report_names_its_gap():
                                                      "oracle": 0.9, "source": [0, 0]}]}}}}
     md = D.markdown(r)
     assert "at least 0.1 below per-layer top-k" in md and "L0h1 0.70/0.90 from L0h0" in md
+
+
+def test_answer_logprob_pairs_each_strategy_with_dense():
+    import answer_logprob as A
+
+    v = {"dense": [-3.0, -2.0, -5.0], "oracle": [-3.5, -2.0, -6.0]}
+    mean, se = A.paired(v, "oracle")
+    assert mean == -0.5 and abs(se - (0.5 / 3 ** 0.5)) < 1e-12  # differences -0.5, 0, -1: sd 0.5
+    md = A.markdown({"length": 4096, "rho": 0.1, "device": "cpu", "dtype": "float32", "first_seed": 950000,
+                     "samples": 3, "plan": "p.json", "strategies": ["dense", "oracle"],
+                     "families": {"json_records": {"logprob": v, "first_ok": {"dense": [1, 1, 0], "oracle": [1, 0, 0]}}}})
+    assert "| json_records | oracle | -3.83 | -0.50 ± 0.29 | 0.33 |" in md

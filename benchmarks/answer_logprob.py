@@ -1,0 +1,115 @@
+"""Where a budget's or a plan's loss arises: the log-probability of the expected answer, teacher-forced.
+
+For each family, prompts of the evaluation task (seeds from --first-seed, outside the range the
+evaluation tables use) are prefilled with each strategy, then the expected answer's tokens are fed as
+decode steps (kascade.calibrate.output_aware.follow), and the log-probability of every answer token is
+summed. Unlike an accuracy cell (0 or 1 a sample), this is a continuous measure, so a few prompts tell
+apart where a loss arises, e.g. per-layer top-k with a sparse prefill (`oracle`) against the same with a
+dense prefill (`oracle+dense-prefill`, decode-only mode): if the second recovers dense, the loss comes
+from the prefill's selection, not from the decode steps'.
+
+    python benchmarks/answer_logprob.py MODEL_DIR --plan plans/smollm2-135m-instruct.json \\
+        --strategies dense,oracle,oracle+dense-prefill,kascade,kascade+dense-prefill \\
+        --families json_records,log_lookup --samples 8 -o OUT --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def paired(values: dict, name: str, base: str = "dense") -> tuple[float, float]:
+    """Mean and standard error over samples of values[name] - values[base] (lists in sample order)."""
+    d = [a - b for a, b in zip(values[name], values[base])]
+    mean = sum(d) / len(d)
+    if len(d) < 2:
+        return mean, float("nan")
+    var = sum((x - mean) ** 2 for x in d) / (len(d) - 1)
+    return mean, math.sqrt(var / len(d))
+
+
+def markdown(result: dict) -> str:
+    names = result["strategies"]
+    lines = [f"# Teacher-forced answer log-probability, {result['length']} tokens, rho {result['rho']}", "",
+             f"{result['device']}, {result['dtype']}; `benchmarks/answer_logprob.py` (held-out seeds from "
+             f"{result['first_seed']}, {result['samples']} prompts per family; plan {result['plan']}). Sum over the "
+             "answer's tokens of log p (nats); difference against dense: mean ± standard error over the same prompts; "
+             "first token: share of prompts whose first answer token is the argmax.", "",
+             "| family | strategy | log p(answer) | - dense | first token |", "|---|---|---|---|---|"]
+    for fam, v in result["families"].items():
+        for name in names:
+            m, se = paired(v["logprob"], name)
+            mean = sum(v["logprob"][name]) / len(v["logprob"][name])
+            first = sum(v["first_ok"][name]) / len(v["first_ok"][name])
+            lines.append(f"| {fam} | {name} | {mean:.2f} | {m:+.2f} ± {se:.2f} | {first:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("model_dir")
+    ap.add_argument("--plan", default=str(ROOT / "plans" / "smollm2-135m-instruct.json"))
+    ap.add_argument("--strategies", default="dense,oracle,oracle+dense-prefill,kascade,kascade+dense-prefill")
+    ap.add_argument("--families", default="json_records,log_lookup")
+    ap.add_argument("--length", type=int, default=4096)
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--first-seed", type=int, default=950_000)
+    ap.add_argument("--rho", type=float, default=0.1)
+    ap.add_argument("-o", "--output", required=True, help="output stem (.json, .md)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    args = ap.parse_args(argv)
+
+    import torch
+    from tqdm.auto import tqdm
+
+    import kascade
+    from kascade.calibrate.output_aware import follow
+    from kascade.eval.strategies import make_strategy
+    from kascade.eval.tasks import make_task
+    from kascade.models import load_model
+    from kascade.plan import Plan
+
+    names = args.strategies.split(",")
+    if "dense" not in names:
+        raise SystemExit(f"--strategies: expected dense among them (the differences are against it), got {names}")
+    model, tok = load_model(args.model_dir, args.device, args.dtype)
+    plan = Plan.load(args.plan)
+    strategies = {n: make_strategy(n, plan, model.config, args.rho, plan.k_min) for n in names}
+    device = next(model.parameters()).device
+    result = {"length": args.length, "samples": args.samples, "rho": args.rho, "first_seed": args.first_seed,
+              "plan": args.plan, "strategies": names, "device": str(device) if device.type == "cpu"
+              else torch.cuda.get_device_name(device), "dtype": str(next(model.parameters()).dtype), "families": {}}
+    for fam in args.families.split(","):
+        logprob = {n: [] for n in names}
+        first_ok = {n: [] for n in names}
+        for i in tqdm(range(args.samples), desc=fam, unit="prompt"):
+            s = make_task(fam, args.length, tok, seed=args.first_seed + i)
+            ids = tok(s.prompt).input_ids
+            target = tok(s.prompt + s.target).input_ids[len(ids):]
+            prompt = torch.tensor([ids], device=device)
+            cont = torch.tensor([target], device=device)
+            for n in names:
+                with kascade.enable(model, strategy=strategies[n]):
+                    _, lp = follow(model, prompt, len(target), cont)
+                picked = lp[0].gather(-1, cont[0][:, None])[:, 0]
+                logprob[n].append(float(picked.sum()))
+                first_ok[n].append(bool(lp[0, 0].argmax() == cont[0, 0]))
+        result["families"][fam] = {"logprob": logprob, "first_ok": first_ok}
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+        out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
