@@ -11,6 +11,7 @@ calibration prompts); plans and search reports in WORK/plans and WORK/reports un
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -61,7 +62,20 @@ def _paired(a: dict | None, b: dict | None):
         return None
     d = np.array([a[k] - b[k] for k in common]) * 100.0
     se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
-    return {"mean": round(float(d.mean()), 2), "se": round(se, 2), "samples": len(common)}
+    lost, gained = int((d < 0).sum()), int((d > 0).sum())
+    return {"mean": round(float(d.mean()), 2), "se": round(se, 2), "samples": len(common), "lost": lost,
+            "gained": gained, "sign_p": round(sign_test(lost, gained), 4)}
+
+
+def sign_test(lost: int, gained: int) -> float:
+    """Exact two-sided sign test of the samples one side lost against those it gained (ties left out): the
+    probability, were either side equally likely to win each changed sample, of a split at least this uneven."""
+    n = lost + gained
+    if n == 0:
+        return 1.0
+    k = min(lost, gained)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0 ** n
+    return min(1.0, 2.0 * tail)
 
 
 def rows_of(cells: dict, shipped_cost, loo_cost: str) -> list[dict]:
@@ -177,6 +191,7 @@ def markdown(doc: dict) -> str:
                                                       _pair(r["paired_vs_dense"]["kascade_shipped"]), holds])
         lines.append("| " + " | ".join(vals) + " |")
     lines += _sources_table(rows)
+    lines += _churn_table(rows)
     lines += _recipe_tables(rows)
     lines += ["", "## Calibration searches", "", "| search | prompts | cost | anchors | mean KL | worst family KL | "
               "paper recipe KL | plans measured | seconds | peak GPU GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -206,6 +221,26 @@ def _sources_table(rows: list[dict]) -> list[str]:
         out.append(f"| {r['name']} | {r['length']} | {_pair(r['paired_vs_dense']['oracle'])} | "
                    f"{_pair(r['paired_vs_oracle']['kascade_shipped'])} | "
                    f"{_pair(r['paired_vs_oracle']['kascade_leave_one_out'])} |")
+    return out
+
+
+def _churn_table(rows: list[dict]) -> list[str]:
+    """Per counting cell, the samples each strategy lost and gained against dense, with the sign test's p: how
+    much of a difference is answers moving both ways (a small model's greedy answers flip under any change)."""
+    cells = [r for r in rows if r["headline"]]
+    if not cells:
+        return []
+    keys = (("oracle", "oracle"), ("kascade_shipped", "shipped plan"), ("kascade_leave_one_out", "leave-one-out"))
+    out = ["", "## Answers lost and gained against dense", "",
+           "Samples where the strategy scores below dense / above dense (ties left out), and the exact two-sided sign "
+           "test's p of that split: a small p says the strategy's loss is not answers moving both ways by chance.", "",
+           "| family | length | " + " | ".join(name for _, name in keys) + " |", "|---|---|" + "---|" * len(keys)]
+    for r in cells:
+        vals = []
+        for k, _ in keys:
+            v = r["paired_vs_dense"].get(k)
+            vals.append("-" if not v or "lost" not in v else f"{v['lost']} / {v['gained']} (p {v['sign_p']:.2f})")
+        out.append(f"| {r['name']} | {r['length']} | " + " | ".join(vals) + " |")
     return out
 
 

@@ -169,3 +169,10 @@ def test_answer_logprob_pairs_each_strategy_with_dense():
                      "samples": 3, "plan": "p.json", "strategies": ["dense", "oracle"],
                      "families": {"json_records": {"logprob": v, "first_ok": {"dense": [1, 1, 0], "oracle": [1, 0, 0]}}}})
     assert "| json_records | oracle | -3.83 | -0.50 ± 0.29 | 0.33 |" in md
+
+
+def test_sign_test_of_answers_lost_and_gained():
+    assert GR.sign_test(0, 6) == 2 / 64 and GR.sign_test(0, 0) == 1.0 and GR.sign_test(5, 5) == 1.0
+    assert abs(GR.sign_test(22, 13) - 0.1755) < 1e-3
+    v = GR._paired({0: 1.0, 1: 0.0, 2: 1.0, 3: 0.5}, {0: 0.0, 1: 0.0, 2: 1.0, 3: 1.0})
+    assert (v["lost"], v["gained"], v["samples"]) == (1, 1, 4) and v["sign_p"] == 1.0
