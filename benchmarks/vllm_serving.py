@@ -3,8 +3,12 @@
 works anywhere.
 
 Model: the Llama-3.1-8B shape (kascade/configs/llama-3.1-8b-shape.json, written into a model folder with
-max_position_embeddings raised to fit 128K prompts plus the new tokens) with vLLM's dummy weights
-(load_format="dummy": nothing downloaded), bf16, token-id prompts (no tokenizer), greedy, EOS ignored.
+max_position_embeddings raised to fit 128K prompts plus the new tokens) with random weights, nothing
+downloaded: `--weights dummy` (default) is vLLM's dummy load format, uniform in +-1e-3, which makes every
+query-key score nearly 0 (flat attention, the top-k selection's worst case); `--weights init` draws them as
+transformers initializes the model (normal, std initializer_range 0.02; norms 1), so scores spread (std about
+1.6) as in a freshly initialized model. FlashAttention's time does not depend on the weights; the
+selection's does. bf16, token-id prompts (no tokenizer), greedy, EOS ignored.
 Providers: `flash` (vLLM's FlashAttention backend, FA3 on Hopper: no plan), `anchors5` (Kascade, anchors
 [0, 2, 8, 13, 14] of decode_h200) and `selecting10` (anchors [0, 2, 5, 8, 11, 13, 14, 17, 21, 26]), rho 0.1,
 k_min 128. Modes: `graph` (vLLM's default: torch.compile, CUDA graphs FULL_AND_PIECEWISE; Kascade's decode
