@@ -70,8 +70,8 @@ def register_init_loader() -> None:
     """Register INIT_LOAD_FORMAT with vLLM (in this process): every weight matrix drawn from
     N(0, initializer_range^2) as transformers initializes Llama, norm scales 1, biases 0,
     nothing downloaded. vLLM's dummy weights (uniform in +-1e-3) make every query-key score nearly 0, so
-    attention is flat, the top-k selection's worst case; these give scores of standard deviation about 1.6 on
-    the 8B shape, which is what a freshly initialized model has (a trained one is more peaked still)."""
+    attention is flat, the top-k selection's worst case; these spread the scores as a freshly initialized model
+    does (a trained one is more peaked still)."""
     import torch
     from vllm.model_executor.model_loader import register_model_loader
     from vllm.model_executor.model_loader.dummy_loader import DummyModelLoader

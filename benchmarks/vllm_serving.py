@@ -6,8 +6,8 @@ Model: the Llama-3.1-8B shape (kascade/configs/llama-3.1-8b-shape.json, written 
 max_position_embeddings raised to fit 128K prompts plus the new tokens) with random weights, nothing
 downloaded: `--weights dummy` (default) is vLLM's dummy load format, uniform in +-1e-3, which makes every
 query-key score nearly 0 (flat attention, the top-k selection's worst case); `--weights init` draws them as
-transformers initializes the model (normal, std initializer_range 0.02; norms 1), so scores spread (std about
-1.6) as in a freshly initialized model. FlashAttention's time does not depend on the weights; the
+transformers initializes the model (normal, std initializer_range 0.02; norms 1), so scores spread as in a freshly
+initialized model. FlashAttention's time does not depend on the weights; the
 selection's does. bf16, token-id prompts (no tokenizer), greedy, EOS ignored.
 Providers: `flash` (vLLM's FlashAttention backend, FA3 on Hopper: no plan), `anchors5` (Kascade, anchors
 [0, 2, 8, 13, 14] of decode_h200) and `selecting10` (anchors [0, 2, 5, 8, 11, 13, 14, 17, 21, 26]), rho 0.1,
@@ -80,7 +80,7 @@ WEIGHTS = {  # --weights: how the random weights are drawn
     "dummy": "vLLM's dummy load format (uniform in +-1e-3: every attention score nearly equal, the selection's "
              "worst case)",
     "init": "normal at the config's initializer_range (0.02), norms 1 (benchmarks/vllm_common.py "
-            "register_init_loader: attention scores spread as with a freshly initialized model)"}
+            "register_init_loader: attention scores spread as in a freshly initialized model)"}
 PROFILE_STEPS = 16  # decode steps under the profiler (cell --profile)
 DTYPE_BYTES = {"bfloat16": 2, "float32": 4}  # serve --dtype: bytes per KV element
 KV_BYTES_PER_TOKEN = 2 * 8 * 128 * 2 * 32  # K and V, 8 KV heads, head dim 128, bf16, 32 layers: 128 KiB
