@@ -35,6 +35,45 @@ def paired(values: dict, name: str, base: str = "dense") -> tuple[float, float]:
     return mean, math.sqrt(var / len(d))
 
 
+TAIL = "+dense-tail"
+
+
+def with_dense_tail(strategy, tail: int):
+    """`strategy`, except that in a prefill step (more than `tail` queries) the last `tail` query positions
+    attend densely to every key (their rows of the output replaced by dense attention's)."""
+    import inspect
+
+    from kascade import ops
+
+    sparse = strategy.attend
+    takes_len = "kv_len" in inspect.signature(sparse).parameters
+
+    def attend(layer, q, k, v, kv_start, scale, kv_len=None):
+        if kv_len is not None and not takes_len:
+            raise ValueError(f"kv_len: {type(strategy).__name__} does not take a preallocated cache's lengths")
+        out = sparse(layer, q, k, v, kv_start, scale, **({"kv_len": kv_len} if takes_len else {}))
+        if q.shape[2] > tail:
+            out[:, :, -tail:] = ops.dense(q[:, :, -tail:], k, v, kv_start=kv_start, scale=scale,
+                                          backend=strategy.backend, kv_len=kv_len)
+        return out
+
+    strategy.attend = attend
+    return strategy
+
+
+def build(name: str, plan, model_config, rho: float):
+    """The strategy of a name of --strategies (kascade.eval.strategies names, optionally ending in +dense-tailW)."""
+    from kascade.eval.strategies import make_strategy
+
+    base, _, tail = name.partition(TAIL)
+    strategy = make_strategy(base, plan, model_config, rho, plan.k_min)
+    if not tail:
+        return strategy
+    if not tail.isdigit() or int(tail) < 1:
+        raise SystemExit(f"--strategies: expected NAME{TAIL}W with W a positive integer, got {name!r}")
+    return with_dense_tail(strategy, int(tail))
+
+
 def markdown(result: dict) -> str:
     names = result["strategies"]
     lines = [f"# Teacher-forced answer log-probability, {result['length']} tokens, rho {result['rho']}", "",
@@ -72,7 +111,6 @@ def main(argv=None) -> int:
 
     import kascade
     from kascade.calibrate.output_aware import follow
-    from kascade.eval.strategies import make_strategy
     from kascade.eval.tasks import make_task
     from kascade.models import load_model
     from kascade.plan import Plan
@@ -82,7 +120,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"--strategies: expected dense among them (the differences are against it), got {names}")
     model, tok = load_model(args.model_dir, args.device, args.dtype)
     plan = Plan.load(args.plan)
-    strategies = {n: make_strategy(n, plan, model.config, args.rho, plan.k_min) for n in names}
+    strategies = {n: build(n, plan, model.config, args.rho) for n in names}
     device = next(model.parameters()).device
     result = {"length": args.length, "samples": args.samples, "rho": args.rho, "first_seed": args.first_seed,
               "plan": args.plan, "strategies": names, "device": str(device) if device.type == "cpu"

@@ -1,6 +1,8 @@
 """benchmarks/generalization_report.py: per-family rows and the targets' rule, from made-up eval rows."""
 
 import json
+
+import pytest
 import os
 import sys
 
@@ -176,3 +178,30 @@ def test_sign_test_of_answers_lost_and_gained():
     assert abs(GR.sign_test(22, 13) - 0.1755) < 1e-3
     v = GR._paired({0: 1.0, 1: 0.0, 2: 1.0, 3: 0.5}, {0: 0.0, 1: 0.0, 2: 1.0, 3: 1.0})
     assert (v["lost"], v["gained"], v["samples"]) == (1, 1, 4) and v["sign_p"] == 1.0
+
+
+def test_dense_tail_rows_are_dense_attention_and_the_rest_unchanged():
+    import torch
+    from transformers import LlamaConfig
+
+    import answer_logprob as A
+    from kascade import ops
+    from kascade.plan import Plan
+
+    cfg = LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64)
+    plan = Plan.for_model(cfg, [0], rho=0.1, k_min=8, tile=8)
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 96, 16), torch.randn(1, 2, 96, 16), torch.randn(1, 2, 96, 16)
+    plain, tailed = A.build("oracle", plan, cfg, 0.1), A.build("oracle+dense-tail16", plan, cfg, 0.1)
+    for s in (plain, tailed):
+        s.begin_forward()
+    a = [plain.attend(i, q, k, v, None, None) for i in range(2)]
+    b = [tailed.attend(i, q, k, v, None, None) for i in range(2)]
+    dense = ops.dense(q, k, v, backend="reference")
+    assert torch.equal(a[1][:, :, :-16], b[1][:, :, :-16])
+    assert torch.allclose(b[1][:, :, -16:], dense[:, :, -16:], atol=1e-6)
+    assert not torch.allclose(a[1][:, :, -16:], dense[:, :, -16:], atol=1e-3)  # the sparse rows differ
+    one = q[:, :, -1:]
+    assert torch.equal(tailed.attend(1, one, k, v, None, None), plain.attend(1, one, k, v, None, None))  # decode
+    with pytest.raises(SystemExit, match="dense-tailW"):
+        A.build("oracle+dense-tailx", plan, cfg, 0.1)
