@@ -1,6 +1,6 @@
 """The decode anchor on flat attention (every score nearly equal, as tiny random weights give) against peaked
-attention, with the chunked finish for crowded rows (finish_max 4096, the default) and without it (finish_max
-above every row: the single-program finish walks the whole row), beside torch's SDPA decode on the same shapes
+attention, with the chunked finish for crowded rows (finish_max 4096) and without it (finish_max above every
+row, the default: the single-program finish walks the whole row), beside torch's SDPA decode on the same shapes
 (a reference point, not FlashAttention-3). GPU only. Writes a JSON with the medians (triton.testing.do_bench, ms).
 
     python benchmarks/flat_topk.py [--batch 3] [--keys 131072] -o OUT.json
@@ -44,12 +44,14 @@ def main() -> None:
             fn()
             key = f"anchor_{name}_{'chunked' if finish_max == 4096 else 'single'}_finish"
             res["ms"][key] = triton.testing.do_bench(fn, warmup=50, rep=300)
+    default = K.CONFIG["select"]["finish_max"]
     K.CONFIG["select"]["finish_max"] = 4096
     out1, sel1 = K.anchor(q_flat, k, v, 0.1, 128, 32)
     K.CONFIG["select"]["finish_max"] = 1 << 30
     out2, sel2 = K.anchor(q_flat, k, v, 0.1, 128, 32)
     same = all(torch.equal(sel1.indices[b, h, 0].sort().values, sel2.indices[b, h, 0].sort().values)
                for b in range(B) for h in range(Hkv))
+    K.CONFIG["select"]["finish_max"] = default
     res["flat_same_sets"] = same
     Path(a.o).write_text(json.dumps(res, indent=1))
     for kk, vv in res["ms"].items():

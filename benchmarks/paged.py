@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from kascade.kernels import decode as KD  # noqa: E402
 from kascade.kernels import prefill as KP  # noqa: E402
 from kascade.kernels.paging import PagedKV  # noqa: E402
+from vllm_common import short_device_name  # noqa: E402  (benchmarks/: imports neither vllm nor torch)
 
 HQ, HKV, D = 32, 8, 128
 RHO, K_MIN, TILE = 0.1, 128, 32
@@ -143,7 +144,7 @@ def main():
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "date": datetime.date.today().isoformat(), "N": n, "B": 1, "Hq": HQ, "Hkv": HKV, "D": D, "rho": RHO,
             "dtype": "bf16"}
-    tag = torch.cuda.get_device_name().split()[-1].lower()
+    tag = short_device_name(torch.cuda.get_device_name())
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"paged_{tag}.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)

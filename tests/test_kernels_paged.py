@@ -97,6 +97,15 @@ def test_prefill_paged_small(Hq, Hkv, D, dtype, page_size, head_major, gather_ke
                          rho=0.25, k_min=5, head_major=head_major, gather_keys=gather_keys)
 
 
+@pytest.mark.parametrize("kv_start", [[0], [0, 0]])
+def test_prefill_paged_small_sequences_of_one_length(kv_start):
+    # keys gathered and every sequence as long as the scratch: the selection runs without per-sequence ends
+    q, k, v = _inputs(len(kv_start), 8, 2, 70, 170, 64, torch.bfloat16, 0)
+    ks = torch.tensor(kv_start, device=DEV)
+    sel = P.select_paged(q, to_paged(k, v, kv_start, 16, False, 0), rho=0.25, k_min=5, tile=32)
+    check_selection(shifted(sel, kv_start), R.select(q, k, rho=0.25, k_min=5, tile=32, kv_start=ks), q, k, ks)
+
+
 def test_prefill_kv_len_small():
     # a preallocated cache: keys at positions >= kv_len[b] are garbage and must not be seen
     q, k, v = _inputs(2, 8, 2, 40, 160, 32, torch.bfloat16, seed=4)

@@ -76,7 +76,10 @@ CONFIG = {
     # pool + radix kernels: chunks per row; candidates: finish levels 3-4 on the keys sharing the
     # threshold's 16-bit prefix only (kascade.kernels.topk_select.radix_candidates)
     # prefetch: the level-2 and split passes request each block of scores one block ahead
-    "select": dict(per_sm=4, candidates=True, prefetch=True, finish_max=4096),  # finish_max: topk_select.FINISH_MAX
+    # finish_max: rows with more candidates take the chunked finish (topk_select.FINISH_MAX = 4096 turns it on);
+    # off by default: its three extra launches cost peaked scores 0.41 -> 0.54 ms per anchor at 3 x 128K, more
+    # than it saves flat ones (0.64 -> 0.47 ms; H100, benchmarks/results/flat_topk_h100.json)
+    "select": dict(per_sm=4, candidates=True, prefetch=True, finish_max=1 << 30),
     # pool: prefetch keeps the next block of logits in flight (register double buffering)
     "pool": dict(BLOCK=512, num_warps=8, prefetch=True),
     # reuse layers (K and V rows gathered): "sparse" below sparse_large_from selected slots in all
