@@ -25,6 +25,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+def _relative(path: str) -> str:
+    """path relative to the repository when inside it (results name files, not machines' folders)."""
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(path)
+
+
 def paired(values: dict, name: str, base: str = "dense") -> tuple[float, float]:
     """Mean and standard error over samples of values[name] - values[base] (lists in sample order)."""
     d = [a - b for a, b in zip(values[name], values[base])]
@@ -123,7 +129,7 @@ def main(argv=None) -> int:
     strategies = {n: build(n, plan, model.config, args.rho) for n in names}
     device = next(model.parameters()).device
     result = {"length": args.length, "samples": args.samples, "rho": args.rho, "first_seed": args.first_seed,
-              "plan": args.plan, "strategies": names, "device": str(device) if device.type == "cpu"
+              "plan": _relative(args.plan), "strategies": names, "device": str(device) if device.type == "cpu"
               else torch.cuda.get_device_name(device), "dtype": str(next(model.parameters()).dtype), "families": {}}
     for fam in args.families.split(","):
         logprob = {n: [] for n in names}

@@ -117,6 +117,10 @@ def eval_jobs(work: Path, model_dir: str, families, lengths: str, samples: int, 
         fams = ",".join(here)
         jobs.append(("baselines", f"{base} --tasks {fams} --plan {SHIPPED} --paper-plan {PAPER} "
                                   f"--strategies dense,oracle,kascade,kascade-paper --out {out}/baselines"))
+        # decode-only mode (dense prefill, sparse decode) of per-layer top-k and the shipped plan: its own run
+        # folder, so that a stage running the baselines does not wait for it
+        jobs.append(("decode-only", f"{base} --tasks {fams} --plan {SHIPPED} "
+                                    f"--strategies oracle,kascade --sparse-prefill no --out {out}/decode-only"))
         for plan in sorted((work / "plans").glob("mixture-*.json")):
             jobs.append((plan.stem, f"{base} --tasks {fams} --plan {plan} --strategies kascade "
                                     f"--out {out}/{plan.stem}"))
@@ -126,6 +130,9 @@ def eval_jobs(work: Path, model_dir: str, families, lengths: str, samples: int, 
             if tasks:
                 jobs.append((plan.stem, f"{base} --tasks {','.join(tasks)} --plan {plan} --strategies kascade "
                                         f"--out {out}/{plan.stem}"))
+                jobs.append((plan.stem + "-decode-only", f"{base} --tasks {','.join(tasks)} --plan {plan} "
+                                                         f"--strategies kascade --sparse-prefill no "
+                                                         f"--out {out}/{plan.stem}-decode-only"))
     return jobs
 
 

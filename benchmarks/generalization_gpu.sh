@@ -12,7 +12,9 @@
 #   all     both in one call (FIRST seconds of baselines, then the plans found, BUDGET seconds in all)
 #   more    the committed plans and eval rows (benchmarks/results/generalization_smollm2_*) seeded into /tmp, then
 #           the eval jobs of those plans for BUDGET seconds: with a larger SAMPLES only the new samples run, e.g.
-#           SAMPLES=200 FAMILIES=code,json_records,records,multi_doc (the families where dense scores >= 20)
+#           SAMPLES=200 FAMILIES=code,json_records,records,multi_doc (the families where dense scores >= 20);
+#           JOBS narrows them (a pattern of job names, default baselines|mixture|lofo|decode-only), e.g.
+#           JOBS="decode-only|lofo-json_records-10-decode-only|lofo-records-10-decode-only" for decode-only mode
 #   recipe  another calibration recipe: CAL_ARGS (required) for `generalization.py calibrate` in GEN (a folder under
 #           /tmp, e.g. gen66), its searches in the background, then its plans' evaluations only (no baselines; the
 #           report takes them from the `more` folders), e.g. GEN=gen66 GENEVAL=gen66eval LENGTHS=4096
@@ -119,7 +121,7 @@ more)
   begin=$(date +%s)
   bash benchmarks/smollm2_gpu.sh prepare > /tmp/$GEN/prepare.log 2>&1 || { tail -n 20 /tmp/$GEN/prepare.log; exit 1; }
   [ -f /tmp/$GEN/seeded ] || { python3 benchmarks/generalization.py seed --work /tmp/$GEN --eval /tmp/$GENEVAL && touch /tmp/$GEN/seeded; }
-  run_jobs "baselines|mixture|lofo" "$(( ${BUDGET:-540} - ($(date +%s) - begin) ))"
+  run_jobs "${JOBS:-baselines|mixture|lofo|decode-only}" "$(( ${BUDGET:-540} - ($(date +%s) - begin) ))"
   collect
   ;;
 recipe)  # another calibration recipe (CAL_ARGS) in its own folders (GEN, GENEVAL): its searches in the

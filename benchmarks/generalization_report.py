@@ -37,8 +37,12 @@ def collect(eval_dir: Path) -> dict:
     for path in sorted(eval_dir.glob("*/*/results.jsonl")):
         recipe, run = recipe_of(path.parent.parent.name)
         prefix = f"{recipe}:" if recipe else ""
+        if run == DECODE_ONLY_RUN:  # decode-only runs: their rows' names say the mode
+            run = "baselines"
+        elif run.endswith("-" + DECODE_ONLY_RUN):
+            run = run[: -len(DECODE_ONLY_RUN) - 1]
         for row in read_results(path):
-            strategy = row["strategy"]
+            strategy, mode = _mode(row["strategy"])
             if run == "baselines":
                 column = {"kascade": "shipped", "kascade-paper": "paper"}.get(strategy, strategy)
             elif strategy != "kascade":  # a plan's run also scores dense: the baselines' dense is the one reported
@@ -47,8 +51,18 @@ def collect(eval_dir: Path) -> dict:
                 column = prefix + "lofo-" + run.rsplit("-", 1)[1]
             else:
                 column = prefix + run
+            column += mode
             cells.setdefault((column, row["task"], row["length"]), {})[row["seed"]] = float(row["score"])
     return cells
+
+
+DECODE_ONLY = "+dense-prefill"  # a strategy's name in decode-only mode (dense prefill, sparse decode)
+DECODE_ONLY_RUN = "decode-only"  # run folders of decode-only mode: decode-only (the baselines'), PLAN-decode-only
+
+
+def _mode(strategy: str) -> tuple[str, str]:
+    """("kascade", "+dense-prefill") for "kascade+dense-prefill"; (strategy, "") for a sparse-prefill one."""
+    return (strategy[: -len(DECODE_ONLY)], DECODE_ONLY) if strategy.endswith(DECODE_ONLY) else (strategy, "")
 
 
 def _mean(v):
@@ -100,6 +114,14 @@ def rows_of(cells: dict, shipped_cost, loo_cost: str) -> list[dict]:
                                    (("kascade_leave_one_out", f"lofo-{loo_cost}"), ("kascade_shipped", "shipped"))}
         row["headline"] = row["dense"] is not None and row["dense"] >= HEADLINE_MIN
         row["holds"] = {k: _holds(row, k) for k in HOLDS} if row["headline"] else {}
+        # decode-only mode: the same strategies with a dense prefill; held against dense and its own oracle
+        only = {"oracle": cell("oracle" + DECODE_ONLY), "kascade_shipped": cell("shipped" + DECODE_ONLY),
+                "kascade_leave_one_out": cell(f"lofo-{loo_cost}" + DECODE_ONLY)}
+        if any(only.values()):
+            do = {k: _mean(v) for k, v in only.items()}
+            do["paired_vs_dense"] = {k: _paired(v, dense) for k, v in only.items()}
+            do["holds"] = {k: _holds(dict(do, dense=row["dense"]), k) for k in HOLDS} if row["headline"] else {}
+            row["decode_only"] = do
         row["recipes"] = {}
         for recipe in sorted({k[0].split(":")[0] for k in cells if ":" in k[0]}):
             plans = {c.split(":")[1]: cells[(c, fam, length)] for c in {k[0] for k in cells}
@@ -191,6 +213,7 @@ def markdown(doc: dict) -> str:
                                                       _pair(r["paired_vs_dense"]["kascade_shipped"]), holds])
         lines.append("| " + " | ".join(vals) + " |")
     lines += _sources_table(rows)
+    lines += _decode_only_table(rows)
     lines += _churn_table(rows)
     lines += _recipe_tables(rows)
     lines += ["", "## Calibration searches", "", "| search | prompts | cost | anchors | mean KL | worst family KL | "
@@ -221,6 +244,29 @@ def _sources_table(rows: list[dict]) -> list[str]:
         out.append(f"| {r['name']} | {r['length']} | {_pair(r['paired_vs_dense']['oracle'])} | "
                    f"{_pair(r['paired_vs_oracle']['kascade_shipped'])} | "
                    f"{_pair(r['paired_vs_oracle']['kascade_leave_one_out'])} |")
+    return out
+
+
+def _decode_only_table(rows: list[dict]) -> list[str]:
+    """The cells run in decode-only mode (dense prefill, sparse decode: `NAME+dense-prefill`), held against dense
+    and against per-layer top-k in the same mode."""
+    cells = [r for r in rows if r.get("decode_only")]
+    if not cells:
+        return []
+    out = ["", "## Decode-only mode (dense prefill, sparse decode)", "",
+           "The same strategies with the prompt attended densely and every decode step sparsely "
+           "(`kascade eval --sparse-prefill no`); targets as above, against dense and against per-layer top-k in this "
+           "mode. Paired differences against dense.", "",
+           "| family | length | dense | oracle | shipped plan | leave-one-out | oracle - dense | shipped - dense | "
+           "leave-one-out - dense | holds (loo / shipped) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in cells:
+        d = r["decode_only"]
+        holds = " / ".join({True: "yes", False: "no", None: "-"}[d["holds"].get(k)] for k in HOLDS) \
+            if r["headline"] else "(dense < 20)"
+        pv = d["paired_vs_dense"]
+        out.append(f"| {r['name']} | {r['length']} | {_f(r['dense'])} | {_f(d['oracle'])} | {_f(d['kascade_shipped'])} | "
+                   f"{_f(d['kascade_leave_one_out'])} | {_pair(pv['oracle'])} | {_pair(pv['kascade_shipped'])} | "
+                   f"{_pair(pv['kascade_leave_one_out'])} | {holds} |")
     return out
 
 

@@ -117,6 +117,10 @@ def test_jobs_run_log_lookup_with_the_records_fold(tmp_path, capsys):
     assert "--lengths 8064 " in jobs["baselines"][1] and "log_lookup" not in jobs["baselines"][1]
     assert "--tasks records,log_lookup " in jobs["lofo-records-10"][0] and "--tasks records " in jobs["lofo-records-10"][1]
     assert "--tasks table " in jobs["lofo-table-10"][0]
+    # decode-only mode: the shipped plan and per-layer top-k beside the baselines, each fold's plan beside its run
+    assert "--strategies oracle,kascade --sparse-prefill no --out EV/decode-only" in jobs["decode-only"][0]
+    assert "--tasks records,log_lookup " in jobs["lofo-records-10-decode-only"][0]
+    assert "--sparse-prefill no --out EV/lofo-records-10-decode-only" in jobs["lofo-records-10-decode-only"][0]
     only = dict(G.eval_jobs(tmp_path, "MODEL", ["log_lookup"], "4096", 40, "EV"))
     assert "--tasks log_lookup " in only["lofo-records-10"] and "lofo-table-10" not in only
     assert G.eval_jobs(tmp_path, "MODEL", ["log_lookup"], "8064", 40, "EV") == []
@@ -205,3 +209,25 @@ def test_dense_tail_rows_are_dense_attention_and_the_rest_unchanged():
     assert torch.equal(tailed.attend(1, one, k, v, None, None), plain.attend(1, one, k, v, None, None))  # decode
     with pytest.raises(SystemExit, match="dense-tailW"):
         A.build("oracle+dense-tailx", plan, cfg, 0.1)
+
+
+def test_decode_only_rows_are_their_own_columns(tmp_path):
+    work, ev = tmp_path / "work", tmp_path / "eval"
+    for sub in ("plans", "reports"):
+        (work / sub).mkdir(parents=True)
+    for strategy, hits in (("dense", 20), ("oracle", 22), ("kascade", 8)):
+        _rows(ev / "baselines" / "records-4096", "records", 4096, strategy, hits)
+    for strategy, hits in (("dense", 20), ("oracle+dense-prefill", 21), ("kascade+dense-prefill", 19)):
+        _rows(ev / "decode-only" / "records-4096", "records", 4096, strategy, hits)
+    _rows(ev / "lofo-records-10" / "records-4096", "records", 4096, "kascade", 10)
+    _rows(ev / "lofo-records-10-decode-only" / "records-4096", "records", 4096, "kascade+dense-prefill", 18)
+    GR.write_report(work, ev, str(tmp_path / "out"), None)
+    rec = json.loads((tmp_path / "out.json").read_text())["families"][0]
+    assert (rec["dense"], rec["oracle"], rec["kascade_shipped"], rec["kascade_leave_one_out"]) == (50.0, 55.0, 20.0, 25.0)
+    do = rec["decode_only"]
+    assert (do["oracle"], do["kascade_shipped"], do["kascade_leave_one_out"]) == (52.5, 47.5, 45.0)
+    assert do["paired_vs_dense"]["kascade_shipped"]["mean"] == -2.5
+    assert do["holds"] == {"kascade_leave_one_out": False, "kascade_shipped": True}  # -5.0 and -2.5 against dense
+    md = (tmp_path / "out.md").read_text()
+    assert "## Decode-only mode" in md
+    assert "| records | 4096 | 50.0 | 52.5 | 47.5 | 45.0 | +2.5 ± 2.5 | -2.5 ± 2.5 | -5.0 ± 3.5 | no / yes |" in md
