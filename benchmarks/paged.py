@@ -8,6 +8,8 @@ its median time (triton.testing.do_bench; decode steps captured in a CUDA graph)
     decode:  anchor (select + sparse output), reuse (sparse attention over a selection)
     prefill: select (pooled scores + top-k; pages resolved in the kernel, and keys gathered into a
              contiguous scratch first: "-gather"), reuse (sparse attention over a selection)
+    --end-variant: also the contiguous selection with per-sequence ends (kv_len: "contiguous-ends"), as is and
+             with the pooled-score kernel held to 128 registers ("-maxnreg128")
     --chunk C: also the selection as vLLM's chunked prefill runs it, C queries at a time on top of the
              cache of the chunks before (keys gathered; "paged-P-chunk-C", the sum of the chunks' medians)
 
@@ -95,6 +97,9 @@ def main():
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--no-prefill", action="store_true")
     ap.add_argument("--chunk", type=int, default=0, help="also time chunked prefill selection, C queries a chunk")
+    ap.add_argument("--end-variant", action="store_true",
+                    help="also time the contiguous prefill selection with per-sequence ends (kv_len), as is and with "
+                         "the pooled-score kernel held to 128 registers (two programs per SM)")
     args = ap.parse_args()
     n = args.n
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -128,6 +133,12 @@ def main():
         record("prefill", "select", "contiguous", timed(lambda: KP.select(q, k, RHO, K_MIN, TILE), False))
         record("prefill", "reuse", "contiguous",
                timed(lambda: KP.sparse_attention(q, k, v, sel, head_map=head_map), False))
+        if args.end_variant:
+            end = torch.tensor([n], device="cuda")
+            record("prefill", "select", "contiguous-ends",
+                   timed(lambda: KP.select(q, k, RHO, K_MIN, TILE, kv_len=end), False))
+            record("prefill", "select", "contiguous-ends-maxnreg128",
+                   timed(lambda: KP.select(q, k, RHO, K_MIN, TILE, kv_len=end, pool_cfg={"maxnreg": 128}), False))
         for p in args.pages:
             cache = to_pages(k, v, p)
             record("prefill", "select", f"paged-{p}",
