@@ -234,7 +234,9 @@ def select_fp8_paged(q, cache: PagedKV, key_copy, rho: float = 0.1, k_min: int =
     else:
         k8rows, ksrows = copy.rows("key"), _scale_rows(ks, cache)
     krows = cache.rows("key") if rerank is not None else None
-    sel = _select(q, k8rows, ksrows, krows, kh, zeros, cache.seq_lens.to(torch.int32), (0,) * bsz, lengths, rho,
+    # no per-sequence ends where the gathered copy is filled by its one sequence (as prefill.select_paged)
+    kv_end = None if gather_keys and len(set(lengths)) == 1 else cache.seq_lens.to(torch.int32)
+    sel = _select(q, k8rows, ksrows, krows, kh, zeros, kv_end, (0,) * bsz, lengths, rho,
                   k_min, tile, scale, chunk_bytes, rerank, pool_cfg, cache.block_table, cache.page_size)
     sel.pool = resolve_rows(cache, sel.indices, sel.counts)
     return sel
