@@ -47,6 +47,7 @@ from kascade.kernels.paging import (
     KVRows, PagedKV, PoolRows, check_paged_q, contiguous_rows, resolve_rows, row_offsets, seq_span,
 )
 from kascade.kernels.paging import gather_keys as gather_keys_of
+from kascade.kernels.paging import gathered_ends
 from kascade.kernels.prefill_topk import topk_rows_chunk, topk_rows_scratch
 
 DEFAULT_POOL_BYTES = 2**30
@@ -271,12 +272,7 @@ def select_paged(q, cache: PagedKV, rho: float = 0.1, k_min: int = 128, tile: in
     lengths = cache.host_lengths()
     zeros = torch.zeros(q.shape[0], dtype=torch.int32, device=q.device)
     krows = contiguous_rows(gather_keys_of(cache, lengths)) if gather_keys else cache.rows("key")
-    # Each sequence's end: none to pass when the keys were gathered and every sequence fills the scratch (one
-    # request, as a prefill chunk is selected): the kernels' variant without per-sequence ends is 1.5x faster
-    # at 128K (H100: 349 against 516 ms, benchmarks/results/paged_h100.md)
-    fills = gather_keys and len(set(lengths)) == 1
-    kv_end = None if fills else cache.seq_lens.to(torch.int32)
-    sel = _select(_last_dim_contiguous(q), krows, zeros, kv_end,
+    sel = _select(_last_dim_contiguous(q), krows, zeros, gathered_ends(cache, lengths, gather_keys),
                   (0,) * q.shape[0], lengths, rho, k_min, tile, scale, chunk_bytes, method, pool_cfg)
     sel.pool = resolve_rows(cache, sel.indices, sel.counts)
     return sel

@@ -35,6 +35,7 @@ import triton.language as tl
 from kascade import fp8keys
 from kascade.kernels.paging import KVRows, PagedKV, contiguous_rows, resolve_rows, row_offsets
 from kascade.kernels.paging import gather_keys as gather_keys_of
+from kascade.kernels.paging import gathered_ends
 from kascade.kernels.prefill import (DEFAULT_POOL_BYTES, MAX_HEAD_DIM, MAX_TILE, PrefillSelection, _check_select_args,
                                      _contiguous_spans, _host_meta, _tile_counts)
 from kascade.kernels.prefill_pool import (LOG2E, UPCAST_DOT, _load_q_rows, _tile_geometry, load_qs_rows, lse_scratch,
@@ -234,9 +235,8 @@ def select_fp8_paged(q, cache: PagedKV, key_copy, rho: float = 0.1, k_min: int =
     else:
         k8rows, ksrows = copy.rows("key"), _scale_rows(ks, cache)
     krows = cache.rows("key") if rerank is not None else None
-    # no per-sequence ends where the gathered copy is filled by its one sequence (as prefill.select_paged)
-    kv_end = None if gather_keys and len(set(lengths)) == 1 else cache.seq_lens.to(torch.int32)
-    sel = _select(q, k8rows, ksrows, krows, kh, zeros, kv_end, (0,) * bsz, lengths, rho,
+    ends = gathered_ends(cache, lengths, gather_keys)
+    sel = _select(q, k8rows, ksrows, krows, kh, zeros, ends, (0,) * bsz, lengths, rho,
                   k_min, tile, scale, chunk_bytes, rerank, pool_cfg, cache.block_table, cache.page_size)
     sel.pool = resolve_rows(cache, sel.indices, sel.counts)
     return sel
