@@ -94,6 +94,12 @@ def register_init_loader() -> None:
     register_init_loader.done = True
 
 
+def kascade_config(plan) -> dict:
+    """vLLM's additional_config for a plan file (None: none, vLLM unchanged). The benchmarks and checks run the
+    paper's method, sparse prefill included (the plugin's default is decode-only mode), as their results say."""
+    return {"kascade_plan": str(plan), "kascade_sparse_prefill": True} if plan else {}
+
+
 def kascade_layers() -> int:
     """Attention layers built with a plan in this process (KascadeFlashAttentionImpl / KascadeCPUImpl)."""
     import kascade.integrations.vllm as kv

@@ -60,7 +60,7 @@ def run_engine(args) -> dict:
         raise RuntimeError(f"prompts of the wrong length (task, length, tokens): {bad[:3]}")
     t0 = time.perf_counter()
     llm = LLM(str(MODEL_DIR), dtype="bfloat16", max_model_len=max(LENGTHS) + NEW_TOKENS_CAP + 8, seed=0,
-              gpu_memory_utilization=0.5, additional_config={"kascade_plan": str(PLAN)} if args.plan != "dense" else {})
+              gpu_memory_utilization=0.5, additional_config=VC.kascade_config(PLAN if args.plan != "dense" else None))
     start = time.perf_counter() - t0
     params = [SamplingParams(max_tokens=max_new_tokens(s, tok, NEW_TOKENS_CAP), temperature=0.0) for s in todo]
     t0 = time.perf_counter()

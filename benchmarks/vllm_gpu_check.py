@@ -92,7 +92,7 @@ def run_engine(args) -> dict:
 
     ps = prompts(args.model)
     t0 = time.perf_counter()
-    extra = {"kascade_plan": str(plan)} if plan else {}
+    extra = VC.kascade_config(plan)
     if args.plan == "fp8":
         extra["kascade_select_keys"] = "fp8"
     llm = LLM(str(MODELS[args.model]["dir"]), enforce_eager=args.mode == "eager", additional_config=extra, **ENGINE)
@@ -120,7 +120,7 @@ def run_reference(args) -> dict:
         toks = [greedy(model, torch.tensor([p]), NEW_TOKENS) for p in ps]
     else:
         options = {"select_keys": "fp8"} if args.plan == "fp8" else {}
-        with kascade.enable(model, kascade.Plan.load(MODELS[args.model]["plan"]), **options):
+        with kascade.enable(model, kascade.Plan.load(MODELS[args.model]["plan"]), sparse_prefill=True, **options):
             toks = [greedy(model, torch.tensor([p]), NEW_TOKENS) for p in ps]
     return dict(kind="transformers", model=args.model, plan=args.plan, generate_s=time.perf_counter() - t0,
                 lengths=[len(p) for p in ps], tokens=toks, **VC.device_info())

@@ -167,7 +167,7 @@ def run_cell(args) -> dict:
                   max_num_seqs=batch, max_num_batched_tokens=args.chunk, enable_prefix_caching=True,
                   enforce_eager=args.mode == "eager", kv_cache_memory_bytes=kv_bytes, seed=0,
                   attention_config={"backend": "FLASH_ATTN"},
-                  additional_config={"kascade_plan": str(plan)} if plan else {})
+                  additional_config=VC.kascade_config(plan))
     if args.mode == "graph":
         engine["compilation_config"] = {"cudagraph_capture_sizes": capture_sizes(batch)}
     t0 = time.perf_counter()
@@ -309,7 +309,7 @@ def run_serve(args) -> dict:
     prompts = [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
     max_len = -(-(max(lengths) + args.new_tokens + BLOCK) // BLOCK) * BLOCK
     plan = None if args.plan == "none" else str(Path(args.plan).resolve())  # none: vLLM dense, the control
-    extra = json.dumps({"kascade_plan": plan} if plan else {})
+    extra = json.dumps(VC.kascade_config(plan))
     port = args.port
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(args.model), "--host",
            "127.0.0.1", "--port", str(port), "--dtype", args.dtype, "--max-model-len", str(max_len),
@@ -360,7 +360,7 @@ def run_serve(args) -> dict:
     room = int(1.5 * per_token * sum(n + args.new_tokens + BLOCK for n in lengths))
     llm = LLM(str(args.model), dtype=args.dtype, max_model_len=max_len, max_num_seqs=args.requests,
               max_num_batched_tokens=args.chunk, enable_prefix_caching=False, seed=0,
-              kv_cache_memory_bytes=max(room, args.kv_bytes), additional_config={"kascade_plan": plan} if plan else {})
+              kv_cache_memory_bytes=max(room, args.kv_bytes), additional_config=VC.kascade_config(plan))
     sp = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
     offline = [list(o.outputs[0].token_ids) for o in llm.generate([{"prompt_token_ids": p} for p in prompts], sp,
                                                                    use_tqdm=False)]

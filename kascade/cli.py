@@ -14,6 +14,18 @@ def _add_runtime(p):
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
 
 
+def _add_prefill_mode(p):
+    p.add_argument("--sparse-prefill", choices=["yes", "no"], default=None,
+                   help="yes: select in the prompt too (the paper's method: faster prefill, less accurate on formats "
+                        "unlike the plan's calibration); no: dense prompt, sparse decode (default: "
+                        "kascade.strategy.DEFAULT_SPARSE_PREFILL, decode-only)")
+
+
+def _prefill_mode(args):
+    """--sparse-prefill as kascade.enable's sparse_prefill (None: the library's default)."""
+    return None if args.sparse_prefill is None else args.sparse_prefill == "yes"
+
+
 def _read_prompts(path: Path, tokenizer, length: int, num_prompts: int):
     """Calibration prompts: a .txt file cut into consecutive chunks of `length` tokens, or a .jsonl
     file with one prompt per line in a "text", "context" or "input" field (truncated to `length`)."""
@@ -176,7 +188,7 @@ def cmd_generate(args) -> int:
         if plan is None:
             out = model.generate(ids, **gen)
         else:
-            with kascade.enable(model, plan, backend=args.backend):
+            with kascade.enable(model, plan, backend=args.backend, sparse_prefill=_prefill_mode(args)):
                 out = model.generate(ids, **gen)
     dt = time.perf_counter() - t0
     print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
@@ -221,7 +233,8 @@ def cmd_bench(args) -> int:
 def cmd_demo(args) -> int:
     from kascade.demo import run_demo
 
-    run_demo(args.model, args.plan, length=args.length, new_tokens=args.new_tokens, device=args.device)
+    run_demo(args.model, args.plan, length=args.length, new_tokens=args.new_tokens, device=args.device,
+             sparse_prefill=_prefill_mode(args))
     return 0
 
 
@@ -295,10 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--dense", action="store_true", help="dense attention instead (for comparison)")
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "triton"])
+    _add_prefill_mode(p)
     _add_runtime(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("bench", help="time to first token and decode tokens/s, dense vs Kascade (CUDA graphs)")
+    p = sub.add_parser("bench", help="time to first token and decode tokens/s, dense vs Kascade (CUDA graphs; "
+                                     "Kascade with its sparse prefill)")
     p.add_argument("model", metavar="MODEL_DIR_OR_CONFIG",
                    help="local HF model directory, or a config .json (random weights of that shape)")
     p.add_argument("--lengths", default="32768,131072", help="context lengths (default 32768,131072)")
@@ -327,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length", type=int, help="prompt tokens (default 4096 on a GPU, 2048 on the CPU)")
     p.add_argument("--new-tokens", type=int, help="answer tokens (default 32 for a chat question, else 16)")
     p.add_argument("--device", default="auto")
+    _add_prefill_mode(p)
     p.set_defaults(func=cmd_demo)
 
     try:

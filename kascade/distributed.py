@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from kascade.plan import Plan, check_tp_degree, local_head_map, local_head_sources
-from kascade.strategy import KascadeStrategy
+from kascade.strategy import KascadeStrategy, resolve_sparse_prefill
 from kascade.tp import default_tp_rank
 
 
@@ -109,11 +109,12 @@ def tp_layout(model) -> tuple[int, int]:
     return (degree, default_tp_rank(degree)) if degree > 1 else (1, 0)
 
 
-def enable(model, plan: Plan, backend: str = "auto", dense_anchor_output: bool = False, sparse_prefill: bool = True,
-           select_keys: str = "exact", rerank: float | None = None):
+def enable(model, plan: Plan, backend: str = "auto", dense_anchor_output: bool = False,
+           sparse_prefill: bool | None = None, select_keys: str = "exact", rerank: float | None = None):
     """`kascade.enable(model, plan)` for a model loaded with `tp_plan`: the plan is checked against the
     TP degree before the first forward, and each rank runs its shard (with select_keys="fp8" each rank keeps
-    the FP8 copies of its own heads beside its cache). Returns the same handle."""
+    the FP8 copies of its own heads beside its cache). sparse_prefill as in kascade.enable (None: decode-only
+    mode, kascade.strategy.DEFAULT_SPARSE_PREFILL). Returns the same handle."""
     from kascade.integrations.transformers import enable as _enable
 
     degree, rank = tp_layout(model)
@@ -124,5 +125,6 @@ def enable(model, plan: Plan, backend: str = "auto", dense_anchor_output: bool =
         raise ValueError(f"plan: expected a kascade.Plan (Plan.load(path)), got {type(plan).__name__}")
     plan.validate(model.config, tp_degree=degree)
     strategy = ShardedKascadeStrategy(plan, degree, rank, backend=backend, dense_anchor_output=dense_anchor_output,
-                                      sparse_prefill=sparse_prefill, select_keys=select_keys, rerank=rerank)
+                                      sparse_prefill=resolve_sparse_prefill(sparse_prefill), select_keys=select_keys,
+                                      rerank=rerank)
     return _enable(model, strategy=strategy)

@@ -9,6 +9,8 @@ Decode-only mode (`sparse_prefill=False`, on every strategy): a step with more t
 prompt, or a prefill chunk on top of a cache) attends densely to every key, as the dense strategy does;
 decode steps (one query) take the strategy's sparse path. This is how decode-time methods (Quest,
 TidalDecode, OmniKV) are run by their authors, and it isolates what sparse decoding costs in accuracy.
+The strategy classes default to the paper's method (sparse prefill and decode); what a user gets from
+`kascade.enable(model, plan)`, the vLLM plugin and the CLI when they do not say is DEFAULT_SPARSE_PREFILL.
 
 Shapes as in kascade.reference: q [B, Hq, Q, D], k/v [B, Hkv, N, D], kv_start [B] or None, kv_len [B]
 or None. Nothing here synchronises with the host on the kernel path: a decode step can be captured in
@@ -26,6 +28,20 @@ from kascade.reference import gather_heads
 from kascade.routing import Routing, head_slices  # noqa: F401 - head_slices is imported from here too
 
 _ASSEMBLED = "assembled"  # state key prefix of a head-granular layer's assembled Selection
+
+
+DEFAULT_SPARSE_PREFILL = False
+"""The mode of the user-facing entry points (kascade.enable, kascade.distributed.enable, the vLLM plugin, `kascade
+generate` and `kascade demo`) when none is named: decode-only. On formats unlike the plan's calibration, a sparse
+prefill at rho 0.1 lost up to 4.5 points against dense on SmolLM2 (structured records, JSON) and per-layer top-k
+itself up to 3.5, while decode-only mode kept every family within 2 points of dense
+(benchmarks/results/generalization_smollm2.md, "Decode-only mode"). sparse_prefill=True opts into the prefill
+speedup with that risk."""
+
+
+def resolve_sparse_prefill(sparse_prefill) -> bool:
+    """An entry point's sparse_prefill: None (not named) is DEFAULT_SPARSE_PREFILL, else checked as a bool."""
+    return DEFAULT_SPARSE_PREFILL if sparse_prefill is None else check_sparse_prefill(sparse_prefill)
 
 
 def check_sparse_prefill(sparse_prefill) -> bool:

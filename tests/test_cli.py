@@ -97,6 +97,25 @@ def test_demo_runs(capsys):
     assert "agreement" in out and "kascade answer" in out
 
 
+def test_demo_names_its_mode(capsys):
+    """Decode-only by default (the prompt's agreement is not compared: it is dense's); --sparse-prefill yes
+    compares it."""
+    from kascade.models import TINY_MODEL_DIR
+
+    if not (TINY_MODEL_DIR / "config.json").is_file():
+        pytest.skip("models/kascade-tiny is not in this checkout")
+    args = ["demo", "--model", str(TINY_MODEL_DIR), "--length", "300", "--new-tokens", "2", "--device", "cpu"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "mode: decode-only" in out and "not compared (decode-only mode" in out
+    assert main(args + ["--sparse-prefill", "yes"]) == 0
+    out = capsys.readouterr().out
+    assert "mode: sparse prefill and decode" in out and "agreement over the prompt: " in out and "%" in out
+    with pytest.raises(SystemExit):
+        main(args + ["--sparse-prefill", "maybe"])
+    assert "--sparse-prefill: invalid choice: 'maybe'" in capsys.readouterr().err
+
+
 def test_demo_on_kascade_tiny_takes_its_plan(capsys):
     from kascade.models import TINY_MODEL_DIR
 

@@ -8,6 +8,7 @@ import torch
 import kascade
 from fixtures import evaltools as E
 from kascade import ops
+from kascade import strategy as S_mod
 from kascade.budget import budget
 from kascade.eval import selectors
 from kascade.eval import strategies as S
@@ -84,6 +85,23 @@ def test_decode_only_prefill_is_dense_and_decode_is_not(peaky, plan, ids, name):
     assert (steps - dense_steps).abs().max() > 1e-3
     sparse_mode_first, _ = _run(peaky, ids, S.make_strategy(name, plan, peaky.config, rho=0.1, k_min=8))
     assert (sparse_mode_first - dense_first).abs().max() > 1e-3  # the default mode is sparse in prefill
+
+
+def test_enable_defaults_to_decode_only(peaky, plan, ids):
+    """kascade.enable(model, plan) without sparse_prefill is decode-only mode (kascade.strategy.DEFAULT_SPARSE_PREFILL):
+    the prompt's logits are dense's bit for bit, the decode steps KascadeStrategy(plan, sparse_prefill=False)'s;
+    sparse_prefill=True is the paper's method, KascadeStrategy(plan)'s prefill."""
+    assert S_mod.DEFAULT_SPARSE_PREFILL is False
+    dense_first, _ = _dense(peaky, ids)
+    first, steps = _run(peaky, ids, plan=plan)
+    assert torch.equal(first, dense_first)
+    _, ref_steps = _run(peaky, ids, kascade.KascadeStrategy(plan, sparse_prefill=False))
+    assert torch.equal(steps, ref_steps)
+    sparse_first, _ = _run(peaky, ids, plan=plan, sparse_prefill=True)
+    ref_first, _ = _run(peaky, ids, kascade.KascadeStrategy(plan))
+    assert torch.equal(sparse_first, ref_first) and (sparse_first - dense_first).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="sparse_prefill: expected True .* got 'yes'"):
+        kascade.enable(peaky, plan, sparse_prefill="yes")
 
 
 def test_enable_takes_sparse_prefill(peaky, plan, ids):

@@ -186,15 +186,15 @@ def _tp_worker(rank, model_dir, port, out_dir):
     res = {"layout": kascade.distributed.tp_layout(model)}
     with torch.no_grad():
         res["dense"] = model(ids).logits
-        with kascade.enable(model, plan):  # plain enable: the rank comes from torch.distributed
+        with kascade.enable(model, plan, sparse_prefill=True):  # plain enable: the rank comes from torch.distributed
             res["kascade"] = model(ids).logits
             res["generate"] = model.generate(ids, max_new_tokens=4, do_sample=False)
-        with kascade.distributed.enable(model, plan):  # layout read from the model's device mesh
+        with kascade.distributed.enable(model, plan, sparse_prefill=True):  # layout read from the model's device mesh
             res["kascade_mesh"] = model(ids).logits
         rows = [r if r == list(range(4)) else [2, 3, 0, 1] for r in plan.head_map]
         crossing = Plan.from_dict({**plan.to_dict(), "tp_degree": 1, "head_map": rows})
         try:
-            kascade.distributed.enable(model, crossing)
+            kascade.distributed.enable(model, crossing, sparse_prefill=True)
             res["crossing_error"] = None
         except ValueError as e:
             res["crossing_error"] = str(e)
@@ -212,7 +212,7 @@ def test_tp2_equals_tp1_dense_and_kascade(tmp_path):
     torch.save(ids, tmp_path / "ids.pt")
     with torch.no_grad():
         dense = model(ids).logits
-        with kascade.enable(model, plan):
+        with kascade.enable(model, plan, sparse_prefill=True):
             sparse = model(ids).logits
             gen = model.generate(ids, max_new_tokens=4, do_sample=False)
     assert (sparse - dense).abs().max() > 1e-3  # the plan is really sparse at this length

@@ -253,7 +253,7 @@ def _check_copies(cache, keys_of_layer, rows):
 def test_dynamic_cache_copy_written_at_every_step_for_selecting_heads_only():
     model = tiny_model("llama", seed=11, num_key_value_heads=2)
     ids = torch.randint(0, 256, (2, 120), generator=torch.Generator().manual_seed(12))
-    with torch.no_grad(), kascade.enable(model, _plan(model), select_keys="fp8") as h:
+    with torch.no_grad(), kascade.enable(model, _plan(model), select_keys="fp8", sparse_prefill=True) as h:
         assert len(h.model._kascade_hooks) == model.config.num_hidden_layers
         out = model.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
         cache = out.past_key_values
@@ -266,7 +266,7 @@ def test_dynamic_cache_copy_written_at_every_step_for_selecting_heads_only():
 def test_static_cache_copy_and_tokens_match_the_dynamic_cache():
     model = tiny_model("llama", seed=13, num_key_value_heads=2)
     ids = torch.randint(0, 256, (1, 150), generator=torch.Generator().manual_seed(14))
-    with torch.no_grad(), kascade.enable(model, _plan(model), select_keys="fp8", rerank=2.0):
+    with torch.no_grad(), kascade.enable(model, _plan(model), select_keys="fp8", rerank=2.0, sparse_prefill=True):
         want = model.generate(ids, max_new_tokens=5, do_sample=False)[:, ids.shape[1]:]
         gen = StaticGenerator(model, batch_size=1, max_cache_len=200)
         got = gen.generate(ids, max_new_tokens=5)
@@ -280,16 +280,16 @@ def test_option_off_allocates_nothing_and_changes_nothing():
     ids = torch.randint(0, 256, (1, 140), generator=torch.Generator().manual_seed(16))
     plan = _plan(model)
     with torch.no_grad():
-        with kascade.enable(model, plan) as h:
+        with kascade.enable(model, plan, sparse_prefill=True) as h:
             assert h.strategy.select_keys == "exact" and model._kascade_hooks == []
             out = model.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
             before = model(ids).logits
             assert F.key_copies(out.past_key_values) is None and h.key_copy_bytes(out.past_key_values) == 0
-        with kascade.enable(model, plan, select_keys="fp8"):
+        with kascade.enable(model, plan, select_keys="fp8", sparse_prefill=True):
             fp8 = model(ids).logits  # no cache: the copy is made per call
-        with kascade.enable(model, plan, select_keys="fp8", rerank=1e6):
+        with kascade.enable(model, plan, select_keys="fp8", rerank=1e6, sparse_prefill=True):
             reranked = model(ids).logits  # every key a candidate: exact selection
-        with kascade.enable(model, plan):
+        with kascade.enable(model, plan, sparse_prefill=True):
             after = model(ids).logits
     assert torch.equal(before, after)
     assert not torch.equal(fp8, before)  # the FP8 scores do choose other keys somewhere
@@ -410,7 +410,7 @@ def test_gpu_static_generator_graph_with_fp8_copies():
     CUDA graph and replays the eager tokens."""
     model = tiny_model("llama", seed=17, num_key_value_heads=2).to(device=DEV, dtype=BF16)
     ids = torch.randint(0, 256, (2, 300), generator=torch.Generator().manual_seed(18)).to(DEV)
-    with torch.no_grad(), kascade.enable(model, _plan(model), select_keys="fp8", rerank=2.0):
+    with torch.no_grad(), kascade.enable(model, _plan(model), select_keys="fp8", rerank=2.0, sparse_prefill=True):
         eager = StaticGenerator(model, batch_size=2, max_cache_len=340, cuda_graph=False)
         eager = eager.generate(ids, max_new_tokens=8)
         graph = StaticGenerator(model, batch_size=2, max_cache_len=340, cuda_graph=True)

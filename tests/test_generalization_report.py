@@ -121,6 +121,7 @@ def test_jobs_run_log_lookup_with_the_records_fold(tmp_path, capsys):
     assert "--strategies oracle,kascade --sparse-prefill no --out EV/decode-only" in jobs["decode-only"][0]
     assert "--tasks records,log_lookup " in jobs["lofo-records-10-decode-only"][0]
     assert "--sparse-prefill no --out EV/lofo-records-10-decode-only" in jobs["lofo-records-10-decode-only"][0]
+    assert "--sparse-prefill no --out EV/mixture-10-decode-only" in jobs["mixture-10-decode-only"][0]
     only = dict(G.eval_jobs(tmp_path, "MODEL", ["log_lookup"], "4096", 40, "EV"))
     assert "--tasks log_lookup " in only["lofo-records-10"] and "lofo-table-10" not in only
     assert G.eval_jobs(tmp_path, "MODEL", ["log_lookup"], "8064", 40, "EV") == []
@@ -221,6 +222,7 @@ def test_decode_only_rows_are_their_own_columns(tmp_path):
         _rows(ev / "decode-only" / "records-4096", "records", 4096, strategy, hits)
     _rows(ev / "lofo-records-10" / "records-4096", "records", 4096, "kascade", 10)
     _rows(ev / "lofo-records-10-decode-only" / "records-4096", "records", 4096, "kascade+dense-prefill", 18)
+    _rows(ev / "mixture-6-decode-only" / "records-4096", "records", 4096, "kascade+dense-prefill", 17)  # this mode only
     GR.write_report(work, ev, str(tmp_path / "out"), None)
     rec = json.loads((tmp_path / "out.json").read_text())["families"][0]
     assert (rec["dense"], rec["oracle"], rec["kascade_shipped"], rec["kascade_leave_one_out"]) == (50.0, 55.0, 20.0, 25.0)
@@ -230,4 +232,7 @@ def test_decode_only_rows_are_their_own_columns(tmp_path):
     assert do["holds"] == {"kascade_leave_one_out": False, "kascade_shipped": True}  # -5.0 and -2.5 against dense
     md = (tmp_path / "out.md").read_text()
     assert "## Decode-only mode" in md
-    assert "| records | 4096 | 50.0 | 52.5 | 47.5 | 45.0 | +2.5 ± 2.5 | -2.5 ± 2.5 | -5.0 ± 3.5 | no / yes |" in md
+    assert rec["kascade_mixture_6"] is None and do["kascade_mixture_6"] == 42.5  # run in decode-only mode only
+    assert "| holds (loo / shipped) | mixture-6 |" in md
+    assert "| records | 4096 | 50.0 | 52.5 | 47.5 | 45.0 | +2.5 ± 2.5 | -2.5 ± 2.5 | -5.0 ± 3.5 | no / yes | " \
+        "42.5 (-7.5 ± 4.2) |" in md

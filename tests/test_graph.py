@@ -61,7 +61,7 @@ def test_static_cache_matches_dynamic_cache_on_cpu(mode, padded):
     n = 6
     with torch.no_grad():
         if mode == "kascade":
-            kascade.enable(model, plan)
+            kascade.enable(model, plan, sparse_prefill=True)
         try:
             want = _dynamic_tokens(model, ids, mask, n)
             gen = StaticGenerator(model, batch_size=2, max_cache_len=ids.shape[1] + 40)
@@ -80,7 +80,7 @@ def test_static_decode_passes_kv_len_to_the_strategy():
     model = tiny_model("llama", seed=4)
     plan = Plan.for_model(model.config, [0, 3], rho=0.1, k_min=8)
     seen = []
-    with torch.no_grad(), kascade.enable(model, plan) as h:
+    with torch.no_grad(), kascade.enable(model, plan, sparse_prefill=True) as h:
         attend = h.strategy.attend
 
         def spy(layer, q, k, v, kv_start, scale, kv_len=None):
@@ -118,7 +118,7 @@ def test_gpu_graph_replay_matches_eager(mode):
     n = 12
     with torch.no_grad():
         if mode == "kascade":
-            kascade.enable(model, plan)
+            kascade.enable(model, plan, sparse_prefill=True)
         try:
             eager = StaticGenerator(model, 2, 800, cuda_graph=False).generate(ids, mask, n)
             gen = StaticGenerator(model, 2, 800, cuda_graph=True)

@@ -239,7 +239,7 @@ def test_spelled_out_plan_gives_the_layer_plan_logits(backend):
     out = {}
     with torch.no_grad():
         for name, plan in (("layered", layered), ("granular", granular)):
-            with kascade.enable(model, plan, backend=backend):
+            with kascade.enable(model, plan, backend=backend, sparse_prefill=True):
                 pre = model(ids, use_cache=True)
                 nxt = pre.logits[:, -1:].argmax(-1)
                 out[name] = (pre.logits, model(nxt, **{_cache_kwarg(model): pre.past_key_values}).logits)

@@ -24,7 +24,7 @@ def test_full_budget_equals_dense_whole_model(arch):
     with torch.no_grad():
         dense = model(ids).logits
         plan = Plan.for_model(model.config, [0, 2, 4], rho=1.0, k_min=1, tile=32)
-        with kascade.enable(model, plan):
+        with kascade.enable(model, plan, sparse_prefill=True):
             sparse = model(ids).logits
     torch.testing.assert_close(sparse, dense, atol=1e-4, rtol=1e-4)
     assert model.config._attn_implementation == "sdpa"  # restored on exit
@@ -51,7 +51,8 @@ def test_every_layer_anchor_equals_per_layer_topk():
     with torch.no_grad():
         with kascade.enable(model, strategy=RecordingOracle(0.1, 8, 32)):
             oracle = model(ids).logits
-        with kascade.enable(model, Plan.for_model(model.config, list(range(layers)), rho=0.1, k_min=8, tile=32)):
+        every_layer = Plan.for_model(model.config, list(range(layers)), rho=0.1, k_min=8, tile=32)
+        with kascade.enable(model, every_layer, sparse_prefill=True):
             allanchors = model(ids).logits
         dense = model(ids).logits
     torch.testing.assert_close(allanchors, oracle, atol=1e-5, rtol=1e-5)
@@ -68,7 +69,8 @@ def test_reuse_uses_mapped_anchor_heads():
     with torch.no_grad():
         outs = []
         for hm in (ident, swapped):
-            with kascade.enable(model, Plan.for_model(model.config, [0, 3], head_map=hm, rho=0.1, k_min=8)):
+            plan = Plan.for_model(model.config, [0, 3], head_map=hm, rho=0.1, k_min=8)
+            with kascade.enable(model, plan, sparse_prefill=True):
                 outs.append(model(ids).logits)
     assert (outs[0] - outs[1]).abs().max() > 1e-4
 
@@ -81,7 +83,7 @@ def test_batched_left_padded_generate_matches_one_by_one(arch):
     ids, mask = left_padded(prompts)
     width = ids.shape[1]
     gen = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
-    with torch.no_grad(), kascade.enable(model, plan):
+    with torch.no_grad(), kascade.enable(model, plan, sparse_prefill=True):
         batched = model.generate(ids, attention_mask=mask, **gen)[:, width:]
         single = [model.generate(p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long), **gen)[0, len(p):]
                   for p in prompts]
@@ -94,7 +96,7 @@ def test_kascade_decode_differs_from_dense_but_runs():
     model = tiny_model("mistral", seed=2)
     ids = _ids(4, 1, 400)
     plan = Plan.for_model(model.config, [0, 3], rho=0.05, k_min=4)
-    with torch.no_grad(), kascade.enable(model, plan) as handle:
+    with torch.no_grad(), kascade.enable(model, plan, sparse_prefill=True) as handle:
         out = model.generate(ids, max_new_tokens=4, do_sample=False)
         assert set(handle.strategy.state) == {0, 3}  # anchors selected during the last decode step
         assert handle.strategy.state[3].decode
@@ -105,7 +107,7 @@ def test_state_does_not_leak_between_forwards():
     model = tiny_model("llama")
     plan = Plan.for_model(model.config, [0, 2], rho=0.1, k_min=8)
     a, b = _ids(5, 1, 300), _ids(6, 1, 300)
-    with torch.no_grad(), kascade.enable(model, plan):
+    with torch.no_grad(), kascade.enable(model, plan, sparse_prefill=True):
         first = model(a).logits
         model(b)
         again = model(a).logits
@@ -143,6 +145,6 @@ def test_right_padding_is_refused():
     ids = _ids(7, 2, 200)
     mask = torch.ones_like(ids)
     mask[1, -5:] = 0
-    with torch.no_grad(), kascade.enable(model, Plan.for_model(model.config, [0, 3], k_min=8)):
+    with torch.no_grad(), kascade.enable(model, Plan.for_model(model.config, [0, 3], k_min=8), sparse_prefill=True):
         with pytest.raises(ValueError, match="left padding only"):
             model(ids, attention_mask=mask)

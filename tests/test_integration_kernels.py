@@ -30,13 +30,13 @@ def test_kernels_and_reference_agree_through_a_whole_model():
     mask = torch.ones_like(ids)
     mask[1, :20] = 0  # left padding: varlen through both kernels
     with torch.no_grad():
-        with kascade.enable(model, plan, backend="reference"):
+        with kascade.enable(model, plan, backend="reference", sparse_prefill=True):
             prefill = model(ids, attention_mask=mask, use_cache=True)
         nxt = prefill.logits[:, -1:].argmax(-1)
         dmask = torch.cat([mask, torch.ones_like(nxt)], 1)
         logits, decode = {}, {}
         for backend in ("reference", "triton"):
-            with kascade.enable(model, plan, backend=backend):
+            with kascade.enable(model, plan, backend=backend, sparse_prefill=True):
                 logits[backend] = model(ids, attention_mask=mask).logits[:, -120:]  # real rows of both
                 cache = copy.deepcopy(prefill.past_key_values)  # the same cache for both decode steps
                 # `cache=` (transformers >= 5.24) or `past_key_values=` (older): an unknown name is ignored

@@ -65,7 +65,7 @@ def test_rho_one_equals_dense(smollm2):
     plan = kascade.Plan.for_model(model.config, anchors=[0, 3, 10], rho=1.0, k_min=16)
     with torch.no_grad():
         dense = model.model(ids).last_hidden_state  # [1, 300, 576]
-        with kascade.enable(model, plan):
+        with kascade.enable(model, plan, sparse_prefill=True):
             sparse = model.model(ids).last_hidden_state
         exact = copy.deepcopy(model.model).double()(ids).last_hidden_state
     fp32_err = (dense.double() - exact).abs().max().item()

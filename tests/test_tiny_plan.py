@@ -41,7 +41,7 @@ def test_needle_at_2k_dense_and_kascade_agree(tiny):
     with torch.no_grad():
         dense_logits = model(ids).logits[0]
         dense = tok.decode(model.generate(ids, **gen)[0, ids.shape[1]:])
-        with kascade.enable(model, plan):
+        with kascade.enable(model, plan, sparse_prefill=True):
             kas_logits = model(ids).logits[0]
             kas = tok.decode(model.generate(ids, **gen)[0, ids.shape[1]:])
     agreement = (dense_logits.argmax(-1) == kas_logits.argmax(-1)).float().mean()

@@ -9,8 +9,9 @@ layer-granular `kascade-tiny-paper.json` and the head-granular `kascade-tiny.jso
 Every engine is set up to exercise the scheduler: prompts of 60 to 1,000 tokens with different numbers
 of new tokens, at most 3 requests running at once (requests join and leave between steps), and at most
 256 tokens per step (prompts over 256 tokens are prefilled in chunks, next to other requests' decode
-steps). k_min is 128, so every prompt but the first runs Kascade. Decode-only mode
-(`kascade_sparse_prefill` false) runs with the layer-granular plan.
+steps). k_min is 128, so every prompt but the first runs Kascade. The plans run with `kascade_sparse_prefill`
+true (the sparse prefill is what most of these tests check); the default mode, decode-only, runs with the
+layer-granular plan.
 """
 
 from __future__ import annotations
@@ -120,10 +121,10 @@ def runs(tmp_path_factory):
         "prompts": prompts(),
         "runs": {
             "dense": {},
-            "full_budget": {"kascade_plan": str(tmp / "full.json")},
-            "kascade": {"kascade_plan": str(PLAN)},
-            "head_granular": {"kascade_plan": str(HEAD_PLAN)},
-            "decode_only": {"kascade_plan": str(PLAN), "kascade_sparse_prefill": False},
+            "full_budget": {"kascade_plan": str(tmp / "full.json"), "kascade_sparse_prefill": True},
+            "kascade": {"kascade_plan": str(PLAN), "kascade_sparse_prefill": True},
+            "head_granular": {"kascade_plan": str(HEAD_PLAN), "kascade_sparse_prefill": True},
+            "decode_only": {"kascade_plan": str(PLAN)},  # the default mode
             "wrong_plan": {"kascade_plan": str(tmp / "wrong.json")},
         },
         "singles": {"kascade": True, "head_granular": True},
@@ -159,7 +160,8 @@ def test_plan_gives_the_transformers_integration_tokens(runs, run, plan_path):
 
     model, _ = load_model(MODEL_DIR, device="cpu", dtype="float32")
     plan = kascade.Plan.load(plan_path)
-    with kascade.enable(model, plan, backend="reference"):  # greedy: one prefill, then one decode step per token
+    # greedy: one prefill, then one decode step per token
+    with kascade.enable(model, plan, backend="reference", sparse_prefill=True):
         want = [greedy(model, torch.tensor([ids]), m) for ids, m in zip(prompts(), NEW_TOKENS)]
     assert runs[run]["batch"] == want
     # not vacuous: at this budget Kascade changes some tokens of the dense model
@@ -167,14 +169,14 @@ def test_plan_gives_the_transformers_integration_tokens(runs, run, plan_path):
 
 
 def test_decode_only_gives_the_transformers_decode_only_tokens(runs):
-    """kascade_sparse_prefill false in vLLM (prefill chunks dense beside sparse decode steps) gives the tokens of
-    kascade.enable(..., sparse_prefill=False) on the transformers model, each whole prompt prefilled alone."""
+    """The default mode in vLLM, decode-only (prefill chunks dense beside sparse decode steps), gives the tokens
+    of kascade.enable's default, decode-only too, on the transformers model, each whole prompt prefilled alone."""
     import kascade
     from kascade.eval.generation import greedy
     from kascade.models import load_model
 
     model, _ = load_model(MODEL_DIR, device="cpu", dtype="float32")
-    with kascade.enable(model, kascade.Plan.load(PLAN), backend="reference", sparse_prefill=False):
+    with kascade.enable(model, kascade.Plan.load(PLAN), backend="reference"):
         want = [greedy(model, torch.tensor([ids]), m) for ids, m in zip(prompts(), NEW_TOKENS)]
     assert runs["decode_only"]["batch"] == want
     # not vacuous: sparse decode changes some tokens of the dense model, and sparse prefill others

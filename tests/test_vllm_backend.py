@@ -205,6 +205,7 @@ def test_register_replaces_the_cpu_backend():
 ARGS = dict(num_heads=8, head_size=64, scale=0.125, num_kv_heads=4, alibi_slopes=None, sliding_window=None,
             kv_cache_dtype="auto")
 DECODE_ONLY = {"kascade_sparse_prefill": False}
+SPARSE = {"kascade_sparse_prefill": True}
 
 
 def test_sparse_prefill_option_is_read_and_checked(monkeypatch):
@@ -213,7 +214,8 @@ def test_sparse_prefill_option_is_read_and_checked(monkeypatch):
     from kascade.integrations.vllm import SPARSE_PREFILL_ENV, prefill_option
 
     monkeypatch.delenv(SPARSE_PREFILL_ENV, raising=False)
-    assert prefill_option(SimpleNamespace(additional_config=None)) is True
+    assert prefill_option(SimpleNamespace(additional_config=None)) is False  # decode-only unless asked
+    assert prefill_option(SimpleNamespace(additional_config={})) is False
     assert prefill_option(SimpleNamespace(additional_config=DECODE_ONLY)) is False
     for env, want in (("0", False), ("false", False), ("FALSE", False), ("1", True), ("true", True)):
         monkeypatch.setenv(SPARSE_PREFILL_ENV, env)
@@ -323,10 +325,11 @@ def test_cpu_decode_step_is_unchanged_by_decode_only_mode(tiny_vllm_config, monk
     from test_paged_reference import make_batch
 
     outs = {}
-    for extra in ({}, DECODE_ONLY):
+    for extra in (SPARSE, DECODE_ONLY):
         impls = _cpu_impls(tiny_vllm_config, monkeypatch, extra, 3)
         for layer in range(3):
             _cpu_forward(impls[layer], layer, make_batch([300, 257], [300, 64], block_size=32, seed=90 + layer)[0])
-        outs[bool(extra)] = [_cpu_forward(impls[layer], layer, make_batch([300, 90, 257], [1, 1, 1], block_size=32,
-                                                                          seed=30 + layer)[0]) for layer in range(3)]
+        outs[extra["kascade_sparse_prefill"]] = [
+            _cpu_forward(impls[layer], layer, make_batch([300, 90, 257], [1, 1, 1], block_size=32, seed=30 + layer)[0])
+            for layer in range(3)]
     assert all(torch.equal(a, b) for a, b in zip(outs[True], outs[False]))

@@ -63,6 +63,7 @@ def with_plan(monkeypatch):
 
     monkeypatch.setattr(kv, "_STRATEGIES", {})
     monkeypatch.setenv(kv.PLAN_ENV, str(HEAD_PLAN))
+    monkeypatch.setenv(kv.SPARSE_PREFILL_ENV, "1")  # these tests check the sparse prefill; its mode tests say theirs
 
 
 def test_register_on_cuda_replaces_flash_attn(monkeypatch):
@@ -550,6 +551,7 @@ def test_fp8_forward_on_a_padded_decode_batch(tiny_vllm_config, with_plan, vllm_
 # ----------------------------------------------------------------------------------------------
 
 DECODE_ONLY = {"kascade_sparse_prefill": False}
+SPARSE = {"kascade_sparse_prefill": True}
 
 
 def _impls(cfg, extra, n):
@@ -639,7 +641,7 @@ def test_decode_step_is_unchanged_by_decode_only_mode(tiny_vllm_config, with_pla
     import kascade.integrations.vllm_gpu as g
 
     results = {}
-    for extra in ({}, DECODE_ONLY):
+    for extra in (SPARSE, DECODE_ONLY):
         calls = []
         monkeypatch.setattr(g.KascadeFlashAttentionImpl, "_flash", _fake_flash(calls))
         impls = _impls(tiny_vllm_config, extra, 3)
@@ -655,7 +657,7 @@ def test_decode_step_is_unchanged_by_decode_only_mode(tiny_vllm_config, with_pla
                                 seq_lens=torch.tensor([300, 90, 257, 0, 0], dtype=torch.int32), block_table=pad_bt),
                            3, pad_tokens=5)
             outs.append(_layer_forward(impls[layer], layer, b, md, pad_tokens=5))
-        results[bool(extra)] = (outs, list(calls))
+        results[extra["kascade_sparse_prefill"]] = (outs, list(calls))
     assert results[True][1] == results[False][1] == [("model.layers.0.self_attn.attn", 5, 8)]
     assert all(torch.equal(a, b) for a, b in zip(results[True][0], results[False][0]))
 
@@ -665,11 +667,13 @@ def test_bad_sparse_prefill_is_refused_naming_the_key(tiny_vllm_config, with_pla
         _impls(tiny_vllm_config, {"kascade_sparse_prefill": "no"}, 1)
 
 
-def test_plan_log_names_the_prefill_mode(tiny_vllm_config, with_plan):
-    """The plan's log line at engine start says which mode runs."""
-    from kascade.integrations.vllm import setup_layer
+def test_plan_log_names_the_prefill_mode(tiny_vllm_config, with_plan, monkeypatch):
+    """The plan's log line at engine start says which mode runs; unset (config and environment), decode-only."""
+    from kascade.integrations.vllm import SPARSE_PREFILL_ENV, setup_layer
 
-    for extra, mode in (({}, "sparse prefill and decode"), (DECODE_ONLY, "dense prefill, sparse decode")):
+    monkeypatch.delenv(SPARSE_PREFILL_ENV)
+    for extra, mode in ((SPARSE, "sparse prefill and decode"), (DECODE_ONLY, "dense prefill, sparse decode"),
+                        ({}, "dense prefill, sparse decode")):
         cfg = copy.deepcopy(tiny_vllm_config)
         cfg.additional_config = extra
         lines = []

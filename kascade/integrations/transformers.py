@@ -26,7 +26,7 @@ import weakref
 import torch
 
 from kascade.plan import Plan
-from kascade.strategy import KascadeStrategy, Strategy
+from kascade.strategy import KascadeStrategy, Strategy, resolve_sparse_prefill
 
 ATTN_NAME = "kascade"
 _registered = False
@@ -244,12 +244,15 @@ class KascadeHandle:
 
 
 def enable(model, plan: Plan | None = None, *, strategy: Strategy | None = None, backend: str = "auto",
-           dense_anchor_output: bool = False, sparse_prefill: bool = True, select_keys: str = "exact",
+           dense_anchor_output: bool = False, sparse_prefill: bool | None = None, select_keys: str = "exact",
            rerank: float | None = None) -> KascadeHandle:
     """Switch `model` to Kascade attention with `plan` (or any `strategy`). See the module docstring.
 
-    sparse_prefill=False (with plan=): decode-only mode, the prompt attends densely and decode steps
-    sparsely (kascade.strategy). A `strategy` carries its own mode (its constructor's sparse_prefill).
+    sparse_prefill (with plan=): None (the default) is kascade.strategy.DEFAULT_SPARSE_PREFILL, decode-only mode:
+    the prompt attends densely and decode steps sparsely, which kept answers on formats unlike the plan's
+    calibration; True also selects in the prompt (the paper's method: the prefill speedup, with the accuracy cost
+    measured in benchmarks/results/generalization_smollm2.md). A `strategy` carries its own mode (its
+    constructor's sparse_prefill).
     select_keys="fp8" scores every selection from an FP8 copy of the selecting heads' keys (kascade.fp8keys),
     kept beside the cache: written when the cache is (the attention function writes the rows the step added),
     attached to the cache object and freed with it (`handle.key_copy_bytes(cache)` reports its size); rerank
@@ -263,8 +266,9 @@ def enable(model, plan: Plan | None = None, *, strategy: Strategy | None = None,
         if not isinstance(plan, Plan):
             raise ValueError(f"plan: expected a kascade.Plan (Plan.load(path)), got {type(plan).__name__}")
         strategy = KascadeStrategy(plan, backend=backend, dense_anchor_output=dense_anchor_output,
-                                   sparse_prefill=sparse_prefill, select_keys=select_keys, rerank=rerank)
-    elif sparse_prefill is not True:
+                                   sparse_prefill=resolve_sparse_prefill(sparse_prefill), select_keys=select_keys,
+                                   rerank=rerank)
+    elif sparse_prefill is not None:
         raise ValueError(f"sparse_prefill: applies with plan=, got {sparse_prefill!r} with strategy=; build the "
                          "strategy with sparse_prefill=False instead")
     elif select_keys != "exact":

@@ -16,9 +16,10 @@ layers other than 0 attend densely, as `kascade.enable(..., dense_anchor_output=
 `kascade.enable(..., select_keys="fp8", rerank=2.0)` does (kascade.fp8keys). The CPU backend makes that copy
 per step from the pages the step reads (it gathers them anyway); the CUDA backend keeps a persistent copy per
 selecting layer beside vLLM's cache, written with it (kascade.integrations.vllm_gpu).
-`"kascade_sparse_prefill": false`, or KASCADE_SPARSE_PREFILL=0, is decode-only mode, as
-`kascade.enable(..., sparse_prefill=False)`: prompts and prefill chunks attend densely, decode steps run
-Kascade (below).)
+Decode-only mode is the default, as in `kascade.enable(model, plan)`: prompts and prefill chunks attend densely,
+decode steps run Kascade (below); `"kascade_sparse_prefill": true`, or KASCADE_SPARSE_PREFILL=1, also selects in
+prefill chunks, the paper's method, for a shorter time to first token at the accuracy cost that
+kascade.strategy.DEFAULT_SPARSE_PREFILL cites.)
 
 How a forward step runs. vLLM writes the step's new keys and values into the paged cache, then calls
 each attention layer in order with the batch's tokens flattened (prefill chunks and decode steps of
@@ -64,13 +65,14 @@ import torch
 from kascade.integrations import vllm_adapter as adapter
 from kascade.paged import PagedKascadeStrategy
 from kascade.plan import Plan
+from kascade.strategy import DEFAULT_SPARSE_PREFILL
 
 PLAN_ENV = "KASCADE_PLAN"
 PLAN_KEY = "kascade_plan"
 DENSE_ANCHOR_KEY = "kascade_dense_anchor_output"
 SELECT_KEYS_KEY = "kascade_select_keys"  # "exact" (default) or "fp8" (kascade.fp8keys; both backends)
 RERANK_KEY = "kascade_rerank"  # None or c >= 1, with "fp8"
-SPARSE_PREFILL_KEY = "kascade_sparse_prefill"  # true (default) or false: dense prefill, sparse decode
+SPARSE_PREFILL_KEY = "kascade_sparse_prefill"  # true, or false (default): dense prefill, sparse decode
 SPARSE_PREFILL_ENV = "KASCADE_SPARSE_PREFILL"  # the same by environment: 1 / true or 0 / false
 ENV_BOOLS = {"1": True, "true": True, "0": False, "false": False}
 BACKEND_PATH = "kascade.integrations.vllm.KascadeCPUBackend"
@@ -132,8 +134,9 @@ def select_options(vllm_config) -> tuple[str, float | None]:
 
 
 def prefill_option(vllm_config) -> bool:
-    """sparse_prefill from additional_config["kascade_sparse_prefill"], else KASCADE_SPARSE_PREFILL; True by
-    default. False is decode-only mode (dense prefill, sparse decode; kascade.paged.PagedKascadeStrategy)."""
+    """sparse_prefill from additional_config["kascade_sparse_prefill"], else KASCADE_SPARSE_PREFILL, else
+    kascade.strategy.DEFAULT_SPARSE_PREFILL (decode-only mode: dense prefill, sparse decode, as kascade.enable).
+    True also selects in prefill chunks (the paper's method: a shorter time to first token)."""
     extra = _additional(vllm_config)
     if SPARSE_PREFILL_KEY in extra:
         value = extra[SPARSE_PREFILL_KEY]
@@ -143,7 +146,7 @@ def prefill_option(vllm_config) -> bool:
         return value
     env = os.environ.get(SPARSE_PREFILL_ENV, "")
     if env == "":
-        return True
+        return DEFAULT_SPARSE_PREFILL
     if env.lower() not in ENV_BOOLS:
         raise ValueError(f"{SPARSE_PREFILL_ENV}: expected 1 / true (sparse prefill and decode) or 0 / false (dense "
                          f"prefill, sparse decode), got {env!r}")
@@ -155,7 +158,7 @@ ACTIVE_LAYERS = [0]  # attention layers built with a plan in this process (the b
 
 
 def shared_strategy(path: str, dense_anchor_output: bool, model_config, tp_degree: int, select_keys: str = "exact",
-                    rerank: float | None = None, sparse_prefill: bool = True) -> PagedKascadeStrategy:
+                    rerank: float | None = None, sparse_prefill: bool = DEFAULT_SPARSE_PREFILL) -> PagedKascadeStrategy:
     """One strategy per (plan file, options) in a process, shared by every layer so that anchors hand their
     selections to the reuse layers of the same step. The plan is checked against the model once."""
     key = (os.path.abspath(path), dense_anchor_output, select_keys, rerank, sparse_prefill)
