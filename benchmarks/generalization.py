@@ -124,6 +124,8 @@ def eval_jobs(work: Path, model_dir: str, families, lengths: str, samples: int, 
         for plan in sorted((work / "plans").glob("mixture-*.json")):
             jobs.append((plan.stem, f"{base} --tasks {fams} --plan {plan} --strategies kascade "
                                     f"--out {out}/{plan.stem}"))
+            jobs.append((plan.stem + "-decode-only", f"{base} --tasks {fams} --plan {plan} --strategies kascade "
+                                                     f"--sparse-prefill no --out {out}/{plan.stem}-decode-only"))
         for plan in sorted((work / "plans").glob("lofo-*.json")):
             fold = next(f for f in FOLDS if plan.stem.startswith(f"lofo-{f}-"))
             tasks = [t for t in here if FAMILY.get(t, t) == fold]  # the tasks of the family it left out

@@ -95,7 +95,8 @@ def sign_test(lost: int, gained: int) -> float:
 def rows_of(cells: dict, shipped_cost, loo_cost: str) -> list[dict]:
     """One row per (family, length) that has a dense score."""
     out = []
-    mixtures = sorted({k[0] for k in cells if k[0].startswith("mixture-")}, key=lambda c: -float(c.split("-")[1]))
+    mixtures = sorted({k[0].removesuffix(DECODE_ONLY) for k in cells if k[0].startswith("mixture-")},
+                      key=lambda c: -float(c.split("-")[1]))
     for (column, fam, length) in sorted({k for k in cells if k[0] == "dense"}, key=lambda k: (k[1], k[2])):
         cell = lambda c: cells.get((c, fam, length))  # noqa: E731
         dense = cell("dense")
@@ -116,7 +117,8 @@ def rows_of(cells: dict, shipped_cost, loo_cost: str) -> list[dict]:
         row["holds"] = {k: _holds(row, k) for k in HOLDS} if row["headline"] else {}
         # decode-only mode: the same strategies with a dense prefill; held against dense and its own oracle
         only = {"oracle": cell("oracle" + DECODE_ONLY), "kascade_shipped": cell("shipped" + DECODE_ONLY),
-                "kascade_leave_one_out": cell(f"lofo-{loo_cost}" + DECODE_ONLY)}
+                "kascade_leave_one_out": cell(f"lofo-{loo_cost}" + DECODE_ONLY),
+                **{f"kascade_{c.replace('-', '_')}": cell(c + DECODE_ONLY) for c in mixtures}}
         if any(only.values()):
             do = {k: _mean(v) for k, v in only.items()}
             do["paired_vs_dense"] = {k: _paired(v, dense) for k, v in only.items()}
@@ -253,20 +255,27 @@ def _decode_only_table(rows: list[dict]) -> list[str]:
     cells = [r for r in rows if r.get("decode_only")]
     if not cells:
         return []
+    # whole-mixture plans run in this mode: a column each (score, and in brackets its paired difference to dense)
+    mixtures = sorted({k for r in cells for k, v in r["decode_only"].items() if k.startswith("kascade_mixture_")
+                       and v is not None}, key=lambda k: -float(k.rsplit("_", 1)[1]))
     out = ["", "## Decode-only mode (dense prefill, sparse decode)", "",
            "The same strategies with the prompt attended densely and every decode step sparsely "
            "(`kascade eval --sparse-prefill no`); targets as above, against dense and against per-layer top-k in this "
-           "mode. Paired differences against dense.", "",
+           "mode. Paired differences against dense" + (" (in brackets for the whole-mixture plans)" if mixtures else "")
+           + ".", "",
            "| family | length | dense | oracle | shipped plan | leave-one-out | oracle - dense | shipped - dense | "
-           "leave-one-out - dense | holds (loo / shipped) |", "|---|---|---|---|---|---|---|---|---|---|"]
+           "leave-one-out - dense | holds (loo / shipped) |" + "".join(f" {k[len('kascade_'):].replace('_', '-')} |"
+                                                                       for k in mixtures),
+           "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(mixtures)]
     for r in cells:
         d = r["decode_only"]
         holds = " / ".join({True: "yes", False: "no", None: "-"}[d["holds"].get(k)] for k in HOLDS) \
             if r["headline"] else "(dense < 20)"
         pv = d["paired_vs_dense"]
+        extra = "".join(f" {_f(d.get(k))} ({_pair(pv.get(k))}) |" if d.get(k) is not None else " - |" for k in mixtures)
         out.append(f"| {r['name']} | {r['length']} | {_f(r['dense'])} | {_f(d['oracle'])} | {_f(d['kascade_shipped'])} | "
                    f"{_f(d['kascade_leave_one_out'])} | {_pair(pv['oracle'])} | {_pair(pv['kascade_shipped'])} | "
-                   f"{_pair(pv['kascade_leave_one_out'])} | {holds} |")
+                   f"{_pair(pv['kascade_leave_one_out'])} | {holds} |{extra}")
     return out
 
 
