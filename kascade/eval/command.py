@@ -83,8 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated, from: " + ", ".join(STRATEGIES) + " (default all but kascade-dense-anchors, "
                         "kascade-sinks and kascade-fp8*, kascade-paper only with --paper-plan; dense always runs)")
     parser.add_argument("--sparse-prefill", default="yes", metavar="{yes,no}",
-                        help="yes (default): each strategy is sparse in prefill and decode; no: decode-only mode, a "
-                        "dense prefill and sparse decode steps (rows named NAME+dense-prefill)")
+                        help="yes (default): each strategy is sparse in prefill and decode (the methods as published); "
+                        "no: decode-only mode, a dense prefill and sparse decode steps (rows named NAME+dense-prefill; "
+                        "what kascade.enable runs by default); e.g. --strategies kascade,kascade+dense-prefill for both")
     parser.add_argument("--samples", type=int, default=10, help="samples per task and length (default 10)")
     parser.add_argument("--batch", type=int, default=None,
                         help="samples of one cell run together (default 16 on CUDA, 1 on the CPU)")
