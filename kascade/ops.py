@@ -19,7 +19,7 @@ import os
 import torch
 
 from kascade import reference
-from kascade.checks import check_attention_inputs
+from kascade.checks import check_attention_inputs, resolve_kv_start
 
 BACKENDS = ("auto", "reference", "triton")
 
@@ -74,10 +74,30 @@ def sdpa_causal(q, k, v, scale=None) -> torch.Tensor:
     return sdpa(q, k, v, attn_mask=causal_lower_right(qlen, n), scale=scale, enable_gqa=gqa)
 
 
+def sdpa_padded(q, k, v, kv_start, scale=None) -> torch.Tensor:
+    """Causal attention of left-padded sequences by torch SDPA: [B, Hq, Q, Dv], padding query rows zero.
+
+    One SDPA call per sequence over its keys [kv_start[b], N) and its real query rows (the last Q positions of
+    the cache; those before kv_start[b] are padding): a whole prompt, or a chunk on top of a cache causal from
+    the bottom right. Reads kv_start on the host (a prefill step, never a captured one). A sequence SDPA cannot
+    take without a [Q, N] mask (a chunk on top of a cache without the flash kernel) runs the reference."""
+    out = torch.zeros(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
+    for b, s, _, _, i0 in reference._sequences(q, k, resolve_kv_start(kv_start, q, k)):
+        if i0 >= q.shape[2]:
+            continue  # every query row of this sequence is padding
+        qb, kb, vb = q[b : b + 1, :, i0:], k[b : b + 1, :, s:], v[b : b + 1, :, s:]
+        if qb.shape[2] in (kb.shape[2], 1) or _flash_takes(qb, kb, vb):
+            out[b : b + 1, :, i0:] = sdpa_causal(qb, kb, vb, scale)
+        else:
+            out[b : b + 1, :, i0:] = reference.dense_attention(qb, kb, vb, scale=scale)
+    return out
+
+
 def dense(q, k, v, kv_start=None, scale=None, backend: str = "auto", kv_len=None):
     """Causal dense attention [B, Hq, Q, Dv]. On CUDA without padding, torch SDPA (flash/cuDNN; a prefill
-    chunk on top of a cache too); a decode step with padding (on CUDA) or a preallocated cache takes the
-    decode kernel (no mask, no host sync)."""
+    chunk on top of a cache too); with left padding, a prompt or chunk by SDPA one sequence at a time
+    (sdpa_padded); a decode step with padding (on CUDA) or a preallocated cache takes the decode kernel (no
+    mask, no host sync)."""
     check_backend(backend)
     if q.shape[2] == 1 and (kv_len is not None or (kv_start is not None and q.is_cuda)):
         mod = _use_triton(q, backend, "decode")
@@ -88,6 +108,9 @@ def dense(q, k, v, kv_start=None, scale=None, backend: str = "auto", kv_len=None
         qlen, n = q.shape[2], k.shape[2]
         if qlen == n or qlen == 1 or _flash_takes(q, k, v):
             return sdpa_causal(q, k, v, scale)
+    if backend != "reference" and q.is_cuda and kv_start is not None and kv_len is None and q.shape[2] > 1:
+        check_attention_inputs(q, k, v)
+        return sdpa_padded(q, k, v, kv_start, scale)
     return reference.dense_attention(q, k, v, kv_start=kv_start, scale=scale, kv_len=kv_len)
 
 

@@ -27,6 +27,30 @@ def test_sdpa_causal_matches_reference(Q, N, G):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("Q,N", [(100, 100), (40, 100)])
+def test_sdpa_padded_matches_reference(Q, N):
+    """Left-padded sequences, one SDPA call each: the reference's output, padding query rows zero. In the chunk
+    (Q < N) sequence 2's padding covers some of its queries (kv_start 70 > N - Q = 60), sequence 3's all but the
+    last (one real key)."""
+    q, k, v = _qkv(4, 2, 4, Q, N, 32, seed=Q)
+    kv_start = torch.tensor([0, 17, 70, N - 1])
+    got = ops.sdpa_padded(q, k, v, kv_start, scale=0.3)
+    want = reference.dense_attention(q, k, v, kv_start=kv_start, scale=0.3)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert got[3, :, :-1].abs().sum() == 0 and got[3, :, -1].abs().sum() > 0
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_dense_prefill_with_left_padding():
+    """ops.dense on CUDA for a left-padded prompt batch: SDPA per sequence (not the reference), equal to it."""
+    q, k, v = _qkv(3, 8, 4, 4096, 4096, 128, torch.bfloat16, "cuda", seed=2)
+    kv_start = torch.tensor([0, 1000, 4000], device="cuda")
+    got = ops.dense(q, k, v, kv_start=kv_start)
+    want = reference.dense_attention(q.float(), k.float(), v.float(), kv_start=kv_start)
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.gpu
 @gpu
 def test_gpu_dense_prefill_chunk_on_a_cache():
