@@ -8,6 +8,9 @@ restores the previous implementation. `enable` returns a handle that is also a c
     with kascade.enable(model, plan):
         out = model.generate(**inputs, max_new_tokens=32)
 
+By default the prompt is attended densely and each decode step with the plan (decode-only mode,
+kascade.strategy.DEFAULT_SPARSE_PREFILL); `enable(model, plan, sparse_prefill=True)` selects in the prompt too.
+
 The mask function hands the attention function only a 2-D "key state" tensor: Kascade applies
 causality itself, left padding becomes a per-sequence start offset (kv_start), and the unwritten tail
 of a preallocated cache (transformers' StaticCache) a per-sequence number of valid keys (kv_len).
