@@ -84,7 +84,8 @@ def cmd_calibrate(args) -> int:
         plan, report = calibrate_output_aware(model, tok, text, num_anchors=target, rho=args.rho, shrink=args.search_step,
                                               candidates=args.candidates, objective=args.objective,
                                               leave_out=leave_out, calib=calib, progress=False, sources=args.sources,
-                                              data_name={"name": Path(args.data).name})
+                                              data_name={"name": Path(args.data).name},
+                                              sparse_prefill=args.sparse_prefill == "yes")
         seconds = time.time() - t
         plan.save(work / "plans" / f"{name}.json")
         keep = {k: report[k] for k in ("history", "divergence", "objective", "leave_out", "divergence_by_family",
@@ -239,6 +240,9 @@ def main(argv=None) -> int:
     p.add_argument("--objective", default="worst-family")
     p.add_argument("--sources", default="mean", help="how reusing heads pick their source: mean or worst-family")
     p.add_argument("--statistics", default="prompt", help="where head similarity is measured: prompt or answer")
+    p.add_argument("--sparse-prefill", default="yes", choices=["yes", "no"],
+                   help="the mode plans are judged in (no: decode-only mode, e.g. for a recipe of cheaper "
+                        "decode-only plans in its own GEN folder)")
     p.add_argument("--budget-s", type=float, default=540.0)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")

@@ -79,6 +79,9 @@ def cmd_calibrate(args) -> int:
             raise ValueError(f"--search-step: expected an integer >= 2 (a step removes about 1/N of the units), got "
                              f"{args.search_step}")
     formats = _formats(args.formats) if recipe == "output-aware" else None
+    if args.sparse_prefill is not None and recipe != "output-aware":
+        raise ValueError(f"--sparse-prefill: needs --recipe output-aware (the paper's recipe judges no outputs), got "
+                         f"--recipe {recipe}")
     if args.granularity is not None and recipe != "output-aware":
         raise ValueError(f"--granularity: needs --recipe output-aware (the paper's recipe chooses whole layers), got "
                          f"--recipe {recipe}")
@@ -107,7 +110,8 @@ def cmd_calibrate(args) -> int:
         settings.update(tolerance=args.tolerance, answer_tokens=args.answer_tokens, batch_size=args.batch_size,
                         search_step=args.search_step, search_candidates=args.search_candidates, formats=list(formats),
                         objective=args.objective, leave_out=args.leave_out, granularity=args.granularity or "head",
-                        sources=args.sources, statistics=args.statistics)
+                        sources=args.sources, statistics=args.statistics,
+                        sparse_prefill=args.sparse_prefill != "no")
         plan, report = calibrate_output_aware(model, tok, data.read_text(encoding="utf-8", errors="replace"),
                                               num_anchors=args.anchors, tolerance=args.tolerance, length=args.length,
                                               num_prompts=args.num_prompts, answer_tokens=args.answer_tokens,
@@ -116,7 +120,8 @@ def cmd_calibrate(args) -> int:
                                               shrink=args.search_step, formats=formats, objective=args.objective,
                                               candidates=args.search_candidates, leave_out=args.leave_out,
                                               tp_degree=args.tp_degree, granularity=args.granularity or "head",
-                                              sources=args.sources, statistics=args.statistics)
+                                              sources=args.sources, statistics=args.statistics,
+                                              sparse_prefill=args.sparse_prefill != "no")
         folder = Path(args.plots or Path(args.output).with_suffix(""))
         folder.mkdir(parents=True, exist_ok=True)
         plots = [save_search_plot(report, folder / "divergence_vs_cost.png")]
@@ -286,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--granularity", default=None, choices=["head", "layer"],
                    help="output-aware: what the search adds or removes: (layer, KV head) units (head, the default) or "
                         "whole layers (layer: anchors and the paper's head map, a plan every path runs)")
+    p.add_argument("--sparse-prefill", choices=["yes", "no"], default=None,
+                   help="output-aware: the mode plans are judged in: yes (default: the prompt selected too, the "
+                        "stricter test, a plan for both modes) or no (decode-only mode, kascade.enable's default: "
+                        "possibly cheaper plans, for that mode only)")
     p.add_argument("-o", "--output", required=True, help="plan JSON to write")
     p.add_argument("--length", type=int, default=4096, help="tokens per calibration prompt (default 4096)")
     p.add_argument("--num-prompts", type=int, default=8,

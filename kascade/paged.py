@@ -504,11 +504,12 @@ class PagedKascadeStrategy:
     def __init__(self, plan, dense_anchor_output: bool = False, backend: str = "auto", select_keys: str = "exact",
                  rerank: float | None = None, sparse_prefill: bool = True):
         from kascade import fp8keys
-        from kascade.strategy import check_sparse_prefill
+        from kascade.strategy import check_sparse_prefill, warn_if_mode_unvalidated
 
         ops.check_backend(backend)
         fp8keys.check_options(select_keys, rerank)
         self.sparse_prefill = check_sparse_prefill(sparse_prefill)
+        warn_if_mode_unvalidated(plan, self.sparse_prefill)
         self.backend = backend
         self.plan = plan
         self.dense_anchor_output = dense_anchor_output

@@ -44,6 +44,18 @@ def resolve_sparse_prefill(sparse_prefill) -> bool:
     return DEFAULT_SPARSE_PREFILL if sparse_prefill is None else check_sparse_prefill(sparse_prefill)
 
 
+def warn_if_mode_unvalidated(plan, sparse_prefill: bool) -> None:
+    """Warn when a plan calibrated in decode-only mode (its provenance's sparse_prefill is False: judged with the
+    prompt attended densely) runs with a sparse prefill, which its calibration never measured."""
+    import warnings
+
+    provenance = getattr(plan, "provenance", None) or {}
+    if sparse_prefill and provenance.get("sparse_prefill") is False:
+        warnings.warn("plan: calibrated in decode-only mode (provenance sparse_prefill false), run here with a sparse "
+                      "prefill, which its calibration did not measure; run it with sparse_prefill=False, or "
+                      "calibrate with the sparse prefill (kascade calibrate --sparse-prefill yes)", stacklevel=3)
+
+
 def check_sparse_prefill(sparse_prefill) -> bool:
     """sparse_prefill as a bool; ValueError unless it is True or False."""
     if not isinstance(sparse_prefill, bool):
@@ -111,6 +123,7 @@ class KascadeStrategy(Strategy):
         from kascade import fp8keys
 
         fp8keys.check_options(select_keys, rerank)
+        warn_if_mode_unvalidated(plan, self.sparse_prefill)
         self.plan = plan
         self.dense_anchor_output = dense_anchor_output
         self.select_keys = select_keys

@@ -132,6 +132,12 @@ def test_calibrate_refuses_a_search_step_below_two(model_dir, tmp_path, capsys):
     assert "--search-step: expected an integer >= 2" in capsys.readouterr().err
 
 
+def test_calibrate_refuses_a_prefill_mode_without_the_output_aware_recipe(model_dir, tmp_path, capsys):
+    assert main(["calibrate", str(model_dir), "--data", str(model_dir / "data.txt"), "--sparse-prefill", "no",
+                 "--anchors", "2", "-o", str(tmp_path / "p.json"), "--device", "cpu"]) == 2
+    assert "--sparse-prefill: needs --recipe output-aware" in capsys.readouterr().err
+
+
 def test_calibrate_refuses_granularity_without_the_output_aware_recipe(model_dir, tmp_path, capsys):
     assert main(["calibrate", str(model_dir), "--data", str(model_dir / "data.txt"), "--granularity", "layer",
                  "--anchors", "2", "-o", str(tmp_path / "p.json"), "--device", "cpu"]) == 2

@@ -216,3 +216,33 @@ def test_answer_statistics_come_from_the_prompt_and_its_dense_answer(setup):
     assert OA.CalibrationSet.from_state(model, answer.state()).statistics == "answer"
     with pytest.raises(ValueError, match="statistics: expected one of"):
         OA.calibration_set(model, ByteTokenizer(), TEXT, statistics="decode", **kw)
+
+
+def test_decode_only_calibration_judges_plans_in_that_mode(setup):
+    """sparse_prefill=False judges plans in decode-only mode: the first answer token is dense's (its KL is 0),
+    the divergence is KascadeStrategy(plan, sparse_prefill=False)'s and is memoised apart from the sparse one;
+    the plan records the mode, and running it with a sparse prefill warns."""
+    import warnings
+
+    model, batches = setup
+    sparse = Plan.for_model(model.config, [0], rho=0.05, k_min=16)
+    calib = OA.CalibrationSet(model, [], batches, [], [], backend="reference")
+    only = calib.per_prompt(sparse, sparse_prefill=False)
+    np.testing.assert_allclose(only, OA.divergence_per_prompt(model, KascadeStrategy(sparse, sparse_prefill=False),
+                                                             batches))
+    assert not np.allclose(only, calib.per_prompt(sparse)) and len(calib.memo) == 2
+    first = OA.divergence_per_prompt(model, KascadeStrategy(sparse, sparse_prefill=False),
+                                     [OA.Trajectories(b.ids, b.continuation[:, :1], b.logprobs[:, :1]) for b in batches])
+    assert np.allclose(first, 0.0, atol=1e-6)  # the prompt attended densely: the first answer token is dense's
+    plan, report = OA.calibrate_output_aware(model, ByteTokenizer(), TEXT, num_anchors=2.5, length=500,
+                                             num_prompts=3, answer_tokens=2, batch_size=3, k_min=16, tile=16,
+                                             topk=16, backend="reference", progress=False, sparse_prefill=False)
+    assert plan.provenance["sparse_prefill"] is False and report["sparse_prefill"] is False
+    with pytest.warns(UserWarning, match="plan: calibrated in decode-only mode"):
+        KascadeStrategy(plan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        KascadeStrategy(plan, sparse_prefill=False)
+    with pytest.raises(ValueError, match="sparse_prefill: expected True"):
+        OA.calibrate_output_aware(model, ByteTokenizer(), TEXT, num_anchors=2.5, length=500, num_prompts=3,
+                                  backend="reference", progress=False, sparse_prefill="no")

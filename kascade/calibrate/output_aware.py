@@ -337,15 +337,21 @@ class CalibrationSet:
     def indices(self, formats) -> list[int]:
         return [i for i, p in enumerate(self.prompts) if p.kind in set(formats)]
 
-    def per_prompt(self, plan: Plan) -> np.ndarray:
-        """Divergence [P] of `plan` on every prompt (memoised by the plan's anchors and sources)."""
+    def per_prompt(self, plan: Plan, sparse_prefill: bool = True) -> np.ndarray:
+        """Divergence [P] of `plan` on every prompt (memoised by the plan's anchors and sources, and the mode:
+        sparse_prefill=False measures it in decode-only mode, the prompt attended densely)."""
         from kascade.strategy import KascadeStrategy
 
         key = (tuple(plan.anchors), repr(plan.head_sources), repr(plan.head_map))
+        if not sparse_prefill:
+            key += (DECODE_ONLY_KEY,)
         if key not in self.memo:
-            self.memo[key] = divergence_per_prompt(self.model, KascadeStrategy(plan, backend=self.backend),
-                                                   self.batches)
+            strategy = KascadeStrategy(plan, backend=self.backend, sparse_prefill=sparse_prefill)
+            self.memo[key] = divergence_per_prompt(self.model, strategy, self.batches)
         return self.memo[key]
+
+
+DECODE_ONLY_KEY = "decode-only"  # memo keys of plans measured in decode-only mode end with it
 
 
 def divergence_per_prompt(model, strategy, batches: list[Trajectories]) -> np.ndarray:
@@ -440,7 +446,8 @@ def calibrate_output_aware(model, tokenizer, text: str, num_anchors: float | Non
                            data_name: str = "", formats=None, shrink: int = 10, objective: str = "worst-family",
                            leave_out: str | None = None, candidates: int | None = None,
                            calib: CalibrationSet | None = None, tp_degree: int = 1, granularity: str = "head",
-                           stops=(), sources: str = "mean", statistics: str = "prompt") -> tuple[Plan, dict]:
+                           stops=(), sources: str = "mean", statistics: str = "prompt",
+                           sparse_prefill: bool = True) -> tuple[Plan, dict]:
     """An output-aware plan (see the module docstring) and a report: the search history, the objective, the
     divergence per format family and the answer agreement of the chosen plan and of the paper's plan of
     the same cost on the same prompts.
@@ -461,14 +468,20 @@ def calibrate_output_aware(model, tokenizer, text: str, num_anchors: float | Non
     over the prompts ("mean", default) or the highest of its lowest family mean ("worst-family"). The paper's
     plans of the report keep the mean.
     statistics: where the similarity comes from (calibration_set): every prompt tile ("prompt", default) or the
-    question's end and the dense answer ("answer"); ignored with `calib`, which has its own."""
+    question's end and the dense answer ("answer"); ignored with `calib`, which has its own.
+    sparse_prefill: the mode plans are judged in: True (default) with the prompt selected too (the paper's method,
+    and the stricter test); False in decode-only mode, kascade.enable's default (the prompt attended densely, so
+    the first answer token is dense's and the divergence comes from the decode steps): possibly cheaper plans, for
+    that mode only (recorded in the plan's provenance; kascade.strategy warns when such a plan runs a sparse
+    prefill)."""
     import datetime as _dt
 
     import kascade
     from kascade.calibrate import best_anchors, head_map_for, layer_scores
     from kascade.calibrate.retrieval import formats_without
-    from kascade.strategy import KascadeStrategy
+    from kascade.strategy import KascadeStrategy, check_sparse_prefill
 
+    check_sparse_prefill(sparse_prefill)
     if objective not in OBJECTIVES:
         raise ValueError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
     if granularity not in GRANULARITIES:
@@ -503,7 +516,7 @@ def calibrate_output_aware(model, tokenizer, text: str, num_anchors: float | Non
             return plan_of_units(units, source_sim, cfg, **plan_kw)
 
     def score(selecting):
-        return objective_value(calib.per_prompt(build(selecting)), kinds, idx, objective)
+        return objective_value(calib.per_prompt(build(selecting), sparse_prefill), kinds, idx, objective)
 
     before = len(calib.memo)
     selecting, history = greedy_search(score, unit_cfg, target=num_anchors, tolerance=tolerance, shrink=shrink,
@@ -525,7 +538,7 @@ def calibrate_output_aware(model, tokenizer, text: str, num_anchors: float | Non
     k_paper = max(1, min(L, int(round(plan.selecting_layers_equivalent))))
     anchors, _ = best_anchors(layer_scores(sim, importance, tp_degree), k_paper)
     paper = Plan(anchors=anchors, head_map=head_map_for(sim, anchors, tp_degree), model=dict(cfg), **plan_kw)
-    ours_pp, paper_pp = calib.per_prompt(plan), calib.per_prompt(paper)
+    ours_pp, paper_pp = calib.per_prompt(plan, sparse_prefill), calib.per_prompt(paper, sparse_prefill)
     ours_div, paper_div = float(np.mean(ours_pp[idx])), float(np.mean(paper_pp[idx]))
     ours_fam, paper_fam = family_divergences(ours_pp, kinds, idx), family_divergences(paper_pp, kinds, idx)
     plan.provenance = {
@@ -533,7 +546,7 @@ def calibrate_output_aware(model, tokenizer, text: str, num_anchors: float | Non
         "formats": sorted({kinds[i] for i in idx}), "answer_tokens": int(calib.batches[0].continuation.shape[1]),
         "calibration_topk": calib.topk, "target": num_anchors, "tolerance": tolerance, "search_step": shrink,
         "search_candidates": candidates, "objective": objective, "leave_out": leave_out, "granularity": granularity,
-        "sources": sources, "statistics": calib.statistics,
+        "sources": sources, "statistics": calib.statistics, "sparse_prefill": sparse_prefill,
         "divergence": ours_div, "divergence_by_family": ours_fam,
         "paper_plan_same_cost": {"anchors": anchors, "divergence": paper_div},
         "plans_measured": len(calib.memo) - before, "date": _dt.date.today().isoformat(),
@@ -543,8 +556,11 @@ def calibrate_output_aware(model, tokenizer, text: str, num_anchors: float | Non
               "objective": objective, "leave_out": leave_out, "granularity": granularity, "sources": sources,
               "divergence_by_family": ours_fam,
               "paper_anchors": anchors, "paper_divergence": paper_div, "paper_divergence_by_family": paper_fam,
-              "agreement": agreement(model, KascadeStrategy(plan, backend=backend), calib.batches, idx),
-              "paper_agreement": agreement(model, KascadeStrategy(paper, backend=backend), calib.batches, idx),
+              "sparse_prefill": sparse_prefill,
+              "agreement": agreement(model, KascadeStrategy(plan, backend=backend, sparse_prefill=sparse_prefill),
+                                     calib.batches, idx),
+              "paper_agreement": agreement(model, KascadeStrategy(paper, backend=backend, sparse_prefill=sparse_prefill),
+                                           calib.batches, idx),
               "plans_along": along, "paper_plans_along": paper_along}
     return plan, report
 
