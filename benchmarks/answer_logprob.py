@@ -24,11 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-
-def _relative(path: str) -> str:
-    """path relative to the repository when inside it (results name files, not machines' folders)."""
-    p = Path(path).resolve()
-    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(path)
+from report_json import repo_relative  # noqa: E402  (benchmarks/, beside this file)
 
 
 def paired(values: dict, name: str, base: str = "dense") -> tuple[float, float]:
@@ -129,7 +125,7 @@ def main(argv=None) -> int:
     strategies = {n: build(n, plan, model.config, args.rho) for n in names}
     device = next(model.parameters()).device
     result = {"length": args.length, "samples": args.samples, "rho": args.rho, "first_seed": args.first_seed,
-              "plan": _relative(args.plan), "strategies": names, "device": str(device) if device.type == "cpu"
+              "plan": repo_relative(args.plan), "strategies": names, "device": str(device) if device.type == "cpu"
               else torch.cuda.get_device_name(device), "dtype": str(next(model.parameters()).dtype), "families": {}}
     for fam in args.families.split(","):
         logprob = {n: [] for n in names}

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from kascade.eval.command import read_results
+from report_json import repo_relative
 
 HEADLINE_MIN = 20.0  # a family counts where dense scores at least this
 TARGET_DENSE, TARGET_ORACLE = 3.0, 5.0  # points: a plan within these of dense and of per-layer top-k
@@ -160,24 +161,13 @@ def write_report(work: Path, eval_dir: Path, output: str, meta_path: str | None,
                                                                                "num_prompts", "prompt_tokens")}}
                 for name, r in reports.items() if name in plans}
     doc = {"meta": meta, "model": "SmolLM2-135M-Instruct", "rho": 0.1,
-           "shipped_plan": _relative(shipped_plan), "leave_one_out_cost": float(loo_cost),
+           "shipped_plan": repo_relative(shipped_plan) if shipped_plan else None, "leave_one_out_cost": float(loo_cost),
            "targets": {"dense_points": TARGET_DENSE, "oracle_points": TARGET_ORACLE, "headline_dense_min": HEADLINE_MIN},
            "families": rows, "searches": searches}
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     Path(output + ".json").write_text(json.dumps(doc, indent=1))
     Path(output + ".md").write_text(markdown(doc))
     plot(doc, output + ".png")
-
-
-def _relative(path) -> str | None:
-    """`path` relative to the repository root when it lies inside it."""
-    if not path:
-        return None
-    root = Path(__file__).resolve().parent.parent
-    try:
-        return str(Path(path).resolve().relative_to(root))
-    except ValueError:
-        return str(path)
 
 
 def _f(v):

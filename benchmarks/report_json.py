@@ -1,5 +1,6 @@
-"""The `--report IN.json OUT_STEM` mode shared by benchmarks that keep their measurements as JSON:
-the markdown and the plot are written again from the JSON, with no measurement (and no GPU)."""
+"""Shared by the benchmarks' reports: the `--report IN.json OUT_STEM` mode of benchmarks that keep their
+measurements as JSON (the markdown and the plot written again from the JSON, with no measurement and no GPU),
+and how a report names a file (relative to the repository)."""
 
 from __future__ import annotations
 
@@ -18,3 +19,13 @@ def rewrite_only(argv, write_report) -> bool:
         raise SystemExit("--report: expected IN.json OUT_STEM")
     write_report(json.loads(Path(argv[1]).read_text()), Path(argv[2]))
     return True
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def repo_relative(path) -> str:
+    """`path` relative to the repository root when it lies inside it, else as given: results name files, not
+    the folders of the machine that made them."""
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(path)

@@ -107,11 +107,12 @@ def cmd_calibrate(args) -> int:
     else:
         from kascade.calibrate.output_aware import calibrate_output_aware, save_search_plot
 
+        sparse_prefill = args.sparse_prefill != "no"  # judged with the prompt selected unless told otherwise
         settings.update(tolerance=args.tolerance, answer_tokens=args.answer_tokens, batch_size=args.batch_size,
                         search_step=args.search_step, search_candidates=args.search_candidates, formats=list(formats),
                         objective=args.objective, leave_out=args.leave_out, granularity=args.granularity or "head",
                         sources=args.sources, statistics=args.statistics,
-                        sparse_prefill=args.sparse_prefill != "no")
+                        sparse_prefill=sparse_prefill)
         plan, report = calibrate_output_aware(model, tok, data.read_text(encoding="utf-8", errors="replace"),
                                               num_anchors=args.anchors, tolerance=args.tolerance, length=args.length,
                                               num_prompts=args.num_prompts, answer_tokens=args.answer_tokens,
@@ -121,7 +122,7 @@ def cmd_calibrate(args) -> int:
                                               candidates=args.search_candidates, leave_out=args.leave_out,
                                               tp_degree=args.tp_degree, granularity=args.granularity or "head",
                                               sources=args.sources, statistics=args.statistics,
-                                              sparse_prefill=args.sparse_prefill != "no")
+                                              sparse_prefill=sparse_prefill)
         folder = Path(args.plots or Path(args.output).with_suffix(""))
         folder.mkdir(parents=True, exist_ok=True)
         plots = [save_search_plot(report, folder / "divergence_vs_cost.png")]

@@ -86,7 +86,7 @@ def sdpa_padded(q, k, v, kv_start, scale=None) -> torch.Tensor:
         if i0 >= q.shape[2]:
             continue  # every query row of this sequence is padding
         qb, kb, vb = q[b : b + 1, :, i0:], k[b : b + 1, :, s:], v[b : b + 1, :, s:]
-        if qb.shape[2] in (kb.shape[2], 1) or _flash_takes(qb, kb, vb):
+        if _sdpa_takes(qb, kb, vb):
             out[b : b + 1, :, i0:] = sdpa_causal(qb, kb, vb, scale)
         else:
             out[b : b + 1, :, i0:] = reference.dense_attention(qb, kb, vb, scale=scale)
@@ -105,13 +105,18 @@ def dense(q, k, v, kv_start=None, scale=None, backend: str = "auto", kv_len=None
             return mod.dense_attention(q, k, v, kv_start=kv_start, scale=scale, kv_len=kv_len)
     if backend != "reference" and q.is_cuda and kv_start is None and kv_len is None:
         check_attention_inputs(q, k, v)
-        qlen, n = q.shape[2], k.shape[2]
-        if qlen == n or qlen == 1 or _flash_takes(q, k, v):
+        if _sdpa_takes(q, k, v):
             return sdpa_causal(q, k, v, scale)
     if backend != "reference" and q.is_cuda and kv_start is not None and kv_len is None and q.shape[2] > 1:
         check_attention_inputs(q, k, v)
         return sdpa_padded(q, k, v, kv_start, scale)
     return reference.dense_attention(q, k, v, kv_start=kv_start, scale=scale, kv_len=kv_len)
+
+
+def _sdpa_takes(q, k, v) -> bool:
+    """True when sdpa_causal runs without a [Q, N] mask: a whole prompt, a decode step, or a chunk on top of a
+    cache that SDPA's flash kernel takes."""
+    return q.shape[2] in (k.shape[2], 1) or _flash_takes(q, k, v)
 
 
 def _flash_takes(q, k, v) -> bool:
