@@ -16,6 +16,7 @@ from the prefill's selection, not from the decode steps'.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import sys
@@ -79,7 +80,9 @@ def build(name: str, plan, model_config, rho: float):
 def markdown(result: dict) -> str:
     names = result["strategies"]
     lines = [f"# Teacher-forced answer log-probability, {result['length']} tokens, rho {result['rho']}", "",
-             f"{result['device']}, {result['dtype']}; `benchmarks/answer_logprob.py` (held-out seeds from "
+             f"{result['device']}, {result['dtype']}"
+             + (f", torch {result['torch']}, transformers {result['transformers']}, {result['date']}" if "date" in result
+                else "") + "; `benchmarks/answer_logprob.py` (held-out seeds from "
              f"{result['first_seed']}, {result['samples']} prompts per family; plan {result['plan']}). Sum over the "
              "answer's tokens of log p (nats); difference against dense: mean ± standard error over the same prompts; "
              "first token: share of prompts whose first answer token is the argmax.", "",
@@ -109,6 +112,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import torch
+    import transformers
     from tqdm.auto import tqdm
 
     import kascade
@@ -126,7 +130,9 @@ def main(argv=None) -> int:
     device = next(model.parameters()).device
     result = {"length": args.length, "samples": args.samples, "rho": args.rho, "first_seed": args.first_seed,
               "plan": repo_relative(args.plan), "strategies": names, "device": str(device) if device.type == "cpu"
-              else torch.cuda.get_device_name(device), "dtype": str(next(model.parameters()).dtype), "families": {}}
+              else torch.cuda.get_device_name(device), "dtype": str(next(model.parameters()).dtype),
+              "torch": torch.__version__, "transformers": transformers.__version__,
+              "date": datetime.date.today().isoformat(), "families": {}}
     for fam in args.families.split(","):
         logprob = {n: [] for n in names}
         first_ok = {n: [] for n in names}
