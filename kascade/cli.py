@@ -66,16 +66,22 @@ def cmd_calibrate(args) -> int:
     if args.tolerance is not None and recipe != "output-aware":
         raise ValueError(f"--tolerance: needs --recipe output-aware (the paper's recipe has no divergence), got "
                          f"--recipe {recipe}")
-    if args.anchors is None and args.tolerance is None:
-        raise ValueError("--anchors: expected the number of anchors (paper) or selecting-layer equivalents "
-                         "(output-aware), or --tolerance with --recipe output-aware")
+    if args.anchors is None and recipe == "paper":
+        raise ValueError("--anchors: the paper's recipe needs the number of anchor layers (layer 0 included)")
+    if args.num_prompts is not None and args.num_prompts < 1:
+        raise ValueError(f"--num-prompts: expected an integer >= 1, got {args.num_prompts}")
+    if args.search_candidates is not None and args.search_candidates < 0:
+        raise ValueError(f"--search-candidates: expected an integer >= 1, or 0 for every unit, got "
+                         f"{args.search_candidates}")
     if recipe == "paper" and args.anchors != int(args.anchors):
         raise ValueError(f"--anchors: the paper's recipe takes a whole number of anchor layers, got {args.anchors}")
     data = Path(args.data)
     if recipe == "output-aware":
-        if not data.is_file() or data.suffix != ".txt":
+        if not data.is_file():
+            raise ValueError(f"--data: no file at {data}")
+        if data.suffix != ".txt":
             raise ValueError(f"--data: the output-aware recipe hides facts in a plain .txt file of prose, got {data}")
-        if args.search_step < 2:
+        if args.search_step is not None and args.search_step < 2:
             raise ValueError(f"--search-step: expected an integer >= 2 (a step removes about 1/N of the units), got "
                              f"{args.search_step}")
     formats = _formats(args.formats) if recipe == "output-aware" else None
@@ -91,11 +97,17 @@ def cmd_calibrate(args) -> int:
         if recipe != "output-aware":
             raise ValueError("--leave-out: needs --recipe output-aware")
         formats = formats_without(args.leave_out, formats)
+    if recipe == "output-aware":
+        _default_output_aware(args, formats)
+    elif args.num_prompts is None:
+        args.num_prompts = 8
     if recipe == "paper":
         print("kascade calibrate: the paper's recipe judges plans by attention mass, which on SmolLM2-135M kept "
               "85-94% of it while losing half the needles (docs/calibration.md); --recipe output-aware judges them "
               "by the model's own outputs", file=sys.stderr)
     model, tok = load_model(args.model_dir, args.device, args.dtype)
+    if recipe == "output-aware" and args.anchors is None and args.tolerance is None:
+        _default_target(args, model.config)
     settings = {"recipe": recipe, "length": args.length, "num_prompts": args.num_prompts, "rho": args.rho,
                 "k_min": args.k_min, "tile": args.tile, "topk": args.topk, "anchors": args.anchors}
     if recipe == "paper":
@@ -112,7 +124,7 @@ def cmd_calibrate(args) -> int:
                         search_step=args.search_step, search_candidates=args.search_candidates, formats=list(formats),
                         objective=args.objective, leave_out=args.leave_out, granularity=args.granularity or "head",
                         sources=args.sources, statistics=args.statistics,
-                        sparse_prefill=sparse_prefill)
+                        sparse_prefill=sparse_prefill, default_target=args.default_target)
         plan, report = calibrate_output_aware(model, tok, data.read_text(encoding="utf-8", errors="replace"),
                                               num_anchors=args.anchors, tolerance=args.tolerance, length=args.length,
                                               num_prompts=args.num_prompts, answer_tokens=args.answer_tokens,
@@ -133,6 +145,8 @@ def cmd_calibrate(args) -> int:
     plan.save(args.output)
     print(f"anchors {plan.anchors}; plan written to {args.output}; plots: {', '.join(plots)}")
     _print_cost(plan, report)
+    if recipe == "output-aware":
+        _warn_if_unvalidated(report)
     if args.tp_degree > 1 and recipe == "output-aware":
         print(f"tp_degree {args.tp_degree}: every head source stays inside its tensor-parallel shard")
     elif args.tp_degree > 1:
@@ -141,6 +155,50 @@ def cmd_calibrate(args) -> int:
               f"{tp['objective_unconstrained']:.4f} unconstrained ({100 * tp['objective_loss']:.2f}% lost), mean "
               f"coverage {tp['coverage']:.4f} vs {tp['coverage_unconstrained']:.4f}")
     return 0
+
+
+def _default_output_aware(args, formats) -> None:
+    """Fill the output-aware recipe's unset search settings with the validated defaults
+    (kascade.calibrate.output_aware.DEFAULT_*)."""
+    from kascade.calibrate import output_aware as oa
+
+    if args.num_prompts is None:
+        args.num_prompts = oa.DEFAULT_PROMPTS_PER_FORMAT * len(formats)
+    if args.search_step is None:
+        args.search_step = oa.DEFAULT_SEARCH_STEP
+    if args.search_candidates is None:
+        args.search_candidates = oa.DEFAULT_CANDIDATES
+    elif args.search_candidates == 0:  # 0: every unit at every step
+        args.search_candidates = None
+    args.default_target = False
+
+
+def _default_target(args, config) -> None:
+    """The default stopping rule: a third of the layers in selecting-layer equivalents; says what and why."""
+    from kascade.calibrate import output_aware as oa
+    from kascade.plan import model_fingerprint
+
+    fp = model_fingerprint(config)
+    args.anchors, args.default_target = oa.default_target(fp["num_layers"], fp["num_kv_heads"]), True
+    print(f"kascade calibrate: output-aware recipe on {args.num_prompts} prompts of {args.length} tokens "
+          f"({args.formats} formats, {args.objective} objective); the search stops at {args.anchors:.2f} of "
+          f"{fp['num_layers']} selecting-layer equivalents, a third of the layers: the cost at which "
+          "leave-one-format-out plans kept dense accuracy on formats their calibration never saw "
+          "(docs/calibration.md). --anchors N or --tolerance T chooses otherwise.", file=sys.stderr)
+
+
+def _warn_if_unvalidated(report) -> None:
+    """A worst-family divergence above the validated plans' is worth an accuracy check on the user's format."""
+    from kascade.calibrate.output_aware import VALIDATED_WORST_FAMILY_KL
+
+    fams = report.get("divergence_by_family") or {}
+    if not fams:
+        return
+    family, worst = max(fams.items(), key=lambda kv: kv[1])
+    if worst > VALIDATED_WORST_FAMILY_KL:
+        print(f"kascade calibrate: warning: the plan's worst format family ({family}) diverges by {worst:.4f} nats, "
+              f"above the {VALIDATED_WORST_FAMILY_KL} of the plans validated on formats they never saw; check its "
+              "accuracy on your own format (kascade eval) or allow a larger cost (--anchors)", file=sys.stderr)
 
 
 def _formats(spec: str) -> tuple[str, ...]:
@@ -256,24 +314,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="choose anchors and head map for a model; writes a plan JSON and plots")
     p.add_argument("model_dir", help="local HF model directory")
     p.add_argument("--data", required=True, help=".txt (cut into prompts) or .jsonl (text/context field per line)")
-    p.add_argument("--recipe", default="paper", choices=["paper", "output-aware"],
-                   help="paper: anchors by attention-mass coverage (the paper's DP); output-aware: (layer, KV head) "
-                        "units chosen greedily by the divergence of the model's own next-token distributions on "
-                        "retrieval prompts built from --data (default paper)")
+    p.add_argument("--recipe", default="output-aware", choices=["paper", "output-aware"],
+                   help="output-aware (default): (layer, KV head) units chosen greedily by the divergence of the "
+                        "model's own next-token distributions on retrieval prompts in many formats built from --data; "
+                        "paper: anchors by attention-mass coverage (the paper's DP)")
     p.add_argument("--anchors", type=float, default=None,
-                   help="paper: number of anchor layers, layer 0 included; output-aware: the selecting-layer "
-                        "equivalents to reach (selecting KV heads / KV heads, summed over layers)")
+                   help="paper: number of anchor layers, layer 0 included (required); output-aware: the "
+                        "selecting-layer equivalents to reach (selecting KV heads / KV heads, summed over layers; "
+                        "default: a third of the layers, the validated stopping rule)")
     p.add_argument("--tolerance", type=float, default=None,
                    help="output-aware: the cheapest plan whose divergence (nats, KL from dense) stays under this")
     p.add_argument("--answer-tokens", type=int, default=8,
                    help="output-aware: dense continuation tokens followed per prompt (default 8)")
     p.add_argument("--batch-size", type=int, default=8, help="output-aware: prompts per forward (default 8)")
-    p.add_argument("--search-step", type=int, default=10,
-                   help="output-aware: each search step removes about 1/N of the remaining units (default 10; "
+    p.add_argument("--search-step", type=int, default=None,
+                   help="output-aware: each search step removes about 1/N of the remaining units (default 5; "
                         "a smaller N measures fewer plans: faster, coarser)")
     p.add_argument("--search-candidates", type=int, default=None,
                    help="output-aware: after the first step, measure only the N units whose removal cost least "
-                        "when last measured (default: every unit at every step)")
+                        "when last measured (default 10; 0: every unit at every step)")
     p.add_argument("--formats", default="mixture",
                    help="output-aware: calibration formats: 'mixture' (default: prose needles, chat, prose, records, "
                         "JSON, tables, code, documents, long chats), 'prose', or a comma list")
@@ -298,8 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "possibly cheaper plans, for that mode only)")
     p.add_argument("-o", "--output", required=True, help="plan JSON to write")
     p.add_argument("--length", type=int, default=4096, help="tokens per calibration prompt (default 4096)")
-    p.add_argument("--num-prompts", type=int, default=8,
-                   help="at most this many prompts (default 8; output-aware: this many, cycling the formats)")
+    p.add_argument("--num-prompts", type=int, default=None,
+                   help="paper: at most this many prompts (default 8); output-aware: this many, cycling the formats "
+                        "(default: two per format)")
     p.add_argument("--rho", type=float, default=0.1)
     p.add_argument("--k-min", type=int, default=128)
     p.add_argument("--tile", type=int, default=32)

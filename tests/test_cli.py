@@ -37,8 +37,8 @@ def model_dir(tmp_path_factory):
 
 def test_calibrate_then_generate(model_dir, tmp_path, capsys):
     plan_path = tmp_path / "plan.json"
-    rc = main(["calibrate", str(model_dir), "--data", str(model_dir / "data.txt"), "--anchors", "3",
-               "-o", str(plan_path), "--length", "256", "--num-prompts", "2", "--topk", "16", "--k-min", "16",
+    rc = main(["calibrate", str(model_dir), "--data", str(model_dir / "data.txt"), "--recipe", "paper", "--anchors",
+               "3", "-o", str(plan_path), "--length", "256", "--num-prompts", "2", "--topk", "16", "--k-min", "16",
                "--device", "cpu"])
     assert rc == 0
     plan = Plan.load(plan_path)
@@ -72,7 +72,8 @@ def test_unknown_model_name_is_an_error_not_a_download(tmp_path, capsys):
     rc = main(["generate", "meta-llama/Llama-3.1-8B", "--plan", str(tmp_path / "p.json"),
                "--prompt-file", str(tmp_path / "x.txt")])
     assert rc == 2
-    rc = main(["calibrate", "meta-llama/Llama-3.1-8B", "--data", "x.txt", "--anchors", "2", "-o", "p.json"])
+    rc = main(["calibrate", "meta-llama/Llama-3.1-8B", "--data", "x.txt", "--recipe", "paper", "--anchors", "2",
+               "-o", "p.json"])
     assert rc == 2
     assert "downloads nothing" in capsys.readouterr().err
 
@@ -134,13 +135,13 @@ def test_calibrate_refuses_a_search_step_below_two(model_dir, tmp_path, capsys):
 
 def test_calibrate_refuses_a_prefill_mode_without_the_output_aware_recipe(model_dir, tmp_path, capsys):
     assert main(["calibrate", str(model_dir), "--data", str(model_dir / "data.txt"), "--sparse-prefill", "no",
-                 "--anchors", "2", "-o", str(tmp_path / "p.json"), "--device", "cpu"]) == 2
+                 "--recipe", "paper", "--anchors", "2", "-o", str(tmp_path / "p.json"), "--device", "cpu"]) == 2
     assert "--sparse-prefill: needs --recipe output-aware" in capsys.readouterr().err
 
 
 def test_calibrate_refuses_granularity_without_the_output_aware_recipe(model_dir, tmp_path, capsys):
     assert main(["calibrate", str(model_dir), "--data", str(model_dir / "data.txt"), "--granularity", "layer",
-                 "--anchors", "2", "-o", str(tmp_path / "p.json"), "--device", "cpu"]) == 2
+                 "--recipe", "paper", "--anchors", "2", "-o", str(tmp_path / "p.json"), "--device", "cpu"]) == 2
     assert "--granularity: needs --recipe output-aware" in capsys.readouterr().err
 
 
@@ -212,3 +213,40 @@ def test_no_arguments_from_the_shell():
     run = subprocess.run([sys.executable, "-m", "kascade.cli", "no-such-command"], capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 2 and "invalid choice" in run.stderr
+
+
+def test_calibrate_defaults_to_the_output_aware_recipe_and_its_stopping_rule(model_dir, tmp_path, capsys):
+    """No --recipe, --anchors or --tolerance: output-aware, two prompts per format, and a search that stops at a
+    third of the layers (6 layers of 2 KV heads: 2.0 selecting-layer equivalents); it says what it chose."""
+    from kascade.calibrate.output_aware import default_target
+
+    plan_path = tmp_path / "plan.json"
+    assert main(["calibrate", str(model_dir), "--data", str(model_dir / "data.txt"), "--formats", "passkey,door",
+                 "--length", "300", "--answer-tokens", "2", "--topk", "16", "--k-min", "16", "--tile", "16",
+                 "-o", str(plan_path), "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "output-aware recipe on 4 prompts of 300 tokens" in captured.err
+    assert "stops at 2.00 of 6 selecting-layer equivalents, a third of the layers" in captured.err
+    plan = Plan.load(plan_path)
+    assert plan.recipe == "output-aware" and plan.selecting_layers_equivalent <= default_target(6, 2) == 2.0
+    settings = plan.provenance["settings"]
+    assert (settings["recipe"], settings["anchors"], settings["default_target"]) == ("output-aware", 2.0, True)
+    assert (settings["num_prompts"], settings["search_step"], settings["search_candidates"]) == (4, 5, 10)
+    assert plan.provenance["formats"] == ["door", "passkey"]
+
+
+def test_default_target_is_a_third_of_the_layers_in_whole_kv_heads():
+    from kascade.calibrate.output_aware import default_target
+
+    assert default_target(30, 3) == 10.0  # SmolLM2-135M
+    assert default_target(12, 4) == 4.0  # kascade-tiny
+    assert default_target(32, 8) == 10.625  # Llama-3.1-8B: 85 of 256 KV heads
+    assert default_target(2, 1) == 1.0  # never below layer 0's
+    with pytest.raises(ValueError, match="num_layers"):
+        default_target(0, 8)
+
+
+def test_calibrate_refuses_a_negative_candidate_count(model_dir, tmp_path, capsys):
+    assert main(["calibrate", str(model_dir), "--data", str(model_dir / "data.txt"), "--search-candidates", "-1",
+                 "-o", str(tmp_path / "p.json"), "--device", "cpu"]) == 2
+    assert "--search-candidates: expected an integer >= 1, or 0 for every unit, got -1" in capsys.readouterr().err

@@ -261,6 +261,27 @@ OBJECTIVES = ("worst-family", "mean")
 SOURCE_RULES = ("mean", "worst-family")  # how a reusing unit's source is ranked over the calibration families
 GRANULARITIES = ("head", "layer")
 
+# The default recipe of `kascade calibrate`, the one leave-one-format-out validation measured on SmolLM2-135M
+# (benchmarks/results/generalization_smollm2.md): the whole format mixture, two prompts per format, the
+# worst-family objective, search step 5 measuring 10 candidate units per step after the first, and a search that
+# stops at a third of the layers in selecting-layer equivalents (10 of SmolLM2's 30, 4 of kascade-tiny's 12).
+DEFAULT_PROMPTS_PER_FORMAT = 2
+DEFAULT_SEARCH_STEP = 5
+DEFAULT_CANDIDATES = 10
+DEFAULT_COST_FRACTION = 1 / 3
+# The largest worst-family divergence (nats) among the validated plans at the default cost: a plan above it has
+# not been shown to keep accuracy on formats its calibration did not see.
+VALIDATED_WORST_FAMILY_KL = 0.18
+
+
+def default_target(num_layers: int, num_kv_heads: int) -> float:
+    """The default stopping cost: DEFAULT_COST_FRACTION of the layers in selecting-layer equivalents, rounded down
+    to a whole KV head (a plan's cost moves in steps of 1 / num_kv_heads), and at least layer 0's one."""
+    if num_layers < 1 or num_kv_heads < 1:
+        raise ValueError(f"default_target: expected num_layers, num_kv_heads >= 1, got {num_layers}, {num_kv_heads}")
+    heads = math.floor(num_layers * num_kv_heads * DEFAULT_COST_FRACTION + 1e-9)
+    return max(1.0, heads / num_kv_heads)
+
 
 @dataclasses.dataclass
 class CalibrationSet:
