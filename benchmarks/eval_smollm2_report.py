@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-PLANS = {"kascade": ROOT / "plans" / "smollm2-135m-instruct.json",
+PLANS = {"kascade": ROOT / "plans" / "smollm2-135m-instruct-prose.json",  # the plan the committed table measured
          "kascade-paper": ROOT / "plans" / "smollm2-135m-instruct-paper.json"}
 
 

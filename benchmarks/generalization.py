@@ -40,7 +40,8 @@ FOLDS = ("records", "json_records", "table", "code", "multi_doc", "chat_history"
 # evaluated tasks: each fold's own task, and log_lookup (family "records": run with the records fold's plan)
 FAMILIES = FOLDS + ("log_lookup",)
 ONLY_AT = {"log_lookup": (4096,)}  # tasks run at some lengths only: dense finds 3 of 20 log lookups at 8064
-SHIPPED = ROOT / "plans" / "smollm2-135m-instruct.json"
+SHIPPED = ROOT / "plans" / "smollm2-135m-instruct.json"  # the default recipe's plan (kascade calibrate)
+PROSE = ROOT / "plans" / "smollm2-135m-instruct-prose.json"  # the plan shipped before, calibrated on prose formats
 PAPER = ROOT / "plans" / "smollm2-135m-instruct-paper.json"
 
 
@@ -116,12 +117,17 @@ def eval_jobs(work: Path, model_dir: str, families, lengths: str, samples: int, 
         if not here:
             continue
         fams = ",".join(here)
-        jobs.append(("baselines", f"{base} --tasks {fams} --plan {SHIPPED} --paper-plan {PAPER} "
+        # the baselines' `kascade` is the prose plan (the rows committed before the default recipe's plan shipped)
+        jobs.append(("baselines", f"{base} --tasks {fams} --plan {PROSE} --paper-plan {PAPER} "
                                   f"--strategies dense,oracle,kascade,kascade-paper --out {out}/baselines"))
-        # decode-only mode (dense prefill, sparse decode) of per-layer top-k and the shipped plan: its own run
+        # decode-only mode (dense prefill, sparse decode) of per-layer top-k and the prose plan: its own run
         # folder, so that a stage running the baselines does not wait for it
-        jobs.append(("decode-only", f"{base} --tasks {fams} --plan {SHIPPED} "
+        jobs.append(("decode-only", f"{base} --tasks {fams} --plan {PROSE} "
                                     f"--strategies oracle,kascade --sparse-prefill no --out {out}/decode-only"))
+        # the shipped plan (the default recipe's), in both modes
+        jobs.append(("shipped", f"{base} --tasks {fams} --plan {SHIPPED} --strategies kascade --out {out}/shipped"))
+        jobs.append(("shipped-decode-only", f"{base} --tasks {fams} --plan {SHIPPED} --strategies kascade "
+                                            f"--sparse-prefill no --out {out}/shipped-decode-only"))
         for plan in sorted((work / "plans").glob("mixture-*.json")):
             jobs.append((plan.stem, f"{base} --tasks {fams} --plan {plan} --strategies kascade "
                                     f"--out {out}/{plan.stem}"))
@@ -216,7 +222,7 @@ def _read(path: Path) -> list[dict]:
 def cmd_report(args) -> int:
     from generalization_report import write_report
 
-    write_report(Path(args.work), Path(args.eval), args.output, args.meta, SHIPPED, args.loo_cost)
+    write_report(Path(args.work), Path(args.eval), args.output, args.meta, SHIPPED, args.loo_cost, PROSE)
     return 0
 
 

@@ -92,7 +92,7 @@ start)
     setsid nohup python3 benchmarks/generalization.py calibrate "$MODEL" --work /tmp/$GEN --budget-s 1500 \
       ${CAL_ARGS:---search-step 5 --candidates 16} >> /tmp/$GEN/calibrate.log 2>&1 < /dev/null &
   fi
-  diagnose previous=plans/smollm2-135m-instruct.json paper=plans/smollm2-135m-instruct-paper.json
+  diagnose previous=plans/smollm2-135m-instruct-prose.json paper=plans/smollm2-135m-instruct-paper.json
   run_jobs "baselines" "${LIMIT:-420}"
   collect
   ;;
@@ -111,7 +111,7 @@ all)  # one call: start, baselines for FIRST seconds, then whatever plans exist 
   pgrep -f "generalization.py calibrate" > /dev/null || setsid nohup python3 benchmarks/generalization.py calibrate \
     "$MODEL" --work /tmp/$GEN --budget-s 1500 ${CAL_ARGS:---search-step 5 --candidates 16} >> /tmp/$GEN/calibrate.log \
     2>&1 < /dev/null &
-  diagnose previous=plans/smollm2-135m-instruct.json paper=plans/smollm2-135m-instruct-paper.json
+  diagnose previous=plans/smollm2-135m-instruct-prose.json paper=plans/smollm2-135m-instruct-paper.json
   run_jobs "baselines" "${FIRST:-240}"
   [ -f /tmp/$GEN/plans/mixture-10.json ] && diagnose mixture=/tmp/$GEN/plans/mixture-10.json
   run_jobs "baselines|mixture|lofo" "$(( ${BUDGET:-540} - ($(date +%s) - begin) ))"

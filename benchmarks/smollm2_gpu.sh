@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # SmolLM2-135M-Instruct on the lent GPU machine, in stages that fit its calls (10 minutes each; the
 # machine keeps /tmp between calls made while it is warm). A call carries at most 64 MiB with the
-# working tree (47.4 MB of tracked files on 2026-12-06), so the 98 MB GGUF travels in parts small enough to
-# ride beside it: `split -n 6 -d -a 2 FILE .smol/p4/part_` gives part_00..05 of 16.4 MB (ignored by git; FILE
+# working tree (50.5 MB of tracked files on 2026-12-06), so the 98 MB GGUF travels in parts small enough to
+# ride beside it: `split -n 8 -d -a 2 FILE .smol/p4/part_` gives part_00..07 of 12.3 MB (ignored by git; FILE
 # is the GGUF that ../shared/tools/smollm2-parts unpacks, or its parts joined). Below, "the last part" is the
 # highest-numbered one and "the others" all before it. Run from the repository root:
 #   copy PART  carry .smol/p4/PART (each of the others, one call each): copies it to /tmp/m

@@ -116,8 +116,7 @@ def readme_example() -> str:
 # selecting-layer equivalents the search removes one (layer, KV head) unit, one step of 44 measured plans.
 SMALL = {
     'model_dir = "path/to/your-model"': f"model_dir = {str(TINY)!r}",
-    "length=4096": "length=256",
-    "num_prompts=16": "num_prompts=2",
+    "length=4096": "length=256, num_prompts=2",  # the first two formats of the mixture, not two of each
     "num_anchors=10": "num_anchors=11.75",
 }
 

@@ -40,22 +40,26 @@ def test_rows_and_targets(tmp_path):
     _rows(ev / "baselines" / "code-4096", "code", 4096, "dense", 4)  # dense 10: not a headline family
     _rows(ev / "p66-mixture-10" / "records-4096", "records", 4096, "kascade", 18)  # another recipe's plans
     _rows(ev / "p66-lofo-records-10" / "records-4096", "records", 4096, "kascade", 20)
+    _rows(ev / "shipped" / "records-4096", "records", 4096, "kascade", 21)  # the shipped plan's own run
+    _rows(ev / "shipped" / "records-4096", "records", 4096, "dense", 0)  # its own dense: not reported
     shipped = tmp_path / "shipped.json"
     shipped.write_text(json.dumps({**PLAN, "selecting_layers_equivalent": 9.5}))
     GR.write_report(work, ev, str(tmp_path / "out"), None, shipped)
     doc = json.loads((tmp_path / "out.json").read_text())
     rec = next(r for r in doc["families"] if r["name"] == "records")
-    assert (rec["dense"], rec["oracle"], rec["kascade_shipped"], rec["kascade_paper"]) == (50.0, 55.0, 20.0, 5.0)
+    # the baselines' kascade is the prose plan; the shipped plan is its own run
+    assert (rec["dense"], rec["oracle"], rec["kascade_prose"], rec["kascade_paper"]) == (50.0, 55.0, 20.0, 5.0)
+    assert rec["kascade_shipped"] == 52.5
     assert rec["kascade_mixture_10"] == 47.5 and rec["kascade_leave_one_out"] == 52.5
     assert (rec["cost"], rec["cost_shipped"]) == (10.0, 9.5)
-    assert rec["holds"] == {"kascade_leave_one_out": True, "kascade_shipped": False}
+    assert rec["holds"] == {"kascade_leave_one_out": True, "kascade_shipped": True, "kascade_prose": False}
     # paired over the same seeds: the leave-one-out plan hits samples 0..20, dense 0..19
     assert rec["paired_vs_dense"]["kascade_leave_one_out"]["mean"] == 2.5
-    assert rec["paired_vs_dense"]["kascade_shipped"]["mean"] == -30.0
+    assert rec["paired_vs_dense"]["kascade_prose"]["mean"] == -30.0
     assert rec["dense_se"] == 7.91
     # the reuse's loss alone: against per-layer top-k (oracle hits 0..21)
     assert rec["paired_vs_oracle"]["kascade_leave_one_out"]["mean"] == -2.5
-    assert rec["paired_vs_oracle"]["kascade_shipped"]["mean"] == -35.0
+    assert rec["paired_vs_oracle"]["kascade_prose"]["mean"] == -35.0
     assert rec["paired_vs_dense"]["oracle"]["mean"] == 5.0
     code = next(r for r in doc["families"] if r["name"] == "code")
     assert not code["headline"] and code["holds"] == {}
@@ -65,8 +69,9 @@ def test_rows_and_targets(tmp_path):
     assert GR.recipe_of("p66-lofo-records-10") == ("p66", "lofo-records-10")
     assert GR.recipe_of("lofo-records-10") == ("", "lofo-records-10") and GR.recipe_of("mixture-6") == ("", "mixture-6")
     md = (tmp_path / "out.md").read_text()
-    assert "| records | 4096 | 40 | 50.0 ± 7.9 | 55.0 | 52.5 | 20.0 | 5.0 | 47.5 | +2.5 ± 2.5 | -30.0 ± 7.3 | yes / no |" in md
-    assert "| records | 4096 | +5.0 ± 3.5 | -35.0 ± 7.6 | -2.5 ± 2.5 |" in md
+    assert ("| records | 4096 | 40 | 50.0 ± 7.9 | 55.0 | 52.5 | 52.5 | 20.0 | 5.0 | 47.5 | +2.5 ± 2.5 | +2.5 ± 2.5 | "
+            "-30.0 ± 7.3 | yes / yes / no |") in md
+    assert "| records | 4096 | +5.0 ± 3.5 | -2.5 ± 2.5 | -35.0 ± 7.6 | -2.5 ± 2.5 |" in md
     assert "## Calibration recipe p66" in md and "| records | 4096 | 40 | 50.0 | 55.0 | 20.0 (-30.0 ± 7.3) | " \
         "50.0 (+0.0 ± 0.0) | 45.0 (-5.0 ± 3.5) |" in md
     assert (tmp_path / "out.png").stat().st_size > 0
@@ -117,8 +122,12 @@ def test_jobs_run_log_lookup_with_the_records_fold(tmp_path, capsys):
     assert "--lengths 8064 " in jobs["baselines"][1] and "log_lookup" not in jobs["baselines"][1]
     assert "--tasks records,log_lookup " in jobs["lofo-records-10"][0] and "--tasks records " in jobs["lofo-records-10"][1]
     assert "--tasks table " in jobs["lofo-table-10"][0]
-    # decode-only mode: the shipped plan and per-layer top-k beside the baselines, each fold's plan beside its run
-    assert "--strategies oracle,kascade --sparse-prefill no --out EV/decode-only" in jobs["decode-only"][0]
+    # the baselines run the prose plan; the shipped plan (the default recipe's) has its own runs, in both modes
+    assert f"--plan {G.PROSE} --paper-plan" in jobs["baselines"][0]
+    assert f"--plan {G.SHIPPED} --strategies kascade --out EV/shipped" in jobs["shipped"][0]
+    assert "--strategies kascade --sparse-prefill no --out EV/shipped-decode-only" in jobs["shipped-decode-only"][0]
+    # decode-only mode: the prose plan and per-layer top-k beside the baselines, each fold's plan beside its run
+    assert f"--plan {G.PROSE} --strategies oracle,kascade --sparse-prefill no --out EV/decode-only" in jobs["decode-only"][0]
     assert "--tasks records,log_lookup " in jobs["lofo-records-10-decode-only"][0]
     assert "--sparse-prefill no --out EV/lofo-records-10-decode-only" in jobs["lofo-records-10-decode-only"][0]
     assert "--sparse-prefill no --out EV/mixture-10-decode-only" in jobs["mixture-10-decode-only"][0]
@@ -223,16 +232,27 @@ def test_decode_only_rows_are_their_own_columns(tmp_path):
     _rows(ev / "lofo-records-10" / "records-4096", "records", 4096, "kascade", 10)
     _rows(ev / "lofo-records-10-decode-only" / "records-4096", "records", 4096, "kascade+dense-prefill", 18)
     _rows(ev / "mixture-6-decode-only" / "records-4096", "records", 4096, "kascade+dense-prefill", 17)  # this mode only
+    _rows(ev / "shipped-decode-only" / "records-4096", "records", 4096, "kascade+dense-prefill", 20)
     GR.write_report(work, ev, str(tmp_path / "out"), None)
     rec = json.loads((tmp_path / "out.json").read_text())["families"][0]
-    assert (rec["dense"], rec["oracle"], rec["kascade_shipped"], rec["kascade_leave_one_out"]) == (50.0, 55.0, 20.0, 25.0)
+    assert (rec["dense"], rec["oracle"], rec["kascade_prose"], rec["kascade_leave_one_out"]) == (50.0, 55.0, 20.0, 25.0)
+    assert rec["kascade_shipped"] is None  # not run with the sparse prefill
     do = rec["decode_only"]
-    assert (do["oracle"], do["kascade_shipped"], do["kascade_leave_one_out"]) == (52.5, 47.5, 45.0)
-    assert do["paired_vs_dense"]["kascade_shipped"]["mean"] == -2.5
-    assert do["holds"] == {"kascade_leave_one_out": False, "kascade_shipped": True}  # -5.0 and -2.5 against dense
+    assert (do["oracle"], do["kascade_prose"], do["kascade_leave_one_out"], do["kascade_shipped"]) == (52.5, 47.5, 45.0,
+                                                                                                      50.0)
+    assert do["paired_vs_dense"]["kascade_prose"]["mean"] == -2.5
+    # -5.0, +0.0 and -2.5 against dense
+    assert do["holds"] == {"kascade_leave_one_out": False, "kascade_shipped": True, "kascade_prose": True}
+    hold = json.loads((tmp_path / "out.json").read_text())["targets_hold"]
+    assert hold["decode_only"]["kascade_shipped"] == {"cells": 1, "held": 1}
+    assert hold["sparse_prefill"]["kascade_shipped"] == {"cells": 0, "held": 0}  # not run in that mode
     md = (tmp_path / "out.md").read_text()
+    assert ("- Decode-only mode (kascade.enable's default): cells holding the targets: leave-one-out plans 0 of 1, "
+            "shipped plan 1 of 1, prose plan 1 of 1.") in md
+    assert "- With the sparse prefill (the paper's method): cells holding the targets: leave-one-out plans 0 of 1, " \
+        "prose plan 0 of 1." in md
     assert "## Decode-only mode" in md
     assert rec["kascade_mixture_6"] is None and do["kascade_mixture_6"] == 42.5  # run in decode-only mode only
-    assert "| holds (loo / shipped) | mixture-6 |" in md
-    assert "| records | 4096 | 50.0 | 52.5 | 47.5 | 45.0 | +2.5 ± 2.5 | -2.5 ± 2.5 | -5.0 ± 3.5 | no / yes | " \
-        "42.5 (-7.5 ± 4.2) |" in md
+    assert "| holds (loo / shipped / prose) | mixture-6 |" in md
+    assert "| records | 4096 | 50.0 | 52.5 | 50.0 | 47.5 | 45.0 | +2.5 ± 2.5 | +0.0 ± 0.0 | -2.5 ± 2.5 | -5.0 ± 3.5 | " \
+        "no / yes / yes | 42.5 (-7.5 ± 4.2) |" in md

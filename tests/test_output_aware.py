@@ -246,3 +246,16 @@ def test_decode_only_calibration_judges_plans_in_that_mode(setup):
     with pytest.raises(ValueError, match="sparse_prefill: expected True"):
         OA.calibrate_output_aware(model, ByteTokenizer(), TEXT, num_anchors=2.5, length=500, num_prompts=3,
                                   backend="reference", progress=False, sparse_prefill="no")
+
+
+def test_calibrate_output_aware_defaults_to_the_validated_recipe(setup):
+    """No target and no tolerance: two prompts per format, search step 5 with 10 candidates, and a search that
+    stops at a third of the layers (4 layers of 2 KV heads: 1.0 selecting-layer equivalent, layer 0's)."""
+    model = setup[0]
+    plan, _ = OA.calibrate_output_aware(model, ByteTokenizer(), TEXT, length=500, formats=("passkey", "door"),
+                                        answer_tokens=2, k_min=16, tile=16, topk=16, backend="reference",
+                                        progress=False)
+    prov = plan.provenance
+    assert (prov["num_prompts"], prov["search_step"], prov["search_candidates"]) == (4, 5, 10)
+    assert prov["target"] == OA.default_target(4, 2) == 1.0 and plan.selecting_layers_equivalent == 1.0
+    assert plan.anchors == [0]

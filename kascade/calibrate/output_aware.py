@@ -461,11 +461,12 @@ def calibration_set(model, tokenizer, text: str, formats=None, length: int = 409
 
 
 def calibrate_output_aware(model, tokenizer, text: str, num_anchors: float | None = None,
-                           tolerance: float | None = None, length: int = 4096, num_prompts: int = 16,
+                           tolerance: float | None = None, length: int = 4096, num_prompts: int | None = None,
                            answer_tokens: int = 8, batch_size: int = 8, rho: float = 0.1, k_min: int = 128,
                            tile: int = 32, topk: int = 64, backend: str = "auto", progress: bool = True,
-                           data_name: str = "", formats=None, shrink: int = 10, objective: str = "worst-family",
-                           leave_out: str | None = None, candidates: int | None = None,
+                           data_name: str = "", formats=None, shrink: int = DEFAULT_SEARCH_STEP,
+                           objective: str = "worst-family", leave_out: str | None = None,
+                           candidates: int | None = DEFAULT_CANDIDATES,
                            calib: CalibrationSet | None = None, tp_degree: int = 1, granularity: str = "head",
                            stops=(), sources: str = "mean", statistics: str = "prompt",
                            sparse_prefill: bool = True) -> tuple[Plan, dict]:
@@ -473,11 +474,14 @@ def calibrate_output_aware(model, tokenizer, text: str, num_anchors: float | Non
     divergence per format family and the answer agreement of the chosen plan and of the paper's plan of
     the same cost on the same prompts.
 
+    The defaults are the recipe leave-one-format-out validation measured (DEFAULT_*): num_prompts None gives two
+    prompts per format, and with neither num_anchors nor tolerance the search stops at `default_target`, a third
+    of the layers in selecting-layer equivalents.
     formats: calibration formats (default: the whole mixture, kascade.calibrate.retrieval.MIXTURE).
     objective: "worst-family" (default: the largest mean divergence of a format family) or "mean".
     leave_out: an evaluation family (retrieval.LEAVE_OUT) whose formats the search must not see.
     shrink: each search step removes about 1/shrink of the remaining units; candidates: measure only this
-    many units per step, those whose removal cost least when last measured (None: every unit).
+    many units per step, those whose removal cost least when last measured (None: every unit; default 10).
     calib: a CalibrationSet to share (its prompts replace length/num_prompts/formats).
     tp_degree: every source stays inside its head's tensor-parallel shard (the plan runs sharded); the
     paper's plan of the same cost is constrained alike.
@@ -512,6 +516,10 @@ def calibrate_output_aware(model, tokenizer, text: str, num_anchors: float | Non
     cfg = model_fingerprint(model.config)
     L, H = cfg["num_layers"], cfg["num_kv_heads"]
     if calib is None:
+        from kascade.calibrate.retrieval import MIXTURE
+
+        if num_prompts is None:
+            num_prompts = DEFAULT_PROMPTS_PER_FORMAT * len(formats or MIXTURE)
         calib = calibration_set(model, tokenizer, text, formats, length, num_prompts, answer_tokens, batch_size, topk,
                                 tile, backend, progress, statistics=statistics)
     seen = formats_without(leave_out, tuple(dict.fromkeys(calib.kinds))) if leave_out else tuple(calib.kinds)
@@ -539,6 +547,8 @@ def calibrate_output_aware(model, tokenizer, text: str, num_anchors: float | Non
     def score(selecting):
         return objective_value(calib.per_prompt(build(selecting), sparse_prefill), kinds, idx, objective)
 
+    if num_anchors is None and tolerance is None:  # the default stopping rule
+        num_anchors = default_target(L, hu)
     before = len(calib.memo)
     selecting, history = greedy_search(score, unit_cfg, target=num_anchors, tolerance=tolerance, shrink=shrink,
                                        progress=progress, candidates=candidates, stops=stops)
