@@ -22,7 +22,7 @@ Three stages (the GPU recipe is benchmarks/generalization_gpu.sh):
     python benchmarks/generalization.py seed --work DIR --eval EVALDIR [--plans P] [--rows R] [--searches S]
         Puts committed plans (P, default benchmarks/results/generalization_smollm2_plans) into DIR/plans, their
         search reports (S, default benchmarks/results/generalization_smollm2_searches) into DIR/reports, and
-        committed eval rows (R, default benchmarks/results/generalization_smollm2_results.jsonl, each row
+        committed eval rows (R, default benchmarks/results/generalization_smollm2_results.jsonl.gz, each row
         naming its run) back into EVALDIR/RUN/TASK-LENGTH/results.jsonl, so that a later run evaluates the
         same plans and only the samples not yet scored (e.g. more samples per cell).
 """
@@ -166,7 +166,7 @@ def cmd_seed(args) -> int:
     for report in sorted(Path(args.searches).glob("*.json")):
         shutil.copyfile(report, work / "reports" / report.name)
     cells: dict = {}
-    with open(args.rows, encoding="utf-8") as f:
+    with _open_rows(args.rows, "r") as f:
         for line in f:
             if line.strip():
                 row = json.loads(line)
@@ -200,7 +200,7 @@ def cmd_export(args) -> int:
     if not runs:
         raise SystemExit(f"--eval: no RUN/CELL/results.jsonl under {ev}")
     count = 0
-    with open(args.rows, "a" if args.append else "w", encoding="utf-8") as f:
+    with _open_rows(args.rows, "a" if args.append else "w") as f:
         for path in runs:
             for row in _read(path):
                 f.write(json.dumps({"run": name(path.parent.parent.name), **row}) + "\n")
@@ -211,6 +211,16 @@ def cmd_export(args) -> int:
             shutil.copyfile(src, Path(dest) / f"{name(src.stem)}.json")
     print(f"{count} rows of {len(runs)} cells into {args.rows}")
     return 0
+
+
+def _open_rows(path, mode: str):
+    """The committed rows file, text mode; gzip-compressed when its name ends in .gz (the committed one is, to
+    keep the tree that travels to the GPU machine small)."""
+    import gzip
+
+    if str(path).endswith(".gz"):
+        return gzip.open(path, mode + "t", encoding="utf-8")
+    return open(path, mode, encoding="utf-8")
 
 
 def _read(path: Path) -> list[dict]:
@@ -265,7 +275,7 @@ def main(argv=None) -> int:
     p.add_argument("--work", required=True)
     p.add_argument("--eval", required=True)
     p.add_argument("--plans", default=str(ROOT / "benchmarks" / "results" / "generalization_smollm2_plans"))
-    p.add_argument("--rows", default=str(ROOT / "benchmarks" / "results" / "generalization_smollm2_results.jsonl"))
+    p.add_argument("--rows", default=str(ROOT / "benchmarks" / "results" / "generalization_smollm2_results.jsonl.gz"))
     p.add_argument("--searches", default=str(ROOT / "benchmarks" / "results" / "generalization_smollm2_searches"),
                    help="the searches' reports (time, divergences), for the report's table")
     p.set_defaults(func=cmd_seed)
@@ -275,7 +285,7 @@ def main(argv=None) -> int:
     p.add_argument("--prefix", default=None, help="another recipe's name (lowercase letters and digits)")
     p.add_argument("--append", action="store_true", help="add to --rows instead of replacing it")
     p.add_argument("--plans", default=str(ROOT / "benchmarks" / "results" / "generalization_smollm2_plans"))
-    p.add_argument("--rows", default=str(ROOT / "benchmarks" / "results" / "generalization_smollm2_results.jsonl"))
+    p.add_argument("--rows", default=str(ROOT / "benchmarks" / "results" / "generalization_smollm2_results.jsonl.gz"))
     p.add_argument("--searches", default=str(ROOT / "benchmarks" / "results" / "generalization_smollm2_searches"))
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("report")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # SmolLM2-135M-Instruct on the lent GPU machine, in stages that fit its calls (10 minutes each; the
 # machine keeps /tmp between calls made while it is warm). A call carries at most 64 MiB with the
-# working tree (50.5 MB of tracked files on 2026-12-06), so the 98 MB GGUF travels in parts small enough to
+# working tree (41.1 MB of tracked files on 2026-12-06), so the 98 MB GGUF travels in parts small enough to
 # ride beside it: `split -n 8 -d -a 2 FILE .smol/p4/part_` gives part_00..07 of 12.3 MB (ignored by git; FILE
 # is the GGUF that ../shared/tools/smollm2-parts unpacks, or its parts joined). Below, "the last part" is the
 # highest-numbered one and "the others" all before it. Run from the repository root:

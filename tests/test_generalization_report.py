@@ -256,3 +256,25 @@ def test_decode_only_rows_are_their_own_columns(tmp_path):
     assert "| holds (loo / shipped / prose) | mixture-6 |" in md
     assert "| records | 4096 | 50.0 | 52.5 | 50.0 | 47.5 | 45.0 | +2.5 ± 2.5 | +0.0 ± 0.0 | -2.5 ± 2.5 | -5.0 ± 3.5 | " \
         "no / yes / yes | 42.5 (-7.5 ± 4.2) |" in md
+
+
+def test_gzip_rows_round_trip(tmp_path):
+    """A rows file whose name ends in .gz (the committed one) is written and read compressed, appends included."""
+    import gzip
+
+    import generalization as G
+
+    work, ev = tmp_path / "gen", tmp_path / "ev"
+    for sub in ("plans", "reports"):
+        (work / sub).mkdir(parents=True)
+    (work / "plans" / "mixture-10.json").write_text(json.dumps(PLAN))
+    _rows(ev / "mixture-10" / "records-4096", "records", 4096, "kascade", 2, n=3)
+    rows = tmp_path / "rows.jsonl.gz"
+    out = ["--rows", str(rows), "--plans", str(tmp_path / "plans"), "--searches", str(tmp_path / "searches")]
+    assert G.main(["export", "--work", str(work), "--eval", str(ev), *out]) == 0
+    assert G.main(["export", "--work", str(work), "--eval", str(ev), "--prefix", "p66", "--append", *out]) == 0
+    with gzip.open(rows, "rt") as f:
+        got = [json.loads(x) for x in f]
+    assert [r["run"] for r in got] == ["mixture-10"] * 3 + ["p66-mixture-10"] * 3
+    assert G.main(["seed", "--work", str(tmp_path / "w2"), "--eval", str(tmp_path / "e2"), *out]) == 0
+    assert set(GR.collect(tmp_path / "e2")) == {("mixture-10", "records", 4096), ("p66:mixture-10", "records", 4096)}
