@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 from generalization import FAMILIES, ONLY_AT  # the structured families, and the lengths where each is run
+from kascade.calibrate.output_aware import DEFAULT_CANDIDATES, DEFAULT_SEARCH_STEP  # the shipped recipe's search
 
 ROOT = Path(__file__).resolve().parent.parent
 COSTS = (4, 6, 8, 10, 12, 15)  # selecting-layer equivalents on the frontier
@@ -375,8 +376,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=22)
     p.add_argument("--answer-tokens", type=int, default=8)
     p.add_argument("--costs", type=lambda s: [float(x) for x in s.split(",")], default=list(COSTS))
-    p.add_argument("--search-step", type=int, default=5)
-    p.add_argument("--candidates", type=int, default=16)
+    p.add_argument("--search-step", type=int, default=DEFAULT_SEARCH_STEP, help="default: the shipped recipe's")
+    p.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES, help="default: the shipped recipe's")
     p.add_argument("--objective", default="worst-family")
     p.add_argument("--budget-s", type=float, default=1500.0)
     p.add_argument("--save-every-s", type=float, default=120.0)
