@@ -250,3 +250,16 @@ def test_calibrate_refuses_a_negative_candidate_count(model_dir, tmp_path, capsy
     assert main(["calibrate", str(model_dir), "--data", str(model_dir / "data.txt"), "--search-candidates", "-1",
                  "-o", str(tmp_path / "p.json"), "--device", "cpu"]) == 2
     assert "--search-candidates: expected an integer >= 1, or 0 for every unit, got -1" in capsys.readouterr().err
+
+
+def test_calibrate_warns_when_the_worst_family_diverges_past_the_validated_plans(capsys):
+    from kascade.calibrate.output_aware import VALIDATED_WORST_FAMILY_KL
+    from kascade.cli import _warn_if_unvalidated
+
+    _warn_if_unvalidated({"divergence_by_family": {"records": VALIDATED_WORST_FAMILY_KL - 0.01, "prose": 0.01}})
+    assert capsys.readouterr().err == ""
+    _warn_if_unvalidated({"divergence_by_family": {"records": VALIDATED_WORST_FAMILY_KL + 0.05, "prose": 0.01}})
+    err = capsys.readouterr().err
+    assert "warning: the plan's worst format family (records) diverges by" in err and "kascade eval" in err
+    _warn_if_unvalidated({})  # a search without families says nothing
+    assert capsys.readouterr().err == ""
