@@ -163,7 +163,7 @@ def _default_output_aware(args, formats) -> None:
     from kascade.calibrate import output_aware as oa
 
     if args.num_prompts is None:
-        args.num_prompts = oa.DEFAULT_PROMPTS_PER_FORMAT * len(formats)
+        args.num_prompts = oa.default_num_prompts(formats)
     if args.search_step is None:
         args.search_step = oa.DEFAULT_SEARCH_STEP
     if args.search_candidates is None:

@@ -274,6 +274,13 @@ DEFAULT_COST_FRACTION = 1 / 3
 VALIDATED_WORST_FAMILY_KL = 0.18
 
 
+def default_num_prompts(formats=None) -> int:
+    """The default calibration set's size: DEFAULT_PROMPTS_PER_FORMAT per format (default: the whole mixture)."""
+    from kascade.calibrate.retrieval import MIXTURE
+
+    return DEFAULT_PROMPTS_PER_FORMAT * len(formats or MIXTURE)
+
+
 def default_target(num_layers: int, num_kv_heads: int) -> float:
     """The default stopping cost: DEFAULT_COST_FRACTION of the layers in selecting-layer equivalents, rounded down
     to a whole KV head (a plan's cost moves in steps of 1 / num_kv_heads), and at least layer 0's one."""
@@ -516,10 +523,8 @@ def calibrate_output_aware(model, tokenizer, text: str, num_anchors: float | Non
     cfg = model_fingerprint(model.config)
     L, H = cfg["num_layers"], cfg["num_kv_heads"]
     if calib is None:
-        from kascade.calibrate.retrieval import MIXTURE
-
         if num_prompts is None:
-            num_prompts = DEFAULT_PROMPTS_PER_FORMAT * len(formats or MIXTURE)
+            num_prompts = default_num_prompts(formats)
         calib = calibration_set(model, tokenizer, text, formats, length, num_prompts, answer_tokens, batch_size, topk,
                                 tile, backend, progress, statistics=statistics)
     seen = formats_without(leave_out, tuple(dict.fromkeys(calib.kinds))) if leave_out else tuple(calib.kinds)
