@@ -20,6 +20,7 @@ Stages (the GPU recipe is benchmarks/frontier_gpu.sh):
         (HEADLINE_TASKS) and the families of the generalization benchmark (FAMILIES), at 4096 and 8064
         tokens, rho 0.1; dense and oracle once ("baselines"), the default plan (--default-plan) at rho 0.1,
         0.05 and 0.2, and every plan of DIR/plans at rho 0.1 (--pending: only the runs not complete in EVALDIR).
+        Oracle and every plan run in both modes (MODES): with the sparse prefill and decode-only.
     python benchmarks/frontier.py seed --work DIR --eval EVALDIR
         Gives every plan run's folder that has no results yet the dense rows of the baselines' run of the same
         task set and length (a `kascade eval` run always scores dense too; dense is the same prompt for prompt,
@@ -44,6 +45,7 @@ from pathlib import Path
 
 from generalization import FAMILIES, ONLY_AT  # the structured families, and the lengths where each is run
 from kascade.calibrate.output_aware import DEFAULT_CANDIDATES, DEFAULT_SEARCH_STEP  # the shipped recipe's search
+from kascade.eval.strategies import DENSE_PREFILL  # the name suffix of a strategy in decode-only mode
 
 ROOT = Path(__file__).resolve().parent.parent
 COSTS = (4, 6, 8, 10, 12, 15)  # selecting-layer equivalents on the frontier
@@ -55,6 +57,10 @@ RHO = 0.1
 DEFAULT_RHOS = (0.05, 0.2)  # the default plan is also evaluated at these budgets
 DEFAULT_PLAN = ROOT / "plans" / "smollm2-135m-instruct.json"
 RECIPES = ("head", "layer", "paper")  # plan file prefixes: output-aware head- and layer-granular, paper's recipe
+# every plan runs in both modes, in one process: sparse prefill and decode (the prefill speedup's mode) and
+# decode-only (dense prefill, sparse decode: the default of kascade.enable and the vLLM plugin)
+PLAN_STRATEGIES = ("kascade", "kascade" + DENSE_PREFILL)
+MODES = {"sparse": "", "decode-only": DENSE_PREFILL}  # mode -> strategy name suffix
 HELDOUT_SEED = 1000  # first seed of the held-out prompts (the calibration set's are 0..num_prompts-1)
 
 
@@ -265,9 +271,11 @@ def eval_jobs(work: Path, model_dir: str, out: str, samples: int = 60, lengths=L
     """Every evaluation the report needs: dense and oracle ("baselines"), then each plan of frontier_plans at its
     budget; per run, both task sets at each length."""
     base = f"python3 -m kascade.cli eval {model_dir} --samples {samples} --no-coverage --workers 2"
-    runs = [("baselines", RHO, ("oracle",), f"--budgets {RHO:g} --strategies dense,oracle")]
+    oracle = ("oracle", "oracle" + DENSE_PREFILL)
+    runs = [("baselines", RHO, oracle, f"--budgets {RHO:g} --strategies dense,{','.join(oracle)}")]
     for name, (path, rho) in frontier_plans(work, default_plan).items():
-        runs.append((name, rho, ("kascade",), f"--budgets {rho:g} --plan {path} --strategies kascade"))
+        runs.append((name, rho, PLAN_STRATEGIES, f"--budgets {rho:g} --plan {path} --strategies "
+                                                 f"{','.join(PLAN_STRATEGIES)}"))
     jobs = []
     for run, rho, strategies, opts in runs:
         for n in lengths:

@@ -2,7 +2,7 @@
 # SmolLM2-135M-Instruct on the lent GPU machine, in stages that fit its calls (10 minutes each; the
 # machine keeps /tmp between calls made while it is warm). A call carries at most 64 MiB with the
 # working tree (41.1 MB of tracked files on 2026-12-06), so the 98 MB GGUF travels in parts small enough to
-# ride beside it: `split -n 8 -d -a 2 FILE .smol/p4/part_` gives part_00..07 of 12.3 MB (ignored by git; FILE
+# ride beside it: `split -n 5 -d -a 2 FILE .smol/p4/part_` gives part_00..04 of 19.7 MB (ignored by git; FILE
 # is the GGUF that ../shared/tools/smollm2-parts unpacks, or its parts joined). Below, "the last part" is the
 # highest-numbered one and "the others" all before it. Run from the repository root:
 #   copy PART  carry .smol/p4/PART (each of the others, one call each): copies it to /tmp/m
@@ -19,12 +19,12 @@
 #              baselines as published (quest-decode, tidaldecode, omnikv-decode), in two runs side by side;
 #              its rows join /tmp/eval (a name ending in +dense-prefill is decode-only mode)
 # Everything a stage makes is also copied to $OUT (plans, results, logs). The committed table came from
-#   copy part_00; copy part_01; copy part_02; prepare; then eval calls such as
+#   copy (each of the others); prepare; then eval calls such as
 #   SEED=benchmarks/results/eval_smollm2_results.jsonl WORKERS=1 REPORT_SAMPLES=60 \
 #     RUNS="fwe|dense,oracle,kascade|||;niah_single|dense,kascade|4096,8064|0.1|60" bash benchmarks/smollm2_gpu.sh eval
 #   (SEED=/tmp/eval/results.jsonl in later calls: the rows merged so far), then on this machine
 #   python benchmarks/eval_smollm2_report.py --eval OUT --meta OUT/eval_meta.json.
-# The decode-only section (not run yet): copy part_00; copy part_01; copy part_02; prepare; then
+# The decode-only section (not run yet): copy (each of the others); prepare; then
 #   SEED=benchmarks/results/eval_smollm2_results.jsonl WORKERS=1 bash benchmarks/smollm2_gpu.sh decode
 #   (then SEED=/tmp/eval/results.jsonl bash benchmarks/smollm2_gpu.sh decode until no run is left; the
 #   committed rows give dense and kascade on the table's tasks, so those cells are not run again), then

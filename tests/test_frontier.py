@@ -49,14 +49,15 @@ def test_jobs_list_every_plan_task_set_and_length(tmp_path):
     line = {j.name: j.command for j in jobs}
     assert line["baselines/tasks-4096"] == (
         "python3 -m kascade.cli eval /m --samples 60 --no-coverage --workers 2 --tasks niah_single,niah_multikey,"
-        "niah_multivalue,niah_multiquery,fwe,doc_qa_chat --lengths 4096 --budgets 0.1 --strategies dense,oracle "
+        "niah_multivalue,niah_multiquery,fwe,doc_qa_chat --lengths 4096 --budgets 0.1 --strategies dense,oracle,"
+        "oracle+dense-prefill "
         "--out /ev/baselines/tasks-4096")
     assert line["head-4/families-8064"] == (
         f"python3 -m kascade.cli eval /m --samples 60 --no-coverage --workers 2 --tasks records,json_records,table,"
         f"code,multi_doc,chat_history --lengths 8064 --budgets 0.1 --plan {work / 'plans' / 'head-4.json'} "
-        "--strategies kascade --out /ev/head-4/families-8064")
+        "--strategies kascade,kascade+dense-prefill --out /ev/head-4/families-8064")  # both modes, one process
     assert "chat_history,log_lookup --lengths 4096" in line["head-4/families-4096"]  # log_lookup at 4096 only
-    assert f"--budgets 0.05 --plan {F.DEFAULT_PLAN} --strategies kascade" in line["default-rho0.05/tasks-8064"]
+    assert f"--budgets 0.05 --plan {F.DEFAULT_PLAN} --strategies kascade," in line["default-rho0.05/tasks-8064"]
     assert "--budgets 0.2 " in line["default-rho0.2/families-4096"]
     missing = F.speed_missing(work)  # what the speed stage has left: every plan in 6 measurements
     assert len(missing) == 6 * (len(runs) - 1) and missing[0] == "smollm2-decode-8192 default"
@@ -82,6 +83,9 @@ def test_a_job_is_done_when_every_task_has_its_samples(tmp_path):
         _rows(ev / job.name, t, 4096, "kascade", 1, n=2 if t != "fwe" else 1)
     assert not job.done(ev, 2)
     _rows(ev / job.name, "fwe", 4096, "kascade", 1, n=2)
+    assert not job.done(ev, 2)  # decode-only mode not run yet
+    for t in F.HEADLINE_TASKS:
+        _rows(ev / job.name, t, 4096, "kascade+dense-prefill", 1, n=2)
     assert job.done(ev, 2) and not job.done(ev, 3)
 
 
@@ -148,11 +152,14 @@ def test_report_writes_the_issue_keys_from_made_up_rows(tmp_path):
             _rows(ev / "baselines" / f"tasks-{n}", t, n, "dense", 30)  # dense 50 on every task
             _rows(ev / "baselines" / f"tasks-{n}", t, n, "oracle", 30)
             _rows(ev / "head-6" / f"tasks-{n}", t, n, "kascade", 29)  # 48.3: within 2 points
+            _rows(ev / "head-6" / f"tasks-{n}", t, n, "kascade+dense-prefill", 30)  # decode-only: dense's 50
+            _rows(ev / "baselines" / f"tasks-{n}", t, n, "oracle+dense-prefill", 27)
             _rows(ev / "head-6" / f"tasks-{n}", t, n, "dense", 0)  # a plan run's own dense rows are not dense's
             _rows(ev / "paper-6" / f"tasks-{n}", t, n, "kascade", 12)
         for t in F.FAMILIES:
             _rows(ev / "baselines" / f"families-{n}", t, n, "dense", 30 if t != "table" else 6)  # table: dense 10
             _rows(ev / "head-6" / f"families-{n}", t, n, "kascade", 29)
+            _rows(ev / "head-6" / f"families-{n}", t, n, "kascade+dense-prefill", 30 if t != "code" else 6)
     _speed(work, "8b-decode-131072", {"head-6": 2.5, "paper-6": 3.0})
     _speed(work, "8b-prefill-131072", {"head-6": 1.5})
     doc = FR.write_report(work, ev, str(tmp_path / "out"))
@@ -166,15 +173,22 @@ def test_report_writes_the_issue_keys_from_made_up_rows(tmp_path):
     assert (head["recipe"], head["granularity"], head["cost"], head["samples"]) == ("output-aware", "head", 6.0, 60)
     assert head["headline"] == pytest.approx(48.33) and head["headline_vs_dense"]["mean"] == pytest.approx(-1.67)
     assert (head["decode_speedup_8b"], head["prefill_speedup_8b"]) == (2.5, 1.5)
+    # decode-only mode, its own keys: code 6 of 60 -> 10 at both lengths, 40 below dense in 2 of the columns
+    cols = 2 * len(doc["headline_tasks"])
+    assert head["samples_decode_only"] == 60 and head["headline_decode_only"] == pytest.approx(50 - 2 * 40 / cols, abs=0.01)
+    assert head["cells_decode_only"]["code@4096"] == 10.0 and head["cells"]["code@4096"] == pytest.approx(48.33)
+    assert plans["paper-6"]["headline_decode_only"] is None and doc["oracle_headline_decode_only"] is None
     paper = plans["paper-6"]
     assert (paper["recipe"], paper["granularity"], paper["headline"]) == ("paper", "layer", None)  # families not run
     assert paper["decode_speedup_8b"] == 3.0 and paper["prefill_speedup_8b"] is None
     assert plans["default"]["granularity"] == "head" and plans["default-rho0.2"]["rho"] == 0.2
     assert doc["goal"]["cheapest_within"]["head"] == {"name": "head-6", "cost": 6.0} and doc["goal"]["met"]
+    assert doc["goal_decode_only"]["mode"] == "decode-only" and doc["goal_decode_only"]["met"] is False  # 46.9
     saved = json.loads((tmp_path / "out.json").read_text())
     assert "dense_headline" in saved and isinstance(saved["plans"], list)
     md = (tmp_path / "out.md").read_text()
-    assert "| head-6 | output-aware | head | 6 | 0.1 | 48.3 | -1.7 ± " in md and "Goal" in md
+    assert "| head-6 | output-aware | head | 6 | 0.1 | 48.3 | -1.7 ± " in md and "Goal decode-only" in md
+    assert "| head-6, decode-only | " in md
     assert (tmp_path / "out.png").stat().st_size > 0
 
 
