@@ -94,10 +94,14 @@ def register_init_loader() -> None:
     register_init_loader.done = True
 
 
-def kascade_config(plan) -> dict:
+def kascade_config(plan, select_keys: str = "exact") -> dict:
     """vLLM's additional_config for a plan file (None: none, vLLM unchanged). The benchmarks and checks run the
-    paper's method, sparse prefill included (the plugin's default is decode-only mode), as their results say."""
-    return {"kascade_plan": str(plan), "kascade_sparse_prefill": True} if plan else {}
+    paper's method, sparse prefill included (the plugin's default is decode-only mode), as their results say.
+    select_keys "fp8": selections from the FP8 copy of the keys (kascade.fp8keys)."""
+    if not plan:
+        return {}
+    extra = {} if select_keys == "exact" else {"kascade_select_keys": select_keys}
+    return {"kascade_plan": str(plan), "kascade_sparse_prefill": True, **extra}
 
 
 def kascade_layers() -> int:

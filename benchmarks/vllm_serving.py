@@ -11,7 +11,8 @@ initialized model. FlashAttention's time does not depend on the weights; the
 selection's does. bf16, token-id prompts (no tokenizer), greedy, EOS ignored.
 Providers: `flash` (vLLM's FlashAttention backend, FA3 on Hopper: no plan), `anchors5` (Kascade, anchors
 [0, 2, 8, 13, 14] of decode_h200) and `selecting10` (anchors [0, 2, 5, 8, 11, 13, 14, 17, 21, 26]), rho 0.1,
-k_min 128. Modes: `graph` (vLLM's default: torch.compile, CUDA graphs FULL_AND_PIECEWISE; Kascade's decode
+k_min 128; `anchors5-fp8` and `selecting10-fp8`, the same plans selecting from an FP8 copy of the keys
+(`"kascade_select_keys": "fp8"`, kascade.fp8keys, no re-rank). Modes: `graph` (vLLM's default: torch.compile, CUDA graphs FULL_AND_PIECEWISE; Kascade's decode
 steps in full graphs) and `eager` (enforce_eager).
 
 Workloads (one cell = one provider x mode x workload, one engine in its own process):
@@ -73,6 +74,9 @@ import vllm_common as VC  # noqa: E402
 ROOT = VC.ROOT
 SHAPE_CONFIG = ROOT / "kascade" / "configs" / "llama-3.1-8b-shape.json"
 PROVIDERS = {"flash": None, "anchors5": [0, 2, 8, 13, 14], "selecting10": [0, 2, 5, 8, 11, 13, 14, 17, 21, 26]}
+FP8 = "-fp8"  # a provider name's suffix: the same plan, selecting from the FP8 copy of the keys (no re-rank)
+PROVIDERS |= {name + FP8: anchors for name, anchors in list(PROVIDERS.items()) if anchors is not None}
+KASCADE_PROVIDERS = [p for p, anchors in PROVIDERS.items() if anchors is not None]
 WORKLOADS = {"long": 131072, "mid": 32768}
 NEW_TOKENS = 256
 MID_BATCH = 16
@@ -167,7 +171,8 @@ def run_cell(args) -> dict:
                   max_num_seqs=batch, max_num_batched_tokens=args.chunk, enable_prefix_caching=True,
                   enforce_eager=args.mode == "eager", kv_cache_memory_bytes=kv_bytes, seed=0,
                   attention_config={"backend": "FLASH_ATTN"},
-                  additional_config=VC.kascade_config(plan))
+                  additional_config=VC.kascade_config(plan, select_keys="fp8" if args.provider.endswith(FP8)
+                                                      else "exact"))
     if args.mode == "graph":
         engine["compilation_config"] = {"cudagraph_capture_sizes": capture_sizes(batch)}
     t0 = time.perf_counter()
@@ -408,7 +413,7 @@ def ratios(cells: dict, mode: str, weights: str = "dummy") -> dict:
         base = cells.get(cell_name(workload, mode, "flash", weights))
         if base is None:
             continue
-        for provider in ("anchors5", "selecting10"):
+        for provider in KASCADE_PROVIDERS:
             c = cells.get(cell_name(workload, mode, provider, weights))
             if c is None:
                 continue

@@ -46,11 +46,15 @@ def test_plans_and_model_folder_fit_the_8b_shape(tmp_path):
     d = SERVE.model_dir(tmp_path, 131072 + 512)
     cfg = SimpleNamespace(**json.loads((d / "config.json").read_text()))  # the attributes Plan.validate reads
     assert cfg.max_position_embeddings == 131584 and cfg.num_key_value_heads == 8
-    for provider, selecting in (("anchors5", 5), ("selecting10", 10)):
+    for provider, selecting in (("anchors5", 5), ("selecting10", 10), ("anchors5-fp8", 5), ("selecting10-fp8", 10)):
         plan = Plan.load(SERVE.plan_file(tmp_path, provider))
         plan.validate(cfg)  # what the plugin checks at engine start
         assert plan.anchors == SERVE.PROVIDERS[provider] and plan.selecting_layers_equivalent == selecting
     assert SERVE.plan_file(tmp_path, "flash") is None
+    # the FP8 providers differ from their exact twins by the key copy they select from, nothing else
+    exact, fp8 = VC.kascade_config("p.json"), VC.kascade_config("p.json", select_keys="fp8")
+    assert fp8 == {**exact, "kascade_select_keys": "fp8"} and "kascade_select_keys" not in exact
+    assert VC.kascade_config(None, select_keys="fp8") == {}
     assert VC.load_cells(tmp_path) == {}  # the inputs are not taken for cells
     assert SERVE.KV_BYTES_PER_TOKEN == 128 * 1024
     assert SERVE.long_batch(79.2) == 3 and SERVE.long_batch(139.8) == 4
@@ -135,6 +139,8 @@ def test_serving_report_ratios(tmp_path):
     VC.write_json(tmp_path / "c3" / "long-graph-flash.json", _cell("long", "graph", "flash", 90.0, batch=3))
     VC.write_json(tmp_path / "c3" / "long-graph-anchors5.json", _cell("long", "graph", "anchors5", 200.0, batch=3))
     assert SERVE.ratios(VC.load_cells(tmp_path / "c3"), "graph") == {"decode_3x131072_anchors5": pytest.approx(200 / 90)}
+    VC.write_json(tmp_path / "c3" / "long-graph-anchors5-fp8.json", _cell("long", "graph", "anchors5-fp8", 270.0, batch=3))
+    assert SERVE.ratios(VC.load_cells(tmp_path / "c3"), "graph")["decode_3x131072_anchors5-fp8"] == pytest.approx(3.0)
 
 
 def test_check_report_agreement(tmp_path):
