@@ -23,7 +23,19 @@ set -euo pipefail
 stage=${1:?stage: tests, recall, decode or prefill}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+# FlashAttention-3 for the decode and prefill baselines: the fa3-fwd wheel (../shared/tools/fa3-wheel) is larger than
+# what a call carries beside the tree, so it travels in two halves (`split -n 2 -d -a 1 WHEEL .whl/fa3parts/p`),
+# one call each, copied to /tmp/fa3 (`mkdir -p /tmp/fa3 && cp .whl/fa3parts/p0 /tmp/fa3/` first, then this script
+# with p1 carried); or carry .whl/ whole where it fits
+if [ -f .whl/fa3parts/p1 ]; then mkdir -p /tmp/fa3 && cp .whl/fa3parts/p1 /tmp/fa3/; fi
+if [ -f /tmp/fa3/p0 ] && [ -f /tmp/fa3/p1 ] && ! python3 -c "import fa3_fwd_interface" 2>/dev/null; then
+  cat /tmp/fa3/p0 /tmp/fa3/p1 > /tmp/fa3/fa3_fwd-0.0.3-cp39-abi3-manylinux_2_24_x86_64.whl
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/fa3/fa3_fwd-*.whl 2>&1 | tail -n 2
+elif compgen -G ".whl/fa3_fwd-*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/fa3_fwd-*.whl 2>&1 | tail -n 2
+fi
+python3 -c "import fa3_fwd_interface" 2>/dev/null && echo "FA3: fa3_fwd_interface imports" || echo "FA3: not importable"
 gpu=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[-1].lower())")
 python3 -c "import torch, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
 
@@ -40,14 +52,18 @@ recall)
     --decode-queries 8 --prefill-tiles "${TILES:-256}" --rerank "${RERANK:-2}" "${extra[@]}" --out "$OUT/fp8_select_$gpu"
   ;;
 decode)
+  merge=()  # a GPU without a canonical decode file yet gets one of its own
+  if [ -f "benchmarks/results/decode_$gpu.json" ]; then merge=(--merge-into "benchmarks/results/decode_$gpu.json"); fi
   python3 benchmarks/decode.py --no-sweep --no-flex --sizes "${SIZES:-1x131072,8x131072}" --fp8 --rerank "${RERANK:-2}" \
-    --merge-into "benchmarks/results/decode_$gpu.json" 2>&1 | tee "$OUT/decode_fp8_log.txt" | tail -n 60
+    "${merge[@]}" 2>&1 | tee "$OUT/decode_fp8_log.txt" | tail -n 60
   cp "benchmarks/results/decode_$gpu.json" "benchmarks/results/decode_$gpu.md" "$OUT/"
   ;;
 prefill)
   # shellcheck disable=SC2086
+  merge=()
+  if [ -f "benchmarks/results/prefill_$gpu.json" ]; then merge=(--merge-into "benchmarks/results/prefill_$gpu.json"); fi
   python3 benchmarks/prefill.py --lengths ${LENGTHS:-131072} --fp8 --rerank "${RERANK:-2}" --no-topk-stage \
-    --merge-into "benchmarks/results/prefill_$gpu.json" 2>&1 | tee "$OUT/prefill_fp8_log.txt" | tail -n 60
+    "${merge[@]}" 2>&1 | tee "$OUT/prefill_fp8_log.txt" | tail -n 60
   cp "benchmarks/results/prefill_$gpu".{json,md,png} "$OUT/" 2>/dev/null || cp "benchmarks/results/prefill_$gpu".{json,md} "$OUT/"
   ;;
 *)
