@@ -117,8 +117,10 @@ def main(argv=None) -> int:
         "plan_measurement_s": plan_s, "plan_measurement_times_s": times, "plan_measurement_peak_gib": plan_peak / 2**30,
         "search_measurements": count, "search_s_extrapolated": set_s + count * plan_s,
     }
+    from report_json import short_device_name  # benchmarks/report_json.py (this script's folder is on the path)
+
     stem = Path(args.output) if args.output else ROOT / "benchmarks" / "results" / (
-        "calibrate_cost_" + out["device"].split()[-1].lower())
+        "calibrate_cost_" + short_device_name(out["device"]))
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(out, indent=1))
     lines = [f"# Output-aware calibration on the Llama-3.1-8B shape: {out['device']} ({out['date']})", "",

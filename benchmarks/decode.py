@@ -43,6 +43,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report_json import short_device_name  # noqa: E402  (benchmarks/report_json.py: the GPU's name in file names)
 
 HQ, HKV, D = 32, 8, 128
 RHO, K_MIN = 0.1, 128
@@ -559,7 +561,7 @@ def main():
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 date=str(datetime.date.today()), sms=torch.cuda.get_device_properties(0).multi_processor_count)
     results = dict(meta=meta, sweep=[], per_layer={}, whole_model={}, whole_model_10={})
-    tag = args.tag or torch.cuda.get_device_name().split()[-1].lower()
+    tag = args.tag or short_device_name(torch.cuda.get_device_name())
     path = os.path.join(args.out, f"decode_{tag}.json")
     fp8 = [None] + [float(x) for x in args.rerank.split(",") if x] if args.fp8 else None
     if args.merge_into:

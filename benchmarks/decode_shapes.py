@@ -33,6 +33,7 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from report_json import short_device_name  # noqa: E402  (benchmarks/report_json.py: the GPU's name in file names)
 import decode as DB  # noqa: E402  (benchmarks/decode.py: graphed, bench, fa3_module, dense_providers, whole_model)
 
 # name, q heads, KV heads, head dim, layers
@@ -395,7 +396,7 @@ def main(argv=None):
                 date=str(datetime.date.today()), fa3="fa3_fwd_interface" if fa3 is not None else "not importable",
                 smoke=bool(args.smoke), rep_ms=args.rep, kv_budget_bytes=DB.KV_BUDGET_BYTES)
     results = dict(meta=meta, headline=list(headline), rows=[])
-    tag = args.tag or torch.cuda.get_device_name().split()[-1].lower()
+    tag = args.tag or short_device_name(torch.cuda.get_device_name())
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"decode_shapes_{tag}{'_smoke' if args.smoke else ''}.json")
     t0 = time.time()

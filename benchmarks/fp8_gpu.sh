@@ -36,7 +36,8 @@ elif compgen -G ".whl/fa3_fwd-*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/fa3_fwd-*.whl 2>&1 | tail -n 2
 fi
 python3 -c "import fa3_fwd_interface" 2>/dev/null && echo "FA3: fa3_fwd_interface imports" || echo "FA3: not importable"
-gpu=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[-1].lower())")
+gpu=$(python3 -c "import sys, torch; sys.path.insert(0, 'benchmarks'); from report_json import short_device_name; \
+print(short_device_name(torch.cuda.get_device_name()))")  # h100, h200
 python3 -c "import torch, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
 
 case "$stage" in

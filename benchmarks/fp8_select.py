@@ -45,6 +45,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from report_json import short_device_name  # noqa: E402  (benchmarks/report_json.py: the GPU's name in file names)
 
 from kascade import fp8keys, ops  # noqa: E402
 from kascade.budget import budget  # noqa: E402
@@ -322,7 +323,7 @@ def main(argv=None):
     import triton
     import transformers
 
-    name = "cpu" if dev.type == "cpu" else torch.cuda.get_device_name().split()[-1].lower()
+    name = "cpu" if dev.type == "cpu" else short_device_name(torch.cuda.get_device_name())
     meta = dict(date=datetime.date.today().isoformat(),
                 device=(f"CPU, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
                         if dev.type == "cpu" else torch.cuda.get_device_name()),

@@ -30,6 +30,8 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report_json import short_device_name  # noqa: E402  (benchmarks/report_json.py: the GPU's name in file names)
 
 HKV, D = 8, 128
 RHO, K_MIN = 0.1, 128
@@ -115,7 +117,7 @@ def run(out_dir):
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 date=str(datetime.date.today()), sms=sms)
     os.makedirs(out_dir, exist_ok=True)
-    tag = torch.cuda.get_device_name().split()[-1].lower()
+    tag = short_device_name(torch.cuda.get_device_name())
     json.dump(dict(meta=meta, rows=rows), open(os.path.join(out_dir, f"gather_rate_{tag}.json"), "w"), indent=1)
     lines = [f"# Row-gather rate, {meta['device']}", "",
              f"{meta['date']}; torch {meta['torch']}, triton {meta['triton']}; K and V rows of 8 KV heads, D 128, "

@@ -44,6 +44,8 @@ import torch
 import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report_json import short_device_name  # noqa: E402  (benchmarks/report_json.py: the GPU's name in file names)
 
 from kascade.budget import budget_tensor  # noqa: E402
 from kascade.kernels import prefill as P  # noqa: E402
@@ -607,7 +609,7 @@ def main():
     if args.report:
         rewrite_report(args.report)
         return
-    args.tag = args.tag or torch.cuda.get_device_name().split()[-1].lower()
+    args.tag = args.tag or short_device_name(torch.cuda.get_device_name())
     fa3 = load_fa3()
     fp8 = [None] + [float(x) for x in args.rerank.split(",") if x] if args.fp8 else None
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,

@@ -1,6 +1,6 @@
 """Shared by the benchmarks' reports: the `--report IN.json OUT_STEM` mode of benchmarks that keep their
 measurements as JSON (the markdown and the plot written again from the JSON, with no measurement and no GPU),
-and how a report names a file (relative to the repository)."""
+how a report names a file (relative to the repository), and the GPU's short name in result file names."""
 
 from __future__ import annotations
 
@@ -29,3 +29,11 @@ def repo_relative(path) -> str:
     the folders of the machine that made them."""
     p = Path(path).resolve()
     return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(path)
+
+
+def short_device_name(name: str) -> str:
+    """The model in a CUDA device name, for file names: "NVIDIA H100 80GB HBM3" -> "h100", "NVIDIA H200" -> "h200"."""
+    import re
+
+    m = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Z]?)\b", name)
+    return (m.group(1) if m else name.split()[-1]).lower()

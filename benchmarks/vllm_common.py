@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from report_json import short_device_name  # noqa: F401  (the file-name helper; paged.py imports it from here)
+
 ROOT = Path(__file__).resolve().parents[1]
 EP_DIR = Path(os.environ.get("KASCADE_EP_DIR", "/tmp/kascade-ep"))
 ENTRY_POINT = "kascade = kascade.integrations.vllm:register"
@@ -109,14 +111,6 @@ def kascade_layers() -> int:
     import kascade.integrations.vllm as kv
 
     return kv.ACTIVE_LAYERS[0]
-
-
-def short_device_name(name: str) -> str:
-    """The model in a CUDA device name, for file names: "NVIDIA H100 80GB HBM3" -> "h100", "NVIDIA H200" -> "h200"."""
-    import re
-
-    m = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Z]?)\b", name)
-    return (m.group(1) if m else name.split()[-1]).lower()
 
 
 def device_info() -> dict:
