@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from kascade.kernels import decode as KD  # noqa: E402
 from kascade.kernels import prefill as KP  # noqa: E402
 from kascade.kernels.paging import PagedKV  # noqa: E402
-from vllm_common import short_device_name  # noqa: E402  (benchmarks/: imports neither vllm nor torch)
+from report_json import short_device_name  # noqa: E402  (benchmarks/report_json.py: the GPU's name in file names)
 
 HQ, HKV, D = 32, 8, 128
 RHO, K_MIN, TILE = 0.1, 128, 32

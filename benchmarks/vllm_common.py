@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from report_json import short_device_name  # noqa: F401  (the file-name helper; paged.py imports it from here)
+from report_json import short_device_name  # the GPU's model in file names (device_info)
 
 ROOT = Path(__file__).resolve().parents[1]
 EP_DIR = Path(os.environ.get("KASCADE_EP_DIR", "/tmp/kascade-ep"))
