@@ -33,8 +33,8 @@ combine: dense decode over [kv_start, kv_len) that needs no mask tensor and capt
 Selection from an FP8 copy of the keys (select_fp8, select_fp8_paged; kascade.fp8keys): step 1 reads the
 e4m3 rows and their per-token scales instead of K (half the bytes), steps 2-3 as above; with a re-rank,
 step 3 keeps c k candidates, _rerank_logits_kernel computes their exact logits from K (split over the
-candidates) and _rerank_select_kernel, one program per row, their exact pooled scores and the radix select
-of the k(n) kept (kascade.kernels.prefill_topk's). The anchor's output then gathers K and V rows
+candidates), _rerank_scores_kernel their exact pooled scores, and the radix select of kascade.kernels.topk_select,
+split over each row's candidates, keeps the top k(n). The anchor's output then gathers K and V rows
 (sparse_attention) instead of reading stored logits.
 
 Splits are sized from the number of SMs and the batch only: no recompilation per sequence length
@@ -60,7 +60,6 @@ from kascade import fp8keys
 from kascade.budget import _GUARD, budget, check_budget
 from kascade.checks import check_attention_inputs, check_head_map, resolve_kv_len, resolve_kv_start
 from kascade.kernels import topk_select as ts
-from kascade.kernels.prefill_topk import _radix_select
 from kascade.kernels.paging import (
     KVRows, PagedKV, PoolRows, check_paged_q, contiguous_rows, pool_rows, resolve_rows, row_offsets,
 )
@@ -495,45 +494,42 @@ def _rerank_logits_kernel(Q, K, LG, MP, LP, CAND, CNT, KH, EX, PA, P8,
     tl.store(P8 + part, a_8)
 
 
-@triton.jit(do_not_specialize=["KCMAX", "KMAX"])
-def _rerank_select_kernel(EX, PA, P8, MP, LP, CAND, CNT, START32, END32, IDX, COUNTS, VALS, HKV, KCMAX, KMAX,
+@triton.jit(do_not_specialize=["KCMAX"])
+def _rerank_scores_kernel(EX, PA, P8, MP, LP, CNT, START32, END32, COUNTS, VALS, HKV, KCMAX,
                           RHO_A, RHO_B, RHO_C, GUARD_A, GUARD_B, GUARD_C, K_MIN,
                           G: tl.constexpr, GPAD: tl.constexpr, NSPLIT: tl.constexpr, NS3: tl.constexpr,
                           BLOCK: tl.constexpr):
-    """The top k(n_b) of row (b, h)'s candidates by exact pooled score. Each query head's softmax
-    denominator takes the exact terms of the candidates and the FP8 terms of every other key:
-    lse = lse8 + log2(max(0, 1 - P8) + PA); score = sum_g exp2(l_g - lse_g). The scores' bits go to VALS
-    and the radix select of kascade.kernels.prefill_topk picks k(n_b) of them (positions written to IDX,
-    slots from k(n_b) on -1; COUNTS[b] = k(n_b))."""
+    """Exact pooled scores of row (b, h)'s candidates (split s over its CNT[b] candidates) to VALS [R, KCMAX]
+    float32, and k(n_b) to COUNTS[b]. Each query head's softmax denominator takes the exact terms of the
+    candidates and the FP8 terms of every other key: lse = lse8 + log2(max(0, 1 - P8) + PA);
+    score = sum_g exp2(l_g - lse_g). The top k(n_b) of them are then kept by kascade.kernels.topk_select."""
     row = tl.program_id(0)
+    sp = tl.program_id(1)
     b = row // HKV
     h = row % HKV
     kc = tl.load(CNT + b)
-    kk = _budget(tl.load(END32 + b) - tl.load(START32 + b), RHO_A, RHO_B, RHO_C, GUARD_A, GUARD_B, GUARD_C, K_MIN)
+    if (h == 0) & (sp == 0):
+        kk = _budget(tl.load(END32 + b) - tl.load(START32 + b), RHO_A, RHO_B, RHO_C, GUARD_A, GUARD_B, GUARD_C,
+                     K_MIN)
+        tl.store(COUNTS + b, kk)
     g = tl.arange(0, GPAD)
     gm = g < G
     lse8 = _lse2(MP, LP, b * HKV * G + h * G + g, gm, NSPLIT)
-    sp = tl.arange(0, NS3)
-    part = (row * NS3 + sp)[:, None] * GPAD + g[None, :]
+    parts = tl.arange(0, NS3)
+    part = (row * NS3 + parts)[:, None] * GPAD + g[None, :]
     a_ex = tl.sum(tl.load(PA + part), 0)
     a_8 = tl.sum(tl.load(P8 + part), 0)
     lmix = lse8 + tl.log2(tl.maximum(1.0 - a_8, 0.0) + a_ex)
+    per = tl.cdiv(tl.cdiv(kc, BLOCK), tl.num_programs(1)) * BLOCK
+    lo = sp * per
+    hi = tl.minimum(lo + per, kc)
     e_row = EX + row.to(tl.int64) * KCMAX * G
     v_row = VALS + row.to(tl.int64) * KCMAX
-    for j0 in range(0, kc, BLOCK):
+    for j0 in range(lo, hi, BLOCK):
         offs = j0 + tl.arange(0, BLOCK)
-        km = offs < kc
+        km = offs < hi
         le = tl.load(e_row + offs[:, None] * G + g[None, :], mask=km[:, None] & gm[None, :], other=float("-inf"))
-        sc = tl.sum(tl.exp2(le - lmix[None, :]), 1)
-        tl.store(v_row + offs, sc.to(tl.int32, bitcast=True), mask=km)
-    o_row = IDX + row.to(tl.int64) * KMAX
-    for j0 in range(kk, KMAX, BLOCK):
-        offs = j0 + tl.arange(0, BLOCK)
-        tl.store(o_row + offs, tl.full([BLOCK], -1, tl.int32), mask=offs < KMAX)
-    if h == 0:
-        tl.store(COUNTS + b, kk)
-    tl.debug_barrier()
-    _radix_select(v_row, CAND + row.to(tl.int64) * KCMAX, kc, kk, o_row, 0, 0, True, BLOCK)
+        tl.store(v_row + offs, tl.sum(tl.exp2(le - lmix[None, :]), 1), mask=km)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -908,15 +904,24 @@ def _fp8_select(q, k8rows: KVRows, ksrows: KVRows, krows: KVRows | None, kv_head
         G=G, GPAD=dm["GPAD"], D=dm["D"], DP=dm["DP"], NSPLIT=buf["s1"], NS3=s3, BLOCK_K=cr["BLOCK_K"],
         HAS_KH=kv_heads is not None, DOT_PREC=_dot_prec(q), UPCAST=_upcast(q), PAGED=krows.paged,
         num_warps=cr["num_warps"])
-    idx = torch.empty(R, kmax, dtype=torch.int32, device=dev)
     counts = torch.empty(B, 1, dtype=torch.int32, device=dev)
-    vals = torch.empty(R, kcmax, dtype=torch.int32, device=dev)
+    vals = torch.empty(R, kcmax, dtype=torch.float32, device=dev)
     ra, rb, rc = _f32_parts(float(rho))
     ga, gb, gc = _f32_parts(_GUARD)
-    _rerank_select_kernel[(R,)](
-        ex, pa, p8, buf["mp"], buf["lp"], buf["idx"], cand.counts, buf["start32"], buf["end32"], idx, counts, vals,
-        HKV, kcmax, kmax, ra, rb, rc, ga, gb, gc, k_min, G=G, GPAD=dm["GPAD"], NSPLIT=buf["s1"], NS3=s3,
+    nchunk, chunk = ts.plan_chunks(R, kcmax, dev)
+    _rerank_scores_kernel[(R, nchunk)](
+        ex, pa, p8, buf["mp"], buf["lp"], cand.counts, buf["start32"], buf["end32"], counts, vals,
+        HKV, kcmax, ra, rb, rc, ga, gb, gc, k_min, G=G, GPAD=dm["GPAD"], NSPLIT=buf["s1"], NS3=s3,
         BLOCK=cr["BLOCK"], num_warps=cr["select_warps"])
+    # the top k(n_b) of each row's candidates, split over the row like the anchor's own top-k, as columns of
+    # the candidate list, then the columns' cache positions
+    ws = ts.RadixWorkspace(R, nchunk, dev)
+    ws.hist.zero_()
+    cols = torch.empty(R, kmax, dtype=torch.int32, device=dev)
+    ts.radix_levels(vals, kcmax, ws, counts.view(B), torch.zeros(B, dtype=torch.int32, device=dev), HKV, nchunk,
+                    chunk, cols, end_b=cand.counts.view(B))
+    picked = buf["idx"].view(R, kcmax).gather(1, cols.clamp(min=0).long())
+    idx = torch.where(cols >= 0, picked, cols)
     return Selection(idx.view(B, HKV, 1, kmax), counts, cand.first_tile, tile, True)
 
 
