@@ -78,12 +78,17 @@ class CoverageProbe(Strategy):
 
 
 def _covered_mass(q, k, used, tile: int, scale: float):
-    """q [Hq, Q, D] (the newest positions), k [Hkv, N, D]; used = (Selection, head_map) or None.
+    """q [Hq, Q, D] (the newest positions), k [Hkv, N, D]; used = (Selection, head_map), ([Selection per KV
+    head], None) or None.
     Returns (covered, total), each [Hkv] float64."""
     hq, qlen, d = q.shape
     hkv, n, _ = k.shape
     g = hq // hkv
     dev = q.device
+    if used is not None and isinstance(used[0], list):  # one Selection per KV head (shared budgets)
+        parts = [_covered_mass(q[h * g:(h + 1) * g], k[h:h + 1], (sel, None), tile, scale)
+                 for h, sel in enumerate(used[0])]
+        return torch.cat([c for c, _ in parts]), torch.cat([t for _, t in parts])
     if qlen == 1:
         s = torch.einsum("hgd,hnd->hgn", q.float().view(hkv, g, d), k.float()) * scale
         probs = torch.softmax(s, dim=-1)  # [Hkv, G, N]

@@ -14,6 +14,9 @@ tile, and its diagonal block is attended on top by `ops.reuse`.
     window_selection(q, k, ..., sinks=4)     StreamingLLM: the first `sinks` keys and the most recent ones
     page_selection(q, k, ..., page=16)       Quest: pages ranked by an upper bound of q.k from per-page
                                              per-dimension key min/max, pooled over the KV group
+    shared_budget_selections(q, k, ...)      per KV head, Kascade's pooled scores, but the Hkv k(n) keys of a
+                                             tile (or decode step) go to the largest scores of all its KV heads
+                                             together: a list of Hkv one-head Selections of their own counts
 
 Decode steps only (one query per sequence), for the decode-time baselines as their authors run them:
 
@@ -249,6 +252,65 @@ def head_selection(q, k, rho, k_min, tile, kv_start=None, scale=None, sinks: int
             yield ta, _keep_forced(pooled, keys < sinks, (keys >= starts - window) & (keys < starts))
 
     return _build(q, k, kv_start, rho, k_min, tile, decode_scores, prefill_scores)
+
+
+# ----------------------------------------------------------------------------------------------
+# per KV head, the budget shared by the KV heads (mass-adaptive at equal total keys)
+# ----------------------------------------------------------------------------------------------
+
+
+def _shared_top(scores: torch.Tensor, kk: int) -> list[torch.Tensor]:
+    """scores [Hkv, n] (each head's pooled probabilities, comparable: every head's row sums to its queries'
+    count) -> per head the ascending positions among the Hkv * kk largest of all rows (ties: lowest flat slot)."""
+    hkv, n = scores.shape
+    take = min(hkv * kk, hkv * n)
+    flat = torch.topk(scores.reshape(-1), take, sorted=False).indices
+    heads, keys = flat // n, flat % n
+    return [keys[heads == h].sort().values for h in range(hkv)]
+
+
+def shared_budget_selections(q, k, rho, k_min, tile, kv_start=None, scale=None,
+                             max_chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[Selection]:
+    """Kascade's per-KV-head pooled scores (as reference.select), with the budget of a tile (or decode step)
+    shared by the KV heads: the Hkv k(n) largest scores over all heads are kept, so a head whose attention is
+    spread gets more keys and a peaked one fewer, at the same total. Returns one Selection per KV head
+    (indices [B, 1, U, Kmax], Kmax up to Hkv k(n)), each with its own counts [B, U]."""
+    check_attention_inputs(q, k, None)
+    sc = _scale(q, scale)
+    decode = q.shape[2] == 1
+    hkv = k.shape[1]
+    groups = _groups(q, k, kv_start)
+    indices, counts, first_tile = _alloc(q, k, groups, decode, rho, k_min, tile, heads=1)
+    u_max, k_cap = indices.shape[2], min(hkv * indices.shape[3], k.shape[2])
+    idx = [torch.full((q.shape[0], 1, u_max, max(1, k_cap)), -1, dtype=torch.int32, device=q.device)
+           for _ in range(hkv)]
+    cnt = [counts.clone() for _ in range(hkv)]
+
+    def place(b, u, sets, s):
+        for h, keys in enumerate(sets):
+            idx[h][b, 0, u, : keys.numel()] = (keys + s).to(torch.int32)
+            cnt[h][b, u] = keys.numel()
+
+    for rows, s, p0, i0 in groups:
+        qb, kb = q[rows, :, i0:], k[rows, :, s:]
+        if decode:
+            p = _decode_probs(qb, kb, sc).sum(2)  # [b, Hkv, n]
+            kk = budget(kb.shape[2], rho, k_min)
+            for j in range(p.shape[0]):
+                place(rows.start + j, 0, _shared_top(p[j], kk), s)
+            continue
+        t_begin = p0 // tile
+        nb = qb.shape[0]
+        for ta, pooled in pooled_tile_scores(_fold(qb), _fold(kb), p0, tile, sc, nb * max_chunk_bytes):
+            pooled = pooled.view(nb, hkv, *pooled.shape[1:])  # [b, Hkv, tiles, kend]
+            for u in range(pooled.shape[2]):
+                n_before = (ta + u) * tile
+                kk = budget(n_before, rho, k_min)
+                if kk == 0:
+                    continue
+                for j in range(nb):
+                    place(rows.start + j, ta - t_begin + u, _shared_top(pooled[j, :, u, :n_before], kk), s)
+    return [Selection(i, c, first_tile, tile, decode) for i, c in zip(idx, cnt)]
 
 
 # ----------------------------------------------------------------------------------------------

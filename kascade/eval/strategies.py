@@ -14,11 +14,15 @@ of its own. Budget, for every strategy and both phases, as in Kascade (SPEC.md):
 - layer 0 is dense for every strategy (Kascade's rule; Quest and OmniKV also keep their first layers
   dense), and sequences of at most k_min keys are dense (the budget is then every key anyway).
 
-Strategies (`STRATEGIES`), the first twelve sparse in prefill and decode (the mode Kascade is made for):
+Strategies (`STRATEGIES`), all but dense and the decode-time baselines sparse in prefill and decode (the mode Kascade is
+made for):
 
     dense             full attention everywhere (the reference score)
     oracle            every layer is an anchor: its own pooled top-k per KV head (upper bound of
                       head-aware top-k selection)
+    oracle-shared-budget  the oracle, the k(n) keys of each KV head pooled into one budget of Hkv k(n) for the
+                      tile or decode step, kept where any head's pooled score is largest (mass-adaptive
+                      per-head budgets at equal total keys; `selectors.shared_budget_selections`, in PyTorch)
     kascade           the calibrated plan: anchors select per KV head, the other layers reuse the
                       selection of their anchor through the plan's head map
     kascade-agnostic  the plan's anchors (of a head-granular plan: as many layers as its cost, those
@@ -109,13 +113,13 @@ from kascade.reference import Selection
 from kascade.strategy import KascadeStrategy, Strategy, check_sparse_prefill
 
 DECODE_BASELINES = ("quest-decode", "tidaldecode", "omnikv-decode")  # dense prefill by definition
-STRATEGIES = ("dense", "oracle", "kascade", "kascade-paper", "kascade-agnostic", "kascade-no-remap",
+STRATEGIES = ("dense", "oracle", "oracle-shared-budget", "kascade", "kascade-paper", "kascade-agnostic", "kascade-no-remap",
               "kascade-dense-anchors", "kascade-sinks", "kascade-fp8", "kascade-fp8-rerank2", "uniform", "streamingllm",
               "quest", "omnikv") + DECODE_BASELINES
 NEEDS_PLAN = ("kascade", "kascade-agnostic", "kascade-no-remap", "kascade-dense-anchors", "kascade-sinks", "kascade-fp8",
               "kascade-fp8-rerank2", "uniform", "omnikv")
-# measured variants of the plan: run when named
-MECHANISMS = ("kascade-dense-anchors", "kascade-sinks", "kascade-fp8", "kascade-fp8-rerank2")
+# measured variants (of the plan, or of per-layer top-k): run when named
+MECHANISMS = ("kascade-dense-anchors", "kascade-sinks", "kascade-fp8", "kascade-fp8-rerank2", "oracle-shared-budget")
 ONE_MODE = ("dense",) + DECODE_BASELINES  # the same in both modes: no suffix
 DENSE_PREFILL = "+dense-prefill"  # name suffix of a strategy run in decode-only mode
 SINKS = 4
@@ -239,6 +243,27 @@ class SharedSetStrategy(_SparseStrategy):
         if anchor not in self.state:
             raise RuntimeError(f"layer {layer} reuses filter layer {anchor}, which did not run in this forward")
         return self._reuse(layer, q, k, v, self.state[anchor], None, kv_start, scale)
+
+
+class SharedBudgetOracleStrategy(_SparseStrategy):
+    """Every layer but 0 selects its own keys per KV head, the budget of a tile shared by its KV heads
+    (selectors.shared_budget_selections): per-layer top-k with mass-adaptive per-head budgets at equal total
+    keys. Each KV head then attends to its own set (one ops.reuse per KV head)."""
+
+    def __init__(self, rho, k_min, tile, num_layers=None, backend="auto", sparse_prefill=True):
+        super().__init__("oracle-shared-budget", rho, k_min, tile, num_layers, backend, sparse_prefill)
+
+    def attend(self, layer, q, k, v, kv_start, scale):
+        if layer == 0 or k.shape[2] <= self.k_min or self.dense_step(q):
+            return self._dense(layer, q, k, v, kv_start, scale)
+        sels = selectors.shared_budget_selections(q, k, self.rho, self.k_min, self.tile, kv_start=kv_start,
+                                                  scale=scale)
+        self._record(layer, (sels, None))
+        g = q.shape[1] // k.shape[1]
+        kw = dict(kv_start=kv_start, scale=scale, backend=self.backend)
+        outs = [ops.reuse(q[:, h * g:(h + 1) * g], k[:, h:h + 1], v[:, h:h + 1], sel, None, **kw)
+                for h, sel in enumerate(sels)]
+        return torch.cat(outs, dim=1)
 
 
 class StreamingStrategy(_SparseStrategy):
@@ -431,6 +456,8 @@ def _make(name, plan, model_config, rho, k_min, backend, tile, paper_plan, spars
     if name == "oracle":
         return PlanStrategy(name, Plan.for_model(model_config, range(num_layers), rho=rho, k_min=k_min, tile=tile),
                             backend, **sp)
+    if name == "oracle-shared-budget":
+        return SharedBudgetOracleStrategy(rho, k_min, tile, num_layers=num_layers, backend=backend, **sp)
     if name == "streamingllm":
         return StreamingStrategy(rho, k_min, tile, num_layers=num_layers, backend=backend, **sp)
     if name == "quest":
