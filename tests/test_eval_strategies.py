@@ -163,10 +163,11 @@ def test_coverage_oracle_bounds_everyone(plan):
             # omnikv's filter layer and the dense-anchors ablation's anchor attend densely
             dense_layers = [2] if name in ("omnikv", "kascade-dense-anchors") else []
             for layer in range(1, 4):
-                if name == "oracle-shared-budget":  # the same keys in all, to the largest scores of any head:
-                    # more mass than per-head top-k over the heads together (every head's total is the same)
-                    assert cov[layer].mean() >= oracle[layer].mean() - 1e-6, (mode, layer)
-                    assert not np.allclose(cov[layer], oracle[layer])  # the heads' budgets moved
+                if name.endswith("shared-budget"):  # where it selects, the same keys in all, to the largest scores
+                    # of any head: more mass than per-head top-k over the heads together (equal head totals)
+                    if name == "oracle-shared-budget" or layer == 2:
+                        assert cov[layer].mean() >= oracle[layer].mean() - 1e-6, (mode, name, layer)
+                        assert not np.allclose(cov[layer], oracle[layer])  # the heads' budgets moved
                 elif layer not in dense_layers:
                     assert (cov[layer] <= oracle[layer] + 1e-6).all(), (mode, name, layer)
         # kascade's anchor layer 2 is a per-head top-k: it equals the oracle there; its reuse layers fall

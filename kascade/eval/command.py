@@ -20,8 +20,8 @@ of the example's dataset, with LongBench's generation lengths (capped by --max-n
 
 Strategies: all of `kascade.eval.strategies.STRATEGIES` by default but the measured mechanisms
 (`MECHANISMS`: kascade-dense-anchors, kascade-sinks, kascade-fp8, kascade-fp8-rerank2, oracle-shared-budget,
-run when named), kascade-paper only when --paper-plan gives the plan of the paper's recipe (its hash joins the run's identity,
-like --plan's). The decode-time baselines (quest-decode, tidaldecode, omnikv-decode) always prefill densely.
+kascade-shared-budget, run when named), kascade-paper only when --paper-plan gives the plan of the paper's recipe
+(its hash joins the run's identity, like --plan's). The decode-time baselines (quest-decode, tidaldecode, omnikv-decode) always prefill densely.
 
 Decode-only mode: --sparse-prefill no runs every strategy with a dense prefill and its sparse selection in
 decode steps; its rows are kept under the strategy's name with the suffix "+dense-prefill" (dense and the

@@ -39,6 +39,8 @@ made for):
     kascade-fp8       the plan, every selection scored from an FP8 copy of the keys (kascade.fp8keys;
                       `kascade.enable(..., select_keys="fp8")`)
     kascade-fp8-rerank2  the same with the 2 k FP8 candidates re-ranked with the exact keys (rerank=2.0)
+    kascade-shared-budget  the plan, the budget of each selecting layer shared by its selecting KV heads as in
+                      oracle-shared-budget; reusing heads attend to their source head's set (in PyTorch)
     uniform           as many anchors as the plan's selecting-layer equivalents, evenly spaced
                       (plan.uniform_anchors), identity map
     streamingllm      the first 4 keys (attention sinks) and the most recent ones, k(n) in all
@@ -114,12 +116,13 @@ from kascade.strategy import KascadeStrategy, Strategy, check_sparse_prefill
 
 DECODE_BASELINES = ("quest-decode", "tidaldecode", "omnikv-decode")  # dense prefill by definition
 STRATEGIES = ("dense", "oracle", "oracle-shared-budget", "kascade", "kascade-paper", "kascade-agnostic", "kascade-no-remap",
-              "kascade-dense-anchors", "kascade-sinks", "kascade-fp8", "kascade-fp8-rerank2", "uniform", "streamingllm",
-              "quest", "omnikv") + DECODE_BASELINES
+              "kascade-dense-anchors", "kascade-sinks", "kascade-fp8", "kascade-fp8-rerank2", "kascade-shared-budget",
+              "uniform", "streamingllm", "quest", "omnikv") + DECODE_BASELINES
 NEEDS_PLAN = ("kascade", "kascade-agnostic", "kascade-no-remap", "kascade-dense-anchors", "kascade-sinks", "kascade-fp8",
-              "kascade-fp8-rerank2", "uniform", "omnikv")
+              "kascade-fp8-rerank2", "kascade-shared-budget", "uniform", "omnikv")
 # measured variants (of the plan, or of per-layer top-k): run when named
-MECHANISMS = ("kascade-dense-anchors", "kascade-sinks", "kascade-fp8", "kascade-fp8-rerank2", "oracle-shared-budget")
+MECHANISMS = ("kascade-dense-anchors", "kascade-sinks", "kascade-fp8", "kascade-fp8-rerank2", "oracle-shared-budget",
+              "kascade-shared-budget")
 ONE_MODE = ("dense",) + DECODE_BASELINES  # the same in both modes: no suffix
 DENSE_PREFILL = "+dense-prefill"  # name suffix of a strategy run in decode-only mode
 SINKS = 4
@@ -263,6 +266,46 @@ class SharedBudgetOracleStrategy(_SparseStrategy):
         kw = dict(kv_start=kv_start, scale=scale, backend=self.backend)
         outs = [ops.reuse(q[:, h * g:(h + 1) * g], k[:, h:h + 1], v[:, h:h + 1], sel, None, **kw)
                 for h, sel in enumerate(sels)]
+        return torch.cat(outs, dim=1)
+
+
+class SharedBudgetPlanStrategy(_SparseStrategy):
+    """The plan's routing (kascade.routing), with the budget of a tile or decode step shared by the KV heads
+    that select in a layer (selectors.shared_budget_selections over those heads): every reusing head attends to
+    its source head's set, whatever its size. Layer 0 selects and attends densely, as in Kascade."""
+
+    def __init__(self, name, plan: Plan, num_layers=None, backend="auto", sparse_prefill=True):
+        super().__init__(name, plan.rho, plan.k_min, plan.tile, num_layers, backend, sparse_prefill)
+        self.plan = plan
+        self.routing = None
+
+    def attend(self, layer, q, k, v, kv_start, scale):
+        if k.shape[2] <= self.k_min or self.dense_step(q):
+            return self._dense(layer, q, k, v, kv_start, scale)
+        hkv = k.shape[1]
+        g = q.shape[1] // hkv
+        if self.routing is None:
+            from kascade.routing import Routing
+
+            self.routing = Routing(self.plan, hkv)
+        route = self.routing.layer(layer)
+        if route.own:
+            rows = torch.tensor([h * g + j for h in route.own for j in range(g)], device=q.device)
+            own = torch.tensor(route.own, device=q.device)
+            sels = selectors.shared_budget_selections(q[:, rows], k[:, own], self.rho, self.k_min, self.tile,
+                                                      kv_start=kv_start, scale=scale)
+            for h, sel in zip(route.own, sels):
+                self.state[(layer, h)] = sel
+        if layer == 0:
+            return self._dense(layer, q, k, v, kv_start, scale)
+        for src in route.sources:
+            if src not in self.state:
+                raise RuntimeError(f"layer {layer} reuses the selection of {src}, which did not run in this forward")
+        used = [self.state[src] for src in route.sources]
+        self._record(layer, (used, None))
+        kw = dict(kv_start=kv_start, scale=scale, backend=self.backend)
+        outs = [ops.reuse(q[:, h * g:(h + 1) * g], k[:, h:h + 1], v[:, h:h + 1], sel, None, **kw)
+                for h, sel in enumerate(used)]
         return torch.cat(outs, dim=1)
 
 
@@ -476,6 +519,8 @@ def _make(name, plan, model_config, rho, k_min, backend, tile, paper_plan, spars
         return PlanStrategy(name, without_remap(budgeted), backend, **sp)
     if name == "kascade-dense-anchors":
         return PlanStrategy(name, budgeted, backend, dense_anchor_output=True, **sp)
+    if name == "kascade-shared-budget":
+        return SharedBudgetPlanStrategy(name, budgeted, num_layers=num_layers, backend=backend, **sp)
     if name == "kascade-sinks":
         return ForcedKeysStrategy(name, budgeted, backend=backend, **sp)
     if name in ("kascade-fp8", "kascade-fp8-rerank2"):
