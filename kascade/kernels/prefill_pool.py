@@ -294,10 +294,16 @@ def row_layout(g: int, tile: int, head_dim: int = 128):
     return t_pad, block_g, triton.cdiv(g, block_g)
 
 
-def pool_config(g: int, tile: int, head_dim: int) -> dict:
-    """Launch parameters of _pool_kernel (checked for registers and shared memory on sm_90)."""
+def pool_config(g: int, tile: int, head_dim: int, fp8: bool = False) -> dict:
+    """Launch parameters of _pool_kernel (checked for registers and shared memory on sm_90). fp8: the pass over
+    the FP8 copy of the keys, whose per-key and per-row scales need more registers (benchmarks/pool_registers.py)."""
     t_pad, block_g, num_hg = row_layout(g, tile, head_dim)
     rows = block_g * t_pad
+    if fp8 and num_hg == 1 and head_dim <= 128 and rows >= 128:
+        # one warpgroup, capped at 168 registers (no spills): three programs per SM. H100, 8B attention shape, 128K
+        # keys (benchmarks/results/fp8_pool_probe_h100.txt): 303.8 ms against 328.8 ms for exact selection in the
+        # same run; at the bf16 setting below it had taken 530.8 ms (prefill_h100)
+        return dict(BLOCK_N=64, num_warps=4, num_stages=3, maxnreg=168)
     if num_hg > 1 or head_dim > 128:
         return dict(BLOCK_N=64, num_warps=8 if rows >= 128 else 4, num_stages=2)
     if rows >= 128:  # two programs per SM (127 registers, 97 KB shared): 20% faster than 3 stages at 32K
@@ -313,7 +319,7 @@ def pooled_scores_chunk(q, k, kv_start_i32, counts, pooled, lse_buf, u0: int, n_
     kv_start_i32 [B] int32 and kv_end_i32 [B] int32 or None: each sequence's keys [start, end)
     (end N when None; a paged cache passes start 0 and end seq_lens), counts [B, U] int32 (the budget of each local tile), pooled [B, Hkv, C >= n_tiles, >= N]
     float32, lse_buf [B, Hkv, C, NUM_HG * ROWS] float32 (only used when the heads do not fit one
-    matrix tile). config overrides pool_config (BLOCK_N, num_warps, num_stages).
+    matrix tile). config overrides pool_config (BLOCK_N, num_warps, num_stages, maxnreg).
     fp8 (kascade.kernels.prefill_fp8): q and k are FP8 and fp8 = dict(qs=[B, Hq, Q] float32 row scales,
     ks=KVRows of the keys' scales, native=bool, final=None or [B, U] int32: the final budgets of a re-rank,
     which also stores every row's log-sum-exp in lse_buf, then [B, Hkv, C, NUM_HG * ROWS]).
@@ -324,7 +330,7 @@ def pooled_scores_chunk(q, k, kv_start_i32, counts, pooled, lse_buf, u0: int, n_
     n_cache = 0 if rows.paged else rows.tensor.shape[2]
     g = hq // hkv
     t_pad, block_g, num_hg = row_layout(g, tile, d)
-    cfg = dict(pool_config(g, tile, d), **(config or {}))
+    cfg = dict(pool_config(g, tile, d, fp8=fp8 is not None), **(config or {}))
     grid = (n_tiles, hkv, bsz)
     _pool_kernel[grid](
         q, rows.tensor, kv_start_i32, kv_start_i32 if kv_end_i32 is None else kv_end_i32, counts, pooled, lse_buf,
