@@ -248,31 +248,11 @@ class SharedSetStrategy(_SparseStrategy):
         return self._reuse(layer, q, k, v, self.state[anchor], None, kv_start, scale)
 
 
-class SharedBudgetOracleStrategy(_SparseStrategy):
-    """Every layer but 0 selects its own keys per KV head, the budget of a tile shared by its KV heads
-    (selectors.shared_budget_selections): per-layer top-k with mass-adaptive per-head budgets at equal total
-    keys. Each KV head then attends to its own set (one ops.reuse per KV head)."""
-
-    def __init__(self, rho, k_min, tile, num_layers=None, backend="auto", sparse_prefill=True):
-        super().__init__("oracle-shared-budget", rho, k_min, tile, num_layers, backend, sparse_prefill)
-
-    def attend(self, layer, q, k, v, kv_start, scale):
-        if layer == 0 or k.shape[2] <= self.k_min or self.dense_step(q):
-            return self._dense(layer, q, k, v, kv_start, scale)
-        sels = selectors.shared_budget_selections(q, k, self.rho, self.k_min, self.tile, kv_start=kv_start,
-                                                  scale=scale)
-        self._record(layer, (sels, None))
-        g = q.shape[1] // k.shape[1]
-        kw = dict(kv_start=kv_start, scale=scale, backend=self.backend)
-        outs = [ops.reuse(q[:, h * g:(h + 1) * g], k[:, h:h + 1], v[:, h:h + 1], sel, None, **kw)
-                for h, sel in enumerate(sels)]
-        return torch.cat(outs, dim=1)
-
-
 class SharedBudgetPlanStrategy(_SparseStrategy):
     """The plan's routing (kascade.routing), with the budget of a tile or decode step shared by the KV heads
     that select in a layer (selectors.shared_budget_selections over those heads): every reusing head attends to
-    its source head's set, whatever its size. Layer 0 selects and attends densely, as in Kascade."""
+    its source head's set, whatever its size (one ops.reuse per KV head). Layer 0 attends densely, as in Kascade.
+    With every layer an anchor (oracle-shared-budget) it is per-layer top-k with shared budgets."""
 
     def __init__(self, name, plan: Plan, num_layers=None, backend="auto", sparse_prefill=True):
         super().__init__(name, plan.rho, plan.k_min, plan.tile, num_layers, backend, sparse_prefill)
@@ -289,7 +269,7 @@ class SharedBudgetPlanStrategy(_SparseStrategy):
 
             self.routing = Routing(self.plan, hkv)
         route = self.routing.layer(layer)
-        if route.own:
+        if route.own and (layer != 0 or self.routing.used_by_later_layers(0)):
             rows = torch.tensor([h * g + j for h in route.own for j in range(g)], device=q.device)
             own = torch.tensor(route.own, device=q.device)
             sels = selectors.shared_budget_selections(q[:, rows], k[:, own], self.rho, self.k_min, self.tile,
@@ -500,7 +480,8 @@ def _make(name, plan, model_config, rho, k_min, backend, tile, paper_plan, spars
         return PlanStrategy(name, Plan.for_model(model_config, range(num_layers), rho=rho, k_min=k_min, tile=tile),
                             backend, **sp)
     if name == "oracle-shared-budget":
-        return SharedBudgetOracleStrategy(rho, k_min, tile, num_layers=num_layers, backend=backend, **sp)
+        every = Plan.for_model(model_config, range(num_layers), rho=rho, k_min=k_min, tile=tile)
+        return SharedBudgetPlanStrategy(name, every, num_layers=num_layers, backend=backend, **sp)
     if name == "streamingllm":
         return StreamingStrategy(rho, k_min, tile, num_layers=num_layers, backend=backend, **sp)
     if name == "quest":
