@@ -11,7 +11,12 @@ Each plan is one cell (its own process; `run` executes the missing ones, resumab
     python benchmarks/vllm_eval.py run --work /tmp/vllm_eval [--budget-s 540]
     python benchmarks/vllm_eval.py report --work DIR [-o benchmarks/results/vllm_eval_<device>]
 
-`report` (any machine) writes the per-task scores of both plans and their difference in points.
+`report` (any machine) writes the per-task scores of both plans and their difference in points, and, where
+--transformers names the accuracy table's rows (default benchmarks/results/eval_smollm2_results.jsonl: the same
+tasks, lengths and seeds through transformers with the Triton kernels, rho 0.1), the paired comparison with
+them: per plan, the transformers score of the same samples and how many answers differ (vLLM dense against
+transformers dense, vLLM Kascade against transformers' `kascade` strategy). Dense's count is the rounding
+floor of two engines; a larger count for Kascade is what the vLLM path changes beyond it.
 """
 
 from __future__ import annotations
@@ -94,6 +99,35 @@ def summarize(cells: dict) -> dict:
     return {"scores": scores, "kascade_minus_dense": diff}
 
 
+TRANSFORMERS_STRATEGY = {"dense": ("dense", None), "shipped": ("kascade", 0.1)}  # plan -> (strategy, budget)
+
+
+def paired(cells: dict, rows_path: Path) -> dict:
+    """{plan: {samples, vllm_points, transformers_points, answers_differ}} over the samples that both the vLLM
+    cells and the transformers rows (a results.jsonl of `kascade eval`) hold; an answer differs when the two
+    predictions' first 12 non-blank characters do (the scored part of every task's answer)."""
+    import json
+
+    if not rows_path.is_file():
+        return {}
+    ref = {}
+    for line in rows_path.read_text().splitlines():
+        r = json.loads(line)
+        ref[(r["task"], r["length"], r["strategy"], r["budget"], r["seed"])] = r
+    out = {}
+    for cell in cells.values():
+        strategy, budget = TRANSFORMERS_STRATEGY[cell["plan"]]
+        pairs = [(r, ref.get((r["task"], r["length"], strategy, budget, r["seed"]))) for r in cell["rows"]]
+        pairs = [(a, b) for a, b in pairs if b is not None]
+        if not pairs:
+            continue
+        key = lambda text: text.strip()[:12]  # noqa: E731
+        out[cell["plan"]] = dict(samples=len(pairs), vllm_points=100.0 * sum(a["score"] for a, _ in pairs) / len(pairs),
+                                 transformers_points=100.0 * sum(b["score"] for _, b in pairs) / len(pairs),
+                                 answers_differ=sum(key(a["prediction"]) != key(b["prediction"]) for a, b in pairs))
+    return out
+
+
 def report(args) -> None:
     cells = VC.load_cells(Path(args.work))
     if not cells:
@@ -104,6 +138,7 @@ def report(args) -> None:
     out = {"device": first["device"], "date": max(c["date"] for c in cells.values()),
            "versions": {k: first.get(k) for k in ("vllm", "torch", "triton", "transformers")}, "samples": SAMPLES,
            "target_points": TARGET_POINTS, "worst_difference": worst,
+           "paired_with_transformers": paired(cells, Path(args.transformers)),
            "target_holds": None if worst is None else worst >= -TARGET_POINTS, **s,
            "cells": {k: {kk: vv for kk, vv in v.items() if kk != "rows"} for k, v in cells.items()},
            "rows": {k: v["rows"] for k, v in cells.items()}}
@@ -120,6 +155,13 @@ def report(args) -> None:
     if worst is not None:
         lines += ["", f"Target: Kascade within {TARGET_POINTS:g} points of vLLM dense in every cell: "
                       f"{'holds' if out['target_holds'] else 'does not hold'} (worst {worst:+.1f})."]
+    if out["paired_with_transformers"]:
+        lines += ["", f"Paired with transformers on the same samples ({Path(args.transformers).name}: Triton kernels, "
+                      "rho 0.1):", "", "| plan | samples | vLLM (points) | transformers (points) | answers that differ |",
+                  "|---|---|---|---|---|"]
+        for plan, p in out["paired_with_transformers"].items():
+            lines.append(f"| {plan} | {p['samples']} | {p['vllm_points']:.1f} | {p['transformers_points']:.1f} | "
+                         f"{p['answers_differ']} |")
     stem = Path(args.o) if args.o else ROOT / "benchmarks" / "results" / f"vllm_eval_{first['device_short']}"
     VC.write_report(stem, out, lines)
 
@@ -137,6 +179,8 @@ def main(argv=None) -> None:
     p = sub.add_parser("report", help="scores into benchmarks/results/vllm_eval_<device>.{json,md}")
     p.add_argument("--work", required=True)
     p.add_argument("-o", default=None)
+    p.add_argument("--transformers", default=str(ROOT / "benchmarks" / "results" / "eval_smollm2_results.jsonl"),
+                   help="transformers' rows of the same samples, for the paired comparison (default %(default)s)")
     args = ap.parse_args(argv)
     if args.cmd == "run":
         if not MODEL_DIR.is_dir():

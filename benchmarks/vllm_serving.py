@@ -50,9 +50,12 @@ ttft_131072_anchors5 (and the selecting10 / eager counterparts), with the serve 
 
 The serve run (`serve`): `python -m vllm.entrypoints.openai.api_server` on 127.0.0.1 with the plugin and a
 plan, 16 concurrent completions requests (token-id prompts of mixed lengths) from a bounded local client
-(threads, urllib), on a KV budget far below the requests' total so that vLLM preempts and resumes some
-(counted from its /metrics); every request must come back with all its tokens, and each is compared with
-the greedy tokens the same engine settings give offline (LLM.generate of all 16 with room for all). By
+(threads, urllib), on a KV budget far below the requests' total (--kv-share, default 0.3 of the tokens all
+requests need at once) so that vLLM preempts and resumes some (counted from its /metrics); every request
+must come back with all its tokens, and each is compared with the greedy tokens the same engine settings
+give offline (LLM.generate of all 16 with room for all). One untimed request of the longest length goes
+first (`warmup_s`: Triton compiles the kernels' variants there), so the timed requests' latencies are a warm
+server's. By
 default on models/kascade-tiny with plans/kascade-tiny.json (real weights: greedy tokens are meaningful;
 prompts of 1K-8K, its trained range); --model/--plan/--lengths take another model (the 8B shape's dummy
 weights give near-tied logits, so token equality across batchings would say little there).
@@ -300,6 +303,25 @@ def kascade_backend(server_log: str) -> str | None:
     return None if m is None else (m.group(2) or "CPU")
 
 
+def kv_tokens_per_byte(model: Path, dtype: str) -> float:
+    """1 / (bytes of K and V that one token takes in every layer) for the model's config and dtype."""
+    cfg = json.loads((Path(model) / "config.json").read_text())
+    per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * cfg.get(
+        "head_dim", cfg["hidden_size"] // cfg["num_attention_heads"]) * DTYPE_BYTES[dtype]
+    return 1.0 / per_token
+
+
+def serve_kv_bytes(lengths: list, new_tokens: int, share: float, per_token: float) -> int:
+    """The server's KV cache: `share` of the tokens every request needs at once (so vLLM must queue, then
+    preempt requests whose decoding outgrows the cache), but room for the longest request with a margin
+    (1.25 x, so every request can run). Rounded up to whole MiB."""
+    if not 0 < share <= 1:
+        raise ValueError(f"--kv-share: expected a share in (0, 1], got {share}")
+    need = [n + new_tokens + BLOCK for n in lengths]
+    tokens = max(share * sum(need), 1.25 * max(need))
+    return -(-int(tokens * per_token) // 2**20) * 2**20
+
+
 def run_serve(args) -> dict:
     import random
     import subprocess
@@ -312,22 +334,25 @@ def run_serve(args) -> dict:
     lengths = lengths or [rng.randint(lo, hi) for _ in range(args.requests)]
     vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
     prompts = [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
+    warmup = [rng.randrange(3, vocab) for _ in range(max(lengths))]  # compiles the kernels' variants, untimed
     max_len = -(-(max(lengths) + args.new_tokens + BLOCK) // BLOCK) * BLOCK
+    per_token = 1.0 / kv_tokens_per_byte(args.model, args.dtype)
+    kv_bytes = args.kv_bytes or serve_kv_bytes(lengths, args.new_tokens, args.kv_share, per_token)
     plan = None if args.plan == "none" else str(Path(args.plan).resolve())  # none: vLLM dense, the control
     extra = json.dumps(VC.kascade_config(plan))
     port = args.port
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(args.model), "--host",
            "127.0.0.1", "--port", str(port), "--dtype", args.dtype, "--max-model-len", str(max_len),
            "--max-num-seqs", str(args.requests), "--max-num-batched-tokens", str(args.chunk),
-           "--no-enable-prefix-caching", "--kv-cache-memory-bytes", str(args.kv_bytes), "--additional-config", extra,
+           "--no-enable-prefix-caching", "--kv-cache-memory-bytes", str(kv_bytes), "--additional-config", extra,
            "--served-model-name", "m", "--seed", "0"]
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}  # the server as users run it: engine in its process
     log = open(Path(args.out).with_suffix(".server.log"), "w")
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     base = f"http://127.0.0.1:{port}"
     res = dict(model=str(args.model), dtype=args.dtype, plan=plan or "none (vLLM dense)", lengths=lengths,
-               new_tokens=args.new_tokens,
-               kv_cache_memory_bytes=args.kv_bytes, **info)
+               new_tokens=args.new_tokens, kv_cache_memory_bytes=kv_bytes,
+               kv_cache_share=kv_bytes / (per_token * sum(n + args.new_tokens for n in lengths)), **info)
     try:
         t0 = time.monotonic()
         while True:
@@ -339,6 +364,9 @@ def run_serve(args) -> dict:
                     raise RuntimeError(f"the server did not come up (rc {server.poll()}); see its log") from None
                 time.sleep(2)
         res["server_start_s"] = time.monotonic() - t0
+        warm, res["warmup_s"] = ask_all(base, "m", [warmup], args.new_tokens, args.request_timeout)
+        if "error" in warm[0]:
+            raise RuntimeError(f"the warm-up request failed: {warm[0]['error']}")
         res["answers"], res["wall_s"] = ask_all(base, "m", prompts, args.new_tokens, args.request_timeout)
         metrics = _get(base + "/metrics")
         res["preemptions"] = preemptions(metrics)
@@ -359,13 +387,10 @@ def run_serve(args) -> dict:
     VC.register_plugin()
     from vllm import LLM, SamplingParams
 
-    cfg = json.loads((Path(args.model) / "config.json").read_text())
-    per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * cfg.get(
-        "head_dim", cfg["hidden_size"] // cfg["num_attention_heads"]) * DTYPE_BYTES[args.dtype]  # K and V
     room = int(1.5 * per_token * sum(n + args.new_tokens + BLOCK for n in lengths))
     llm = LLM(str(args.model), dtype=args.dtype, max_model_len=max_len, max_num_seqs=args.requests,
               max_num_batched_tokens=args.chunk, enable_prefix_caching=False, seed=0,
-              kv_cache_memory_bytes=max(room, args.kv_bytes), additional_config=VC.kascade_config(plan))
+              kv_cache_memory_bytes=max(room, kv_bytes), additional_config=VC.kascade_config(plan))
     sp = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
     offline = [list(o.outputs[0].token_ids) for o in llm.generate([{"prompt_token_ids": p} for p in prompts], sp,
                                                                    use_tqdm=False)]
@@ -429,7 +454,12 @@ def serve_line(serve: dict) -> str:
             f"tokens ({Path(serve['model']).name}, {serve.get('dtype', 'bfloat16')}, plan {Path(serve['plan']).name}), "
             f"{serve['new_tokens']} new tokens "
             f"each, KV cache "
-            f"{serve['kv_cache_memory_bytes'] / 2**20:.0f} MiB: {serve['answered']} answered in full, "
+            f"{serve['kv_cache_memory_bytes'] / 2**20:.0f} MiB"
+            + (f" ({serve['kv_cache_share']:.0%} of the requests' tokens)" if "kv_cache_share" in serve else "")
+            + (f", an untimed warm-up request first ({serve['warmup_s']:.1f} s)" if "warmup_s" in serve else
+               ", no warm-up request")
+            + (f", the requests in {serve['wall_s']:.1f} s" if "wall_s" in serve else "")
+            + f": {serve['answered']} answered in full, "
             f"{serve['tokens_equal']} with the offline greedy tokens, {serve['preemptions']:.0f} preemptions, "
             f"Kascade in the server: {serve.get('kascade_backend') or serve['kascade_in_server_log']}; "
             f"ok: {serve['ok']}.")
@@ -574,13 +604,17 @@ def main(argv=None) -> None:
                    help="the plan the server runs, or none: vLLM dense, the control (default %(default)s)")
     s.add_argument("--lengths", default="1024-8000", help="LO-HI (random) or a comma list (default %(default)s)")
     s.add_argument("--requests", type=int, default=16)
-    s.add_argument("--new-tokens", type=int, default=32)
+    s.add_argument("--new-tokens", type=int, default=128,
+                   help="greedy tokens per request (default %(default)s: decoding that outgrows the cache is what makes "
+                        "vLLM preempt)")
     s.add_argument("--dtype", choices=list(DTYPE_BYTES), default="bfloat16",
                    help="the model's dtype, server and offline alike (default %(default)s; float32 on the CPU shows "
                         "what does not come from bf16 rounding)")
-    s.add_argument("--kv-bytes", type=int, default=320 * 2**20,
-                   help="KV cache of the server (default 320 MiB: about 27K tokens of kascade-tiny, a third of the "
-                        "requests' total, so vLLM preempts)")
+    s.add_argument("--kv-bytes", type=int, default=None,
+                   help="KV cache of the server in bytes (default: --kv-share of what the requests need)")
+    s.add_argument("--kv-share", type=float, default=0.3,
+                   help="without --kv-bytes: the server's KV cache as this share of the tokens all requests need at "
+                        "once, at least 1.25 x the longest request (default %(default)s)")
     s.add_argument("--chunk", type=int, default=2048)
     s.add_argument("--port", type=int, default=8765)
     s.add_argument("--start-timeout", type=float, default=300)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import math
 import subprocess
 import sys
 from argparse import Namespace
@@ -172,12 +173,46 @@ def test_eval_report_points_and_target(tmp_path):
 
     VC.write_json(tmp_path / "cells" / "smol-dense.json", dict(plan="dense", rows=rows([1, 1, 1, 0]), **base))
     VC.write_json(tmp_path / "cells" / "smol-shipped.json", dict(plan="shipped", rows=rows([1, 1, 0, 0]), **base))
-    EVAL.main(["report", "--work", str(tmp_path / "cells"), "-o", str(tmp_path / "ev")])
+    EVAL.main(["report", "--work", str(tmp_path / "cells"), "-o", str(tmp_path / "ev"),
+               "--transformers", str(tmp_path / "absent.jsonl")])
     out = json.loads((tmp_path / "ev.json").read_text())
     assert out["scores"]["dense"]["niah_single"]["4096"] == 75.0
     assert out["kascade_minus_dense"]["niah_single"]["4096"] == -25.0
-    assert out["target_holds"] is False
+    assert out["target_holds"] is False and out["paired_with_transformers"] == {}
     assert "| niah_single | 4096 | 75.0 | 50.0 | -25.0 |" in (tmp_path / "ev.md").read_text()
+
+
+def test_eval_report_pairs_each_plan_with_the_same_samples_through_transformers(tmp_path):
+    base = dict(device="NVIDIA H200", device_short="h200", date="2026-12-06", vllm="0.26.0", torch="2.11",
+                triton="3.6", transformers="5.19", kascade_layers=29)
+    preds = [" 111", " 222", " 333", " 444"]
+    rows = [dict(task="niah_single", length=4096, seed=i, prediction=p, answers=["1"], score=1.0) for i, p in
+            enumerate(preds)]
+    VC.write_json(tmp_path / "cells" / "smol-dense.json", dict(plan="dense", rows=rows, **base))
+    VC.write_json(tmp_path / "cells" / "smol-shipped.json", dict(plan="shipped", rows=rows, **base))
+    ref = []  # transformers: dense differs on seed 0; kascade (rho 0.1) on seeds 1 and 2; other budgets ignored
+    for strategy, budget, differ in (("dense", None, {0}), ("kascade", 0.1, {1, 2}), ("kascade", 0.2, {0, 1, 2, 3})):
+        ref += [dict(task="niah_single", length=4096, strategy=strategy, budget=budget, seed=i, score=float(i not in differ),
+                     prediction=" 999" if i in differ else p + "\n") for i, p in enumerate(preds)]
+    ref.append(dict(task="niah_single", length=4096, strategy="dense", budget=None, seed=9, score=0.0, prediction=""))
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(r) for r in ref) + "\n")
+    EVAL.main(["report", "--work", str(tmp_path / "cells"), "-o", str(tmp_path / "ev"),
+               "--transformers", str(tmp_path / "t.jsonl")])
+    paired = json.loads((tmp_path / "ev.json").read_text())["paired_with_transformers"]
+    assert paired["dense"] == dict(samples=4, vllm_points=100.0, transformers_points=75.0, answers_differ=1)
+    assert paired["shipped"] == dict(samples=4, vllm_points=100.0, transformers_points=50.0, answers_differ=2)
+    assert "| shipped | 4 | 100.0 | 50.0 | 2 |" in (tmp_path / "ev.md").read_text()
+
+
+def test_serve_kv_budget_is_a_share_of_the_requests_but_fits_the_longest():
+    # one MiB per token, so the budget in MiB is the tokens it holds, rounded up
+    need = (1000 + 100 + SERVE.BLOCK) + (3000 + 100 + SERVE.BLOCK)
+    assert SERVE.serve_kv_bytes([1000, 3000], 100, 1.0, 2**20) == need * 2**20
+    assert SERVE.serve_kv_bytes([1000, 3000], 100, 0.3, 2**20) == int(1.25 * (3000 + 100 + SERVE.BLOCK)) * 2**20
+    assert SERVE.serve_kv_bytes([1000] * 16, 100, 0.3, 2**20) == math.ceil(0.3 * 16 * (1100 + SERVE.BLOCK)) * 2**20
+    assert SERVE.serve_kv_bytes([1000], 0, 0.5, 1.0) % 2**20 == 0
+    with pytest.raises(ValueError, match="--kv-share: expected a share in"):
+        SERVE.serve_kv_bytes([1000], 0, 0.0, 1.0)
 
 
 def test_serve_client_against_a_fake_server():
