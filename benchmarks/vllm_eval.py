@@ -11,6 +11,9 @@ Each plan is one cell (its own process; `run` executes the missing ones, resumab
     python benchmarks/vllm_eval.py run --work /tmp/vllm_eval [--budget-s 540]
     python benchmarks/vllm_eval.py report --work DIR [-o benchmarks/results/vllm_eval_<device>]
 
+`run --variants default,no-prefix-cache,chunk512,eager` adds cells with other engine settings (VARIANTS; cells
+smol-PLAN-VARIANT): the table keeps the default cells, the paired comparison lists every cell.
+
 `report` (any machine) writes the per-task scores of both plans and their difference in points, and, where
 --transformers names the accuracy table's rows (default benchmarks/results/eval_smollm2_results.jsonl: the same
 tasks, lengths and seeds through transformers with the Triton kernels, rho 0.1), the paired comparison with
@@ -38,6 +41,13 @@ LENGTHS = (4096, 8064)
 SAMPLES = 20
 NEW_TOKENS_CAP = 64
 PLANS = ("dense", "shipped")
+# --variant: engine settings beside vLLM's defaults, to tell where a difference from transformers comes from
+VARIANTS = {
+    "default": {},
+    "no-prefix-cache": dict(enable_prefix_caching=False),
+    "chunk512": dict(enable_prefix_caching=False, max_num_batched_tokens=512, max_num_seqs=4),
+    "eager": dict(enforce_eager=True),
+}
 TARGET_POINTS = 2.0  # Kascade within this many points of vLLM dense (issue 29)
 
 
@@ -65,7 +75,8 @@ def run_engine(args) -> dict:
         raise RuntimeError(f"prompts of the wrong length (task, length, tokens): {bad[:3]}")
     t0 = time.perf_counter()
     llm = LLM(str(MODEL_DIR), dtype="bfloat16", max_model_len=max(LENGTHS) + NEW_TOKENS_CAP + 8, seed=0,
-              gpu_memory_utilization=0.5, additional_config=VC.kascade_config(PLAN if args.plan != "dense" else None))
+              gpu_memory_utilization=0.5, additional_config=VC.kascade_config(PLAN if args.plan != "dense" else None),
+              **VARIANTS[args.variant])
     start = time.perf_counter() - t0
     params = [SamplingParams(max_tokens=max_new_tokens(s, tok, NEW_TOKENS_CAP), temperature=0.0) for s in todo]
     t0 = time.perf_counter()
@@ -77,7 +88,7 @@ def run_engine(args) -> dict:
         text = tok.decode(gen, skip_special_tokens=True)
         rows.append(dict(task=s.task, length=s.length, seed=s.seed, prediction=text, answers=s.answers,
                          score=score(s, text, gen, tok)))
-    return dict(plan=args.plan, kascade_layers=VC.kascade_layers(), engine_start_s=start, generate_s=seconds,
+    return dict(plan=args.plan, variant=args.variant, kascade_layers=VC.kascade_layers(), engine_start_s=start, generate_s=seconds,
                 rows=rows, **VC.device_info())
 
 
@@ -85,6 +96,8 @@ def summarize(cells: dict) -> dict:
     """{plan: {task: {length: mean score in points}}} and the differences Kascade - dense."""
     by = {}
     for cell in cells.values():
+        if cell.get("variant", "default") != "default":
+            continue
         table = by.setdefault(cell["plan"], {})
         for r in cell["rows"]:
             table.setdefault(r["task"], {}).setdefault(str(r["length"]), []).append(r["score"])
@@ -103,8 +116,8 @@ TRANSFORMERS_STRATEGY = {"dense": ("dense", None), "shipped": ("kascade", 0.1)} 
 
 
 def paired(cells: dict, rows_path: Path) -> dict:
-    """{plan: {samples, vllm_points, transformers_points, answers_differ}} over the samples that both the vLLM
-    cells and the transformers rows (a results.jsonl of `kascade eval`) hold; an answer differs when the two
+    """{cell name: {plan, variant, samples, vllm_points, transformers_points, answers_differ}} over the samples
+    that both the vLLM cells and the transformers rows (a results.jsonl of `kascade eval`) hold; an answer differs when the two
     predictions' first 12 non-blank characters do (the scored part of every task's answer)."""
     import json
 
@@ -115,14 +128,14 @@ def paired(cells: dict, rows_path: Path) -> dict:
         r = json.loads(line)
         ref[(r["task"], r["length"], r["strategy"], r["budget"], r["seed"])] = r
     out = {}
-    for cell in cells.values():
+    for name, cell in cells.items():
         strategy, budget = TRANSFORMERS_STRATEGY[cell["plan"]]
         pairs = [(r, ref.get((r["task"], r["length"], strategy, budget, r["seed"]))) for r in cell["rows"]]
         pairs = [(a, b) for a, b in pairs if b is not None]
         if not pairs:
             continue
         key = lambda text: text.strip()[:12]  # noqa: E731
-        out[cell["plan"]] = dict(samples=len(pairs), vllm_points=100.0 * sum(a["score"] for a, _ in pairs) / len(pairs),
+        out[name] = dict(plan=cell["plan"], variant=cell.get("variant", "default"), samples=len(pairs), vllm_points=100.0 * sum(a["score"] for a, _ in pairs) / len(pairs),
                                  transformers_points=100.0 * sum(b["score"] for _, b in pairs) / len(pairs),
                                  answers_differ=sum(key(a["prediction"]) != key(b["prediction"]) for a, b in pairs))
     return out
@@ -159,8 +172,9 @@ def report(args) -> None:
         lines += ["", f"Paired with transformers on the same samples ({Path(args.transformers).name}: Triton kernels, "
                       "rho 0.1):", "", "| plan | samples | vLLM (points) | transformers (points) | answers that differ |",
                   "|---|---|---|---|---|"]
-        for plan, p in out["paired_with_transformers"].items():
-            lines.append(f"| {plan} | {p['samples']} | {p['vllm_points']:.1f} | {p['transformers_points']:.1f} | "
+        for p in out["paired_with_transformers"].values():
+            name = p["plan"] + ("" if p["variant"] == "default" else f" ({p['variant']}: {VARIANTS[p['variant']]})")
+            lines.append(f"| {name} | {p['samples']} | {p['vllm_points']:.1f} | {p['transformers_points']:.1f} | "
                          f"{p['answers_differ']} |")
     stem = Path(args.o) if args.o else ROOT / "benchmarks" / "results" / f"vllm_eval_{first['device_short']}"
     VC.write_report(stem, out, lines)
@@ -172,9 +186,12 @@ def main(argv=None) -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run the missing cells within a time budget")
     r.add_argument("--work", default="/tmp/vllm_eval")
+    r.add_argument("--variants", default="default",
+                   help=f"comma-separated engine settings, from {', '.join(VARIANTS)} (default %(default)s)")
     VC.add_budget_arguments(r, min_left_s=90)
     e = sub.add_parser("engine", help="one plan's generations and scores")
     e.add_argument("--plan", choices=PLANS, required=True)
+    e.add_argument("--variant", choices=list(VARIANTS), default="default")
     e.add_argument("--out", required=True)
     p = sub.add_parser("report", help="scores into benchmarks/results/vllm_eval_<device>.{json,md}")
     p.add_argument("--work", required=True)
@@ -185,7 +202,12 @@ def main(argv=None) -> None:
     if args.cmd == "run":
         if not MODEL_DIR.is_dir():
             raise SystemExit(f"SMOL_DIR: {MODEL_DIR} is missing (benchmarks/smollm2_gpu.sh copy/prepare first)")
-        cells = [(f"smol-{plan}", ["engine", "--plan", plan]) for plan in ("shipped", "dense")]
+        variants = args.variants.split(",")
+        unknown = sorted(set(variants) - set(VARIANTS))
+        if unknown:
+            raise SystemExit(f"--variants: expected names from {sorted(VARIANTS)}, got {unknown}")
+        cells = [(f"smol-{plan}" + ("" if v == "default" else f"-{v}"), ["engine", "--plan", plan, "--variant", v])
+                 for v in variants for plan in ("shipped", "dense")]
         missing = VC.run_cells(cells, Path(args.work), args.budget_s, args.min_left_s, 400, Path(__file__),
                                Path(args.copy_to) if args.copy_to else None)
         print(f"[run] missing cells: {missing or 'none'}")

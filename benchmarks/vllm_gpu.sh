@@ -12,7 +12,9 @@
 #                                          holds it: benchmarks/smollm2_gpu.sh copy/prepare first), 6 vLLM engines
 #                                          and 2 transformers references per model; repeat until "missing cells: none"
 #   bash benchmarks/vllm_gpu.sh eval       benchmarks/vllm_eval.py: niah_single, niah_multikey, doc_qa_chat at 4096 and
-#                                          8064 tokens through vLLM, dense and the shipped plan (needs /tmp/smol)
+#                                          8064 tokens through vLLM, dense and the shipped plan (needs /tmp/smol);
+#                                          VARIANTS=default,no-prefix-cache,chunk512,eager adds cells with other
+#                                          engine settings (benchmarks/vllm_eval.py VARIANTS)
 #   bash benchmarks/vllm_gpu.sh bench      benchmarks/vllm_serving.py run: 12 cells (3 providers x graph/eager x
 #                                          long/mid, 2-4 minutes each); repeat until "missing cells: none"
 #                                          (PROVIDERS, MODES, WORKLOADS narrow it, e.g. MODES=graph first;
@@ -60,7 +62,8 @@ check)
   python3 benchmarks/vllm_gpu_check.py report --work /tmp/vllm_check -o "$OUT/vllm_check" || true
   ;;
 eval)
-  python3 benchmarks/vllm_eval.py run --work /tmp/vllm_eval --budget-s "${BUDGET:-540}" --copy-to "$OUT/eval"
+  python3 benchmarks/vllm_eval.py run --work /tmp/vllm_eval --variants "${VARIANTS:-default}" --budget-s "${BUDGET:-540}" \
+    --copy-to "$OUT/eval"
   python3 benchmarks/vllm_eval.py report --work /tmp/vllm_eval -o "$OUT/vllm_eval" || true
   ;;
 bench)

@@ -190,6 +190,8 @@ def test_eval_report_pairs_each_plan_with_the_same_samples_through_transformers(
             enumerate(preds)]
     VC.write_json(tmp_path / "cells" / "smol-dense.json", dict(plan="dense", rows=rows, **base))
     VC.write_json(tmp_path / "cells" / "smol-shipped.json", dict(plan="shipped", rows=rows, **base))
+    VC.write_json(tmp_path / "cells" / "smol-shipped-eager.json", dict(plan="shipped", variant="eager",
+                                                                        rows=rows[:1], **base))
     ref = []  # transformers: dense differs on seed 0; kascade (rho 0.1) on seeds 1 and 2; other budgets ignored
     for strategy, budget, differ in (("dense", None, {0}), ("kascade", 0.1, {1, 2}), ("kascade", 0.2, {0, 1, 2, 3})):
         ref += [dict(task="niah_single", length=4096, strategy=strategy, budget=budget, seed=i, score=float(i not in differ),
@@ -199,9 +201,15 @@ def test_eval_report_pairs_each_plan_with_the_same_samples_through_transformers(
     EVAL.main(["report", "--work", str(tmp_path / "cells"), "-o", str(tmp_path / "ev"),
                "--transformers", str(tmp_path / "t.jsonl")])
     paired = json.loads((tmp_path / "ev.json").read_text())["paired_with_transformers"]
-    assert paired["dense"] == dict(samples=4, vllm_points=100.0, transformers_points=75.0, answers_differ=1)
-    assert paired["shipped"] == dict(samples=4, vllm_points=100.0, transformers_points=50.0, answers_differ=2)
-    assert "| shipped | 4 | 100.0 | 50.0 | 2 |" in (tmp_path / "ev.md").read_text()
+    assert paired["smol-dense"] == dict(plan="dense", variant="default", samples=4, vllm_points=100.0,
+                                        transformers_points=75.0, answers_differ=1)
+    assert paired["smol-shipped"] == dict(plan="shipped", variant="default", samples=4, vllm_points=100.0,
+                                          transformers_points=50.0, answers_differ=2)
+    assert paired["smol-shipped-eager"]["samples"] == 1 and paired["smol-shipped-eager"]["answers_differ"] == 0
+    md = (tmp_path / "ev.md").read_text()
+    assert "| shipped | 4 | 100.0 | 50.0 | 2 |" in md and "| shipped (eager: {'enforce_eager': True}) | 1 |" in md
+    # the table's scores come from the default cells only
+    assert json.loads((tmp_path / "ev.json").read_text())["scores"]["shipped"]["niah_single"]["4096"] == 100.0
 
 
 def test_serve_kv_budget_is_a_share_of_the_requests_but_fits_the_longest():
