@@ -64,12 +64,25 @@ def with_dense_tail(strategy, tail: int):
     return strategy
 
 
-def build(name: str, plan, model_config, rho: float):
-    """The strategy of a name of --strategies (kascade.eval.strategies names, optionally ending in +dense-tailW)."""
+LAYER_BUDGETS = "oracle-layer-budgets"  # per-layer top-k with the budgets of --layer-budgets (kascade.eval.layer_budgets)
+
+
+def build(name: str, plan, model_config, rho: float, layer_budgets=None):
+    """The strategy of a name of --strategies (kascade.eval.strategies names or oracle-layer-budgets, optionally
+    ending in +dense-tailW)."""
     from kascade.eval.strategies import make_strategy
 
     base, _, tail = name.partition(TAIL)
-    strategy = make_strategy(base, plan, model_config, rho, plan.k_min)
+    if base == LAYER_BUDGETS:
+        from kascade.eval import layer_budgets as LB
+
+        if layer_budgets is None:
+            raise SystemExit(f"--strategies: {LAYER_BUDGETS} needs --layer-budgets FILE (python -m "
+                             "kascade.eval.layer_budgets)")
+        strategy = LB.LayerBudgetStrategy(base, LB.load(layer_budgets), plan.k_min, plan.tile)
+        strategy.validate(model_config)
+    else:
+        strategy = make_strategy(base, plan, model_config, rho, plan.k_min)
     if not tail:
         return strategy
     if not tail.isdigit() or int(tail) < 1:
@@ -106,6 +119,7 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--first-seed", type=int, default=950_000)
     ap.add_argument("--rho", type=float, default=0.1)
+    ap.add_argument("--layer-budgets", default=None, help="per-layer budgets for oracle-layer-budgets")
     ap.add_argument("-o", "--output", required=True, help="output stem (.json, .md)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
@@ -126,10 +140,11 @@ def main(argv=None) -> int:
         raise SystemExit(f"--strategies: expected dense among them (the differences are against it), got {names}")
     model, tok = load_model(args.model_dir, args.device, args.dtype)
     plan = Plan.load(args.plan)
-    strategies = {n: build(n, plan, model.config, args.rho) for n in names}
+    strategies = {n: build(n, plan, model.config, args.rho, args.layer_budgets) for n in names}
     device = next(model.parameters()).device
     result = {"length": args.length, "samples": args.samples, "rho": args.rho, "first_seed": args.first_seed,
-              "plan": repo_relative(args.plan), "strategies": names, "device": str(device) if device.type == "cpu"
+              "plan": repo_relative(args.plan), "strategies": names,
+              **({"layer_budgets": repo_relative(args.layer_budgets)} if args.layer_budgets else {}), "device": str(device) if device.type == "cpu"
               else torch.cuda.get_device_name(device), "dtype": str(next(model.parameters()).dtype),
               "torch": torch.__version__, "transformers": transformers.__version__,
               "date": datetime.date.today().isoformat(), "families": {}}
