@@ -113,6 +113,26 @@ def kascade_layers() -> int:
     return kv.ACTIVE_LAYERS[0]
 
 
+def triton_variants(prefix: str = "kascade.") -> dict:
+    """{kernel name: compiled variants} of the Triton kernels in the loaded modules under `prefix`, in this
+    process: how many specializations (shapes' divisibility, constexprs, dtypes) a run compiled; each one costs
+    a compilation the first time it is met (seconds for the larger kernels)."""
+    from triton.runtime.jit import JITFunction
+
+    out = {}
+    for name, mod in list(sys.modules.items()):
+        if not name.startswith(prefix) or mod is None:
+            continue
+        for attr, fn in vars(mod).items():
+            if not isinstance(fn, JITFunction):
+                fn = getattr(fn, "fn", fn)  # an autotuner's or heuristics' kernel
+            if isinstance(fn, JITFunction) and fn.device_caches:
+                count = sum(len(cache[0]) for cache in fn.device_caches.values())
+                if count:
+                    out[f"{name.rsplit('.', 1)[-1]}.{attr}"] = count
+    return dict(sorted(out.items()))
+
+
 def device_info() -> dict:
     import datetime
 

@@ -88,7 +88,8 @@ def run_engine(args) -> dict:
         text = tok.decode(gen, skip_special_tokens=True)
         rows.append(dict(task=s.task, length=s.length, seed=s.seed, prediction=text, answers=s.answers,
                          score=score(s, text, gen, tok)))
-    return dict(plan=args.plan, variant=args.variant, kascade_layers=VC.kascade_layers(), engine_start_s=start, generate_s=seconds,
+    return dict(plan=args.plan, variant=args.variant, kascade_layers=VC.kascade_layers(),
+                triton_variants=VC.triton_variants(), engine_start_s=start, generate_s=seconds,
                 rows=rows, **VC.device_info())
 
 
@@ -176,6 +177,15 @@ def report(args) -> None:
             name = p["plan"] + ("" if p["variant"] == "default" else f" ({p['variant']}: {VARIANTS[p['variant']]})")
             lines.append(f"| {name} | {p['samples']} | {p['vllm_points']:.1f} | {p['transformers_points']:.1f} | "
                          f"{p['answers_differ']} |")
+    lines += ["", "Engine time per cell (start: load, compile, graph capture; generate: all samples at once) and the "
+                  "Triton kernel variants Kascade compiled in it (a variant compiles the first time it is met):", ""]
+    for name, c in sorted(cells.items()):
+        variants = c.get("triton_variants")
+        if "generate_s" not in c:
+            continue
+        lines.append(f"- {name}: start {c.get('engine_start_s', float('nan')):.0f} s, generate {c['generate_s']:.1f} s"
+                     + ("" if variants is None else f", {sum(variants.values())} Triton variants of "
+                        f"{len(variants)} kernels"))
     stem = Path(args.o) if args.o else ROOT / "benchmarks" / "results" / f"vllm_eval_{first['device_short']}"
     VC.write_report(stem, out, lines)
 

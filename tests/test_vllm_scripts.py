@@ -341,3 +341,21 @@ def test_init_weights_loader_draws_at_the_initializer_scale():
     assert abs(float(w.std()) - 0.05) < 0.002 and abs(float(w.mean())) < 0.002
     assert torch.all(model["proj"].bias == 0) and torch.all(model["input_layernorm"].weight == 1)
     assert torch.all(model["input_layernorm"].bias == 0)
+
+
+def test_triton_variants_counts_the_compiled_specializations_of_loaded_kernels(monkeypatch):
+    import types
+
+    pytest.importorskip("triton")
+    from triton.runtime.jit import JITFunction  # what triton.jit builds outside the interpreter
+
+    def kernel(x):
+        pass
+
+    k, never = JITFunction(kernel), JITFunction(kernel)
+    k.device_caches[0] = ({"a": 1, "b": 2}, None, None, None)
+    mod = types.ModuleType("kascade.kernels._fake")
+    mod.k, mod.never, mod.other = k, never, 3
+    monkeypatch.setitem(sys.modules, "kascade.kernels._fake", mod)
+    monkeypatch.setitem(sys.modules, "elsewhere._fake", mod)
+    assert VC.triton_variants() == {"_fake.k": 2}
