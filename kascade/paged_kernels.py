@@ -42,12 +42,15 @@ def _split(lens, qsl):
     return dec, pre
 
 
-def _cache(key_cache, value_cache, block_table, seq_lens, reqs):
+def _cache(key_cache, value_cache, block_table, seq_lens, reqs, lens=None):
+    """The requests `reqs` of the step as a PagedKV; lens: the step's host seq_lens (then no kernel call reads
+    the lengths back from the device)."""
     from kascade.kernels.paging import PagedKV  # Triton is imported only when the kernels run
 
     idx = torch.tensor(reqs, dtype=torch.long, device=block_table.device)
     return PagedKV(key_cache, value_cache, block_table[idx].to(torch.int32).contiguous(),
-                   seq_lens.to(key_cache.device)[idx.to(key_cache.device)].to(torch.int32))
+                   seq_lens.to(key_cache.device)[idx.to(key_cache.device)].to(torch.int32),
+                   None if lens is None else tuple(int(lens[r]) for r in reqs))
 
 
 def _decode_q(q, qsl, reqs):
@@ -87,13 +90,13 @@ def select(q, key_cache, block_table, seq_lens, lens, qsl, rho, k_min, tile, sca
     out = {}
     if dec:
         qd, _ = _decode_q(q, qsl, dec)
-        sel = KD.select_paged(qd, _cache(key_cache, None, block_table, seq_lens, dec), rho, k_min, tile, scale)
+        sel = KD.select_paged(qd, _cache(key_cache, None, block_table, seq_lens, dec, lens), rho, k_min, tile, scale)
         idx = _masked(sel.indices, sel.counts)
         for i, r in enumerate(dec):
             out[r] = _per_request(sel, idx, i, True)
     for r in pre:
         qr, _ = _prefill_q(q, qsl, r)
-        sel = KP.select_paged(qr, _cache(key_cache, None, block_table, seq_lens, [r]), rho, k_min, tile, scale)
+        sel = KP.select_paged(qr, _cache(key_cache, None, block_table, seq_lens, [r], lens), rho, k_min, tile, scale)
         out[r] = _per_request(sel, _masked(sel.indices, sel.counts), 0, False)
     return out
 
@@ -107,14 +110,14 @@ def select_fp8(q, key_cache, key_copy, block_table, seq_lens, lens, qsl, rho, k_
     out = {}
     if dec:
         qd, _ = _decode_q(q, qsl, dec)
-        sel = KD.select_fp8_paged(qd, _cache(key_cache, None, block_table, seq_lens, dec), key_copy, rho, k_min, tile,
+        sel = KD.select_fp8_paged(qd, _cache(key_cache, None, block_table, seq_lens, dec, lens), key_copy, rho, k_min, tile,
                                   scale, rerank=rerank, kv_heads=kv_heads)
         idx = _masked(sel.indices, sel.counts)
         for i, r in enumerate(dec):
             out[r] = _per_request(sel, idx, i, True)
     for r in pre:
         qr, _ = _prefill_q(q, qsl, r)
-        sel = KP8.select_fp8_paged(qr, _cache(key_cache, None, block_table, seq_lens, [r]), key_copy, rho, k_min, tile,
+        sel = KP8.select_fp8_paged(qr, _cache(key_cache, None, block_table, seq_lens, [r], lens), key_copy, rho, k_min, tile,
                                    scale, rerank=rerank, kv_heads=kv_heads)
         out[r] = _per_request(sel, _masked(sel.indices, sel.counts), 0, False)
     return out
@@ -133,7 +136,7 @@ def reuse(out, q, key_cache, value_cache, block_table, seq_lens, lens, qsl, sele
     if dec:
         qd, rows = _decode_q(q, qsl, dec)
         idx = torch.tensor(dec, dtype=torch.long, device=selection.indices.device)
-        cache = _cache(key_cache, value_cache, block_table, seq_lens, dec)
+        cache = _cache(key_cache, value_cache, block_table, seq_lens, dec, lens)
         pool = PoolRows(selection.pool_rows[idx, :, :1], cache.block_table) if rows_ok else None
         sel = KD.PagedDecodeSelection(selection.indices[idx, :, :1], selection.counts[idx, :1],
                                       selection.first_tile[idx], selection.tile, True, pool)
@@ -141,10 +144,13 @@ def reuse(out, q, key_cache, value_cache, block_table, seq_lens, lens, qsl, sele
         out[rows] = o[:, :, 0]
     for r in pre:
         qr, sl = _prefill_q(q, qsl, r)
-        cache = _cache(key_cache, value_cache, block_table, seq_lens, [r])
+        cache = _cache(key_cache, value_cache, block_table, seq_lens, [r], lens)
         req = selection.request(r)
         pool = PoolRows(selection.pool_rows[r:r + 1], cache.block_table) if rows_ok else None
-        sel = KP.PrefillSelection(req.indices, req.counts, req.first_tile, req.tile, False, pool=pool)
+        # a selection of this step (its pool rows were resolved for this block table) was made for these
+        # lengths: its host spans say so, which spares the kernel reading first_tile back to check it
+        spans = ((0,), (int(lens[r]),)) if rows_ok else ()
+        sel = KP.PrefillSelection(req.indices, req.counts, req.first_tile, req.tile, False, host_spans=spans, pool=pool)
         o = KP.sparse_attention_paged(qr, cache, sel, head_map=head_map, scale=scale)
         out[sl] = o[0].transpose(0, 1)
     return out
@@ -157,7 +163,7 @@ def dense(out, q, key_cache, value_cache, block_table, seq_lens, lens, qsl, scal
     dec, pre = _split(lens, qsl)
     if dec:
         qd, rows = _decode_q(q, qsl, dec)
-        o = KD.dense_attention_paged(qd, _cache(key_cache, value_cache, block_table, seq_lens, dec), scale=scale)
+        o = KD.dense_attention_paged(qd, _cache(key_cache, value_cache, block_table, seq_lens, dec, lens), scale=scale)
         out[rows] = o[:, :, 0]
     for r in pre:
         qr, sl = _prefill_q(q, qsl, r)

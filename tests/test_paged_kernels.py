@@ -69,3 +69,40 @@ def test_triton_backend_refuses_float32():
     paged, _ = make_batch(**MIXED)
     with pytest.raises(ValueError, match="backend: 'triton' needs float16/bfloat16"):
         paged_select(**_on(paged, values=False), backend="triton")
+
+
+def test_kernel_calls_take_the_steps_host_lengths(monkeypatch):
+    """Every PagedKV the kernel path builds carries the step's host lengths, so no kernel call reads seq_lens
+    back from the device (one copy per request and layer otherwise)."""
+    from kascade.kernels.paging import PagedKV
+
+    seen = []
+    host_lengths = PagedKV.host_lengths
+
+    def spy(self):
+        seen.append(self.host_seq_lens)
+        return host_lengths(self)
+
+    monkeypatch.setattr(PagedKV, "host_lengths", spy)
+    plan = Plan(anchors=[0, 2], head_map=[[0, 1], [1, 0], [0, 1], [1, 1]], rho=0.1, k_min=64)
+    batch = _on(make_batch(**MIXED, hq=8, hkv=2, dtype=torch.bfloat16, seed=21)[0])
+    kern = PagedKascadeStrategy(plan, backend="triton")
+    for layer in range(4):
+        kern.attend(layer, **batch, scale=0.125)
+    assert seen and all(h is not None for h in seen), seen
+    lens = MIXED["seq_lens"]
+    assert {h for h in seen if len(h) == 1} <= {(n,) for n in lens}
+
+
+def test_paged_kv_checks_its_host_lengths():
+    from kascade.kernels.paging import PagedKV
+
+    kc = torch.zeros(4, 16, 2, 8)
+    bt = torch.zeros(2, 2, dtype=torch.int32)
+    sl = torch.tensor([5, 17], dtype=torch.int32)
+    assert PagedKV(kc, None, bt, sl, (5, 17)).host_lengths() == (5, 17)
+    assert PagedKV(kc, None, bt, sl).host_lengths() == (5, 17)
+    with pytest.raises(ValueError, match="host_seq_lens: expected None or a tuple of 2 ints"):
+        PagedKV(kc, None, bt, sl, (5,))
+    with pytest.raises(ValueError, match="seq_lens: expected values in"):
+        PagedKV(kc, None, bt, sl, (5, 99)).host_lengths()

@@ -85,13 +85,16 @@ class PagedKV:
 
     key_cache / value_cache [num_pages, page_size, Hkv, D] (value head dim may differ), any strides
     with a contiguous last dim; block_table [B, max_pages] int32; seq_lens [B] int (>= 1 each,
-    at most max_pages * page_size).
+    at most max_pages * page_size). host_seq_lens: optionally the same lengths as host ints (a serving
+    engine's host copy of the step), which `host_lengths` then returns without reading the device: a
+    prefill request otherwise costs one device-to-host copy per kernel call.
     """
 
     key_cache: torch.Tensor
     value_cache: torch.Tensor | None
     block_table: torch.Tensor
     seq_lens: torch.Tensor
+    host_seq_lens: tuple | None = None
 
     def __post_init__(self):
         kc, bt, sl = self.key_cache, self.block_table, self.seq_lens
@@ -114,6 +117,10 @@ class PagedKV:
         if bt.device != kc.device or sl.device != kc.device:
             raise ValueError(f"block_table, seq_lens: expected the device of key_cache ({kc.device}), "
                              f"got {bt.device} and {sl.device}")
+        host = self.host_seq_lens
+        if host is not None and (not isinstance(host, tuple) or len(host) != bt.shape[0]
+                                 or not all(isinstance(n, int) for n in host)):
+            raise ValueError(f"host_seq_lens: expected None or a tuple of {bt.shape[0]} ints, got {host!r}")
 
     @property
     def page_size(self) -> int:
@@ -124,8 +131,9 @@ class PagedKV:
         return self.key_cache.shape[2]
 
     def host_lengths(self) -> tuple:
-        """seq_lens as host ints, checked against the block table (one device-to-host copy)."""
-        lens = tuple(int(x) for x in self.seq_lens.tolist())
+        """seq_lens as host ints, checked against the block table (host_seq_lens when given, else one
+        device-to-host copy)."""
+        lens = self.host_seq_lens if self.host_seq_lens is not None else tuple(int(x) for x in self.seq_lens.tolist())
         cap = self.block_table.shape[1] * self.page_size
         for b, n in enumerate(lens):
             if not 1 <= n <= cap:
