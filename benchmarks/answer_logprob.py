@@ -90,7 +90,9 @@ def build(name: str, plan, model_config, rho: float, layer_budgets=None):
     return with_dense_tail(strategy, int(tail))
 
 
-def markdown(result: dict) -> str:
+def markdown(result: dict, against: str | None = None) -> str:
+    """The table against dense; with `against` (a strategy of the run), also each other sparse strategy paired
+    against that one on the same prompts."""
     names = result["strategies"]
     lines = [f"# Teacher-forced answer log-probability, {result['length']} tokens, rho {result['rho']}", "",
              f"{result['device']}, {result['dtype']}"
@@ -106,12 +108,25 @@ def markdown(result: dict) -> str:
             mean = sum(v["logprob"][name]) / len(v["logprob"][name])
             first = sum(v["first_ok"][name]) / len(v["first_ok"][name])
             lines.append(f"| {fam} | {name} | {mean:.2f} | {m:+.2f} ± {se:.2f} | {first:.2f} |")
+    if against is not None:
+        if against not in names:
+            raise ValueError(f"against: expected one of the run's strategies {names}, got {against!r}")
+        lines += ["", f"## Against {against}", "", f"Paired difference against {against} on the same prompts "
+                  "(mean ± standard error, nats) and the prompts where the strategy is higher:", "",
+                  f"| family | strategy | - {against} | higher |", "|---|---|---|---|"]
+        for fam, v in result["families"].items():
+            for name in names:
+                if name in ("dense", against):
+                    continue
+                m, se = paired(v["logprob"], name, against)
+                up = sum(a > b for a, b in zip(v["logprob"][name], v["logprob"][against]))
+                lines.append(f"| {fam} | {name} | {m:+.3f} ± {se:.3f} | {up} / {len(v['logprob'][name])} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("model_dir")
+    ap.add_argument("model_dir", nargs="?", help="the model (not with --report)")
     ap.add_argument("--plan", default=str(ROOT / "plans" / "smollm2-135m-instruct.json"))
     ap.add_argument("--strategies", default="dense,oracle,oracle+dense-prefill,kascade,kascade+dense-prefill")
     ap.add_argument("--families", default="json_records,log_lookup")
@@ -121,9 +136,17 @@ def main(argv=None) -> int:
     ap.add_argument("--rho", type=float, default=0.1)
     ap.add_argument("--layer-budgets", default=None, help="per-layer budgets for oracle-layer-budgets")
     ap.add_argument("-o", "--output", required=True, help="output stem (.json, .md)")
+    ap.add_argument("--against", default=None, help="also pair every sparse strategy against this one")
+    ap.add_argument("--report", default=None, metavar="JSON", help="only rewrite the .md of a measured JSON")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     args = ap.parse_args(argv)
+    if args.report:
+        result = json.loads(Path(args.report).read_text())
+        Path(args.output).with_suffix(".md").write_text(markdown(result, args.against))
+        return 0
+    if args.model_dir is None:
+        ap.error("model_dir: expected the model's folder (only --report runs without it)")
 
     import torch
     import transformers
@@ -167,8 +190,8 @@ def main(argv=None) -> int:
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-        out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+        out.with_suffix(".md").write_text(markdown(result, args.against))
+    print(markdown(result, args.against))
     return 0
 
 

@@ -187,6 +187,36 @@ def test_answer_logprob_pairs_each_strategy_with_dense():
     assert "| json_records | oracle | -3.83 | -0.50 ± 0.29 | 0.33 |" in md
 
 
+def test_answer_logprob_pairs_against_another_strategy_and_builds_layer_budgets(tmp_path):
+    from transformers import LlamaConfig
+
+    import answer_logprob as A
+    from kascade.eval.layer_budgets import LayerBudgetStrategy
+    from kascade.plan import Plan
+
+    v = {"dense": [-3.0, -2.0, -5.0], "oracle": [-3.5, -2.0, -6.0], "other": [-3.0, -2.5, -5.0]}
+    result = {"length": 4096, "rho": 0.1, "device": "cpu", "dtype": "float32", "first_seed": 950000, "samples": 3,
+              "plan": "p.json", "strategies": ["dense", "oracle", "other"],
+              "families": {"records": {"logprob": v, "first_ok": {n: [1, 1, 1] for n in v}}}}
+    md = A.markdown(result, against="oracle")
+    assert "| records | other | +0.333 ± 0.441 | 2 / 3 |" in md and "| records | oracle | +" not in md.split("## Against")[1]
+    with pytest.raises(ValueError, match="against: expected one of the run's strategies"):
+        A.markdown(result, against="quest")
+    (tmp_path / "r.json").write_text(__import__("json").dumps(result))
+    assert A.main(["--report", str(tmp_path / "r.json"), "--against", "oracle", "-o", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out.md").read_text() == md
+    cfg = LlamaConfig(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, hidden_size=64)
+    plan = Plan.for_model(cfg, [0], rho=0.1, k_min=8, tile=8)
+    (tmp_path / "b.json").write_text('{"rhos": [null, 0.2, 0.05]}')
+    s = A.build("oracle-layer-budgets", plan, cfg, 0.1, str(tmp_path / "b.json"))
+    assert isinstance(s, LayerBudgetStrategy) and s.rhos == [None, 0.2, 0.05]
+    with pytest.raises(SystemExit, match="needs --layer-budgets"):
+        A.build("oracle-layer-budgets", plan, cfg, 0.1)
+    (tmp_path / "bad.json").write_text('{"rhos": [null, 0.2]}')
+    with pytest.raises(ValueError, match="one budget per layer"):
+        A.build("oracle-layer-budgets", plan, cfg, 0.1, str(tmp_path / "bad.json"))
+
+
 def test_sign_test_of_answers_lost_and_gained():
     assert GR.sign_test(0, 6) == 2 / 64 and GR.sign_test(0, 0) == 1.0 and GR.sign_test(5, 5) == 1.0
     assert abs(GR.sign_test(22, 13) - 0.1755) < 1e-3
