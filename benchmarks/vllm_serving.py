@@ -303,15 +303,15 @@ def kascade_backend(server_log: str) -> str | None:
     return None if m is None else (m.group(2) or "CPU")
 
 
-def kv_tokens_per_byte(model: Path, dtype: str) -> float:
-    """1 / (bytes of K and V that one token takes in every layer) for the model's config and dtype."""
+def kv_bytes_per_token(model: Path, dtype: str) -> int:
+    """Bytes of K and V that one token takes in every layer, for the model's config and dtype."""
     cfg = json.loads((Path(model) / "config.json").read_text())
     per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * cfg.get(
         "head_dim", cfg["hidden_size"] // cfg["num_attention_heads"]) * DTYPE_BYTES[dtype]
-    return 1.0 / per_token
+    return per_token
 
 
-def serve_kv_bytes(lengths: list, new_tokens: int, share: float, per_token: float) -> int:
+def serve_kv_bytes(lengths: list, new_tokens: int, share: float, per_token: int) -> int:
     """The server's KV cache: `share` of the tokens every request needs at once (so vLLM must queue, then
     preempt requests whose decoding outgrows the cache), but room for the longest request with a margin
     (1.25 x, so every request can run). Rounded up to whole MiB."""
@@ -336,7 +336,7 @@ def run_serve(args) -> dict:
     prompts = [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
     warmup = [rng.randrange(3, vocab) for _ in range(max(lengths))]  # compiles the kernels' variants, untimed
     max_len = -(-(max(lengths) + args.new_tokens + BLOCK) // BLOCK) * BLOCK
-    per_token = 1.0 / kv_tokens_per_byte(args.model, args.dtype)
+    per_token = kv_bytes_per_token(args.model, args.dtype)
     kv_bytes = args.kv_bytes or serve_kv_bytes(lengths, args.new_tokens, args.kv_share, per_token)
     plan = None if args.plan == "none" else str(Path(args.plan).resolve())  # none: vLLM dense, the control
     extra = json.dumps(VC.kascade_config(plan))

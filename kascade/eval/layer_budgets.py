@@ -48,7 +48,7 @@ class _CurveRecorder(Strategy):
         self.sums = np.zeros((num_layers, len(self.rhos)))
         self.counts = np.zeros(num_layers)
 
-    def attend(self, layer, q, k, v, kv_start, scale, kv_len=None):
+    def attend(self, layer, q, k, v, kv_start, scale):
         if q.shape[0] != 1 or (kv_start is not None and int(kv_start.max()) != 0):
             raise ValueError("coverage_curves: expected unpadded prompts of batch 1")
         n, qlen = k.shape[2], q.shape[2]
@@ -56,7 +56,7 @@ class _CurveRecorder(Strategy):
         first = ((n - 1) // self.tile) * self.tile  # the last tile's first position
         if first > p0 and first >= self.k_min:
             self._record(layer, q[0, :, first - p0:], k[0, :, :first], scale)
-        return ops.dense(q, k, v, kv_start=kv_start, scale=scale, backend=self.backend, kv_len=kv_len)
+        return ops.dense(q, k, v, kv_start=kv_start, scale=scale, backend=self.backend)
 
     def _record(self, layer, q, k, scale):
         hq, hkv = q.shape[0], k.shape[0]
@@ -145,7 +145,7 @@ class LayerBudgetStrategy(Strategy):
             raise ValueError(f"rhos: expected one budget per layer ({model_config.num_hidden_layers}), "
                              f"got {len(self.rhos)}")
 
-    def attend(self, layer, q, k, v, kv_start, scale, kv_len=None):
+    def attend(self, layer, q, k, v, kv_start, scale):  # no kv_len: a preallocated (static) cache is refused
         kw = dict(kv_start=kv_start, scale=scale, backend=self.backend)
         if layer == 0 or k.shape[2] <= self.k_min or self.dense_step(q):
             return ops.dense(q, k, v, **kw)
