@@ -11,15 +11,19 @@ Each plan is one cell (its own process; `run` executes the missing ones, resumab
     python benchmarks/vllm_eval.py run --work /tmp/vllm_eval [--budget-s 540]
     python benchmarks/vllm_eval.py report --work DIR [-o benchmarks/results/vllm_eval_<device>]
 
-`run --variants default,no-prefix-cache,chunk512,eager` adds cells with other engine settings (VARIANTS; cells
-smol-PLAN-VARIANT): the table keeps the default cells, the paired comparison lists every cell.
+`run --variants default,no-prefix-cache,chunk512,eager,decode-only` adds cells with other engine settings (VARIANTS;
+cells smol-PLAN-VARIANT; decode-only: the plugin's default mode, dense prefill and sparse decode, where every other
+cell runs sparse prefill as the paper does): the first table keeps the default cells, the second gives every cell's
+difference from vLLM dense, the paired comparison lists every cell. `run --plans` picks the plans (PLANS: the shipped
+plan, `prose` the prose-calibrated plan the transformers rows of the accuracy table were measured with, dense).
 
 `report` (any machine) writes the per-task scores of both plans and their difference in points, and, where
 --transformers names the accuracy table's rows (default benchmarks/results/eval_smollm2_results.jsonl: the same
 tasks, lengths and seeds through transformers with the Triton kernels, rho 0.1), the paired comparison with
 them: per plan, the transformers score of the same samples and how many answers differ (vLLM dense against
-transformers dense, vLLM Kascade against transformers' `kascade` strategy). Dense's count is the rounding
-floor of two engines; a larger count for Kascade is what the vLLM path changes beyond it.
+transformers dense, vLLM with the prose plan against transformers' `kascade` strategy, which ran that plan; the
+shipped plan has no transformers rows there). Dense's count is the rounding floor of two engines; a larger count
+for Kascade is what the vLLM path changes beyond it.
 """
 
 from __future__ import annotations
@@ -35,19 +39,23 @@ import vllm_common as VC  # noqa: E402
 
 ROOT = VC.ROOT
 MODEL_DIR = Path(os.environ.get("SMOL_DIR", "/tmp/smol"))
-PLAN = ROOT / "plans" / "smollm2-135m-instruct.json"
+PLAN_FILES = {"dense": None, "shipped": ROOT / "plans" / "smollm2-135m-instruct.json",
+              "prose": ROOT / "plans" / "smollm2-135m-instruct-prose.json"}
 TASKS = ("niah_single", "niah_multikey", "doc_qa_chat")
 LENGTHS = (4096, 8064)
 SAMPLES = 20
 NEW_TOKENS_CAP = 64
-PLANS = ("dense", "shipped")
+PLANS = tuple(PLAN_FILES)
 # --variant: engine settings beside vLLM's defaults, to tell where a difference from transformers comes from
 VARIANTS = {
     "default": {},
     "no-prefix-cache": dict(enable_prefix_caching=False),
     "chunk512": dict(enable_prefix_caching=False, max_num_batched_tokens=512, max_num_seqs=4),
     "eager": dict(enforce_eager=True),
+    "decode-only": {},  # vLLM's defaults, with Kascade's sparse prefill off (SPARSE_PREFILL_OFF)
 }
+SPARSE_PREFILL_OFF = ("decode-only",)
+REPEAT_ENV = "KASCADE_EVAL_REPEAT"  # 1: generate everything a second time and record its time (generate_again_s)
 TARGET_POINTS = 2.0  # Kascade within this many points of vLLM dense (issue 29)
 
 
@@ -55,6 +63,14 @@ def samples(tokenizer, tasks=TASKS, lengths=LENGTHS, count=SAMPLES) -> list:
     from kascade.eval.tasks import make_task
 
     return [make_task(t, n, tokenizer, seed=s) for t in tasks for n in lengths for s in range(count)]
+
+
+def engine_config(plan: str, variant: str) -> dict:
+    """vLLM's additional_config of a cell: the plan's (sparse prefill on), or decode-only mode for SPARSE_PREFILL_OFF."""
+    config = VC.kascade_config(PLAN_FILES[plan])
+    if config and variant in SPARSE_PREFILL_OFF:
+        config["kascade_sparse_prefill"] = False
+    return config
 
 
 def run_engine(args) -> dict:
@@ -75,13 +91,18 @@ def run_engine(args) -> dict:
         raise RuntimeError(f"prompts of the wrong length (task, length, tokens): {bad[:3]}")
     t0 = time.perf_counter()
     llm = LLM(str(MODEL_DIR), dtype="bfloat16", max_model_len=max(LENGTHS) + NEW_TOKENS_CAP + 8, seed=0,
-              gpu_memory_utilization=0.5, additional_config=VC.kascade_config(PLAN if args.plan != "dense" else None),
+              gpu_memory_utilization=0.5, additional_config=engine_config(args.plan, args.variant),
               **VARIANTS[args.variant])
     start = time.perf_counter() - t0
     params = [SamplingParams(max_tokens=max_new_tokens(s, tok, NEW_TOKENS_CAP), temperature=0.0) for s in todo]
     t0 = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": i} for i in ids], params, use_tqdm=False)
     seconds = time.perf_counter() - t0
+    warm = None
+    if os.environ.get(REPEAT_ENV) == "1":  # the same requests again: no compilation left, prefix cache off or warm
+        t0 = time.perf_counter()
+        llm.generate([{"prompt_token_ids": i} for i in ids], params, use_tqdm=False)
+        warm = time.perf_counter() - t0
     rows = []
     for s, o in zip(todo, outs):
         gen = list(o.outputs[0].token_ids)
@@ -89,7 +110,7 @@ def run_engine(args) -> dict:
         rows.append(dict(task=s.task, length=s.length, seed=s.seed, prediction=text, answers=s.answers,
                          score=score(s, text, gen, tok)))
     return dict(plan=args.plan, variant=args.variant, kascade_layers=VC.kascade_layers(),
-                triton_variants=VC.triton_variants(), engine_start_s=start, generate_s=seconds,
+                triton_variants=VC.triton_variants(), engine_start_s=start, generate_s=seconds, generate_again_s=warm,
                 rows=rows, **VC.device_info())
 
 
@@ -113,7 +134,33 @@ def summarize(cells: dict) -> dict:
     return {"scores": scores, "kascade_minus_dense": diff}
 
 
-TRANSFORMERS_STRATEGY = {"dense": ("dense", None), "shipped": ("kascade", 0.1)}  # plan -> (strategy, budget)
+# plan -> (strategy, budget) of its rows in --transformers; the table's `kascade` rows ran the prose plan
+def cell_differences(cells: dict) -> dict:
+    """{Kascade cell: {"against": dense cell, "points": {task: {length: difference}}, "worst": min}} for every cell
+    with a plan, against the dense cell of the same engine settings (the default one for decode-only, whose
+    engine is vLLM's default)."""
+    def points(cell):
+        by = {}
+        for r in cell["rows"]:
+            by.setdefault(r["task"], {}).setdefault(str(r["length"]), []).append(r["score"])
+        return {t: {n: 100.0 * sum(v) / len(v) for n, v in lens.items()} for t, lens in by.items()}
+
+    dense = {c.get("variant", "default"): name for name, c in cells.items() if c["plan"] == "dense"}
+    out = {}
+    for name, cell in sorted(cells.items()):
+        variant = cell.get("variant", "default")
+        against = dense.get("default" if variant in SPARSE_PREFILL_OFF else variant)
+        if cell["plan"] == "dense" or against is None:
+            continue
+        mine, base = points(cell), points(cells[against])
+        diff = {t: {n: v - base[t][n] for n, v in lens.items() if n in base.get(t, {})} for t, lens in mine.items()}
+        worst = min((v for lens in diff.values() for v in lens.values()), default=None)
+        out[name] = dict(plan=cell["plan"], variant=variant, against=against, points=diff, worst=worst,
+                         holds=None if worst is None else worst >= -TARGET_POINTS)
+    return out
+
+
+TRANSFORMERS_STRATEGY = {"dense": ("dense", None), "prose": ("kascade", 0.1)}
 
 
 def paired(cells: dict, rows_path: Path) -> dict:
@@ -130,6 +177,8 @@ def paired(cells: dict, rows_path: Path) -> dict:
         ref[(r["task"], r["length"], r["strategy"], r["budget"], r["seed"])] = r
     out = {}
     for name, cell in cells.items():
+        if cell["plan"] not in TRANSFORMERS_STRATEGY:
+            continue
         strategy, budget = TRANSFORMERS_STRATEGY[cell["plan"]]
         pairs = [(r, ref.get((r["task"], r["length"], strategy, budget, r["seed"]))) for r in cell["rows"]]
         pairs = [(a, b) for a, b in pairs if b is not None]
@@ -153,6 +202,7 @@ def report(args) -> None:
            "versions": {k: first.get(k) for k in ("vllm", "torch", "triton", "transformers")}, "samples": SAMPLES,
            "target_points": TARGET_POINTS, "worst_difference": worst,
            "paired_with_transformers": paired(cells, Path(args.transformers)),
+           "every_cell_minus_dense": cell_differences(cells),
            "target_holds": None if worst is None else worst >= -TARGET_POINTS, **s,
            "cells": {k: {kk: vv for kk, vv in v.items() if kk != "rows"} for k, v in cells.items()},
            "rows": {k: v["rows"] for k, v in cells.items()}}
@@ -169,6 +219,17 @@ def report(args) -> None:
     if worst is not None:
         lines += ["", f"Target: Kascade within {TARGET_POINTS:g} points of vLLM dense in every cell: "
                       f"{'holds' if out['target_holds'] else 'does not hold'} (worst {worst:+.1f})."]
+    every = out["every_cell_minus_dense"]
+    if len(every) > 1:
+        lines += ["", "Every Kascade cell against vLLM dense with the same engine settings (points; decode-only: dense "
+                      "prefill, sparse decode, the plugin's default mode; the other cells run sparse prefill):", "",
+                  "| cell | " + " | ".join(f"{t} {n}" for t in TASKS for n in LENGTHS) + " | worst | within "
+                  f"{TARGET_POINTS:g} |", "|---|" + "---|" * (len(TASKS) * len(LENGTHS) + 2)]
+        for name, c in every.items():
+            vals = [c["points"].get(t, {}).get(str(n)) for t in TASKS for n in LENGTHS]
+            lines.append(f"| {name} | " + " | ".join("-" if v is None else f"{v:+.1f}" for v in vals)
+                         + f" | {'-' if c['worst'] is None else format(c['worst'], '+.1f')} | "
+                         f"{'-' if c['holds'] is None else ('yes' if c['holds'] else 'no')} |")
     if out["paired_with_transformers"]:
         lines += ["", f"Paired with transformers on the same samples ({Path(args.transformers).name}: Triton kernels, "
                       "rho 0.1):", "", "| plan | samples | vLLM (points) | transformers (points) | answers that differ |",
@@ -183,7 +244,9 @@ def report(args) -> None:
         variants = c.get("triton_variants")
         if "generate_s" not in c:
             continue
+        again = c.get("generate_again_s")
         lines.append(f"- {name}: start {c.get('engine_start_s', float('nan')):.0f} s, generate {c['generate_s']:.1f} s"
+                     + ("" if again is None else f" (again in the same engine: {again:.1f} s)")
                      + ("" if variants is None else f", {sum(variants.values())} Triton variants of "
                         f"{len(variants)} kernels"))
     stem = Path(args.o) if args.o else ROOT / "benchmarks" / "results" / f"vllm_eval_{first['device_short']}"
@@ -198,6 +261,8 @@ def main(argv=None) -> None:
     r.add_argument("--work", default="/tmp/vllm_eval")
     r.add_argument("--variants", default="default",
                    help=f"comma-separated engine settings, from {', '.join(VARIANTS)} (default %(default)s)")
+    r.add_argument("--plans", default="shipped,dense",
+                   help=f"comma-separated plans, from {', '.join(PLANS)}, run in that order (default %(default)s)")
     VC.add_budget_arguments(r, min_left_s=90)
     e = sub.add_parser("engine", help="one plan's generations and scores")
     e.add_argument("--plan", choices=PLANS, required=True)
@@ -213,11 +278,14 @@ def main(argv=None) -> None:
         if not MODEL_DIR.is_dir():
             raise SystemExit(f"SMOL_DIR: {MODEL_DIR} is missing (benchmarks/smollm2_gpu.sh copy/prepare first)")
         variants = args.variants.split(",")
+        plans = args.plans.split(",")
+        if sorted(set(plans) - set(PLANS)):
+            raise SystemExit(f"--plans: expected names from {list(PLANS)}, got {sorted(set(plans) - set(PLANS))}")
         unknown = sorted(set(variants) - set(VARIANTS))
         if unknown:
             raise SystemExit(f"--variants: expected names from {sorted(VARIANTS)}, got {unknown}")
         cells = [(f"smol-{plan}" + ("" if v == "default" else f"-{v}"), ["engine", "--plan", plan, "--variant", v])
-                 for v in variants for plan in ("shipped", "dense")]
+                 for v in variants for plan in plans]
         missing = VC.run_cells(cells, Path(args.work), args.budget_s, args.min_left_s, 400, Path(__file__),
                                Path(args.copy_to) if args.copy_to else None)
         print(f"[run] missing cells: {missing or 'none'}")

@@ -13,8 +13,9 @@
 #                                          and 2 transformers references per model; repeat until "missing cells: none"
 #   bash benchmarks/vllm_gpu.sh eval       benchmarks/vllm_eval.py: niah_single, niah_multikey, doc_qa_chat at 4096 and
 #                                          8064 tokens through vLLM, dense and the shipped plan (needs /tmp/smol);
-#                                          VARIANTS=default,no-prefix-cache,chunk512,eager adds cells with other
-#                                          engine settings (benchmarks/vllm_eval.py VARIANTS)
+#                                          VARIANTS=default,no-prefix-cache,chunk512,eager,decode-only adds cells with
+#                                          other engine settings (benchmarks/vllm_eval.py VARIANTS); PLANS=shipped,
+#                                          prose,dense picks the plans (prose: the plan of the transformers rows)
 #   bash benchmarks/vllm_gpu.sh bench      benchmarks/vllm_serving.py run: 12 cells (3 providers x graph/eager x
 #                                          long/mid, 2-4 minutes each); repeat until "missing cells: none"
 #                                          (PROVIDERS, MODES, WORKLOADS narrow it, e.g. MODES=graph first;
@@ -30,7 +31,8 @@
 #   bash benchmarks/vllm_gpu.sh report     both reports from the cells in /tmp (they also run on this machine:
 #                                          python benchmarks/vllm_serving.py report --work DIR; same for the check)
 # Every stage copies what it makes to $OUT (cell JSON files and logs). SEED=DIR (default .vllm_cells, if carried)
-# first copies DIR/check/*.json and DIR/bench/*.json into the work folders, so a cold machine resumes too.
+# first copies DIR/check/*.json, DIR/bench/*.json and DIR/eval/*.json into the work folders, so a cold machine
+# resumes too.
 set -euo pipefail
 stage=${1:?stage: tests, check, eval, bench, serve or report}
 OUT=${OUT:-/tmp/out}
@@ -49,7 +51,7 @@ print('vllm', vllm.__version__, 'plugins', eps); assert 'kascade.integrations.vl
   || { echo "vLLM 0.26.0 is not importable from /tmp/site (run .vllm/install.sh with each part first)"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 SEED=${SEED:-.vllm_cells}
-for kind in check bench; do
+for kind in check bench eval; do
   if [ -d "$SEED/$kind" ]; then mkdir -p "/tmp/vllm_$kind" && cp -n "$SEED/$kind"/*.json "/tmp/vllm_$kind/" 2>/dev/null || true; fi
 done
 case "$stage" in
@@ -62,7 +64,8 @@ check)
   python3 benchmarks/vllm_gpu_check.py report --work /tmp/vllm_check -o "$OUT/vllm_check" || true
   ;;
 eval)
-  python3 benchmarks/vllm_eval.py run --work /tmp/vllm_eval --variants "${VARIANTS:-default}" --budget-s "${BUDGET:-540}" \
+  python3 benchmarks/vllm_eval.py run --work /tmp/vllm_eval --variants "${VARIANTS:-default}" \
+    --plans "${PLANS:-shipped,dense}" --budget-s "${BUDGET:-540}" \
     --copy-to "$OUT/eval"
   python3 benchmarks/vllm_eval.py report --work /tmp/vllm_eval -o "$OUT/vllm_eval" || true
   ;;

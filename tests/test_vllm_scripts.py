@@ -189,9 +189,10 @@ def test_eval_report_pairs_each_plan_with_the_same_samples_through_transformers(
     rows = [dict(task="niah_single", length=4096, seed=i, prediction=p, answers=["1"], score=1.0) for i, p in
             enumerate(preds)]
     VC.write_json(tmp_path / "cells" / "smol-dense.json", dict(plan="dense", rows=rows, **base))
+    VC.write_json(tmp_path / "cells" / "smol-prose.json", dict(plan="prose", rows=rows, **base))
+    VC.write_json(tmp_path / "cells" / "smol-prose-eager.json", dict(plan="prose", variant="eager",
+                                                                      rows=rows[:1], **base))
     VC.write_json(tmp_path / "cells" / "smol-shipped.json", dict(plan="shipped", rows=rows, **base))
-    VC.write_json(tmp_path / "cells" / "smol-shipped-eager.json", dict(plan="shipped", variant="eager",
-                                                                        rows=rows[:1], **base))
     ref = []  # transformers: dense differs on seed 0; kascade (rho 0.1) on seeds 1 and 2; other budgets ignored
     for strategy, budget, differ in (("dense", None, {0}), ("kascade", 0.1, {1, 2}), ("kascade", 0.2, {0, 1, 2, 3})):
         ref += [dict(task="niah_single", length=4096, strategy=strategy, budget=budget, seed=i, score=float(i not in differ),
@@ -203,13 +204,47 @@ def test_eval_report_pairs_each_plan_with_the_same_samples_through_transformers(
     paired = json.loads((tmp_path / "ev.json").read_text())["paired_with_transformers"]
     assert paired["smol-dense"] == dict(plan="dense", variant="default", samples=4, vllm_points=100.0,
                                         transformers_points=75.0, answers_differ=1)
-    assert paired["smol-shipped"] == dict(plan="shipped", variant="default", samples=4, vllm_points=100.0,
-                                          transformers_points=50.0, answers_differ=2)
-    assert paired["smol-shipped-eager"]["samples"] == 1 and paired["smol-shipped-eager"]["answers_differ"] == 0
+    assert paired["smol-prose"] == dict(plan="prose", variant="default", samples=4, vllm_points=100.0,
+                                        transformers_points=50.0, answers_differ=2)
+    assert paired["smol-prose-eager"]["samples"] == 1 and paired["smol-prose-eager"]["answers_differ"] == 0
+    assert "smol-shipped" not in paired  # the transformers rows ran the prose plan, not the shipped one
     md = (tmp_path / "ev.md").read_text()
-    assert "| shipped | 4 | 100.0 | 50.0 | 2 |" in md and "| shipped (eager: {'enforce_eager': True}) | 1 |" in md
+    assert "| prose | 4 | 100.0 | 50.0 | 2 |" in md and "| prose (eager: {'enforce_eager': True}) | 1 |" in md
     # the table's scores come from the default cells only
     assert json.loads((tmp_path / "ev.json").read_text())["scores"]["shipped"]["niah_single"]["4096"] == 100.0
+
+
+def test_eval_every_cell_against_the_dense_cell_of_its_engine_settings(tmp_path):
+    base = dict(device="NVIDIA H100", device_short="h100", date="2026-12-07", vllm="0.26.0", torch="2.11",
+                triton="3.6", transformers="5.17", kascade_layers=29)
+
+    def rows(scores):
+        return [dict(task="niah_single", length=4096, seed=i, prediction="", answers=["1"], score=s)
+                for i, s in enumerate(scores)]
+
+    cells = {"smol-dense": dict(plan="dense", rows=rows([1, 1, 1, 1])),
+             "smol-dense-chunk512": dict(plan="dense", variant="chunk512", rows=rows([1, 1, 0, 0])),
+             "smol-shipped-chunk512": dict(plan="shipped", variant="chunk512", rows=rows([1, 1, 0, 0])),
+             "smol-shipped-decode-only": dict(plan="shipped", variant="decode-only", rows=rows([1, 1, 1, 0])),
+             "smol-prose-eager": dict(plan="prose", variant="eager", rows=rows([1, 1, 1, 1]))}
+    for name, c in cells.items():
+        VC.write_json(tmp_path / "cells" / f"{name}.json", dict(**c, **base))
+    EVAL.main(["report", "--work", str(tmp_path / "cells"), "-o", str(tmp_path / "ev"),
+               "--transformers", str(tmp_path / "absent.jsonl")])
+    every = json.loads((tmp_path / "ev.json").read_text())["every_cell_minus_dense"]
+    assert every["smol-shipped-chunk512"]["against"] == "smol-dense-chunk512"
+    assert every["smol-shipped-chunk512"]["worst"] == 0.0 and every["smol-shipped-chunk512"]["holds"] is True
+    assert every["smol-shipped-decode-only"]["against"] == "smol-dense"
+    assert every["smol-shipped-decode-only"]["worst"] == -25.0 and every["smol-shipped-decode-only"]["holds"] is False
+    assert "smol-prose-eager" not in every  # no dense cell with its settings
+    assert "| smol-shipped-decode-only | -25.0 |" in (tmp_path / "ev.md").read_text()
+
+
+def test_eval_engine_config_of_each_variant():
+    assert EVAL.engine_config("dense", "decode-only") == {}
+    assert EVAL.engine_config("shipped", "default")["kascade_sparse_prefill"] is True
+    cfg = EVAL.engine_config("prose", "decode-only")
+    assert cfg["kascade_sparse_prefill"] is False and cfg["kascade_plan"].endswith("smollm2-135m-instruct-prose.json")
 
 
 def test_serve_kv_budget_is_a_share_of_the_requests_but_fits_the_longest():

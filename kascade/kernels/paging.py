@@ -235,7 +235,10 @@ def pool_rows(cache: PagedKV, which: str = "key") -> KVRows:
     return KVRows(t, 0, t.stride(2), t.stride(1))
 
 
-@triton.jit
+RESOLVE_BLOCK = 256
+
+
+@triton.jit(do_not_specialize=["K", "U"])  # the budget and tile count change with every length
 def _resolve_rows_kernel(IDX, CNT, BT, ROWS, K, U, HKV, s_bt, PAGE: tl.constexpr, BLOCK: tl.constexpr):
     """ROWS[r, j] = BT[b, IDX[r, j] // PAGE] * PAGE + IDX[r, j] % PAGE for the counts[b, u] valid slots of row r."""
     r = tl.program_id(0)  # (b * HKV + h) * U + u
@@ -260,7 +263,7 @@ def resolve_rows(cache: PagedKV, indices: torch.Tensor, counts: torch.Tensor) ->
     bsz, hkv, u, k = idx.shape
     cnt = counts[:, :u].to(torch.int32).contiguous()
     rows = torch.empty_like(idx)
-    block = min(1024, triton.next_power_of_2(max(k, 16)))
+    block = RESOLVE_BLOCK  # one block size for every budget: one compiled variant
     _resolve_rows_kernel[(bsz * hkv * u, triton.cdiv(k, block))](
         idx, cnt, cache.block_table, rows, k, u, hkv, cache.block_table.stride(0), PAGE=cache.page_size, BLOCK=block)
     return PoolRows(rows, cache.block_table)

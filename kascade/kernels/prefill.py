@@ -88,7 +88,7 @@ def _online_update(q, kb, vb, valid, m, l, acc, qk_scale, UPCAST: tl.constexpr):
     return m_new, l, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["sib", "sih", "siu", "scb", "U_RUN", "Q_LEN", "N_CACHE"])  # lengths
 def _sparse_prefill_kernel(
     Q, K, V, O, IDX, COUNTS, KV_START, KV_END, HEAD_MAP,
     sqb, sqh, sqm,

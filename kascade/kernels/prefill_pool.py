@@ -182,7 +182,9 @@ def _row_lse(q, K, b, h, s, skb, skh, skn, BT, s_bt, PAGE: tl.constexpr, ok, pos
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit
+# lengths, tile offsets and the widths of per-call buffers change from call to call: not specialized, so
+# a serving step with new lengths reuses the compiled kernel (tests/test_kernel_variants.py)
+@triton.jit(do_not_specialize=["slb", "slh", "slu", "scb", "u0", "Q_LEN", "N_CACHE"])
 def _pool_kernel(
     Q, K, KV_START, KV_END, COUNTS, POOLED, LSE_BUF,
     sqb, sqh, sqm,

@@ -94,7 +94,7 @@ def _pick(vec, j, at, default):
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["sib", "sih", "siu", "scb", "u0", "Q_LEN", "N_CACHE", "OUT_U0"])  # lengths
 def _topk_rows_kernel(
     POOLED, INDICES, COUNTS, KV_START, KV_END, SCRATCH,
     spb, sph, spu,

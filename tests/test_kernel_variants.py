@@ -1,0 +1,77 @@
+"""A serving engine's steps change their lengths every time: the paged kernel path must not need a new compiled
+Triton variant for new lengths (a compilation takes seconds on the GPU; vLLM steps call these kernels in every
+layer). Recorded in Triton's CPU interpreter (tests/kernel_variants.py): steps of one shape with some lengths
+first, then the same shapes with other lengths, which must add no specialization key to any kernel.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from kernel_variants import differing, launch_key, record  # noqa: E402
+from test_paged_reference import make_batch  # noqa: E402
+
+from kascade.paged import PagedKascadeStrategy  # noqa: E402
+from kascade.plan import Plan  # noqa: E402
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="records interpreted launches")
+
+PLAN = Plan(anchors=[0, 2], head_map=[[0, 1], [1, 0], [0, 1], [1, 1]], rho=0.1, k_min=16)
+
+
+def steps(seed: int, count: int) -> list:
+    """(seq_lens, q_lens) of steps alternating a whole prompt and a chunk on top of a cache, each beside two
+    decode requests; lengths drawn at random (both classes of divisibility by 16 occur)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(count):
+        n = [rng.randint(100, 400) for _ in range(3)]
+        q0 = n[0] if i % 2 == 0 else rng.randint(2, 60)
+        out.append((n, [q0, 1, 1]))
+    return out
+
+
+def run_steps(strategy, todo, seed):
+    for i, (lens, qlens) in enumerate(todo):
+        batch, _ = make_batch(lens, qlens, hq=8, hkv=2, d=16, dtype=torch.bfloat16, seed=seed + i)
+        for layer in range(PLAN.num_layers):
+            strategy.attend(layer, **batch, scale=0.25)
+
+
+def test_new_lengths_compile_no_new_variant():
+    strategy = PagedKascadeStrategy(PLAN, backend="triton")
+    with record() as warm:
+        run_steps(strategy, steps(0, 6), seed=0)
+    with record() as later:
+        run_steps(strategy, steps(1, 4), seed=100)
+    assert {"_pool_kernel", "_topk_rows_kernel", "_sparse_prefill_kernel", "_resolve_rows_kernel"} <= set(warm)
+    new = {name: differing(keys | warm.get(name, set())) for name, keys in later.items()
+           if not keys <= warm.get(name, set())}
+    assert not new, f"kernels that would compile again for new lengths (arguments whose key differs): {new}"
+
+
+def test_recorder_sees_specialization():
+    """The recorder's key tells an int of 1, one divisible by 16 and another apart, unless not specialized."""
+
+    class Fake:
+        def __init__(self, dns=()):
+            self.kwargs = {"do_not_specialize": dns}
+
+        @staticmethod
+        def fn(X, n, m):
+            pass
+
+    x = torch.zeros(4)
+    keys = {launch_key(Fake(), (x, n, 3), {}) for n in (1, 16, 17, 32)}
+    assert len(keys) == 3
+    keys = {launch_key(Fake(["n"]), (x, n, 3), {}) for n in (1, 16, 17, 32)}
+    assert len(keys) == 1
