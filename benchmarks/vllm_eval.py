@@ -155,8 +155,13 @@ def cell_differences(cells: dict) -> dict:
         mine, base = points(cell), points(cells[against])
         diff = {t: {n: v - base[t][n] for n, v in lens.items() if n in base.get(t, {})} for t, lens in mine.items()}
         worst = min((v for lens in diff.values() for v in lens.values()), default=None)
+        ref = {(r["task"], r["length"], r["seed"]): r["score"] for r in cells[against]["rows"]}
+        each = [100.0 * (r["score"] - ref[k]) for r in cell["rows"] if (k := (r["task"], r["length"], r["seed"])) in ref]
+        mean = sum(each) / len(each) if each else None
+        se = (sum((x - mean) ** 2 for x in each) / (len(each) - 1) / len(each)) ** 0.5 if len(each) > 1 else None
         out[name] = dict(plan=cell["plan"], variant=variant, against=against, points=diff, worst=worst,
-                         holds=None if worst is None else worst >= -TARGET_POINTS)
+                         holds=None if worst is None else worst >= -TARGET_POINTS, samples=len(each),
+                         mean_difference=mean, standard_error=se)
     return out
 
 
@@ -180,6 +185,8 @@ def paired(cells: dict, rows_path: Path) -> dict:
         if cell["plan"] not in TRANSFORMERS_STRATEGY:
             continue
         strategy, budget = TRANSFORMERS_STRATEGY[cell["plan"]]
+        if cell.get("variant") in SPARSE_PREFILL_OFF and strategy != "dense":
+            strategy += "+dense-prefill"  # `kascade eval`'s name for a strategy in decode-only mode
         pairs = [(r, ref.get((r["task"], r["length"], strategy, budget, r["seed"]))) for r in cell["rows"]]
         pairs = [(a, b) for a, b in pairs if b is not None]
         if not pairs:
@@ -224,12 +231,16 @@ def report(args) -> None:
         lines += ["", "Every Kascade cell against vLLM dense with the same engine settings (points; decode-only: dense "
                       "prefill, sparse decode, the plugin's default mode; the other cells run sparse prefill):", "",
                   "| cell | " + " | ".join(f"{t} {n}" for t in TASKS for n in LENGTHS) + " | worst | within "
-                  f"{TARGET_POINTS:g} |", "|---|" + "---|" * (len(TASKS) * len(LENGTHS) + 2)]
+                  f"{TARGET_POINTS:g} | all samples (paired, ± s.e.) |", "|---|" + "---|" * (len(TASKS) * len(LENGTHS) + 3)]
         for name, c in every.items():
             vals = [c["points"].get(t, {}).get(str(n)) for t in TASKS for n in LENGTHS]
             lines.append(f"| {name} | " + " | ".join("-" if v is None else f"{v:+.1f}" for v in vals)
                          + f" | {'-' if c['worst'] is None else format(c['worst'], '+.1f')} | "
-                         f"{'-' if c['holds'] is None else ('yes' if c['holds'] else 'no')} |")
+                         f"{'-' if c['holds'] is None else ('yes' if c['holds'] else 'no')} | "
+                         + ("-" if c["mean_difference"] is None else
+                            f"{c['mean_difference']:+.1f} ± {c['standard_error'] or 0:.1f} ({c['samples']})") + " |")
+        lines += ["", f"One sample is {100 / SAMPLES:g} points of a cell; the last column pairs every sample with "
+                      "the dense cell's answer to it."]
     if out["paired_with_transformers"]:
         lines += ["", f"Paired with transformers on the same samples ({Path(args.transformers).name}: Triton kernels, "
                       "rho 0.1):", "", "| plan | samples | vLLM (points) | transformers (points) | answers that differ |",

@@ -77,7 +77,7 @@ bench)
 serve)  # with the plan, then the same run on vLLM dense (the control: what preemption does without Kascade)
   # vLLM's OpenAI server needs modules the parts leave out (benchmarks/vllm_serve_deps.sh; carry .vllm/serve_whl)
   bash benchmarks/vllm_serve_deps.sh install
-  mkdir -p "$OUT/bench"
+  mkdir -p "$OUT/bench" /tmp/vllm_bench
   python3 benchmarks/vllm_serving.py serve --out /tmp/vllm_bench/serve.json || true
   python3 benchmarks/vllm_serving.py serve --plan none --out /tmp/vllm_bench/serve_dense.json || true
   cp /tmp/vllm_bench/serve*.json /tmp/vllm_bench/serve*.server.log "$OUT/bench/"

@@ -50,7 +50,7 @@ ttft_131072_anchors5 (and the selecting10 / eager counterparts), with the serve 
 
 The serve run (`serve`): `python -m vllm.entrypoints.openai.api_server` on 127.0.0.1 with the plugin and a
 plan, 16 concurrent completions requests (token-id prompts of mixed lengths) from a bounded local client
-(threads, urllib), on a KV budget far below the requests' total (--kv-share, default 0.3 of the tokens all
+(threads, urllib), on a KV budget far below the requests' total (--kv-share, default 0.15 of the tokens all
 requests need at once) so that vLLM preempts and resumes some (counted from its /metrics); every request
 must come back with all its tokens, and each is compared with the greedy tokens the same engine settings
 give offline (LLM.generate of all 16 with room for all). One untimed request of the longest length goes
@@ -604,15 +604,15 @@ def main(argv=None) -> None:
                    help="the plan the server runs, or none: vLLM dense, the control (default %(default)s)")
     s.add_argument("--lengths", default="1024-8000", help="LO-HI (random) or a comma list (default %(default)s)")
     s.add_argument("--requests", type=int, default=16)
-    s.add_argument("--new-tokens", type=int, default=128,
+    s.add_argument("--new-tokens", type=int, default=512,
                    help="greedy tokens per request (default %(default)s: decoding that outgrows the cache is what makes "
-                        "vLLM preempt)")
+                        "vLLM preempt; on an H100 128 tokens at --kv-share 0.3 made none)")
     s.add_argument("--dtype", choices=list(DTYPE_BYTES), default="bfloat16",
                    help="the model's dtype, server and offline alike (default %(default)s; float32 on the CPU shows "
                         "what does not come from bf16 rounding)")
     s.add_argument("--kv-bytes", type=int, default=None,
                    help="KV cache of the server in bytes (default: --kv-share of what the requests need)")
-    s.add_argument("--kv-share", type=float, default=0.3,
+    s.add_argument("--kv-share", type=float, default=0.15,
                    help="without --kv-bytes: the server's KV cache as this share of the tokens all requests need at "
                         "once, at least 1.25 x the longest request (default %(default)s)")
     s.add_argument("--chunk", type=int, default=2048)
