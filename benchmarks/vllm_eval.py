@@ -94,6 +94,7 @@ def run_engine(args) -> dict:
               gpu_memory_utilization=0.5, additional_config=engine_config(args.plan, args.variant),
               **VARIANTS[args.variant])
     start = time.perf_counter() - t0
+    at_start = VC.triton_variants()  # compiled by vLLM's warm-up and graph capture; the rest compile while generating
     params = [SamplingParams(max_tokens=max_new_tokens(s, tok, NEW_TOKENS_CAP), temperature=0.0) for s in todo]
     t0 = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": i} for i in ids], params, use_tqdm=False)
@@ -110,7 +111,7 @@ def run_engine(args) -> dict:
         rows.append(dict(task=s.task, length=s.length, seed=s.seed, prediction=text, answers=s.answers,
                          score=score(s, text, gen, tok)))
     return dict(plan=args.plan, variant=args.variant, kascade_layers=VC.kascade_layers(),
-                triton_variants=VC.triton_variants(), engine_start_s=start, generate_s=seconds, generate_again_s=warm,
+                triton_variants=VC.triton_variants(), triton_variants_at_start=at_start, engine_start_s=start, generate_s=seconds, generate_again_s=warm,
                 rows=rows, **VC.device_info())
 
 
@@ -259,7 +260,9 @@ def report(args) -> None:
         lines.append(f"- {name}: start {c.get('engine_start_s', float('nan')):.0f} s, generate {c['generate_s']:.1f} s"
                      + ("" if again is None else f" (again in the same engine: {again:.1f} s)")
                      + ("" if variants is None else f", {sum(variants.values())} Triton variants of "
-                        f"{len(variants)} kernels"))
+                        f"{len(variants)} kernels")
+                     + ("" if c.get("triton_variants_at_start") is None else
+                        f" ({sum(c['triton_variants_at_start'].values())} of them compiled before generating)"))
     stem = Path(args.o) if args.o else ROOT / "benchmarks" / "results" / f"vllm_eval_{first['device_short']}"
     VC.write_report(stem, out, lines)
 
