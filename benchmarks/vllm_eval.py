@@ -65,6 +65,12 @@ def samples(tokenizer, tasks=TASKS, lengths=LENGTHS, count=SAMPLES) -> list:
     return [make_task(t, n, tokenizer, seed=s) for t in tasks for n in lengths for s in range(count)]
 
 
+def cell_name(plan: str, variant: str, samples: int = SAMPLES) -> str:
+    """smol-PLAN[-VARIANT][-nSAMPLES]: the variant unless default, the sample count unless SAMPLES."""
+    return (f"smol-{plan}" + ("" if variant == "default" else f"-{variant}")
+            + ("" if samples == SAMPLES else f"-n{samples}"))
+
+
 def engine_config(plan: str, variant: str) -> dict:
     """vLLM's additional_config of a cell: the plan's (sparse prefill on), or decode-only mode for SPARSE_PREFILL_OFF."""
     config = VC.kascade_config(PLAN_FILES[plan])
@@ -84,7 +90,7 @@ def run_engine(args) -> dict:
     from kascade.eval.tasks import max_new_tokens, score
 
     tok = AutoTokenizer.from_pretrained(MODEL_DIR, local_files_only=True)
-    todo = samples(tok)
+    todo = samples(tok, count=args.samples)
     ids = [tok(s.prompt).input_ids for s in todo]
     bad = [(s.task, s.length, len(i)) for s, i in zip(todo, ids) if len(i) != s.length]
     if bad:
@@ -110,7 +116,7 @@ def run_engine(args) -> dict:
         text = tok.decode(gen, skip_special_tokens=True)
         rows.append(dict(task=s.task, length=s.length, seed=s.seed, prediction=text, answers=s.answers,
                          score=score(s, text, gen, tok)))
-    return dict(plan=args.plan, variant=args.variant, kascade_layers=VC.kascade_layers(),
+    return dict(plan=args.plan, variant=args.variant, samples=args.samples, kascade_layers=VC.kascade_layers(),
                 triton_variants=VC.triton_variants(), triton_variants_at_start=at_start, engine_start_s=start, generate_s=seconds, generate_again_s=warm,
                 rows=rows, **VC.device_info())
 
@@ -119,7 +125,7 @@ def summarize(cells: dict) -> dict:
     """{plan: {task: {length: mean score in points}}} and the differences Kascade - dense."""
     by = {}
     for cell in cells.values():
-        if cell.get("variant", "default") != "default":
+        if cell.get("variant", "default") != "default" or cell.get("samples", SAMPLES) != SAMPLES:
             continue
         table = by.setdefault(cell["plan"], {})
         for r in cell["rows"]:
@@ -146,11 +152,14 @@ def cell_differences(cells: dict) -> dict:
             by.setdefault(r["task"], {}).setdefault(str(r["length"]), []).append(r["score"])
         return {t: {n: 100.0 * sum(v) / len(v) for n, v in lens.items()} for t, lens in by.items()}
 
-    dense = {c.get("variant", "default"): name for name, c in cells.items() if c["plan"] == "dense"}
+    def count(cell):
+        return cell.get("samples", SAMPLES)
+
+    dense = {(c.get("variant", "default"), count(c)): name for name, c in cells.items() if c["plan"] == "dense"}
     out = {}
     for name, cell in sorted(cells.items()):
         variant = cell.get("variant", "default")
-        against = dense.get("default" if variant in SPARSE_PREFILL_OFF else variant)
+        against = dense.get(("default" if variant in SPARSE_PREFILL_OFF else variant, count(cell)))
         if cell["plan"] == "dense" or against is None:
             continue
         mine, base = points(cell), points(cells[against])
@@ -240,8 +249,8 @@ def report(args) -> None:
                          f"{'-' if c['holds'] is None else ('yes' if c['holds'] else 'no')} | "
                          + ("-" if c["mean_difference"] is None else
                             f"{c['mean_difference']:+.1f} ± {c['standard_error'] or 0:.1f} ({c['samples']})") + " |")
-        lines += ["", f"One sample is {100 / SAMPLES:g} points of a cell; the last column pairs every sample with "
-                      "the dense cell's answer to it."]
+        lines += ["", f"One sample is {100 / SAMPLES:g} points of a cell of {SAMPLES} samples (cells named -nCOUNT "
+                      "hold COUNT); the last column pairs every sample with the dense cell's answer to it."]
     if out["paired_with_transformers"]:
         lines += ["", f"Paired with transformers on the same samples ({Path(args.transformers).name}: Triton kernels, "
                       "rho 0.1):", "", "| plan | samples | vLLM (points) | transformers (points) | answers that differ |",
@@ -275,12 +284,16 @@ def main(argv=None) -> None:
     r.add_argument("--work", default="/tmp/vllm_eval")
     r.add_argument("--variants", default="default",
                    help=f"comma-separated engine settings, from {', '.join(VARIANTS)} (default %(default)s)")
+    r.add_argument("--samples", type=int, default=SAMPLES,
+                   help="samples per task and length, evaluation seeds 0.. (default %(default)s; other counts make "
+                        "cells named ...-nCOUNT, compared with the dense cell of the same count)")
     r.add_argument("--plans", default="shipped,dense",
                    help=f"comma-separated plans, from {', '.join(PLANS)}, run in that order (default %(default)s)")
     VC.add_budget_arguments(r, min_left_s=90)
     e = sub.add_parser("engine", help="one plan's generations and scores")
     e.add_argument("--plan", choices=PLANS, required=True)
     e.add_argument("--variant", choices=list(VARIANTS), default="default")
+    e.add_argument("--samples", type=int, default=SAMPLES)
     e.add_argument("--out", required=True)
     p = sub.add_parser("report", help="scores into benchmarks/results/vllm_eval_<device>.{json,md}")
     p.add_argument("--work", required=True)
@@ -298,7 +311,8 @@ def main(argv=None) -> None:
         unknown = sorted(set(variants) - set(VARIANTS))
         if unknown:
             raise SystemExit(f"--variants: expected names from {sorted(VARIANTS)}, got {unknown}")
-        cells = [(f"smol-{plan}" + ("" if v == "default" else f"-{v}"), ["engine", "--plan", plan, "--variant", v])
+        more = [] if args.samples == SAMPLES else ["--samples", str(args.samples)]
+        cells = [(cell_name(plan, v, args.samples), ["engine", "--plan", plan, "--variant", v, *more])
                  for v in variants for plan in plans]
         missing = VC.run_cells(cells, Path(args.work), args.budget_s, args.min_left_s, 400, Path(__file__),
                                Path(args.copy_to) if args.copy_to else None)

@@ -15,7 +15,8 @@
 #                                          8064 tokens through vLLM, dense and the shipped plan (needs /tmp/smol);
 #                                          VARIANTS=default,no-prefix-cache,chunk512,eager,decode-only adds cells with
 #                                          other engine settings (benchmarks/vllm_eval.py VARIANTS); PLANS=shipped,
-#                                          prose,dense picks the plans (prose: the plan of the transformers rows)
+#                                          prose,dense picks the plans (prose: the plan of the transformers rows);
+#                                          SAMPLES=60 runs 60 samples a cell (cells ...-n60)
 #   bash benchmarks/vllm_gpu.sh bench      benchmarks/vllm_serving.py run: 12 cells (3 providers x graph/eager x
 #                                          long/mid, 2-4 minutes each); repeat until "missing cells: none"
 #                                          (PROVIDERS, MODES, WORKLOADS narrow it, e.g. MODES=graph first;
@@ -65,7 +66,7 @@ check)
   ;;
 eval)
   python3 benchmarks/vllm_eval.py run --work /tmp/vllm_eval --variants "${VARIANTS:-default}" \
-    --plans "${PLANS:-shipped,dense}" --budget-s "${BUDGET:-540}" \
+    --plans "${PLANS:-shipped,dense}" --samples "${SAMPLES:-20}" --budget-s "${BUDGET:-540}" \
     --copy-to "$OUT/eval"
   python3 benchmarks/vllm_eval.py report --work /tmp/vllm_eval -o "$OUT/vllm_eval" || true
   ;;

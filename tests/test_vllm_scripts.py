@@ -226,7 +226,10 @@ def test_eval_every_cell_against_the_dense_cell_of_its_engine_settings(tmp_path)
              "smol-dense-chunk512": dict(plan="dense", variant="chunk512", rows=rows([1, 1, 0, 0])),
              "smol-shipped-chunk512": dict(plan="shipped", variant="chunk512", rows=rows([1, 1, 0, 0])),
              "smol-shipped-decode-only": dict(plan="shipped", variant="decode-only", rows=rows([1, 1, 1, 0])),
-             "smol-prose-eager": dict(plan="prose", variant="eager", rows=rows([1, 1, 1, 1]))}
+             "smol-prose-eager": dict(plan="prose", variant="eager", rows=rows([1, 1, 1, 1])),
+             "smol-dense-n6": dict(plan="dense", samples=6, rows=rows([1, 1, 1, 1, 1, 0])),
+             "smol-shipped-decode-only-n6": dict(plan="shipped", variant="decode-only", samples=6,
+                                                 rows=rows([1, 1, 1, 1, 0, 1]))}
     for name, c in cells.items():
         VC.write_json(tmp_path / "cells" / f"{name}.json", dict(**c, **base))
     EVAL.main(["report", "--work", str(tmp_path / "cells"), "-o", str(tmp_path / "ev"),
@@ -237,6 +240,10 @@ def test_eval_every_cell_against_the_dense_cell_of_its_engine_settings(tmp_path)
     assert every["smol-shipped-decode-only"]["against"] == "smol-dense"
     assert every["smol-shipped-decode-only"]["worst"] == -25.0 and every["smol-shipped-decode-only"]["holds"] is False
     assert "smol-prose-eager" not in every  # no dense cell with its settings
+    six = every["smol-shipped-decode-only-n6"]  # against the dense cell of the same sample count
+    assert six["against"] == "smol-dense-n6" and six["samples"] == 6 and six["mean_difference"] == 0.0
+    assert EVAL.cell_name("shipped", "decode-only", 60) == "smol-shipped-decode-only-n60"
+    assert EVAL.cell_name("dense", "default") == "smol-dense"
     assert "| smol-shipped-decode-only | -25.0 |" in (tmp_path / "ev.md").read_text()
 
 
