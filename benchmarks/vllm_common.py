@@ -133,6 +133,43 @@ def triton_variants(prefix: str = "kascade.") -> dict:
     return dict(sorted(out.items()))
 
 
+def differing_parts(arg_names: list, keys: list) -> dict:
+    """{argument name: its distinct parts (at most 8, as text)} over Triton cache keys (specialization tuple, options
+    text): what made a kernel compile more than once. A key's specialization lists every argument in order, so
+    position i is arg_names[i]; "options" when the launch options differ."""
+    specs, opts = [k[0] for k in keys], {k[1] for k in keys}
+    out = {}
+    for i in range(max((len(s) for s in specs), default=0)):
+        vals = {repr(s[i]) if i < len(s) else "-" for s in specs}
+        if len(vals) > 1:
+            out[arg_names[i] if i < len(arg_names) else str(i)] = sorted(vals)[:8]
+    if len(opts) > 1:
+        out["options"] = sorted(opts)[:8]
+    return out
+
+
+def triton_variant_differences(prefix: str = "kascade.") -> dict:
+    """{kernel name: differing_parts} of the Triton kernels under `prefix` compiled more than once in this process."""
+    from triton.runtime.jit import JITFunction
+
+    out = {}
+    for name, mod in list(sys.modules.items()):
+        if not name.startswith(prefix) or mod is None:
+            continue
+        for attr, fn in vars(mod).items():
+            if not isinstance(fn, JITFunction):
+                fn = getattr(fn, "fn", fn)
+            if not isinstance(fn, JITFunction) or not fn.device_caches:
+                continue
+            try:  # a diagnostic: Triton's cache layout may change, and must never fail a run
+                keys = [k for cache in fn.device_caches.values() for k in cache[1]]  # (specialization, options)
+                if len(keys) > 1:
+                    out[f"{name.rsplit('.', 1)[-1]}.{attr}"] = differing_parts(list(fn.arg_names), keys)
+            except Exception as e:  # noqa: BLE001
+                out[f"{name.rsplit('.', 1)[-1]}.{attr}"] = {"error": repr(e)}
+    return dict(sorted(out.items()))
+
+
 def device_info() -> dict:
     import datetime
 

@@ -117,7 +117,8 @@ def run_engine(args) -> dict:
         rows.append(dict(task=s.task, length=s.length, seed=s.seed, prediction=text, answers=s.answers,
                          score=score(s, text, gen, tok)))
     return dict(plan=args.plan, variant=args.variant, samples=args.samples, kascade_layers=VC.kascade_layers(),
-                triton_variants=VC.triton_variants(), triton_variants_at_start=at_start, engine_start_s=start, generate_s=seconds, generate_again_s=warm,
+                triton_variants=VC.triton_variants(), triton_variants_at_start=at_start,
+                triton_differences=VC.triton_variant_differences(), engine_start_s=start, generate_s=seconds, generate_again_s=warm,
                 rows=rows, **VC.device_info())
 
 

@@ -102,7 +102,7 @@ def run_engine(args) -> dict:
     t0 = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in ps], sp, use_tqdm=False)
     return dict(kind="vllm", model=args.model, plan=args.plan, mode=args.mode, kascade_layers=layers,
-                triton_variants=VC.triton_variants(),
+                triton_variants=VC.triton_variants(), triton_differences=VC.triton_variant_differences(),
                 engine_start_s=start, generate_s=time.perf_counter() - t0, lengths=[len(p) for p in ps],
                 tokens=[list(o.outputs[0].token_ids) for o in outs], **VC.device_info())
 

@@ -401,3 +401,11 @@ def test_triton_variants_counts_the_compiled_specializations_of_loaded_kernels(m
     monkeypatch.setitem(sys.modules, "kascade.kernels._fake", mod)
     monkeypatch.setitem(sys.modules, "elsewhere._fake", mod)
     assert VC.triton_variants() == {"_fake.k": 2}
+
+
+def test_differing_parts_names_the_arguments_that_made_new_variants():
+    keys = [((("*bf16", "D"), ("i32", "D"), ("constexpr", 4)), "opt1"),
+            ((("*bf16", "D"), ("i32", ""), ("constexpr", 8)), "opt1")]
+    assert VC.differing_parts(["Q", "n", "BLOCK"], keys) == {"n": ["('i32', '')", "('i32', 'D')"],
+                                                             "BLOCK": ["('constexpr', 4)", "('constexpr', 8)"]}
+    assert VC.differing_parts(["Q"], [((("*bf16", "D"),), "a"), ((("*bf16", "D"),), "b")]) == {"options": ["a", "b"]}
