@@ -25,6 +25,7 @@ from kascade.plan import Plan  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="records interpreted launches")
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 PLAN = Plan(anchors=[0, 2], head_map=[[0, 1], [1, 0], [0, 1], [1, 1]], rho=0.1, k_min=16)
 
 
@@ -50,13 +51,38 @@ def run_steps(strategy, todo, seed):
 def test_new_lengths_compile_no_new_variant():
     strategy = PagedKascadeStrategy(PLAN, backend="triton")
     with record() as warm:
-        run_steps(strategy, steps(0, 6), seed=0)
+        run_steps(strategy, steps(0, 4), seed=0)
     with record() as later:
-        run_steps(strategy, steps(1, 4), seed=100)
+        run_steps(strategy, steps(1, 3), seed=100)
     assert {"_pool_kernel", "_topk_rows_kernel", "_sparse_prefill_kernel", "_resolve_rows_kernel"} <= set(warm)
     new = {name: differing(keys | warm.get(name, set())) for name, keys in later.items()
            if not keys <= warm.get(name, set())}
     assert not new, f"kernels that would compile again for new lengths (arguments whose key differs): {new}"
+
+
+def test_decode_batch_sizes_share_the_main_decode_kernels():
+    """The splits per row (NSPLIT) follow the batch size; the logits and sparse kernels take them at run time, so
+    the batch sizes of CUDA-graph capture and of mixed steps compile those two kernels once per layer mode."""
+    strategy = PagedKascadeStrategy(PLAN, backend="triton")
+    rng = random.Random(2)
+
+    def decode_steps(sizes):
+        for r in sizes:
+            batch, _ = make_batch([rng.randint(100, 400) for _ in range(r)], [1] * r, hq=8, hkv=2, d=16,
+                                  dtype=torch.bfloat16, seed=r)
+            for layer in range(PLAN.num_layers):
+                strategy.attend_decode(layer, batch["q"], batch["key_cache"], batch["value_cache"],
+                                       batch["block_table"], batch["seq_lens"], scale=0.25)
+
+    with record() as small:
+        decode_steps([1])
+    with record() as large:
+        decode_steps([4, 16])
+    from kascade.kernels.decode import _splits
+
+    assert len({_splits(r * 2, DEVICE, 4) for r in (1, 4, 16)}) > 1  # the batch sizes do change the splits
+    for name in ("_decode_logits_kernel", "_decode_sparse_kernel"):
+        assert large[name] <= small[name], (name, differing(large[name] | small[name]))
 
 
 def test_recorder_sees_specialization():

@@ -161,12 +161,14 @@ def _dot(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     return r
 
 
-@triton.jit(do_not_specialize=["N", "K_MIN"])
+# NSPLIT (the splits per row, a power of 2 set by the batch size) only sizes each split's range here: a runtime
+# value, so the batch sizes a serving engine meets share one compiled kernel (the combine kernels keep it constexpr)
+@triton.jit(do_not_specialize=["N", "K_MIN", "NSPLIT"])
 def _decode_logits_kernel(Q, K, V, LG, MP, LP, OP, KV_START, KV_LEN, START32, END32, KB, FT, HIST,
                           N, stride_lg, sqb, sqh, skb, skh, skn, BT, s_bt, PAGE: tl.constexpr, svb, svh, svn,
                           scale_log2, HKV, RHO_A, RHO_B, RHO_C, GUARD_A, GUARD_B, GUARD_C, K_MIN,
                           G: tl.constexpr, GPAD: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                          DV: tl.constexpr, DVP: tl.constexpr, NSPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
+                          DV: tl.constexpr, DVP: tl.constexpr, NSPLIT, BLOCK_N: tl.constexpr,
                           HAS_START: tl.constexpr, HAS_LEN: tl.constexpr, DENSE_OUT: tl.constexpr,
                           SELECT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
                           PAGED: tl.constexpr = False, PDL: tl.constexpr = 0,
@@ -336,12 +338,12 @@ def _sparse_walk(q, K, V, i_base, sik, lg_row, b, h, lo, hi, g, gm, d, dv, skb, 
     return m_i, l_i, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NSPLIT"])  # as in _decode_logits_kernel
 def _decode_sparse_kernel(Q, K, V, LG, IDX, CNT, HMAP, OP, MP, LP,
                           stride_lg, sqb, sqh, skb, skh, skn, BT, s_bt, PAGE: tl.constexpr, svb, svh, svn, sib, sih, sik, scb,
                           scale_log2, HKV,
                           G: tl.constexpr, GPAD: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                          DV: tl.constexpr, DVP: tl.constexpr, NSPLIT: tl.constexpr, BLOCK_K: tl.constexpr,
+                          DV: tl.constexpr, DVP: tl.constexpr, NSPLIT, BLOCK_K: tl.constexpr,
                           FROM_LOGITS: tl.constexpr, HAS_MAP: tl.constexpr, DOT_PREC: tl.constexpr,
                           UPCAST: tl.constexpr, PAGED: tl.constexpr = False,
                           MIXED: tl.constexpr = False, IDX2=None, sib2=0, sih2=0, S_OWN=1,
