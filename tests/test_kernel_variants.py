@@ -61,8 +61,9 @@ def test_new_lengths_compile_no_new_variant():
 
 
 def test_decode_batch_sizes_share_the_main_decode_kernels():
-    """The splits per row (NSPLIT) follow the batch size; the logits and sparse kernels take them at run time, so
-    the batch sizes of CUDA-graph capture and of mixed steps compile those two kernels once per layer mode."""
+    """The splits per row (NSPLIT) and the top-k's chunks per row (NCHUNK) follow the batch size; the logits, sparse
+    and radix-level kernels take them at run time, so the batch sizes of CUDA-graph capture and of mixed steps
+    compile those kernels once per layer mode."""
     strategy = PagedKascadeStrategy(PLAN, backend="triton")
     rng = random.Random(2)
 
@@ -81,7 +82,7 @@ def test_decode_batch_sizes_share_the_main_decode_kernels():
     from kascade.kernels.decode import _splits
 
     assert len({_splits(r * 2, DEVICE, 4) for r in (1, 4, 16)}) > 1  # the batch sizes do change the splits
-    for name in ("_decode_logits_kernel", "_decode_sparse_kernel"):
+    for name in ("_decode_logits_kernel", "_decode_sparse_kernel", "_radix_last_kernel"):
         assert large[name] <= small[name], (name, differing(large[name] | small[name]))
 
 

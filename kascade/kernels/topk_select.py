@@ -219,9 +219,9 @@ def _radix_hist_kernel(S, H, KB, START, END, N, stride_s, CHUNK, ROWS_PER_B,
     tl.atomic_add(H_row + (LEVEL - 1) * 256 + bins, acc, mask=acc > 0, sem="relaxed")
 
 
-@triton.jit(do_not_specialize=["N", "CHUNK", "FINISH_MAX"])
+@triton.jit(do_not_specialize=["N", "CHUNK", "FINISH_MAX", "NCHUNK"])  # NCHUNK (set by the rows) only addresses
 def _radix_last_kernel(S, H, H4S, GT, KB, START, END, N, stride_s, CHUNK, ROWS_PER_B,
-                       NCHUNK: tl.constexpr, BLOCK: tl.constexpr, HAS_END: tl.constexpr, LEVEL: tl.constexpr = 4,
+                       NCHUNK, BLOCK: tl.constexpr, HAS_END: tl.constexpr, LEVEL: tl.constexpr = 4,
                        PREFETCH: tl.constexpr = False, PDL: tl.constexpr = 0, FINISH_MAX=0,
                        FALLBACK: tl.constexpr = False):
     """A level whose chunk counts are kept: LEVEL 4 (bits 6..0, 128 bins, prefix of levels 1-3) or
