@@ -311,6 +311,20 @@ def kv_bytes_per_token(model: Path, dtype: str) -> int:
     return per_token
 
 
+def serve_max_len(model: Path, lengths: list, new_tokens: int) -> int:
+    """The server's max_model_len: the longest request and its new tokens, rounded up to whole blocks but not
+    past the model's max_position_embeddings. ValueError (naming --lengths and --new-tokens) when a request
+    cannot fit those positions: vLLM would refuse to start."""
+    cfg = json.loads((Path(model) / "config.json").read_text())
+    limit = int(cfg.get("max_position_embeddings") or 2**31)
+    need = max(lengths) + new_tokens
+    if need > limit:
+        raise ValueError(f"--lengths / --new-tokens: the longest request ({max(lengths)} tokens) and {new_tokens} new "
+                         f"tokens need {need} positions, more than the model's max_position_embeddings ({limit}); "
+                         "shorten one of them")
+    return min(limit, -(-(need + BLOCK) // BLOCK) * BLOCK)
+
+
 def serve_kv_bytes(lengths: list, new_tokens: int, share: float, per_token: int) -> int:
     """The server's KV cache: `share` of the tokens every request needs at once (so vLLM must queue, then
     preempt requests whose decoding outgrows the cache), but room for the longest request with a margin
@@ -335,7 +349,7 @@ def run_serve(args) -> dict:
     vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
     prompts = [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
     warmup = [rng.randrange(3, vocab) for _ in range(max(lengths))]  # compiles the kernels' variants, untimed
-    max_len = -(-(max(lengths) + args.new_tokens + BLOCK) // BLOCK) * BLOCK
+    max_len = serve_max_len(args.model, lengths, args.new_tokens)
     per_token = kv_bytes_per_token(args.model, args.dtype)
     kv_bytes = args.kv_bytes or serve_kv_bytes(lengths, args.new_tokens, args.kv_share, per_token)
     plan = None if args.plan == "none" else str(Path(args.plan).resolve())  # none: vLLM dense, the control
@@ -602,7 +616,9 @@ def main(argv=None) -> None:
     s.add_argument("--model", default=str(ROOT / "models" / "kascade-tiny"))
     s.add_argument("--plan", default=str(ROOT / "plans" / "kascade-tiny.json"),
                    help="the plan the server runs, or none: vLLM dense, the control (default %(default)s)")
-    s.add_argument("--lengths", default="1024-8000", help="LO-HI (random) or a comma list (default %(default)s)")
+    s.add_argument("--lengths", default="1024-7600",
+                   help="LO-HI (random) or a comma list (default %(default)s: with the new tokens within kascade-tiny's "
+                        "8,192 positions)")
     s.add_argument("--requests", type=int, default=16)
     s.add_argument("--new-tokens", type=int, default=512,
                    help="greedy tokens per request (default %(default)s: decoding that outgrows the cache is what makes "

@@ -409,3 +409,12 @@ def test_differing_parts_names_the_arguments_that_made_new_variants():
     assert VC.differing_parts(["Q", "n", "BLOCK"], keys) == {"n": ["('i32', '')", "('i32', 'D')"],
                                                              "BLOCK": ["('constexpr', 4)", "('constexpr', 8)"]}
     assert VC.differing_parts(["Q"], [((("*bf16", "D"),), "a"), ((("*bf16", "D"),), "b")]) == {"options": ["a", "b"]}
+
+
+def test_serve_max_len_fits_the_models_positions(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 8192}))
+    assert SERVE.serve_max_len(tmp_path, [1000, 7600], 512) == 8128  # 8112 and a block, in whole blocks
+    assert SERVE.serve_max_len(tmp_path, [1000, 8180], 8) == 8192  # capped at the model's positions
+    assert SERVE.serve_max_len(tmp_path, [1000, 4000], 128) % 16 == 0
+    with pytest.raises(ValueError, match="--lengths / --new-tokens.*8453 positions.*8192"):
+        SERVE.serve_max_len(tmp_path, [7941], 512)
