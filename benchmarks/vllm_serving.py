@@ -484,7 +484,7 @@ def serve_report(serves: dict, stem: Path) -> None:
     first = next(iter(serves.values()))
     VC.write_json(stem.with_suffix(".json"), {"device": first["device"], "date": max(v["date"] for v in serves.values()),
                                               "runs": serves})
-    lines = [f"# vllm serve with the Kascade plugin ({first['device']}, {first['date']})", "",
+    lines = [f"# vllm serve with the Kascade plugin ({first['device']}, {max(v['date'] for v in serves.values())})", "",
              f"vLLM {first.get('vllm')}, torch {first.get('torch')}; `python benchmarks/vllm_serving.py serve` (method in "
              "its docstring); one line per run, by its file name.", ""]
     lines += [f"{name}: " + serve_line(v)[2:] for name, v in serves.items()]
@@ -631,7 +631,10 @@ def main(argv=None) -> None:
     s.add_argument("--kv-share", type=float, default=0.15,
                    help="without --kv-bytes: the server's KV cache as this share of the tokens all requests need at "
                         "once, at least 1.25 x the longest request (default %(default)s)")
-    s.add_argument("--chunk", type=int, default=2048)
+    s.add_argument("--chunk", type=int, default=512,
+                   help="the server's max_num_batched_tokens (default %(default)s: vLLM admits new prompts until one more "
+                        "step's tokens would not fit, so the free blocks left for running requests to grow into are "
+                        "at most this many tokens; 2048 left enough that the H100 run preempted nothing)")
     s.add_argument("--port", type=int, default=8765)
     s.add_argument("--start-timeout", type=float, default=300)
     s.add_argument("--request-timeout", type=float, default=600)
