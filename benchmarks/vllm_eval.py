@@ -274,7 +274,36 @@ def report(args) -> None:
                      + ("" if c.get("triton_variants_at_start") is None else
                         f" ({sum(c['triton_variants_at_start'].values())} of them compiled before generating)"))
     stem = Path(args.o) if args.o else ROOT / "benchmarks" / "results" / f"vllm_eval_{first['device_short']}"
+    if every:
+        lines += ["", f"![every cell against vLLM dense]({Path(stem).with_suffix('.png').name})"]
     VC.write_report(stem, out, lines)
+    if every:
+        plot_differences(every, Path(stem).with_suffix(".png"), out["device"])
+
+
+def plot_differences(every: dict, path: Path, device: str) -> None:
+    """Each Kascade cell's paired mean difference from vLLM dense (points, ± one standard error), the target band
+    shaded: one bar per cell, decode-only cells in their own colour."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n, c in every.items() if c["mean_difference"] is not None]
+    means = [every[n]["mean_difference"] for n in names]
+    errs = [every[n]["standard_error"] or 0.0 for n in names]
+    colors = ["tab:green" if every[n]["variant"] in SPARSE_PREFILL_OFF else "tab:blue" for n in names]
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(names) + 1.5))
+    ax.axvspan(-TARGET_POINTS, TARGET_POINTS, color="0.9", label=f"within {TARGET_POINTS:g} points")
+    ax.barh(names, means, xerr=errs, color=colors, capsize=3)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_xlabel("Kascade - vLLM dense, points (paired over each cell's samples, ± s.e.)")
+    ax.set_title(f"Eval tasks through vLLM, SmolLM2 ({device})\ngreen: decode-only, blue: sparse prefill", fontsize=9)
+    ax.invert_yaxis()
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None) -> None:

@@ -245,6 +245,7 @@ def test_eval_every_cell_against_the_dense_cell_of_its_engine_settings(tmp_path)
     assert EVAL.cell_name("shipped", "decode-only", 60) == "smol-shipped-decode-only-n60"
     assert EVAL.cell_name("dense", "default") == "smol-dense"
     assert "| smol-shipped-decode-only | -25.0 |" in (tmp_path / "ev.md").read_text()
+    assert (tmp_path / "ev.png").stat().st_size > 0
 
 
 def test_eval_engine_config_of_each_variant():
