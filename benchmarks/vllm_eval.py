@@ -15,7 +15,9 @@ Each plan is one cell (its own process; `run` executes the missing ones, resumab
 cells smol-PLAN-VARIANT; decode-only: the plugin's default mode, dense prefill and sparse decode, where every other
 cell runs sparse prefill as the paper does): the first table keeps the default cells, the second gives every cell's
 difference from vLLM dense, the paired comparison lists every cell. `run --plans` picks the plans (PLANS: the shipped
-plan, `prose` the prose-calibrated plan the transformers rows of the accuracy table were measured with, dense).
+plan, `prose` the prose-calibrated plan the transformers rows of the accuracy table were measured with, dense);
+`run --samples 60` makes cells of 60 samples (named -n60), each compared with the dense cell of as many, so that
+one sample weighs 1.7 points of a cell instead of 5.
 
 `report` (any machine) writes the per-task scores of both plans and their difference in points, and, where
 --transformers names the accuracy table's rows (default benchmarks/results/eval_smollm2_results.jsonl: the same
