@@ -113,23 +113,30 @@ def kascade_layers() -> int:
     return kv.ACTIVE_LAYERS[0]
 
 
-def triton_variants(prefix: str = "kascade.") -> dict:
-    """{kernel name: compiled variants} of the Triton kernels in the loaded modules under `prefix`, in this
-    process: how many specializations (shapes' divisibility, constexprs, dtypes) a run compiled; each one costs
-    a compilation the first time it is met (seconds for the larger kernels)."""
+def _compiled_kernels(prefix: str):
+    """(name "module.attr", JITFunction) of every Triton kernel under `prefix` that compiled in this process
+    (an autotuner's or heuristics' kernel by the function it wraps)."""
     from triton.runtime.jit import JITFunction
 
-    out = {}
     for name, mod in list(sys.modules.items()):
         if not name.startswith(prefix) or mod is None:
             continue
         for attr, fn in vars(mod).items():
             if not isinstance(fn, JITFunction):
-                fn = getattr(fn, "fn", fn)  # an autotuner's or heuristics' kernel
+                fn = getattr(fn, "fn", fn)
             if isinstance(fn, JITFunction) and fn.device_caches:
-                count = sum(len(cache[0]) for cache in fn.device_caches.values())
-                if count:
-                    out[f"{name.rsplit('.', 1)[-1]}.{attr}"] = count
+                yield f"{name.rsplit('.', 1)[-1]}.{attr}", fn
+
+
+def triton_variants(prefix: str = "kascade.") -> dict:
+    """{kernel name: compiled variants} of the Triton kernels in the loaded modules under `prefix`, in this
+    process: how many specializations (shapes' divisibility, constexprs, dtypes) a run compiled; each one costs
+    a compilation the first time it is met (seconds for the larger kernels)."""
+    out = {}
+    for name, fn in _compiled_kernels(prefix):
+        count = sum(len(cache[0]) for cache in fn.device_caches.values())
+        if count:
+            out[name] = count
     return dict(sorted(out.items()))
 
 
@@ -150,23 +157,14 @@ def differing_parts(arg_names: list, keys: list) -> dict:
 
 def triton_variant_differences(prefix: str = "kascade.") -> dict:
     """{kernel name: differing_parts} of the Triton kernels under `prefix` compiled more than once in this process."""
-    from triton.runtime.jit import JITFunction
-
     out = {}
-    for name, mod in list(sys.modules.items()):
-        if not name.startswith(prefix) or mod is None:
-            continue
-        for attr, fn in vars(mod).items():
-            if not isinstance(fn, JITFunction):
-                fn = getattr(fn, "fn", fn)
-            if not isinstance(fn, JITFunction) or not fn.device_caches:
-                continue
-            try:  # a diagnostic: Triton's cache layout may change, and must never fail a run
-                keys = [k for cache in fn.device_caches.values() for k in cache[1]]  # (specialization, options)
-                if len(keys) > 1:
-                    out[f"{name.rsplit('.', 1)[-1]}.{attr}"] = differing_parts(list(fn.arg_names), keys)
-            except Exception as e:  # noqa: BLE001
-                out[f"{name.rsplit('.', 1)[-1]}.{attr}"] = {"error": repr(e)}
+    for name, fn in _compiled_kernels(prefix):
+        try:  # a diagnostic: Triton's cache layout may change, and must never fail a run
+            keys = [k for cache in fn.device_caches.values() for k in cache[1]]  # (specialization, options)
+            if len(keys) > 1:
+                out[name] = differing_parts(list(fn.arg_names), keys)
+        except Exception as e:  # noqa: BLE001
+            out[name] = {"error": repr(e)}
     return dict(sorted(out.items()))
 
 
