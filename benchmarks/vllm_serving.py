@@ -474,7 +474,10 @@ def serve_line(serve: dict) -> str:
                ", no warm-up request")
             + (f", the requests in {serve['wall_s']:.1f} s" if "wall_s" in serve else "")
             + f": {serve['answered']} answered in full, "
-            f"{serve['tokens_equal']} with the offline greedy tokens, {serve['preemptions']:.0f} preemptions, "
+            f"{serve['tokens_equal']} with the offline greedy tokens"
+            + (f" (the others first differ at token {', '.join(str(j) for j in diffs)})"
+               if (diffs := [j for j in serve.get("first_difference", []) if j is not None]) else "")
+            + f", {serve['preemptions']:.0f} preemptions, "
             f"Kascade in the server: {serve.get('kascade_backend') or serve['kascade_in_server_log']}; "
             f"ok: {serve['ok']}.")
 
@@ -526,7 +529,7 @@ def report(args) -> None:
     for k in sorted(set().union(*tables)):
         lines.append("| " + " | ".join([k] + [f"{t[k]:.2f}x" if k in t else "" for t in tables]) + " |")
     lines += ["", "## Cells", "", "| workload | mode | weights | provider | batch x prompt | decode tokens/s | ITL (ms) | "
-              "batch prefill (s) | TTFT 128K (s) | engine start (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "batch prefill (s) | TTFT 128K (s) | engine start (s) | date |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, c in sorted(cells.items()):
         ttft = f"{c['ttft_median_s']:.2f}" if "ttft_median_s" in c else ""
         if "ttft_cold_s" in c:
@@ -534,7 +537,7 @@ def report(args) -> None:
         lines.append(f"| {c['workload']} | {c['mode']} | {c.get('weights', 'dummy')} | {c['provider']} | "
                      f"{c['batch']} x {c['prompt_len']} | "
                      f"{c['decode_tokens_per_s']:.1f} | {c['itl_ms']:.2f} | {c['batch_prefill_s']:.2f} | {ttft} | "
-                     f"{c['engine_start_s']:.0f} |")
+                     f"{c['engine_start_s']:.0f} | {c['date']} |")
     profiled = {name: c["profile"] for name, c in sorted(cells.items()) if "profile" in c}
     if profiled:
         import vllm_profile
