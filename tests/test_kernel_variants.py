@@ -61,9 +61,10 @@ def test_new_lengths_compile_no_new_variant():
 
 
 def test_decode_batch_sizes_share_the_main_decode_kernels():
-    """The splits per row (NSPLIT) and the top-k's chunks per row (NCHUNK) follow the batch size; the logits, sparse
-    and radix-level kernels take them at run time, so the batch sizes of CUDA-graph capture and of mixed steps
-    compile those kernels once per layer mode."""
+    """The splits per row (NSPLIT) and the top-k's chunks per row (NCHUNK) follow the batch size; the kernels take
+    them at run time (the pool and combine kernels read the split partials through one of two padded ranges), so
+    the batch sizes of CUDA-graph capture and of mixed steps compile each kernel once per layer mode (twice for
+    pool and combine)."""
     strategy = PagedKascadeStrategy(PLAN, backend="triton")
     rng = random.Random(2)
 
@@ -82,8 +83,14 @@ def test_decode_batch_sizes_share_the_main_decode_kernels():
     from kascade.kernels.decode import _splits
 
     assert len({_splits(r * 2, DEVICE, 4) for r in (1, 4, 16)}) > 1  # the batch sizes do change the splits
-    for name in ("_decode_logits_kernel", "_decode_sparse_kernel", "_radix_last_kernel"):
+    from kascade.kernels.decode import split_pad
+
+    pads = {split_pad(_splits(r * 2, DEVICE, 4)) for r in (1, 4, 16)}
+    for name in ("_decode_logits_kernel", "_decode_sparse_kernel", "_radix_last_kernel", "_radix_split_kernel",
+                 "_radix_finish_kernel", "_resolve_rows_kernel"):
         assert large[name] <= small[name], (name, differing(large[name] | small[name]))
+    for name in ("_decode_pool_kernel", "_decode_combine_kernel"):  # one variant per split_pad range
+        assert len(large[name] | small[name]) <= len(small[name]) * len(pads), (name, differing(large[name] | small[name]))
 
 
 def test_recorder_sees_specialization():

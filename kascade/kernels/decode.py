@@ -117,6 +117,14 @@ def _pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
+def split_pad(nsplit: int) -> int:
+    """The constexpr range (16 or 256) the pool and combine kernels read nsplit <= 256 split partials through: two
+    compiled variants for every batch size instead of one per power of 2."""
+    if not 1 <= nsplit <= 256:
+        raise ValueError(f"nsplit: expected 1..256 splits per row, got {nsplit}")
+    return 16 if nsplit <= 16 else 256
+
+
 def _splits(rows: int, device, per_sm: int) -> int:
     """Splits per row so that rows * splits is about per_sm programs per SM (a power of 2).
 
@@ -162,8 +170,9 @@ def _dot(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 # NSPLIT (the splits per row, a power of 2 set by the batch size) only sizes each split's range here: a runtime
-# value, so the batch sizes a serving engine meets share one compiled kernel (the combine kernels keep it constexpr)
-@triton.jit(do_not_specialize=["N", "K_MIN", "NSPLIT"])
+# value, so the batch sizes a serving engine meets share one compiled kernel; HKV too (1 in head-granular views).
+# The pool and combine kernels read the NSPLIT partials through a padded constexpr range SPAD (split_pad).
+@triton.jit(do_not_specialize=["N", "K_MIN", "NSPLIT", "HKV"])
 def _decode_logits_kernel(Q, K, V, LG, MP, LP, OP, KV_START, KV_LEN, START32, END32, KB, FT, HIST,
                           N, stride_lg, sqb, sqh, skb, skh, skn, BT, s_bt, PAGE: tl.constexpr, svb, svh, svn,
                           scale_log2, HKV, RHO_A, RHO_B, RHO_C, GUARD_A, GUARD_B, GUARD_C, K_MIN,
@@ -256,9 +265,9 @@ def _logit_block(lg_row, n0, hi, g, gm, G: tl.constexpr, BLOCK: tl.constexpr):
                    other=float("-inf"))
 
 
-@triton.jit(do_not_specialize=["N", "CHUNK"])
+@triton.jit(do_not_specialize=["N", "CHUNK", "HKV", "NSPLIT"])
 def _decode_pool_kernel(LG, MP, LP, S, HIST, START32, END32, N, stride_lg, stride_s, CHUNK, HKV,
-                        G: tl.constexpr, GP: tl.constexpr, NSPLIT: tl.constexpr, BLOCK: tl.constexpr,
+                        G: tl.constexpr, GP: tl.constexpr, NSPLIT, SPAD: tl.constexpr, BLOCK: tl.constexpr,
                         PREFETCH: tl.constexpr = False, PDL: tl.constexpr = False):
     """s[row, n] = sum_g exp2(logit_g[n] - lse_g) over the G heads of the row's KV group; level-1 histogram.
 
@@ -272,13 +281,7 @@ def _decode_pool_kernel(LG, MP, LP, S, HIST, START32, END32, N, stride_lg, strid
     h = row % HKV
     g = tl.arange(0, GP)
     gm = g < G
-    hq_row = b * HKV * G + h * G + g  # [GP]
-    sp = tl.arange(0, NSPLIT)
-    mp = tl.load(MP + hq_row[:, None] * NSPLIT + sp[None, :], mask=gm[:, None], other=float("-inf"))
-    lp = tl.load(LP + hq_row[:, None] * NSPLIT + sp[None, :], mask=gm[:, None], other=0.0)
-    mx = tl.where(gm, tl.max(mp, 1), 0.0)
-    lse = mx + tl.log2(tl.sum(lp * tl.exp2(mp - mx[:, None]), 1))
-    lse = tl.where(gm, lse, 0.0)
+    lse = _lse2(MP, LP, b * HKV * G + h * G + g, gm, NSPLIT, SPAD)  # [GP]
     start = tl.load(START32 + b)
     end = tl.load(END32 + b)
     lo = tl.maximum(c * CHUNK, start)
@@ -407,38 +410,40 @@ def _decode_sparse_kernel(Q, K, V, LG, IDX, CNT, HMAP, OP, MP, LP,
 
 @triton.jit
 def _combine_block(OP, MP, LP, OUT, i, b, hq, c, sob, soh,
-                   DV: tl.constexpr, DVP: tl.constexpr, NSPLIT: tl.constexpr, DBLK: tl.constexpr):
+                   DV: tl.constexpr, DVP: tl.constexpr, NSPLIT, SPAD: tl.constexpr, DBLK: tl.constexpr):
     """out[b, hq, columns c*DBLK..] = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s (empty splits: m_s = -inf);
-    i = b * Hq + hq indexes the partials."""
-    sp = tl.arange(0, NSPLIT)
+    i = b * Hq + hq indexes the partials; NSPLIT <= SPAD of them."""
+    sp = tl.arange(0, SPAD)
+    sm = sp < NSPLIT
     dv = c * DBLK + tl.arange(0, DBLK)
-    m = tl.load(MP + i * NSPLIT + sp)
-    lsum = tl.load(LP + i * NSPLIT + sp)
-    o = tl.load(OP + (i * NSPLIT + sp)[:, None] * DVP + dv[None, :])
+    m = tl.load(MP + i * NSPLIT + sp, mask=sm, other=float("-inf"))
+    lsum = tl.load(LP + i * NSPLIT + sp, mask=sm, other=0.0)
+    o = tl.load(OP + (i * NSPLIT + sp)[:, None] * DVP + dv[None, :], mask=sm[:, None], other=0.0)
     w = tl.exp2(m - tl.max(m, 0))
     den = tl.sum(lsum * w, 0)
     res = tl.sum(o * w[:, None], 0) / den
     tl.store(OUT + b.to(tl.int64) * sob + hq * soh + dv, res.to(OUT.dtype.element_ty), mask=dv < DV)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["HQ", "NSPLIT"])
 def _decode_combine_kernel(OP, MP, LP, OUT, sob, soh, HQ,
-                           DV: tl.constexpr, DVP: tl.constexpr, NSPLIT: tl.constexpr, DBLK: tl.constexpr,
+                           DV: tl.constexpr, DVP: tl.constexpr, NSPLIT, SPAD: tl.constexpr, DBLK: tl.constexpr,
                            PDL: tl.constexpr = 0):
     """The split partials combined (_combine_block): one program per (query head, block of DBLK output
     columns), so the partials of a step are read by many SMs at once. PDL: programmatic dependent launch."""
     ts.pdl_start(PDL)
     i = tl.program_id(0)
-    _combine_block(OP, MP, LP, OUT, i, i // HQ, i % HQ, tl.program_id(1), sob, soh, DV, DVP, NSPLIT, DBLK)
+    _combine_block(OP, MP, LP, OUT, i, i // HQ, i % HQ, tl.program_id(1), sob, soh, DV, DVP, NSPLIT, SPAD, DBLK)
 
 
 @triton.jit
-def _lse2(MP, LP, hq_row, gm, NSPLIT: tl.constexpr):
-    """Log2-sum-exp2 of each query head's logits over every key, from the K pass's split statistics
-    (0 for the padding rows g >= G)."""
-    sp = tl.arange(0, NSPLIT)
-    mp = tl.load(MP + hq_row[:, None] * NSPLIT + sp[None, :], mask=gm[:, None], other=float("-inf"))
-    lp = tl.load(LP + hq_row[:, None] * NSPLIT + sp[None, :], mask=gm[:, None], other=0.0)
+def _lse2(MP, LP, hq_row, gm, NSPLIT, SPAD: tl.constexpr):
+    """Log2-sum-exp2 of each query head's logits over every key, from the K pass's NSPLIT <= SPAD split
+    statistics (0 for the padding rows g >= G)."""
+    sp = tl.arange(0, SPAD)
+    ok = gm[:, None] & (sp < NSPLIT)[None, :]
+    mp = tl.load(MP + hq_row[:, None] * NSPLIT + sp[None, :], mask=ok, other=float("-inf"))
+    lp = tl.load(LP + hq_row[:, None] * NSPLIT + sp[None, :], mask=ok, other=0.0)
     mx = tl.where(gm, tl.max(mp, 1), 0.0)
     lse = mx + tl.log2(tl.sum(lp * tl.exp2(mp - mx[:, None]), 1))
     return tl.where(gm, lse, 0.0)
@@ -473,7 +478,7 @@ def _rerank_logits_kernel(Q, K, LG, MP, LP, CAND, CNT, KH, EX, PA, P8,
     d = tl.arange(0, DP)
     b64 = b.to(tl.int64)
     q = tl.load(Q + b64 * sqb + hq[:, None] * sqh + d[None, :], mask=gm[:, None] & (d[None, :] < D), other=0.0)
-    lse = _lse2(MP, LP, b * HKV * G + hq, gm, NSPLIT)
+    lse = _lse2(MP, LP, b * HKV * G + hq, gm, NSPLIT, NSPLIT)
     lg_row = LG + row.to(tl.int64) * stride_lg
     c_row = CAND + row.to(tl.int64) * KCMAX
     e_row = EX + row.to(tl.int64) * KCMAX * G
@@ -516,7 +521,7 @@ def _rerank_scores_kernel(EX, PA, P8, MP, LP, CNT, START32, END32, COUNTS, VALS,
         tl.store(COUNTS + b, kk)
     g = tl.arange(0, GPAD)
     gm = g < G
-    lse8 = _lse2(MP, LP, b * HKV * G + h * G + g, gm, NSPLIT)
+    lse8 = _lse2(MP, LP, b * HKV * G + h * G + g, gm, NSPLIT, NSPLIT)
     parts = tl.arange(0, NS3)
     part = (row * NS3 + parts)[:, None] * GPAD + g[None, :]
     a_ex = tl.sum(tl.load(PA + part), 0)
@@ -590,7 +595,8 @@ def _combine(op, mp, lp, out, dims, nsplit, pdl=0):
     dblk = min(dims["DVP"], CONFIG["combine"]["DBLK"])
     _decode_combine_kernel[(dims["B"] * dims["HQ"], dims["DVP"] // dblk)](
         op, mp, lp, out, out.stride(0), out.stride(1), dims["HQ"],
-        DV=dims["DV"], DVP=dims["DVP"], NSPLIT=nsplit, DBLK=dblk, PDL=pdl, num_warps=CONFIG["combine"]["num_warps"],
+        DV=dims["DV"], DVP=dims["DVP"], NSPLIT=nsplit, SPAD=split_pad(nsplit), DBLK=dblk, PDL=pdl,
+        num_warps=CONFIG["combine"]["num_warps"],
         **ts.pdl_kwargs(pdl))
     return out
 
@@ -661,7 +667,8 @@ def _anchor_core(q, krows: KVRows, vrows: KVRows, dm, start, end, rho, k_min, ti
     cp = CONFIG["pool"]
     _decode_pool_kernel[(R, nchunk)](
         lg, mp, lp, scores, ws.hist, start32, end32, N, lg.stride(0), ln, chunk, HKV,
-        G=dm["G"], GP=_pow2(dm["G"]), NSPLIT=s1, BLOCK=cp["BLOCK"], PREFETCH=cp["prefetch"], PDL=pdl,
+        G=dm["G"], GP=_pow2(dm["G"]), NSPLIT=s1, SPAD=split_pad(s1), BLOCK=cp["BLOCK"], PREFETCH=cp["prefetch"],
+        PDL=pdl,
         num_warps=cp["num_warps"], **ts.pdl_kwargs(pdl))
     idx = torch.empty(R, kmax, dtype=torch.int32, device=dev)
     if CONFIG["select"]["candidates"]:

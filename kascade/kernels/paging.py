@@ -238,7 +238,8 @@ def pool_rows(cache: PagedKV, which: str = "key") -> KVRows:
 RESOLVE_BLOCK = 256
 
 
-@triton.jit(do_not_specialize=["K", "U"])  # the budget and tile count change with every length
+# K and U (the budget and the tile count) change with every length; HKV is 1 in head-granular views
+@triton.jit(do_not_specialize=["K", "U", "HKV"])
 def _resolve_rows_kernel(IDX, CNT, BT, ROWS, K, U, HKV, s_bt, PAGE: tl.constexpr, BLOCK: tl.constexpr):
     """ROWS[r, j] = BT[b, IDX[r, j] // PAGE] * PAGE + IDX[r, j] % PAGE for the counts[b, u] valid slots of row r."""
     r = tl.program_id(0)  # (b * HKV + h) * U + u

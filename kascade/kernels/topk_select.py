@@ -68,6 +68,7 @@ HIST_BINS = 256
 LAST_BINS = 128
 BLOCK_SEL = 1024  # keys per step of the select kernels; chunks are multiples of it
 FINISH_MAX = 4 * BLOCK_SEL  # candidate path: rows with more candidates take the chunked finish
+MAX_CHUNKS = 64  # chunks per row (plan_chunks): the compaction kernels read the chunk counts through this range
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,7 +187,7 @@ def _crowded_only(H_row, kk, lo, hi, FINISH_MAX, FALLBACK: tl.constexpr):
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["N", "CHUNK", "FINISH_MAX"])
+@triton.jit(do_not_specialize=["N", "CHUNK", "FINISH_MAX", "ROWS_PER_B"])
 def _radix_hist_kernel(S, H, KB, START, END, N, stride_s, CHUNK, ROWS_PER_B,
                        LEVEL: tl.constexpr, BLOCK: tl.constexpr, HAS_END: tl.constexpr, FINISH_MAX=0,
                        FALLBACK: tl.constexpr = False):
@@ -219,7 +220,7 @@ def _radix_hist_kernel(S, H, KB, START, END, N, stride_s, CHUNK, ROWS_PER_B,
     tl.atomic_add(H_row + (LEVEL - 1) * 256 + bins, acc, mask=acc > 0, sem="relaxed")
 
 
-@triton.jit(do_not_specialize=["N", "CHUNK", "FINISH_MAX", "NCHUNK"])  # NCHUNK (set by the rows) only addresses
+@triton.jit(do_not_specialize=["N", "CHUNK", "FINISH_MAX", "NCHUNK", "ROWS_PER_B"])  # NCHUNK (set by the rows) only addresses
 def _radix_last_kernel(S, H, H4S, GT, KB, START, END, N, stride_s, CHUNK, ROWS_PER_B,
                        NCHUNK, BLOCK: tl.constexpr, HAS_END: tl.constexpr, LEVEL: tl.constexpr = 4,
                        PREFETCH: tl.constexpr = False, PDL: tl.constexpr = 0, FINISH_MAX=0,
@@ -267,23 +268,25 @@ def _radix_last_kernel(S, H, H4S, GT, KB, START, END, N, stride_s, CHUNK, ROWS_P
 
 
 @triton.jit
-def _compact_setup(H_row, H4S_row, GT_row, c, kk, NCHUNK: tl.constexpr, LEVEL: tl.constexpr = 4):
+def _compact_setup(H_row, H4S_row, GT_row, c, kk, NCHUNK, CPAD: tl.constexpr, LEVEL: tl.constexpr = 4):
     """Threshold, wanted ties and this chunk's first slots, from the counted level LEVEL (4, or 2).
 
     LEVEL 4: T is the full key of the k-th largest; r ties at T are wanted. LEVEL 2: T is the 16-bit
     prefix (bits 30..15) of the k-th largest, and the r "ties" are the keys still wanted among the
     candidates with that prefix. Returns (T, r, gt_base, eq_base, gt_total); gt_total == k - r keys
     lie above T (above the prefix, for LEVEL 2) and eq_base counts the chunks' keys equal to T before c.
+    The NCHUNK <= CPAD chunks' counts are read through the constexpr range CPAD.
     """
     NB: tl.constexpr = 128 if LEVEL == 4 else 256
     prefix, want = _prefix(H_row, kk, LEVEL - 1)
     d, r = _descend(tl.load(H_row + (LEVEL - 1) * 256 + tl.arange(0, NB)), want, NB)
     thr = prefix * NB + d
-    cidx = tl.arange(0, NCHUNK)
-    at = tl.load(H4S_row + cidx * NB + d)  # keys of each chunk with digit >= d
-    above = tl.load(H4S_row + cidx * NB + tl.minimum(d + 1, NB - 1))  # digit > d (none when d is the top bin)
-    above = tl.where(d < NB - 1, above, 0)
-    gt_c = tl.load(GT_row + cidx) + above
+    cidx = tl.arange(0, CPAD)
+    cm = cidx < NCHUNK
+    at = tl.load(H4S_row + cidx * NB + d, mask=cm, other=0)  # keys of each chunk with digit >= d
+    above = tl.load(H4S_row + cidx * NB + tl.minimum(d + 1, NB - 1), mask=cm, other=0)  # digit > d (none when d
+    above = tl.where(d < NB - 1, above, 0)                                                # is the top bin)
+    gt_c = tl.load(GT_row + cidx, mask=cm, other=0) + above
     eq_c = at - above
     gt_base = tl.sum(tl.where(cidx < c, gt_c, 0), 0)
     eq_base = tl.sum(tl.where(cidx < c, eq_c, 0), 0)
@@ -301,10 +304,10 @@ def _compact_block(key, offs, valid, thr, r, gt_base, eq_base, gt_total):
     return take, slot, tl.sum(gt, 0), tl.sum(eq, 0)
 
 
-@triton.jit(do_not_specialize=["N", "CHUNK", "KMAX", "FINISH_MAX"])
+@triton.jit(do_not_specialize=["N", "CHUNK", "KMAX", "FINISH_MAX", "NCHUNK", "ROWS_PER_B"])
 def _radix_compact_kernel(S, H, H4S, GT, KB, START, END, IDX, N, stride_s, stride_i, CHUNK, ROWS_PER_B, KMAX,
-                          NCHUNK: tl.constexpr, BLOCK: tl.constexpr, HAS_END: tl.constexpr, FINISH_MAX=0,
-                          FALLBACK: tl.constexpr = False):
+                          NCHUNK, BLOCK: tl.constexpr, HAS_END: tl.constexpr, FINISH_MAX=0,
+                          FALLBACK: tl.constexpr = False, CPAD: tl.constexpr = MAX_CHUNKS):
     """Write the positions of the k largest keys of the row (see the module docstring for the order).
     FALLBACK as in _radix_hist_kernel."""
     row = tl.program_id(0)
@@ -313,7 +316,7 @@ def _radix_compact_kernel(S, H, H4S, GT, KB, START, END, IDX, N, stride_s, strid
     kk = tl.load(KB + b)
     start = tl.load(START + b)
     thr, r, gt_base, eq_base, gt_total = _compact_setup(H + row * 1024, H4S + row * NCHUNK * 128, GT + row * NCHUNK,
-                                                        c, kk, NCHUNK)
+                                                        c, kk, NCHUNK, CPAD)
     lo, hi = _chunk_bounds(c, CHUNK, start, N, END, b, HAS_END)
     hi = _crowded_only(H + row * 1024, kk, lo, hi, FINISH_MAX, FALLBACK)
     s_row = S + row.to(tl.int64) * stride_s
@@ -332,10 +335,10 @@ def _radix_compact_kernel(S, H, H4S, GT, KB, START, END, IDX, N, stride_s, strid
             tl.store(i_row + offs, tl.full([BLOCK], -1, tl.int32), mask=offs < KMAX)
 
 
-@triton.jit(do_not_specialize=["N", "CHUNK", "KMAX"])
+@triton.jit(do_not_specialize=["N", "CHUNK", "KMAX", "NCHUNK", "ROWS_PER_B"])
 def _radix_split_kernel(S, H, H2S, GT, KB, START, END, IDX, CAND, N, stride_s, stride_i, stride_c, CHUNK, ROWS_PER_B,
-                        KMAX, NCHUNK: tl.constexpr, BLOCK: tl.constexpr, HAS_END: tl.constexpr,
-                        PREFETCH: tl.constexpr = False, PDL: tl.constexpr = 0):
+                        KMAX, NCHUNK, BLOCK: tl.constexpr, HAS_END: tl.constexpr,
+                        PREFETCH: tl.constexpr = False, PDL: tl.constexpr = 0, CPAD: tl.constexpr = MAX_CHUNKS):
     """Candidate path: keys above the threshold's 16-bit prefix go to IDX slots [0, k - w) in ascending
     position (w: keys still wanted among the candidates); keys with that prefix (the candidates) go to
     CAND[row, :count] in ascending position. PREFETCH as in _radix_last_kernel.
@@ -351,7 +354,7 @@ def _radix_split_kernel(S, H, H2S, GT, KB, START, END, IDX, CAND, N, stride_s, s
     if PREFETCH:
         key_next = _keys(s_row, lo, hi, BLOCK)
     p16, r, gt_base, eq_base, gt_total = _compact_setup(H + row * 1024, H2S + row * NCHUNK * 256, GT + row * NCHUNK,
-                                                        c, kk, NCHUNK, 2)
+                                                        c, kk, NCHUNK, CPAD, 2)
     i_row = IDX + row.to(tl.int64) * stride_i
     c_row = CAND + row.to(tl.int64) * stride_c
     for n0 in range(lo, hi, BLOCK):
@@ -411,7 +414,7 @@ def _finish_row(H_row, kk, s_row, c_row, i_row, KMAX, FINISH_MAX, BLOCK: tl.cons
         tl.store(i_row + offs, tl.full([BLOCK], -1, tl.int32), mask=offs < KMAX)
 
 
-@triton.jit(do_not_specialize=["KMAX", "FINISH_MAX"])
+@triton.jit(do_not_specialize=["KMAX", "FINISH_MAX", "ROWS_PER_B"])
 def _radix_finish_kernel(S, H, KB, IDX, CAND, stride_s, stride_i, stride_c, ROWS_PER_B, KMAX, FINISH_MAX,
                          BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
     """Candidate path, one program per row of at most FINISH_MAX candidates: levels 3-4 over the candidates,
@@ -441,10 +444,10 @@ def _pow2_at_least(x: int) -> int:
 def plan_chunks(rows: int, n: int, device, per_sm: int = 4, block: int = BLOCK_SEL):
     """(number of chunks per row, chunk length): about per_sm programs per SM, chunks of whole blocks.
 
-    The number of chunks depends on the rows only (it is a compile-time constant of the kernels);
-    chunks past a short row are empty programs.
+    The number of chunks depends on the rows only (a run-time argument of the kernels: every batch size shares
+    one compiled variant); chunks past a short row are empty programs.
     """
-    nchunk = max(1, min(64, _pow2_at_least(triton.cdiv(per_sm * num_sms(device), max(1, rows)))))
+    nchunk = max(1, min(MAX_CHUNKS, _pow2_at_least(triton.cdiv(per_sm * num_sms(device), max(1, rows)))))
     chunk = triton.cdiv(triton.cdiv(n, nchunk), block) * block
     return nchunk, chunk
 
