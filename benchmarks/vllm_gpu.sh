@@ -28,7 +28,9 @@
 #   bash benchmarks/vllm_gpu.sh serve      benchmarks/vllm_serving.py serve: vllm serve + 16 concurrent requests,
 #                                          with the plan and on vLLM dense (the control); the server needs uvicorn,
 #                                          uvloop, aiohttp, ...: run `bash benchmarks/vllm_serve_deps.sh download`
-#                                          here once and also carry ".vllm/serve_whl"
+#                                          here once and also carry ".vllm/serve_whl"; INVARIANT=1 runs both
+#                                          in vLLM's batch-invariant mode instead (VLLM_BATCH_INVARIANT=1:
+#                                          serve_invariant*.json)
 #   bash benchmarks/vllm_gpu.sh report     both reports from the cells in /tmp (they also run on this machine:
 #                                          python benchmarks/vllm_serving.py report --work DIR; same for the check)
 # Every stage copies what it makes to $OUT (cell JSON files and logs). SEED=DIR (default .vllm_cells, if carried)
@@ -79,8 +81,10 @@ serve)  # with the plan, then the same run on vLLM dense (the control: what pree
   # vLLM's OpenAI server needs modules the parts leave out (benchmarks/vllm_serve_deps.sh; carry .vllm/serve_whl)
   bash benchmarks/vllm_serve_deps.sh install
   mkdir -p "$OUT/bench" /tmp/vllm_bench
-  python3 benchmarks/vllm_serving.py serve --out /tmp/vllm_bench/serve.json || true
-  python3 benchmarks/vllm_serving.py serve --plan none --out /tmp/vllm_bench/serve_dense.json || true
+  name=serve flags=()
+  if [ "${INVARIANT:-0}" = 1 ]; then name=serve_invariant flags=(--batch-invariant); fi
+  python3 benchmarks/vllm_serving.py serve "${flags[@]}" --out "/tmp/vllm_bench/$name.json" || true
+  python3 benchmarks/vllm_serving.py serve "${flags[@]}" --plan none --out "/tmp/vllm_bench/${name}_dense.json" || true
   cp /tmp/vllm_bench/serve*.json /tmp/vllm_bench/serve*.server.log "$OUT/bench/"
   ;;
 report)

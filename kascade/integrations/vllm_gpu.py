@@ -62,6 +62,9 @@ Refused with a plan (ValueError at engine start, naming the setting): sliding wi
 soft-capping, attention sinks, quantized (fp8) KV caches, encoder and cross attention, pipeline and
 context parallelism, speculative decoding, and, with select_keys "fp8", a layer sharing another layer's
 cache (kv_sharing_target_layer_name: vLLM never writes its cache, so its copy would never be written).
+Batch invariance: with vLLM's VLLM_BATCH_INVARIANT=1 (vLLM then runs FlashAttention unsplit and its own
+batch-invariant matmuls), the backend sets kascade.kernels.decode.CONFIG["batch_invariant"]: the decode kernels
+split each request's keys as if it ran alone, so a request's tokens do not depend on the requests beside it.
 KASCADE_VLLM_CHECK_LENS=1 compares the host lengths with the device's at every mixed step (one
 device-to-host copy each; for checks, not for timing).
 """
@@ -75,6 +78,7 @@ import torch
 from kascade.fp8keys import PagedKeyCopies
 from kascade.integrations import vllm_adapter as adapter
 from kascade.integrations.vllm import SELECT_KEYS_KEY, plan_options, setup_layer
+from kascade.kernels import decode as decode_kernels
 
 CHECK_LENS_ENV = "KASCADE_VLLM_CHECK_LENS"
 HOST_ATTR = "kascade_host_lens"  # the (seq_lens, query_start_loc) host tuples attached to a step's metadata
@@ -202,6 +206,9 @@ def _backend_classes():
             setup_layer(self, v.get_current_vllm_config(), logger, " (FlashAttention backend)", sliding_window,
                         alibi_slopes, logits_soft_cap, sinks, kv_cache_dtype, attn_type, v.AttentionType.DECODER)
             self.key_copies = None  # this layer's PagedKeyCopies (select_keys "fp8"), made when its cache is first seen
+            if self.kascade is not None and adapter.batch_invariant():
+                decode_kernels.CONFIG["batch_invariant"] = True
+                logger.info_once("Kascade: batch-invariant mode (VLLM_BATCH_INVARIANT): decode splits sized per request")
             fp8 = self.kascade is not None and self.kascade.select_keys == "fp8"
             if fp8 and kv_sharing_target_layer_name is not None:
                 raise ValueError(f"kv_sharing_target_layer_name: with {SELECT_KEYS_KEY} 'fp8' every selecting layer "

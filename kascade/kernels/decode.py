@@ -96,6 +96,11 @@ CONFIG = {
     # "exit" measured fastest on every shape of benchmarks/decode_shapes.py (H200: anchor -1 to -2 us,
     # whole model +1-2%; "start" slows the anchor by up to 4 us)
     "pdl": os.environ.get("KASCADE_DECODE_PDL", "exit"),
+    # batch_invariant: each request's keys are split as if it were alone (splits from one request's rows, the
+    # "sparse" setting at every size), so its output does not depend on the batch it runs in (bitwise, for a
+    # given GPU and lengths); what vLLM's VLLM_BATCH_INVARIANT asks of every kernel, which sets it
+    # (kascade.integrations.vllm_gpu). Costs large batches some speed: more, shorter splits.
+    "batch_invariant": os.environ.get("KASCADE_BATCH_INVARIANT", "0") == "1",
 }
 
 
@@ -132,6 +137,13 @@ def _splits(rows: int, device, per_sm: int) -> int:
     beyond a short sequence's work are empty programs that return at once.
     """
     return max(1, min(256, _pow2(triton.cdiv(per_sm * ts.num_sms(device), max(1, rows)))))
+
+
+def _step_splits(dm, device, per_sm: int) -> int:
+    """Splits per row of a step: sized for the rows of the whole batch (B * Hkv), or, with
+    CONFIG["batch_invariant"], for one request's rows (Hkv): a request's keys are then split alike in every batch."""
+    rows = dm["HKV"] if CONFIG["batch_invariant"] else dm["B"] * dm["HKV"]
+    return _splits(rows, device, per_sm)
 
 
 def _f32_parts(x: float):
@@ -637,7 +649,7 @@ def _anchor_core(q, krows: KVRows, vrows: KVRows, dm, start, end, rho, k_min, ti
     ln = triton.cdiv(N, 16) * 16
     dense = output == "dense"
     cl = CONFIG["logits_dense" if dense else "logits"]
-    s1 = _splits(R, dev, cl["per_sm"])
+    s1 = _step_splits(dm, dev, cl["per_sm"])
     nchunk, chunk = ts.plan_chunks(R, N, dev, CONFIG["select"]["per_sm"])
     lg = torch.empty(R, ln, dm["G"], dtype=torch.float32, device=dev)  # logits, G contiguous per key
     mp = torch.empty(B * HQ, s1, dtype=torch.float32, device=dev)
@@ -711,8 +723,9 @@ def _sparse(q, krows: KVRows, vrows: KVRows, idx, idx_strides, counts, head_map,
     if logits is not None and own is None:
         cs = CONFIG["sparse_out"]
     else:
-        cs = CONFIG["sparse_large" if R * idx.shape[-1] >= CONFIG["sparse_large_from"] else "sparse"]
-    s2 = _splits(R, dev, cs["per_sm"])
+        large = R * idx.shape[-1] >= CONFIG["sparse_large_from"] and not CONFIG["batch_invariant"]
+        cs = CONFIG["sparse_large" if large else "sparse"]
+    s2 = _step_splits(dm, dev, cs["per_sm"])
     op = torch.empty(B * HQ, s2, dm["DVP"], dtype=torch.float32, device=dev)
     mp = torch.empty(B * HQ, s2, dtype=torch.float32, device=dev)
     lp = torch.empty_like(mp)
@@ -738,7 +751,7 @@ def _dense_core(q, krows: KVRows, vrows: KVRows, dm, start, end, scale):
     B, HQ, HKV, N = dm["B"], dm["HQ"], dm["HKV"], dm["N"]
     R, dev = B * HKV, q.device
     cl = CONFIG["logits_dense"]
-    s1 = _splits(R, dev, cl["per_sm"])
+    s1 = _step_splits(dm, dev, cl["per_sm"])
     mp = torch.empty(B * HQ, s1, dtype=torch.float32, device=dev)
     lp = torch.empty_like(mp)
     op = torch.empty(B * HQ, s1, dm["DVP"], dtype=torch.float32, device=dev)
@@ -902,7 +915,7 @@ def _fp8_select(q, k8rows: KVRows, ksrows: KVRows, krows: KVRows | None, kv_head
     kcmax = buf["kmax"]
     kmax = triton.cdiv(max(1, budget(dm["N"], rho, k_min)), 16) * 16
     cr = CONFIG["rerank"]
-    s3 = _splits(R, dev, cr["per_sm"])
+    s3 = _step_splits(dm, dev, cr["per_sm"])
     ex = torch.empty(R, kcmax, G, dtype=torch.float32, device=dev)
     pa = torch.empty(R, s3, dm["GPAD"], dtype=torch.float32, device=dev)
     p8 = torch.empty_like(pa)
