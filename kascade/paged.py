@@ -61,6 +61,7 @@ import torch
 from kascade import reference
 from kascade.budget import check_budget
 from kascade.checks import FLOAT_DTYPES, check_head_map
+from kascade.host import to_device
 from kascade import ops, paged_kernels
 from kascade.paged_kernels import use_kernels
 from kascade.resume import split_generated
@@ -413,8 +414,8 @@ def _sub_index(keep: list[int], device, block_table, seq_lens, query_start_loc, 
     sub_qsl = [0]
     for r in keep:
         sub_qsl.append(sub_qsl[-1] + qsl[r + 1] - qsl[r])
-    idx = torch.tensor(keep, dtype=torch.int64, device=seq_lens.device)
-    sub_qsl_t = torch.tensor(sub_qsl, dtype=query_start_loc.dtype, device=query_start_loc.device)
+    idx = to_device(keep, torch.int64, seq_lens.device)
+    sub_qsl_t = to_device(sub_qsl, query_start_loc.dtype, query_start_loc.device)
     return (rows, block_table[idx.to(block_table.device)], seq_lens[idx], sub_qsl_t,
             ([lens[r] for r in keep], sub_qsl))
 
@@ -460,7 +461,7 @@ def _dense_of_pieces(dense, split, qsl):
                 for t in range(split.query_start_loc[e], split.query_start_loc[e + 1])]
         if rows == list(range(out.shape[0])):
             return out
-        return out[torch.tensor(rows, dtype=torch.int64, device=out.device)]
+        return out[to_device(rows, torch.int64, out.device)]
 
     return run
 
@@ -557,11 +558,10 @@ class PagedKascadeStrategy:
         if self._resumed_step is None or self._resumed_step[0] != key:
             split, tensors = split_generated(lens, qsl, decode_from), None
             if split is not None:
-                origin = torch.tensor(split.origin, dtype=torch.int64, device=block_table.device)
+                origin = to_device(split.origin, torch.int64, block_table.device)
                 tensors = (block_table.index_select(0, origin),
-                           torch.tensor(split.seq_lens, dtype=seq_lens.dtype, device=seq_lens.device),
-                           torch.tensor(split.query_start_loc, dtype=query_start_loc.dtype,
-                                        device=query_start_loc.device))
+                           to_device(split.seq_lens, seq_lens.dtype, seq_lens.device),
+                           to_device(split.query_start_loc, query_start_loc.dtype, query_start_loc.device))
             self._resumed_step = (key, split, tensors)
         return self._resumed_step[1:]
 

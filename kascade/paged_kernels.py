@@ -19,6 +19,7 @@ import os
 import torch
 
 from kascade import ops
+from kascade.host import to_device
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -47,7 +48,7 @@ def _cache(key_cache, value_cache, block_table, seq_lens, reqs, lens=None):
     the lengths back from the device)."""
     from kascade.kernels.paging import PagedKV  # Triton is imported only when the kernels run
 
-    idx = torch.tensor(reqs, dtype=torch.long, device=block_table.device)
+    idx = to_device(reqs, torch.long, block_table.device)
     return PagedKV(key_cache, value_cache, block_table[idx].to(torch.int32).contiguous(),
                    seq_lens.to(key_cache.device)[idx.to(key_cache.device)].to(torch.int32),
                    None if lens is None else tuple(int(lens[r]) for r in reqs))
@@ -55,7 +56,7 @@ def _cache(key_cache, value_cache, block_table, seq_lens, reqs, lens=None):
 
 def _decode_q(q, qsl, reqs):
     """[Rd, Hq, 1, D] queries of the decode requests."""
-    rows = torch.tensor([qsl[r] for r in reqs], dtype=torch.long, device=q.device)
+    rows = to_device([qsl[r] for r in reqs], torch.long, q.device)
     return q[rows].unsqueeze(2), rows
 
 
@@ -135,7 +136,7 @@ def reuse(out, q, key_cache, value_cache, block_table, seq_lens, lens, qsl, sele
     rows_ok = selection.pool_rows is not None and selection.pool_table is block_table
     if dec:
         qd, rows = _decode_q(q, qsl, dec)
-        idx = torch.tensor(dec, dtype=torch.long, device=selection.indices.device)
+        idx = to_device(dec, torch.long, selection.indices.device)
         cache = _cache(key_cache, value_cache, block_table, seq_lens, dec, lens)
         pool = PoolRows(selection.pool_rows[idx, :, :1], cache.block_table) if rows_ok else None
         sel = KD.PagedDecodeSelection(selection.indices[idx, :, :1], selection.counts[idx, :1],

@@ -331,6 +331,28 @@ def test_sub_batch_metadata_rebases_the_requests():
     assert sub.scheduler_metadata is None and sub.max_num_splits == 0 and md.scheduler_metadata is not None
 
 
+def test_a_steps_sub_batch_is_made_once_for_all_its_layers(monkeypatch):
+    """Every layer of a mixed step hands FlashAttention the same sub-batch: made at the first layer, kept on the
+    step's metadata object, made again for other requests or another step's metadata."""
+    import kascade.integrations.vllm_gpu as g
+
+    made = []
+    real = g.sub_batch_metadata
+    monkeypatch.setattr(g, "sub_batch_metadata", lambda *a: made.append(a[1]) or real(*a))
+    b, _ = make_batch([300, 40, 170, 90], [1, 40, 64, 1], hq=8, hkv=4, d=16)
+    md = _metadata(b, 106)
+    md.scheduler_metadata = torch.zeros(4)
+    lens, qsl = [300, 40, 170, 90], b["query_start_loc"].tolist()
+    first = g.step_sub_batch(md, [1, 3], lens, qsl)
+    assert all(g.step_sub_batch(md, [1, 3], lens, qsl) is first for _ in range(3)) and made == [[1, 3]]
+    g.step_sub_batch(md, [2], lens, qsl)
+    other = _metadata(b, 106)
+    other.scheduler_metadata = torch.zeros(4)
+    again = g.step_sub_batch(other, [1, 3], lens, qsl)
+    assert made == [[1, 3], [2], [1, 3]] and again is not first
+    assert again[1].tolist() == first[1].tolist() == list(range(1, 41)) + [105]
+
+
 # ----------------------------------------------------------------------------------------------
 # selection from an FP8 copy of the keys (additional_config kascade_select_keys "fp8")
 # ----------------------------------------------------------------------------------------------

@@ -76,12 +76,14 @@ import os
 import torch
 
 from kascade.fp8keys import PagedKeyCopies
+from kascade.host import to_device
 from kascade.integrations import vllm_adapter as adapter
 from kascade.integrations.vllm import SELECT_KEYS_KEY, plan_options, setup_layer
 from kascade.kernels import decode as decode_kernels
 
 CHECK_LENS_ENV = "KASCADE_VLLM_CHECK_LENS"
 HOST_ATTR = "kascade_host_lens"  # the (seq_lens, query_start_loc) host tuples attached to a step's metadata
+SUB_ATTR = "kascade_sub_batches"  # {requests: (metadata, token rows)} of the step's FlashAttention sub-batches
 
 
 def host_lens(attn_metadata) -> tuple:
@@ -108,16 +110,28 @@ def sub_batch_metadata(attn_metadata, reqs: list[int], lens, qsl):
     query_start_loc is re-based to the sub-batch, seq_lens and block_table take the requests' rows, the
     maxima are the sub-batch's; FlashAttention then attends exactly those requests as the whole step would."""
     dev = attn_metadata.query_start_loc.device
-    rows = torch.cat([torch.arange(qsl[r], qsl[r + 1]) for r in reqs]).to(dev)
+    rows = to_device([t for r in reqs for t in range(qsl[r], qsl[r + 1])], torch.long, dev)
     qlens = [qsl[r + 1] - qsl[r] for r in reqs]
-    sub_qsl = torch.tensor([0] + qlens, dtype=attn_metadata.query_start_loc.dtype).cumsum(0).to(
-        attn_metadata.query_start_loc.dtype).to(dev)
-    idx = torch.tensor(reqs, dtype=torch.long, device=dev)
+    sub_qsl = to_device([sum(qlens[:i]) for i in range(len(qlens) + 1)], attn_metadata.query_start_loc.dtype, dev)
+    idx = to_device(reqs, torch.long, dev)
     md = adapter.flash_sub_metadata(
         attn_metadata, num_actual_tokens=int(rows.shape[0]), max_query_len=max(qlens), query_start_loc=sub_qsl,
         max_seq_len=max(lens[r] for r in reqs), seq_lens=attn_metadata.seq_lens[idx],
         block_table=attn_metadata.block_table[idx])
     return md, rows
+
+
+def step_sub_batch(attn_metadata, reqs: list[int], lens, qsl):
+    """sub_batch_metadata, made once per step and requests: kept on the step's metadata, which every layer of the
+    step shares (the layers of a mixed step hand FlashAttention the same sub-batch)."""
+    made = getattr(attn_metadata, SUB_ATTR, None)
+    if made is None:
+        made = {}
+        setattr(attn_metadata, SUB_ATTR, made)
+    key = tuple(reqs)
+    if key not in made:
+        made[key] = sub_batch_metadata(attn_metadata, reqs, lens, qsl)
+    return made[key]
 
 
 def capturing(t: torch.Tensor) -> bool:
@@ -208,7 +222,8 @@ def _backend_classes():
             self.key_copies = None  # this layer's PagedKeyCopies (select_keys "fp8"), made when its cache is first seen
             if self.kascade is not None and adapter.batch_invariant():
                 decode_kernels.CONFIG["batch_invariant"] = True
-                logger.info_once("Kascade: batch-invariant mode (VLLM_BATCH_INVARIANT): decode splits sized per request")
+                logger.info_once("Kascade: batch-invariant mode (VLLM_BATCH_INVARIANT): decode splits sized per "
+                                 "request")
             fp8 = self.kascade is not None and self.kascade.select_keys == "fp8"
             if fp8 and kv_sharing_target_layer_name is not None:
                 raise ValueError(f"kv_sharing_target_layer_name: with {SELECT_KEYS_KEY} 'fp8' every selecting layer "
@@ -283,7 +298,7 @@ def _backend_classes():
                 if reqs == every:
                     self._flash(layer, query, key, value, kv_cache, md, output)
                     return out3[:n_tok]
-                sub, rows = sub_batch_metadata(md, reqs, lens, qsl)
+                sub, rows = step_sub_batch(md, reqs, lens, qsl)
                 o = torch.empty(rows.shape[0], *out3.shape[1:], dtype=output.dtype, device=output.device)
                 k_sub = key[rows] if key is not None else None
                 v_sub = value[rows] if value is not None else None
