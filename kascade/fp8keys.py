@@ -48,6 +48,7 @@ import torch
 from kascade import reference
 from kascade.budget import budget, check_budget
 from kascade.checks import check_attention_inputs, resolve_kv_len, resolve_kv_start
+from kascade.host import to_device
 
 E4M3 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3 value
@@ -130,7 +131,7 @@ def check_select_args(q, key_copy, rerank, k, kv_heads, paged: bool = False):
     heads = [int(h) for h in (kv_heads.tolist() if isinstance(kv_heads, torch.Tensor) else kv_heads)]
     if len(heads) != s or any(not 0 <= h < hkv for h in heads):
         raise ValueError(f"kv_heads: expected {s} KV heads of k (< {hkv}), one per copy head, got {heads}")
-    return k8, ks, torch.tensor(heads, dtype=torch.int32, device=q.device)
+    return k8, ks, to_device(heads, torch.int32, q.device)
 
 
 def check_rerank_keys(k, k8, q) -> None:

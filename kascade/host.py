@@ -7,7 +7,7 @@ layer, that is a stall per tensor per layer. `to_device` stages the values in pi
 asynchronously (PyTorch's pinned-memory cache keeps the staging buffer until the copy has run); elsewhere (CPU,
 the interpreter) it is the plain `torch.tensor`.
 
-    to_device(values, dtype, device) -> tensor [len(values)] of dtype on device
+    to_device(values, dtype, device) -> values (a sequence of numbers, or a CPU tensor) as dtype on device
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ import torch
 
 
 def to_device(values, dtype: torch.dtype, device) -> torch.Tensor:
-    """values (a sequence of Python numbers) as a 1-D tensor of dtype on device; asynchronous on CUDA."""
+    """values (a sequence of Python numbers, or a tensor on the host) as a tensor of dtype on device, same shape;
+    asynchronous on CUDA."""
     device = torch.device(device)
+    host = values.to(dtype) if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
     if device.type != "cuda":
-        return torch.tensor(values, dtype=dtype, device=device)
-    return torch.tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)

@@ -26,3 +26,8 @@ def test_cuda_copy_is_asynchronous_and_exact():
     busy = not torch.cuda.current_stream().query()
     assert t.device.type == "cuda" and t.dtype == torch.int64 and t.tolist() == list(range(1000))
     assert busy, "to_device waited for the stream"
+
+
+def test_host_tensors_keep_their_shape():
+    t = to_device(torch.tensor([[1, 2], [3, 4]], dtype=torch.int64), torch.int32, "cpu")
+    assert t.tolist() == [[1, 2], [3, 4]] and t.dtype == torch.int32

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kascade.host import to_device
+
 
 @triton.jit
 def seq_span(b, KV_START, KV_END, N_CACHE, HAS_END: tl.constexpr):
@@ -176,7 +178,7 @@ def gather_contiguous(cache: PagedKV, lengths=None):
     n_max = max(lengths)
     k, v = (None if t is None else _gather(cache, t, lengths, n_max, left_pad=True)
             for t in (cache.key_cache, cache.value_cache))
-    kv_start = torch.tensor([n_max - n for n in lengths], dtype=torch.int64, device=cache.key_cache.device)
+    kv_start = to_device([n_max - n for n in lengths], torch.int64, cache.key_cache.device)
     return k, v, kv_start
 
 

@@ -41,6 +41,7 @@ import triton.language as tl
 from kascade import reference
 from kascade.budget import budget_tensor, check_budget
 from kascade.checks import check_attention_inputs, check_head_map, resolve_kv_start
+from kascade.host import to_device
 from kascade.kernels import prefill_pool_gluon
 from kascade.kernels.prefill_pool import LOG2E, UPCAST_DOT, lse_scratch, mma, pooled_scores_chunk, row_layout
 from kascade.kernels.paging import (
@@ -290,7 +291,7 @@ def _select(q, krows: KVRows, kv_i32, kv_end_i32, starts, lengths, rho, k_min, t
     u_max = counts_h.shape[1]
     k_max = max(1, int(counts_h.max()))
     dev = q.device
-    counts = counts_h.to(dev)
+    counts = to_device(counts_h, counts_h.dtype, dev)
     indices = torch.empty(bsz, hkv, u_max, k_max, dtype=torch.int32, device=dev)
     if POISON_BUFFERS:
         indices.fill_(-7)
@@ -325,7 +326,7 @@ def _select(q, krows: KVRows, kv_i32, kv_end_i32, starts, lengths, rho, k_min, t
                             kv_end_i32=kv_end_i32)
         else:
             _torch_topk_chunk(pooled, indices, counts_h, starts, first, u0, c, tile, n_max)
-    return PrefillSelection(indices, counts, torch.tensor(first, dtype=torch.int64, device=dev), tile, False,
+    return PrefillSelection(indices, counts, to_device(first, torch.int64, dev), tile, False,
                             host_spans=(starts, lengths))
 
 

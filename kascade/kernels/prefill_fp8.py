@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from kascade import fp8keys
+from kascade.host import to_device
 from kascade.kernels.paging import KVRows, PagedKV, contiguous_rows, resolve_rows, row_offsets
 from kascade.kernels.paging import gather_keys as gather_keys_of
 from kascade.kernels.paging import gathered_ends
@@ -257,7 +258,7 @@ def _select(q, k8rows: KVRows, ksrows: KVRows, krows: KVRows | None, kh, kv_i32,
     u_max = counts_h.shape[1]
     k_max, kc_max = max(1, int(counts_h.max())), max(1, int(cand_h.max()))
     dev = q.device
-    counts, counts_c = counts_h.to(dev), cand_h.to(dev)
+    counts, counts_c = to_device(counts_h, counts_h.dtype, dev), to_device(cand_h, cand_h.dtype, dev)
     indices = torch.empty(bsz, hkv, u_max, k_max, dtype=torch.int32, device=dev)
     row_len = max(ft + nt - 1 for ft, nt in zip(first, ntiles)) * tile
     row_stride = max(32, triton.cdiv(row_len, 32) * 32)
@@ -288,7 +289,7 @@ def _select(q, k8rows: KVRows, ksrows: KVRows, krows: KVRows | None, kh, kv_i32,
                         kv_end_i32=kv_end_i32, out_u0=u0)
         _rerank_chunk(q, q8, qs, krows, k8rows, ksrows, kh, kv_i32, kv_end_i32, cand, counts_c, counts, lse_buf, vals,
                       indices, u0, c, tile, sc, n_cache, native)
-    return PrefillSelection(indices, counts, torch.tensor(first, dtype=torch.int64, device=dev), tile, False,
+    return PrefillSelection(indices, counts, to_device(first, torch.int64, dev), tile, False,
                             host_spans=(starts, lengths))
 
 
