@@ -65,15 +65,23 @@ def with_dense_tail(strategy, tail: int):
 
 
 LAYER_BUDGETS = "oracle-layer-budgets"  # per-layer top-k with the budgets of --layer-budgets (kascade.eval.layer_budgets)
+TOP_P = "oracle-top-p"  # per-layer top-p with the p of --top-p (kascade.eval.top_p); +dense-prefill: decode-only
 
 
-def build(name: str, plan, model_config, rho: float, layer_budgets=None):
-    """The strategy of a name of --strategies (kascade.eval.strategies names or oracle-layer-budgets, optionally
-    ending in +dense-tailW)."""
-    from kascade.eval.strategies import make_strategy
+def build(name: str, plan, model_config, rho: float, layer_budgets=None, top_p=None):
+    """The strategy of a name of --strategies (kascade.eval.strategies names, oracle-layer-budgets or
+    oracle-top-p[+dense-prefill], optionally ending in +dense-tailW)."""
+    from kascade.eval.strategies import DENSE_PREFILL, make_strategy
 
     base, _, tail = name.partition(TAIL)
-    if base == LAYER_BUDGETS:
+    if base in (TOP_P, TOP_P + DENSE_PREFILL):
+        from kascade.eval import top_p as TPM
+
+        if top_p is None:
+            raise SystemExit(f"--strategies: {base} needs --top-p FILE (python -m kascade.eval.top_p)")
+        strategy = TPM.TopPStrategy(base, TPM.load(top_p), rho, plan.k_min, plan.tile,
+                                    sparse_prefill=base == TOP_P)
+    elif base == LAYER_BUDGETS:
         from kascade.eval import layer_budgets as LB
 
         if layer_budgets is None:
@@ -108,6 +116,11 @@ def markdown(result: dict, against: str | None = None) -> str:
             mean = sum(v["logprob"][name]) / len(v["logprob"][name])
             first = sum(v["first_ok"][name]) / len(v["first_ok"][name])
             lines.append(f"| {fam} | {name} | {mean:.2f} | {m:+.2f} ± {se:.2f} | {first:.2f} |")
+    shares = {(fam, n): x for fam, v in result["families"].items() for n, x in v.get("key_share", {}).items()}
+    if shares:
+        lines += ["", "Keys kept over the keys uniform top-k at rho keeps on the same steps (prompt and answer):", "",
+                  "| family | strategy | key share |", "|---|---|---|"]
+        lines += [f"| {fam} | {n} | {x:.3f} |" for (fam, n), x in shares.items()]
     if against is not None:
         if against not in names:
             raise ValueError(f"against: expected one of the run's strategies {names}, got {against!r}")
@@ -135,6 +148,7 @@ def main(argv=None) -> int:
     ap.add_argument("--first-seed", type=int, default=950_000)
     ap.add_argument("--rho", type=float, default=0.1)
     ap.add_argument("--layer-budgets", default=None, help="per-layer budgets for oracle-layer-budgets")
+    ap.add_argument("--top-p", default=None, help="the calibrated p for oracle-top-p (python -m kascade.eval.top_p)")
     ap.add_argument("-o", "--output", required=True, help="output stem (.json, .md)")
     ap.add_argument("--against", default=None, help="also pair every sparse strategy against this one")
     ap.add_argument("--report", default=None, metavar="JSON", help="only rewrite the .md of a measured JSON")
@@ -163,17 +177,21 @@ def main(argv=None) -> int:
         raise SystemExit(f"--strategies: expected dense among them (the differences are against it), got {names}")
     model, tok = load_model(args.model_dir, args.device, args.dtype)
     plan = Plan.load(args.plan)
-    strategies = {n: build(n, plan, model.config, args.rho, args.layer_budgets) for n in names}
+    strategies = {n: build(n, plan, model.config, args.rho, args.layer_budgets, args.top_p) for n in names}
     device = next(model.parameters()).device
     result = {"length": args.length, "samples": args.samples, "rho": args.rho, "first_seed": args.first_seed,
               "plan": repo_relative(args.plan), "strategies": names,
-              **({"layer_budgets": repo_relative(args.layer_budgets)} if args.layer_budgets else {}), "device": str(device) if device.type == "cpu"
+              **({"layer_budgets": repo_relative(args.layer_budgets)} if args.layer_budgets else {}),
+              **({"top_p": repo_relative(args.top_p)} if args.top_p else {}), "device": str(device) if device.type == "cpu"
               else torch.cuda.get_device_name(device), "dtype": str(next(model.parameters()).dtype),
               "torch": torch.__version__, "transformers": transformers.__version__,
               "date": datetime.date.today().isoformat(), "families": {}}
     for fam in args.families.split(","):
         logprob = {n: [] for n in names}
         first_ok = {n: [] for n in names}
+        for st in strategies.values():  # strategies that count their keys (top-p) count this family's alone
+            if hasattr(st, "key_share"):
+                st.kept = st.uniform = 0
         for i in tqdm(range(args.samples), desc=fam, unit="prompt"):
             s = make_task(fam, args.length, tok, seed=args.first_seed + i)
             ids = tok(s.prompt).input_ids
@@ -187,6 +205,9 @@ def main(argv=None) -> int:
                 logprob[n].append(float(picked.sum()))
                 first_ok[n].append(bool(lp[0, 0].argmax() == cont[0, 0]))
         result["families"][fam] = {"logprob": logprob, "first_ok": first_ok}
+        shares = {n: st.key_share() for n, st in strategies.items() if hasattr(st, "key_share")}
+        if shares:  # keys kept over uniform top-k's on the same steps (prompt and answer)
+            result["families"][fam]["key_share"] = shares
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".json").write_text(json.dumps(result, indent=1))

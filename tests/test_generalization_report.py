@@ -217,6 +217,30 @@ def test_answer_logprob_pairs_against_another_strategy_and_builds_layer_budgets(
         A.build("oracle-layer-budgets", plan, cfg, 0.1, str(tmp_path / "bad.json"))
 
 
+def test_answer_logprob_builds_top_p_in_both_modes_and_reports_its_keys(tmp_path):
+    from transformers import LlamaConfig
+
+    import answer_logprob as A
+    from kascade.eval.top_p import TopPStrategy
+    from kascade.plan import Plan
+
+    cfg = LlamaConfig(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, hidden_size=64)
+    plan = Plan.for_model(cfg, [0], rho=0.1, k_min=8, tile=8)
+    (tmp_path / "p.json").write_text('{"p": 0.93}')
+    sparse = A.build("oracle-top-p", plan, cfg, 0.1, top_p=str(tmp_path / "p.json"))
+    decode_only = A.build("oracle-top-p+dense-prefill", plan, cfg, 0.1, top_p=str(tmp_path / "p.json"))
+    assert isinstance(sparse, TopPStrategy) and sparse.p == 0.93 and sparse.sparse_prefill
+    assert not decode_only.sparse_prefill
+    with pytest.raises(SystemExit, match="needs --top-p FILE"):
+        A.build("oracle-top-p", plan, cfg, 0.1)
+    v = {"dense": [-3.0, -2.0], "oracle-top-p": [-3.5, -2.0]}
+    md = A.markdown({"length": 4096, "rho": 0.1, "device": "cpu", "dtype": "float32", "first_seed": 950000,
+                     "samples": 2, "plan": "p.json", "strategies": list(v),
+                     "families": {"records": {"logprob": v, "first_ok": {n: [1, 1] for n in v},
+                                              "key_share": {"oracle-top-p": 0.987}}}})
+    assert "| records | oracle-top-p | 0.987 |" in md
+
+
 def test_sign_test_of_answers_lost_and_gained():
     assert GR.sign_test(0, 6) == 2 / 64 and GR.sign_test(0, 0) == 1.0 and GR.sign_test(5, 5) == 1.0
     assert abs(GR.sign_test(22, 13) - 0.1755) < 1e-3
