@@ -118,7 +118,9 @@ def markdown(result: dict, against: str | None = None) -> str:
             lines.append(f"| {fam} | {name} | {mean:.2f} | {m:+.2f} ± {se:.2f} | {first:.2f} |")
     shares = {(fam, n): x for fam, v in result["families"].items() for n, x in v.get("key_share", {}).items()}
     if shares:
-        lines += ["", "Keys kept over the keys uniform top-k at rho keeps on the same steps (prompt and answer):", "",
+        lines += ["", "Keys kept over the keys uniform top-k at rho keeps on the same steps (the steps the strategy "
+                  "selects on: the prompt's tiles and the answer's decode steps with the sparse prefill, the decode "
+                  "steps alone in decode-only mode):", "",
                   "| family | strategy | key share |", "|---|---|---|"]
         lines += [f"| {fam} | {n} | {x:.3f} |" for (fam, n), x in shares.items()]
     if against is not None:
@@ -206,7 +208,7 @@ def main(argv=None) -> int:
                 first_ok[n].append(bool(lp[0, 0].argmax() == cont[0, 0]))
         result["families"][fam] = {"logprob": logprob, "first_ok": first_ok}
         shares = {n: st.key_share() for n, st in strategies.items() if hasattr(st, "key_share")}
-        if shares:  # keys kept over uniform top-k's on the same steps (prompt and answer)
+        if shares:  # keys kept over uniform top-k's on the steps the strategy selected on
             result["families"][fam]["key_share"] = shares
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
