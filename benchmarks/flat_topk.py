@@ -18,21 +18,8 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from decode import graphed  # noqa: E402  (benchmarks/decode.py, beside this file: fn captured in a CUDA graph)
 from kascade.kernels import decode as K  # noqa: E402
-
-
-def graph_of(fn) -> torch.cuda.CUDAGraph:
-    """fn captured in a CUDA graph (after a warm-up on a side stream), as vLLM's decode step runs it: the timing
-    then holds the kernels and their launches from the graph, not Python's launch overhead."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
 
 
 def main() -> None:
@@ -58,7 +45,7 @@ def main() -> None:
             fn()
             key = f"anchor_{name}_{'chunked' if finish_max == 4096 else 'single'}_finish"
             res["ms"][key] = triton.testing.do_bench(fn, warmup=50, rep=300)
-            res["ms"][key + "_graph"] = triton.testing.do_bench(graph_of(fn).replay, warmup=50, rep=300)
+            res["ms"][key + "_graph"] = triton.testing.do_bench(graphed(fn).replay, warmup=50, rep=300)
     default = K.CONFIG["select"]["finish_max"]
     K.CONFIG["select"]["finish_max"] = 4096
     out1, sel1 = K.anchor(q_flat, k, v, 0.1, 128, 32)
