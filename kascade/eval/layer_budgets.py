@@ -22,7 +22,6 @@ from seeds the evaluations do not use, so the structured families that measure t
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -31,10 +30,10 @@ import torch
 
 from kascade import ops
 from kascade.budget import budget, check_budget
+from kascade.eval.budget_cli import budget_parser, model_and_prompts
 from kascade.strategy import Strategy
 
 GRID = (0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.4)
-ROOT = Path(__file__).resolve().parents[2]
 
 
 class _CurveRecorder(Strategy):
@@ -184,31 +183,14 @@ def plot(data: dict, path) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("model_dir")
-    ap.add_argument("-o", "--output", required=True, help="budgets JSON (and a .png of the curves beside it)")
-    ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--length", type=int, default=4096)
-    ap.add_argument("--rho", type=float, default=0.1, help="the uniform budget whose total keys are kept")
-    ap.add_argument("--k-min", type=int, default=128)
-    ap.add_argument("--first-seed", type=int, default=800_000)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto")
-    args = ap.parse_args(argv)
-    check_budget(args.rho, args.k_min)
-
-    from kascade.calibrate.retrieval import FORMATS, calibration_prompts
-    from kascade.models import load_model
-
-    model, tok = load_model(args.model_dir, args.device, args.dtype)
-    text = (ROOT / "data" / "heldout.txt").read_text()
-    prompts = [p.ids for p in calibration_prompts(tok, text, args.length, args.prompts, formats=FORMATS,
-                                                   first_seed=args.first_seed)]
+    args = budget_parser(__doc__.split("\n")[0], "budgets JSON (and a .png of the curves beside it)",
+                         "the uniform budget whose total keys are kept").parse_args(argv)
+    model, _, prompts, formats = model_and_prompts(args)
     curves = coverage_curves(model, prompts, GRID, args.k_min)
     rhos = allocate(curves, GRID, args.rho)
     sparse = rhos[1:]
     out = {"rhos": rhos, "uniform_rho": args.rho, "mean_rho": sum(sparse) / len(sparse), "grid": list(GRID),
-           "curves": curves.tolist(), "prompts": args.prompts, "length": args.length, "formats": list(FORMATS),
+           "curves": curves.tolist(), "prompts": args.prompts, "length": args.length, "formats": formats,
            "first_seed": args.first_seed, "k_min": args.k_min,
            "uniform_uncovered": float(sum(1 - np.interp(args.rho, GRID, curves[i]) for i in range(1, len(rhos)))),
            "allocated_uncovered": float(sum(1 - curves[i, GRID.index(r)] for i, r in enumerate(rhos) if r))}

@@ -20,7 +20,6 @@ from seeds the evaluations do not use, as kascade.eval.layer_budgets does. Refer
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -30,10 +29,10 @@ import torch
 from kascade import ops
 from kascade.budget import budget, check_budget
 from kascade.reference import Selection, pooled_tile_scores
+from kascade.eval.budget_cli import budget_parser, model_and_prompts
 from kascade.strategy import Strategy
 
 GRID = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.925, 0.95, 0.975, 0.99)
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def check_p(p) -> float:
@@ -212,30 +211,13 @@ def load(path) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("model_dir")
-    ap.add_argument("-o", "--output", required=True, help="the JSON to write (p and the shares on the grid)")
-    ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--length", type=int, default=4096)
-    ap.add_argument("--rho", type=float, default=0.1, help="the uniform budget whose total keys are matched")
-    ap.add_argument("--k-min", type=int, default=128)
-    ap.add_argument("--first-seed", type=int, default=800_000)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto")
-    args = ap.parse_args(argv)
-    check_budget(args.rho, args.k_min)
-
-    from kascade.calibrate.retrieval import FORMATS, calibration_prompts
-    from kascade.models import load_model
-
-    model, tok = load_model(args.model_dir, args.device, args.dtype)
-    text = (ROOT / "data" / "heldout.txt").read_text()
-    prompts = [p.ids for p in calibration_prompts(tok, text, args.length, args.prompts, formats=FORMATS,
-                                                   first_seed=args.first_seed)]
+    args = budget_parser(__doc__.split("\n")[0], "the JSON to write (p and the shares on the grid)",
+                         "the uniform budget whose total keys are matched").parse_args(argv)
+    model, _, prompts, formats = model_and_prompts(args)
     shares = keys_at_p(model, prompts, GRID, args.rho, args.k_min)
     out = {"p": calibrate_p(GRID, shares), "grid": list(GRID), "key_shares": [float(s) for s in shares],
            "rho": args.rho, "k_min": args.k_min, "prompts": args.prompts, "length": args.length,
-           "formats": list(FORMATS), "first_seed": args.first_seed}
+           "formats": formats, "first_seed": args.first_seed}
     path = Path(args.output)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
