@@ -11,6 +11,8 @@ from the prefill's selection, not from the decode steps'.
     python benchmarks/answer_logprob.py MODEL_DIR --plan plans/smollm2-135m-instruct.json \\
         --strategies dense,oracle,oracle+dense-prefill,kascade,kascade+dense-prefill \\
         --families json_records,log_lookup --samples 8 -o OUT --device cpu
+    python benchmarks/answer_logprob.py --merge six=A.json ten=B.json -o OUT [--against ten:kascade]
+        one table from runs over the same prompts (e.g. one per plan), strategies named LABEL:strategy
 """
 
 from __future__ import annotations
@@ -98,6 +100,55 @@ def build(name: str, plan, model_config, rho: float, layer_budgets=None, top_p=N
     return with_dense_tail(strategy, int(tail))
 
 
+MERGE_KEYS = ("length", "samples", "rho", "first_seed")  # what runs must share to be merged
+
+
+def merge(runs: dict) -> dict:
+    """One result from several runs over the same prompts (label -> result JSON), e.g. one run per plan: every
+    strategy but dense becomes LABEL:strategy, `plan` becomes {label: plan}. The runs must share MERGE_KEYS,
+    their families and dense's values (the same prompts), else ValueError names what differs."""
+    if len(runs) < 2:
+        raise ValueError(f"merge: expected at least two LABEL=JSON runs, got {len(runs)}")
+    labels = list(runs)
+    first = runs[labels[0]]
+    out = {k: first[k] for k in MERGE_KEYS}
+    out.update({k: first[k] for k in ("device", "dtype", "torch", "transformers", "date") if k in first})
+    out["plan"] = {label: r["plan"] for label, r in runs.items()}
+    out["strategies"] = ["dense"]
+    out["families"] = {fam: {"logprob": {"dense": v["logprob"]["dense"]}, "first_ok": {"dense": v["first_ok"]["dense"]}}
+                       for fam, v in first["families"].items()}
+    for label, r in runs.items():
+        for k in MERGE_KEYS:
+            if r[k] != first[k]:
+                raise ValueError(f"merge: {k} of {label} is {r[k]!r}, of {labels[0]} {first[k]!r}")
+        if list(r["families"]) != list(first["families"]):
+            raise ValueError(f"merge: families of {label} are {list(r['families'])}, of {labels[0]} "
+                             f"{list(first['families'])}")
+        for fam, v in r["families"].items():
+            dense, ref = v["logprob"]["dense"], first["families"][fam]["logprob"]["dense"]
+            if any(abs(a - b) > 1e-3 for a, b in zip(dense, ref)) or len(dense) != len(ref):
+                raise ValueError(f"merge: dense log-probabilities of {label} on {fam} differ from {labels[0]}'s "
+                                 "(not the same prompts, model or dtype)")
+        for name in r["strategies"]:
+            if name == "dense":
+                continue
+            tagged = f"{label}:{name}"
+            out["strategies"].append(tagged)
+            for fam, v in r["families"].items():
+                for field in ("logprob", "first_ok"):
+                    out["families"][fam][field][tagged] = v[field][name]
+                if name in v.get("key_share", {}):
+                    out["families"][fam].setdefault("key_share", {})[tagged] = v["key_share"][name]
+    return out
+
+
+def _plans_text(plan) -> str:
+    """'plan FILE', or 'plans LABEL FILE, ...' for a merged result."""
+    if isinstance(plan, dict):
+        return "plans " + ", ".join(f"{label}: {path}" for label, path in plan.items())
+    return f"plan {plan}"
+
+
 def markdown(result: dict, against: str | None = None) -> str:
     """The table against dense; with `against` (a strategy of the run), also each other sparse strategy paired
     against that one on the same prompts."""
@@ -106,7 +157,7 @@ def markdown(result: dict, against: str | None = None) -> str:
              f"{result['device']}, {result['dtype']}"
              + (f", torch {result['torch']}, transformers {result['transformers']}, {result['date']}" if "date" in result
                 else "") + "; `benchmarks/answer_logprob.py` (held-out seeds from "
-             f"{result['first_seed']}, {result['samples']} prompts per family; plan {result['plan']}). Sum over the "
+             f"{result['first_seed']}, {result['samples']} prompts per family; {_plans_text(result['plan'])}). Sum over the "
              "answer's tokens of log p (nats); difference against dense: mean ± standard error over the same prompts; "
              "first token: share of prompts whose first answer token is the argmax.", "",
              "| family | strategy | log p(answer) | - dense | first token |", "|---|---|---|---|---|"]
@@ -154,9 +205,24 @@ def main(argv=None) -> int:
     ap.add_argument("-o", "--output", required=True, help="output stem (.json, .md)")
     ap.add_argument("--against", default=None, help="also pair every sparse strategy against this one")
     ap.add_argument("--report", default=None, metavar="JSON", help="only rewrite the .md of a measured JSON")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="LABEL=JSON",
+                    help="only merge runs over the same prompts (e.g. one per plan) into one table")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     args = ap.parse_args(argv)
+    if args.merge:
+        runs = {}
+        for item in args.merge:
+            label, sep, path = item.partition("=")
+            if not sep or not label or not path:
+                ap.error(f"--merge: expected LABEL=JSON, got {item!r}")
+            runs[label] = json.loads(Path(path).read_text())
+        result = merge(runs)
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+        out.with_suffix(".md").write_text(markdown(result, args.against))
+        return 0
     if args.report:
         result = json.loads(Path(args.report).read_text())
         Path(args.output).with_suffix(".md").write_text(markdown(result, args.against))

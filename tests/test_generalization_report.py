@@ -241,6 +241,41 @@ def test_answer_logprob_builds_top_p_in_both_modes_and_reports_its_keys(tmp_path
     assert "| records | oracle-top-p | 0.987 |" in md
 
 
+def test_answer_logprob_merges_runs_over_the_same_prompts_and_refuses_others(tmp_path):
+    import json
+
+    import answer_logprob as A
+
+    def run(plan, values, dense=(-3.0, -2.0)):
+        v = {"dense": list(dense), "kascade+dense-prefill": values}
+        return {"length": 4096, "samples": 2, "rho": 0.1, "first_seed": 950000, "device": "cpu", "dtype": "float32",
+                "plan": plan, "strategies": list(v), "families": {"records": {"logprob": v,
+                                                                              "first_ok": {n: [1, 0] for n in v}}}}
+
+    six, ten = run("six.json", [-3.5, -2.0]), run("ten.json", [-3.0, -2.5])
+    merged = A.merge({"six": six, "ten": ten})
+    assert merged["strategies"] == ["dense", "six:kascade+dense-prefill", "ten:kascade+dense-prefill"]
+    assert merged["plan"] == {"six": "six.json", "ten": "ten.json"}
+    assert merged["families"]["records"]["logprob"]["ten:kascade+dense-prefill"] == [-3.0, -2.5]
+    md = A.markdown(merged, against="ten:kascade+dense-prefill")
+    assert "plans six: six.json, ten: ten.json" in md
+    assert "| records | six:kascade+dense-prefill | -2.75 | -0.25 ± 0.25 | 0.50 |" in md
+    assert "| records | six:kascade+dense-prefill | +0.000 ± 0.500 | 1 / 2 |" in md
+    with pytest.raises(ValueError, match="dense log-probabilities of ten on records differ"):
+        A.merge({"six": six, "ten": run("ten.json", [-3.0, -2.5], dense=(-3.0, -2.1))})
+    with pytest.raises(ValueError, match="rho of ten is 0.05"):
+        A.merge({"six": six, "ten": dict(ten, rho=0.05)})
+    with pytest.raises(ValueError, match="at least two"):
+        A.merge({"six": six})
+    (tmp_path / "six.json").write_text(json.dumps(six))
+    (tmp_path / "ten.json").write_text(json.dumps(ten))
+    out = tmp_path / "both"
+    assert A.main(["--merge", f"six={tmp_path / 'six.json'}", f"ten={tmp_path / 'ten.json'}", "-o", str(out)]) == 0
+    assert json.loads(out.with_suffix(".json").read_text()) == merged
+    with pytest.raises(SystemExit):
+        A.main(["--merge", str(tmp_path / "six.json"), "-o", str(out)])
+
+
 def test_sign_test_of_answers_lost_and_gained():
     assert GR.sign_test(0, 6) == 2 / 64 and GR.sign_test(0, 0) == 1.0 and GR.sign_test(5, 5) == 1.0
     assert abs(GR.sign_test(22, 13) - 0.1755) < 1e-3
