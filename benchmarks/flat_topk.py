@@ -4,6 +4,8 @@ row, the default: the single-program finish walks the whole row), beside torch's
 (a reference point, not FlashAttention-3). GPU only. Writes a JSON with the medians (triton.testing.do_bench, ms).
 
     python benchmarks/flat_topk.py [--batch 3] [--keys 131072] -o OUT.json
+    python benchmarks/flat_topk.py --merge RUN.json [RUN.json ...] --date YYYY-MM-DD -o STEM
+        one table and plot (STEM.json, .md, .png) of runs at several batch sizes, same device (no GPU needed)
 """
 
 from __future__ import annotations
@@ -22,12 +24,98 @@ from decode import graphed  # noqa: E402  (benchmarks/decode.py, beside this fil
 from kascade.kernels import decode as K  # noqa: E402
 
 
+FINISHES = ("single", "chunked")
+KINDS = ("peaked", "flat")
+SHARED = ("device", "torch", "triton", "keys", "kv_heads", "group", "head_dim")  # what merged runs must share
+
+
+def merge(runs: list[dict], date: str) -> dict:
+    """One result from runs at several batch sizes (the JSON main writes): rows sorted by batch. Runs must share
+    SHARED (one device, one shape), else ValueError names the field."""
+    if not runs:
+        raise ValueError("merge: expected at least one run")
+    for r in runs[1:]:
+        for k in SHARED:
+            if r[k] != runs[0][k]:
+                raise ValueError(f"merge: {k} differs between runs ({runs[0][k]!r} and {r[k]!r})")
+    out = {k: runs[0][k] for k in SHARED}
+    out["date"] = date
+    out["rows"] = sorted(({"batch": r["batch"], "ms": r["ms"], "flat_same_sets": r["flat_same_sets"]} for r in runs),
+                         key=lambda row: row["batch"])
+    return out
+
+
+def markdown(res: dict) -> str:
+    """The table of a merged result: CUDA-graph replay medians of each finish on peaked and flat scores."""
+    lines = [f"# Decode anchor on flat and peaked scores, chunked finish on and off: {res['device']}, {res['date']}", "",
+             f"torch {res['torch']}, triton {res['triton']}; {res['keys']} keys a request, {res['kv_heads']} KV heads, "
+             f"group {res['group']}, head dim {res['head_dim']}, rho 0.1; medians of triton.testing.do_bench over "
+             "CUDA-graph replays (ms; how vLLM and the whole-model benchmarks run an anchor). `python "
+             "benchmarks/flat_topk.py --batch B -o RUN.json` per batch, then `--merge`. Flat: the near-equal scores "
+             "of tiny random weights (vLLM's dummy load format); single: one program per row finishes its "
+             "candidates (the default); chunked: finish_max 4096. SDPA: torch's decode on the same shapes, launched "
+             "from Python (a reference point, not FlashAttention-3).", "",
+             "| B | SDPA | peaked, single | peaked, chunked | chunked / single | flat, single | flat, chunked | "
+             "chunked / single | same sets |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in res["rows"]:
+        ms = row["ms"]
+        cells = [str(row["batch"]), f"{ms['sdpa_decode']:.3f}"]
+        for kind in KINDS:
+            single, chunked = (ms[f"anchor_{kind}_{f}_finish_graph"] for f in FINISHES)
+            cells += [f"{single:.3f}", f"{chunked:.3f}", f"{chunked / single:.2f}x"]
+        cells.append(str(row["flat_same_sets"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, path: Path) -> None:
+    """Chunked over single finish time per batch size, peaked and flat scores."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = [row["batch"] for row in res["rows"]]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for kind in KINDS:
+        ratio = [row["ms"][f"anchor_{kind}_chunked_finish_graph"] / row["ms"][f"anchor_{kind}_single_finish_graph"]
+                 for row in res["rows"]]
+        ax.plot(batches, ratio, marker="o", label=f"{kind} scores")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.set_xlabel("requests in the step (B)")
+    ax.set_ylabel("chunked / single finish time")
+    ax.set_title(f"Decode anchor top-k finish, {res['keys'] // 1024}K keys ({res['device']})", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_merged(paths: list[str], date: str, stem: Path) -> dict:
+    """Merge the runs at `paths` and write stem.json, .md and .png."""
+    res = merge([json.loads(Path(p).read_text()) for p in paths], date)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    stem.with_suffix(".md").write_text(markdown(res))
+    plot(res, stem.with_suffix(".png"))
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=3, help="requests (default %(default)s)")
     ap.add_argument("--keys", type=int, default=131072, help="keys per request (default %(default)s)")
-    ap.add_argument("-o", required=True, help="the JSON to write")
+    ap.add_argument("-o", required=True, help="the JSON to write (with --merge: the output stem)")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="RUN.json", help="only merge runs (no GPU)")
+    ap.add_argument("--date", default=None, help="with --merge: the day the runs were made (YYYY-MM-DD)")
     a = ap.parse_args()
+    if a.merge:
+        if a.date is None:
+            ap.error("--merge: expected --date, the day the runs were made")
+        write_merged(a.merge, a.date, Path(a.o))
+        return
     torch.manual_seed(0)
     B, Hkv, G, N, D = a.batch, 8, 4, a.keys, 128
     k = torch.randn(B, Hkv, N, D, device="cuda", dtype=torch.bfloat16)
