@@ -190,6 +190,14 @@ def markdown(result: dict, against: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write(result: dict, stem, against: str | None = None) -> None:
+    """stem.json (the result) and stem.md (its table)."""
+    out = Path(stem)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    out.with_suffix(".md").write_text(markdown(result, against))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("model_dir", nargs="?", help="the model (not with --report)")
@@ -217,11 +225,7 @@ def main(argv=None) -> int:
             if not sep or not label or not path:
                 ap.error(f"--merge: expected LABEL=JSON, got {item!r}")
             runs[label] = json.loads(Path(path).read_text())
-        result = merge(runs)
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-        out.with_suffix(".md").write_text(markdown(result, args.against))
+        write(merge(runs), args.output, args.against)
         return 0
     if args.report:
         result = json.loads(Path(args.report).read_text())
@@ -276,10 +280,7 @@ def main(argv=None) -> int:
         shares = {n: st.key_share() for n, st in strategies.items() if hasattr(st, "key_share")}
         if shares:  # keys kept over uniform top-k's on the steps the strategy selected on
             result["families"][fam]["key_share"] = shares
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-        out.with_suffix(".md").write_text(markdown(result, args.against))
+        write(result, args.output, args.against)  # after every family: a cut run keeps what it measured
     print(markdown(result, args.against))
     return 0
 

@@ -31,7 +31,7 @@ def budget_parser(description: str, output_help: str, rho_help: str) -> argparse
 
 
 def model_and_prompts(args: argparse.Namespace):
-    """(model, tokenizer, prompts, formats) for parsed `budget_parser` arguments; prompts are token id lists.
+    """(model, prompts, formats) for parsed `budget_parser` arguments; prompts are token id lists.
 
     Checks the budget first, so a bad --rho or --k-min fails before the model loads.
     """
@@ -43,4 +43,4 @@ def model_and_prompts(args: argparse.Namespace):
     text = (ROOT / "data" / "heldout.txt").read_text()
     prompts = [p.ids for p in calibration_prompts(tok, text, args.length, args.prompts, formats=FORMATS,
                                                    first_seed=args.first_seed)]
-    return model, tok, prompts, list(FORMATS)
+    return model, prompts, list(FORMATS)

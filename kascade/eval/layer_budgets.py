@@ -185,7 +185,7 @@ def plot(data: dict, path) -> None:
 def main(argv=None) -> int:
     args = budget_parser(__doc__.split("\n")[0], "budgets JSON (and a .png of the curves beside it)",
                          "the uniform budget whose total keys are kept").parse_args(argv)
-    model, _, prompts, formats = model_and_prompts(args)
+    model, prompts, formats = model_and_prompts(args)
     curves = coverage_curves(model, prompts, GRID, args.k_min)
     rhos = allocate(curves, GRID, args.rho)
     sparse = rhos[1:]

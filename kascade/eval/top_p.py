@@ -213,7 +213,7 @@ def load(path) -> float:
 def main(argv=None) -> int:
     args = budget_parser(__doc__.split("\n")[0], "the JSON to write (p and the shares on the grid)",
                          "the uniform budget whose total keys are matched").parse_args(argv)
-    model, _, prompts, formats = model_and_prompts(args)
+    model, prompts, formats = model_and_prompts(args)
     shares = keys_at_p(model, prompts, GRID, args.rho, args.k_min)
     out = {"p": calibrate_p(GRID, shares), "grid": list(GRID), "key_shares": [float(s) for s in shares],
            "rho": args.rho, "k_min": args.k_min, "prompts": args.prompts, "length": args.length,
