@@ -83,6 +83,7 @@ FP8 = "-fp8"  # a provider name's suffix: the same plan, selecting from the FP8 
 PROVIDERS |= {name + FP8: anchors for name, anchors in list(PROVIDERS.items()) if anchors is not None}
 KASCADE_PROVIDERS = [p for p, anchors in PROVIDERS.items() if anchors is not None]
 WORKLOADS = {"long": 131072, "mid": 32768}
+CELL_KEYS = {"workload", "mode", "provider", "device"}  # what every cell file of `cell` holds
 NEW_TOKENS = 256
 MID_BATCH = 16
 WEIGHTS = {  # --weights: how the random weights are drawn
@@ -510,6 +511,10 @@ def report(args) -> None:
     work = Path(args.work)
     serves = {p.stem: json.loads(p.read_text()) for p in sorted(work.glob("serve*.json"))}
     cells = {k: v for k, v in VC.load_cells(work).items() if k not in serves}
+    strays = sorted(k for k, v in cells.items() if not CELL_KEYS <= set(v))
+    if strays:  # e.g. an earlier report written into the work folder
+        print(f"--work: left out {', '.join(f'{k}.json' for k in strays)}: not cell files (no {sorted(CELL_KEYS)})")
+        cells = {k: v for k, v in cells.items() if k not in strays}
     serve = serves.get("serve")
     if not cells and serves:  # serve runs alone (e.g. the CPU build's): their own report
         serve_report(serves, Path(args.o) if args.o else

@@ -124,6 +124,7 @@ def test_serving_report_ratios(tmp_path):
     cells["long-graph-anchors5"].update(ttft_cold_s=39.1, profile={"decode": prof, "prefill": prof})
     for name, c in cells.items():
         VC.write_json(tmp_path / "cells" / f"{name}.json", c)
+    VC.write_json(tmp_path / "cells" / "vllm_h200.json", {"ratios": {}})  # an earlier report in the folder: left out
     SERVE.main(["report", "--work", str(tmp_path / "cells"), "-o", str(tmp_path / "vllm_h200")])
     data = json.loads((tmp_path / "vllm_h200.json").read_text())
     r = data["ratios"]
