@@ -46,7 +46,8 @@ of the batch and over one 128K prefill, so that a ratio below its target shows w
 `run` executes the missing cells within its budget (resumable); `report` (any machine, no GPU) writes
 vllm_<device>.{json,md,png}: every cell, and a top-level `ratios` object (Kascade over FlashAttention, same
 run, graph mode): decode_<B>x131072_anchors5, decode_<B>x131072_selecting10, decode_16x32768_anchors5,
-ttft_131072_anchors5 (and the selecting10 / eager counterparts), with the serve run.
+ttft_131072_anchors5 (and the selecting10 / eager counterparts), with the serve run; and each decode step
+against the kernel replays of decode_<device>.json (`prediction`; --kernels; benchmarks/vllm_predict.py).
 
 The serve run (`serve`): `python -m vllm.entrypoints.openai.api_server` on 127.0.0.1 with the plugin and a
 plan, 16 concurrent completions requests (token-id prompts of mixed lengths) from a bounded local client
@@ -75,6 +76,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import vllm_common as VC  # noqa: E402
+import vllm_predict as VP  # noqa: E402
 
 ROOT = VC.ROOT
 SHAPE_CONFIG = ROOT / "kascade" / "configs" / "llama-3.1-8b-shape.json"
@@ -534,6 +536,12 @@ def report(args) -> None:
             "targets": {"decode_long_anchors5": 2.5, "decode_long_selecting10": 1.8, "ttft_131072": 1.5},
             "cells": cells, "serve": serve, "serve_dense": serves.get("serve_dense"),
             "serve_runs": serves}  # every serve*.json by its name (serve_invariant*: vLLM's batch-invariant mode)
+    kernels = kernel_file(args.kernels, first["device_short"])
+    if kernels is not None:
+        kdata = json.loads(kernels.read_text())
+        data["prediction"] = {w: VP.predict(cells, kdata, PROVIDERS, cell_name, WORKLOADS, "graph", w)
+                              for w in ("dummy", "init")}
+        data["prediction_kernels"] = {"file": kernels.name, **{k: kdata["meta"].get(k) for k in ("device", "date")}}
     VC.write_json(stem.with_suffix(".json"), data)
     lines = [f"# vLLM serving: Kascade against vLLM's FlashAttention backend ({data['device']}, {data['date']})", "",
              f"vLLM {data['versions']['vllm']}, torch {data['versions']['torch']}, triton {data['versions']['triton']}; "
@@ -575,11 +583,26 @@ def report(args) -> None:
         for name, prof in profiled.items():
             for phase in ("decode", "prefill"):
                 lines += vllm_profile.markdown(f"{name}, {phase}", prof[phase])
+    if kernels is not None:
+        lines += VP.markdown({f"{name}{'' if w == 'dummy' else '-' + w}": row for w, rows in data["prediction"].items()
+                              for name, row in rows.items()}, data["prediction_kernels"])
     if serves:
         lines += ["", "## vllm serve with preemption", ""] + [f"- {name}: " + serve_line(v)[2:] for name, v in serves.items()]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     _plot(cells, stem.with_suffix(".png"))
     print("\n".join(lines))
+
+
+def kernel_file(arg: str | None, device_short: str) -> Path | None:
+    """The decode kernel results a report predicts from: --kernels PATH, none, or decode_<device>.json if present."""
+    if arg == "none":
+        return None
+    if arg is None:
+        path = ROOT / "benchmarks" / "results" / f"decode_{device_short}.json"
+        return path if path.exists() else None
+    if not Path(arg).is_file():
+        raise SystemExit(f"--kernels: expected a benchmarks/decode.py JSON file or none, got {arg!r} (no such file)")
+    return Path(arg)
 
 
 def _plot(cells: dict, path: Path) -> None:
@@ -666,6 +689,9 @@ def main(argv=None) -> None:
     p = sub.add_parser("report", help="merge the cells into benchmarks/results/vllm_<device>.{json,md,png}")
     p.add_argument("--work", required=True)
     p.add_argument("-o", default=None, help="output stem (default benchmarks/results/vllm_<device>)")
+    p.add_argument("--kernels", default=None,
+                   help="benchmarks/decode.py's results to predict each decode step from (benchmarks/vllm_predict.py; "
+                        "default benchmarks/results/decode_<device>.json where it exists; none: no prediction)")
     args = ap.parse_args(argv)
     if args.cmd == "run":
         missing = VC.run_cells(cell_list(args), Path(args.work), args.budget_s, args.min_left_s, 540,

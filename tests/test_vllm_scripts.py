@@ -125,8 +125,9 @@ def test_serving_report_ratios(tmp_path):
     for name, c in cells.items():
         VC.write_json(tmp_path / "cells" / f"{name}.json", c)
     VC.write_json(tmp_path / "cells" / "vllm_h200.json", {"ratios": {}})  # an earlier report in the folder: left out
-    SERVE.main(["report", "--work", str(tmp_path / "cells"), "-o", str(tmp_path / "vllm_h200")])
+    SERVE.main(["report", "--work", str(tmp_path / "cells"), "-o", str(tmp_path / "vllm_h200"), "--kernels", "none"])
     data = json.loads((tmp_path / "vllm_h200.json").read_text())
+    assert "prediction" not in data
     r = data["ratios"]
     assert r["decode_4x131072_anchors5"] == pytest.approx(2.6) and r["decode_4x131072_selecting10"] == pytest.approx(1.9)
     assert r["decode_16x32768_anchors5"] == pytest.approx(1.5) and r["ttft_131072_anchors5"] == pytest.approx(1.6)
@@ -143,6 +144,42 @@ def test_serving_report_ratios(tmp_path):
     assert SERVE.ratios(VC.load_cells(tmp_path / "c3"), "graph") == {"decode_3x131072_anchors5": pytest.approx(200 / 90)}
     VC.write_json(tmp_path / "c3" / "long-graph-anchors5-fp8.json", _cell("long", "graph", "anchors5-fp8", 270.0, batch=3))
     assert SERVE.ratios(VC.load_cells(tmp_path / "c3"), "graph")["decode_3x131072_anchors5-fp8"] == pytest.approx(3.0)
+
+
+def test_report_predicts_each_decode_step_from_the_kernel_replays(tmp_path):
+    import vllm_predict as VP
+
+    def row(b, ours, fa3, anchors=None):
+        r = dict(B=b, N=131072, ours={"ms": ours}, fa3={"ms": fa3})
+        return r if anchors is None else {**r, "anchors": anchors}
+
+    kernels = {"meta": {"device": "NVIDIA H200", "date": "2026-12-01"},
+               "whole_model": {"1x131072": row(1, 1.0, 4.0), "8x131072": row(8, 8.0, 32.0)},
+               # anchors unlike selecting10's plan: not used
+               "whole_model_10": {"1x131072": row(1, 2.0, 4.0, [0, 1]), "8x131072": row(8, 16.0, 32.0, [0, 1])}}
+    assert VP.at_batch(kernels["whole_model"], 4, 131072, "fa3") == pytest.approx(16.0)  # 4 + 28 x 3 / 7
+    assert VP.at_batch(kernels["whole_model"], 8, 131072, "ours") == 8.0
+    assert VP.at_batch(kernels["whole_model"], 16, 131072, "ours") is None  # no extrapolation
+    assert VP.at_batch(kernels["whole_model"], 4, 32768, "ours") is None
+    cells = {"long-graph-flash": {**_cell("long", "graph", "flash", 200.0), "itl_ms": 20.0},
+             "long-graph-anchors5": {**_cell("long", "graph", "anchors5", 380.0), "itl_ms": 10.5},
+             "long-graph-selecting10": {**_cell("long", "graph", "selecting10", 300.0), "itl_ms": 13.0}}
+    for name, c in cells.items():
+        VC.write_json(tmp_path / "cells" / f"{name}.json", c)
+    VC.write_json(tmp_path / "decode_h200.json", kernels)
+    SERVE.main(["report", "--work", str(tmp_path / "cells"), "-o", str(tmp_path / "vllm_h200"),
+                "--kernels", str(tmp_path / "decode_h200.json")])
+    data = json.loads((tmp_path / "vllm_h200.json").read_text())
+    assert list(data["prediction"]["dummy"]) == ["long-anchors5"] and data["prediction"]["init"] == {}
+    p = data["prediction"]["dummy"]["long-anchors5"]
+    # rest 20 - 16 = 4, predicted 4 + 4 = 8 (2.5x), measured 10.5: 2.5 over, 0.5 per selecting layer
+    assert p["rest_ms"] == pytest.approx(4.0) and p["predicted_itl_ms"] == pytest.approx(8.0)
+    assert p["predicted_ratio"] == pytest.approx(2.5) and p["excess_per_selecting_layer_ms"] == pytest.approx(0.5)
+    assert data["prediction_kernels"] == {"file": "decode_h200.json", "device": "NVIDIA H200", "date": "2026-12-01"}
+    md = (tmp_path / "vllm_h200.md").read_text()
+    assert "| long-anchors5 | dummy | 4 x 131072 | 20.00 | 16.00 | 4.00 | 4.00 | 8.00 (2.50x) | 10.50 (1.90x) | 2.50 | 0.50 |" in md
+    with pytest.raises(SystemExit, match="--kernels"):
+        SERVE.main(["report", "--work", str(tmp_path / "cells"), "--kernels", str(tmp_path / "missing.json")])
 
 
 def test_check_report_agreement(tmp_path):
