@@ -22,7 +22,8 @@
 #                                          (PROVIDERS, MODES, WORKLOADS narrow it, e.g. MODES=graph first;
 #                                          PROFILE=1 adds each cell's kernel breakdown: benchmarks/vllm_profile.py;
 #                                          anchors5-fp8 and selecting10-fp8 in PROVIDERS: the same plans selecting
-#                                          from the FP8 copy of the keys;
+#                                          from the FP8 copy of the keys; anchors5-chunked and selecting10-chunked:
+#                                          the same plans with the decode top-k's chunked finish (flat scores);
 #                                          WEIGHTS=init draws the weights at the initializer's scale, not vLLM's
 #                                          near-zero dummy ones: cells named ...-init)
 #   bash benchmarks/vllm_gpu.sh serve      benchmarks/vllm_serving.py serve: vllm serve + 16 concurrent requests,

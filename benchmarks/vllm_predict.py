@@ -10,7 +10,8 @@ FlashAttention cell of the same mode and weights:
     predicted = rest + ours(B)                                       the step if attention took its replay time
     excess    = measured inter-token latency - predicted,  and per selecting layer (the plan's anchors)
 fa3(B) and ours(B) are the whole-model CUDA-graph times of the kernel file (`whole_model` for 5 anchors,
-`whole_model_10` for 10 selecting layers, `whole_model_fp8` / `whole_model_10_fp8` for the -fp8 providers) at
+`whole_model_10` for 10 selecting layers, `whole_model_fp8` / `whole_model_10_fp8` for the -fp8 providers; the
+-chunked ones as their plans: the replays' scores are not flat, so the chunked finish changes little there) at
 the cell's batch B, or interpolated linearly between the nearest batches it has at that length (decode attention
 reads bytes in proportion to the batch); none where B is outside them. A kernel row whose anchors differ from the
 provider's plan is not used. The kernel replays run on random Gaussian q and k, so the excess also holds what the
@@ -20,7 +21,8 @@ cell's weights do to the selection (vLLM's dummy weights make every score nearly
 from __future__ import annotations
 
 KERNEL_TABLES = {"anchors5": "whole_model", "selecting10": "whole_model_10", "anchors5-fp8": "whole_model_fp8",
-                 "selecting10-fp8": "whole_model_10_fp8"}
+                 "selecting10-fp8": "whole_model_10_fp8", "anchors5-chunked": "whole_model",
+                 "selecting10-chunked": "whole_model_10"}
 DEFAULT_ANCHORS = {"whole_model": [0, 2, 8, 13, 14]}  # benchmarks/decode.py's ANCHORS (older files omit them)
 
 
@@ -52,7 +54,7 @@ def predict(cells: dict, kernels: dict, anchors_of: dict, cell_name, workloads: 
             table = kernels.get(table_name)
             if cell is None or not table:
                 continue
-            anchors = anchors_of[provider.removesuffix("-fp8")]
+            anchors = anchors_of[provider]
             rows = [r for r in table.values() if r.get("N") == length]
             if any(r.get("anchors", DEFAULT_ANCHORS.get(table_name)) != anchors for r in rows):
                 continue

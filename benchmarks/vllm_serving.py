@@ -12,7 +12,9 @@ selection's does. bf16, token-id prompts (no tokenizer), greedy, EOS ignored.
 Providers: `flash` (vLLM's FlashAttention backend, FA3 on Hopper: no plan), `anchors5` (Kascade, anchors
 [0, 2, 8, 13, 14] of decode_h200) and `selecting10` (anchors [0, 2, 5, 8, 11, 13, 14, 17, 21, 26]), rho 0.1,
 k_min 128; `anchors5-fp8` and `selecting10-fp8`, the same plans selecting from an FP8 copy of the keys
-(`"kascade_select_keys": "fp8"`, kascade.fp8keys, no re-rank). Modes: `graph` (vLLM's default: torch.compile, CUDA graphs FULL_AND_PIECEWISE; Kascade's decode
+(`"kascade_select_keys": "fp8"`, kascade.fp8keys, no re-rank); `anchors5-chunked` and `selecting10-chunked`, the same
+plans with the decode top-k's chunked finish for rows of more than 4096 candidates (KASCADE_DECODE_FINISH_MAX=4096
+in the engine's processes: flat scores, benchmarks/flat_topk.py). Modes: `graph` (vLLM's default: torch.compile, CUDA graphs FULL_AND_PIECEWISE; Kascade's decode
 steps in full graphs) and `eager` (enforce_eager).
 
 Workloads (one cell = one provider x mode x workload, one engine in its own process):
@@ -82,7 +84,10 @@ ROOT = VC.ROOT
 SHAPE_CONFIG = ROOT / "kascade" / "configs" / "llama-3.1-8b-shape.json"
 PROVIDERS = {"flash": None, "anchors5": [0, 2, 8, 13, 14], "selecting10": [0, 2, 5, 8, 11, 13, 14, 17, 21, 26]}
 FP8 = "-fp8"  # a provider name's suffix: the same plan, selecting from the FP8 copy of the keys (no re-rank)
-PROVIDERS |= {name + FP8: anchors for name, anchors in list(PROVIDERS.items()) if anchors is not None}
+CHUNKED = "-chunked"  # the same plan with the decode top-k's chunked finish (KASCADE_DECODE_FINISH_MAX)
+CHUNKED_FINISH_MAX = 4096  # kascade.kernels.topk_select.FINISH_MAX
+PROVIDERS |= {name + suffix: anchors for name, anchors in list(PROVIDERS.items()) if anchors is not None
+              for suffix in (FP8, CHUNKED)}
 KASCADE_PROVIDERS = [p for p, anchors in PROVIDERS.items() if anchors is not None]
 WORKLOADS = {"long": 131072, "mid": 32768}
 CELL_KEYS = {"workload", "mode", "provider", "device"}  # what every cell file of `cell` holds
@@ -175,6 +180,8 @@ def run_cell(args) -> dict:
     max_len = -(-(length + NEW_TOKENS + 2 * BLOCK) // BLOCK) * BLOCK
     kv_bytes = batch * max_len * KV_BYTES_PER_TOKEN
     plan = plan_file(work, args.provider)
+    if args.provider.endswith(CHUNKED):  # read by kascade.kernels.decode in the engine's worker process
+        os.environ["KASCADE_DECODE_FINISH_MAX"] = str(CHUNKED_FINISH_MAX)
     engine = dict(load_format=VC.load_format(args.weights), dtype="bfloat16", skip_tokenizer_init=True, max_model_len=max_len,
                   max_num_seqs=batch, max_num_batched_tokens=args.chunk, enable_prefix_caching=True,
                   enforce_eager=args.mode == "eager", kv_cache_memory_bytes=kv_bytes, seed=0,
@@ -197,6 +204,7 @@ def run_cell(args) -> dict:
     res = dict(provider=args.provider, mode=args.mode, workload=args.workload, weights=args.weights, batch=batch,
                prompt_len=length,
                new_tokens=NEW_TOKENS, anchors=PROVIDERS[args.provider], engine_start_s=start_s, kascade_layers=layers,
+               decode_finish_max=os.environ.get("KASCADE_DECODE_FINISH_MAX"),
                engine={k: v for k, v in engine.items() if k != "additional_config"}, **info)
     if args.workload == "long":
         ttft = [_timed(llm, _prompts(1, length, seed=1000 + i), one)[0] for i in range(args.ttft_repeats + 1)]

@@ -267,6 +267,18 @@ def test_select_paths_agree_on_crowded_rows():
         check_select_paths(q, k, v, [0, 37, 260], 0.1, 16)
 
 
+def test_chunked_finish_from_the_environment(monkeypatch):
+    """KASCADE_DECODE_FINISH_MAX sets finish_max's default (how vLLM's worker processes get it); unset: none."""
+    monkeypatch.delenv("KASCADE_DECODE_FINISH_MAX", raising=False)
+    assert K.finish_max_from_env() == K.NO_CHUNKED_FINISH
+    monkeypatch.setenv("KASCADE_DECODE_FINISH_MAX", "4096")
+    assert K.finish_max_from_env() == 4096
+    for bad in ("0", "-5", "4k", ""):
+        monkeypatch.setenv("KASCADE_DECODE_FINISH_MAX", bad)
+        with pytest.raises(ValueError, match="KASCADE_DECODE_FINISH_MAX: expected an integer >= 1"):
+            K.finish_max_from_env()
+
+
 def prefetching(on):
     """Both prefetch switches of the anchor (pool, selection) set to `on`."""
     return kernel_config(pool=dict(prefetch=on), select=dict(prefetch=on))

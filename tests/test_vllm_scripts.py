@@ -47,7 +47,10 @@ def test_plans_and_model_folder_fit_the_8b_shape(tmp_path):
     d = SERVE.model_dir(tmp_path, 131072 + 512)
     cfg = SimpleNamespace(**json.loads((d / "config.json").read_text()))  # the attributes Plan.validate reads
     assert cfg.max_position_embeddings == 131584 and cfg.num_key_value_heads == 8
-    for provider, selecting in (("anchors5", 5), ("selecting10", 10), ("anchors5-fp8", 5), ("selecting10-fp8", 10)):
+    assert sorted(SERVE.KASCADE_PROVIDERS) == ["anchors5", "anchors5-chunked", "anchors5-fp8", "selecting10",
+                                               "selecting10-chunked", "selecting10-fp8"]
+    for provider, selecting in (("anchors5", 5), ("selecting10", 10), ("anchors5-fp8", 5), ("selecting10-fp8", 10),
+                                ("anchors5-chunked", 5), ("selecting10-chunked", 10)):
         plan = Plan.load(SERVE.plan_file(tmp_path, provider))
         plan.validate(cfg)  # what the plugin checks at engine start
         assert plan.anchors == SERVE.PROVIDERS[provider] and plan.selecting_layers_equivalent == selecting

@@ -66,6 +66,23 @@ from kascade.kernels.paging import (
 from kascade.reference import Selection
 
 LOG2E = 1.4426950408889634
+NO_CHUNKED_FINISH = 1 << 30  # a finish_max no row reaches
+
+
+def finish_max_from_env() -> int:
+    """CONFIG["select"]["finish_max"]'s default: KASCADE_DECODE_FINISH_MAX (an integer >= 1) or no chunked finish."""
+    raw = os.environ.get("KASCADE_DECODE_FINISH_MAX")
+    if raw is None:
+        return NO_CHUNKED_FINISH
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"KASCADE_DECODE_FINISH_MAX: expected an integer >= 1 (4096 turns the chunked top-k finish "
+                         f"on for rows of more candidates), got {raw!r}")
+    return value
+
 
 # Launch settings; benchmarks/decode.py may override them for a sweep.
 # per_sm: programs per SM that the split count aims at (splits are powers of two).
@@ -75,10 +92,12 @@ CONFIG = {
     # pool + radix kernels: chunks per row; candidates: finish levels 3-4 on the keys sharing the
     # threshold's 16-bit prefix only (kascade.kernels.topk_select.radix_candidates)
     # prefetch: the level-2 and split passes request each block of scores one block ahead
-    # finish_max: rows with more candidates take the chunked finish (topk_select.FINISH_MAX = 4096 turns it on);
-    # off by default: its three extra launches cost peaked scores 0.41 -> 0.54 ms per anchor at 3 x 128K, more
-    # than it saves flat ones (0.64 -> 0.47 ms; H100, benchmarks/results/flat_topk_h100.json)
-    "select": dict(per_sm=4, candidates=True, prefetch=True, finish_max=1 << 30),
+    # finish_max: rows with more candidates take the chunked finish (topk_select.FINISH_MAX = 4096 turns it on,
+    # also by the environment: KASCADE_DECODE_FINISH_MAX=4096, which reaches vLLM's worker processes); off by
+    # default: in CUDA-graph replays its three extra launches cost peaked scores (real weights) 1.01-1.05x an
+    # anchor, and it takes flat ones (tiny random weights) to 0.49-0.95x (H100, B = 1-16,
+    # benchmarks/results/flat_topk_h100.json)
+    "select": dict(per_sm=4, candidates=True, prefetch=True, finish_max=finish_max_from_env()),
     # pool: prefetch keeps the next block of logits in flight (register double buffering)
     "pool": dict(BLOCK=512, num_warps=8, prefetch=True),
     # reuse layers (K and V rows gathered): "sparse" below sparse_large_from selected slots in all
