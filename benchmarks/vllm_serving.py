@@ -597,7 +597,7 @@ def report(args) -> None:
     if serves:
         lines += ["", "## vllm serve with preemption", ""] + [f"- {name}: " + serve_line(v)[2:] for name, v in serves.items()]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    _plot(cells, stem.with_suffix(".png"))
+    _plot(cells, stem.with_suffix(".png"), data.get("prediction", {}).get("dummy", {}))
     print("\n".join(lines))
 
 
@@ -613,7 +613,9 @@ def kernel_file(arg: str | None, device_short: str) -> Path | None:
     return Path(arg)
 
 
-def _plot(cells: dict, path: Path) -> None:
+def _plot(cells: dict, path: Path, prediction: dict) -> None:
+    """Decode tokens/s and TTFT bars per provider (dummy-weight cells), with the kernel replays' predicted tokens/s
+    (prediction: vllm_predict.predict's rows, by workload-provider) as markers over the graph-mode bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -626,6 +628,11 @@ def _plot(cells: dict, path: Path) -> None:
     for i, p in enumerate(provs):
         vals = [cells.get(f"{wl}-{m}-{p}", {}).get("decode_tokens_per_s", 0) for wl, m in groups]
         axes[0].bar([j + i * w for j in range(len(groups))], vals, w, label=p)
+        for j, (wl, m) in enumerate(groups):
+            r = prediction.get(f"{wl}-{p}")
+            if m == "graph" and r is not None:
+                axes[0].plot(j + i * w, r["batch"] * 1000.0 / r["predicted_itl_ms"], "k_", markersize=22, mew=2,
+                             label="predicted by the kernel replays" if not axes[0].lines else None)
         tt = [cells.get(f"long-{m}-{p}", {}).get("ttft_median_s", 0) for m in ("graph", "eager")]
         axes[1].bar([j + i * w for j in range(2)], tt, w, label=p)
     axes[0].set_xticks([j + 0.4 - w / 2 for j in range(len(groups))],
@@ -634,8 +641,9 @@ def _plot(cells: dict, path: Path) -> None:
     axes[0].set_ylabel("decode tokens/s")
     axes[1].set_xticks([j + 0.4 - w / 2 for j in range(2)], ["graph", "eager"])
     axes[1].set_ylabel("time to first token, 131072 tokens (s)")
-    for ax in axes:
-        ax.legend()
+    axes[0].set_ylim(0, axes[0].get_ylim()[1] * 1.1)
+    axes[0].legend(loc="lower right", framealpha=0.9)
+    axes[1].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
