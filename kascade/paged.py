@@ -715,7 +715,7 @@ class PagedKascadeStrategy:
         return bt, lens
 
     def attend_decode(self, layer: int, q, key_cache, value_cache, block_table, seq_lens, scale=None,
-                      tp_rank: int | None = None, dense=None, key_copies=None) -> torch.Tensor:
+                      tp_rank: int | None = None, dense=None, key_copies=None, out=None) -> torch.Tensor:
         """out [R, Hq, Dv] for a batch of R requests with one new token each: q [R, Hq, D], row r the new
         token of request r (at position seq_lens[r] - 1); key_cache / value_cache [num_blocks, block_size,
         Hkv, D] (any strides, contiguous last dim), block_table [R, max_blocks] int, seq_lens [R] int on
@@ -737,6 +737,10 @@ class PagedKascadeStrategy:
         Part-selecting layers of a head-granular plan select on views of their selecting heads and
         attend through the stacked selection (kascade.kernels.decode.part_anchor's one-pass form exists
         for contiguous caches only).
+
+        out [R, Hq, Dv] (optional; q's dtype and device, last dimension contiguous): on the kernels the anchors'
+        and reusing layers' outputs are written into it and it is returned (an engine's output buffer: no copy);
+        elsewhere the result may be another tensor, so a caller compares data pointers before copying.
 
         On the reference backend this runs `attend` with one query per request (reading seq_lens once).
         """
@@ -760,6 +764,7 @@ class PagedKascadeStrategy:
         p = self.plan
         if layer == 0:
             self.begin_forward()
+        out4 = None if out is None else out.unsqueeze(2)  # [R, Hq, 1, Dv], the kernels' output shape
         bt, lens = self._decode_inputs(block_table, seq_lens)
         cache = PagedKV(key_cache, value_cache, bt, lens)
         q4 = q.unsqueeze(2)  # [R, Hq, 1, D]
@@ -793,9 +798,9 @@ class PagedKascadeStrategy:
             if fp8:
                 sel = select_fp8(layer)
                 o = (KD.dense_attention_paged(q4, cache, scale=scale, check=False) if self.dense_anchor_output
-                     else KD.sparse_attention_paged(q4, cache, sel, scale=scale, check=False))
+                     else KD.sparse_attention_paged(q4, cache, sel, scale=scale, check=False, out=out4))
             else:
-                o, sel = KD.anchor_paged(q4, cache, dense_output=self.dense_anchor_output, **budget)
+                o, sel = KD.anchor_paged(q4, cache, dense_output=self.dense_anchor_output, out=out4, **budget)
             self.state[layer] = (step, sel)
             return o[:, :, 0]
         if p.head_granular:
@@ -813,11 +818,11 @@ class PagedKascadeStrategy:
                 raise RuntimeError(f"layer {layer} takes keys from layers {missing}, which did not run on this decode "
                                    "batch in this forward; layers must run in order starting at layer 0")
             sel = _gather_decode([self.state[a][1] for a in route.layers], t.rows)
-            return KD.sparse_attention_paged(q4, cache, sel, scale=scale, check=False)[:, :, 0]
+            return KD.sparse_attention_paged(q4, cache, sel, scale=scale, check=False, out=out4)[:, :, 0]
         anchor = p.anchor_of(layer)
         if anchor not in self.state or self.state[anchor][0] != step:
             raise RuntimeError(f"layer {layer} reuses anchor {anchor}, which did not run on this decode batch in this "
                                "forward; layers must run in order starting at layer 0")
         head_map = routing.tensors(layer, q.device).head_map
         return KD.sparse_attention_paged(q4, cache, self.state[anchor][1], head_map=head_map, scale=scale,
-                                         check=False)[:, :, 0]
+                                         check=False, out=out4)[:, :, 0]

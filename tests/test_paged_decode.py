@@ -106,6 +106,31 @@ def test_decode_path_equals_host_split_path_without_reading_the_device(name, lay
     assert total > 0 and same >= 0.95 * total, (same, total)  # the rest differ only in near-tied keys
 
 
+@pytest.mark.parametrize("name,layers", [("head_granular", 4), ("layer_granular", 2)])
+def test_decode_path_writes_into_the_callers_output(name, layers):
+    """attend_decode(..., out=) (the vLLM backend hands its output buffer): the layers after 0 write into a strided
+    view of it and return that view, bit for bit what they return without it; layer 0 (the dense callable's or
+    the dense kernel's output) may return another tensor."""
+    plan = _plans()[name]
+    a, c = PagedKascadeStrategy(plan, backend="triton"), PagedKascadeStrategy(plan, backend="triton")
+    for layer in range(layers):
+        b = _decode_batch(seed=70 + layer)
+        want = a.attend_decode(layer, **_decode_args(b), scale=0.125)
+        buf = torch.full((b["q"].shape[0] + 2, 8 * 32 + 16), float("nan"), dtype=torch.bfloat16, device=DEV)
+        out = buf[:, :8 * 32].view(-1, 8, 32)[: b["q"].shape[0]]  # rows of 8 x 32 at a wider stride, like vLLM's
+        got = c.attend_decode(layer, **_decode_args(b), scale=0.125, out=out)
+        assert torch.equal(got, want), layer
+        if layer > 0:
+            assert got.data_ptr() == out.data_ptr() and torch.equal(out, want)
+            assert torch.isnan(buf[:, 8 * 32:]).all() and torch.isnan(buf[b["q"].shape[0]:]).all()  # nothing else
+    b = _decode_batch(seed=79)
+    s = PagedKascadeStrategy(plan, backend="triton")
+    s.attend_decode(0, **_decode_args(b), scale=0.125)
+    wrong = torch.empty(b["q"].shape[0], 8, 32, dtype=torch.float32, device=DEV)
+    with pytest.raises(ValueError, match=r"out: expected shape .* dtype torch.bfloat16"):
+        s.attend_decode(1, **_decode_args(b), scale=0.125, out=wrong)
+
+
 def test_decode_path_checks_its_batch():
     plan = _plans()["layer_granular"]
     b = _decode_batch(seed=1)

@@ -283,8 +283,9 @@ def _backend_classes():
                     return out3[:r]
 
                 o = self.kascade.attend_decode(self.layer_index, query[:r], key_cache, value_cache, bt, md.seq_lens,
-                                               scale=self.scale, tp_rank=self.tp_rank, dense=dense, key_copies=copies)
-                if o.data_ptr() != out3.data_ptr():
+                                               scale=self.scale, tp_rank=self.tp_rank, dense=dense, key_copies=copies,
+                                               out=out3[:r] if out3.dtype == query.dtype else None)
+                if o.data_ptr() != out3.data_ptr():  # not written in place (the reference path): one copy
                     out3[:r].copy_(o)
                 return output
             lens, qsl = host_lens(md)

@@ -656,11 +656,12 @@ def _check_anchor_args(q, rho, k_min, tile):
 
 
 def _anchor_core(q, krows: KVRows, vrows: KVRows, dm, start, end, rho, k_min, tile, scale, output,
-                 key_scales: KVRows | None = None):
+                 key_scales: KVRows | None = None, out: torch.Tensor | None = None):
     """Selection (and output) over the keys [start, end) of each sequence; krows/vrows address the cache.
 
     key_scales: krows is an FP8 copy of the keys and these its per-row scales (select_fp8); output must
-    be None or "fp8", which also returns the pass's buffers for a re-rank (a dict)."""
+    be None or "fp8", which also returns the pass's buffers for a re-rank (a dict). out: where the
+    attention output goes (output "sparse" or "dense"; checked by _output_tensor), else a new tensor."""
     B, HQ, HKV, N = dm["B"], dm["HQ"], dm["HKV"], dm["N"]
     R = B * HKV
     dev = q.device
@@ -715,11 +716,24 @@ def _anchor_core(q, krows: KVRows, vrows: KVRows, dm, start, end, rho, k_min, ti
         return dict(lg=lg, mp=mp, lp=lp, start32=start32, end32=end32, s1=s1, idx=idx, kmax=kmax), sel
     if output == "logits":  # the stored logits [B * Hkv, N', G] for a later sparse output
         return lg, sel
-    out = torch.empty(B, HQ, 1, dm["DV"], dtype=q.dtype, device=dev)
+    out = _output_tensor(out, q, dm)
     if dense:
         return _combine(op, mp, lp, out, dm, s1, pdl), sel
     return _sparse(q, krows, vrows, idx, (kmax * HKV, kmax, 1), counts, None, scale, out, dm, logits=lg,
                    pdl=pdl), sel
+
+
+def _output_tensor(out, q, dm) -> torch.Tensor:
+    """out [B, Hq, 1, Dv] for a decode output: a new tensor, or the caller's (q's dtype and device, last dimension
+    contiguous: the combine writes each (b, head) row by out's first two strides), checked."""
+    shape = (dm["B"], dm["HQ"], 1, dm["DV"])
+    if out is None:
+        return torch.empty(shape, dtype=q.dtype, device=q.device)
+    if tuple(out.shape) != shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
+        raise ValueError(f"out: expected shape {shape}, dtype {q.dtype} on {q.device} with a contiguous last "
+                         f"dimension, got shape {tuple(out.shape)}, dtype {out.dtype} on {out.device}, strides "
+                         f"{tuple(out.stride())}")
+    return out
 
 
 def _fp8_kwargs(key_scales: KVRows | None) -> dict:
@@ -1044,11 +1058,13 @@ def select_paged(q, cache: PagedKV, rho: float = 0.1, k_min: int = 128, tile: in
 
 
 def anchor_paged(q, cache: PagedKV, rho: float = 0.1, k_min: int = 128, tile: int = 32, scale=None,
-                 dense_output: bool = False, check: bool = True):
-    """`anchor` over a paged cache: (out [B, Hq, 1, Dv], PagedDecodeSelection)."""
+                 dense_output: bool = False, check: bool = True, out: torch.Tensor | None = None):
+    """`anchor` over a paged cache: (out [B, Hq, 1, Dv], PagedDecodeSelection). out: written in place when
+    given (q's dtype and device, last dimension contiguous; e.g. a view of an engine's output buffer)."""
     _check_anchor_args(q, rho, k_min, tile)
     q, kr, vr, dm, lens = _paged_setup(q, cache, True, check)
-    out, sel = _anchor_core(q, kr, vr, dm, None, lens, rho, k_min, tile, scale, "dense" if dense_output else "sparse")
+    out, sel = _anchor_core(q, kr, vr, dm, None, lens, rho, k_min, tile, scale, "dense" if dense_output else "sparse",
+                            out=out)
     return out, _with_pool(sel, cache)
 
 
@@ -1058,10 +1074,12 @@ def dense_attention_paged(q, cache: PagedKV, scale=None, check: bool = True):
     return _dense_core(q, kr, vr, dm, None, lens, scale)
 
 
-def sparse_attention_paged(q, cache: PagedKV, selection: Selection, head_map=None, scale=None, check: bool = True):
+def sparse_attention_paged(q, cache: PagedKV, selection: Selection, head_map=None, scale=None, check: bool = True,
+                           out: torch.Tensor | None = None):
     """`sparse_attention` over a paged cache; selection positions count from 0 in each sequence.
 
-    head_map [Hkv]: a device tensor when capturing a CUDA graph or with check=False."""
+    head_map [Hkv]: a device tensor when capturing a CUDA graph or with check=False. out [B, Hq, 1, Dv]: written
+    in place when given (as in anchor_paged)."""
     q, kr, vr, dm, _ = _paged_setup(q, cache, True, check)
     if not selection.decode or selection.indices.shape[0] != q.shape[0]:
         raise ValueError(f"selection: made for batch {selection.indices.shape[0]} with decode={selection.decode}, "
@@ -1077,7 +1095,7 @@ def sparse_attention_paged(q, cache: PagedKV, selection: Selection, head_map=Non
         idx, kr, vr = pool.rows, pool_rows(cache, "key"), pool_rows(cache, "value")
     else:
         idx = selection.indices
-    out = torch.empty(dm["B"], dm["HQ"], 1, dm["DV"], dtype=q.dtype, device=q.device)
+    out = _output_tensor(out, q, dm)
     return _sparse(q, kr, vr, idx, (idx.stride(0), idx.stride(1), idx.stride(3)), selection.counts, hm, scale, out, dm,
                    pdl=pdl_mode(q.device))
 
