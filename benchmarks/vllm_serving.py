@@ -85,7 +85,6 @@ SHAPE_CONFIG = ROOT / "kascade" / "configs" / "llama-3.1-8b-shape.json"
 PROVIDERS = {"flash": None, "anchors5": [0, 2, 8, 13, 14], "selecting10": [0, 2, 5, 8, 11, 13, 14, 17, 21, 26]}
 FP8 = "-fp8"  # a provider name's suffix: the same plan, selecting from the FP8 copy of the keys (no re-rank)
 CHUNKED = "-chunked"  # the same plan with the decode top-k's chunked finish (KASCADE_DECODE_FINISH_MAX)
-CHUNKED_FINISH_MAX = 4096  # kascade.kernels.topk_select.FINISH_MAX
 PROVIDERS |= {name + suffix: anchors for name, anchors in list(PROVIDERS.items()) if anchors is not None
               for suffix in (FP8, CHUNKED)}
 KASCADE_PROVIDERS = [p for p, anchors in PROVIDERS.items() if anchors is not None]
@@ -181,7 +180,9 @@ def run_cell(args) -> dict:
     kv_bytes = batch * max_len * KV_BYTES_PER_TOKEN
     plan = plan_file(work, args.provider)
     if args.provider.endswith(CHUNKED):  # read by kascade.kernels.decode in the engine's worker process
-        os.environ["KASCADE_DECODE_FINISH_MAX"] = str(CHUNKED_FINISH_MAX)
+        from kascade.kernels.topk_select import FINISH_MAX
+
+        os.environ["KASCADE_DECODE_FINISH_MAX"] = str(FINISH_MAX)
     engine = dict(load_format=VC.load_format(args.weights), dtype="bfloat16", skip_tokenizer_init=True, max_model_len=max_len,
                   max_num_seqs=batch, max_num_batched_tokens=args.chunk, enable_prefix_caching=True,
                   enforce_eager=args.mode == "eager", kv_cache_memory_bytes=kv_bytes, seed=0,
