@@ -110,9 +110,9 @@ def _checkpointed(calib, path: Path, every_s: float):
     search measures new plans, so that a search cut short resumes where it was."""
     measure, last = calib.per_prompt, [time.time()]
 
-    def per_prompt(plan):
+    def per_prompt(plan, *args, **kwargs):
         before = len(calib.memo)
-        out = measure(plan)
+        out = measure(plan, *args, **kwargs)
         if len(calib.memo) > before and time.time() - last[0] > every_s:
             calib.save(path)
             last[0] = time.time()

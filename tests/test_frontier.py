@@ -250,3 +250,22 @@ def test_speed_measurements_resume_and_keep_each_plan_against_its_own_dense(tmp_
     doc = json.loads(out.read_text())
     assert calls == ["dense", 6.0] and doc["plans"]["head-6"]["run"] == 1 and doc["plans"]["head-6"]["speedup"] == 8 / 3
     assert FS.measure(plans, "8b", "decode", 131072, out, 60.0, runner=Fake) and calls == ["dense", 6.0]
+
+
+def test_the_checkpointing_wrapper_passes_the_mode_and_saves_new_measurements(tmp_path):
+    class Calib:
+        def __init__(self):
+            self.memo, self.saved = {}, []
+
+        def per_prompt(self, plan, sparse_prefill=True):
+            self.memo[(plan, sparse_prefill)] = sparse_prefill
+            return sparse_prefill
+
+        def save(self, path):
+            self.saved.append(path)
+
+    calib = F._checkpointed(Calib(), tmp_path / "calib.pt", every_s=0.0)
+    assert calib.per_prompt("p", False) is False and calib.per_prompt("p", sparse_prefill=True) is True
+    assert ("p", False) in calib.memo and calib.saved == [tmp_path / "calib.pt"] * 2
+    calib.per_prompt("p", False)  # memoised: nothing new to save
+    assert len(calib.saved) == 2
