@@ -44,7 +44,7 @@ def test_jobs_list_every_plan_task_set_and_length(tmp_path):
     names = [j.name for j in jobs]
     runs = list(dict.fromkeys(n.split("/")[0] for n in names))
     assert runs == ["baselines", "default", "default-rho0.05", "default-rho0.2", "head-6", "layer-6", "paper-6",
-                    "head-4", "layer-4", "paper-4"]  # the paper's cost first
+                    "head-4", "layer-4", "paper-4"]  # the paper's cost first, the paper's recipe elsewhere last
     assert len(jobs) == len(runs) * 2 * 2 and len(set(names)) == len(names)
     line = {j.name: j.command for j in jobs}
     assert line["baselines/tasks-4096"] == (
@@ -269,3 +269,9 @@ def test_the_checkpointing_wrapper_passes_the_mode_and_saves_new_measurements(tm
     assert ("p", False) in calib.memo and calib.saved == [tmp_path / "calib.pt"] * 2
     calib.per_prompt("p", False)  # memoised: nothing new to save
     assert len(calib.saved) == 2
+
+
+def test_the_papers_recipe_away_from_its_cost_and_the_defaults_runs_after_every_output_aware_plan(tmp_path):
+    names = list(F.frontier_plans(_work(tmp_path, costs=(4, 6, 8, 10)), default_plan=None))
+    assert names == ["head-6", "layer-6", "paper-6", "head-4", "layer-4", "head-8", "layer-8", "head-10", "layer-10",
+                     "paper-10", "paper-4", "paper-8"]
