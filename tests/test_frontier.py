@@ -1,4 +1,4 @@
-"""benchmarks/frontier.py on the CPU: the evaluation jobs, the dense rows they share, the mapping of a plan to the
+"""benchmarks/frontier.py on the CPU: the calibrate stage on kascade-tiny, the evaluation jobs, the dense rows they share, the mapping of a plan to the
 8B shape at the same cost, and the report from made-up rows and speeds (the GPU stages themselves run elsewhere)."""
 
 import json
@@ -275,3 +275,28 @@ def test_the_papers_recipe_away_from_its_cost_and_the_defaults_runs_after_every_
     names = list(F.frontier_plans(_work(tmp_path, costs=(4, 6, 8, 10)), default_plan=None))
     assert names == ["head-6", "layer-6", "paper-6", "head-4", "layer-4", "head-8", "layer-8", "head-10", "layer-10",
                      "paper-10", "paper-4", "paper-8"]
+
+
+def test_the_calibrate_stage_writes_every_recipes_plans_and_resumes(tmp_path, capsys):
+    """The stage end to end on kascade-tiny at a tiny scale: both searches, the paper's recipe, the held-out
+    divergences; a second call finds everything done and measures nothing."""
+    from kascade.models import TINY_MODEL_DIR
+
+    if not (TINY_MODEL_DIR / "config.json").is_file():
+        pytest.skip("models/kascade-tiny is not in this checkout")
+    work = tmp_path / "work"
+    argv = ["calibrate", str(TINY_MODEL_DIR), "--work", str(work), "--length", "320", "--num-prompts", "2",
+            "--heldout-prompts", "1", "--batch-size", "2", "--costs", "11", "--candidates", "2", "--search-step", "12",
+            "--answer-tokens", "2", "--device", "cpu", "--dtype", "float32",
+            "--default-plan", str(Path(F.ROOT) / "plans" / "kascade-tiny.json")]
+    assert F.main(argv) == 0
+    assert sorted(p.name for p in (work / "plans").iterdir()) == ["head-11.json", "layer-11.json", "paper-11.json"]
+    head = Plan.load(work / "plans" / "head-11.json")
+    assert head.selecting_layers_equivalent == 11 and head.provenance["granularity"] == "head"
+    assert Plan.load(work / "plans" / "layer-11.json").provenance["granularity"] == "layer"
+    held = json.loads((work / "reports" / "heldout.json").read_text())
+    assert set(held["plans"]) == {"default", "head-11", "layer-11", "paper-11"} and held["num_prompts"] == 1
+    capsys.readouterr()
+    assert F.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "search:" not in out and "held out," not in out and "calibration done" in out
