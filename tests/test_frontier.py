@@ -1,5 +1,6 @@
-"""benchmarks/frontier.py on the CPU: the calibrate stage on kascade-tiny, the evaluation jobs, the dense rows they share, the mapping of a plan to the
-8B shape at the same cost, and the report from made-up rows and speeds (the GPU stages themselves run elsewhere)."""
+"""benchmarks/frontier.py on the CPU: the calibrate stage on kascade-tiny, the evaluation jobs, the dense rows they
+share, the mapping of a plan to the 8B shape at the same cost, and the report from made-up rows and speeds (the GPU
+stages themselves run elsewhere)."""
 
 import json
 import os
