@@ -5,7 +5,8 @@ works anywhere.
 Model: the Llama-3.1-8B shape (kascade/configs/llama-3.1-8b-shape.json, written into a model folder with
 max_position_embeddings raised to fit 128K prompts plus the new tokens) with random weights, nothing
 downloaded: `--weights dummy` (default) is vLLM's dummy load format, uniform in +-1e-3, which makes every
-query-key score nearly 0 (flat attention, the top-k selection's worst case); `--weights init` draws them as
+logit about 5e-10, so every pooled attention score is exactly 1/N: all keys tie, the top-k selection's worst case
+(benchmarks/results/dummy_scores_cpu.md); `--weights init` draws them as
 transformers initializes the model (normal, std initializer_range 0.02; norms 1), so scores spread as in a freshly
 initialized model. FlashAttention's time does not depend on the weights; the
 selection's does. bf16, token-id prompts (no tokenizer), greedy, EOS ignored.
@@ -93,7 +94,7 @@ CELL_KEYS = {"workload", "mode", "provider", "device"}  # what every cell file o
 NEW_TOKENS = 256
 MID_BATCH = 16
 WEIGHTS = {  # --weights: how the random weights are drawn
-    "dummy": "vLLM's dummy load format (uniform in +-1e-3: every attention score nearly equal, the selection's "
+    "dummy": "vLLM's dummy load format (uniform in +-1e-3: every attention score exactly equal, the selection's "
              "worst case)",
     "init": "normal at the config's initializer_range (0.02), norms 1 (benchmarks/vllm_common.py "
             "register_init_loader: attention scores spread as in a freshly initialized model)"}
