@@ -463,6 +463,30 @@ def test_gpu_no_recompilation_across_lengths():
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("q_scale", [1e-9, 1e-4, 1.0])  # tied (vLLM's dummy weights), flat, peaked scores
+def test_gpu_chunked_finish_at_full_size(q_scale):
+    """The chunked finish (finish_max 4096, launched with PDL where the device has it) selects a valid top-k set
+    on tied, flat and peaked rows of 128K keys, the same set as the single finish, eagerly and in a CUDA graph."""
+    B, Hkv, G, N, D = 3, 8, 4, 131072, 128
+    q, k, v = make(B, Hkv, G, N, D, BF16, seed=4)
+    q.mul_(q_scale)
+    kv_start = torch.tensor([0, 5000, 70001], device=DEV)
+    with kernel_config(select=dict(finish_max=1 << 30)):
+        _, single = K.anchor(q, k, v, 0.1, 128, 32, kv_start=kv_start)
+    with kernel_config(select=dict(finish_max=4096)):
+        with poisoned():
+            _, chunked = K.anchor(q, k, v, 0.1, 128, 32, kv_start=kv_start)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            _, replayed = K.anchor(q, k, v, 0.1, 128, 32, kv_start=kv_start)
+        graph.replay()
+    check_selection(chunked, q, k, 0.1, 128, kv_start)
+    assert torch.equal(replayed.indices, chunked.indices)
+    assert torch.equal(single.indices.sort(-1).values, chunked.indices.sort(-1).values)
+
+
+@pytest.mark.gpu
+@gpu
 def test_gpu_cuda_graph_capture():
     B, Hkv, G, N, D = 2, 8, 4, 50000, 128
     q, k, v = make(B, Hkv, G, N, D, BF16, seed=3)

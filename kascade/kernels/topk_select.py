@@ -190,9 +190,11 @@ def _crowded_only(H_row, kk, lo, hi, FINISH_MAX, FALLBACK: tl.constexpr):
 @triton.jit(do_not_specialize=["N", "CHUNK", "FINISH_MAX", "ROWS_PER_B"])
 def _radix_hist_kernel(S, H, KB, START, END, N, stride_s, CHUNK, ROWS_PER_B,
                        LEVEL: tl.constexpr, BLOCK: tl.constexpr, HAS_END: tl.constexpr, FINISH_MAX=0,
-                       FALLBACK: tl.constexpr = False):
+                       FALLBACK: tl.constexpr = False, PDL: tl.constexpr = 0):
     """Levels 1-3: add this chunk's histogram of the level's digit into H[row, LEVEL - 1].
-    FALLBACK: only rows with more than FINISH_MAX candidates (the candidate path's chunked finish)."""
+    FALLBACK: only rows with more than FINISH_MAX candidates (the candidate path's chunked finish).
+    PDL: started by programmatic dependent launch (pdl_start)."""
+    pdl_start(PDL)
     row = tl.program_id(0)
     c = tl.program_id(1)
     b = row // ROWS_PER_B
@@ -307,9 +309,10 @@ def _compact_block(key, offs, valid, thr, r, gt_base, eq_base, gt_total):
 @triton.jit(do_not_specialize=["N", "CHUNK", "KMAX", "FINISH_MAX", "NCHUNK", "ROWS_PER_B"])
 def _radix_compact_kernel(S, H, H4S, GT, KB, START, END, IDX, N, stride_s, stride_i, CHUNK, ROWS_PER_B, KMAX,
                           NCHUNK, BLOCK: tl.constexpr, HAS_END: tl.constexpr, FINISH_MAX=0,
-                          FALLBACK: tl.constexpr = False, CPAD: tl.constexpr = MAX_CHUNKS):
+                          FALLBACK: tl.constexpr = False, CPAD: tl.constexpr = MAX_CHUNKS, PDL: tl.constexpr = 0):
     """Write the positions of the k largest keys of the row (see the module docstring for the order).
-    FALLBACK as in _radix_hist_kernel."""
+    FALLBACK and PDL as in _radix_hist_kernel."""
+    pdl_start(PDL)
     row = tl.program_id(0)
     c = tl.program_id(1)
     b = row // ROWS_PER_B
@@ -512,8 +515,10 @@ def radix_candidates(scores, n_keys, ws, k_b, start_b, rows_per_b, nchunk, chunk
                                   num_warps=8, **pdl_kwargs(pdl))
     if finish_max >= n_keys:  # no row can hold more candidates than keys: no chunked finish to launch
         return out
-    # rows of more than finish_max candidates: levels 3-4 and the compaction over the whole row, chunked
-    fallback = dict(FINISH_MAX=finish_max, FALLBACK=True, HAS_END=has_end, BLOCK=BLOCK_SEL, num_warps=4)
+    # rows of more than finish_max candidates: levels 3-4 and the compaction over the whole row, chunked (with
+    # PDL like the launches before them: on rows that need no chunked finish their programs only exit)
+    fallback = dict(FINISH_MAX=finish_max, FALLBACK=True, HAS_END=has_end, BLOCK=BLOCK_SEL, PDL=pdl, num_warps=4,
+                    **pdl_kwargs(pdl))
     _radix_hist_kernel[grid](scores, ws.hist, k_b, start_b, end, n_keys, scores.stride(0), chunk, rows_per_b,
                              LEVEL=3, **fallback)
     _radix_last_kernel[grid](scores, ws.hist, ws.h4, ws.gt, k_b, start_b, end, n_keys, scores.stride(0), chunk,
