@@ -23,20 +23,15 @@ sys.path.insert(0, str(ROOT))
 def selecting_units(plan) -> set:
     """(layer, KV head) units that select in `plan` (anchors: every head)."""
     H = plan.model["num_kv_heads"]
-    units = set()
-    for layer in range(plan.model["num_layers"]):
-        row = plan.head_sources[layer] if plan.head_sources is not None else None
-        if layer in plan.anchors or row is None:
-            units |= {(layer, h) for h in range(H)} if layer in plan.anchors else set()
-            continue
-        units |= {(layer, h) for h in range(H) if row[h] is None}
-    return units
+    return {(layer, h) for layer in range(plan.model["num_layers"]) for h in plan.selecting_heads(layer, H)}
 
 
 def routed_differently(a, b) -> int:
     """Reusing heads whose source differs between the plans a and b (same selecting units)."""
-    return sum(1 for ra, rb in zip(a.head_sources, b.head_sources) if ra is not None
-               for x, y in zip(ra, rb) if x is not None and list(x) != list(y))
+    H = a.model["num_kv_heads"]
+    return sum(1 for layer in range(a.model["num_layers"])
+               for h, (sa, sb) in enumerate(zip(a.sources(layer, H), b.sources(layer, H)))
+               if sa[0] != layer and sa != sb)
 
 
 def main() -> None:
