@@ -6,8 +6,8 @@
 #       log in $OUT/decode_shapes_log.txt; then its headline table and the programmatic-dependent-launch table.
 #       The main columns use KASCADE_DECODE_PDL (default exit); every PDL mode is timed beside them at the
 #       headline size, with a check that each selects the same indices and gives the same outputs.
-# FlashAttention-3: carry .whl/ (made by the shared fa3-wheel tool: fa3_fwd-0.0.3-*.whl); it is installed
-# into /tmp/site here. Without it FA3 is skipped and the results say so.
+# FlashAttention-3: carry .whl/fa3.tar.xz (benchmarks/fa3_pack.sh); benchmarks/fa3_install.sh puts it into
+# /tmp/site here. Without it FA3 is skipped and the results say so.
 # Environment: OUT (default /tmp/out), TEST_SECONDS (150), BENCH_SECONDS (330; the benchmark starts no new size
 # after BUDGET_S, 270, beyond the 128K B=1 headline of every shape), BENCH_ARGS (extra arguments).
 set -uo pipefail
@@ -15,10 +15,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-if compgen -G ".whl/fa3_fwd-*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/fa3_fwd-*.whl 2>&1 | tail -n 2
-fi
-python3 -c "import fa3_fwd_interface" 2>/dev/null && echo "FA3: fa3_fwd_interface imports" || echo "FA3: not importable (carry .whl/)"
+bash benchmarks/fa3_install.sh
 python3 -c "import torch, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
 
 start=$(date +%s)

@@ -14,7 +14,8 @@
 #      layer-granular searches, the held-out divergences; log /tmp/frontier/calibrate.log) and runs the
 #      baselines (dense, oracle) and the default plan at three budgets while the searches run; later calls run
 #      the plans as they appear, PAR `kascade eval` processes side by side.
-#   6. bash benchmarks/frontier_gpu.sh speed            no carry; repeat until it prints "speed: done". Waits
+#   6. bash benchmarks/frontier_gpu.sh speed            carry .whl/fa3.tar.xz (benchmarks/fa3_pack.sh: the FA3
+#      baseline); repeat until it prints "speed: done". Waits
 #      for the evaluations and the calibration to stop (the GPU must be otherwise idle while it times), then
 #      measures decode on both shapes, prefill on SmolLM2's, then prefill on the 8B shape.
 #   On this machine: tar -xzf frontier.tar.gz -C /tmp (the last call's), then
@@ -116,6 +117,7 @@ speed)
   busy() { calibrating || pgrep -f "kascade.cli eval" > /dev/null; }
   while busy && [ $(( $(date +%s) - begin )) -lt "${WAIT:-60}" ]; do sleep 5; done
   if busy; then echo "speed: evaluations or the calibration still run on the GPU; call again later"; collect; exit 0; fi
+  bash benchmarks/fa3_install.sh  # the dense baseline is FA3 where it imports (carry .whl/fa3.tar.xz), else flash SDPA
   specs=$(python3 -c 'import sys; sys.path[:0] = ["benchmarks"]; from frontier import SPEED_RUNS
 for shape, phase, lengths in SPEED_RUNS: print(shape, phase, ",".join(map(str, lengths)))')
   while read -r shape phase lengths; do
