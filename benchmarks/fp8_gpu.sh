@@ -6,6 +6,9 @@
 #   recall   recall / attention mass of FP8 selection on random data at 128K, decode and prefill (the
 #            kernels' selections), $OUT/fp8_select_<gpu>.{json,md}; MODEL=DIR adds SmolLM2's activations
 #            (the model converted as benchmarks/smollm2_gpu.sh's prepare stage does)
+#   widen    the FP8 decode K pass's widening, float16 (default) against bf16 (benchmarks/fp8_widen_probe.py, B = 1
+#            and 8 at 128K, FA3 beside), then the widening and GPU decode tests of tests/test_fp8_select.py: $OUT/fp8_widen_<gpu>.{json,md},
+#            $OUT/fp8_widen_gpu_tests.txt (about 2 minutes)
 #   decode   benchmarks/decode.py --fp8 at SIZES (default 1x131072,8x131072): FA3, the exact kernels and the FP8
 #            ones per layer, the whole model with 5 anchors and with 10 selecting layers, exact and FP8 (and
 #            RERANK, default 2), merged into benchmarks/results/decode_<gpu>.json (rows of those sizes
@@ -20,22 +23,13 @@
 #     RUNS="niah_single,niah_multikey,niah_multivalue,niah_multiquery,fwe,doc_qa_chat|kascade-fp8,kascade-fp8-rerank2|4096,8064|0.1|60" \
 #     bash benchmarks/smollm2_gpu.sh eval
 set -euo pipefail
-stage=${1:?stage: tests, recall, decode or prefill}
+stage=${1:?stage: tests, widen, recall, decode or prefill}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-# FlashAttention-3 for the decode and prefill baselines: the fa3-fwd wheel (../shared/tools/fa3-wheel) is larger than
-# what a call carries beside the tree, so it travels in two halves (`split -n 2 -d -a 1 WHEEL .whl/fa3parts/p`),
-# one call each, copied to /tmp/fa3 (`mkdir -p /tmp/fa3 && cp .whl/fa3parts/p0 /tmp/fa3/` first, then this script
-# with p1 carried); or carry .whl/ whole where it fits
-if [ -f .whl/fa3parts/p1 ]; then mkdir -p /tmp/fa3 && cp .whl/fa3parts/p1 /tmp/fa3/; fi
-if [ -f /tmp/fa3/p0 ] && [ -f /tmp/fa3/p1 ] && ! python3 -c "import fa3_fwd_interface" 2>/dev/null; then
-  cat /tmp/fa3/p0 /tmp/fa3/p1 > /tmp/fa3/fa3_fwd-0.0.3-cp39-abi3-manylinux_2_24_x86_64.whl
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/fa3/fa3_fwd-*.whl 2>&1 | tail -n 2
-elif compgen -G ".whl/fa3_fwd-*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/fa3_fwd-*.whl 2>&1 | tail -n 2
-fi
-python3 -c "import fa3_fwd_interface" 2>/dev/null && echo "FA3: fa3_fwd_interface imports" || echo "FA3: not importable"
+# FlashAttention-3 for the decode and prefill baselines: carry .whl/fa3.tar.xz (benchmarks/fa3_pack.sh, one call;
+# benchmarks/fa3_install.sh also takes the wheel or its two halves)
+bash benchmarks/fa3_install.sh
 gpu=$(python3 -c "import sys, torch; sys.path.insert(0, 'benchmarks'); from report_json import short_device_name; \
 print(short_device_name(torch.cuda.get_device_name()))")  # h100, h200
 python3 -c "import torch, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
@@ -44,6 +38,10 @@ case "$stage" in
 tests)
   python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_select.py tests/test_kernels_decode.py \
     tests/test_kernels_prefill.py tests/test_topk_select.py 2>&1 | tee "$OUT/fp8_gpu_tests.txt" | tail -n 30
+  ;;
+widen)
+  python3 benchmarks/fp8_widen_probe.py --out "$OUT" 2>&1 | tail -n 12
+  python3 -m pytest -q -p no:cacheprovider tests/test_fp8_select.py -k "widen or gpu_decode" 2>&1 | tee "$OUT/fp8_widen_gpu_tests.txt" | tail -n 5
   ;;
 recall)
   sources=random
@@ -68,7 +66,7 @@ prefill)
   cp "benchmarks/results/prefill_$gpu".{json,md,png} "$OUT/" 2>/dev/null || cp "benchmarks/results/prefill_$gpu".{json,md} "$OUT/"
   ;;
 *)
-  echo "unknown stage $stage (tests, recall, decode or prefill)" >&2
+  echo "unknown stage $stage (tests, widen, recall, decode or prefill)" >&2
   exit 2
   ;;
 esac

@@ -148,6 +148,50 @@ def test_decode_kernel_matches_reference(B, S, G, N, D, dtype, kv_start, kv_len,
         same_sets(KD.select_fp8(q, (k8, ks), 0.1, 16, 32, kv_start=st, kv_len=ln, rerank=50.0, k=k), exact)
 
 
+def _decode_fp8_logits(monkeypatch, q, copy, widen):
+    """The FP8 K pass's logits [B * S, N', G] and the selection, with CONFIG["logits"]["fp8_widen"] = widen."""
+    seen = {}
+    core = KD._anchor_core
+
+    def keep(*a, **kw):  # the call without a re-rank asks for no buffers (output None): ask for them ("fp8")
+        buf, sel = core(*a[:10], "fp8", *a[11:], **kw)
+        seen["lg"] = buf["lg"].clone()
+        return None, sel
+
+    monkeypatch.setitem(KD.CONFIG["logits"], "fp8_widen", widen)
+    monkeypatch.setattr(KD, "_anchor_core", keep)
+    sel = KD.select_fp8(q, copy, 0.1, 16, 32)
+    monkeypatch.setattr(KD, "_anchor_core", core)
+    return seen["lg"], sel
+
+
+@pytest.mark.parametrize("dtype", [BF16, FP16])
+def test_decode_fp8_keys_widened_to_f16_give_the_logits_of_widening_to_q(monkeypatch, dtype):
+    """The K pass multiplies float16 keys by q's rows scaled by powers of two into float16 (_f16_rows): the same
+    logits as widening each key to q's dtype, for rows whose magnitudes span 2^-12 to 2^9 and a row of zeros."""
+    B, S, G, N, D = 1, 2, 4, 160, 64
+    q = rand(B, S * G, 1, D, dtype=torch.float32, seed=40)
+    q = q * torch.logspace(-12, 9, S * G, base=2.0, device=DEV)[None, :, None, None]
+    q[0, 3] = 0
+    q = q.to(dtype)
+    copy = F.quantize(rand(B, S, N, D, dtype=dtype, seed=41))
+    lg16, sel16 = _decode_fp8_logits(monkeypatch, q, copy, "f16")
+    lgq, selq = _decode_fp8_logits(monkeypatch, q, copy, "q")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        assert torch.equal(lg16[:, :N], lgq[:, :N])  # powers of two and exact products: the same bits
+    else:
+        torch.testing.assert_close(lg16[:, :N], lgq[:, :N], rtol=1e-6, atol=0)
+    same_sets(sel16, selq)
+    same_sets(sel16, F.select(q, *copy, 0.1, 16, 32))
+
+
+def test_decode_fp8_widening_setting_is_checked(monkeypatch):
+    q, copy = rand(1, 4, 1, 32, seed=42), F.quantize(rand(1, 1, 64, 32, seed=43))
+    monkeypatch.setitem(KD.CONFIG["logits"], "fp8_widen", "bf16")
+    with pytest.raises(ValueError, match="fp8_widen"):
+        KD.select_fp8(q, copy, 0.1, 16, 32)
+
+
 def test_decode_kernel_on_a_subset_of_heads():
     """The copy of KV heads [0, 2] of three; the re-rank reads those heads of the exact cache (kv_heads)."""
     k = rand(1, 3, 250, 32, seed=6)

@@ -87,7 +87,10 @@ def finish_max_from_env() -> int:
 # Launch settings; benchmarks/decode.py may override them for a sweep.
 # per_sm: programs per SM that the split count aims at (splits are powers of two).
 CONFIG = {
-    "logits": dict(BLOCK_N=128, num_warps=4, num_stages=3, per_sm=4),  # select / sparse-output anchor
+    # select / sparse-output anchor; fp8_widen: what the FP8 K pass widens each e4m3 key to, "f16" (q's rows
+    # scaled into float16: one conversion per two keys, _f16_rows) or "q" (q's dtype: bf16 adds one conversion
+    # per key on a quarter-rate unit); kept selectable to measure one against the other on a GPU
+    "logits": dict(BLOCK_N=128, num_warps=4, num_stages=3, per_sm=4, fp8_widen="f16"),
     "logits_dense": dict(BLOCK_N=128, num_warps=4, num_stages=2, per_sm=4),  # anchor with dense output
     # pool + radix kernels: chunks per row; candidates: finish levels 3-4 on the keys sharing the
     # threshold's 16-bit prefix only (kascade.kernels.topk_select.radix_candidates)
@@ -200,6 +203,22 @@ def _dot(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     return r
 
 
+@triton.jit
+def _f16_rows(q):
+    """q [GPAD, DP] as float16 rows for the product with widened e4m3 keys, each row scaled by a power of two that
+    puts its largest magnitude in [2^13, 2^14), and the [GPAD] factors that undo the scaling; float32 q is kept
+    (with factors 1). A bf16 or fp16 value scaled so is exactly a float16 unless it lies 2^27 below its row's
+    largest (its products fall far under the float32 sum's rounding), so the logits are those of widening each
+    key to q's dtype. Why: e4m3 widens to float16 in one conversion per two keys (F2FP), where bf16 took one more
+    per key on a quarter-rate unit (F2F), and the FP8 K pass was bound by those conversions, not by its bytes."""
+    if q.dtype == tl.float32:
+        return q, tl.full([q.shape[0]], 1.0, tl.float32)
+    q32 = q.to(tl.float32)
+    big = tl.max(tl.abs(q32), 1)
+    up = tl.exp2(13.0 - tl.floor(tl.log2(tl.maximum(big, 1e-30))))
+    return (q32 * up[:, None]).to(tl.float16), 1.0 / up
+
+
 # NSPLIT (the splits per row, a power of 2 set by the batch size) only sizes each split's range here: a runtime
 # value, so the batch sizes a serving engine meets share one compiled kernel; HKV too (1 in head-granular views).
 # The pool and combine kernels read the NSPLIT partials through a padded constexpr range SPAD (split_pad).
@@ -212,11 +231,12 @@ def _decode_logits_kernel(Q, K, V, LG, MP, LP, OP, KV_START, KV_LEN, START32, EN
                           HAS_START: tl.constexpr, HAS_LEN: tl.constexpr, DENSE_OUT: tl.constexpr,
                           SELECT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
                           PAGED: tl.constexpr = False, PDL: tl.constexpr = 0,
-                          KS=None, sks_seq=0, sks_head=0, sks_tok=0, FP8: tl.constexpr = False):
+                          KS=None, sks_seq=0, sks_head=0, sks_tok=0, FP8: tl.constexpr = False,
+                          WIDEN_F16: tl.constexpr = True):
     """FP8 (select_fp8): K is the FP8 copy of the keys (float8_e4m3fn rows, addressed like K) and KS its
-    per-row scales (addressed by sks_*): each key row is widened to q's dtype (exact) and its logits
-    multiplied by its scale. Decode is memory bound, so widening before the product costs nothing; the
-    bytes read are what halves."""
+    per-row scales (addressed by sks_*): each key row is widened to float16 (exact) for the product with q's rows
+    scaled into float16 (_f16_rows; float32 q: widened to float32), and its logits multiplied by its scale and
+    the row's factor. The bytes read halve; the widening must stay cheap for that to show (_f16_rows)."""
     tl.static_assert(GPAD >= 16 and GPAD >= G)
     tl.static_assert(not (FP8 and DENSE_OUT))
     ts.pdl_start(PDL)
@@ -252,6 +272,10 @@ def _decode_logits_kernel(Q, K, V, LG, MP, LP, OP, KV_START, KV_LEN, START32, EN
     dv = tl.arange(0, DVP)
     b64 = b.to(tl.int64)
     q = tl.load(Q + b64 * sqb + hq[:, None] * sqh + d[None, :], mask=gm[:, None] & (d[None, :] < D), other=0.0)
+    if FP8 and WIDEN_F16:
+        q, q_unscale = _f16_rows(q)
+    else:
+        q_unscale = tl.full([GPAD], 1.0, tl.float32)
     lg_row = LG + row.to(tl.int64) * stride_lg  # logits [N, G] of this KV head
 
     m_i = tl.full([GPAD], float("-inf"), tl.float32)
@@ -265,7 +289,7 @@ def _decode_logits_kernel(Q, K, V, LG, MP, LP, OP, KV_START, KV_LEN, START32, EN
         if FP8:
             soff = row_offsets(b, h, offs, nm, sks_seq, sks_head, sks_tok, BT, s_bt, PAGE, PAGED)
             ksc = tl.load(KS + soff, mask=nm, other=0.0)
-            s = _dot(q, tl.trans(kt.to(q.dtype)), DOT_PREC, UPCAST) * (ksc * scale_log2)[None, :]
+            s = _dot(q, tl.trans(kt.to(q.dtype)), DOT_PREC, UPCAST) * (ksc * scale_log2)[None, :] * q_unscale[:, None]
         else:
             s = _dot(q, tl.trans(kt), DOT_PREC, UPCAST) * scale_log2  # [GPAD, BLOCK_N]
         s = tl.where(nm[None, :], s, float("-inf"))
@@ -694,7 +718,7 @@ def _anchor_core(q, krows: KVRows, vrows: KVRows, dm, start, end, rho, k_min, ti
         G=dm["G"], GPAD=dm["GPAD"], D=dm["D"], DP=dm["DP"], DV=dm["DV"], DVP=dm["DVP"], NSPLIT=s1,
         BLOCK_N=cl["BLOCK_N"], HAS_START=start is not None, HAS_LEN=end is not None, DENSE_OUT=dense, SELECT=True,
         DOT_PREC=_dot_prec(q), UPCAST=_upcast(q), PAGED=krows.paged, PDL=pdl, num_warps=cl["num_warps"],
-        num_stages=stages, **_fp8_kwargs(key_scales), **ts.pdl_kwargs(pdl))
+        num_stages=stages, **_fp8_kwargs(key_scales, cl), **ts.pdl_kwargs(pdl))
     scores = torch.empty(R, ln, dtype=torch.float32, device=dev)
     cp = CONFIG["pool"]
     _decode_pool_kernel[(R, nchunk)](
@@ -736,12 +760,15 @@ def _output_tensor(out, q, dm) -> torch.Tensor:
     return out
 
 
-def _fp8_kwargs(key_scales: KVRows | None) -> dict:
-    """The FP8 arguments of _decode_logits_kernel (none for bf16 / fp16 / fp32 keys)."""
+def _fp8_kwargs(key_scales: KVRows | None, launch: dict) -> dict:
+    """The FP8 arguments of _decode_logits_kernel (none for bf16 / fp16 / fp32 keys); launch: its CONFIG section."""
     if key_scales is None:
         return {}
+    widen = launch.get("fp8_widen", "f16")
+    if widen not in ("f16", "q"):
+        raise ValueError(f'CONFIG["logits"]["fp8_widen"]: expected "f16" or "q", got {widen!r}')
     return dict(KS=key_scales.tensor, sks_seq=key_scales.s_seq, sks_head=key_scales.s_head,
-                sks_tok=key_scales.s_tok, FP8=True)
+                sks_tok=key_scales.s_tok, FP8=True, WIDEN_F16=widen == "f16")
 
 
 def _sparse(q, krows: KVRows, vrows: KVRows, idx, idx_strides, counts, head_map, scale, out, dm, logits=None,
