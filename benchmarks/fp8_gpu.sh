@@ -10,8 +10,8 @@
 #            and 8 at 128K, FA3 beside), then the widening and GPU decode tests of tests/test_fp8_select.py: $OUT/fp8_widen_<gpu>.{json,md},
 #            $OUT/fp8_widen_gpu_tests.txt (about 2 minutes)
 #   decode   benchmarks/decode.py --fp8 at SIZES (default 1x131072,8x131072): FA3, the exact kernels and the FP8
-#            ones per layer, the whole model with 5 anchors and with 10 selecting layers, exact and FP8 (and
-#            RERANK, default 2), merged into benchmarks/results/decode_<gpu>.json (rows of those sizes
+#            ones per layer, the whole model with 5 anchors and with 10 selecting layers, exact and FP8 (RERANK=2
+#            adds the re-rank rows: slower than exact selection on the H100, decode_h100.md), merged into benchmarks/results/decode_<gpu>.json (rows of those sizes
 #            replaced, baselines re-measured in the same run); SIZES=1x131072 and SIZES=8x131072 in two
 #            calls if one does not fit
 #   prefill  benchmarks/prefill.py --fp8 at LENGTHS (default 131072), merged into
@@ -53,7 +53,7 @@ recall)
 decode)
   merge=()  # a GPU without a canonical decode file yet gets one of its own
   if [ -f "benchmarks/results/decode_$gpu.json" ]; then merge=(--merge-into "benchmarks/results/decode_$gpu.json"); fi
-  python3 benchmarks/decode.py --no-sweep --no-flex --sizes "${SIZES:-1x131072,8x131072}" --fp8 --rerank "${RERANK:-2}" \
+  python3 benchmarks/decode.py --no-sweep --no-flex --sizes "${SIZES:-1x131072,8x131072}" --fp8 --rerank "${RERANK-}" \
     "${merge[@]}" 2>&1 | tee "$OUT/decode_fp8_log.txt" | tail -n 60
   cp "benchmarks/results/decode_$gpu.json" "benchmarks/results/decode_$gpu.md" "$OUT/"
   ;;
