@@ -85,6 +85,36 @@ def test_crowded_rows_take_the_chunked_finish(finish_max):
         finish_max=finish_max)
 
 
+@pytest.mark.parametrize("finish_max", [0, 10**9])
+def test_rows_whose_candidates_all_tie_are_finished_by_copying_them(finish_max):
+    """Candidate path: when every key sharing the k-th value's 16-bit prefix holds that same value (constant rows,
+    vLLM's dummy weights), the split pass's bookkeeping says so (the two TIE_SLOT maxima sum to 0x7FFF) and the
+    finish copies the first ties instead of walking them, crowded or not; rows with distinct candidates do not
+    qualify. Same result as the sort rule (levels and candidate orders coincide on such rows)."""
+    from kascade.kernels import topk_select as ts
+
+    n = 3000
+    g = torch.Generator().manual_seed(13)
+    scores = torch.full((4, n), 0.25)
+    scores[0, ::7] = 0.5  # 429 keys above the tied candidates; k reaches into the ties
+    scores[2] = (torch.rand(n, generator=g) ** 3)  # distinct candidates
+    scores[3, :] = 0.0  # every key zero: tied, with low bits 0
+    scores = scores.to(DEV)
+    k, start = [1000, 2999, 300, 17], [0, 1, 0, 5]
+    run(scores, k, start, rows_per_batch=1, kmax=3000, method="candidates", finish_max=finish_max)
+    kb = torch.tensor(k, dtype=torch.int32, device=DEV)
+    sb = torch.tensor(start, dtype=torch.int32, device=DEV)
+    nchunk, chunk = ts.plan_chunks(4, n, scores.device)
+    ws = ts.RadixWorkspace(4, nchunk, scores.device)
+    ws.hist.zero_()
+    ts._radix_hist_kernel[(4, nchunk)](scores, ws.hist, kb, sb, sb, n, scores.stride(0), chunk, 1, LEVEL=1,
+                                       BLOCK=ts.BLOCK_SEL, HAS_END=False, num_warps=4)
+    out = torch.empty(4, 3000, dtype=torch.int32, device=DEV)
+    ts.radix_candidates(scores, n, ws, kb, sb, 1, nchunk, chunk, out, finish_max=finish_max)
+    tie = ws.hist.view(4, 1024)[:, ts.TIE_SLOT:ts.TIE_SLOT + 2].sum(1).cpu()
+    assert tie.tolist()[:2] == [0x7FFF, 0x7FFF] and tie[3] == 0x7FFF and tie[2] > 0x7FFF
+
+
 def test_method_error():
     with pytest.raises(ValueError, match="method"):
         topk_select(torch.rand(2, 64, device=DEV), torch.tensor([3, 3], device=DEV), method="sort")

@@ -99,7 +99,8 @@ CONFIG = {
     # also by the environment: KASCADE_DECODE_FINISH_MAX=4096, which reaches vLLM's worker processes); off by
     # default: in CUDA-graph replays its three extra launches cost peaked scores (real weights) 1.01-1.05x an
     # anchor, and it takes flat ones (tiny random weights) to 0.49-0.95x (H100, B = 1-16,
-    # benchmarks/results/flat_topk_h100.json)
+    # benchmarks/results/flat_topk_h100.json). Rows whose candidates tie exactly (vLLM's dummy weights) need
+    # neither: the single finish copies their first ties (topk_select module docstring)
     "select": dict(per_sm=4, candidates=True, prefetch=True, finish_max=finish_max_from_env()),
     # pool: prefetch keeps the next block of logits in flight (register double buffering)
     "pool": dict(BLOCK=512, num_warps=8, prefetch=True),

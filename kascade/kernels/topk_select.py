@@ -32,7 +32,10 @@ the near-uniform attention of a model with tiny random weights, where one progra
 128K row three times) is finished instead by levels 3-4 and the compaction over the whole row, chunked
 like the levels path (its slots then in the levels order); every program of either finish reads the
 candidate count from the level-2 histogram and leaves the other kind of row alone, so no value goes back
-to the host.
+to the host. A row whose candidates all hold the same score (exact ties: constant scores, or a model whose
+tiny weights round every logit to the same value) needs no level 3-4 walk at all: the split pass also
+records the largest low 15 bits of its candidates and the largest complement (two atomics per program),
+and where they show every candidate equal, the single finish copies the first w candidates, crowded or not.
 
 Row r belongs to batch entry r // rows_per_batch; its valid keys are [start[b], end[b]) (end[b] = N
 unless a per-entry end is given: a preallocated cache) and it keeps k[b] of them
@@ -68,6 +71,11 @@ HIST_BINS = 256
 LAST_BINS = 128
 BLOCK_SEL = 1024  # keys per step of the select kernels; chunks are multiples of it
 FINISH_MAX = 4 * BLOCK_SEL  # candidate path: rows with more candidates take the chunked finish
+# candidate path: two int32 of a row's histogram that level 4 leaves unused (its 128 bins end at 3 * 256 + 128):
+# the largest low 15 bits of the row's candidates and the largest 0x7FFF minus them (zero-initialised like the
+# histograms); they sum to 0x7FFF exactly when every candidate holds the same score (an exactly tied row)
+TIE_SLOT = tl.constexpr(3 * HIST_BINS + LAST_BINS)
+LOW_BITS = tl.constexpr(0x7FFF)
 MAX_CHUNKS = 64  # chunks per row (plan_chunks): the compaction kernels read the chunk counts through this range
 
 
@@ -174,11 +182,17 @@ def _candidate_count(H_row, kk):
 
 
 @triton.jit
+def _candidates_tied(H_row):
+    """Whether every candidate of the row holds the same score (the split pass's TIE_SLOT maxima; needs m > 0)."""
+    return tl.load(H_row + TIE_SLOT) + tl.load(H_row + TIE_SLOT + 1) == LOW_BITS
+
+
+@triton.jit
 def _crowded_only(H_row, kk, lo, hi, FINISH_MAX, FALLBACK: tl.constexpr):
-    """A chunk's end hi; with FALLBACK, lo (nothing to do) for a row of at most FINISH_MAX candidates, which
-    the single-program finish took."""
+    """A chunk's end hi; with FALLBACK, lo (nothing to do) for a row of at most FINISH_MAX candidates or of
+    candidates that all tie, which the single-program finish took."""
     if FALLBACK:
-        hi = tl.where(_candidate_count(H_row, kk) <= FINISH_MAX, lo, hi)
+        hi = tl.where((_candidate_count(H_row, kk) <= FINISH_MAX) | _candidates_tied(H_row), lo, hi)
     return hi
 
 
@@ -344,7 +358,8 @@ def _radix_split_kernel(S, H, H2S, GT, KB, START, END, IDX, CAND, N, stride_s, s
                         PREFETCH: tl.constexpr = False, PDL: tl.constexpr = 0, CPAD: tl.constexpr = MAX_CHUNKS):
     """Candidate path: keys above the threshold's 16-bit prefix go to IDX slots [0, k - w) in ascending
     position (w: keys still wanted among the candidates); keys with that prefix (the candidates) go to
-    CAND[row, :count] in ascending position. PREFETCH as in _radix_last_kernel.
+    CAND[row, :count] in ascending position, and the TIE_SLOT maxima of their low bits to H[row].
+    PREFETCH as in _radix_last_kernel.
     PDL: launched by programmatic dependent launch (pdl_start)."""
     pdl_start(PDL)
     row = tl.program_id(0)
@@ -360,33 +375,51 @@ def _radix_split_kernel(S, H, H2S, GT, KB, START, END, IDX, CAND, N, stride_s, s
                                                         c, kk, NCHUNK, CPAD, 2)
     i_row = IDX + row.to(tl.int64) * stride_i
     c_row = CAND + row.to(tl.int64) * stride_c
+    low_max = 0  # over this chunk's candidates: the largest low 15 bits, and the largest LOW_BITS minus them
+    low_inv = 0
     for n0 in range(lo, hi, BLOCK):
         offs = n0 + tl.arange(0, BLOCK)
         valid = offs < hi
         if PREFETCH:
-            high = key_next >> 15
+            key = key_next
             key_next = _keys(s_row, n0 + BLOCK, hi, BLOCK)
         else:
-            high = _keys(s_row, n0, hi, BLOCK) >> 15
+            key = _keys(s_row, n0, hi, BLOCK)
+        high = key >> 15
         gt = (valid & (high > p16)).to(tl.int32)
         eq = (valid & (high == p16)).to(tl.int32)
         tl.store(i_row + gt_base + tl.cumsum(gt, 0) - gt, offs, mask=gt != 0)
         tl.store(c_row + eq_base + tl.cumsum(eq, 0) - eq, offs, mask=eq != 0)
         gt_base += tl.sum(gt, 0)
         eq_base += tl.sum(eq, 0)
+        low_max = tl.maximum(low_max, tl.max(tl.where(eq != 0, key & LOW_BITS, 0), 0))
+        low_inv = tl.maximum(low_inv, tl.max(tl.where(eq != 0, LOW_BITS - (key & LOW_BITS), 0), 0))
+    H_row = H + row * 1024
+    tl.atomic_max(H_row + TIE_SLOT, low_max, mask=low_max > 0, sem="relaxed")
+    tl.atomic_max(H_row + TIE_SLOT + 1, low_inv, mask=low_inv > 0, sem="relaxed")
 
 
 @triton.jit
 def _finish_row(H_row, kk, s_row, c_row, i_row, KMAX, FINISH_MAX, BLOCK: tl.constexpr):
-    """Levels 3-4 over a row's candidates, then their slots [k - w, k), and -1 in [k, KMAX); nothing for a row
-    of more than FINISH_MAX candidates (the chunked finish takes it)."""
+    """Levels 3-4 over a row's candidates, then their slots [k - w, k), and -1 in [k, KMAX); a row whose
+    candidates all tie copies the first w instead; nothing for a row of more than FINISH_MAX candidates that do
+    not all tie (the chunked finish takes it)."""
     prefix1, want = _prefix(H_row, kk, 1)
     bins = tl.arange(0, 256)
     h2 = tl.load(H_row + 256 + bins)
     d2, want = _descend(h2, want, 256)
     m = tl.sum(tl.where(bins == d2, h2, 0), 0)  # candidates
-    m = tl.where(m <= FINISH_MAX, m, 0)  # a crowded row: no walk, and its slots are left to the chunked finish
-    kk = tl.where(m > 0, kk, KMAX)
+    if _candidates_tied(H_row) & (m > 0):
+        # every candidate holds the k-th score: the first `want` of them (ascending) are its ties, slots
+        # [k - want, k); no level 3-4 walk (the rows of vLLM's dummy weights, where every score ties)
+        for j0 in range(0, want, BLOCK):
+            offs = j0 + tl.arange(0, BLOCK)
+            keep = offs < want
+            tl.store(i_row + kk - want + offs, tl.load(c_row + offs, mask=keep, other=0), mask=keep)
+        m = 0 * m
+    else:
+        m = tl.where(m <= FINISH_MAX, m, 0)  # a crowded row: no walk, and its slots are left to the chunked finish
+        kk = tl.where(m > 0, kk, KMAX)
     above16 = kk - want  # keys above the 16-bit prefix: slots [0, above16) are written
     # The first BLOCK candidates (usually all of them) are read once and kept in registers for the
     # three walks; further blocks are read again by each walk.
@@ -495,7 +528,8 @@ def radix_candidates(scores, n_keys, ws, k_b, start_b, rows_per_b, nchunk, chunk
     docstring says. Scratch: the candidate positions, [R, n_keys] int32. prefetch: the level-2 and
     split passes request each block of scores one block ahead (same result). pdl: PDL_MODES value of
     the launches (pdl_start; only where pdl_available). finish_max: rows with more candidates are
-    finished by the chunked levels 3-4 and compaction (their slots in the levels order).
+    finished by the chunked levels 3-4 and compaction (their slots in the levels order), except rows whose
+    candidates all tie, which the single finish copies (the same slots in either order).
     """
     rows = scores.shape[0]
     grid = (rows, nchunk)
