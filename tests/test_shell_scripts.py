@@ -2,6 +2,7 @@
 and the GPU stage scripts refuse an unknown stage by name before they touch anything."""
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,9 @@ def test_generalization_stages_refuse_an_unknown_stage(tmp_path):
     assert out.returncode == 2 and "expected start, plans, all, more, recipe or cost, got nonsense" in out.stderr
 
 
+_PATH = f"{Path(sys.executable).parent}:/usr/bin:/bin"  # the scripts' python3: this interpreter's, else the system's
+
+
 def test_fa3_pack_then_install_round_trip(tmp_path):
     """benchmarks/fa3_pack.sh repacks a wheel's files as .tar.xz and fa3_install.sh makes them importable (a stand-in
     wheel holding a one-line fa3_fwd_interface module)."""
@@ -31,7 +35,7 @@ def test_fa3_pack_then_install_round_trip(tmp_path):
     with zipfile.ZipFile(wheel, "w") as z:
         z.writestr("fa3_fwd_interface.py", "MARK = 'stand-in'\n")
         z.writestr("fa3_fwd-0.0.3.dist-info/METADATA", "Name: fa3-fwd\nVersion: 0.0.3\n")
-    env = {"PATH": "/usr/bin:/bin", "WHEEL": str(wheel), "ARCHIVE": str(tmp_path / "fa3.tar.xz"),
+    env = {"PATH": _PATH, "WHEEL": str(wheel), "ARCHIVE": str(tmp_path / "fa3.tar.xz"),
            "TARGET": str(tmp_path / "site")}
     packed = subprocess.run(["bash", str(ROOT / "benchmarks" / "fa3_pack.sh")], capture_output=True, text=True,
                             timeout=60, env=env)
@@ -45,7 +49,7 @@ def test_fa3_pack_then_install_round_trip(tmp_path):
 
 
 def test_fa3_install_says_when_nothing_was_carried(tmp_path):
-    env = {"PATH": "/usr/bin:/bin", "ARCHIVE": str(tmp_path / "absent.tar.xz"), "TARGET": str(tmp_path / "site")}
+    env = {"PATH": _PATH, "ARCHIVE": str(tmp_path / "absent.tar.xz"), "TARGET": str(tmp_path / "site")}
     out = subprocess.run(["bash", str(ROOT / "benchmarks" / "fa3_install.sh")], capture_output=True, text=True,
                          timeout=60, env=env, cwd=tmp_path)
     assert out.returncode == 0 and "FA3: not importable" in out.stdout
