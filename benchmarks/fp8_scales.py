@@ -78,12 +78,9 @@ QUERIES = {"per row (shipped)": queries_per_row, "per tile": queries_per_tile}
 
 
 def _decode(q, k, kd):
-    hkv, n = k.shape[1], k.shape[2]
-    s = torch.einsum("hgd,hnd->hgn", q[0, :, 0].float().view(hkv, q.shape[1] // hkv, -1), k[0].float())
-    pooled = torch.softmax(s * q.shape[-1] ** -0.5, -1).sum(1)
-    kk = budget(n, RHO, K_MIN)
+    pooled, exact, kk = FS.decode_exact(q, k, RHO, K_MIN)
     sel = reference.select(q.float(), kd, rho=RHO, k_min=K_MIN, tile=TILE)
-    return FS._score(pooled, torch.topk(pooled, kk, dim=-1).indices, sel.indices[0, :, 0, :kk].long())[:2]
+    return FS._score(pooled, exact, sel.indices[0, :, 0, :kk].long())[:2]
 
 
 def _prefill(q, k, kd, qd, tiles):

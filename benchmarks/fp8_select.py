@@ -74,14 +74,19 @@ def _score(pooled, exact_idx, got_idx):
     return recall, mass, m_exact / pooled.sum(1)
 
 
-def decode_stats(q, k, copy, rho, k_min, reranks, device_kind) -> dict:
-    """{rerank name: {recall, mass, topk_mass lists over heads}} for one query q [1, Hq, 1, D] over k."""
+def decode_exact(q, k, rho, k_min):
+    """(pooled [Hkv, N] exact scores, exact top-k indices [Hkv, k], k) of one query q [1, Hq, 1, D] over k."""
     hkv, n = k.shape[1], k.shape[2]
     g = q.shape[1] // hkv
     s = torch.einsum("hgd,hnd->hgn", q[0, :, 0].float().view(hkv, g, -1), k[0].float()) * q.shape[-1] ** -0.5
-    pooled = torch.softmax(s, -1).sum(1)  # [Hkv, N]
+    pooled = torch.softmax(s, -1).sum(1)
     kk = budget(n, rho, k_min)
-    exact = torch.topk(pooled, kk, dim=-1).indices
+    return pooled, torch.topk(pooled, kk, dim=-1).indices, kk
+
+
+def decode_stats(q, k, copy, rho, k_min, reranks, device_kind) -> dict:
+    """{rerank name: {recall, mass, topk_mass lists over heads}} for one query q [1, Hq, 1, D] over k."""
+    pooled, exact, kk = decode_exact(q, k, rho, k_min)
     out = {}
     for rr in reranks:
         sel = _select(q, k, copy, rho, k_min, 32, rr, device_kind)

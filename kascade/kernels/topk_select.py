@@ -392,8 +392,9 @@ def _radix_split_kernel(S, H, H2S, GT, KB, START, END, IDX, CAND, N, stride_s, s
         tl.store(c_row + eq_base + tl.cumsum(eq, 0) - eq, offs, mask=eq != 0)
         gt_base += tl.sum(gt, 0)
         eq_base += tl.sum(eq, 0)
-        low_max = tl.maximum(low_max, tl.max(tl.where(eq != 0, key & LOW_BITS, 0), 0))
-        low_inv = tl.maximum(low_inv, tl.max(tl.where(eq != 0, LOW_BITS - (key & LOW_BITS), 0), 0))
+        low = tl.where(eq != 0, key & LOW_BITS, -1)  # -1: not a candidate
+        low_max = tl.maximum(low_max, tl.max(low, 0))
+        low_inv = tl.maximum(low_inv, tl.max(tl.where(low >= 0, LOW_BITS - low, 0), 0))
     H_row = H + row * 1024
     tl.atomic_max(H_row + TIE_SLOT, low_max, mask=low_max > 0, sem="relaxed")
     tl.atomic_max(H_row + TIE_SLOT + 1, low_inv, mask=low_inv > 0, sem="relaxed")
