@@ -11,8 +11,16 @@ from the prefill's selection, not from the decode steps'.
     python benchmarks/answer_logprob.py MODEL_DIR --plan plans/smollm2-135m-instruct.json \\
         --strategies dense,oracle,oracle+dense-prefill,kascade,kascade+dense-prefill \\
         --families json_records,log_lookup --samples 8 -o OUT --device cpu
+    python benchmarks/answer_logprob.py MODEL_DIR --plan six=A.json ten=B.json \\
+        --strategies dense,six:kascade+dense-prefill,ten:kascade+dense-prefill ... --against ten:kascade+dense-prefill
+        several plans in one run (LABEL=FILE; a strategy LABEL:NAME runs with that plan, one without a label with
+        the first)
     python benchmarks/answer_logprob.py --merge six=A.json ten=B.json -o OUT [--against ten:kascade]
         one table from runs over the same prompts (e.g. one per plan), strategies named LABEL:strategy
+
+Dense and the decode-only strategies of Kascade and per-layer top-k (`kascade+dense-prefill`,
+`oracle+dense-prefill`) attend the prompt densely, so they share one dense prompt pass per prompt and run only
+their decode steps (kascade.calibrate.output_aware.follow_cached).
 """
 
 from __future__ import annotations
@@ -68,6 +76,46 @@ def with_dense_tail(strategy, tail: int):
 
 LAYER_BUDGETS = "oracle-layer-budgets"  # per-layer top-k with the budgets of --layer-budgets (kascade.eval.layer_budgets)
 TOP_P = "oracle-top-p"  # per-layer top-p with the p of --top-p (kascade.eval.top_p); +dense-prefill: decode-only
+
+
+SHARES_DENSE_PROMPT = ("kascade", "oracle")  # base strategies whose decode-only mode attends the prompt densely,
+# keeping no state from it
+
+
+def shares_dense_prompt(name: str, strategy) -> bool:
+    """Whether the strategy of a --strategies name attends the prompt exactly as dense does, so it can start from
+    dense's prompt pass: dense, and the decode-only Kascade and per-layer top-k."""
+    from kascade.eval.strategies import DENSE_PREFILL
+
+    base = name.rpartition(":")[2]
+    return base == "dense" or (base.endswith(DENSE_PREFILL) and base[: -len(DENSE_PREFILL)] in SHARES_DENSE_PROMPT
+                               and getattr(strategy, "sparse_prefill", True) is False)
+
+
+def parse_plans(items: list[str]) -> dict[str, str]:
+    """--plan's items: one FILE (label "") or LABEL=FILE items (labels unique)."""
+    if len(items) == 1 and "=" not in items[0]:
+        return {"": items[0]}
+    out = {}
+    for item in items:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not path or ":" in label:
+            raise SystemExit(f"--plan: expected one FILE or LABEL=FILE items (a label without ':'), got {item!r}")
+        if label in out:
+            raise SystemExit(f"--plan: label {label!r} given twice")
+        out[label] = path
+    return out
+
+
+def plan_of(name: str, plans: dict):
+    """(the plan a --strategies name runs with, the name without its label): LABEL:NAME takes plan LABEL, a name
+    without a label the first plan."""
+    label, sep, base = name.rpartition(":")
+    if not sep:
+        return next(iter(plans.values())), name
+    if label not in plans:
+        raise SystemExit(f"--strategies: {name!r} names plan {label!r}; --plan gives {sorted(k for k in plans if k)}")
+    return plans[label], base
 
 
 def build(name: str, plan, model_config, rho: float, layer_budgets=None, top_p=None):
@@ -201,7 +249,8 @@ def write(result: dict, stem, against: str | None = None) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("model_dir", nargs="?", help="the model (not with --report)")
-    ap.add_argument("--plan", default=str(ROOT / "plans" / "smollm2-135m-instruct.json"))
+    ap.add_argument("--plan", nargs="+", default=[str(ROOT / "plans" / "smollm2-135m-instruct.json")],
+                    help="one plan FILE, or LABEL=FILE items for strategies named LABEL:NAME")
     ap.add_argument("--strategies", default="dense,oracle,oracle+dense-prefill,kascade,kascade+dense-prefill")
     ap.add_argument("--families", default="json_records,log_lookup")
     ap.add_argument("--length", type=int, default=4096)
@@ -239,7 +288,7 @@ def main(argv=None) -> int:
     from tqdm.auto import tqdm
 
     import kascade
-    from kascade.calibrate.output_aware import follow
+    from kascade.calibrate.output_aware import _forward, follow, follow_cached
     from kascade.eval.tasks import make_task
     from kascade.models import load_model
     from kascade.plan import Plan
@@ -248,11 +297,17 @@ def main(argv=None) -> int:
     if "dense" not in names:
         raise SystemExit(f"--strategies: expected dense among them (the differences are against it), got {names}")
     model, tok = load_model(args.model_dir, args.device, args.dtype)
-    plan = Plan.load(args.plan)
-    strategies = {n: build(n, plan, model.config, args.rho, args.layer_budgets, args.top_p) for n in names}
+    plan_files = parse_plans(args.plan)
+    plans = {label: Plan.load(path) for label, path in plan_files.items()}
+    strategies = {}
+    for n in names:
+        plan, base = plan_of(n, plans)
+        strategies[n] = build(base, plan, model.config, args.rho, args.layer_budgets, args.top_p)
+    shared = [n for n in names if shares_dense_prompt(n, strategies[n])]
     device = next(model.parameters()).device
     result = {"length": args.length, "samples": args.samples, "rho": args.rho, "first_seed": args.first_seed,
-              "plan": repo_relative(args.plan), "strategies": names,
+              "plan": repo_relative(plan_files[""]) if "" in plan_files else
+              {label: repo_relative(path) for label, path in plan_files.items()}, "strategies": names,
               **({"layer_budgets": repo_relative(args.layer_budgets)} if args.layer_budgets else {}),
               **({"top_p": repo_relative(args.top_p)} if args.top_p else {}), "device": str(device) if device.type == "cpu"
               else torch.cuda.get_device_name(device), "dtype": str(next(model.parameters()).dtype),
@@ -270,9 +325,16 @@ def main(argv=None) -> int:
             target = tok(s.prompt + s.target).input_ids[len(ids):]
             prompt = torch.tensor([ids], device=device)
             cont = torch.tensor([target], device=device)
+            if shared:  # one dense prompt pass for dense and the decode-only strategies
+                with torch.no_grad(), kascade.enable(model, strategy=strategies["dense"]):
+                    logits, cache = _forward(model, prompt, None)
+                first = torch.log_softmax(logits, dim=-1)
             for n in names:
                 with kascade.enable(model, strategy=strategies[n]):
-                    _, lp = follow(model, prompt, len(target), cont)
+                    if n in shared:
+                        lp, cache = follow_cached(model, cache, first, cont)
+                    else:
+                        _, lp = follow(model, prompt, len(target), cont)
                 picked = lp[0].gather(-1, cont[0][:, None])[:, 0]
                 logprob[n].append(float(picked.sum()))
                 first_ok[n].append(bool(lp[0, 0].argmax() == cont[0, 0]))

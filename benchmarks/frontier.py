@@ -13,14 +13,18 @@ Stages (the GPU recipe is benchmarks/frontier_gpu.sh):
         divergence of every plan (and of the default plan) on held-out prompts of the same formats
         (DIR/reports/heldout.json). DIR/calib.pt keeps the prompts and every plan's measurement, saved every
         few minutes during a search: a rerun resumes, and a search whose plans exist is skipped. Stops
-        starting searches after --budget-s.
+        starting searches after --budget-s. A third search ("decodeonly", on by default: --searches) is
+        head-granular and judges plans in decode-only mode (dense prompt pass, sparse decode steps; plans
+        DIR/plans/decodeonly-C.json), the mode kascade.enable and the vLLM plugin run by default; the held-out
+        report gives every plan's divergence in that mode too.
     python benchmarks/frontier.py jobs MODEL_DIR --work DIR --eval EVALDIR [--samples 60] [--pending]
         Prints one `kascade eval` command line per (plan, task set, length), tab-separated after its name
         RUN/SET-LENGTH: the task sets are the headline tasks of benchmarks/results/eval_smollm2.json
         (HEADLINE_TASKS) and the families of the generalization benchmark (FAMILIES), at 4096 and 8064
         tokens, rho 0.1; dense and oracle once ("baselines"), the default plan (--default-plan) at rho 0.1,
         0.05 and 0.2, and every plan of DIR/plans at rho 0.1 (--pending: only the runs not complete in EVALDIR).
-        Oracle and every plan run in both modes (MODES): with the sparse prefill and decode-only.
+        Oracle and every plan run in both modes (MODES): with the sparse prefill and decode-only; the decodeonly
+        search's plans, judged in decode-only mode, run in that mode only.
     python benchmarks/frontier.py seed --work DIR --eval EVALDIR
         Gives every plan run's folder that has no results yet the dense rows of the baselines' run of the same
         task set and length (a `kascade eval` run always scores dense too; dense is the same prompt for prompt,
@@ -58,11 +62,24 @@ LENGTHS = (4096, 8064)
 RHO = 0.1
 DEFAULT_RHOS = (0.05, 0.2)  # the default plan is also evaluated at these budgets
 DEFAULT_PLAN = ROOT / "plans" / "smollm2-135m-instruct.json"
-RECIPES = ("head", "layer", "paper")  # plan file prefixes: output-aware head- and layer-granular, paper's recipe
+# plan file prefixes: output-aware head- and layer-granular (judged with the sparse prefill), output-aware
+# head-granular judged in decode-only mode, the paper's recipe
+RECIPES = ("head", "layer", "decodeonly", "paper")
+# search -> (granularity, sparse_prefill: the mode its plans are judged in)
+SEARCHES = {"head": ("head", True), "layer": ("layer", True), "decodeonly": ("head", False)}
 # every plan runs in both modes, in one process: sparse prefill and decode (the prefill speedup's mode) and
-# decode-only (dense prefill, sparse decode: the default of kascade.enable and the vLLM plugin)
+# decode-only (dense prefill, sparse decode: the default of kascade.enable and the vLLM plugin); the decodeonly
+# search's plans, judged in decode-only mode, run in that mode only (and are timed in decode only)
 PLAN_STRATEGIES = ("kascade", "kascade" + DENSE_PREFILL)
+DECODE_ONLY_STRATEGIES = ("kascade" + DENSE_PREFILL,)
 MODES = {"sparse": "", "decode-only": DENSE_PREFILL}  # mode -> strategy name suffix
+
+
+def decode_only_plan(name: str) -> bool:
+    """Whether a frontier plan (by name) was judged in decode-only mode, so runs in that mode only."""
+    return name.split("-")[0] == "decodeonly"
+
+
 HELDOUT_SEED = 1000  # first seed of the held-out prompts (the calibration set's are 0..num_prompts-1)
 
 
@@ -131,13 +148,13 @@ def _checkpointed(calib, path: Path, every_s: float):
     return calib
 
 
-def _divergences(calib, plan, idx=None) -> dict:
+def _divergences(calib, plan, idx=None, sparse_prefill: bool = True) -> dict:
     import numpy as np
 
     from kascade.calibrate.output_aware import family_divergences
 
     idx = list(range(len(calib.prompts))) if idx is None else idx
-    values = calib.per_prompt(plan)
+    values = calib.per_prompt(plan, sparse_prefill)
     fam = family_divergences(values, calib.kinds, idx)
     return {"mean": float(np.mean(values[idx])), "worst_family": max(fam.values()), "by_family": fam}
 
@@ -154,6 +171,7 @@ def _load_set(model, tok, text, path: Path, args, first_seed: int, count: int, l
     else:
         print(f"{label}: {len(calib.prompts)} prompts of {args.length} tokens ({', '.join(sorted(set(calib.kinds)))}) "
               f"in {time.time() - t:.0f} s", flush=True)
+    calib.decode_batch = getattr(args, "decode_batch", None)
     return calib
 
 
@@ -176,7 +194,8 @@ def cmd_calibrate(args) -> int:
     calib = _checkpointed(_load_set(model, tok, text, cache, args, 0, args.num_prompts, "calibration set"), cache,
                           args.save_every_s)
     costs = sorted(args.costs)
-    for name in ("head", "layer"):
+    for name in args.searches:
+        granularity, sparse = SEARCHES[name]
         if all((work / "plans" / f"{name}-{c:g}.json").is_file() for c in costs):
             continue
         if time.time() - start > args.budget_s:
@@ -185,21 +204,24 @@ def cmd_calibrate(args) -> int:
         t, before = time.time(), len(calib.memo)
         _, report = calibrate_output_aware(model, tok, text, num_anchors=costs[0], stops=costs[1:], rho=RHO,
                                            shrink=args.search_step, candidates=args.candidates,
-                                           objective=args.objective, calib=calib, progress=False, granularity=name,
+                                           objective=args.objective, calib=calib, progress=False,
+                                           granularity=granularity, sparse_prefill=sparse,
                                            data_name={"name": Path(args.data).name})
         seconds = time.time() - t
         rows = {}
-        for kind, along in ((name, report["plans_along"]), ("paper", report["paper_plans_along"])):
+        kinds = [(name, report["plans_along"])] + ([("paper", report["paper_plans_along"])] if sparse else [])
+        for kind, along in kinds:
             for c in costs:
                 plan = along.get(c)
                 if plan is None:
                     print(f"{name} search: no plan of cost {c} on its path", flush=True)
                     continue
-                div = _divergences(calib, plan)
+                div = _divergences(calib, plan, sparse_prefill=sparse)
                 plan.provenance = {
                     "data": {"name": Path(args.data).name}, "num_prompts": len(calib.prompts),
                     "prompt_tokens": len(calib.prompts[0].ids), "formats": sorted(set(calib.kinds)),
-                    "search": None if kind == "paper" else name, "granularity": "layer" if kind == "paper" else name,
+                    "search": None if kind == "paper" else name,
+                    "granularity": "layer" if kind == "paper" else granularity, "sparse_prefill": sparse,
                     "objective": args.objective, "search_step": args.search_step,
                     "search_candidates": args.candidates, "divergence": div["mean"],
                     "divergence_by_family": div["by_family"], "date": time.strftime("%Y-%m-%d"),
@@ -208,7 +230,8 @@ def cmd_calibrate(args) -> int:
                 if kind == name or not path.is_file():
                     plan.save(path)
                 rows[f"{kind}-{c:g}"] = {"cost": plan.selecting_layers_equivalent, "anchors": plan.anchors, **div}
-        keep = {"granularity": name, "history": report["history"], "objective": args.objective, "plans": rows,
+        keep = {"granularity": granularity, "sparse_prefill": sparse, "history": report["history"],
+                "objective": args.objective, "plans": rows,
                 "seconds": seconds, "plans_measured": len(calib.memo) - before,
                 "settings": {"search_step": args.search_step, "candidates": args.candidates, "costs": costs,
                              "num_prompts": len(calib.prompts), "length": args.length},
@@ -235,15 +258,22 @@ def cmd_calibrate(args) -> int:
                 continue
             if plan.rho == RHO:
                 plans[name] = plan
+        sparse = {name: plan for name, plan in plans.items() if not decode_only_plan(name)}
         doc = {"num_prompts": len(held.prompts), "first_seed": HELDOUT_SEED,
-               "plans": {name: _divergences(held, plan) for name, plan in plans.items()},
-               "calibration": {name: _divergences(calib, plan) for name, plan in plans.items()}}
+               "plans": {name: _divergences(held, plan) for name, plan in sparse.items()},
+               "calibration": {name: _divergences(calib, plan) for name, plan in sparse.items()},
+               "plans_decode_only": {name: _divergences(held, plan, sparse_prefill=False)
+                                     for name, plan in plans.items()},
+               "calibration_decode_only": {name: _divergences(calib, plan, sparse_prefill=False)
+                                           for name, plan in plans.items()}}
         held.save(work / "heldout.pt")
         calib.save(cache)
         heldout.write_text(json.dumps(doc, indent=1))
-        for name, d in doc["plans"].items():
-            print(f"held out, {name}: mean KL {d['mean']:.4f}, worst family {d['worst_family']:.4f} (calibration "
-                  f"{doc['calibration'][name]['worst_family']:.4f})", flush=True)
+        for mode, key in (("", "plans"), (", decode-only", "plans_decode_only")):
+            calibration = doc["calibration" + key[len("plans"):]]
+            for name, d in doc[key].items():
+                print(f"held out{mode}, {name}: mean KL {d['mean']:.4f}, worst family {d['worst_family']:.4f} "
+                      f"(calibration {calibration[name]['worst_family']:.4f})", flush=True)
     print(f"calibration done in {time.time() - start:.0f} s")
     return 0
 
@@ -283,8 +313,8 @@ def eval_jobs(work: Path, model_dir: str, out: str, samples: int = 60, lengths=L
     oracle = ("oracle", "oracle" + DENSE_PREFILL)
     runs = [("baselines", RHO, oracle, f"--budgets {RHO:g} --strategies dense,{','.join(oracle)}")]
     for name, (path, rho) in frontier_plans(work, default_plan).items():
-        runs.append((name, rho, PLAN_STRATEGIES, f"--budgets {rho:g} --plan {path} --strategies "
-                                                 f"{','.join(PLAN_STRATEGIES)}"))
+        strategies = DECODE_ONLY_STRATEGIES if decode_only_plan(name) else PLAN_STRATEGIES
+        runs.append((name, rho, strategies, f"--budgets {rho:g} --plan {path} --strategies {','.join(strategies)}"))
     jobs = []
     for run, rho, strategies, opts in runs:
         for n in lengths:
@@ -341,11 +371,16 @@ SPEED_RUNS = (("smollm2", "decode", (8192, 131072)), ("8b", "decode", (131072,))
               ("smollm2", "prefill", (8192, 131072)), ("8b", "prefill", (131072,)))  # SmolLM2's context is 8K
 
 
+def timed_in(phase: str, names) -> list[str]:
+    """The plans (names) the speed stage times in `phase`: all in decode, those with a sparse prefill in prefill."""
+    return [n for n in names if phase == "decode" or not decode_only_plan(n)]
+
+
 def speed_missing(work: Path, default_plan: Path = DEFAULT_PLAN) -> list[str]:
     """"SHAPE-PHASE-N PLAN" for every measurement of SPEED_RUNS not in WORK/speed yet (or failed)."""
-    names = list(frontier_plans(work, default_plan))
     out = []
     for shape_name, phase, lengths in SPEED_RUNS:
+        names = timed_in(phase, frontier_plans(work, default_plan))
         for n in lengths:
             path = Path(work) / "speed" / f"{shape_name}-{phase}-{n}.json"
             have = json.loads(path.read_text())["plans"] if path.is_file() else {}
@@ -363,6 +398,7 @@ def cmd_speed(args) -> int:
     import frontier_speed
 
     plans = load_plans(Path(args.work), Path(args.default_plan))
+    plans = {name: plans[name] for name in timed_in(args.phase, plans)}
     start = time.time()
     for n in [int(x) for x in args.lengths.split(",")]:
         left = args.budget_s - (time.time() - start)
@@ -380,6 +416,14 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _searches(text: str) -> list[str]:
+    names = [x for x in text.split(",") if x]
+    bad = [x for x in names if x not in SEARCHES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"expected names of {', '.join(SEARCHES)}, got {text!r}")
+    return names
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="stage", required=True)
@@ -391,11 +435,15 @@ def main(argv=None) -> int:
     p.add_argument("--num-prompts", type=int, default=22)
     p.add_argument("--heldout-prompts", type=int, default=11, help="prompts of the held-out set (0: none)")
     p.add_argument("--batch-size", type=int, default=22)
+    p.add_argument("--decode-batch", type=int, default=None,
+                   help="prompts per batch of the decode-only measurements (default: --batch-size's batches)")
     p.add_argument("--answer-tokens", type=int, default=8)
     p.add_argument("--costs", type=lambda s: [float(x) for x in s.split(",")], default=list(COSTS))
     p.add_argument("--search-step", type=int, default=DEFAULT_SEARCH_STEP, help="default: the shipped recipe's")
     p.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES, help="default: the shipped recipe's")
     p.add_argument("--objective", default="worst-family")
+    p.add_argument("--searches", type=_searches, default=list(SEARCHES),
+                   help=f"comma-separated, of {', '.join(SEARCHES)} (default: all)")
     p.add_argument("--budget-s", type=float, default=1500.0)
     p.add_argument("--save-every-s", type=float, default=120.0)
     p.add_argument("--device", default="auto")

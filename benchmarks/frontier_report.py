@@ -2,7 +2,7 @@
 dense and the paper's recipe on the same axes; JSON + markdown + plot.
 
 Eval runs live in EVAL/RUN/SET-LENGTH/results.jsonl (RUN: baselines for dense and oracle, default,
-default-rhoX, head-C, layer-C, paper-C); plans, search reports and speed measurements in WORK/plans,
+default-rhoX, head-C, layer-C, decodeonly-C, paper-C); plans, search reports and speed measurements in WORK/plans,
 WORK/reports and WORK/speed (benchmarks/frontier_speed.py).
 
 Headline: the mean score over the columns (task x length) of the tasks dense scores at least 20 on
@@ -21,10 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from frontier import DEFAULT_PLAN, FAMILIES, HEADLINE_TASKS, LENGTHS, MODES, RHO, default_name, frontier_plans
+from frontier import (DEFAULT_PLAN, FAMILIES, HEADLINE_TASKS, LENGTHS, MODES, RHO, decode_only_plan, default_name,
+                      frontier_plans)
 
 TARGET_POINTS, TARGET_COST = 2.0, 6.0  # within 2 points of dense at no more than the paper's 6 equivalents
-SERIES = {"head": "output-aware, head-granular", "layer": "output-aware, layer-granular", "paper": "paper recipe",
+SERIES = {"head": "output-aware, head-granular", "layer": "output-aware, layer-granular",
+          "decodeonly": "output-aware, head-granular, judged decode-only", "paper": "paper recipe",
           "default": "default plan"}
 SPEED_KEYS = {  # JSON key -> speed file stem (benchmarks/frontier_speed.py)
     "decode_speedup_8b": "8b-decode-131072", "prefill_speedup_8b": "8b-prefill-131072",
@@ -118,7 +120,7 @@ def plan_rows(work: Path, cells: dict, heads: list[str], lengths, default_plan: 
     speeds = _speeds(work)
     reports = {p.stem: json.loads(p.read_text()) for p in sorted((Path(work) / "reports").glob("*.json"))}
     held = reports.get("heldout", {})
-    searched = {k: v for r in (reports.get("head", {}), reports.get("layer", {}))
+    searched = {k: v for r in (reports.get("head", {}), reports.get("layer", {}), reports.get("decodeonly", {}))
                 for k, v in r.get("plans", {}).items()}
     rows = []
     for name, (path, rho) in frontier_plans(work, default_plan).items():
@@ -144,8 +146,9 @@ def plan_rows(work: Path, cells: dict, heads: list[str], lengths, default_plan: 
                 row["cost_8b"] = entry["selecting_layers_equivalent"]
                 row[f"predicted_{key}"] = round(entry["predicted_speedup"], 3)
         kl = searched.get(name) or held.get("calibration", {}).get(name) or {}
-        row["calibration_kl"] = kl.get("worst_family")
+        row["calibration_kl"] = kl.get("worst_family")  # in the mode the plan was judged in
         row["heldout_kl"] = held.get("plans", {}).get(name, {}).get("worst_family")
+        row["heldout_kl_decode_only"] = held.get("plans_decode_only", {}).get(name, {}).get("worst_family")
         rows.append(row)
     order = list(SERIES)
     return sorted(rows, key=lambda r: (order.index(r["series"]), r["cost"], r["rho"] != RHO, r["rho"]))
@@ -164,7 +167,7 @@ def goal(rows: list[dict], dense: float | None, mode: str = "sparse") -> dict:
     costs at most TARGET_COST."""
     key = mode_key("headline", mode)
     out = {"points_of_dense": TARGET_POINTS, "max_cost": TARGET_COST, "mode": mode, "cheapest_within": {}}
-    for series in ("head", "layer", "paper", "default"):
+    for series in SERIES:
         ok = [r for r in rows if r["series"] == series and r["rho"] == RHO and r[key] is not None
               and dense is not None and r[key] >= dense - TARGET_POINTS]
         best = min(ok, key=lambda r: r["cost"], default=None)
@@ -252,7 +255,7 @@ def markdown(doc: dict) -> str:
     lines += ["| plan | recipe | granularity | cost | rho | headline | - dense (paired) | samples | tasks | families | "
               "headline decode-only | - dense (paired) | "
               "decode 8B | prefill 8B | decode SmolLM2 128K | prefill SmolLM2 128K | decode SmolLM2 8K | "
-              "prefill SmolLM2 8K | KL calib. | KL held out |", "|" + "---|" * 20]
+              "prefill SmolLM2 8K | KL calib. | KL held out | KL held out, decode-only |", "|" + "---|" * 21]
     for r in doc["plans"]:
         lines.append(f"| {r['name']} | {r['recipe']} | {r['granularity']} | {r['cost']:g} | {r['rho']:g} | "
                      f"{_f(r['headline'])} | {_pair(r['headline_vs_dense'])} | "
@@ -262,12 +265,13 @@ def markdown(doc: dict) -> str:
                      f"{_x(r['decode_speedup_smollm2'])} | "
                      f"{_x(r['prefill_speedup_smollm2'])} | {_x(r['decode_speedup_smollm2_8k'])} | "
                      f"{_x(r['prefill_speedup_smollm2_8k'])} | {_f(r['calibration_kl'], '.4f')} | "
-                     f"{_f(r['heldout_kl'], '.4f')} |")
+                     f"{_f(r['heldout_kl'], '.4f')} | {_f(r['heldout_kl_decode_only'], '.4f')} |")
     cols = list(doc["dense_cells"])
     lines += ["", "## Every cell (score %)", "", "| plan | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1),
               "| dense | " + " | ".join(_f(doc["dense_cells"][c]) for c in cols) + " |"]
     for r in doc["plans"]:
-        lines.append(f"| {r['name']} | " + " | ".join(_f(r["cells"][c]) for c in cols) + " |")
+        if not decode_only_plan(r["name"]):
+            lines.append(f"| {r['name']} | " + " | ".join(_f(r["cells"][c]) for c in cols) + " |")
         lines.append(f"| {r['name']}, decode-only | " + " | ".join(_f(r["cells_decode_only"][c]) for c in cols) + " |")
     if doc["speed"]:
         lines += ["", "## Speed measurements", "",
@@ -296,7 +300,8 @@ def plot(doc: dict, path: str) -> None:
                  ("decode_speedup_8b", "decode attention speedup, 8B shape, 128K", tuple(MODES)),
                  ("prefill_speedup_8b", "prefill attention speedup, 8B shape, 128K", ("sparse",)))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4), sharey=True)
-    styles = {"head": ("C0", "o"), "layer": ("C2", "s"), "paper": ("C3", "^"), "default": ("C1", "D")}
+    styles = {"head": ("C0", "o"), "layer": ("C2", "s"), "decodeonly": ("C4", "v"), "paper": ("C3", "^"),
+              "default": ("C1", "D")}
     lines = {"sparse": "-", "decode-only": "--"}  # decode-only: hollow markers, dashed
     dense = doc["dense_headline"]
     for ax, (key, label, modes) in zip(axes, axes_keys):

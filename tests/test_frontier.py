@@ -36,6 +36,7 @@ def _work(tmp_path: Path, costs=(4, 6)) -> Path:
         _head_plan(c).save(work / "plans" / f"head-{c}.json")
         OA.plan_of_layers(range(1, 3 * c, 3)[: c - 1], SIM, SMOL).save(work / "plans" / f"layer-{c}.json")
         Plan(anchors=list(range(0, 2 * c, 2)), model=dict(SMOL)).save(work / "plans" / f"paper-{c}.json")
+        _head_plan(c, seed=1).save(work / "plans" / f"decodeonly-{c}.json")
     return work
 
 
@@ -44,8 +45,9 @@ def test_jobs_list_every_plan_task_set_and_length(tmp_path):
     jobs = F.eval_jobs(work, "/m", "/ev")
     names = [j.name for j in jobs]
     runs = list(dict.fromkeys(n.split("/")[0] for n in names))
-    assert runs == ["baselines", "default", "default-rho0.05", "default-rho0.2", "head-6", "layer-6", "paper-6",
-                    "head-4", "layer-4", "paper-4"]  # the paper's cost first, the paper's recipe elsewhere last
+    assert runs == ["baselines", "default", "default-rho0.05", "default-rho0.2", "head-6", "layer-6", "decodeonly-6",
+                    "paper-6", "head-4", "layer-4", "decodeonly-4", "paper-4"]  # the paper's cost first, its recipe
+    # elsewhere last
     assert len(jobs) == len(runs) * 2 * 2 and len(set(names)) == len(names)
     line = {j.name: j.command for j in jobs}
     assert line["baselines/tasks-4096"] == (
@@ -60,8 +62,13 @@ def test_jobs_list_every_plan_task_set_and_length(tmp_path):
     assert "chat_history,log_lookup --lengths 4096" in line["head-4/families-4096"]  # log_lookup at 4096 only
     assert f"--budgets 0.05 --plan {F.DEFAULT_PLAN} --strategies kascade," in line["default-rho0.05/tasks-8064"]
     assert "--budgets 0.2 " in line["default-rho0.2/families-4096"]
-    missing = F.speed_missing(work)  # what the speed stage has left: every plan in 6 measurements
-    assert len(missing) == 6 * (len(runs) - 1) and missing[0] == "smollm2-decode-8192 default"
+    assert line["decodeonly-4/tasks-4096"].endswith(  # judged decode-only: run in that mode only
+        f"--plan {work / 'plans' / 'decodeonly-4.json'} --strategies kascade+dense-prefill "
+        "--out /ev/decodeonly-4/tasks-4096")
+    missing = F.speed_missing(work)  # what the speed stage has left: every plan in 3 decode measurements, every plan
+    # with a sparse prefill in 3 prefill measurements
+    assert len(missing) == 3 * (len(runs) - 1) + 3 * (len(runs) - 3) and missing[0] == "smollm2-decode-8192 default"
+    assert "8b-decode-131072 decodeonly-4" in missing and "8b-prefill-131072 decodeonly-4" not in missing
     # the headline tasks are those of the committed SmolLM2 evaluation
     ev = json.loads((F.ROOT / "benchmarks" / "results" / "eval_smollm2.json").read_text())
     assert list(F.HEADLINE_TASKS) == ev["headline_tasks"]
@@ -88,6 +95,11 @@ def test_a_job_is_done_when_every_task_has_its_samples(tmp_path):
     for t in F.HEADLINE_TASKS:
         _rows(ev / job.name, t, 4096, "kascade+dense-prefill", 1, n=2)
     assert job.done(ev, 2) and not job.done(ev, 3)
+    only = next(j for j in F.eval_jobs(_work(tmp_path / "b"), "/m", "/ev") if j.name == "decodeonly-4/tasks-4096")
+    for t in F.HEADLINE_TASKS:
+        _rows(ev / only.name, t, 4096, "dense", 1, n=2)
+        _rows(ev / only.name, t, 4096, "kascade+dense-prefill", 1, n=2)
+    assert only.done(ev, 2)  # decode-only mode is all such a plan runs
 
 
 def test_seed_gives_plan_runs_the_baselines_dense_rows(tmp_path):
@@ -161,7 +173,10 @@ def test_report_writes_the_issue_keys_from_made_up_rows(tmp_path):
             _rows(ev / "baselines" / f"families-{n}", t, n, "dense", 30 if t != "table" else 6)  # table: dense 10
             _rows(ev / "head-6" / f"families-{n}", t, n, "kascade", 29)
             _rows(ev / "head-6" / f"families-{n}", t, n, "kascade+dense-prefill", 30 if t != "code" else 6)
-    _speed(work, "8b-decode-131072", {"head-6": 2.5, "paper-6": 3.0})
+        for t in F.HEADLINE_TASKS + F.FAMILIES:
+            _rows(ev / "decodeonly-6" / f"{'tasks' if t in F.HEADLINE_TASKS else 'families'}-{n}", t, n,
+                  "kascade+dense-prefill", 30 if t != "table" else 6)  # dense's scores
+    _speed(work, "8b-decode-131072", {"head-6": 2.5, "paper-6": 3.0, "decodeonly-6": 2.6})
     _speed(work, "8b-prefill-131072", {"head-6": 1.5})
     doc = FR.write_report(work, ev, str(tmp_path / "out"))
     assert doc["dense_headline"] == 50.0 and doc["oracle_headline"] is None  # oracle ran on the tasks only
@@ -184,12 +199,21 @@ def test_report_writes_the_issue_keys_from_made_up_rows(tmp_path):
     assert paper["decode_speedup_8b"] == 3.0 and paper["prefill_speedup_8b"] is None
     assert plans["default"]["granularity"] == "head" and plans["default-rho0.2"]["rho"] == 0.2
     assert doc["goal"]["cheapest_within"]["head"] == {"name": "head-6", "cost": 6.0} and doc["goal"]["met"]
-    assert doc["goal_decode_only"]["mode"] == "decode-only" and doc["goal_decode_only"]["met"] is False  # 46.9
+    only = plans["decodeonly-6"]  # judged and run decode-only: no sparse-prefill cells
+    assert (only["series"], only["granularity"], only["headline"], only["headline_decode_only"]) == (
+        "decodeonly", "head", None, 50.0)
+    assert doc["goal"]["cheapest_within"]["decodeonly"] is None
+    assert doc["goal_decode_only"]["mode"] == "decode-only" and doc["goal_decode_only"]["met"] is True
+    assert doc["goal_decode_only"]["cheapest_within"] == {
+        "head": None, "layer": None, "decodeonly": {"name": "decodeonly-6", "cost": 6.0}, "paper": None,
+        "default": None}  # head-6 decode-only: 46.9
     saved = json.loads((tmp_path / "out.json").read_text())
     assert "dense_headline" in saved and isinstance(saved["plans"], list)
     md = (tmp_path / "out.md").read_text()
     assert "| head-6 | output-aware | head | 6 | 0.1 | 48.3 | -1.7 ± " in md and "Goal decode-only" in md
-    assert "| head-6, decode-only | " in md
+    assert "| head-6, decode-only | " in md and "| decodeonly-6, decode-only | " in md
+    cells = md.split("## Every cell")[1].split("## Speed")[0]
+    assert "\n| decodeonly-6 | " not in cells and "\n| head-6 | " in cells  # no sparse-prefill row for it
     assert (tmp_path / "out.png").stat().st_size > 0
 
 
@@ -274,8 +298,8 @@ def test_the_checkpointing_wrapper_passes_the_mode_and_saves_new_measurements(tm
 
 def test_the_papers_recipe_away_from_its_cost_and_the_defaults_runs_after_every_output_aware_plan(tmp_path):
     names = list(F.frontier_plans(_work(tmp_path, costs=(4, 6, 8, 10)), default_plan=None))
-    assert names == ["head-6", "layer-6", "paper-6", "head-4", "layer-4", "head-8", "layer-8", "head-10", "layer-10",
-                     "paper-10", "paper-4", "paper-8"]
+    assert names == ["head-6", "layer-6", "decodeonly-6", "paper-6", "head-4", "layer-4", "decodeonly-4", "head-8",
+                     "layer-8", "decodeonly-8", "head-10", "layer-10", "decodeonly-10", "paper-10", "paper-4", "paper-8"]
 
 
 def test_the_calibrate_stage_writes_every_recipes_plans_and_resumes(tmp_path, capsys):
@@ -291,12 +315,17 @@ def test_the_calibrate_stage_writes_every_recipes_plans_and_resumes(tmp_path, ca
             "--answer-tokens", "2", "--device", "cpu", "--dtype", "float32",
             "--default-plan", str(Path(F.ROOT) / "plans" / "kascade-tiny.json")]
     assert F.main(argv) == 0
-    assert sorted(p.name for p in (work / "plans").iterdir()) == ["head-11.json", "layer-11.json", "paper-11.json"]
+    assert sorted(p.name for p in (work / "plans").iterdir()) == ["decodeonly-11.json", "head-11.json",
+                                                                   "layer-11.json", "paper-11.json"]
+    only = Plan.load(work / "plans" / "decodeonly-11.json")
+    assert only.provenance["sparse_prefill"] is False and only.provenance["granularity"] == "head"
     head = Plan.load(work / "plans" / "head-11.json")
     assert head.selecting_layers_equivalent == 11 and head.provenance["granularity"] == "head"
     assert Plan.load(work / "plans" / "layer-11.json").provenance["granularity"] == "layer"
     held = json.loads((work / "reports" / "heldout.json").read_text())
     assert set(held["plans"]) == {"default", "head-11", "layer-11", "paper-11"} and held["num_prompts"] == 1
+    assert set(held["plans_decode_only"]) == set(held["calibration_decode_only"]) == set(held["plans"]) | {
+        "decodeonly-11"}
     capsys.readouterr()
     assert F.main(argv) == 0
     out = capsys.readouterr().out

@@ -276,6 +276,48 @@ def test_answer_logprob_merges_runs_over_the_same_prompts_and_refuses_others(tmp
         A.main(["--merge", str(tmp_path / "six.json"), "-o", str(out)])
 
 
+def test_answer_logprob_runs_several_plans_and_shares_dense_prompt_passes(tmp_path, monkeypatch):
+    """--plan LABEL=FILE runs strategies LABEL:NAME with that plan; dense and the decode-only Kascade and
+    per-layer top-k start from one dense prompt pass per prompt, with the log-probabilities of their own full
+    runs (kascade-tiny, one short prompt)."""
+    import json
+
+    from transformers import AutoConfig
+
+    import answer_logprob as A
+    from kascade.models import TINY_MODEL_DIR
+    from kascade.plan import Plan
+
+    if not (TINY_MODEL_DIR / "config.json").is_file():
+        pytest.skip("models/kascade-tiny is not in this checkout")
+    cfg = AutoConfig.from_pretrained(TINY_MODEL_DIR)
+    for label, anchors in (("a", [0, 2]), ("b", [0, 5, 9])):
+        Plan.for_model(cfg, anchors, rho=0.1, k_min=16, tile=16).save(tmp_path / f"{label}.json")
+    names = "dense,a:kascade+dense-prefill,b:kascade+dense-prefill"
+    argv = [str(TINY_MODEL_DIR), "--plan", f"a={tmp_path / 'a.json'}", f"b={tmp_path / 'b.json'}", "--strategies",
+            names, "--families", "records", "--samples", "1", "--length", "500", "--device", "cpu", "--dtype",
+            "float32"]
+    assert A.main(argv + ["-o", str(tmp_path / "shared")]) == 0
+    shared = json.loads((tmp_path / "shared.json").read_text())
+    assert shared["plan"] == {"a": str(tmp_path / "a.json"), "b": str(tmp_path / "b.json")}
+    assert not A.shares_dense_prompt("b:kascade", None) and A.shares_dense_prompt("dense", None)
+    cfg_plan = Plan.load(tmp_path / "a.json")
+    for name, shares in (("oracle+dense-prefill", True), ("oracle", False), ("quest+dense-prefill", False)):
+        assert A.shares_dense_prompt(name, A.build(name, cfg_plan, cfg, 0.1)) is shares, name
+    monkeypatch.setattr(A, "shares_dense_prompt", lambda name, strategy: False)
+    assert A.main(argv + ["-o", str(tmp_path / "alone")]) == 0
+    alone = json.loads((tmp_path / "alone.json").read_text())["families"]["records"]["logprob"]
+    got = shared["families"]["records"]["logprob"]
+    for n in names.split(","):
+        assert got[n] == pytest.approx(alone[n], abs=1e-3), n
+    assert got["a:kascade+dense-prefill"] != pytest.approx(got["b:kascade+dense-prefill"], abs=1e-4)  # two plans
+    with pytest.raises(SystemExit, match="names plan 'c'"):
+        A.plan_of("c:kascade", {"a": 1, "b": 2})
+    assert A.plan_of("kascade", {"a": 1, "b": 2}) == (1, "kascade") and A.parse_plans(["p.json"]) == {"": "p.json"}
+    with pytest.raises(SystemExit, match="given twice"):
+        A.parse_plans(["a=x.json", "a=y.json"])
+
+
 def test_sign_test_of_answers_lost_and_gained():
     assert GR.sign_test(0, 6) == 2 / 64 and GR.sign_test(0, 0) == 1.0 and GR.sign_test(5, 5) == 1.0
     assert abs(GR.sign_test(22, 13) - 0.1755) < 1e-3

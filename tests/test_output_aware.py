@@ -218,6 +218,29 @@ def test_answer_statistics_come_from_the_prompt_and_its_dense_answer(setup):
         OA.calibration_set(model, ByteTokenizer(), TEXT, statistics="decode", **kw)
 
 
+@pytest.mark.parametrize("decode_batch", [None, 3])
+def test_decode_only_measurements_share_one_dense_prompt_pass(setup, decode_batch):
+    """In decode-only mode every plan's prompt pass is dense's: the set runs it once (decode_only_groups) and
+    each plan then runs its decode steps only, cropping the caches back to the prompt, in the batches given or
+    joined into batches of `decode_batch` prompts; every plan's divergence is still the full run's (prompt pass
+    included), prompt by prompt, in any order."""
+    model, batches = setup
+    plans = [Plan.for_model(model.config, anchors, rho=0.05, k_min=16) for anchors in ([0], [0, 1], [0])]
+    calib = OA.CalibrationSet(model, [], batches, [], [], backend="reference", decode_batch=decode_batch)
+    for plan in plans[:2]:
+        full = OA.divergence_per_prompt(model, KascadeStrategy(plan, backend="reference", sparse_prefill=False),
+                                        batches)
+        np.testing.assert_allclose(calib.per_prompt(plan, sparse_prefill=False), full, rtol=1e-4, atol=1e-6)
+    groups, caches = calib.decode_only_inputs()
+    assert [g.ids.shape[0] for g in groups] == ([2, 2] if decode_batch is None else [4])
+    assert [c.get_seq_length() for c in caches] == [g.ids.shape[1] for g in groups]
+    strategy = KascadeStrategy(plans[0], backend="reference", sparse_prefill=False)
+    again = OA.divergence_per_prompt(model, strategy, groups, caches)
+    np.testing.assert_array_equal(again, calib.per_prompt(plans[2], sparse_prefill=False))  # memo, same value
+    assert OA.agreement(model, strategy, groups, [1, 2], caches) == OA.agreement(model, strategy, batches, [1, 2])
+    assert "prompt_caches" not in calib.state()  # rebuilt by a resumed run, never saved
+
+
 def test_decode_only_calibration_judges_plans_in_that_mode(setup):
     """sparse_prefill=False judges plans in decode-only mode: the first answer token is dense's (its KL is 0),
     the divergence is KascadeStrategy(plan, sparse_prefill=False)'s and is memoised apart from the sparse one;

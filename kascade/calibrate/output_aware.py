@@ -99,30 +99,36 @@ def dense_trajectories(model, prompts, steps: int, batch_size: int, backend: str
     return batches
 
 
-def divergence(model, strategy, batches: list[Trajectories]) -> float:
-    """Mean KL(dense || strategy) over prompts and continuation positions (nats)."""
+def followed(model, strategy, batches: list[Trajectories], caches: list | None = None):
+    """Yields (batch, the strategy's log-probs [B, m, V] along the batch's dense continuation) for every batch:
+    whole runs (follow), or, with `caches` (decode-only strategies: decode_only_groups), the decode steps from
+    each batch's dense prompt cache (follow_cached)."""
     import kascade
 
-    total, count = 0.0, 0
     with kascade.enable(model, strategy=strategy):
-        for b in batches:
-            _, lp = follow(model, b.ids, b.continuation.shape[1], b.continuation)
-            kl = (b.logprobs.exp() * (b.logprobs - lp)).sum(-1)  # [B, m]
-            total += float(kl.sum())
-            count += kl.numel()
+        for i, b in enumerate(batches):
+            if caches is None:
+                _, lp = follow(model, b.ids, b.continuation.shape[1], b.continuation)
+            else:
+                lp, caches[i] = follow_cached(model, caches[i], b.logprobs[:, 0], b.continuation)
+            yield b, lp
+
+
+def divergence(model, strategy, batches: list[Trajectories]) -> float:
+    """Mean KL(dense || strategy) over prompts and continuation positions (nats)."""
+    total, count = 0.0, 0
+    for b, lp in followed(model, strategy, batches):
+        kl = (b.logprobs.exp() * (b.logprobs - lp)).sum(-1)  # [B, m]
+        total += float(kl.sum())
+        count += kl.numel()
     return total / count
 
 
-def agreement(model, strategy, batches: list[Trajectories], indices=None) -> float:
+def agreement(model, strategy, batches: list[Trajectories], indices=None, caches: list | None = None) -> float:
     """Share of continuation positions where the strategy's argmax is the dense token (over the prompts
-    of the indices `indices`, default all)."""
-    import kascade
-
-    same = []
-    with kascade.enable(model, strategy=strategy):
-        for b in batches:
-            _, lp = follow(model, b.ids, b.continuation.shape[1], b.continuation)
-            same.append((lp.argmax(-1) == b.continuation).double().mean(-1).cpu().numpy())
+    of the indices `indices`, default all); `caches` as in followed."""
+    same = [(lp.argmax(-1) == b.continuation).double().mean(-1).cpu().numpy()
+            for b, lp in followed(model, strategy, batches, caches)]
     per_prompt = np.concatenate(same)
     return float(np.mean(per_prompt if indices is None else per_prompt[list(indices)]))
 
@@ -307,6 +313,8 @@ class CalibrationSet:
     backend: str = "auto"
     memo: dict = dataclasses.field(default_factory=dict)  # plan key -> per-prompt divergence [P]
     statistics: str = "prompt"  # where `sims` came from (calibration_set's STATISTICS)
+    decode_batch: int | None = None  # prompts per batch of the decode-only measurements (None: those of `batches`)
+    prompt_caches: list | None = dataclasses.field(default=None, repr=False)  # decode_only_groups, built on first use
 
     @property
     def kinds(self) -> list[str]:
@@ -365,6 +373,13 @@ class CalibrationSet:
     def indices(self, formats) -> list[int]:
         return [i for i, p in enumerate(self.prompts) if p.kind in set(formats)]
 
+    def decode_only_inputs(self) -> tuple[list, list]:
+        """(batches, their dense prompt caches) of the decode-only measurements (decode_only_groups), made on
+        first use and kept (not saved)."""
+        if self.prompt_caches is None:
+            self.prompt_caches = decode_only_groups(self.model, self.batches, self.backend, self.decode_batch)
+        return self.prompt_caches
+
     def per_prompt(self, plan: Plan, sparse_prefill: bool = True) -> np.ndarray:
         """Divergence [P] of `plan` on every prompt (memoised by the plan's anchors and sources, and the mode:
         sparse_prefill=False measures it in decode-only mode, the prompt attended densely)."""
@@ -375,24 +390,82 @@ class CalibrationSet:
             key += (DECODE_ONLY_KEY,)
         if key not in self.memo:
             strategy = KascadeStrategy(plan, backend=self.backend, sparse_prefill=sparse_prefill)
-            self.memo[key] = divergence_per_prompt(self.model, strategy, self.batches)
+            if sparse_prefill:
+                self.memo[key] = divergence_per_prompt(self.model, strategy, self.batches)
+            else:  # the prompt pass is dense's whatever the plan: run it once for every plan
+                self.memo[key] = divergence_per_prompt(self.model, strategy, *self.decode_only_inputs())
         return self.memo[key]
 
 
 DECODE_ONLY_KEY = "decode-only"  # memo keys of plans measured in decode-only mode end with it
 
 
-def divergence_per_prompt(model, strategy, batches: list[Trajectories]) -> np.ndarray:
-    """[P] mean KL(dense || strategy) over each prompt's continuation positions (nats), prompts in order."""
-    import kascade
-
+def divergence_per_prompt(model, strategy, batches: list[Trajectories], caches: list | None = None) -> np.ndarray:
+    """[P] mean KL(dense || strategy) over each prompt's continuation positions (nats), prompts in order;
+    `caches` as in followed (in decode-only mode the first answer token is then dense's, KL 0)."""
     out = []
-    with kascade.enable(model, strategy=strategy):
-        for b in batches:
-            _, lp = follow(model, b.ids, b.continuation.shape[1], b.continuation)
-            kl = (b.logprobs.exp() * (b.logprobs - lp)).sum(-1)  # [B, m]
-            out.append(kl.mean(-1).double().cpu().numpy())
+    for b, lp in followed(model, strategy, batches, caches):
+        kl = (b.logprobs.exp() * (b.logprobs - lp)).sum(-1)  # [B, m]
+        out.append(kl.mean(-1).double().cpu().numpy())
     return np.concatenate(out)
+
+
+def dense_prompt_caches(model, batches: list[Trajectories], backend: str = "auto") -> list:
+    """The KV cache of each batch's prompts after a dense pass (one per batch, in order): what every plan's
+    prompt pass gives in decode-only mode, kept so that measuring a plan in that mode runs its decode steps only."""
+    import kascade
+    from kascade.strategy import Strategy
+
+    caches = []
+    with torch.no_grad(), kascade.enable(model, strategy=Strategy(backend)):
+        for b in batches:
+            caches.append(_forward(model, b.ids, None)[1])
+    return caches
+
+
+def decode_only_groups(model, batches: list[Trajectories], backend: str = "auto", size: int | None = None):
+    """(batches, their dense prompt caches) for decode-only measurements: the prompt passes run in the batches
+    given (their size bounds the prompt pass's memory); with `size`, consecutive batches are then joined, caches
+    included, into batches of at least `size` prompts, so that each decode step serves more prompts at once."""
+    from transformers import DynamicCache
+
+    caches = dense_prompt_caches(model, batches, backend)
+    if size is None:
+        return list(batches), caches
+    groups, joined, start = [], [], 0
+    while start < len(batches):
+        stop, count = start, 0
+        while stop < len(batches) and count < size:
+            count += batches[stop].ids.shape[0]
+            stop += 1
+        part = batches[start:stop]
+        groups.append(Trajectories(*(torch.cat([getattr(b, f) for b in part]) for f in ("ids", "continuation",
+                                                                                       "logprobs"))))
+        cache = DynamicCache()
+        for layer in range(len(caches[start].layers)):
+            cache.update(torch.cat([c.layers[layer].keys for c in caches[start:stop]]),
+                         torch.cat([c.layers[layer].values for c in caches[start:stop]]), layer)
+        joined.append(cache)
+        start = stop
+    return groups, joined
+
+
+@torch.no_grad()
+def follow_cached(model, cache, first_logprobs: torch.Tensor, continuation: torch.Tensor):
+    """follow() along `continuation` [B, m] after a prompt pass already made: from the prompt's KV cache and the
+    log-probs at its last position (first_logprobs [B, V]), only the decode steps run. The cache is cropped back
+    to the prompt afterwards, so the next caller finds it as it was. Returns (log-probs [B, m, V], the cache)."""
+    n = cache.get_seq_length()
+    lps = [first_logprobs]
+    try:
+        for j in range(continuation.shape[1] - 1):
+            logits, cache = _forward(model, continuation[:, j : j + 1], cache)
+            lps.append(torch.log_softmax(logits, dim=-1))
+    finally:
+        extra = cache.get_seq_length() - n
+        if extra:
+            cache.crop(-extra)  # a negative count removes that many tokens in every transformers 5
+    return torch.stack(lps, 1), cache
 
 
 def family_groups(kinds: list[str], indices) -> dict[str, list[int]]:
@@ -593,12 +666,22 @@ def calibrate_output_aware(model, tokenizer, text: str, num_anchors: float | Non
               "divergence_by_family": ours_fam,
               "paper_anchors": anchors, "paper_divergence": paper_div, "paper_divergence_by_family": paper_fam,
               "sparse_prefill": sparse_prefill,
-              "agreement": agreement(model, KascadeStrategy(plan, backend=backend, sparse_prefill=sparse_prefill),
-                                     calib.batches, idx),
-              "paper_agreement": agreement(model, KascadeStrategy(paper, backend=backend, sparse_prefill=sparse_prefill),
-                                           calib.batches, idx),
+              "agreement": _agreement(calib, plan, idx, sparse_prefill),
+              "paper_agreement": _agreement(calib, paper, idx, sparse_prefill),
               "plans_along": along, "paper_plans_along": paper_along}
     return plan, report
+
+
+def _agreement(calib: CalibrationSet, plan: Plan, idx, sparse_prefill: bool) -> float:
+    """agreement() of the plan on the set's prompts `idx` in the mode given (decode-only: from the set's dense
+    prompt caches)."""
+    from kascade.strategy import KascadeStrategy
+
+    strategy = KascadeStrategy(plan, backend=calib.backend, sparse_prefill=sparse_prefill)
+    if sparse_prefill:
+        return agreement(calib.model, strategy, calib.batches, idx)
+    groups, caches = calib.decode_only_inputs()
+    return agreement(calib.model, strategy, groups, idx, caches)
 
 
 def save_search_plot(report: dict, path) -> str:
