@@ -11,8 +11,7 @@
 #   5. bash benchmarks/frontier_gpu.sh eval             carry .smol/p4/part_04 and .smol/whl; repeat (same
 #      carry) until it prints "0 eval runs pending" and "calibration: done". The first call joins and converts
 #      the model, starts the calibration in the background (setsid: the calibration set, the head- and
-#      layer-granular searches and the head-granular one judged decode-only, the held-out divergences; log
-#      /tmp/frontier/calibrate.log) and runs the
+#      layer-granular searches, the held-out divergences; log /tmp/frontier/calibrate.log) and runs the
 #      baselines (dense, oracle) and the default plan at three budgets while the searches run; later calls run
 #      the plans as they appear, PAR `kascade eval` processes side by side.
 #   6. bash benchmarks/frontier_gpu.sh speed            carry .whl/fa3.tar.xz (benchmarks/fa3_pack.sh: the FA3
@@ -27,16 +26,15 @@
 # call's 64 MiB hold the tree and one model part), then steps 1-4 again, then go on with step 5 or 6.
 #
 # Estimate (H100; about 0.3 s per sample per process with 6 processes side by side, the rate of the
-# generalization runs): 29 evaluations (dense and oracle, the default plan at rho 0.05, 0.1 and 0.2, 18 frontier
-# plans at rho 0.1 in both modes, sparse prefill and decode-only, and the 6 plans of the search judged decode-only
-# in that mode alone) of 60 samples x 12 tasks x 2 lengths: about 71,800 samples; the plan runs take the
-# baselines' dense rows (`frontier.py seed`), so dense runs once: 71,800 x 0.3 s / 6 = 60 min, plus about 6 min of
-# process starts (100 runs, each loading the model and its prompt workers) and the calibration sharing the GPU
-# (about 15 min of searches in the background of the first two calls; the decode-only search measures decode
-# steps alone over one dense prompt pass): 8 to 9 eval calls. Speed: decode about 3.5 min, prefill on SmolLM2's
-# shape about 2 min, on the 8B shape about 6 min (21 plans x 4 passes of 3-7 s at 128K; the decode-only plans are
-# timed in decode only): 2 calls. With the 4 copy calls: about 15 calls, 110 to 120 device minutes, over several
-# sessions (restore, below).
+# generalization runs): 23 evaluations (dense and oracle, the default plan at rho 0.05, 0.1 and 0.2, 18 frontier
+# plans at rho 0.1) of 60 samples x 12 tasks x 2 lengths, oracle and every plan in both modes (sparse prefill and
+# decode-only) = 63,360 samples; the plan runs take the baselines' dense rows (`frontier.py seed`), so dense runs
+# once: 63,360 x 0.3 s / 6 = 53 min, plus about 5 min of process starts (88 runs, each loading the model and its
+# prompt workers) and the calibration sharing the GPU (about 12 min of searches in the background of the first
+# two calls): 7 to 8 eval calls. Speed: decode about 3 min, prefill on SmolLM2's shape about 2 min, on the 8B
+# shape about 6 min (21 plans x 4 passes of 3-7 s at 128K): 2 calls. With the 4 copy calls: about 14 calls,
+# 100 to 110 device minutes, over several sessions (restore, below). CAL_ARGS="--searches head,layer,decodeonly"
+# adds the search judged decode-only (6 plans run in that mode alone: about 13% more evaluation).
 # Settings: WORK (/tmp/frontier) and EVAL (/tmp/frontier-eval), the folders of the work and of the eval runs
 # (in one parent folder: the tar holds both); MODEL (/tmp/smol); PREPARE (0: the model is at MODEL already);
 # SAMPLES (60); PAR (eval processes side by side, 6); LIMIT (seconds from an eval call's start after which no

@@ -296,6 +296,14 @@ def test_the_checkpointing_wrapper_passes_the_mode_and_saves_new_measurements(tm
     assert len(calib.saved) == 2
 
 
+def test_the_searches_option_names_known_searches_and_defaults_to_the_sparse_ones():
+    assert F._searches("decodeonly,head") == ["decodeonly", "head"]
+    with pytest.raises(Exception, match="expected names of head, layer, decodeonly"):
+        F._searches("head,decode")
+    with pytest.raises(SystemExit):
+        F.main(["calibrate", "/m", "--work", "/w", "--searches", "prefill"])
+
+
 def test_the_papers_recipe_away_from_its_cost_and_the_defaults_runs_after_every_output_aware_plan(tmp_path):
     names = list(F.frontier_plans(_work(tmp_path, costs=(4, 6, 8, 10)), default_plan=None))
     assert names == ["head-6", "layer-6", "decodeonly-6", "paper-6", "head-4", "layer-4", "decodeonly-4", "head-8",
@@ -303,8 +311,8 @@ def test_the_papers_recipe_away_from_its_cost_and_the_defaults_runs_after_every_
 
 
 def test_the_calibrate_stage_writes_every_recipes_plans_and_resumes(tmp_path, capsys):
-    """The stage end to end on kascade-tiny at a tiny scale: both searches, the paper's recipe, the held-out
-    divergences; a second call finds everything done and measures nothing."""
+    """The stage end to end on kascade-tiny at a tiny scale: the three searches, the paper's recipe, the held-out
+    divergences in both modes; a second call finds everything done and measures nothing."""
     from kascade.models import TINY_MODEL_DIR
 
     if not (TINY_MODEL_DIR / "config.json").is_file():
@@ -312,7 +320,7 @@ def test_the_calibrate_stage_writes_every_recipes_plans_and_resumes(tmp_path, ca
     work = tmp_path / "work"
     argv = ["calibrate", str(TINY_MODEL_DIR), "--work", str(work), "--length", "320", "--num-prompts", "2",
             "--heldout-prompts", "1", "--batch-size", "2", "--costs", "11", "--candidates", "2", "--search-step", "12",
-            "--answer-tokens", "2", "--device", "cpu", "--dtype", "float32",
+            "--answer-tokens", "2", "--device", "cpu", "--dtype", "float32", "--searches", "head,layer,decodeonly",
             "--default-plan", str(Path(F.ROOT) / "plans" / "kascade-tiny.json")]
     assert F.main(argv) == 0
     assert sorted(p.name for p in (work / "plans").iterdir()) == ["decodeonly-11.json", "head-11.json",
